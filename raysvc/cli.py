@@ -1,0 +1,163 @@
+"""`raysvc` command line: data | bench | demo (later: pretrain, finetune, sweep, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from raysvc.config import ConfigError, load_config
+
+
+def _print_json(obj: dict, path: str | None = None) -> None:
+    text = json.dumps(obj, indent=2)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from raysvc.data.generator import GeneratorConfig
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.storage import resolve
+
+    cfg = load_config(GeneratorConfig, a.config, a.set)
+    m = generate_dataset(resolve(a.out), a.events, a.seed, a.shard_events, cfg, workers=a.workers)
+    print(f"wrote {m.events} events ({m.points} points) in {len(m.shards)} shards to {a.out}")
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    from raysvc.data.pilarnet import convert
+    from raysvc.storage import resolve
+
+    m = convert(a.pattern, resolve(a.out), a.shard_events, a.revision)
+    print(f"converted {m.events} events ({m.points} points) into {len(m.shards)} shards at {a.out}")
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from raysvc.data.stats import inspect_dataset
+    from raysvc.storage import resolve
+
+    stats = inspect_dataset(resolve(a.uri), verify=not a.no_verify)
+    if a.json:
+        _print_json(stats)
+        return
+    print(f"{stats['uri']}: {stats['events']} events, {stats['points']} points, {stats['shards']} shards")
+    ppe = stats["points_per_event"]
+    print(f"points/event: median {ppe['median']:.0f}, mean {ppe['mean']:.0f}, p5 {ppe['p5']:.0f}, p95 {ppe['p95']:.0f}")
+    ref = stats["reference_pilarnet_m"]["class_fractions"]
+    for name, frac in stats["class_fractions"].items():
+        print(f"  {name:7s} {100 * frac:6.2f} %   (PILArNet-M {100 * ref[name]:.2f} %)")
+    for k in ("interactions_per_event", "particles_per_event"):
+        print(f"{k}: {stats[k].get('mean', 0):.2f} +- {stats[k].get('std', 0):.2f}")
+
+
+def cmd_show(a: argparse.Namespace) -> None:
+    from raysvc.data.display import show_event
+    from raysvc.storage import resolve
+
+    print(show_event(resolve(a.uri), a.event, a.out))
+
+
+def cmd_verify(a: argparse.Namespace) -> None:
+    from raysvc.data.verify import verify_dataset
+    from raysvc.storage import resolve
+
+    result = verify_dataset(resolve(a.uri))
+    _print_json(result)
+    if result["bad_events"]:
+        sys.exit(1)
+
+
+def cmd_bench_ingest(a: argparse.Namespace) -> None:
+    from raysvc.bench.ingest import run_ingest_bench
+
+    result = run_ingest_bench(events=a.events, uri=a.uri, batch_events=a.batch_events, repeats=a.repeats,
+                              shard_events=a.shard_events)  # fmt: skip
+    if a.json:
+        _print_json(result, a.out)
+    else:
+        print(f"ray data {result['ray_data_events_per_s']:.1f} ev/s, direct {result['direct_events_per_s']:.1f} "
+              f"ev/s, ratio {result['ratio']:.2f}")  # fmt: skip
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from raysvc.demo import run_demo
+
+    run_demo(workdir=a.workdir, events=a.events, storage=a.storage, workers=a.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysvc", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate, convert, inspect, show and verify event datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    g = dsub.add_parser("generate", help="synthetic LArTPC events -> shards")
+    g.add_argument("--events", type=int, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="file:///path, a path, or s3://bucket/prefix")
+    g.add_argument("--shard-events", type=int, default=500)
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes")
+    g.add_argument("--config", help="YAML with generator settings (GeneratorConfig)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a generator setting")
+    g.set_defaults(fn=cmd_generate)
+    c = dsub.add_parser("convert", help="PILArNet-M HDF5 files -> shards")
+    c.add_argument("pattern", help="glob of .h5 files, e.g. 'ROOT/train/*.h5' (quote it)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--shard-events", type=int, default=500)
+    c.add_argument("--revision", default="auto", choices=["auto", "v1", "v2", "v3"])
+    c.set_defaults(fn=cmd_convert)
+    i = dsub.add_parser("inspect", help="statistics of a dataset vs PILArNet-M")
+    i.add_argument("uri")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", action="store_true", help="skip sha256 checks of shards")
+    i.set_defaults(fn=cmd_inspect)
+    s = dsub.add_parser("show", help="event display PNG")
+    s.add_argument("uri")
+    s.add_argument("--event", type=int, required=True, help="event id")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_show)
+    v = dsub.add_parser("verify", help="check every shard (checksum, schema, values); exit 1 if any event is bad")
+    v.add_argument("uri")
+    v.set_defaults(fn=cmd_verify)
+
+    bench = sub.add_parser("bench", help="benchmarks that print ratios against a baseline from the same run")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    bi = bsub.add_parser("ingest", help="Ray Data streaming from SeaweedFS vs direct pyarrow reading")
+    bi.add_argument("--json", action="store_true")
+    bi.add_argument("--out", help="also write the JSON here")
+    bi.add_argument("--events", type=int, default=1000)
+    bi.add_argument("--shard-events", type=int, default=100)
+    bi.add_argument("--uri", help="use this dataset instead of generating one into a local SeaweedFS")
+    bi.add_argument("--batch-events", type=int, default=8)
+    bi.add_argument("--repeats", type=int, default=3)
+    bi.set_defaults(fn=cmd_bench_ingest)
+
+    d = sub.add_parser("demo", help="the main job end to end on embedded defaults")
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--events", type=int, default=2000)
+    d.add_argument("--storage", choices=["seaweedfs", "file"], default="seaweedfs")
+    d.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from raysvc.data.schema import EventDataError
+    from raysvc.storage import StorageError
+
+    try:
+        args.fn(args)
+    except (ConfigError, EventDataError, StorageError, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"raysvc: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""PILArNet-M HDF5 reader and converter to raysvc shards (`raysvc data convert 'ROOT/train/*.h5' --out URI`).
+
+Layout (one file, many events; every dataset is variable-length, one entry per event):
+- `point`: flat float32, reshape (-1, 8): x, y, z, voxel value, energy deposit, time, n electrons, dx. Column 3 is the
+  energy both reference loaders use.
+- `cluster`: points are stored cluster by cluster; each row gives the cluster size, labels repeat by it.
+  v1: 5 columns [size, fragment_id, group_id, interaction_id, semantic];
+  v2/v3: 6 columns [size, cluster_id, group_id, interaction_id, semantic, pid].
+- `cluster_extra` (v2: 5 columns, v3: 6 columns) is present only from v2 on: its presence and width tell the revision.
+Event ids of the converted dataset run over the files in sorted order; `source` keeps `file#index`.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+from collections.abc import Iterator
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from raysvc.data.schema import EventDataError, table_from_events, validate_table
+from raysvc.data.shards import Manifest, ShardRecord, shard_name, write_manifest, write_shard
+from raysvc.storage import Location
+
+CLUSTER_COLUMNS = {"v1": 5, "v2": 6, "v3": 6}
+EXTRA_COLUMNS = {5: "v2", 6: "v3"}
+
+
+def detect_revision(f: h5py.File, path: str) -> str:
+    """v1 / v2 / v3 from the datasets present; a named error for anything else."""
+    missing = [k for k in ("point", "cluster") if k not in f]
+    if missing:
+        raise EventDataError(path, f"unknown layout: missing dataset(s) {missing}; found {sorted(f.keys())}, "
+                             "expected point, cluster[, cluster_extra]", field=missing[0], kind="layout")  # fmt: skip
+    if "cluster_extra" not in f:
+        return "v1"
+    if len(f["point"]) == 0:
+        return "v2"
+    n_clusters = len(f["cluster"][0]) / 6  # v2 and v3 both store 6 columns per cluster
+    width = len(f["cluster_extra"][0]) / n_clusters if n_clusters else 5
+    if width not in EXTRA_COLUMNS:
+        raise EventDataError(path, f"unknown layout: cluster_extra has {width} columns per cluster, expected 5 (v2) "
+                             "or 6 (v3)", field="cluster_extra", kind="layout")  # fmt: skip
+    return EXTRA_COLUMNS[int(width)]
+
+
+def read_event(f: h5py.File, i: int, revision: str, path: str) -> dict[str, np.ndarray]:
+    """Event `i` of an open file as per-point arrays; errors name the file, the event and the dataset."""
+    try:
+        point = np.asarray(f["point"][i], dtype=np.float32)
+        cluster = np.asarray(f["cluster"][i])
+    except (OSError, ValueError, KeyError) as e:
+        raise EventDataError(path, f"cannot read event ({e}); truncated or damaged file", row=i,
+                             kind="corrupt") from e  # fmt: skip
+    if point.size % 8:
+        raise EventDataError(path, f"{point.size} values, not a multiple of 8 columns", row=i, field="point",
+                             kind="layout")  # fmt: skip
+    ncol = CLUSTER_COLUMNS[revision]
+    if cluster.size % ncol:
+        raise EventDataError(path, f"{cluster.size} values, not a multiple of {ncol} ({revision})", row=i,
+                             field="cluster", kind="layout")  # fmt: skip
+    point = point.reshape(-1, 8)
+    cluster = cluster.reshape(-1, ncol).astype(np.int64)
+    sizes = cluster[:, 0]
+    if (sizes < 0).any() or sizes.sum() != len(point):
+        raise EventDataError(path, f"cluster sizes sum to {sizes.sum()} but point has {len(point)} points "
+                             f"(unknown layout or truncated event; read as {revision})", row=i, field="cluster",
+                             kind="layout")  # fmt: skip
+    rep = lambda c: np.repeat(cluster[:, c], sizes)  # noqa: E731
+    pid = rep(5) if ncol == 6 else np.full(len(point), -1)
+    return {
+        "coord": point[:, :3],
+        "energy": point[:, 3],
+        "fragment": rep(1).astype(np.int32),
+        "particle": rep(2).astype(np.int32),
+        "interaction": rep(3).astype(np.int32),
+        "semantic": rep(4).astype(np.int8),
+        "pid": pid.astype(np.int8),
+    }
+
+
+def iter_file(path: str, revision: str = "auto") -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(index in file, event) for every event of one HDF5 file."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise EventDataError(path, f"cannot open as HDF5 ({e}); truncated or not an HDF5 file", kind="corrupt") from e
+    with f:
+        rev = detect_revision(f, path) if revision == "auto" else revision
+        if rev not in CLUSTER_COLUMNS:
+            raise ValueError(f"revision must be auto, v1, v2 or v3; got {revision!r}")
+        n = len(f["point"])
+        if len(f["cluster"]) != n:
+            raise EventDataError(path, f"point has {n} events but cluster has {len(f['cluster'])}", field="cluster",
+                                 kind="layout")  # fmt: skip
+        for i in range(n):
+            yield i, read_event(f, i, rev, path)
+
+
+def convert(pattern: str, root: Location, shard_events: int = 500, revision: str = "auto",
+            show_progress: bool = True) -> Manifest:  # fmt: skip
+    """Convert every file matching `pattern` (sorted) into shards under `root`; validated before writing."""
+    files = sorted(_glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no HDF5 files match {pattern!r}")
+    records: list[ShardRecord] = []
+    buf: list[dict] = []
+    per_file: list[dict] = []
+    next_id = 0
+
+    def flush() -> None:
+        table = table_from_events(buf, source=[e["source"] for e in buf])
+        validate_table(table, f"{buf[0]['source']}..{buf[-1]['source']}")
+        records.append(write_shard(root, shard_name(len(records)), table))
+        buf.clear()
+
+    for path in tqdm(files, desc="files", unit="file", disable=not show_progress):
+        first = next_id
+        for i, ev in iter_file(path, revision):
+            ev["event_id"] = next_id
+            ev["source"] = f"{os.path.basename(path)}#{i}"
+            next_id += 1
+            buf.append(ev)
+            if len(buf) == shard_events:
+                flush()
+        per_file.append({"file": os.path.abspath(path), "first_event_id": first, "events": next_id - first})
+    if buf:
+        flush()
+    return write_manifest(root, records, {"tool": "raysvc data convert", "pattern": pattern, "revision": revision,
+                                          "files": per_file})  # fmt: skip

@@ -1,0 +1,150 @@
+"""Ray Data pipeline: manifest -> read_parquet (file:// or s3://) -> preprocess -> packed tensors per Train worker.
+
+Also the direct path (pyarrow + the same preprocessing in one process), the baseline of `raysvc bench ingest` and the
+reader for small local jobs. Bad or cut events are counted in a ledger (a Ray actor for the distributed path) and
+reported by `EventStream.report()`: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raysvc.data.collate import collate_packed
+from raysvc.data.reader import _ledger_class, _read_shards_udf, read_preprocessed
+from raysvc.data.shards import Manifest, load_manifest, preflight
+from raysvc.data.subset import all_event_ids, select_subset
+from raysvc.data.transforms import PreprocessConfig, report
+from raysvc.storage import Location, S3Options, resolve
+
+
+class DataConfig(BaseModel):
+    """Where the events are and how they are prepared; the `data` section of every job config."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(description="dataset root: file:///path, a path, or s3://bucket/prefix")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    subset_events: int | None = Field(None, gt=0, description="use only this many events (nested, seeded subset)")
+    subset_fraction: float | None = Field(None, gt=0, le=1, description="or this fraction of events")
+    subset_seed: int = Field(0, description="seed of the label subset; same seed, same events")
+    batch_events: int = Field(8, gt=0, description="events per packed batch")
+    block_mib: float = Field(4.0, gt=0, description="target Ray Data block size (MiB): small enough that "
+                             "streaming_split can balance workers on small datasets")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per read+preprocess task (leave room for Train workers)")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> DataConfig:
+        if self.subset_events is not None and self.subset_fraction is not None:
+            raise ValueError("give subset_events or subset_fraction, not both")
+        return self
+
+    def location(self) -> Location:
+        return resolve(self.uri, S3Options(endpoint_url=self.s3_endpoint_url))
+
+
+@dataclass
+class Prepared:
+    """What both paths need before reading: the root, its checked manifest and the selected event ids."""
+
+    root: Location
+    manifest: Manifest
+    keep_ids: np.ndarray | None
+
+
+def prepare(cfg: DataConfig) -> Prepared:
+    """Resolve, load and preflight the manifest, pick the subset. Fails fast, on the driver, naming the problem."""
+    root = cfg.location()
+    manifest = load_manifest(root)
+    if not manifest.shards:
+        raise ValueError(f"{root.uri}: the manifest lists no shards")
+    preflight(root, manifest)
+    keep = None
+    if cfg.subset_events is not None or cfg.subset_fraction is not None:
+        keep = select_subset(all_event_ids(root, manifest), cfg.subset_seed, cfg.subset_events, cfg.subset_fraction)
+    return Prepared(root, manifest, keep)
+
+
+# --- distributed path -------------------------------------------------------------------------------------------
+@dataclass
+class EventStream:
+    """A Ray Dataset of preprocessed events plus the ledger that counts what was removed."""
+
+    dataset: object  # ray.data.Dataset
+    ledger: object
+    prepared: Prepared
+
+    def report(self, reset: bool = False) -> dict:
+        """Counts since the last reset, summed over every pass over the dataset."""
+        import ray
+
+        out = report(Counter(ray.get(self.ledger.get.remote())))
+        if reset:
+            ray.get(self.ledger.reset.remote())
+        return out
+
+
+def build_dataset(cfg: DataConfig) -> EventStream:
+    """The Ray Data pipeline for `cfg` (Ray must be initialised). Feed `stream.dataset` to a TorchTrainer's datasets
+    and it is split per worker with streaming_split; or iterate it directly with `iter_packed`."""
+    import ray.data
+
+    prep = prepare(cfg)
+    ledger = _ledger_class().remote()
+    # One read task per shard, from the manifest. (ray.data.read_parquet was measured here to pack small shards
+    # into a single read task, after a ~1 s file-listing task, and to read ~7x slower than pyarrow itself.)
+    records = [asdict(r) for r in prep.manifest.shards]
+    ds = ray.data.from_items(records, override_num_blocks=len(records))
+    ds = ds.map_batches(
+        _read_shards_udf, batch_format="pyarrow", batch_size=1, num_cpus=cfg.read_cpus,
+        fn_kwargs={"root": prep.root, "cfg": cfg.preprocess, "keep_ids": prep.keep_ids, "ledger": ledger},
+    )  # fmt: skip
+    # Ray merges outputs up to 128 MiB per block, and a block goes whole to one Train worker: a small dataset would
+    # then land on a single worker. Smaller blocks let streaming_split balance.
+    ds.context.target_max_block_size = int(cfg.block_mib * 2**20)
+    return EventStream(ds, ledger, prep)
+
+
+def iter_packed(source, batch_events: int, prefetch_batches: int = 2, drop_last: bool = False) -> Iterator[dict]:
+    """Packed tensor batches from a Ray Dataset or a per-worker DataIterator (Arrow batches, never numpy objects)."""
+    for table in source.iter_batches(batch_size=batch_events, batch_format="pyarrow",
+                                     prefetch_batches=prefetch_batches, drop_last=drop_last):  # fmt: skip
+        if table.num_rows:
+            yield collate_packed(table)
+
+
+# --- direct path ------------------------------------------------------------------------------------------------
+class DirectStream:
+    """The same events through pyarrow in this process: shard by shard, preprocess, slice, collate."""
+
+    def __init__(self, cfg: DataConfig, prepared: Prepared | None = None):
+        self.cfg = cfg
+        self.prepared = prepared or prepare(cfg)
+        self.counts: Counter = Counter()
+        self.timings: Counter = Counter()  # seconds in read / preprocess / collate
+
+    def tables(self) -> Iterable[pa.Table]:
+        prep = self.prepared
+        for rec in prep.manifest.shards:
+            out, counts, timings = read_preprocessed(prep.root, rec, self.cfg.preprocess, prep.keep_ids)
+            self.timings.update(timings)
+            self.counts.update(counts)
+            yield out
+
+    def iter_packed(self, batch_events: int | None = None) -> Iterator[dict]:
+        b = batch_events or self.cfg.batch_events
+        for table in self.tables():
+            for start in range(0, table.num_rows, b):
+                t0 = time.perf_counter()
+                batch = collate_packed(table.slice(start, b))
+                self.timings["collate"] += time.perf_counter() - t0
+                yield batch
+
+    def report(self) -> dict:
+        return report(self.counts)

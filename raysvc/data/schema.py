@@ -1,0 +1,190 @@
+"""The event table: one Parquet row per event, Arrow list columns, and its validation.
+
+Validation is vectorised over the flat list values (no per-event Python loop) and, on the first problem, names the
+shard, the row, the event id and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SCHEMA_VERSION = 1
+VOLUME_SIZE = 768  # voxels per side of the PILArNet-M cube
+VOXEL_MM = 3.0
+
+CLASS_NAMES = ("shower", "track", "michel", "delta", "led")
+LED_CLASS = 4
+PID_NAMES = ("photon", "electron", "muon", "pion", "proton")  # -1 = none (low-energy depositions)
+
+# Per-point list columns and their Arrow value types.
+POINT_FIELDS: dict[str, pa.DataType] = {
+    "coord": pa.list_(pa.float32(), 3),
+    "energy": pa.float32(),
+    "semantic": pa.int8(),
+    "pid": pa.int8(),
+    "particle": pa.int32(),
+    "interaction": pa.int32(),
+    "fragment": pa.int32(),
+}
+LABEL_FIELDS = ("semantic", "pid", "particle", "interaction", "fragment")
+
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64(), nullable=False),
+        *[pa.field(name, pa.list_(t), nullable=False) for name, t in POINT_FIELDS.items()],
+        pa.field("num_points", pa.int32(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("detector", pa.string()),
+    ],
+    metadata={b"raysvc.schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+
+class EventDataError(ValueError):
+    """Bad event data; the message names the shard, row / event and field, and what was expected."""
+
+    def __init__(self, shard: str, message: str, *, row: int | None = None, event_id: int | None = None,
+                 field: str | None = None, kind: str = "invalid"):  # fmt: skip
+        where = [f"shard {shard}"]
+        if row is not None:
+            where.append(f"row {row}")
+        if event_id is not None:
+            where.append(f"event_id {event_id}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+        self.shard, self.row, self.event_id, self.field, self.kind = shard, row, event_id, field, kind
+
+
+def table_from_events(events: list[dict], source: str | list[str], detector: str = "lartpc") -> pa.Table:
+    """Build an event table from per-event dicts of numpy arrays (coord (N,3), energy (N,), labels (N,)).
+
+    `source` says where the events came from: one string for all, or one per event."""
+    counts = np.array([len(e["energy"]) for e in events], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    cols: dict[str, pa.Array] = {"event_id": pa.array([int(e["event_id"]) for e in events], pa.int64())}
+    for name, t in POINT_FIELDS.items():
+        if name == "coord":
+            flat = np.concatenate([np.asarray(e["coord"], np.float32).reshape(-1) for e in events]) if events else \
+                np.zeros(0, np.float32)
+            values = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), 3)
+        else:
+            np_t = t.to_pandas_dtype()
+            flat = np.concatenate([np.asarray(e[name]).astype(np_t) for e in events]) if events else np.zeros(0, np_t)
+            values = pa.array(flat, t)
+        cols[name] = pa.ListArray.from_arrays(offsets, values)
+    cols["num_points"] = pa.array(counts.astype(np.int32), pa.int32())
+    cols["source"] = pa.array([source] * len(events) if isinstance(source, str) else source, pa.string())
+    cols["detector"] = pa.array([detector] * len(events), pa.string())
+    return pa.Table.from_pydict(cols, schema=EVENT_SCHEMA)
+
+
+@dataclass
+class Problem:
+    """One bad event found by `find_problems`."""
+
+    row: int
+    event_id: int
+    field: str
+    kind: str
+    message: str
+
+
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(per-row lengths, flat values) of a list column, respecting slices."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths, arr.flatten()
+
+
+def check_columns(table: pa.Table, shard: str) -> pa.Table:
+    """Check presence and types of the required columns; cast safe widenings; raise naming the field otherwise."""
+    names = set(table.column_names)
+    required = ["event_id", *POINT_FIELDS, "num_points"]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise EventDataError(shard, f"missing column(s) {missing}; expected {required}", field=missing[0],
+                             kind="schema")  # fmt: skip
+    for field in EVENT_SCHEMA:
+        if field.name not in names:
+            continue
+        have = table.schema.field(field.name).type
+        if have == field.type:
+            continue
+        if field.name == "coord" and pa.types.is_list(have) and pa.types.is_list(have.value_type):
+            # list<list<float>>: accept only if every inner list has 3 values (checked after the cast)
+            pass
+        try:
+            casted = table.column(field.name).cast(field.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise EventDataError(shard, f"has type {have}, expected {field.type} ({e})", field=field.name,
+                                 kind="schema") from e  # fmt: skip
+        table = table.set_column(table.schema.get_field_index(field.name), field, casted)
+    return table
+
+
+def find_problems(table: pa.Table, *, volume: float = VOLUME_SIZE, num_classes: int = len(CLASS_NAMES),
+                  ) -> list[Problem]:  # fmt: skip
+    """All rows that break the data contract (one Problem per row: the first broken rule), in row order.
+
+    Rules: lengths of every per-point list equal num_points; no empty event; coordinates finite and inside
+    [0, volume); energy finite and >= 0; semantic in [0, num_classes).
+    """
+    n = table.num_rows
+    event_ids = table.column("event_id").to_numpy()
+    num_points = table.column("num_points").to_numpy().astype(np.int64)
+    bad: dict[int, Problem] = {}
+
+    def flag(rows: np.ndarray, field: str, kind: str, message: str) -> None:
+        for r in np.unique(rows).tolist():
+            if r not in bad:
+                bad[r] = Problem(r, int(event_ids[r]), field, kind, message)
+
+    flag(np.flatnonzero(num_points <= 0), "num_points", "empty", "event has no points")
+    for name in POINT_FIELDS:
+        lengths, _ = _list_parts(table.column(name))
+        wrong = np.flatnonzero(lengths != num_points)
+        if wrong.size:
+            r = wrong[0]
+            flag(wrong, name, "length", f"has {lengths[r]} entries but num_points is {num_points[r]}")
+
+    lengths, coord_vals = _list_parts(table.column("coord"))
+    row_of_point = np.repeat(np.arange(n), lengths)
+    xyz = coord_vals.flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+    finite = np.isfinite(xyz).all(axis=1)
+    flag(row_of_point[~finite], "coord", "nonfinite", "coordinates contain NaN or inf")
+    inside = ((xyz >= 0) & (xyz < volume)).all(axis=1) | ~finite
+    flag(row_of_point[~inside], "coord", "outside", f"coordinates outside the detector volume [0, {volume})")
+
+    lengths, e_vals = _list_parts(table.column("energy"))
+    e = e_vals.to_numpy(zero_copy_only=False)
+    rows_e = np.repeat(np.arange(n), lengths)
+    flag(rows_e[~np.isfinite(e)], "energy", "nonfinite", "energy contains NaN or inf")
+    flag(rows_e[e < 0], "energy", "negative", "energy is negative")
+
+    lengths, s_vals = _list_parts(table.column("semantic"))
+    s = s_vals.to_numpy(zero_copy_only=False)
+    rows_s = np.repeat(np.arange(n), lengths)
+    flag(rows_s[(s < 0) | (s >= num_classes)], "semantic", "label", f"semantic class outside [0, {num_classes})")
+    return [bad[r] for r in sorted(bad)]
+
+
+def validate_table(table: pa.Table, shard: str, row_base: int | None = 0, **kw) -> pa.Table:
+    """check_columns + find_problems; raise EventDataError for the first bad row.
+
+    `row_base` is the shard row of the table's first row; None when unknown (a streamed batch), in which case the
+    error names the event id but no row.
+    """
+    table = check_columns(table, shard)
+    problems = find_problems(table, **kw)
+    if problems:
+        p = problems[0]
+        raise EventDataError(shard, p.message + (f" ({len(problems)} bad rows in this batch)" if len(problems) > 1
+                                                 else ""),
+                             row=None if row_base is None else p.row + row_base, event_id=p.event_id, field=p.field,
+                             kind=p.kind)  # fmt: skip
+    return table

@@ -1,0 +1,176 @@
+"""A dataset = a directory of Parquet shards + `manifest.json` (shard list, counts, schema version, provenance, sha256).
+
+Shards are written atomically (see storage.write_bytes_atomic) and the manifest last, so readers, who go by the
+manifest, never see a half-written dataset. Shard names sort in event order: `events-00000.parquet`, ...
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysvc import __version__
+from raysvc.data.schema import EVENT_SCHEMA, SCHEMA_VERSION, EventDataError, check_columns
+from raysvc.storage import Location, explained, read_bytes, sha256_hex, write_bytes_atomic
+
+MANIFEST = "manifest.json"
+FORMAT = "raysvc.events"
+ROW_GROUP_EVENTS = 64  # streaming granularity inside a shard
+
+
+def shard_name(index: int) -> str:
+    return f"events-{index:05d}.parquet"
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    events: int
+    points: int
+    bytes: int
+    sha256: str
+    first_event_id: int | None = None
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardRecord]
+    created_by: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT
+    created_at: str = ""
+
+    @property
+    def events(self) -> int:
+        return sum(s.events for s in self.shards)
+
+    @property
+    def points(self) -> int:
+        return sum(s.points for s in self.shards)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["events"], d["points"] = self.events, self.points
+        return json.dumps(d, indent=1)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    """Serialise an event table (schema enforced) into Parquet bytes."""
+    table = table.cast(EVENT_SCHEMA) if table.schema != EVENT_SCHEMA else table
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_EVENTS, write_statistics=["event_id"])
+    return buf.getvalue()
+
+
+def write_shard(root: Location, name: str, table: pa.Table) -> ShardRecord:
+    """Write one shard atomically and return its manifest record."""
+    data = table_to_parquet_bytes(table)
+    write_bytes_atomic(root.join(name), data)
+    first = int(table.column("event_id")[0].as_py()) if table.num_rows else None
+    points = int(pa.compute.sum(table.column("num_points")).as_py() or 0)
+    return ShardRecord(name, table.num_rows, points, len(data), sha256_hex(data), first)
+
+
+def write_manifest(root: Location, shards: list[ShardRecord], created_by: dict) -> Manifest:
+    m = Manifest(shards=sorted(shards, key=lambda s: s.name), created_by=created_by,
+                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
+    write_bytes_atomic(root.join(MANIFEST), m.to_json().encode())
+    return m
+
+
+def load_manifest(root: Location) -> Manifest:
+    """Read and check a dataset's manifest; errors name the URI and the field."""
+    where = root.join(MANIFEST)
+    raw = read_bytes(where)
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise EventDataError(where.uri, f"manifest is not valid JSON ({e})", kind="manifest") from e
+    if d.get("format") != FORMAT:
+        raise EventDataError(where.uri, f"format is {d.get('format')!r}, expected {FORMAT!r}", field="format",
+                             kind="manifest")  # fmt: skip
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise EventDataError(where.uri, f"schema_version {d.get('schema_version')!r}; this raysvc reads "
+                             f"{SCHEMA_VERSION}", field="schema_version", kind="manifest")  # fmt: skip
+    try:
+        shards = [ShardRecord(**s) for s in d["shards"]]
+    except (KeyError, TypeError) as e:
+        raise EventDataError(where.uri, f"bad shard list ({e})", field="shards", kind="manifest") from e
+    return Manifest(shards=shards, created_by=d.get("created_by", {}), created_at=d.get("created_at", ""))
+
+
+def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True,
+               columns: list[str] | None = None) -> pa.Table:  # fmt: skip
+    """Read one whole shard, checking its size and checksum against the manifest and its columns' types."""
+    loc = root.join(rec.name)
+    data = read_bytes(loc)
+    if len(data) != rec.bytes:
+        raise EventDataError(loc.uri, f"truncated or replaced: {len(data)} bytes, manifest says {rec.bytes}",
+                             kind="corrupt")  # fmt: skip
+    if verify_checksum and sha256_hex(data) != rec.sha256:
+        raise EventDataError(loc.uri, "sha256 does not match the manifest (corrupt shard)", kind="corrupt")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise EventDataError(loc.uri, f"not a readable Parquet file ({e})", kind="corrupt") from e
+    if table.num_rows != rec.events:
+        raise EventDataError(loc.uri, f"{table.num_rows} rows, manifest says {rec.events}", kind="corrupt")
+    return table if columns else check_columns(table, loc.uri)
+
+
+def preflight(root: Location, manifest: Manifest) -> None:
+    """Cheap checks before streaming: every shard exists with the manifest's size and a readable Parquet footer."""
+    for rec in manifest.shards:
+        loc = root.join(rec.name)
+        with explained(loc, "checking shard"):
+            info = loc.fs.get_file_info(loc.path)
+        if info.type.name == "NotFound":
+            raise EventDataError(loc.uri, "listed in the manifest but missing", kind="missing")
+        if info.size != rec.bytes:
+            raise EventDataError(loc.uri, f"truncated or replaced: {info.size} bytes, manifest says {rec.bytes}",
+                                 kind="corrupt")  # fmt: skip
+        try:
+            with loc.fs.open_input_file(loc.path) as f:
+                meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise EventDataError(loc.uri, f"unreadable Parquet footer ({e})", kind="corrupt") from e
+        if meta.num_rows != rec.events:
+            raise EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}", kind="corrupt")
+
+
+def iter_tables(root: Location, manifest: Manifest, **kw) -> Iterator[tuple[ShardRecord, pa.Table]]:
+    for rec in manifest.shards:
+        yield rec, read_shard(root, rec, **kw)
+
+
+def write_dataset(root: Location, n_shards: int, make_shard: Callable[[int], pa.Table], created_by: dict,
+                  workers: int = 1, progress: Callable[[Iterable], Iterable] | None = None) -> Manifest:  # fmt: skip
+    """Build shards 0..n_shards-1 with `make_shard(i)` (in `workers` processes), write each, then the manifest.
+
+    `make_shard` must be a picklable top-level callable when workers > 1.
+    """
+    records: list[ShardRecord] = []
+    progress = progress or (lambda it: it)
+    if workers <= 1 or n_shards <= 1:
+        for i in progress(range(n_shards)):
+            records.append(write_shard(root, shard_name(i), make_shard(i)))
+    else:
+        # spawn: never fork a process that may hold Arrow / BLAS thread pools
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futs = [pool.submit(_build_and_write, root, i, make_shard) for i in range(n_shards)]
+            for fut in progress(as_completed(futs)):
+                records.append(fut.result())
+    created_by = {"raysvc_version": __version__, **created_by}
+    return write_manifest(root, records, created_by)
+
+
+def _build_and_write(root: Location, i: int, make_shard: Callable[[int], pa.Table]) -> ShardRecord:
+    return write_shard(root, shard_name(i), make_shard(i))

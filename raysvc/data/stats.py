@@ -1,0 +1,69 @@
+"""Dataset statistics (`raysvc data inspect`), side by side with PILArNet-M's published ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from raysvc.data.schema import CLASS_NAMES
+from raysvc.data.shards import iter_tables, load_manifest
+from raysvc.storage import Location
+
+# REFERENCE.md section 1: whole-dataset class counts of PILArNet-M and event multiplicities.
+PILARNET_CLASS_COUNTS = np.array([1926651899, 2038240940, 34083197, 92015482, 1145363125], dtype=np.float64)
+PILARNET_REFERENCE = {
+    "class_fractions": dict(zip(CLASS_NAMES, (PILARNET_CLASS_COUNTS / PILARNET_CLASS_COUNTS.sum()).round(4).tolist(),
+                                strict=True)),  # fmt: skip
+    "points_per_event": "2k-30k after cuts",
+    "interactions_per_event": {"mean": 4, "std": 3},
+    "particles_per_event": {"mean": 11, "std": 8},
+}
+
+
+def _distinct_per_row(lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Number of distinct non-negative ids in each row of a flattened list column."""
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    keep = ids >= 0
+    pairs = np.unique(rows[keep].astype(np.int64) << 32 | ids[keep].astype(np.int64))
+    return np.bincount((pairs >> 32).astype(np.int64), minlength=len(lengths))
+
+
+def _flat(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def inspect_dataset(root: Location, verify: bool = True) -> dict:
+    """Statistics over every event; shards are checked against the manifest's sizes and checksums on the way."""
+    manifest = load_manifest(root)
+    n_points, class_counts, inter, part = [], np.zeros(len(CLASS_NAMES), np.int64), [], []
+    cols = ["num_points", "semantic", "interaction", "particle"]
+    for _, table in iter_tables(root, manifest, verify_checksum=verify, columns=cols):
+        lengths = table.column("num_points").to_numpy().astype(np.int64)
+        n_points.append(lengths)
+        sem = _flat(table, "semantic")
+        class_counts += np.bincount(sem[(sem >= 0) & (sem < len(CLASS_NAMES))], minlength=len(CLASS_NAMES))
+        inter.append(_distinct_per_row(lengths, _flat(table, "interaction")))
+        part.append(_distinct_per_row(lengths, _flat(table, "particle")))
+    npts = np.concatenate(n_points) if n_points else np.zeros(0)
+    inter_a, part_a = (np.concatenate(x) if x else np.zeros(0) for x in (inter, part))
+    total = max(int(class_counts.sum()), 1)
+    describe = lambda a: {"mean": float(a.mean()), "std": float(a.std())} if len(a) else {}  # noqa: E731
+    return {
+        "uri": root.uri,
+        "events": int(len(npts)),
+        "points": int(npts.sum()),
+        "shards": len(manifest.shards),
+        "bytes": int(sum(s.bytes for s in manifest.shards)),
+        "checksums_verified": verify,
+        "created_by": {k: v for k, v in manifest.created_by.items() if k in ("tool", "seed", "pattern", "revision")},
+        "points_per_event": {
+            "median": float(np.median(npts)) if len(npts) else 0.0, "mean": float(npts.mean()) if len(npts) else 0.0,
+            "min": int(npts.min()) if len(npts) else 0, "max": int(npts.max()) if len(npts) else 0,
+            "p5": float(np.percentile(npts, 5)) if len(npts) else 0.0,
+            "p95": float(np.percentile(npts, 95)) if len(npts) else 0.0,
+        },  # fmt: skip
+        "class_fractions": {name: float(class_counts[i] / total) for i, name in enumerate(CLASS_NAMES)},
+        "interactions_per_event": describe(inter_a),
+        "particles_per_event": describe(part_a),
+        "reference_pilarnet_m": PILARNET_REFERENCE,
+    }

@@ -1,0 +1,134 @@
+"""Reference preprocessing on Arrow event tables, vectorised over flat list values (no per-event Python loop).
+
+Same code for training (inside Ray Data tasks), the direct reader and, later, serving. Constants are Panda's
+(REFERENCE.md section 1): energy threshold 0.13, min 1024 points, centre 384, scale 768*sqrt(3)/2, log-energy with
+m = 0.01, Emax = 20 into [-1, 1] (not clipped above Emax, so the rare very dense voxel keeps its information).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from raysvc.data.schema import (
+    EVENT_SCHEMA,
+    LED_CLASS,
+    POINT_FIELDS,
+    VOLUME_SIZE,
+    EventDataError,
+    check_columns,
+    find_problems,
+)
+
+
+class PreprocessConfig(BaseModel):
+    """Cuts and normalisation applied to every event before it reaches a model."""
+
+    model_config = ConfigDict(extra="forbid")
+    energy_threshold: float = Field(0.13, ge=0, description="drop points with energy <= this (MeV)")
+    min_points: int = Field(1024, ge=1, description="drop events with fewer points after the cuts")
+    remove_led: bool = Field(False, description="drop class-4 low-energy depositions (PoLAr-MAE does)")
+    center: float = Field(VOLUME_SIZE / 2, description="coordinate centre (voxels)")
+    scale: float = Field(VOLUME_SIZE * math.sqrt(3) / 2, gt=0, description="coordinate scale: unit sphere")
+    log_m: float = Field(0.01, gt=0)
+    log_emax: float = Field(20.0, gt=0)
+    volume: float = Field(VOLUME_SIZE, gt=0, description="coordinates must lie in [0, volume)")
+    on_bad: Literal["error", "skip"] = Field("error", description="bad events: raise, or skip and count")
+
+
+def normalize_coord(xyz: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    return ((xyz - cfg.center) / cfg.scale).astype(np.float32)
+
+
+def log_energy(e: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    m = cfg.log_m
+    lo, hi = math.log10(m), math.log10(cfg.log_emax + m)
+    return (2.0 * (np.log10(e + m) - lo) / (hi - lo) - 1.0).astype(np.float32)
+
+
+def _rebuild_lists(table: pa.Table, point_mask: np.ndarray, lengths: np.ndarray, replace: dict[str, np.ndarray],
+                   ) -> pa.Table:  # fmt: skip
+    """Keep masked points of every per-point list column; `replace` gives new flat values for some columns."""
+    row_of_point = np.repeat(np.arange(len(lengths)), lengths)
+    new_len = np.bincount(row_of_point[point_mask], minlength=len(lengths)).astype(np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(new_len)]).astype(np.int32))
+    idx = pa.array(np.flatnonzero(point_mask))
+    for name in POINT_FIELDS:
+        col = table.column(name).combine_chunks()
+        if name in replace:
+            flat = replace[name]
+            values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), 3) if name == "coord" else \
+                pa.array(flat)
+        else:
+            values = col.flatten().take(idx)
+        table = table.set_column(table.schema.get_field_index(name), name, pa.ListArray.from_arrays(offsets, values))
+    return table.set_column(table.schema.get_field_index("num_points"), "num_points", pa.array(new_len))
+
+
+def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_ids: np.ndarray | None = None,
+                     row_base: int | None = None) -> tuple[pa.Table, Counter]:  # fmt: skip
+    """Validate, cut, normalise. Returns the model-ready table and a Counter of what was removed and why.
+
+    Counter keys: `selected_out` (not in the label subset), `bad:<kind>` (bad input skipped under on_bad=skip),
+    `cut:min_points` (too few points after the cuts: a physics cut, not an error).
+    """
+    counts: Counter = Counter(read=table.num_rows)
+    if keep_ids is not None:
+        sel = pc.is_in(table.column("event_id"), value_set=pa.array(keep_ids, pa.int64()))
+        counts["selected_out"] = table.num_rows - int(pc.sum(sel).as_py() or 0)
+        table = table.filter(sel)
+    if table.num_rows == 0:
+        return table, counts
+    try:
+        table = check_columns(table, shard)
+    except EventDataError as e:
+        if cfg.on_bad == "error":
+            raise
+        counts[f"bad:{e.kind}"] += table.num_rows
+        return table.slice(0, 0), counts
+    problems = find_problems(table, volume=cfg.volume)
+    if problems:
+        if cfg.on_bad == "error":
+            p = problems[0]
+            raise EventDataError(shard, p.message, row=None if row_base is None else row_base + p.row,
+                                 event_id=p.event_id, field=p.field, kind=p.kind)  # fmt: skip
+        bad_rows = np.array([p.row for p in problems])
+        counts.update(f"bad:{p.kind}" for p in problems)
+        keep = np.ones(table.num_rows, bool)
+        keep[bad_rows] = False
+        table = table.filter(pa.array(keep))
+    lengths = table.column("num_points").to_numpy().astype(np.int64)
+    energy = table.column("energy").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    mask = energy > cfg.energy_threshold
+    if cfg.remove_led:
+        sem = table.column("semantic").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        mask &= sem != LED_CLASS
+    xyz = table.column("coord").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+    table = _rebuild_lists(table, mask, lengths, {
+        "coord": normalize_coord(xyz[mask], cfg),
+        "energy": log_energy(energy[mask], cfg),
+    })  # fmt: skip
+    enough = table.column("num_points").to_numpy() >= cfg.min_points
+    counts["cut:min_points"] += int((~enough).sum())
+    table = table.filter(pa.array(enough))
+    counts["out"] += table.num_rows
+    return table.select([f.name for f in EVENT_SCHEMA if f.name in table.column_names]), counts
+
+
+def report(counts: Counter) -> dict:
+    """A summary of what was read and what was removed, and why: nothing disappears silently."""
+    bad = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("bad:") and v}
+    return {
+        "events_read": counts.get("read", 0),
+        "selected_out": counts.get("selected_out", 0),
+        "skipped_bad": bad,
+        "skipped_bad_total": sum(bad.values()),
+        "cut_min_points": counts.get("cut:min_points", 0),
+        "events_out": counts.get("out", 0),
+    }

@@ -1,0 +1,179 @@
+"""Storage URIs: `file://`, bare paths and `s3://bucket/prefix`, resolved to a pyarrow filesystem.
+
+pyarrow's filesystems are what Ray Data and Parquet read natively (its C++ S3 client, no Python in the byte path),
+and they pickle, so the same object travels into Ray tasks. Endpoint and credentials for S3 come from the standard
+AWS environment variables (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) or
+from an explicit `S3Options`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI."""
+
+
+class StorageAuthError(StorageError):
+    """The object store rejected our credentials."""
+
+
+_AUTH_MARKERS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
+                 "SignatureDoesNotMatch", "AccessDenied", "403")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Explicit S3 settings; any field left None falls back to the standard AWS environment variable."""
+
+    endpoint_url: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str | None = None
+
+    def resolved(self) -> S3Options:
+        env = os.environ
+        return S3Options(
+            endpoint_url=self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            access_key=self.access_key or env.get("AWS_ACCESS_KEY_ID"),
+            secret_key=self.secret_key or env.get("AWS_SECRET_ACCESS_KEY"),
+            region=self.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+        )
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem, the path inside it, and the URI as the user wrote it (for messages)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> Location:
+        path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
+        uri = "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts]])
+        return Location(self.fs, path, uri)
+
+    @property
+    def is_s3(self) -> bool:
+        return isinstance(self.fs, pafs.S3FileSystem)
+
+
+def s3_filesystem(opts: S3Options | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem for the configured endpoint (path-style, http allowed for local servers)."""
+    o = (opts or S3Options()).resolved()
+    kwargs: dict = {
+        "region": o.region,
+        "allow_bucket_creation": True,
+        "connect_timeout": 5,
+        "request_timeout": 60,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if o.access_key and o.secret_key:
+        kwargs.update(access_key=o.access_key, secret_key=o.secret_key)
+    if o.endpoint_url:
+        parsed = urlparse(o.endpoint_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StorageError(f"S3 endpoint {o.endpoint_url!r} must look like http(s)://host:port")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme, force_virtual_addressing=False)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, s3: S3Options | None = None) -> Location:
+    """Turn `file:///x`, `/x`, `rel/x` or `s3://bucket/prefix` into a Location."""
+    if not uri:
+        raise StorageError("empty storage URI: expected file:///path, a path, or s3://bucket/prefix")
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else uri
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri!r}: file:// URIs take no host; write file:///absolute/path")
+        return Location(pafs.LocalFileSystem(), os.path.abspath(path), uri)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise StorageError(f"{uri!r}: expected s3://bucket/prefix")
+        return Location(s3_filesystem(s3), f"{parsed.netloc}{parsed.path}".rstrip("/"), uri)
+    raise StorageError(f"{uri!r}: unsupported scheme {parsed.scheme!r}; expected file://, a path, or s3://")
+
+
+@contextlib.contextmanager
+def explained(loc: Location, action: str) -> Iterator[None]:
+    """Re-raise low-level storage errors with the URI, the action and, for auth failures, what to check."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as e:
+        raise StorageError(f"{action} {loc.uri}: not found ({e})") from e
+    except OSError as e:
+        text = str(e)
+        if any(m in text for m in _AUTH_MARKERS):
+            raise StorageAuthError(
+                f"{action} {loc.uri}: the object store rejected the credentials ({text.split(':')[-1].strip()}). "
+                "Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the config's s3 section) and the endpoint "
+                "AWS_ENDPOINT_URL."
+            ) from e
+        raise StorageError(f"{action} {loc.uri}: {text}") from e
+
+
+def ensure_dir(loc: Location) -> None:
+    """Create the directory (or S3 bucket/prefix) if needed."""
+    with explained(loc, "creating"):
+        loc.fs.create_dir(loc.path, recursive=True)
+
+
+def exists(loc: Location) -> bool:
+    with explained(loc, "checking"):
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def read_bytes(loc: Location) -> bytes:
+    with explained(loc, "reading"):
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+
+
+def write_bytes_atomic(loc: Location, data: bytes) -> None:
+    """Write so that readers see either nothing or the whole object.
+
+    Local: write a hidden temporary file beside the target, fsync, then rename over it (atomic on POSIX).
+    S3: a PUT becomes visible only when the upload completes; a crashed writer leaves no object behind.
+    """
+    with explained(loc, "writing"):
+        if loc.is_s3:
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+            return
+        parent = os.path.dirname(loc.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, loc.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def list_files(loc: Location, suffix: str = "") -> list[str]:
+    """Names (relative to loc) of the files directly under loc, sorted; hidden temporaries excluded."""
+    with explained(loc, "listing"):
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File]
+    return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))

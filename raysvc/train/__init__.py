@@ -1,0 +1,1 @@
+"""Per-worker training loops run by Ray Train."""
