@@ -40,7 +40,7 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def load_config(model: type[M], path: str | Path | None = None, sets: list[str] | None = None) -> M:
-    """Validate YAML file (optional) + overrides against `model`."""
+    """Validate defaults <- YAML file (optional) <- overrides against `model`; mappings merge key by key."""
     data: dict = {}
     if path:
         try:
@@ -49,7 +49,9 @@ def load_config(model: type[M], path: str | Path | None = None, sets: list[str] 
             raise ConfigError(f"{path}: cannot read config ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = deep_merge(data, parse_overrides(sets))
+    # Start from the model's defaults so that an override of one nested key (kinetic_mev.muon.high) keeps its siblings.
+    defaults = model.model_construct().model_dump(warnings=False)
+    data = deep_merge(deep_merge(defaults, data), parse_overrides(sets))
     try:
         return model.model_validate(data)
     except ValidationError as e:

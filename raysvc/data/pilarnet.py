@@ -41,7 +41,7 @@ def detect_revision(f: h5py.File, path: str) -> str:
     n_clusters = len(f["cluster"][0]) / 6  # v2 and v3 both store 6 columns per cluster
     width = len(f["cluster_extra"][0]) / n_clusters if n_clusters else 5
     if width not in EXTRA_COLUMNS:
-        raise EventDataError(path, f"unknown layout: cluster_extra has {width} columns per cluster, expected 5 (v2) "
+        raise EventDataError(path, f"unknown layout: cluster_extra has {width:g} columns per cluster, expected 5 (v2) "
                              "or 6 (v3)", field="cluster_extra", kind="layout")  # fmt: skip
     return EXTRA_COLUMNS[int(width)]
 

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real SeaweedFS S3 server and a local Ray, both on 127.0.0.1, both stopped at the end."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from raysvc.data.schema import table_from_events
+from raysvc.seaweed import SeaweedS3
+from raysvc.storage import S3Options, resolve
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    """A real `weed mini` S3 server on a free loopback port; stopped by PID at the end of the session."""
+    server = SeaweedS3().start()
+    yield server
+    pid = server.proc.pid
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # nothing left running
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    """The standard AWS variables pointing at the test server."""
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    return seaweed
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray (2 CPUs, no dashboard) for the whole session."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def make_event(event_id: int, n: int, rng: np.random.Generator, **override) -> dict:
+    """A hand-made event with n points inside the volume and energies above threshold."""
+    ev = {
+        "event_id": event_id,
+        "coord": rng.uniform(0, 767, size=(n, 3)).astype(np.float32),
+        "energy": rng.uniform(0.2, 5.0, size=n).astype(np.float32),
+        "semantic": rng.integers(0, 5, size=n).astype(np.int8),
+        "pid": rng.integers(-1, 5, size=n).astype(np.int8),
+        "particle": rng.integers(-1, 10, size=n).astype(np.int32),
+        "interaction": rng.integers(-1, 4, size=n).astype(np.int32),
+        "fragment": rng.integers(-1, 20, size=n).astype(np.int32),
+    }
+    ev.update(override)
+    return ev
+
+
+def make_table(n_events: int, points=(1100, 3000), seed: int = 0, first_id: int = 0):
+    rng = np.random.default_rng(seed)
+    events = [make_event(first_id + i, int(rng.integers(*points)), rng) for i in range(n_events)]
+    return table_from_events(events, source="test"), events
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """120 generated events in 4 shards on the local filesystem (generated once per session)."""
+    from raysvc.data.synthetic import generate_dataset
+
+    root = resolve(str(tmp_path_factory.mktemp("synthetic") / "events"))
+    generate_dataset(root, 120, seed=3, shard_events=30, workers=1, show_progress=False)
+    return root
+
+
+def s3_location(server: SeaweedS3, uri: str):
+    return resolve(uri, S3Options(endpoint_url=server.endpoint, access_key=server.access_key,
+                                  secret_key=server.secret_key))  # fmt: skip

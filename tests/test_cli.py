@@ -1,0 +1,80 @@
+"""The `raysvc` console script as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RAYSVC = str(Path(sys.executable).parent / "raysvc")
+
+
+def run(*args, env=None, check=True):
+    p = subprocess.run([RAYSVC, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                       timeout=600)  # fmt: skip
+    if check and p.returncode != 0:
+        raise AssertionError(f"raysvc {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_generate_inspect_show_verify(tmp_path):
+    out = tmp_path.as_uri() + "/gen"
+    run("data", "generate", "--events", "30", "--seed", "2", "--out", out, "--shard-events", "10", "--workers", "2",
+        "--set", "crossing_muons_mean=1.0")  # fmt: skip
+    stats = json.loads(run("data", "inspect", out, "--json").stdout)
+    assert stats["events"] == 30 and stats["shards"] == 3
+    for key in ("median", "mean"):
+        assert stats["points_per_event"][key] > 0
+    assert set(stats["class_fractions"]) == {"shower", "track", "michel", "delta", "led"}
+    assert sum(stats["class_fractions"].values()) == pytest.approx(1.0)
+    assert stats["interactions_per_event"]["mean"] > 0 and stats["particles_per_event"]["mean"] > 0
+    png = tmp_path / "ev.png"
+    run("data", "show", out, "--event", "4", "--out", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert json.loads(run("data", "verify", out).stdout)["bad_events"] == 0
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["created_by"]["generator"]["crossing_muons_mean"] == 1.0
+
+
+def test_generate_to_s3_and_inspect(s3_env, tmp_path):
+    uri = f"s3://cli-test/{tmp_path.name}"
+    run("data", "generate", "--events", "6", "--out", uri, "--shard-events", "3", "--workers", "1")
+    assert json.loads(run("data", "inspect", uri, "--json").stdout)["events"] == 6
+
+
+def test_errors_are_clear(tmp_path, seaweed):
+    p = run("data", "inspect", str(tmp_path / "nothing"), check=False)
+    assert p.returncode == 2 and "nothing/manifest.json" in p.stderr and "Traceback" not in p.stderr
+    p = run("data", "generate", "--events", "3", "--out", str(tmp_path / "x"), "--set", "bogus=1", check=False)
+    assert p.returncode == 2 and "bogus" in p.stderr
+    env = {**seaweed.env(), "AWS_SECRET_ACCESS_KEY": "wrong"}
+    p = run("data", "generate", "--events", "2", "--out", "s3://cli-auth/x", "--workers", "1", env=env, check=False)
+    assert p.returncode != 0 and "rejected the credentials" in p.stderr
+    p = run("data", "show", str(tmp_path / "x"), "--event", "0", "--out", str(tmp_path / "a.png"), check=False)
+    assert p.returncode == 2
+
+
+@pytest.mark.slow
+def test_bench_ingest_json(tmp_path):
+    out = tmp_path / "bench.json"
+    p = run("bench", "ingest", "--json", "--events", "200", "--shard-events", "50", "--repeats", "1", "--out", str(out))
+    result = json.loads(p.stdout[p.stdout.index("{"):])
+    assert result == json.loads(out.read_text())
+    assert result["ratio"] == pytest.approx(result["ray_data_events_per_s"] / result["direct_events_per_s"])
+    assert result["events_per_pass"] == result["ray_ledger"]["events_out"] > 0
+    assert result["store"].startswith("seaweedfs")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    work = tmp_path / "demo"
+    run("demo", "--workdir", str(work), "--events", "300")
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["ok"] and summary["dataset"]["storage"] == "seaweedfs"
+    assert summary["stream"]["events_delivered"] == summary["stream"]["ledger"]["events_out"] > 200
+    for png in ("summary.png", "event0.png"):
+        assert (work / png).stat().st_size > 20_000

@@ -1,0 +1,51 @@
+"""Packed collate vs per-event concatenation; nested, seeded label subsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raysvc.data.collate import collate_packed
+from raysvc.data.subset import event_keys, select_subset
+from tests.conftest import make_table
+
+
+def test_collate_matches_concatenation():
+    table, events = make_table(5, points=(5, 40), seed=2)
+    b = collate_packed(table.slice(1, 3))  # a slice: offsets must not leak from the parent
+    sel = events[1:4]
+    counts = [len(e["energy"]) for e in sel]
+    assert b["offset"].tolist() == np.cumsum(counts).tolist()
+    assert b["event_id"].tolist() == [e["event_id"] for e in sel]
+    np.testing.assert_array_equal(b["coord"].numpy(), np.concatenate([e["coord"] for e in sel]))
+    np.testing.assert_array_equal(b["energy"][:, 0].numpy(), np.concatenate([e["energy"] for e in sel]))
+    np.testing.assert_array_equal(b["semantic"].numpy(), np.concatenate([e["semantic"] for e in sel]))
+    np.testing.assert_array_equal(b["batch"].numpy(), np.repeat(np.arange(3), counts))
+    assert torch.equal(b["feat"], torch.cat([b["coord"], b["energy"]], 1))
+    assert b["semantic"].dtype == torch.int64 and b["feat"].dtype == torch.float32
+
+
+def test_subsets_nested_deterministic_and_exact():
+    ids = np.random.default_rng(0).permutation(5000).astype(np.int64) * 7 + 3
+    s10, s100, s1000 = (select_subset(ids, seed=11, n=n) for n in (10, 100, 1000))
+    assert (len(s10), len(s100), len(s1000)) == (10, 100, 1000)
+    assert set(s10) <= set(s100) <= set(s1000)
+    assert np.array_equal(s100, select_subset(ids[::-1].copy(), seed=11, n=100))  # independent of order
+    assert not np.array_equal(s100, select_subset(ids, seed=12, n=100))
+    assert np.array_equal(select_subset(ids, seed=11, fraction=0.02), s100)
+
+
+def test_subset_is_uniform_over_ids():
+    ids = np.arange(100_000, dtype=np.int64)
+    chosen = select_subset(ids, seed=1, n=10_000)
+    hist = np.histogram(chosen, bins=10, range=(0, 100_000))[0]
+    assert hist.min() > 850 and hist.max() < 1150  # ~1000 per decile
+    assert len(np.unique(event_keys(ids, 1))) == len(ids)
+
+
+@pytest.mark.parametrize("kw, words", [({"n": 0}, "subset of 0"), ({"n": 11}, "has 10"), ({"fraction": 1.5}, "(0, 1]"),
+                                       ({}, "exactly one")])  # fmt: skip
+def test_subset_bad_requests(kw, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("]", r"\]")):
+        select_subset(np.arange(10), seed=0, **kw)

@@ -1,0 +1,124 @@
+"""PILArNet-M HDF5 reader/converter on files written by the test in exactly the published layout."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raysvc.data.pilarnet import convert, iter_file
+from raysvc.data.schema import EventDataError
+from raysvc.data.shards import iter_tables, load_manifest
+from raysvc.storage import resolve
+
+
+def _fake_events(rng, n_events):
+    """Events as lists of clusters: (size, fragment, group, interaction, semantic, pid) + per-point 8-col rows."""
+    out = []
+    for _ in range(n_events):
+        clusters, points = [], []
+        for c in range(int(rng.integers(2, 6))):
+            size = int(rng.integers(0 if c == 0 else 1, 30))
+            sem = 4 if c == 0 else int(rng.integers(0, 4))  # first cluster: low-energy scatters
+            clusters.append((size, c, -1 if c == 0 else c // 2, -1 if c == 0 else int(rng.integers(0, 3)), sem,
+                             -1 if c == 0 else int(rng.integers(0, 5))))  # fmt: skip
+            pts = np.zeros((size, 8), np.float32)
+            pts[:, :3] = rng.integers(0, 768, size=(size, 3))
+            pts[:, 3] = rng.uniform(0.01, 10, size)  # voxel value = energy used downstream
+            pts[:, 4:] = rng.normal(size=(size, 4))  # deposit, time, electrons, dx: not used
+            points.append(pts)
+        out.append((clusters, np.concatenate(points)))
+    return out
+
+
+def write_h5(path, events, revision):
+    """Write variable-length datasets, one entry per event, as PILArNet-M stores them."""
+    ncol = 5 if revision == "v1" else 6
+    with h5py.File(path, "w") as f:
+        fl = h5py.vlen_dtype(np.float32)
+        point = f.create_dataset("point", (len(events),), dtype=fl)
+        cluster = f.create_dataset("cluster", (len(events),), dtype=h5py.vlen_dtype(np.int64))
+        extra = None
+        if revision != "v1":
+            extra = f.create_dataset("cluster_extra", (len(events),), dtype=fl)
+        for i, (clusters, pts) in enumerate(events):
+            point[i] = pts.reshape(-1)
+            arr = np.array([c[:ncol] if ncol == 6 else c[:5] for c in clusters], np.int64)
+            cluster[i] = arr.reshape(-1)
+            if extra is not None:
+                extra[i] = np.zeros(len(clusters) * (5 if revision == "v2" else 6), np.float32)
+
+
+@pytest.mark.parametrize("revision", ["v1", "v2", "v3"])
+def test_convert_matches_written_labels(tmp_path, revision):
+    rng = np.random.default_rng({"v1": 1, "v2": 2, "v3": 3}[revision])
+    files = {"b.h5": _fake_events(rng, 4), "a.h5": _fake_events(rng, 3)}
+    (tmp_path / "train").mkdir()
+    for name, evs in files.items():
+        write_h5(tmp_path / "train" / name, evs, revision)
+    out = resolve(str(tmp_path / "out"))
+    m = convert(str(tmp_path / "train" / "*.h5"), out, shard_events=3, show_progress=False)
+    assert m.events == 7 and len(m.shards) == 3
+    table = pa.concat_tables([t for _, t in iter_tables(out, m)])
+    ordered = [("a.h5", i, ev) for i, ev in enumerate(files["a.h5"])] + \
+        [("b.h5", i, ev) for i, ev in enumerate(files["b.h5"])]  # sorted file order
+    for row, (fname, i, (clusters, pts)) in enumerate(ordered):
+        r = table.slice(row, 1)
+        assert r.column("event_id")[0].as_py() == row
+        assert r.column("source")[0].as_py() == f"{fname}#{i}"
+        np.testing.assert_array_equal(np.asarray(r.column("coord")[0].as_py()), pts[:, :3])
+        np.testing.assert_array_equal(np.asarray(r.column("energy")[0].as_py(), np.float32), pts[:, 3])
+        want = {k: [] for k in ("fragment", "particle", "interaction", "semantic", "pid")}
+        for size, frag, group, inter, sem, pid in clusters:  # per-point labels by repeating, written out longhand
+            for _ in range(size):
+                want["fragment"].append(frag)
+                want["particle"].append(group)
+                want["interaction"].append(inter)
+                want["semantic"].append(sem)
+                want["pid"].append(pid if revision != "v1" else -1)
+        for k, v in want.items():
+            assert r.column(k)[0].as_py() == v, (k, row)
+    assert load_manifest(out).created_by["files"][0]["file"].endswith("a.h5")
+
+
+def test_unknown_layouts_named(tmp_path):
+    p = tmp_path / "x.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("points", data=np.zeros(3))
+    with pytest.raises(EventDataError, match=r"x.h5.*unknown layout.*missing dataset.*'point'"):
+        list(iter_file(str(p)))
+    rng = np.random.default_rng(0)
+    write_h5(p, _fake_events(rng, 2), "v2")
+    with h5py.File(p, "a") as f:
+        del f["cluster_extra"]
+        e = f.create_dataset("cluster_extra", (2,), dtype=h5py.vlen_dtype(np.float32))
+        for i in range(2):
+            e[i] = np.zeros(len(f["cluster"][i]) // 6 * 7, np.float32)
+    with pytest.raises(EventDataError, match="cluster_extra has 7 columns"):
+        list(iter_file(str(p)))
+
+
+def test_inconsistent_cluster_sizes_named(tmp_path):
+    rng = np.random.default_rng(4)
+    evs = _fake_events(rng, 3)
+    clusters, pts = evs[1]
+    evs[1] = (clusters, pts[:-2])  # two points lost
+    write_h5(tmp_path / "y.h5", evs, "v2")
+    with pytest.raises(EventDataError, match=r"y.h5, row 1, field 'cluster'.*sum to"):
+        list(iter_file(str(tmp_path / "y.h5")))
+
+
+def test_truncated_file_named(tmp_path):
+    rng = np.random.default_rng(5)
+    p = tmp_path / "z.h5"
+    write_h5(p, _fake_events(rng, 20), "v2")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EventDataError, match=r"z.h5.*(truncated|damaged)"):
+        list(iter_file(str(p)))
+
+
+def test_no_files_matched(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no HDF5 files match"):
+        convert(str(tmp_path / "*.h5"), resolve(str(tmp_path / "o")), show_progress=False)

@@ -1,0 +1,82 @@
+"""The event table and its validation: every kind of bad event is named by shard, row, event id and field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raysvc.data.schema import EVENT_SCHEMA, EventDataError, check_columns, table_from_events, validate_table
+from tests.conftest import make_event, make_table
+
+
+def test_roundtrip_preserves_every_point():
+    table, events = make_table(5)
+    assert table.schema.equals(EVENT_SCHEMA)
+    assert table.schema.metadata[b"raysvc.schema_version"] == b"1"
+    for i, ev in enumerate(events):
+        row = table.slice(i, 1)
+        xyz = np.asarray(row.column("coord")[0].as_py(), np.float32)
+        np.testing.assert_array_equal(xyz, ev["coord"])
+        for f in ("energy", "semantic", "pid", "particle", "interaction", "fragment"):
+            np.testing.assert_array_equal(np.asarray(row.column(f)[0].as_py()), ev[f])
+        assert row.column("num_points")[0].as_py() == len(ev["energy"])
+    validate_table(table, "mem")
+
+
+def _bad(kind: str, rng) -> dict:
+    ev = make_event(42, 50, rng)
+    if kind == "nonfinite":
+        ev["coord"][7, 1] = np.nan
+    elif kind == "outside":
+        ev["coord"][3, 0] = 800.0
+    elif kind == "negative":
+        ev["energy"][0] = -1.0
+    elif kind == "label":
+        ev["semantic"][5] = 9
+    elif kind == "empty":
+        ev = make_event(42, 0, rng)
+    return ev
+
+
+@pytest.mark.parametrize("kind, field", [
+    ("nonfinite", "coord"), ("outside", "coord"), ("negative", "energy"), ("label", "semantic"),
+    ("empty", "num_points"),
+])  # fmt: skip
+def test_bad_values_are_named(kind, field):
+    rng = np.random.default_rng(1)
+    good = [make_event(i, 30, rng) for i in range(3)]
+    table = table_from_events(good[:2] + [_bad(kind, rng)] + good[2:], source="t")
+    with pytest.raises(EventDataError) as e:
+        validate_table(table, "s3://b/events-00007.parquet", row_base=100)
+    err = e.value
+    assert (err.kind, err.field, err.row, err.event_id) == (kind, field, 102, 42)
+    assert "events-00007.parquet" in str(err) and "row 102" in str(err) and "event_id 42" in str(err)
+
+
+def test_length_mismatch_named():
+    table, _ = make_table(3, points=(20, 30))
+    nums = table.column("num_points").to_numpy().copy()
+    nums[1] += 1
+    table = table.set_column(table.schema.get_field_index("num_points"), "num_points", pa.array(nums, pa.int32()))
+    with pytest.raises(EventDataError, match=r"row 1.*entries but num_points") as e:
+        validate_table(table, "shard")
+    assert e.value.kind == "length"
+
+
+def test_missing_column_and_wrong_type():
+    table, _ = make_table(2, points=(10, 20))
+    with pytest.raises(EventDataError, match="missing column.*'pid'") as e:
+        check_columns(table.drop_columns(["pid"]), "shard-x")
+    assert e.value.field == "pid" and "shard-x" in str(e.value)
+    as_str = table.set_column(table.schema.get_field_index("energy"), "energy",
+                              pa.array([["a"] * 3, ["b"]], pa.list_(pa.string())))  # fmt: skip
+    with pytest.raises(EventDataError, match="field 'energy'.*expected list<item: float>"):
+        check_columns(as_str, "shard-y")
+
+
+def test_safe_widening_is_cast():
+    table, _ = make_table(2, points=(10, 20))
+    idx = table.schema.get_field_index("semantic")
+    wide = table.set_column(idx, "semantic", table.column("semantic").cast(pa.list_(pa.int64())))
+    assert check_columns(wide, "s").schema.field("semantic").type == pa.list_(pa.int8())
