@@ -153,9 +153,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.fn(args)
-    except (ConfigError, EventDataError, StorageError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"raysvc: error: {msg}", file=sys.stderr)
+    except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError) as e:
+        print(f"raysvc: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -33,7 +33,7 @@ def load_event(root: Location, event_id: int) -> dict[str, np.ndarray]:
             coord = row.column("coord").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
             return {"coord": coord.reshape(-1, 3), "energy": _flat(row, "energy"), "semantic": _flat(row, "semantic"),
                     "shard": rec.name}  # fmt: skip
-    raise KeyError(f"{root.uri}: no event with event_id {event_id} ({manifest.events} events in the manifest)")
+    raise ValueError(f"{root.uri}: no event with event_id {event_id} ({manifest.events} events in the manifest)")
 
 
 def show_event(root: Location, event_id: int, out: str) -> str:

@@ -319,7 +319,7 @@ class _Event:
         cfg = self.cfg
         n_vox = cfg.volume_voxels
         if not self.pos:
-            return {k: np.zeros((0, 3) if k == "coord" else 0) for k in ("coord", "energy")}
+            self.pos, self.edep, self.labels = [np.zeros((0, 3))], [np.zeros(0)], [np.zeros((0, 5), np.int32)]
         pos = np.concatenate(self.pos)
         edep = np.concatenate(self.edep)
         lab = np.concatenate(self.labels)
@@ -360,8 +360,21 @@ def _log_uniform(rng: np.random.Generator, r: EnergyRange) -> float:
 
 
 def generate_event(cfg: GeneratorConfig, seed: int, index: int) -> dict[str, np.ndarray]:
-    """One event, a pure function of (cfg, seed, index): coord (N,3) float32 voxel indices, energy (MeV), labels."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+    """One event, a pure function of (cfg, seed, index): coord (N,3) float32 voxel indices, energy (MeV), labels.
+
+    A draw that leaves no deposit inside the volume (say, a lone photon converting outside) is redrawn from the
+    sub-seed (seed, index, attempt): events stay deterministic and never empty.
+    """
+    for attempt in range(100):
+        key = [int(seed), int(index)] + ([attempt] if attempt else [])
+        out = _draw_event(cfg, np.random.default_rng(np.random.SeedSequence(key)))
+        if len(out["energy"]):
+            out["event_id"] = np.int64(index)
+            return out
+    raise RuntimeError(f"generator config produced 100 empty draws for event {index}: check geometry and energies")
+
+
+def _draw_event(cfg: GeneratorConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ev = _Event(cfg, rng)
     names = list(cfg.species)
     probs = np.array([cfg.species[n] for n in names], float)
@@ -378,6 +391,4 @@ def generate_event(cfg: GeneratorConfig, seed: int, index: int) -> dict[str, np.
     for _ in range(rng.poisson(cfg.crossing_muons_mean)):
         ev.crossing_muon(interaction, _log_uniform(rng, cfg.kinetic_mev["crossing_muon"]))
         interaction += 1
-    out = ev.voxelize()
-    out["event_id"] = np.int64(index)
-    return out
+    return ev.voxelize()
