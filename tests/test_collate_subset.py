@@ -49,3 +49,33 @@ def test_subset_is_uniform_over_ids():
 def test_subset_bad_requests(kw, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("]", r"\]")):
         select_subset(np.arange(10), seed=0, **kw)
+
+
+class _Blocks:
+    """Stands in for a Ray DataIterator: yields given Arrow blocks (iter_batches with batch_size=None)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        assert batch_size is None and batch_format == "pyarrow"
+        yield from self.blocks
+
+
+@pytest.mark.parametrize("sizes, batch", [([7, 3, 10, 1, 4], 4), ([2, 2, 2], 5), ([9], 3), ([1, 1, 1, 1], 2)])
+def test_iter_packed_rebatching_keeps_every_event_in_order(sizes, batch):
+    from raysvc.data.pipeline import iter_packed
+
+    table, _ = make_table(sum(sizes), points=(3, 9), seed=7)
+    blocks, at = [], 0
+    for n in sizes:
+        blocks.append(table.slice(at, n))
+        at += n
+    got = list(iter_packed(_Blocks(blocks), batch))
+    ids = [i for b in got for i in b["event_id"].tolist()]
+    assert ids == table.column("event_id").to_pylist()
+    assert all(len(b["event_id"]) == batch for b in got[:-1]) and 0 < len(got[-1]["event_id"]) <= batch
+    whole = collate_packed(table)
+    assert torch.equal(torch.cat([b["feat"] for b in got]), whole["feat"])
+    dropped = list(iter_packed(_Blocks(blocks), batch, drop_last=True))
+    assert all(len(b["event_id"]) == batch for b in dropped)

@@ -31,7 +31,9 @@ def test_ray_path_equals_direct_path(ray_local, synthetic_dataset):
     assert sorted(r_ids) == sorted(d_ids) and len(set(r_ids)) == len(r_ids)
     assert r_pts == d_pts and r_feat == pytest.approx(d_feat, rel=1e-9)
     rep, drep = stream.report(), direct.report()
+    r_sec, d_sec = rep.pop("task_seconds"), drep.pop("task_seconds")
     assert rep == drep
+    assert set(r_sec) == set(d_sec) == {"read", "preprocess"} and min(r_sec.values()) > 0
     assert rep["events_read"] == 120 == rep["events_out"] + rep["cut_min_points"]
     assert rep["cut_min_points"] > 0  # the generator makes some small events: they are counted, not lost
 
@@ -58,13 +60,13 @@ def test_s3_dataset_through_ray(ray_local, s3_env, tmp_path):
     assert sorted(r[0]) == sorted(d[0]) and r[1] == d[1]
 
 
-def _dataset_with_bad_event(path):
+def _dataset_with_bad_event(path, bad=True):
     rng = np.random.default_rng(0)
     root = resolve(str(path))
     recs = []
     for s in range(2):
         evs = [make_event(s * 4 + i, 1200, rng) for i in range(4)]
-        if s == 1:
+        if s == 1 and bad:
             evs[2]["coord"][10] = [1.0, np.nan, 3.0]
         recs.append(write_shard(root, shard_name(s), table_from_events(evs, "t")))
     write_manifest(root, recs, {})
@@ -74,8 +76,9 @@ def _dataset_with_bad_event(path):
 def test_bad_event_error_names_shard_and_event_through_ray(ray_local, tmp_path):
     root = _dataset_with_bad_event(tmp_path / "bad")
     stream = build_dataset(DataConfig(uri=root.uri))
-    with pytest.raises(Exception, match=r"events-00001.parquet, row 2, event_id 6, field 'coord'"):
+    with pytest.raises(EventDataError, match=r"events-00001.parquet, row 2, event_id 6, field 'coord'") as e:
         _collect(iter_packed(stream.dataset, 4))
+    assert (e.value.kind, e.value.event_id) == ("nonfinite", 6)  # the real error type crosses from the Ray task
 
 
 def test_bad_event_skipped_and_counted_through_ray(ray_local, tmp_path):
@@ -132,3 +135,23 @@ def test_train_workers_receive_every_event_once(ray_local, synthetic_dataset, tm
     assert got["event_ids"] == sorted(want_ids)  # every event, exactly once, none dropped by the split
     assert got["points"] == want_pts
     assert all(w["events"] > 0 for w in got["workers"])  # both workers got data
+
+
+def _flip_byte(loc, at=200):
+    data = bytearray(open(loc.path, "rb").read())
+    data[at] ^= 0x01
+    open(loc.path, "wb").write(bytes(data))
+
+
+def test_corrupt_shard_named_or_skipped_and_counted(ray_local, tmp_path):
+    clean = _dataset_with_bad_event(tmp_path / "corrupt-only", bad=False)
+    _flip_byte(clean.join(shard_name(0)))  # same size: preflight passes, the sha256 check in the read task does not
+    with pytest.raises(EventDataError, match=r"events-00000.parquet.*sha256"):
+        _collect(iter_packed(build_dataset(DataConfig(uri=clean.uri)).dataset, 4))
+
+    root = _dataset_with_bad_event(tmp_path / "corrupt")
+    _flip_byte(root.join(shard_name(0)))
+    stream = build_dataset(DataConfig(uri=root.uri, preprocess={"on_bad": "skip"}))
+    assert sorted(_collect(iter_packed(stream.dataset, 4))[0]) == [4, 5, 7]
+    rep = stream.report()
+    assert rep["skipped_bad"] == {"corrupt": 4, "nonfinite": 1} and rep["events_read"] == 8

@@ -80,3 +80,12 @@ def test_safe_widening_is_cast():
     idx = table.schema.get_field_index("semantic")
     wide = table.set_column(idx, "semantic", table.column("semantic").cast(pa.list_(pa.int64())))
     assert check_columns(wide, "s").schema.field("semantic").type == pa.list_(pa.int8())
+
+
+def test_error_survives_pickling():
+    import pickle
+
+    e = EventDataError("s3://b/x.parquet", "bad", row=3, event_id=9, field="energy", kind="negative")
+    e2 = pickle.loads(pickle.dumps(e))
+    assert type(e2) is EventDataError and str(e2) == str(e)
+    assert (e2.row, e2.event_id, e2.field, e2.kind, e2.shard) == (3, 9, "energy", "negative", "s3://b/x.parquet")

@@ -62,11 +62,12 @@ def run_ingest_bench(events: int = 1000, uri: str | None = None, batch_events: i
         stream = build_dataset(cfg)
         _consume(iter_packed(stream.dataset, batch_events))  # warm-up: worker processes, imports
         stream.report(reset=True)
-        ray_times = []
+        ray_times, driver_cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n_ray, pts_ray = _consume(iter_packed(stream.dataset, batch_events))
             ray_times.append(time.perf_counter() - t0)
+            driver_cpu.append(time.process_time() - c0)
         ledger = stream.report()
     if (n_ray, pts_ray) != (n_direct, pts_direct):
         raise RuntimeError(f"paths disagree: ray {n_ray} events / {pts_ray} points, direct {n_direct} / {pts_direct}")
@@ -84,6 +85,8 @@ def run_ingest_bench(events: int = 1000, uri: str | None = None, batch_events: i
         "ray_pass_s": ray_times,
         "direct_pass_s": direct_times,
         "direct_breakdown_s": breakdown,
+        "ray_driver_cpu_s": driver_cpu,  # CPU of this process per pass: fetching blocks, batching, collate
+        "ray_task_s_per_pass": {k: v / repeats for k, v in ledger["task_seconds"].items()},
         "ray_ledger": ledger,
         "store": store,
         "cpus": os.cpu_count(),

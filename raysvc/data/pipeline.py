@@ -38,6 +38,7 @@ class DataConfig(BaseModel):
                              "streaming_split can balance workers on small datasets")
     read_cpus: float = Field(1.0, gt=0, description="CPUs per read+preprocess task (leave room for Train workers)")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
+    verify_checksums: bool = Field(True, description="check each shard's sha256 against the manifest as it is read")
 
     @model_validator(mode="after")
     def _one_subset(self) -> DataConfig:
@@ -103,7 +104,8 @@ def build_dataset(cfg: DataConfig) -> EventStream:
     ds = ray.data.from_items(records, override_num_blocks=len(records))
     ds = ds.map_batches(
         _read_shards_udf, batch_format="pyarrow", batch_size=1, num_cpus=cfg.read_cpus,
-        fn_kwargs={"root": prep.root, "cfg": cfg.preprocess, "keep_ids": prep.keep_ids, "ledger": ledger},
+        fn_kwargs={"root": prep.root, "cfg": cfg.preprocess, "keep_ids": prep.keep_ids, "ledger": ledger,
+                   "verify_checksum": cfg.verify_checksums},
     )  # fmt: skip
     # Ray merges outputs up to 128 MiB per block, and a block goes whole to one Train worker: a small dataset would
     # then land on a single worker. Smaller blocks let streaming_split balance.
@@ -112,11 +114,29 @@ def build_dataset(cfg: DataConfig) -> EventStream:
 
 
 def iter_packed(source, batch_events: int, prefetch_batches: int = 2, drop_last: bool = False) -> Iterator[dict]:
-    """Packed tensor batches from a Ray Dataset or a per-worker DataIterator (Arrow batches, never numpy objects)."""
-    for table in source.iter_batches(batch_size=batch_events, batch_format="pyarrow",
-                                     prefetch_batches=prefetch_batches, drop_last=drop_last):  # fmt: skip
-        if table.num_rows:
-            yield collate_packed(table)
+    """Packed tensor batches of `batch_events` from a Ray Dataset or a per-worker DataIterator.
+
+    Whole Arrow blocks are fetched and cut here, carrying a block's remainder into the next batch: measured ~2x less
+    driver CPU than Ray's own re-batching (iter_batches(batch_size=k)), and never numpy object arrays.
+    """
+    pending: pa.Table | None = None
+    for block in source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches):
+        start = 0
+        if pending is not None:
+            take = batch_events - pending.num_rows
+            pending = pa.concat_tables([pending, block.slice(0, take)])
+            start = min(take, block.num_rows)
+            if pending.num_rows < batch_events:
+                continue
+            yield collate_packed(pending)
+            pending = None
+        while block.num_rows - start >= batch_events:
+            yield collate_packed(block.slice(start, batch_events))
+            start += batch_events
+        if start < block.num_rows:
+            pending = block.slice(start)
+    if pending is not None and pending.num_rows and not drop_last:
+        yield collate_packed(pending)
 
 
 # --- direct path ------------------------------------------------------------------------------------------------
@@ -132,7 +152,8 @@ class DirectStream:
     def tables(self) -> Iterable[pa.Table]:
         prep = self.prepared
         for rec in prep.manifest.shards:
-            out, counts, timings = read_preprocessed(prep.root, rec, self.cfg.preprocess, prep.keep_ids)
+            out, counts, timings = read_preprocessed(prep.root, rec, self.cfg.preprocess, prep.keep_ids,
+                                                     self.cfg.verify_checksums)  # fmt: skip
             self.timings.update(timings)
             self.counts.update(counts)
             yield out
@@ -147,4 +168,4 @@ class DirectStream:
                 yield batch
 
     def report(self) -> dict:
-        return report(self.counts)
+        return report(self.counts + Counter({f"seconds:{k}": v for k, v in self.timings.items() if k != "collate"}))

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raysvc.data.schema import EVENT_SCHEMA, EventDataError
-from raysvc.data.shards import ShardRecord
+from raysvc.data.shards import ShardRecord, read_shard
 from raysvc.data.transforms import PreprocessConfig, preprocess_table
-from raysvc.storage import Location, explained
+from raysvc.storage import Location
 
 READ_COLUMNS = [f.name for f in EVENT_SCHEMA]
 
@@ -43,26 +42,37 @@ def _ledger_class():
 
 
 def read_preprocessed(root: Location, rec: ShardRecord, cfg: PreprocessConfig, keep_ids: np.ndarray | None,
-                      ) -> tuple[pa.Table, Counter, Counter]:  # fmt: skip
-    """One shard read with pyarrow and preprocessed: (table, counts, seconds by stage). Both paths use this."""
-    loc = root.join(rec.name)
+                      verify_checksum: bool = True) -> tuple[pa.Table, Counter, Counter]:  # fmt: skip
+    """One shard read (size, sha256 and row count checked against the manifest) and preprocessed.
+
+    Returns (table, counts, seconds by stage); both the Ray tasks and the direct path use it. A corrupt shard raises,
+    or under on_bad=skip is skipped whole and its events counted as bad:corrupt.
+    """
     t0 = time.perf_counter()
-    with explained(loc, "reading"):
-        try:
-            table = pq.read_table(loc.path, filesystem=loc.fs, columns=READ_COLUMNS)
-        except pa.ArrowInvalid as e:
-            raise EventDataError(loc.uri, f"not a readable Parquet file ({e})", kind="corrupt") from e
+    try:
+        table = read_shard(root, rec, verify_checksum=verify_checksum, check=False)
+    except EventDataError:
+        if cfg.on_bad == "error":
+            raise
+        return _no_events(), Counter({"read": rec.events, "bad:corrupt": rec.events}), Counter()
+    table = table.select([c for c in READ_COLUMNS if c in table.column_names])
     t1 = time.perf_counter()
-    out, counts = preprocess_table(table, cfg, loc.uri, keep_ids, row_base=0)
+    out, counts = preprocess_table(table, cfg, root.join(rec.name).uri, keep_ids, row_base=0)
     return out, counts, Counter(read=t1 - t0, preprocess=time.perf_counter() - t1)
 
 
+def _no_events() -> pa.Table:
+    return EVENT_SCHEMA.empty_table()
+
+
 def _read_shards_udf(batch: pa.Table, root: Location, cfg: PreprocessConfig, keep_ids: np.ndarray | None, ledger,
-                     ) -> Iterator[pa.Table]:  # fmt: skip
+                     verify_checksum: bool) -> Iterator[pa.Table]:  # fmt: skip
     """Ray Data UDF: for each shard record in the batch, read + preprocess; counts go to the ledger."""
     import ray
 
     for rec in batch.to_pylist():
-        out, counts, _ = read_preprocessed(root, ShardRecord(**rec), cfg, keep_ids)
+        out, counts, seconds = read_preprocessed(root, ShardRecord(**rec), cfg, keep_ids, verify_checksum)
+        counts.update({f"seconds:{k}": v for k, v in seconds.items()})
         ray.get(ledger.add.remote(dict(counts)))  # synchronous: counts are in before the rows are consumed
-        yield out
+        if out.num_rows:
+            yield out

@@ -58,6 +58,15 @@ class EventDataError(ValueError):
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {message}")
         self.shard, self.row, self.event_id, self.field, self.kind = shard, row, event_id, field, kind
+        self.detail = message
+
+    def __reduce__(self):
+        # Picklable with its fields, so that Ray re-raises it as an EventDataError on the driver.
+        return (_rebuild_event_error, (self.shard, self.detail, self.row, self.event_id, self.field, self.kind))
+
+
+def _rebuild_event_error(shard, detail, row, event_id, field, kind) -> EventDataError:
+    return EventDataError(shard, detail, row=row, event_id=event_id, field=field, kind=kind)
 
 
 def table_from_events(events: list[dict], source: str | list[str], detector: str = "lartpc") -> pa.Table:

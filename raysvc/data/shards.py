@@ -108,8 +108,9 @@ def load_manifest(root: Location) -> Manifest:
 
 
 def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True,
-               columns: list[str] | None = None) -> pa.Table:  # fmt: skip
-    """Read one whole shard, checking its size and checksum against the manifest and its columns' types."""
+               columns: list[str] | None = None, check: bool = True) -> pa.Table:  # fmt: skip
+    """Read one whole shard, checking its size, checksum and row count against the manifest, and (if `check` and
+    no column projection) its columns' types."""
     loc = root.join(rec.name)
     data = read_bytes(loc)
     if len(data) != rec.bytes:
@@ -123,7 +124,7 @@ def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True
         raise EventDataError(loc.uri, f"not a readable Parquet file ({e})", kind="corrupt") from e
     if table.num_rows != rec.events:
         raise EventDataError(loc.uri, f"{table.num_rows} rows, manifest says {rec.events}", kind="corrupt")
-    return table if columns else check_columns(table, loc.uri)
+    return check_columns(table, loc.uri) if check and not columns else table
 
 
 def preflight(root: Location, manifest: Manifest) -> None:

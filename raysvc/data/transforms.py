@@ -131,4 +131,5 @@ def report(counts: Counter) -> dict:
         "skipped_bad_total": sum(bad.values()),
         "cut_min_points": counts.get("cut:min_points", 0),
         "events_out": counts.get("out", 0),
+        "task_seconds": {k.split(":", 1)[1]: round(v, 4) for k, v in counts.items() if k.startswith("seconds:")},
     }
