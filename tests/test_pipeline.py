@@ -90,13 +90,20 @@ def test_bad_event_skipped_and_counted_through_ray(ray_local, tmp_path):
     assert rep["skipped_bad"] == {"nonfinite": 1} and rep["events_out"] == 7
 
 
-def test_preflight_fails_before_streaming(ray_local, tmp_path):
-    root = _dataset_with_bad_event(tmp_path / "trunc")
+def test_preflight_fails_before_streaming_or_skips_and_counts(ray_local, tmp_path):
+    root = _dataset_with_bad_event(tmp_path / "trunc", bad=False)
     loc = root.join(shard_name(0))
     with open(loc.path, "r+b") as f:
         f.truncate(100)
     with pytest.raises(EventDataError, match="events-00000.parquet.*truncated"):
         build_dataset(DataConfig(uri=root.uri))
+    cfg = DataConfig(uri=root.uri, preprocess={"on_bad": "skip"})
+    stream = build_dataset(cfg)
+    assert sorted(_collect(iter_packed(stream.dataset, 4))[0]) == [4, 5, 6, 7]
+    direct = DirectStream(cfg)
+    assert sorted(_collect(direct.iter_packed())[0]) == [4, 5, 6, 7]
+    for rep in (stream.report(), direct.report()):
+        assert rep["skipped_bad"] == {"corrupt": 4} and rep["events_read"] == 8 and rep["events_out"] == 4
 
 
 def test_bad_config_fails_fast_naming_field():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pytest
@@ -52,7 +53,7 @@ def test_manifest_describes_shards(root):
         assert sha256_hex(read_bytes(root.join(rec.name))) == rec.sha256
     assert pa.concat_tables([t for _, t in iter_tables(root, m)]).equals(pa.concat_tables(tables))
     assert json.loads(read_bytes(root.join(MANIFEST)))["created_by"]["tool"] == "test"
-    preflight(root, m)
+    assert preflight(root, m) == []
 
 
 def test_corrupt_shard_named(root):
@@ -74,13 +75,13 @@ def test_truncated_and_missing_shards_named(root):
     m = load_manifest(root)
     loc = root.join(m.shards[2].name)
     write_bytes_atomic(loc, read_bytes(loc)[:-300])
-    with pytest.raises(EventDataError, match=r"events-00002.parquet.*truncated"):
-        preflight(root, m)
+    (problem,) = preflight(root, m)
+    assert problem.kind == "corrupt" and re.search(r"events-00002.parquet.*truncated", str(problem))
     with pytest.raises(EventDataError, match=r"events-00002.parquet.*truncated"):
         read_shard(root, m.shards[2])
     loc.fs.delete_file(loc.path)
-    with pytest.raises(EventDataError, match=r"events-00002.parquet.*missing"):
-        preflight(root, m)
+    (problem,) = preflight(root, m)
+    assert problem.kind == "missing" and re.search(r"events-00002.parquet.*missing", str(problem))
 
 
 def test_bad_manifest_named(tmp_path):

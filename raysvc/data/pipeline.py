@@ -1,4 +1,5 @@
-"""Ray Data pipeline: manifest -> read_parquet (file:// or s3://) -> preprocess -> packed tensors per Train worker.
+"""Ray Data pipeline: manifest -> one read task per shard (file:// or s3://, sha256 checked) -> preprocess -> packed
+tensors, split per Train worker.
 
 Also the direct path (pyarrow + the same preprocessing in one process), the baseline of `raysvc bench ingest` and the
 reader for small local jobs. Bad or cut events are counted in a ledger (a Ray actor for the distributed path) and
@@ -17,7 +18,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.data.collate import collate_packed
-from raysvc.data.reader import _ledger_class, _read_shards_udf, read_preprocessed
+from raysvc.data.reader import make_ledger, read_preprocessed, read_shards_udf
 from raysvc.data.shards import Manifest, load_manifest, preflight
 from raysvc.data.subset import all_event_ids, select_subset
 from raysvc.data.transforms import PreprocessConfig, report
@@ -52,11 +53,13 @@ class DataConfig(BaseModel):
 
 @dataclass
 class Prepared:
-    """What both paths need before reading: the root, its checked manifest and the selected event ids."""
+    """What both paths need before reading: the root, its checked manifest (bad shards removed under on_bad=skip),
+    the selected event ids, and the counts of events in shards skipped by the preflight."""
 
     root: Location
     manifest: Manifest
     keep_ids: np.ndarray | None
+    skipped: Counter
 
 
 def prepare(cfg: DataConfig) -> Prepared:
@@ -65,11 +68,21 @@ def prepare(cfg: DataConfig) -> Prepared:
     manifest = load_manifest(root)
     if not manifest.shards:
         raise ValueError(f"{root.uri}: the manifest lists no shards")
-    preflight(root, manifest)
+    problems = preflight(root, manifest)
+    skipped: Counter = Counter()
+    if problems:
+        if cfg.preprocess.on_bad == "error":
+            raise problems[0]
+        bad = {p.shard.rsplit("/", 1)[-1]: p.kind for p in problems}
+        for rec in manifest.shards:
+            if rec.name in bad:
+                skipped.update({"read": rec.events, f"bad:{bad[rec.name]}": rec.events})
+        manifest = Manifest(shards=[r for r in manifest.shards if r.name not in bad], created_by=manifest.created_by,
+                            created_at=manifest.created_at)  # fmt: skip
     keep = None
     if cfg.subset_events is not None or cfg.subset_fraction is not None:
         keep = select_subset(all_event_ids(root, manifest), cfg.subset_seed, cfg.subset_events, cfg.subset_fraction)
-    return Prepared(root, manifest, keep)
+    return Prepared(root, manifest, keep, skipped)
 
 
 # --- distributed path -------------------------------------------------------------------------------------------
@@ -85,7 +98,7 @@ class EventStream:
         """Counts since the last reset, summed over every pass over the dataset."""
         import ray
 
-        out = report(Counter(ray.get(self.ledger.get.remote())))
+        out = report(Counter(ray.get(self.ledger.get.remote())) + self.prepared.skipped)
         if reset:
             ray.get(self.ledger.reset.remote())
         return out
@@ -97,13 +110,13 @@ def build_dataset(cfg: DataConfig) -> EventStream:
     import ray.data
 
     prep = prepare(cfg)
-    ledger = _ledger_class().remote()
+    ledger = make_ledger().remote()
     # One read task per shard, from the manifest. (ray.data.read_parquet was measured here to pack small shards
     # into a single read task, after a ~1 s file-listing task, and to read ~7x slower than pyarrow itself.)
     records = [asdict(r) for r in prep.manifest.shards]
     ds = ray.data.from_items(records, override_num_blocks=len(records))
     ds = ds.map_batches(
-        _read_shards_udf, batch_format="pyarrow", batch_size=1, num_cpus=cfg.read_cpus,
+        read_shards_udf, batch_format="pyarrow", batch_size=1, num_cpus=cfg.read_cpus,
         fn_kwargs={"root": prep.root, "cfg": cfg.preprocess, "keep_ids": prep.keep_ids, "ledger": ledger,
                    "verify_checksum": cfg.verify_checksums},
     )  # fmt: skip
@@ -168,4 +181,5 @@ class DirectStream:
                 yield batch
 
     def report(self) -> dict:
-        return report(self.counts + Counter({f"seconds:{k}": v for k, v in self.timings.items() if k != "collate"}))
+        seconds = Counter({f"seconds:{k}": v for k, v in self.timings.items() if k != "collate"})
+        return report(self.counts + seconds + self.prepared.skipped)

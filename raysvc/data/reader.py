@@ -21,7 +21,8 @@ from raysvc.storage import Location
 READ_COLUMNS = [f.name for f in EVENT_SCHEMA]
 
 
-def _ledger_class():
+def make_ledger():
+    """A Ray actor class that sums the counts reported by read tasks (created lazily: importing needs no Ray)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -65,7 +66,7 @@ def _no_events() -> pa.Table:
     return EVENT_SCHEMA.empty_table()
 
 
-def _read_shards_udf(batch: pa.Table, root: Location, cfg: PreprocessConfig, keep_ids: np.ndarray | None, ledger,
+def read_shards_udf(batch: pa.Table, root: Location, cfg: PreprocessConfig, keep_ids: np.ndarray | None, ledger,
                      verify_checksum: bool) -> Iterator[pa.Table]:  # fmt: skip
     """Ray Data UDF: for each shard record in the batch, read + preprocess; counts go to the ledger."""
     import ray

@@ -127,24 +127,33 @@ def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True
     return check_columns(table, loc.uri) if check and not columns else table
 
 
-def preflight(root: Location, manifest: Manifest) -> None:
-    """Cheap checks before streaming: every shard exists with the manifest's size and a readable Parquet footer."""
+def preflight(root: Location, manifest: Manifest) -> list[EventDataError]:
+    """Cheap checks before streaming: every shard exists with the manifest's size and a readable Parquet footer.
+
+    Returns one error per bad shard (the caller raises the first, or skips those shards and counts their events).
+    """
+    problems = []
     for rec in manifest.shards:
         loc = root.join(rec.name)
         with explained(loc, "checking shard"):
             info = loc.fs.get_file_info(loc.path)
         if info.type.name == "NotFound":
-            raise EventDataError(loc.uri, "listed in the manifest but missing", kind="missing")
+            problems.append(EventDataError(loc.uri, "listed in the manifest but missing", kind="missing"))
+            continue
         if info.size != rec.bytes:
-            raise EventDataError(loc.uri, f"truncated or replaced: {info.size} bytes, manifest says {rec.bytes}",
-                                 kind="corrupt")  # fmt: skip
+            problems.append(EventDataError(loc.uri, f"truncated or replaced: {info.size} bytes, manifest says "
+                                           f"{rec.bytes}", kind="corrupt"))  # fmt: skip
+            continue
         try:
             with loc.fs.open_input_file(loc.path) as f:
                 meta = pq.ParquetFile(f).metadata
         except (pa.ArrowInvalid, OSError) as e:
-            raise EventDataError(loc.uri, f"unreadable Parquet footer ({e})", kind="corrupt") from e
+            problems.append(EventDataError(loc.uri, f"unreadable Parquet footer ({e})", kind="corrupt"))
+            continue
         if meta.num_rows != rec.events:
-            raise EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}", kind="corrupt")
+            problems.append(EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}",
+                                           kind="corrupt"))  # fmt: skip
+    return problems
 
 
 def iter_tables(root: Location, manifest: Manifest, **kw) -> Iterator[tuple[ShardRecord, pa.Table]]:
