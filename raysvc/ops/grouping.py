@@ -1,0 +1,91 @@
+"""C-NMS: centrality-based non-maximum suppression (PoLAr-MAE's tokenisation), batched over events.
+
+For each event (REFERENCE.md section 4): every point is a candidate; its centrality is the number of candidates
+within 2 * radius * overlap (itself included), capped at `centrality_cap` (default: max_points); candidates are
+visited by descending centrality, ties by ascending point index; a kept candidate suppresses every candidate within
+2 * radius * overlap; survivors are the centres. Each centre then gathers the points within `radius` (distance <=
+radius); a ball with more than max_points points is down-sampled by FPS starting at the centre, otherwise its points
+are listed nearest first (ties by index). Runs on CPU (a k-d tree per event and a greedy scan); inputs on another
+device are processed on CPU and results returned on that device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from raysvc.ops.neighbors import fps_event
+from raysvc.ops.packed import event_slices
+
+
+@dataclass
+class CNMSResult:
+    centers: torch.Tensor  # (G,) int64 indices into coord
+    center_offset: torch.Tensor  # (B,) cumulative centre counts per event
+    groups: torch.Tensor  # (G, max_points) int64 point indices, -1 padded
+
+
+def cnms_event(points: np.ndarray, radius: float, overlap: float, max_points: int = 32,
+               centrality_cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(centres (local indices), groups (G, max_points) local indices, -1 padded) for one event."""
+    n = len(points)
+    groups = np.full((0, max_points), -1, np.int64)
+    if n == 0:
+        return np.zeros(0, np.int64), groups
+    tree = cKDTree(points)
+    r_sup = 2.0 * radius * overlap
+    neigh = tree.query_ball_point(points, r_sup, return_sorted=False)
+    cap = max_points if centrality_cap is None else centrality_cap
+    centrality = np.minimum(np.fromiter((len(x) for x in neigh), np.int64, n), cap)
+    order = np.lexsort((np.arange(n), -centrality))
+    suppressed = np.zeros(n, bool)
+    centers = []
+    for i in order:
+        if not suppressed[i]:
+            centers.append(i)
+            suppressed[neigh[i]] = True
+    centers = np.asarray(centers, np.int64)
+    groups = np.full((len(centers), max_points), -1, np.int64)
+    for g, (c, members) in enumerate(zip(centers, tree.query_ball_point(points[centers], radius), strict=True)):
+        members = np.asarray(members, np.int64)
+        if len(members) > max_points:
+            # FPS over the ball, starting at the centre itself
+            start = int(np.flatnonzero(members == c)[0])
+            members = np.concatenate([[c], np.delete(members, start)])
+            pick = fps_event(torch.from_numpy(points[members]), max_points).numpy()
+            groups[g] = members[pick]
+        else:
+            d = ((points[members] - points[c]) ** 2).sum(1)
+            groups[g, : len(members)] = members[np.lexsort((members, d))]
+    return centers, groups
+
+
+def cnms(coord: torch.Tensor, offset: torch.Tensor, radius: float, overlap: float, max_points: int = 32,
+         centrality_cap: int | None = None) -> CNMSResult:  # fmt: skip
+    """C-NMS over a packed batch; indices are global (into coord)."""
+    if radius <= 0 or not 0 < overlap:
+        raise ValueError(f"radius and overlap must be positive, got {radius}, {overlap}")
+    pts = coord.detach().cpu().double().numpy()
+    centers, groups, sizes = [], [], []
+    for sl in event_slices(offset.cpu()):
+        c, g = cnms_event(pts[sl], radius, overlap, max_points, centrality_cap)
+        centers.append(c + sl.start)
+        groups.append(np.where(g >= 0, g + sl.start, -1))
+        sizes.append(len(c))
+    dev = coord.device
+    return CNMSResult(
+        torch.from_numpy(np.concatenate(centers) if centers else np.zeros(0, np.int64)).to(dev),
+        torch.cumsum(torch.tensor(sizes, dtype=torch.long), 0).to(dev),
+        torch.from_numpy(np.concatenate(groups) if groups else np.zeros((0, max_points), np.int64)).to(dev),
+    )
+
+
+def coverage(num_points: int, groups: torch.Tensor) -> dict[str, float]:
+    """Missed ratio (points in no group) and duplicated ratio (points in more than one group) over all points."""
+    g = groups[groups >= 0].cpu()
+    counts = torch.bincount(g, minlength=num_points)
+    n = max(num_points, 1)
+    return {"missed_ratio": float((counts == 0).sum()) / n, "duplicated_ratio": float((counts > 1).sum()) / n}

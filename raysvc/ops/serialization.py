@@ -1,0 +1,126 @@
+"""Space-filling-curve serialization of integer grid coordinates (PTv3's point order).
+
+Bit conventions match the public PTv3 implementation, so that a model trained elsewhere sees the same order:
+- z (Morton): bit i of x, y, z goes to code bit 3i+2, 3i+1, 3i (x most significant within each triple).
+- hilbert: Skilling's transpose algorithm (AIP Conf. Proc. 707, 2004) over `depth` bits per axis, axis 0 the most
+  significant within each triple, then Gray decoding of the interleaved word.
+- "-trans" orders swap x and y before encoding.
+- With a batch index, code = batch << (3 * depth) | code, so events never interleave.
+All functions are vectorised integer bit operations on int64 tensors (any device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
+
+
+_SPREAD = ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F), (4, 0x10C30C30C30C30C3),
+           (2, 0x1249249249249249))  # fmt: skip
+
+
+def _spread3(v: torch.Tensor, depth: int) -> torch.Tensor:
+    """Move bit i of v to bit 3i (magic-mask bit spreading, valid up to 21 bits)."""
+    v = v & ((1 << depth) - 1)
+    for shift, mask in _SPREAD:
+        v = (v | (v << shift)) & mask
+    return v
+
+
+def _gather3(code: torch.Tensor, depth: int) -> torch.Tensor:
+    """Inverse of _spread3: bit 3i of code -> bit i."""
+    v = code & _SPREAD[-1][1]
+    for (shift, _), (_, mask) in zip(reversed(_SPREAD), list(reversed(_SPREAD))[1:] + [(0, 0x1FFFFF)], strict=True):
+        v = (v | (v >> shift)) & mask
+    return v & ((1 << depth) - 1)
+
+
+def _interleave(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, depth: int) -> torch.Tensor:
+    return (_spread3(x, depth) << 2) | (_spread3(y, depth) << 1) | _spread3(z, depth)
+
+
+def _deinterleave(code: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gather3(code >> 2, depth), _gather3(code >> 1, depth), _gather3(code, depth)
+
+
+def _skilling(axes: list[torch.Tensor], depth: int, inverse: bool) -> list[torch.Tensor]:
+    """Skilling's axes <-> transposed-Hilbert transform. Each step only touches bits below the level it reads, so
+    the inverse is the same steps in reverse order."""
+    x = list(axes)
+    steps = [(b, d) for b in range(depth - 1, -1, -1) for d in range(3)]  # levels from the most significant bit
+    for b, d in reversed(steps) if inverse else steps:
+        lower = (1 << b) - 1
+        on = ((x[d] >> b) & 1).bool()
+        if d == 0:
+            x[0] = torch.where(on, x[0] ^ lower, x[0])
+        else:
+            t = (x[0] ^ x[d]) & lower
+            x[0], x[d] = torch.where(on, x[0] ^ lower, x[0] ^ t), torch.where(on, x[d], x[d] ^ t)
+    return x
+
+
+def _gray_to_binary(g: torch.Tensor, bits: int) -> torch.Tensor:
+    shift = 1
+    while shift < bits:
+        g = g ^ (g >> shift)
+        shift <<= 1
+    return g
+
+
+def _check(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
+    if not 1 <= depth <= 16:
+        raise ValueError(f"depth must be in [1, 16] (3*depth code bits + batch bits fit in int64), got {depth}")
+    if grid_coord.ndim != 2 or grid_coord.shape[1] != 3:
+        raise ValueError(f"grid_coord must be (N, 3), got {tuple(grid_coord.shape)}")
+    c = grid_coord.long()
+    if c.numel() and (c.min() < 0 or c.max() >= (1 << depth)):
+        raise ValueError(f"grid coordinates must lie in [0, 2^{depth}); got [{int(c.min())}, {int(c.max())}]")
+    return c
+
+
+def encode(grid_coord: torch.Tensor, batch: torch.Tensor | None = None, depth: int = 16, order: str = "z",
+           ) -> torch.Tensor:  # fmt: skip
+    """int64 codes of (N, 3) non-negative integer grid coordinates; batch index above the 3*depth code bits."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    c = _check(grid_coord, depth)
+    if order.endswith("-trans"):
+        c = c[:, [1, 0, 2]]
+    x, y, z = c[:, 0], c[:, 1], c[:, 2]
+    if order.startswith("z"):
+        code = _interleave(x, y, z, depth)
+    else:
+        tx, ty, tz = _skilling([x, y, z], depth, inverse=False)
+        code = _gray_to_binary(_interleave(tx, ty, tz, depth), 3 * depth)
+    if batch is not None:
+        code = (batch.long() << (3 * depth)) | code
+    return code
+
+
+def decode(code: torch.Tensor, depth: int = 16, order: str = "z") -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid_coord (N, 3), batch (N,)) from codes made by `encode` with the same depth and order."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    code = code.long()
+    batch = code >> (3 * depth)
+    code = code & ((1 << (3 * depth)) - 1)
+    if order.startswith("z"):
+        x, y, z = _deinterleave(code, depth)
+    else:
+        gray = code ^ (code >> 1)
+        x, y, z = _skilling(list(_deinterleave(gray, depth)), depth, inverse=True)
+    grid = torch.stack([x, y, z], dim=1)
+    if order.endswith("-trans"):
+        grid = grid[:, [1, 0, 2]]
+    return grid, batch
+
+
+def serialize(grid_coord: torch.Tensor, batch: torch.Tensor, depth: int, order: str,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(code, order, inverse): points sorted by code, and the permutation back (order[inverse] == arange)."""
+    code = encode(grid_coord, batch, depth, order)
+    perm = torch.argsort(code)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm), device=perm.device)
+    return code, perm, inverse
