@@ -27,8 +27,10 @@ class StorageAuthError(StorageError):
     """The object store rejected our credentials."""
 
 
+# What pyarrow's S3 client puts in the message when the store refuses the credentials (never match a bare number:
+# shard names contain digits).
 _AUTH_MARKERS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
-                 "SignatureDoesNotMatch", "AccessDenied", "403")  # fmt: skip
+                 "SignatureDoesNotMatch", "AccessDenied", "HTTP status 403")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
     """Write so that readers see either nothing or the whole object.
 
     Local: write a hidden temporary file beside the target, fsync, then rename over it (atomic on POSIX).
-    S3: a PUT becomes visible only when the upload completes; a crashed writer leaves no object behind.
+    S3: a PUT becomes visible only when the upload completes; a crashed writer leaves no object behind. (An error
+    raised mid-upload may still close the stream; readers are protected anyway because they read only what the
+    manifest, written last, lists, and check each shard's size and sha256.)
     """
     with explained(loc, "writing"):
         if loc.is_s3:

@@ -89,3 +89,16 @@ def test_s3_missing_object_named(seaweed):
     loc = s3_location(seaweed, "s3://auth-test/absent.bin")
     with pytest.raises(StorageError, match="absent.bin"):
         read_bytes(loc)
+
+
+def test_only_real_auth_failures_are_called_auth_errors(tmp_path):
+    from raysvc.storage import explained
+
+    loc = resolve(str(tmp_path / "events-00403.parquet"))
+    with pytest.raises(StorageError) as e:
+        with explained(loc, "reading"):
+            raise OSError("When reading events-00403.parquet: AWS Error NETWORK_CONNECTION: connection reset")
+    assert not isinstance(e.value, StorageAuthError)
+    with pytest.raises(StorageAuthError):
+        with explained(loc, "reading"):
+            raise OSError("AWS Error UNKNOWN (HTTP status 403) during GetObject operation")
