@@ -1,0 +1,58 @@
+"""Submanifold sparse conv against dense conv3d (forward and backward) with torch on 2 threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raysvc.ops.sparse_conv import SubMConv3d, kernel_map
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the setting under which spconv's CPU build silently goes wrong
+    yield
+    torch.set_num_threads(before)
+
+
+def _sparse_problem(seed: int, batch: int = 2, side: int = 10, density: float = 0.25, cin: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(batch, side, side, side, generator=g) < density
+    b, x, y, z = active.nonzero(as_tuple=True)
+    perm = torch.randperm(len(b), generator=g)  # input order must not matter
+    b, x, y, z = b[perm], x[perm], y[perm], z[perm]
+    feat = torch.randn(len(b), cin, generator=g, dtype=torch.float64)
+    return b, torch.stack([x, y, z], 1), feat, side
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forward_and_backward_match_dense_conv3d(seed):
+    b, grid, feat, side = _sparse_problem(seed)
+    conv = SubMConv3d(5, 7).double()
+    feat.requires_grad_(True)
+    out = conv(feat, kernel_map(grid, b))
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+
+    dense_in = torch.zeros(2, 5, side, side, side, dtype=torch.float64)
+    dense_in[b, :, grid[:, 0], grid[:, 1], grid[:, 2]] = feat.detach()
+    dense_in.requires_grad_(True)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    dense_w = w.permute(0, 4, 1, 2, 3)  # (Cout, kx, ky, kz, Cin) -> (Cout, Cin, kx, ky, kz)
+    dense_out = F.conv3d(dense_in, dense_w, conv.bias.detach(), padding=1)
+    at_sites = dense_out[b, :, grid[:, 0], grid[:, 1], grid[:, 2]]
+    torch.testing.assert_close(out, at_sites)
+    (at_sites * upstream).sum().backward()
+    torch.testing.assert_close(feat.grad, dense_in.grad[b, :, grid[:, 0], grid[:, 1], grid[:, 2]])
+    torch.testing.assert_close(conv.weight.grad, w.grad)
+    torch.testing.assert_close(conv.bias.grad, upstream.sum(0))
+
+
+def test_kernel_map_never_crosses_events_and_finds_itself():
+    grid = torch.tensor([[3, 3, 3], [3, 3, 4], [3, 3, 3]])
+    batch = torch.tensor([0, 0, 1])
+    nbr = kernel_map(grid, batch)
+    assert nbr[:, 13].tolist() == [0, 1, 2]  # the centre offset is the site itself
+    assert (nbr[0] >= 0).sum() == 2 and (nbr[2] >= 0).sum() == 1  # event 1's point sees only itself
