@@ -65,8 +65,9 @@ def patch_attention(qkv: torch.Tensor, patches: Patches, scale: float | None = N
         if flash_attn_varlen_qkvpacked_func is None:
             raise RuntimeError("use_flash=True but flash_attn is not installed (pip install 'raysvc[gpu]')")
         cu = F.pad(torch.cumsum(patches.lengths, 0), (1, 0)).int()
-        out = flash_attn_varlen_qkvpacked_func(padded.half() if padded.dtype == torch.float32 else padded, cu,
-                                               int(patches.lengths.max()), softmax_scale=scale).to(qkv.dtype)  # fmt: skip
+        packed = padded.half() if padded.dtype == torch.float32 else padded  # flash-attn takes fp16/bf16
+        out = flash_attn_varlen_qkvpacked_func(packed, cu, int(patches.lengths.max()), softmax_scale=scale)
+        out = out.to(qkv.dtype)
         return out[patches.first]
     k = patches.size
     num = len(patches.lengths)
