@@ -9,21 +9,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raysvc.data.schema import LABEL_FIELDS
-
-
-def _flat(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+from raysvc.data.schema import LABEL_FIELDS, flat_coords, flat_values
 
 
 def collate_packed(table: pa.Table) -> dict[str, torch.Tensor]:
     """Packed batch: coord (N,3), energy (N,1), feat (N,4) = xyz + energy, labels (N,) int64, batch (N,),
     offset (B,) cumulative point counts (offset[-1] == N), event_id (B,)."""
     counts = table.column("num_points").to_numpy().astype(np.int64)
-    coord = torch.from_numpy(
-        table.column("coord").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 3).copy()
-    )
-    energy = torch.from_numpy(_flat(table, "energy").astype(np.float32, copy=True)).unsqueeze(1)
+    coord = torch.from_numpy(flat_coords(table).copy())
+    energy = torch.from_numpy(flat_values(table, "energy").astype(np.float32, copy=True)).unsqueeze(1)
     out = {
         "coord": coord,
         "energy": energy,
@@ -33,7 +27,7 @@ def collate_packed(table: pa.Table) -> dict[str, torch.Tensor]:
         "event_id": torch.from_numpy(table.column("event_id").to_numpy().astype(np.int64)),
     }
     for name in LABEL_FIELDS:
-        out[name] = torch.from_numpy(_flat(table, name).astype(np.int64))
+        out[name] = torch.from_numpy(flat_values(table, name).astype(np.int64))
     if out["coord"].shape[0] != int(counts.sum()):
         raise ValueError(f"collate: {out['coord'].shape[0]} points but num_points sums to {int(counts.sum())}")
     return out

@@ -10,15 +10,11 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from raysvc.data.schema import CLASS_NAMES  # noqa: E402
+from raysvc.data.schema import CLASS_NAMES, flat_coords, flat_values  # noqa: E402
 from raysvc.data.shards import load_manifest  # noqa: E402
 from raysvc.storage import Location, explained  # noqa: E402
 
 CLASS_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f")
-
-
-def _flat(table, name: str) -> np.ndarray:
-    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
 def load_event(root: Location, event_id: int) -> dict[str, np.ndarray]:
@@ -30,9 +26,8 @@ def load_event(root: Location, event_id: int) -> dict[str, np.ndarray]:
             t = pq.read_table(loc.path, filesystem=loc.fs, filters=pc.field("event_id") == event_id)
         if t.num_rows:
             row = t.slice(0, 1)
-            coord = row.column("coord").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
-            return {"coord": coord.reshape(-1, 3), "energy": _flat(row, "energy"), "semantic": _flat(row, "semantic"),
-                    "shard": rec.name}  # fmt: skip
+            return {"coord": flat_coords(row), "energy": flat_values(row, "energy"),
+                    "semantic": flat_values(row, "semantic"), "shard": rec.name}  # fmt: skip
     raise ValueError(f"{root.uri}: no event with event_id {event_id} ({manifest.events} events in the manifest)")
 
 

@@ -92,6 +92,16 @@ def table_from_events(events: list[dict], source: str | list[str], detector: str
     return pa.Table.from_pydict(cols, schema=EVENT_SCHEMA)
 
 
+def flat_values(table: pa.Table, name: str) -> np.ndarray:
+    """All per-point values of list column `name`, concatenated over rows (respects slices)."""
+    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def flat_coords(table: pa.Table) -> np.ndarray:
+    """(N, 3) coordinates of all points of the table's events, concatenated over rows."""
+    return table.column("coord").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+
+
 @dataclass
 class Problem:
     """One bad event found by `find_problems`."""

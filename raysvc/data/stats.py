@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
-from raysvc.data.schema import CLASS_NAMES
+from raysvc.data.schema import CLASS_NAMES, flat_values
 from raysvc.data.shards import iter_tables, load_manifest
 from raysvc.storage import Location
 
@@ -28,9 +27,6 @@ def _distinct_per_row(lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.bincount((pairs >> 32).astype(np.int64), minlength=len(lengths))
 
 
-def _flat(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-
 
 def inspect_dataset(root: Location, verify: bool = True) -> dict:
     """Statistics over every event; shards are checked against the manifest's sizes and checksums on the way."""
@@ -40,10 +36,10 @@ def inspect_dataset(root: Location, verify: bool = True) -> dict:
     for _, table in iter_tables(root, manifest, verify_checksum=verify, columns=cols):
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         n_points.append(lengths)
-        sem = _flat(table, "semantic")
+        sem = flat_values(table, "semantic")
         class_counts += np.bincount(sem[(sem >= 0) & (sem < len(CLASS_NAMES))], minlength=len(CLASS_NAMES))
-        inter.append(_distinct_per_row(lengths, _flat(table, "interaction")))
-        part.append(_distinct_per_row(lengths, _flat(table, "particle")))
+        inter.append(_distinct_per_row(lengths, flat_values(table, "interaction")))
+        part.append(_distinct_per_row(lengths, flat_values(table, "particle")))
     npts = np.concatenate(n_points) if n_points else np.zeros(0)
     inter_a, part_a = (np.concatenate(x) if x else np.zeros(0) for x in (inter, part))
     total = max(int(class_counts.sum()), 1)

@@ -24,6 +24,8 @@ from raysvc.data.schema import (
     EventDataError,
     check_columns,
     find_problems,
+    flat_coords,
+    flat_values,
 )
 
 
@@ -104,12 +106,12 @@ def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_id
         keep[bad_rows] = False
         table = table.filter(pa.array(keep))
     lengths = table.column("num_points").to_numpy().astype(np.int64)
-    energy = table.column("energy").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    energy = flat_values(table, "energy")
     mask = energy > cfg.energy_threshold
     if cfg.remove_led:
-        sem = table.column("semantic").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        sem = flat_values(table, "semantic")
         mask &= sem != LED_CLASS
-    xyz = table.column("coord").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+    xyz = flat_coords(table)
     table = _rebuild_lists(table, mask, lengths, {
         "coord": normalize_coord(xyz[mask], cfg),
         "energy": log_energy(energy[mask], cfg),

@@ -42,7 +42,7 @@ def fps_event(points: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _per_event_pairs(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset: torch.Tensor):
-    """Yield (query slice, ref slice, squared distances chunk, query chunk start) per event."""
+    """Per event and query chunk: (the event's ref slice, the chunk's first query row, squared distances)."""
     for qs, rs in zip(event_slices(q_offset), event_slices(r_offset), strict=True):
         for start in range(qs.start, qs.stop, CHUNK):
             q = query[start: min(start + CHUNK, qs.stop)]
