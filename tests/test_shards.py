@@ -75,13 +75,15 @@ def test_truncated_and_missing_shards_named(root):
     m = load_manifest(root)
     loc = root.join(m.shards[2].name)
     write_bytes_atomic(loc, read_bytes(loc)[:-300])
-    (problem,) = preflight(root, m)
-    assert problem.kind == "corrupt" and re.search(r"events-00002.parquet.*truncated", str(problem))
+    ((rec, problem),) = preflight(root, m)
+    assert rec.name == "events-00002.parquet" and problem.kind == "corrupt"
+    assert re.search(r"events-00002.parquet.*truncated", str(problem))
     with pytest.raises(EventDataError, match=r"events-00002.parquet.*truncated"):
         read_shard(root, m.shards[2])
     loc.fs.delete_file(loc.path)
-    (problem,) = preflight(root, m)
-    assert problem.kind == "missing" and re.search(r"events-00002.parquet.*missing", str(problem))
+    ((rec, problem),) = preflight(root, m)
+    assert rec.name == "events-00002.parquet" and problem.kind == "missing"
+    assert re.search(r"events-00002.parquet.*missing", str(problem))
 
 
 def test_bad_manifest_named(tmp_path):

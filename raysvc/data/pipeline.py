@@ -72,11 +72,10 @@ def prepare(cfg: DataConfig) -> Prepared:
     skipped: Counter = Counter()
     if problems:
         if cfg.preprocess.on_bad == "error":
-            raise problems[0]
-        bad = {p.shard.rsplit("/", 1)[-1]: p.kind for p in problems}
-        for rec in manifest.shards:
-            if rec.name in bad:
-                skipped.update({"read": rec.events, f"bad:{bad[rec.name]}": rec.events})
+            raise problems[0][1]
+        for rec, err in problems:
+            skipped.update({"read": rec.events, f"bad:{err.kind}": rec.events})
+        bad = {rec.name for rec, _ in problems}
         manifest = Manifest(shards=[r for r in manifest.shards if r.name not in bad], created_by=manifest.created_by,
                             created_at=manifest.created_at)  # fmt: skip
     keep = None

@@ -52,18 +52,14 @@ def read_preprocessed(root: Location, rec: ShardRecord, cfg: PreprocessConfig, k
     t0 = time.perf_counter()
     try:
         table = read_shard(root, rec, verify_checksum=verify_checksum, check=False)
-    except EventDataError:
+    except EventDataError as e:
         if cfg.on_bad == "error":
             raise
-        return _no_events(), Counter({"read": rec.events, "bad:corrupt": rec.events}), Counter()
+        return EVENT_SCHEMA.empty_table(), Counter({"read": rec.events, f"bad:{e.kind}": rec.events}), Counter()
     table = table.select([c for c in READ_COLUMNS if c in table.column_names])
     t1 = time.perf_counter()
     out, counts = preprocess_table(table, cfg, root.join(rec.name).uri, keep_ids, row_base=0)
     return out, counts, Counter(read=t1 - t0, preprocess=time.perf_counter() - t1)
-
-
-def _no_events() -> pa.Table:
-    return EVENT_SCHEMA.empty_table()
 
 
 def read_shards_udf(batch: pa.Table, root: Location, cfg: PreprocessConfig, keep_ids: np.ndarray | None, ledger,

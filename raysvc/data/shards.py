@@ -127,10 +127,10 @@ def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True
     return check_columns(table, loc.uri) if check and not columns else table
 
 
-def preflight(root: Location, manifest: Manifest) -> list[EventDataError]:
+def preflight(root: Location, manifest: Manifest) -> list[tuple[ShardRecord, EventDataError]]:
     """Cheap checks before streaming: every shard exists with the manifest's size and a readable Parquet footer.
 
-    Returns one error per bad shard (the caller raises the first, or skips those shards and counts their events).
+    Returns (record, error) per bad shard (the caller raises the first, or skips those shards and counts their events).
     """
     problems = []
     for rec in manifest.shards:
@@ -138,21 +138,21 @@ def preflight(root: Location, manifest: Manifest) -> list[EventDataError]:
         with explained(loc, "checking shard"):
             info = loc.fs.get_file_info(loc.path)
         if info.type.name == "NotFound":
-            problems.append(EventDataError(loc.uri, "listed in the manifest but missing", kind="missing"))
+            problems.append((rec, EventDataError(loc.uri, "listed in the manifest but missing", kind="missing")))
             continue
         if info.size != rec.bytes:
-            problems.append(EventDataError(loc.uri, f"truncated or replaced: {info.size} bytes, manifest says "
-                                           f"{rec.bytes}", kind="corrupt"))  # fmt: skip
+            problems.append((rec, EventDataError(loc.uri, f"truncated or replaced: {info.size} bytes, manifest says "
+                                                 f"{rec.bytes}", kind="corrupt")))  # fmt: skip
             continue
         try:
             with loc.fs.open_input_file(loc.path) as f:
                 meta = pq.ParquetFile(f).metadata
         except (pa.ArrowInvalid, OSError) as e:
-            problems.append(EventDataError(loc.uri, f"unreadable Parquet footer ({e})", kind="corrupt"))
+            problems.append((rec, EventDataError(loc.uri, f"unreadable Parquet footer ({e})", kind="corrupt")))
             continue
         if meta.num_rows != rec.events:
-            problems.append(EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}",
-                                           kind="corrupt"))  # fmt: skip
+            problems.append((rec, EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}",
+                                                 kind="corrupt")))  # fmt: skip
     return problems
 
 

@@ -27,7 +27,6 @@ def _distinct_per_row(lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.bincount((pairs >> 32).astype(np.int64), minlength=len(lengths))
 
 
-
 def inspect_dataset(root: Location, verify: bool = True) -> dict:
     """Statistics over every event; shards are checked against the manifest's sizes and checksums on the way."""
     manifest = load_manifest(root)
