@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-ingest clean
+.PHONY: demo test test-fast lint bench-ingest bench-ops clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/raysvc bench ingest --json --events 2000 --shard-events 250 --out runs/bench-ingest.json
+
+bench-ops: $(STAMP)
+	$(BIN)/raysvc bench ops --json --out runs/bench-ops.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -84,6 +84,23 @@ def cmd_bench_ingest(a: argparse.Namespace) -> None:
               f"ev/s, ratio {result['ratio']:.2f}")  # fmt: skip
 
 
+def cmd_bench_ops(a: argparse.Namespace) -> None:
+    from raysvc.bench.ops import run_ops_bench
+
+    result = run_ops_bench(events=a.events, seed=a.seed, radius=a.radius, overlap=a.overlap, repeats=a.repeats,
+                           progress=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    if a.json:
+        _print_json(result, a.out)
+        return
+    g, s, c = result["grouping"], result["serialization"], result["sparse_conv"]
+    print(f"C-NMS + ball {g['cnms_ball_events_per_s']:.0f} ev/s, FPS + ball {g['fps_ball_events_per_s']:.0f} ev/s, "
+          f"FPS + kNN {g['fps_knn_events_per_s']:.0f} ev/s; C-NMS vs FPS + ball {g['cnms_vs_fps_ball']:.2f}x")
+    print(f"serialization (1 thread): z {s['z_mpts_per_s']:.1f} Mpts/s ({s['z_vs_torch']:.1f}x torch), "
+          f"hilbert {s['hilbert_mpts_per_s']:.1f} Mpts/s ({s['hilbert_vs_torch']:.1f}x torch)")
+    print(f"sparse conv fwd+bwd (1 thread, {c['points']} points): ours {c['ours_fwd_bwd_s'] * 1e3:.1f} ms, "
+          f"spconv CPU {c.get('spconv_cpu_fwd_bwd_s', float('nan')) * 1e3:.1f} ms")  # fmt: skip
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
@@ -136,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--batch-events", type=int, default=8)
     bi.add_argument("--repeats", type=int, default=3)
     bi.set_defaults(fn=cmd_bench_ingest)
+
+    bo = bsub.add_parser("ops", help="C-NMS vs FPS grouping, serialization, sparse conv vs spconv (one thread)")
+    bo.add_argument("--json", action="store_true")
+    bo.add_argument("--out", help="also write the JSON here")
+    bo.add_argument("--events", type=int, default=48)
+    bo.add_argument("--seed", type=int, default=0)
+    bo.add_argument("--radius", type=float, default=5.0, help="group radius in voxels (PoLAr-MAE: 5)")
+    bo.add_argument("--overlap", type=float, default=0.73, help="C-NMS overlap factor (PoLAr-MAE: 0.73)")
+    bo.add_argument("--repeats", type=int, default=3)
+    bo.set_defaults(fn=cmd_bench_ops)
 
     d = sub.add_parser("demo", help="the main job end to end on embedded defaults")
     d.add_argument("--workdir", default="runs/demo")

@@ -70,6 +70,27 @@ def test_bench_ingest_json(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_ops_json(tmp_path):
+    out = tmp_path / "ops.json"
+    p = run("bench", "ops", "--json", "--events", "6", "--repeats", "1", "--out", str(out))
+    r = json.loads(p.stdout)
+    assert json.loads(out.read_text()) == r
+    for key in ("cnms_ball_events_per_s", "fps_ball_events_per_s", "fps_knn_events_per_s", "cnms_vs_fps_ball",
+                "hilbert_mpts_per_s", "z_mpts_per_s"):  # fmt: skip
+        assert r[key] > 0, key
+    assert r["cnms_vs_fps_ball"] == pytest.approx(r["cnms_ball_events_per_s"] / r["fps_ball_events_per_s"])
+    assert r["settings"]["points_per_event_mean"] >= 1024 and r["settings"]["radius"] == 5.0
+    g = r["grouping"]
+    assert g["groups_per_event"] > 10
+    for method in ("cnms_ball", "fps_ball", "fps_knn"):
+        assert 0 <= g["coverage"][method]["missed_ratio"] < 1 and 0 <= g["coverage"][method]["duplicated_ratio"] <= 1
+    assert g["coverage"]["fps_knn"]["duplicated_ratio"] > g["coverage"]["cnms_ball"]["duplicated_ratio"]
+    conv = r["sparse_conv"]
+    assert conv["max_abs_diff_vs_spconv"] < 1e-4  # the baseline computes the same convolution
+    assert conv["ours_fwd_bwd_s"] > 0 and conv["spconv_cpu_fwd_bwd_s"] > 0
+    assert "serialization" in p.stderr or "grouping" in p.stderr  # progress goes to stderr
+
+
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
     run("demo", "--workdir", str(work), "--events", "300")

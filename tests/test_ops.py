@@ -203,3 +203,55 @@ def test_cnms_on_a_generated_event_and_coverage():
     d = torch.cdist(c, c) + torch.eye(len(c)) * 1e9
     assert d.min() > 2 * 5.0 * 0.73
     assert 0 < cov["missed_ratio"] < 0.5
+
+
+# --- CPU kernels (numba) against the torch path used on other devices -------------------------------------------
+def _generated_coords(n_events=3):
+    from raysvc.data.generator import GeneratorConfig, generate_event
+
+    evs = [generate_event(GeneratorConfig(), 7, i)["coord"] for i in range(n_events)]
+    coord = torch.from_numpy(np.concatenate(evs).astype(np.float64))
+    return coord, torch.cumsum(torch.tensor([len(e) for e in evs]), 0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_cpu_encoders_match_torch_path(order):
+    from raysvc.ops.serialization import _encode_torch
+
+    for depth in (1, 5, 11, 16):
+        g = torch.randint(0, 1 << depth, (5000, 3))
+        g[:3] = torch.tensor([[0, 0, 0], [(1 << depth) - 1] * 3, [0, (1 << depth) - 1, 0]])  # corners
+        assert torch.equal(encode(g, depth=depth, order=order), _encode_torch(g, depth, order))
+
+
+def test_cpu_neighbour_kernels_match_torch_path_on_generated_events():
+    from raysvc.ops.neighbors import _ball_query_torch, _fps_torch, _knn_torch
+
+    coord, offset = _generated_coords()  # integer voxel coordinates: many distance ties
+    q_idx, q_off = fps(coord, offset, torch.tensor([50, 50, 50]))
+    starts = [0, *offset.tolist()[:-1]]
+    for e, (a, b) in enumerate(zip(starts, offset.tolist(), strict=True)):
+        assert torch.equal(q_idx[50 * e: 50 * (e + 1)] - a, _fps_torch(coord[a:b], 50))
+    query = coord[q_idx]
+    for radius in (2.0, 5.0, 9.5):
+        got = ball_query(query, q_off, coord, offset, radius, 32)
+        assert torch.equal(got, _ball_query_torch(query, q_off, coord, offset, radius, 32))
+        assert (got[:, 0] == q_idx).all()  # every query point is its own nearest member
+    idx, dist = knn(query, q_off, coord, offset, 16)
+    ref_idx, ref_dist = _knn_torch(query, q_off, coord, offset, 16)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist)
+
+
+def test_ball_query_with_cells_enlarged_for_a_wide_sparse_event():
+    """A small radius over a wide box: the grid caps its cell count by enlarging cells; results stay exact."""
+    from raysvc.ops.neighbors import _ball_query_torch
+
+    rng = np.random.default_rng(11)
+    pts = rng.integers(0, 768, (300, 3)).astype(np.float64)
+    pts[150:] = pts[:150] + rng.integers(-1, 2, (150, 3))  # near pairs, some at distance exactly 1
+    coord, offset = torch.from_numpy(pts), torch.tensor([300])
+    for radius in (0.5, 1.0, 1.8):
+        got = ball_query(coord, offset, coord, offset, radius, 4)
+        assert torch.equal(got, _ball_query_torch(coord, offset, coord, offset, radius, 4))
+    assert (ball_query(coord, offset, coord, offset, 1.8, 4)[:, 1] >= 0).sum() >= 150

@@ -56,3 +56,40 @@ def test_kernel_map_never_crosses_events_and_finds_itself():
     nbr = kernel_map(grid, batch)
     assert nbr[:, 13].tolist() == [0, 1, 2]  # the centre offset is the site itself
     assert (nbr[0] >= 0).sum() == 2 and (nbr[2] >= 0).sum() == 1  # event 1's point sees only itself
+
+
+def test_spconv_cpu_baseline_matches_dense_conv3d_on_one_thread():
+    """The spconv path (spconv-cu120 on GPUs; the CPU build as the benchmark baseline) runs our weights unchanged."""
+    from raysvc.ops import spconv_backend
+
+    with pytest.raises(RuntimeError, match="races with 2 threads"):  # 2 threads: refused, never silently wrong
+        with spconv_backend.cpu_baseline():
+            pass
+    torch.set_num_threads(1)
+    b, grid, feat, side = _sparse_problem(5, cin=4)
+    feat = feat.float().requires_grad_(True)
+    conv = SubMConv3d(4, 6)
+    with spconv_backend.cpu_baseline():
+        out = spconv_backend.subm_conv3d(feat, grid, b, conv.weight, conv.bias)
+        upstream = torch.randn_like(out)
+        (out * upstream).sum().backward()
+    dense_in = torch.zeros(2, 4, side, side, side)
+    dense_in[b, :, grid[:, 0], grid[:, 1], grid[:, 2]] = feat.detach()
+    dense_in.requires_grad_(True)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    dense_out = F.conv3d(dense_in, w.permute(0, 4, 1, 2, 3), conv.bias.detach(), padding=1)
+    at_sites = dense_out[b, :, grid[:, 0], grid[:, 1], grid[:, 2]]
+    torch.testing.assert_close(out, at_sites, atol=1e-5, rtol=1e-5)
+    (at_sites * upstream).sum().backward()
+    torch.testing.assert_close(feat.grad, dense_in.grad[b, :, grid[:, 0], grid[:, 1], grid[:, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, w.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_map_matches_a_dictionary_reference():
+    b, grid, _, _ = _sparse_problem(9, batch=3, side=12, density=0.3)
+    nbr = kernel_map(grid, b)
+    where = {(int(bb), *map(int, g)): i for i, (bb, g) in enumerate(zip(b, grid, strict=True))}
+    for i, (bb, g) in enumerate(zip(b.tolist(), grid.tolist(), strict=True)):
+        want = [where.get((bb, g[0] + dx, g[1] + dy, g[2] + dz), -1)
+                for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)]  # fmt: skip
+        assert nbr[i].tolist() == want

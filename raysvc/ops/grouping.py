@@ -5,8 +5,9 @@ within 2 * radius * overlap (itself included), capped at `centrality_cap` (defau
 visited by descending centrality, ties by ascending point index; a kept candidate suppresses every candidate within
 2 * radius * overlap; survivors are the centres. Each centre then gathers the points within `radius` (distance <=
 radius); a ball with more than max_points points is down-sampled by FPS starting at the centre, otherwise its points
-are listed nearest first (ties by index). Runs on CPU (a k-d tree per event and a greedy scan); inputs on another
-device are processed on CPU and results returned on that device.
+are listed nearest first (ties by index). Runs on CPU in one numba kernel per event (a cell grid for the radius
+searches, capped counts, a greedy scan, FPS in the large balls); inputs on another device are processed on CPU and
+the results returned on that device.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
-from raysvc.ops.neighbors import fps_event
+from raysvc.ops import cpu_kernels
 from raysvc.ops.packed import event_slices
 
 
@@ -30,37 +30,11 @@ class CNMSResult:
 
 def cnms_event(points: np.ndarray, radius: float, overlap: float, max_points: int = 32,
                centrality_cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(centres (local indices), groups (G, max_points) local indices, -1 padded) for one event."""
-    n = len(points)
-    groups = np.full((0, max_points), -1, np.int64)
-    if n == 0:
-        return np.zeros(0, np.int64), groups
-    tree = cKDTree(points)
-    r_sup = 2.0 * radius * overlap
-    neigh = tree.query_ball_point(points, r_sup, return_sorted=False)
+    """(centres (local indices), groups (G, max_points) local indices, -1 padded) for one event of float64 (n, 3)
+    points."""
+    points = np.ascontiguousarray(points, dtype=np.float64)
     cap = max_points if centrality_cap is None else centrality_cap
-    centrality = np.minimum(np.fromiter((len(x) for x in neigh), np.int64, n), cap)
-    order = np.lexsort((np.arange(n), -centrality))
-    suppressed = np.zeros(n, bool)
-    centers = []
-    for i in order:
-        if not suppressed[i]:
-            centers.append(i)
-            suppressed[neigh[i]] = True
-    centers = np.asarray(centers, np.int64)
-    groups = np.full((len(centers), max_points), -1, np.int64)
-    for g, (c, members) in enumerate(zip(centers, tree.query_ball_point(points[centers], radius), strict=True)):
-        members = np.asarray(members, np.int64)
-        if len(members) > max_points:
-            # FPS over the ball, starting at the centre itself
-            start = int(np.flatnonzero(members == c)[0])
-            members = np.concatenate([[c], np.delete(members, start)])
-            pick = fps_event(torch.from_numpy(points[members]), max_points).numpy()
-            groups[g] = members[pick]
-        else:
-            d = ((points[members] - points[c]) ** 2).sum(1)
-            groups[g, : len(members)] = members[np.lexsort((members, d))]
-    return centers, groups
+    return cpu_kernels.cnms(points, float(radius), float(overlap), max_points, cap)
 
 
 def cnms(coord: torch.Tensor, offset: torch.Tensor, radius: float, overlap: float, max_points: int = 32,

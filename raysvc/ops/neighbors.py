@@ -1,14 +1,18 @@
 """Farthest point sampling, kNN and ball query on packed batches; neighbours never cross events.
 
-Exact, brute-force distances per event with torch (any device), in chunks so memory stays bounded. Conventions:
+Exact per event. On CPU: numba kernels (`cpu_kernels`: FPS loop, a cell grid for ball query, a bounded insertion
+list for kNN). On other devices: brute-force torch distances in chunks, which the CPU kernels are tested against.
+Conventions:
 FPS starts at each event's first point and breaks ties by the lowest index; kNN and ball query return neighbours
 nearest first (ties by index), padded with -1; a point is inside a ball when its distance is <= radius.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from raysvc.ops import cpu_kernels
 from raysvc.ops.packed import event_slices
 
 CHUNK = 4096
@@ -27,6 +31,14 @@ def fps(coord: torch.Tensor, offset: torch.Tensor, counts: torch.Tensor) -> tupl
 
 def fps_event(points: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (local) of k farthest-point samples of one event, starting at point 0."""
+    n = len(points)
+    k = min(k, n)
+    if points.device.type == "cpu":
+        return torch.from_numpy(cpu_kernels.fps(_f64(points), k))
+    return _fps_torch(points, k)
+
+
+def _fps_torch(points: torch.Tensor, k: int) -> torch.Tensor:
     n = len(points)
     k = min(k, n)
     chosen = torch.empty(k, dtype=torch.long, device=points.device)
@@ -52,6 +64,12 @@ def _per_event_pairs(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Ten
 def knn(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset: torch.Tensor, k: int,
         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(idx (M, k) global ref indices, dist (M, k)) of the k nearest ref points of the same event."""
+    if query.device.type == "cpu":
+        return _knn_cpu(query, q_offset, ref, r_offset, k)
+    return _knn_torch(query, q_offset, ref, r_offset, k)
+
+
+def _knn_torch(query, q_offset, ref, r_offset, k):
     idx = torch.full((len(query), k), -1, dtype=torch.long, device=query.device)
     dist = torch.full((len(query), k), float("inf"), dtype=query.dtype, device=query.device)
     for rs, start, d2 in _per_event_pairs(query, q_offset, ref, r_offset):
@@ -68,6 +86,12 @@ def knn(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset
 def ball_query(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset: torch.Tensor,
                radius: float, max_points: int) -> torch.Tensor:  # fmt: skip
     """(M, max_points) global indices of ref points within `radius`, nearest first, -1 padded."""
+    if query.device.type == "cpu":
+        return _ball_query_cpu(query, q_offset, ref, r_offset, radius, max_points)
+    return _ball_query_torch(query, q_offset, ref, r_offset, radius, max_points)
+
+
+def _ball_query_torch(query, q_offset, ref, r_offset, radius, max_points):
     idx = torch.full((len(query), max_points), -1, dtype=torch.long, device=query.device)
     for rs, start, d2 in _per_event_pairs(query, q_offset, ref, r_offset):
         kk = min(max_points, d2.shape[1])
@@ -82,3 +106,27 @@ def ball_query(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r
 def _stable_smallest(d2: torch.Tensor, k: int) -> torch.Tensor:
     """Column indices of the k smallest values per row, ties broken by the lower index."""
     return torch.sort(d2, dim=1, stable=True).indices[:, :k]
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).contiguous().numpy()
+
+
+def _knn_cpu(query, q_offset, ref, r_offset, k):
+    q, r = _f64(query), _f64(ref)
+    idx = np.full((len(q), k), -1, np.int64)
+    d2 = np.full((len(q), k), np.inf)
+    for qs, rs in zip(event_slices(q_offset), event_slices(r_offset), strict=True):
+        i, d = cpu_kernels.knn(q[qs], r[rs], k)
+        idx[qs] = np.where(i >= 0, i + rs.start, -1)
+        d2[qs] = d
+    return torch.from_numpy(idx), torch.from_numpy(np.sqrt(d2)).to(query.dtype)
+
+
+def _ball_query_cpu(query, q_offset, ref, r_offset, radius, max_points):
+    q, r = _f64(query), _f64(ref)
+    idx = np.full((len(q), max_points), -1, np.int64)
+    for qs, rs in zip(event_slices(q_offset), event_slices(r_offset), strict=True):
+        rows = cpu_kernels.ball_query(q[qs], r[rs], float(radius), max_points)
+        idx[qs] = np.where(rows >= 0, rows + rs.start, -1)
+    return torch.from_numpy(idx)

@@ -6,12 +6,15 @@ Bit conventions match the public PTv3 implementation, so that a model trained el
   significant within each triple, then Gray decoding of the interleaved word.
 - "-trans" orders swap x and y before encoding.
 - With a batch index, code = batch << (3 * depth) | code, so events never interleave.
-All functions are vectorised integer bit operations on int64 tensors (any device).
+On CPU, encoding runs the numba kernels of `cpu_kernels` (one pass per point); elsewhere it is vectorised integer
+bit operations on int64 tensors, which the CPU kernels are tested against.
 """
 
 from __future__ import annotations
 
 import torch
+
+from raysvc.ops import cpu_kernels
 
 ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 
@@ -85,17 +88,26 @@ def encode(grid_coord: torch.Tensor, batch: torch.Tensor | None = None, depth: i
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     c = _check(grid_coord, depth)
+    if c.device.type == "cpu":
+        kernel = cpu_kernels.encode_z if order.startswith("z") else cpu_kernels.encode_hilbert
+        code = torch.from_numpy(kernel(c.contiguous().numpy(), depth, order.endswith("-trans")))
+    else:
+        code = _encode_torch(c, depth, order)
+    if batch is not None:
+        code = (batch.long() << (3 * depth)) | code
+    return code
+
+
+def _encode_torch(c: torch.Tensor, depth: int, order: str) -> torch.Tensor:
+    """Whole-array torch version of the encoders (the path on GPUs; the reference the CPU kernels are tested
+    against)."""
     if order.endswith("-trans"):
         c = c[:, [1, 0, 2]]
     x, y, z = c[:, 0], c[:, 1], c[:, 2]
     if order.startswith("z"):
-        code = _interleave(x, y, z, depth)
-    else:
-        tx, ty, tz = _skilling([x, y, z], depth, inverse=False)
-        code = _gray_to_binary(_interleave(tx, ty, tz, depth), 3 * depth)
-    if batch is not None:
-        code = (batch.long() << (3 * depth)) | code
-    return code
+        return _interleave(x, y, z, depth)
+    tx, ty, tz = _skilling([x, y, z], depth, inverse=False)
+    return _gray_to_binary(_interleave(tx, ty, tz, depth), 3 * depth)
 
 
 def decode(code: torch.Tensor, depth: int = 16, order: str = "z") -> tuple[torch.Tensor, torch.Tensor]:
