@@ -1,4 +1,4 @@
-"""`raysvc` command line: data | bench | demo (later: pretrain, finetune, sweep, serve)."""
+"""`raysvc` command line: data | bench | finetune | predict | demo (later: pretrain, sweep, serve)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,39 @@ def cmd_bench_ops(a: argparse.Namespace) -> None:
           f"spconv CPU {c.get('spconv_cpu_fwd_bwd_s', float('nan')) * 1e3:.1f} ms")  # fmt: skip
 
 
+def cmd_bench_train(a: argparse.Namespace) -> None:
+    from raysvc.bench.train import run_train_bench
+
+    result = run_train_bench(events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads,
+                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    if a.json:
+        _print_json(result, a.out)
+        return
+    for size in ("tiny", "small"):
+        print(f"{size}: {result[f'{size}_fwd_bwd_s_per_event'] * 1e3:.0f} ms/event forward+backward")
+    print(f"step: plain torch {result['plain_step_s'] * 1e3:.0f} ms, Ray Train {result['ray_train_step_s'] * 1e3:.0f}"
+          f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %")
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from raysvc.train.finetune import run_finetune
+    from raysvc.train.job_config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, a.config, a.set)
+    summary = run_finetune(cfg)
+    val = summary["val"] or {}
+    print(json.dumps({"run": summary["uri"], "steps": summary["steps"], "val_miou": val.get("miou"),
+                      "val_iou": val.get("iou")}, indent=2))  # fmt: skip
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from raysvc.infer import predict_dataset
+    from raysvc.storage import resolve
+
+    info = predict_dataset(resolve(a.model), resolve(a.data), resolve(a.out), a.batch_events, a.device)
+    print(json.dumps(info, indent=2))
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
@@ -163,6 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--overlap", type=float, default=0.73, help="C-NMS overlap factor (PoLAr-MAE: 0.73)")
     bo.add_argument("--repeats", type=int, default=3)
     bo.set_defaults(fn=cmd_bench_ops)
+
+    ft = sub.add_parser("finetune", help="train a segmentation model with Ray Train (locally or under ray job submit)")
+    ft.add_argument("config", help="job YAML, e.g. jobs/semseg-tiny.yaml")
+    ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
+    ft.set_defaults(fn=cmd_finetune)
+
+    pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
+    pr.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
+    pr.add_argument("--data", required=True, help="dataset URI (shards + manifest)")
+    pr.add_argument("--out", required=True, help="output URI: preds-NNNNN.parquet with event_id, num_points, pred")
+    pr.add_argument("--batch-events", type=int, default=8)
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(fn=cmd_predict)
+
+    bt = bsub.add_parser("train", help="fwd+bwd per event (tiny, small) and Ray Train step overhead vs plain torch")
+    bt.add_argument("--json", action="store_true")
+    bt.add_argument("--out", help="also write the JSON here")
+    bt.add_argument("--events", type=int, default=40)
+    bt.add_argument("--steps", type=int, default=12)
+    bt.add_argument("--batch-events", type=int, default=2)
+    bt.add_argument("--threads", type=int, default=1)
+    bt.set_defaults(fn=cmd_bench_train)
 
     d = sub.add_parser("demo", help="the main job end to end on embedded defaults")
     d.add_argument("--workdir", default="runs/demo")

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from raysvc.data.schema import CLASS_NAMES  # noqa: E402
+from raysvc.ray_init import init_ray
 
 
 def _stage(msg: str) -> None:
@@ -98,7 +99,7 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         _stage(f"streaming through Ray Data into {workers} Ray Train workers (DDP, gloo)")
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            init_ray(include_dashboard=False, logging_level="WARNING")
             stack.callback(ray.shutdown)
         cfg = DataConfig(uri=uri, batch_events=8)
         stream = build_dataset(cfg)

@@ -90,6 +90,14 @@ def s3_filesystem(opts: S3Options | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def absolute_uri(uri: str | None) -> str | None:
+    """A relative path made absolute against this process's directory (Ray workers run elsewhere); URIs with a
+    scheme unchanged."""
+    if uri and urlparse(uri).scheme == "":
+        return os.path.abspath(uri)
+    return uri
+
+
 def resolve(uri: str, s3: S3Options | None = None) -> Location:
     """Turn `file:///x`, `/x`, `rel/x` or `s3://bucket/prefix` into a Location."""
     if not uri:

@@ -14,6 +14,7 @@ import platform
 import time
 
 from raysvc.data.pipeline import DataConfig, DirectStream, build_dataset, iter_packed, prepare
+from raysvc.ray_init import init_ray
 
 
 def _consume(batches) -> tuple[int, int]:
@@ -56,7 +57,7 @@ def run_ingest_bench(events: int = 1000, uri: str | None = None, batch_events: i
 
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+            init_ray(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
             stack.callback(ray.shutdown)
         ray.data.DataContext.get_current().enable_progress_bars = False
         stream = build_dataset(cfg)

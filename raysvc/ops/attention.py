@@ -40,10 +40,8 @@ def make_patches(offset: torch.Tensor, size: int) -> Patches:
                 lengths.append(n)
         else:
             n_pad = -(-n // size) * size
-            idx = torch.arange(start, start + n_pad)
-            for j in range(n, n_pad):  # repeat the point K positions earlier
-                idx[j] = idx[j - size]
-            index.append(idx)
+            # the padding repeats the points K positions earlier (j - K < n for every padded slot j)
+            index.append(torch.cat([torch.arange(start, end), torch.arange(end - size, start + n_pad - size)]))
             lengths.extend([size] * (n_pad // size))
         start = end
     index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raysvc.ops.packed import batch_to_offset, offset_to_batch
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, unique_cells
 
 
 @dataclass
@@ -28,12 +28,11 @@ def grid_sample(coord: torch.Tensor, offset: torch.Tensor, grid_size: float, fea
     start = coord.new_zeros(len(offset), 3).scatter_reduce(0, batch[:, None].expand(-1, 3), coord, "amin",
                                                            include_self=False)  # fmt: skip
     grid = torch.floor((coord - start[batch]) / grid_size).long()
-    keys = torch.cat([batch[:, None], grid], 1)
-    cells, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    m = len(cells)
+    cell_batch, cell_grid, inverse = unique_cells(batch, grid)
+    m = len(cell_batch)
     count = torch.zeros(m, dtype=coord.dtype, device=coord.device).index_add_(0, inverse, torch.ones_like(coord[:, 0]))
     mean = torch.zeros(m, 3, dtype=coord.dtype, device=coord.device).index_add_(0, inverse, coord) / count[:, None]
     f = feat if feat is not None else coord.new_zeros(len(coord), 0)
     f = f[:, None] if f.ndim == 1 else f
     feat_sum = torch.zeros(m, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, inverse, f)
-    return GridSampled(mean, cells[:, 1:], feat_sum, batch_to_offset(cells[:, 0], len(offset)), inverse)
+    return GridSampled(mean, cell_grid, feat_sum, batch_to_offset(cell_batch, len(offset)), inverse)

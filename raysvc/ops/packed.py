@@ -19,3 +19,17 @@ def batch_to_offset(batch: torch.Tensor, num_events: int | None = None) -> torch
 def event_slices(offset: torch.Tensor) -> list[slice]:
     bounds = [0, *offset.tolist()]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def unique_cells(batch: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique (event, cell) pairs sorted by (event, x, y, z): (cell batch, cell grid (M, 3), inverse (N,)).
+    One int64 key per point (16 bits per axis, the rest for the event) instead of torch.unique(dim=0), which
+    sorts rows lexicographically and was measured ~10x slower."""
+    g = grid.long()
+    if g.numel() and (g.min() < 0 or g.max() >= 1 << 16):
+        raise ValueError(f"cell coordinates must lie in [0, 65536), got [{int(g.min())}, {int(g.max())}]")
+    key = (batch.long() << 48) | (g[:, 0] << 32) | (g[:, 1] << 16) | g[:, 2]
+    cells, inverse = torch.unique(key, return_inverse=True)
+    mask = (1 << 16) - 1
+    grid_out = torch.stack([(cells >> 32) & mask, (cells >> 16) & mask, cells & mask], 1)
+    return cells >> 48, grid_out, inverse

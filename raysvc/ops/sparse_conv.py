@@ -68,7 +68,8 @@ def subm_conv3d(feat: torch.Tensor, kmap: torch.Tensor | KernelPairs, weight: to
     because each output row occurs once per offset."""
     kp = kmap if isinstance(kmap, KernelPairs) else KernelPairs.from_map(kmap)
     cout, cin = weight.shape[0], weight.shape[-1]
-    w = weight.reshape(cout, 27, cin).permute(1, 2, 0)  # (27, Cin, Cout)
+    # unbind, not w[k]: 27 selects would each build a zero-filled full-size gradient in backward
+    w = weight.reshape(cout, 27, cin).permute(1, 2, 0).unbind(0)  # 27 x (Cin, Cout)
     out = feat @ w[13]  # the centre offset: every site is its own neighbour
     for k, (out_idx, in_idx) in enumerate(kp.pairs):
         if k != 13 and len(out_idx):

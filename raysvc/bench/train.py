@@ -1,0 +1,113 @@
+"""`raysvc bench train`: model cost per event and Ray Train's per-step overhead, both measured in one run.
+
+1. Forward + backward (+ AdamW step) seconds per event for the tiny and small presets, plain torch on generated
+   events after the training preprocessing.
+2. The same training loop (tiny; the same batches in the same order, seed and threads) as plain torch in this
+   process, on batches prepared beforehand, and as a one-worker `TorchTrainer` run of `seg_train_loop` (data read
+   by Ray tasks, Train's worker machinery, reporting). Overhead = total Ray step time / total plain step time - 1
+   after the warm-up steps. Aim: within 10 %.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from raysvc.config import load_config
+from raysvc.data.pipeline import pack_tables, prepare, rank_shards
+from raysvc.data.reader import read_preprocessed
+from raysvc.ray_init import init_ray
+from raysvc.storage import resolve
+from raysvc.train.job_config import FinetuneConfig
+from raysvc.train.losses import SegLoss
+from raysvc.train.seg_loop import build_model, model_inputs
+
+JOB = Path(__file__).parents[2] / "jobs" / "semseg-tiny.yaml"
+
+
+def _job(data: Path, runs: Path, size: str, steps: int, batch: int, threads: int) -> FinetuneConfig:
+    sets = [f"data.uri={data / 'train'}", f"val_data.uri={data / 'val'}", f"run.storage={runs}",
+            f"run.name=bench-{size}", f"model.size={size}", f"train.steps={steps}", f"train.batch_events={batch}",
+            "train.log_every=1", f"train.val_every={steps}", f"train.checkpoint_every={steps}", "train.val_events=2",
+            "scaling.workers=1", f"scaling.cpus_per_worker={max(threads - 0.5, 0.5)}",
+            f"scaling.torch_threads={threads}",
+            "run.wandb_mode=disabled", "data.read_cpus=0.5", "val_data.read_cpus=0.5"]  # fmt: skip
+    return load_config(FinetuneConfig, str(JOB), sets)
+
+
+def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
+    """Seconds per step of seg_train_loop's step without Ray, on batches collated in memory beforehand: the
+    pure-compute baseline."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = SegLoss(None)
+    pre = cfg.data.preprocess
+    # exactly the batches, in the order, that rank 0 of a one-worker run sees in its first epoch
+    prep = prepare(cfg.data)
+    shards = rank_shards(prep, 0, 1, 0, cfg.train.seed, shuffle=True)
+    tables = (read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids)[0] for rec in shards)
+    batches = list(islice(pack_tables(tables, cfg.train.batch_events, drop_last=True), steps))
+    if len(batches) < steps:
+        raise ValueError(f"{cfg.data.uri}: {len(batches)} batches for {steps} steps; generate more events")
+    times = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
+        loss = loss_fn(model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]], x["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: int = 1, warmup: int = 3,
+                    sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
+    import ray
+
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.train.finetune import run_finetune
+
+    torch.set_num_threads(threads)
+    out: dict = {"settings": {"events": events, "steps": steps, "batch_events": batch, "threads": threads,
+                              "warmup_steps": warmup}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        log(f"generating {events} + 8 events")
+        generate_dataset(resolve(str(data / "train")), events, seed=11, shard_events=max(events // 4, 1),
+                         show_progress=False)  # fmt: skip
+        generate_dataset(resolve(str(data / "val")), 8, seed=12, shard_events=8, show_progress=False)
+        for size in sizes:
+            log(f"{size}: plain torch forward + backward")
+            times = plain_step_times(_job(data, data / "runs", size, steps, batch, threads), steps)
+            per_step = statistics.median(times[warmup:])
+            out[f"{size}_fwd_bwd_s_per_event"] = per_step / batch
+            out[f"{size}_params"] = sum(p.numel() for p in build_model(_job(data, data / "runs", size, 1, batch,
+                                                                                threads)).parameters())  # fmt: skip
+        log("tiny: the same loop under Ray Train (1 worker)")
+        cfg = _job(data, data / "runs", "tiny", steps, batch, threads)
+        plain = plain_step_times(cfg, steps)
+        started = not ray.is_initialized()
+        if started:
+            init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        try:
+            summary = run_finetune(cfg, log=lambda m: None)
+        finally:
+            if started:
+                ray.shutdown()
+        recs = summary["history"]["train"]
+        ray_steps = [batch / r["events_per_s"] for r in recs]
+        # the same batches in the same order on both paths: compare step by step after the warm-up
+        out["plain_step_s"] = statistics.median(plain[warmup:])
+        out["ray_train_step_s"] = statistics.median(ray_steps[warmup:])
+        out["ray_train_overhead"] = sum(ray_steps[warmup:]) / sum(plain[warmup:]) - 1.0
+        out["steps_compared"] = len(plain) - warmup
+    return out

@@ -1,0 +1,42 @@
+"""Segmentation heads on the PTv3 encoder: "lin" (one linear layer on the up-cast multi-stage features) and "dec"
+(PTv3's U-Net decoder + linear). Fine-tuning modes (REFERENCE.md section 3) decide what trains: lin and dec freeze
+the encoder; fft and scratch train everything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raysvc.models.ptv3 import Decoder, PTv3, PTv3Config, upcast
+
+HEADS = ("lin", "dec")
+
+
+class SegModel(nn.Module):
+    """PTv3 encoder + segmentation head; `forward` returns (N_level0, num_classes) logits."""
+
+    def __init__(self, cfg: PTv3Config, num_classes: int, head: str = "dec"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.head_kind = head
+        self.backbone = PTv3(cfg)
+        if head == "dec":
+            self.decoder = Decoder(cfg)
+            self.head = nn.Linear(self.decoder.out_channels, num_classes)
+        else:
+            self.decoder = None
+            self.head = nn.Sequential(nn.LayerNorm(sum(cfg.channels)), nn.Linear(sum(cfg.channels), num_classes))
+
+    def forward(self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor,
+                ) -> torch.Tensor:  # fmt: skip
+        levels = self.backbone(feat, coord, grid_coord, offset)
+        if self.decoder is not None:
+            return self.head(self.decoder(levels, self.backbone.orders()))
+        return self.head(upcast(levels))
+
+    def freeze_backbone(self) -> None:
+        """lin / dec protocols: the encoder stays as loaded (eval mode for drop path, no gradients)."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)

@@ -1,0 +1,377 @@
+"""Point Transformer V3 as Panda uses it (PT-v3m2, REFERENCE.md section 2), with tiny / small / base presets.
+
+Data flow (packed batches: concatenated points + cumulative per-event `offset`):
+
+    stem (3x3x3 submanifold conv + LN + GELU)
+    -> stage 0 blocks -> [grid pool x2 -> stage s blocks] for s = 1..4      (the encoder; `forward` returns all levels)
+    block = xCPE (subm conv 3x3x3 -> linear -> LN, residual)
+            -> x + drop_path(ls1 * attn(LN(x)))   attention inside patches of K points in one serialized order
+            -> x + drop_path(ls2 * mlp(LN(x)))
+    block i of a stage uses order i mod 4 of the (per forward, in training, shuffled) order list.
+
+`Decoder` (the "dec" protocol head) unpools level by level (proj(coarse)[inverse] + proj_skip(skip)) with its own
+blocks; `upcast` concatenates every level's features down to level 0 (the "lin" protocol's input).
+
+Parameter names (for mapping published Panda / pimm PT-v3m2 checkpoints later; spconv kernels are (Cout,3,3,3,Cin)):
+    embedding.stem.weight/.bias, embedding.norm.*          stem conv and its LayerNorm
+    enc.{s}.down.proj.*, enc.{s}.down.norm.*               grid pooling of stage s >= 1 (Linear, LayerNorm)
+    enc.{s}.blocks.{i}.cpe.conv.*, .cpe.linear.*, .cpe.norm.*
+    enc.{s}.blocks.{i}.norm1.*, .attn.qkv.*, .attn.proj.*, .norm2.*, .mlp.fc1.*, .mlp.fc2.*, .ls1.gamma, .ls2.gamma
+    dec.{s}.up.proj.*, dec.{s}.up.proj_skip.*, dec.{s}.blocks.{i}.*   (decoder, s = 3..0)
+Our stem is a 3x3x3 convolution (pimm's is 5x5x5); everything else has the reference shapes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from raysvc.ops import spconv_backend
+from raysvc.ops.attention import Patches, make_patches, patch_attention
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, unique_cells
+from raysvc.ops.serialization import ORDERS, serialize
+from raysvc.ops.sparse_conv import KernelPairs, SubMConv3d, kernel_map, subm_conv3d
+
+
+class PTv3Config(BaseModel):
+    """Backbone shape; `preset(name)` gives tiny / small / base."""
+
+    model_config = ConfigDict(extra="forbid")
+    in_channels: int = Field(4, ge=1, description="xyz + energy")
+    depths: tuple[int, ...] = (3, 3, 3, 9, 3)
+    channels: tuple[int, ...] = (48, 96, 192, 384, 512)
+    heads: tuple[int, ...] = (3, 6, 12, 24, 32)
+    patch_size: int = Field(256, ge=1)
+    orders: tuple[str, ...] = ("hilbert", "hilbert-trans", "z", "z-trans")
+    shuffle_orders: bool = True
+    mlp_ratio: float = 4.0
+    layer_scale: float | None = Field(1e-5, description="init of the per-channel residual scale; None: off")
+    drop_path: float = Field(0.3, ge=0, lt=1, description="max rate, linear over blocks")
+    dec_depths: tuple[int, ...] = (2, 2, 2, 2)
+    dec_channels: tuple[int, ...] = (64, 96, 192, 384)
+    dec_heads: tuple[int, ...] = (4, 6, 12, 24)
+    sparse_conv: str = Field("auto", pattern="^(auto|torch|spconv)$", description="auto: spconv on CUDA if present")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PTv3Config:
+        n = len(self.depths)
+        if not (len(self.channels) == len(self.heads) == n):
+            raise ValueError(f"depths, channels and heads need one entry per stage, got {n}, {len(self.channels)}, "
+                             f"{len(self.heads)}")  # fmt: skip
+        if not (len(self.dec_depths) == len(self.dec_channels) == len(self.dec_heads) == n - 1):
+            raise ValueError(f"decoder depths/channels/heads need {n - 1} entries (one per stage below the last)")
+        for c, h in [*zip(self.channels, self.heads, strict=True), *zip(self.dec_channels, self.dec_heads,
+                                                                        strict=True)]:  # fmt: skip
+            if c % h:
+                raise ValueError(f"channels {c} not divisible by heads {h}")
+        bad = [o for o in self.orders if o not in ORDERS]
+        if bad or not self.orders:
+            raise ValueError(f"orders must be a non-empty subset of {ORDERS}, got {self.orders}")
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    # a few M parameters: trains on 2 CPU cores
+    "tiny": dict(depths=(1, 1, 1, 1, 1), channels=(16, 32, 64, 128, 192), heads=(1, 2, 4, 8, 12), patch_size=128,
+                 dec_depths=(1, 1, 1, 1), dec_channels=(32, 32, 64, 128), dec_heads=(2, 2, 4, 8), drop_path=0.1,
+                 layer_scale=None),
+    "small": dict(depths=(2, 2, 2, 6, 2), channels=(32, 64, 128, 256, 384), heads=(2, 4, 8, 16, 24),
+                  dec_depths=(1, 1, 1, 1), dec_channels=(48, 64, 128, 256), dec_heads=(3, 4, 8, 16), drop_path=0.2),
+    # Panda-Base (REFERENCE.md section 2), ~90 M parameters in the encoder
+    "base": dict(),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> PTv3Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(PRESETS)}")
+    return PTv3Config(**{**PRESETS[name], **overrides})
+
+
+# ---- the point set at one resolution ------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    """Points of one resolution level with everything the layers of a stage share."""
+
+    feat: torch.Tensor  # (N, C)
+    coord: torch.Tensor  # (N, 3) float, mean of the member points
+    grid_coord: torch.Tensor  # (N, 3) int64, per event from its minimum corner
+    offset: torch.Tensor  # (B,) cumulative
+    parent_inverse: torch.Tensor | None = None  # (N_child,) this level's cell of each point of the level below
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> torch.Tensor:
+        if "batch" not in self._cache:
+            self._cache["batch"] = offset_to_batch(self.offset)
+        return self._cache["batch"]
+
+    def kernel_pairs(self) -> KernelPairs:
+        if "pairs" not in self._cache:
+            self._cache["pairs"] = KernelPairs.from_map(kernel_map(self.grid_coord, self.batch))
+        return self._cache["pairs"]
+
+    def order(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, inverse) of the serialized order `name`."""
+        key = "order:" + name
+        if key not in self._cache:
+            depth = max(int(self.grid_coord.max()).bit_length() + 1, 1) if len(self.grid_coord) else 1
+            _, perm, inv = serialize(self.grid_coord, self.batch, min(depth, 16), name)
+            self._cache[key] = (perm, inv)
+        return self._cache[key]
+
+    def patches(self, size: int) -> Patches:
+        key = f"patches:{size}"
+        if key not in self._cache:
+            self._cache[key] = make_patches(self.offset, size)
+        return self._cache[key]
+
+    def with_feat(self, feat: torch.Tensor) -> Level:
+        return Level(feat, self.coord, self.grid_coord, self.offset, self.parent_inverse, self._cache)
+
+
+# ---- layers -------------------------------------------------------------------------------------------------
+
+
+class SparseConv(SubMConv3d):
+    """Submanifold 3x3x3 conv on a Level: spconv on CUDA when installed (mode "auto"), else gather-GEMM-add."""
+
+    def __init__(self, cin: int, cout: int, mode: str = "auto"):
+        super().__init__(cin, cout)
+        self.mode = mode
+
+    def forward(self, feat: torch.Tensor, level: Level) -> torch.Tensor:  # type: ignore[override]
+        use_spconv = self.mode == "spconv" or (self.mode == "auto" and feat.is_cuda and spconv_backend.cuda_available())
+        if use_spconv:
+            cache = level._cache.setdefault("spconv", {})
+            return spconv_backend.subm_conv3d(feat, level.grid_coord, level.batch, self.weight, self.bias, cache)
+        return subm_conv3d(feat, level.kernel_pairs(), self.weight, self.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per point (as PTv3 applies it to (N, C) features)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class CPE(nn.Module):
+    """xCPE: conditional positional encoding by a submanifold conv, added to the block input."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.conv = SparseConv(dim, dim, mode)
+        self.linear = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, level: Level) -> torch.Tensor:
+        return self.norm(self.linear(self.conv(x, level)))
+
+
+class SerializedAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, patch_size: int):
+        super().__init__()
+        self.heads, self.patch_size = heads, patch_size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, level: Level, order: str) -> torch.Tensor:
+        perm, inverse = level.order(order)
+        n, c = x.shape
+        qkv = self.qkv(x[perm]).view(n, 3, self.heads, c // self.heads)
+        out = patch_attention(qkv, level.patches(self.patch_size)).reshape(n, c)
+        return self.proj(out[inverse])
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, cfg: PTv3Config, drop_path: float):
+        super().__init__()
+        self.cpe = CPE(dim, cfg.sparse_conv)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SerializedAttention(dim, heads, cfg.patch_size)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, cfg.mlp_ratio)
+        self.ls1 = LayerScale(dim, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, level: Level, order: str) -> torch.Tensor:
+        x = x + self.cpe(x, level)
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), level, order)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class GridPool(nn.Module):
+    """Stride-2 grid pooling: linear, then per coarse cell the max of features and the mean of coordinates."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.proj = nn.Linear(cin, cout)
+        self.norm = nn.LayerNorm(cout)
+
+    def forward(self, level: Level) -> Level:
+        cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord >> 1)
+        m = len(cell_batch)
+        f = self.proj(level.feat)
+        idx = inverse[:, None].expand(-1, f.shape[1])
+        pooled = f.new_full((m, f.shape[1]), float("-inf")).scatter_reduce(0, idx, f, "amax", include_self=True)
+        count = torch.zeros(m, device=f.device).index_add_(0, inverse, torch.ones(len(inverse), device=f.device))
+        coord = torch.zeros(m, 3, device=f.device, dtype=level.coord.dtype).index_add_(0, inverse, level.coord)
+        coord = coord / count[:, None].to(coord.dtype)
+        return Level(F.gelu(self.norm(pooled)), coord, cell_grid, batch_to_offset(cell_batch, len(level.offset)),
+                     inverse)  # fmt: skip
+
+
+class Stage(nn.Module):
+    def __init__(self, blocks: list[Block], down: GridPool | None):
+        super().__init__()
+        self.down = down
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, level: Level, orders: list[str]) -> Level:
+        if self.down is not None:
+            level = self.down(level)
+        x = level.feat
+        for i, block in enumerate(self.blocks):
+            x = block(x, level, orders[i % len(orders)])
+        return level.with_feat(x)
+
+
+def _drop_rates(depths: tuple[int, ...], max_rate: float) -> list[list[float]]:
+    total = sum(depths)
+    rates = [max_rate * i / max(total - 1, 1) for i in range(total)]
+    out, i = [], 0
+    for d in depths:
+        out.append(rates[i: i + d])
+        i += d
+    return out
+
+
+class Embedding(nn.Module):
+    def __init__(self, cin: int, cout: int, mode: str):
+        super().__init__()
+        self.stem = SparseConv(cin, cout, mode)
+        self.norm = nn.LayerNorm(cout)
+
+    def forward(self, level: Level) -> Level:
+        return level.with_feat(F.gelu(self.norm(self.stem(level.feat, level))))
+
+
+class PTv3(nn.Module):
+    """The encoder. `forward(feat, coord, grid_coord, offset)` returns the list of levels, finest first."""
+
+    def __init__(self, cfg: PTv3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg.in_channels, cfg.channels[0], cfg.sparse_conv)
+        rates = _drop_rates(cfg.depths, cfg.drop_path)
+        stages = []
+        for s, (depth, dim, heads) in enumerate(zip(cfg.depths, cfg.channels, cfg.heads, strict=True)):
+            down = GridPool(cfg.channels[s - 1], dim) if s > 0 else None
+            stages.append(Stage([Block(dim, heads, cfg, rates[s][i]) for i in range(depth)], down))
+        self.enc = nn.ModuleList(stages)
+
+    def orders(self) -> list[str]:
+        orders = list(self.cfg.orders)
+        if self.training and self.cfg.shuffle_orders:
+            random.shuffle(orders)  # Python's RNG: seeded and checkpointed by the training loop
+        return orders
+
+    def forward(self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor,
+                ) -> list[Level]:  # fmt: skip
+        level = self.embedding(Level(feat, coord, grid_coord.long(), offset))
+        orders = self.orders()
+        levels = []
+        for stage in self.enc:
+            level = stage(level, orders)
+            levels.append(level)
+        return levels
+
+
+def upcast(levels: list[Level], to_level: int = 0) -> torch.Tensor:
+    """Features of every level from the coarsest down to `to_level`, concatenated per point of `to_level` (each
+    point takes its cells' features): the multi-stage features of the lin protocol and the Panda heads."""
+    feat = levels[-1].feat
+    for s in range(len(levels) - 1, to_level, -1):
+        feat = torch.cat([levels[s - 1].feat, feat[levels[s].parent_inverse]], 1)
+    return feat
+
+
+class Unpool(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(cin, cout), nn.LayerNorm(cout), nn.GELU())
+        self.proj_skip = nn.Sequential(nn.Linear(cskip, cout), nn.LayerNorm(cout), nn.GELU())
+
+    def forward(self, coarse: torch.Tensor, skip: Level, inverse: torch.Tensor) -> Level:
+        return skip.with_feat(self.proj(coarse)[inverse] + self.proj_skip(skip.feat))
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, up: Unpool, blocks: list[Block]):
+        super().__init__()
+        self.up = up
+        self.blocks = nn.ModuleList(blocks)
+
+
+class Decoder(nn.Module):
+    """U-Net decoder of PTv3 (the "dec" protocol): returns level-0 features with dec_channels[0] channels."""
+
+    def __init__(self, cfg: PTv3Config):
+        super().__init__()
+        rates = _drop_rates(cfg.dec_depths, cfg.drop_path)
+        stages = []
+        for s in range(len(cfg.dec_depths)):
+            cin = cfg.channels[-1] if s == len(cfg.dec_depths) - 1 else cfg.dec_channels[s + 1]
+            dim = cfg.dec_channels[s]
+            blocks = [Block(dim, cfg.dec_heads[s], cfg, rates[s][i]) for i in range(cfg.dec_depths[s])]
+            stages.append(DecoderStage(Unpool(cin, cfg.channels[s], dim), blocks))
+        self.dec = nn.ModuleList(stages)
+        self.out_channels = cfg.dec_channels[0]
+
+    def forward(self, levels: list[Level], orders: list[str]) -> torch.Tensor:
+        x = levels[-1].feat
+        for s in range(len(self.dec) - 1, -1, -1):
+            stage = self.dec[s]
+            level = stage.up(x, levels[s], levels[s + 1].parent_inverse)
+            x = level.feat
+            for i, block in enumerate(stage.blocks):
+                x = block(x, level, orders[i % len(orders)])
+        return x
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,28 @@
+"""Exported models: weights as safetensors + the config as JSON, in a directory (file:// or s3://) that `raysvc
+predict`, the Serve endpoint and fine-tuning (`model.init`) load. No optimizer state, no secrets."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
+
+
+def save_model(loc: Location, state: dict[str, torch.Tensor], config: dict, weights_name: str = "model.safetensors",
+               ) -> None:  # fmt: skip
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_bytes_atomic(loc.join(weights_name), st_save(tensors, metadata={"format": "pt"}))
+    write_bytes_atomic(loc.join("config.json"), json.dumps(config, indent=2).encode())
+
+
+def load_model(loc: Location) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config) from an exported directory; model.safetensors, else backbone.safetensors."""
+    config = json.loads(read_bytes(loc.join("config.json")))
+    for name in ("model.safetensors", "backbone.safetensors"):
+        if exists(loc.join(name)):
+            return st_load(read_bytes(loc.join(name))), config
+    raise FileNotFoundError(f"{loc.uri}: no model.safetensors or backbone.safetensors")

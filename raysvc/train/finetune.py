@@ -1,0 +1,111 @@
+"""`raysvc finetune`: the driver of a segmentation run.
+
+Everything that can be checked on the driver is checked before a worker starts: the config (by pydantic, naming
+the field), both datasets (manifest + preflight of every shard), the storage (created / writable), and `model.init`.
+Then a TorchTrainer runs `seg_train_loop` on `scaling.workers` workers; the run lives at `run.storage/run.name`,
+where Ray keeps its checkpoints, so re-running with the same name resumes. At the end the driver writes, beside
+them: `summary.json`, `curves.png`, and the exported `model.safetensors` + `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from raysvc.data.pipeline import prepare
+from raysvc.data.reader import read_preprocessed
+from raysvc.data.schema import CLASS_NAMES
+from raysvc.ray_init import init_ray
+from raysvc.storage import Location, absolute_uri, ensure_dir, resolve, write_bytes_atomic
+from raysvc.train.export import load_model, save_model
+from raysvc.train.job_config import FinetuneConfig
+from raysvc.train.losses import class_weights
+from raysvc.train.plots import curves_png
+
+
+def estimate_class_counts(cfg: FinetuneConfig, max_shards: int = 2) -> list[int]:
+    """Per-class point counts over the first shards of the training data (after the same preprocessing)."""
+    prep = prepare(cfg.data)
+    counts = np.zeros(len(CLASS_NAMES), np.int64)
+    for rec in prep.manifest.shards[:max_shards]:
+        table, _, _ = read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids, cfg.data.verify_checksums)
+        if table.num_rows:
+            sem = table.column("semantic").combine_chunks().flatten().to_numpy()
+            counts += np.bincount(sem, minlength=len(CLASS_NAMES))[: len(CLASS_NAMES)]
+    return counts.tolist()
+
+
+def _storage(loc: Location) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig."""
+    return (loc.path, loc.fs) if loc.is_s3 else (loc.path, None)
+
+
+def preflight(cfg: FinetuneConfig) -> tuple[Location, dict | None, list[int]]:
+    """Driver-side checks; returns (run location, init state, class counts)."""
+    prepare(cfg.data)
+    prepare(cfg.val_data)
+    root = resolve(cfg.run.storage)
+    ensure_dir(root)
+    init_state = None
+    if cfg.model.init and cfg.model.mode != "scratch":
+        init_state, _ = load_model(resolve(cfg.model.init))
+    return root.join(cfg.run.name), init_state, estimate_class_counts(cfg)
+
+
+def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> dict:
+    """Run (or resume) the job and export its result. `fault` ({"step": n, "marker": path}) makes rank 0 raise
+    once at step n: the hook the fault-tolerance tests use."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysvc.train.seg_loop import seg_train_loop
+
+    t0 = time.time()
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.uri, cfg.val_data.uri = absolute_uri(cfg.data.uri), absolute_uri(cfg.val_data.uri)
+    cfg.run.storage, cfg.model.init = absolute_uri(cfg.run.storage), absolute_uri(cfg.model.init)
+    run_loc, init_state, counts = preflight(cfg)
+    weights = class_weights(counts, cfg.train.class_weight_power).tolist() if cfg.train.class_weight_power else [
+        1.0] * len(CLASS_NAMES)  # fmt: skip
+    log(f"[raysvc] class counts (first shards) {dict(zip(CLASS_NAMES, counts, strict=True))}; "
+        f"loss weights {[round(w, 3) for w in weights]}")  # fmt: skip
+    if not ray.is_initialized():
+        init_ray(logging_level="WARNING")  # RAY_ADDRESS (set by `ray job submit`) selects the cluster
+    storage_root = resolve(cfg.run.storage)
+    path, fs = _storage(storage_root)
+    resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
+    trainer = TorchTrainer(
+        seg_train_loop,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "class_weights": weights, "init_state": init_state,
+                           "fault": fault},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+    )  # fmt: skip
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    history = state["history"]
+    val = history["val"][-1]["metrics"] if history["val"] else None
+    config_json = {"model": cfg.model.model_dump(mode="json"), "num_classes": len(CLASS_NAMES),
+                   "class_names": list(CLASS_NAMES), "preprocess": cfg.data.preprocess.model_dump(mode="json"),
+                   "step": state["step"]}  # fmt: skip
+    save_model(run_loc, state["model"], config_json)
+    write_bytes_atomic(run_loc.join("curves.png"), curves_png(history, f"{cfg.run.name}: {cfg.model.size} "
+                                                                       f"{cfg.model.mode}"))  # fmt: skip
+    summary = {
+        "run": cfg.run.name, "uri": run_loc.uri, "steps": state["step"], "workers": cfg.scaling.workers,
+        "val": val, "history": history, "class_counts": dict(zip(CLASS_NAMES, counts, strict=True)),
+        "class_weights": weights, "wall_s": time.time() - t0, "config": cfg.model_dump(mode="json"),
+    }  # fmt: skip
+    write_bytes_atomic(run_loc.join("summary.json"), json.dumps(summary, indent=2).encode())
+    return summary

@@ -1,0 +1,90 @@
+"""The typed config of a segmentation job (`raysvc finetune jobs/semseg-*.yaml`); every field validated before any
+worker starts, and unknown keys rejected by name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raysvc.data.pipeline import DataConfig
+from raysvc.models.ptv3 import PRESETS
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: str = Field("tiny", description=f"backbone preset: one of {sorted(PRESETS)}")
+    overrides: dict = Field(default_factory=dict, description="PTv3Config fields that replace the preset's")
+    head: Literal["lin", "dec"] = "dec"
+    mode: Literal["lin", "dec", "fft", "scratch"] = Field(
+        "scratch", description="lin / dec: frozen encoder; fft: everything trains from `init`; scratch: no init")
+    init: str | None = Field(None, description="directory (file:// or s3://) with backbone.safetensors or "
+                                               "model.safetensors + config.json to start from")  # fmt: skip
+    grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels (1: every voxel a site)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        if self.size not in PRESETS:
+            raise ValueError(f"size must be one of {sorted(PRESETS)}, got {self.size!r}")
+        if self.mode in ("lin", "dec") and self.head != self.mode:
+            raise ValueError(f"mode {self.mode!r} trains the {self.mode!r} head: set head: {self.mode}")
+        return self
+
+
+class TrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(1000, gt=0)
+    batch_events: int = Field(8, gt=0, description="global batch: split evenly over the workers")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="one-cycle: linear warmup, then cosine to lr * final")
+    final_lr_frac: float = Field(0.01, ge=0, le=1)
+    grad_clip: float | None = Field(3.0, gt=0)
+    class_weight_power: float = Field(0.5, ge=0, description="inverse class frequency ** power; 0: unweighted")
+    lovasz_weight: float = Field(0.0, ge=0)
+    val_every: int = Field(200, gt=0, description="validate every N steps (and at the end)")
+    val_events: int | None = Field(None, gt=0, description="cap on validation events (default: all)")
+    checkpoint_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
+
+
+class ScalingSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    torch_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: its CPUs)")
+
+
+class RunSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("semseg", pattern=r"^[A-Za-z0-9_.-]+$", description="same name + storage: resume")
+    storage: str = Field("runs", description="run storage root: a path, file:// or s3://")
+    max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint on a worker failure")
+    keep_checkpoints: int = Field(2, gt=0)
+    wandb_project: str = "raysvc"
+    wandb_mode: Literal["offline", "online", "disabled", "auto"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set, else offline")
+
+
+class FinetuneConfig(BaseModel):
+    """A segmentation training job: data, model, optimisation, scaling and run storage."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataConfig
+    val_data: DataConfig
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if self.train.batch_events % self.scaling.workers:
+            raise ValueError(f"train.batch_events ({self.train.batch_events}) must be a multiple of scaling.workers "
+                             f"({self.scaling.workers})")  # fmt: skip
+        if self.model.mode == "fft" and not self.model.init:
+            raise ValueError("model.mode fft fine-tunes a pretrained backbone: set model.init (or use mode scratch)")
+        return self

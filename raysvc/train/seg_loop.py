@@ -1,0 +1,269 @@
+"""The per-worker segmentation training loop that `ray.train.torch.TorchTrainer` runs (Train V2 API).
+
+Reads top to bottom: build the model (optionally from an exported backbone), wrap it in DDP, restore the last
+checkpoint if the run has one, then step: a batch from this rank's deterministic Ray Data stream -> forward (bf16
+autocast on CUDA) -> class-weighted CE (+ Lovasz) -> backward -> clip -> AdamW -> one-cycle lr. Validation every
+`val_every` steps (confusion matrices all-reduced), checkpoints every `checkpoint_every` steps.
+
+Determinism (resume == uninterrupted run): every rank loops over its own fixed shards in a seeded order per
+epoch (read and preprocessed by Ray tasks a few shards ahead: `pipeline.stream_tables`), and a checkpoint stores
+each rank's (epoch, batches consumed) and its torch / numpy / Python RNG states. Ranks run the same number of
+steps, so uneven data per rank can never leave one waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raysvc.data.pipeline import pack_tables, prepare, rank_shards, stream_tables
+from raysvc.data.schema import CLASS_NAMES
+from raysvc.models.heads import SegModel
+from raysvc.models.ptv3 import preset
+from raysvc.ops.grid import grid_sample
+from raysvc.train.job_config import FinetuneConfig
+from raysvc.train.losses import SegLoss
+from raysvc.train.metrics import ConfusionMatrix, compute
+from raysvc.train.schedule import one_cycle_scheduler
+from raysvc.train.tracking import Tracker
+
+
+def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, device: torch.device) -> dict:
+    """Packed batch -> model inputs on `device`: grid sampling at `grid_voxels` (a cell takes the mean coordinate and
+    the summed energy feature of its points), integer grid coordinates, and `inverse` from points to cells."""
+    voxel = torch.round(batch["coord"].double() * scale + center)  # undo the normalisation: exact voxel indices
+    gs = grid_sample(voxel, batch["offset"], grid_voxels, feat=batch["energy"].double())
+    feat = torch.cat([(gs.coord - center) / scale, gs.feat_sum], 1).float()
+    return {"feat": feat.to(device), "coord": ((gs.coord - center) / scale).float().to(device),
+            "grid_coord": gs.grid_coord.to(device), "offset": gs.offset.to(device), "inverse": gs.inverse.to(device),
+            "labels": batch["semantic"].to(device)}  # fmt: skip
+
+
+def build_model(cfg: FinetuneConfig, init_state: dict | None = None) -> SegModel:
+    model = SegModel(preset(cfg.model.size, **cfg.model.overrides), len(CLASS_NAMES), cfg.model.head)
+    if init_state is not None and cfg.model.mode != "scratch":
+        skip = ("head.", "decoder.")
+        backbone = {k.removeprefix("backbone."): v for k, v in init_state.items() if not k.startswith(skip)}
+        missing, unexpected = model.backbone.load_state_dict(backbone, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"model.init does not match model.size {cfg.model.size!r}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")  # fmt: skip
+    if cfg.model.mode in ("lin", "dec"):
+        model.freeze_backbone()
+    return model
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RankStream:
+    """This rank's endless, resumable stream of packed batches over its shards, epoch after epoch."""
+
+    def __init__(self, cfg: FinetuneConfig, rank: int, world: int, epoch: int = 0, skip: int = 0):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.prep = prepare(cfg.data)
+        self.counts: Counter = Counter()  # events read / cut / skipped, summed over epochs
+        self.epoch, self.consumed = epoch, skip
+        self.per_rank = cfg.train.batch_events // world
+        if len(self.prep.manifest.shards) < world:
+            raise ValueError(f"{cfg.data.uri}: {len(self.prep.manifest.shards)} shards for {world} workers; "
+                             "each worker needs at least one")  # fmt: skip
+
+    def __iter__(self):
+        while True:
+            shards = rank_shards(self.prep, self.rank, self.world, self.epoch, self.cfg.train.seed, shuffle=True)
+            tables = stream_tables(self.cfg.data, self.prep, shards, self.counts)
+            got = 0
+            for i, batch in enumerate(pack_tables(tables, self.per_rank, drop_last=True)):
+                if i < self.consumed:
+                    continue  # resuming mid-epoch: skip what the checkpointed run had already used
+                got += 1
+                self.consumed = i + 1
+                yield batch
+            if got == 0 and self.consumed == 0:
+                raise ValueError(f"{self.cfg.data.uri}: rank {self.rank} got no full batch of {self.per_rank} events")
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+
+def validation_batches(cfg: FinetuneConfig, rank: int, world: int) -> list[dict]:
+    """This rank's share of the validation events (shard i -> rank i mod world), read once and kept."""
+    prep = prepare(cfg.val_data)
+    shards = rank_shards(prep, rank, world, 0, 0, shuffle=False)
+    if not shards:
+        return []
+    cap = None if cfg.train.val_events is None else -(-cfg.train.val_events // world)
+    out, n = [], 0
+    for batch in pack_tables(stream_tables(cfg.val_data, prep, shards), cfg.val_data.batch_events):
+        out.append(batch)
+        n += len(batch["event_id"])
+        if cap is not None and n >= cap:
+            break
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], cfg: FinetuneConfig, device, world: int) -> dict:
+    """Metrics of the unwrapped model on this rank's validation batches, confusion all-reduced over the ranks (ranks
+    hold different numbers of batches, so no DDP forward, whose buffer sync is a collective)."""
+    model.eval()
+    cm = ConfusionMatrix(len(CLASS_NAMES))
+    pre = cfg.val_data.preprocess
+    for batch in batches:
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device)
+        with _autocast(cfg, device):
+            logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
+        cm.update(logits.argmax(1)[x["inverse"]], x["labels"])
+    if world > 1:
+        cm.all_reduce_()
+    model.train()
+    return compute(cm.matrix, CLASS_NAMES)
+
+
+def _autocast(cfg: FinetuneConfig, device: torch.device):
+    if device.type == "cuda" and cfg.train.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seg_train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = FinetuneConfig.model_validate(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
+    device = ray.train.torch.get_device()
+    seed = cfg.train.seed * 1000 + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    init_state = config.get("init_state")
+    model = build_model(cfg, init_state).to(device)
+    raw = model
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
+    loss_fn = SegLoss(torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
+                      cfg.train.lovasz_weight)  # fmt: skip
+
+    step, epoch, consumed = 0, 0, 0
+    history: dict = {"train": [], "val": []}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], state["history"]
+        if state["world"] == world:
+            epoch, consumed = state["data"][rank]
+            _set_rng_state(state["rng"][rank])
+        elif rank == 0:
+            print(f"[raysvc] resuming with {world} workers instead of {state['world']}: data order restarts")
+        if rank == 0:
+            print(f"[raysvc] resumed from step {step}")
+
+    rank_stream = RankStream(cfg, rank, world, epoch, consumed)
+    stream = iter(rank_stream)
+    val_batches: list[dict] | None = None
+    pre = cfg.data.preprocess
+    fault = config.get("fault") or {}  # tests of fault tolerance: raise once at this step (a marker file remembers)
+    t_start = t_last = time.perf_counter()  # elapsed_s counts from here: this process's steps, not Ray's startup
+    ev_since = 0
+    last_val: dict | None = history["val"][-1]["metrics"] if history["val"] else None
+
+    local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
+    tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir)
+    if step >= cfg.train.steps:  # re-run of a finished run: hand its last state back
+        _report(raw, opt, sched, step, history, last_val, rank, world, (epoch, consumed))
+    while step < cfg.train.steps:
+        batch = next(stream)
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device)
+        with _autocast(cfg, device):
+            logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
+        loss = loss_fn(logits.float()[x["inverse"]], x["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        ev_since += len(batch["event_id"])
+        if fault and step == fault["step"] and rank == 0 and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(str(step))
+            raise RuntimeError(f"injected fault at step {step}")
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            dt = time.perf_counter() - t_last
+            rec = {"step": step, "loss": float(loss), "lr": sched.get_last_lr()[0],
+                   "events_per_s": ev_since * world / dt}  # fmt: skip
+            history["train"].append(rec)
+            tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
+            if rank == 0:
+                print(f"[raysvc] step {step}/{cfg.train.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                      f"{rec['events_per_s']:.1f} ev/s", flush=True)  # fmt: skip
+            t_last, ev_since = time.perf_counter(), 0
+        if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+            if val_batches is None:
+                val_batches = validation_batches(cfg, rank, world)
+            last_val = evaluate(raw, val_batches, cfg, device, world)
+            history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t_start, "metrics": last_val})
+            tracker.log({"val/miou": last_val["miou"], **{f"val/iou_{k}": v for k, v in last_val["iou"].items()
+                                                          if v is not None}}, step)  # fmt: skip
+            if rank == 0:
+                iou = " ".join(f"{k} {v:.3f}" for k, v in last_val["iou"].items() if v is not None)
+                print(f"[raysvc] val step {step}: mIoU {last_val['miou'] or 0:.4f} ({iou})", flush=True)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            position = (rank_stream.epoch, rank_stream.consumed)
+            _report(raw, opt, sched, step, history, last_val, rank, world, position)
+    tracker.finish()
+
+
+def _report(raw, opt, sched, step, history, last_val, rank, world, epoch_pos) -> None:
+    import ray.train
+
+    positions = _gather(epoch_pos, world)
+    rngs = _gather(_rng_state(), world)
+    metrics = {"step": step, "loss": history["train"][-1]["loss"] if history["train"] else None}
+    if last_val is not None:
+        metrics["val_miou"] = last_val["miou"]
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+             "history": history, "data": positions, "rng": rngs, "world": world}  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        Path(d, "state.pt").write_bytes(buf.getvalue())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -1,0 +1,30 @@
+"""wandb logging from rank 0 only: offline by default (no network needed, sync later with `wandb sync`), online
+when WANDB_API_KEY is set or the config says so. The key is read by wandb from the environment, never logged."""
+
+from __future__ import annotations
+
+import os
+
+
+class Tracker:
+    def __init__(self, project: str, name: str, mode: str, config: dict, rank: int, local_dir: str | None):
+        self.run = None
+        if rank != 0 or mode == "disabled":
+            return
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        import wandb
+
+        wdir = os.environ.get("WANDB_DIR") or local_dir or os.path.join(os.path.expanduser("~"), ".cache", "raysvc")
+        os.makedirs(wdir, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, id=name, resume="allow", mode=mode, dir=wdir,
+                              config=config, settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+
+    def log(self, data: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(data, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

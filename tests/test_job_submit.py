@@ -1,0 +1,120 @@
+"""`ray job submit` of a segmentation job to a real local Ray head started with token auth, as on a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from raysvc.seaweed import free_port
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _session_processes(sid: int) -> list[int]:
+    """PIDs in session `sid`: the head started in its own session, and everything Ray starts (GCS, raylet,
+    dashboard, workers) inherits it, whatever process group a worker moves to."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session id; skip zombies
+                out.append(int(d.name))
+    return out
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """`ray start --head --block` on 127.0.0.1 with token auth and every port free-picked; stopped by its process
+    group at the end, and checked gone."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--ray-client-server-port": free_port(), "--min-worker-port": 20000 + gcs % 1000 * 20,
+             "--max-worker-port": 20000 + gcs % 1000 * 20 + 19}  # fmt: skip
+    # a private temp dir (short: it holds Unix sockets) keeps this head out of /tmp/ray/ray_current_cluster,
+    # which plain ray.init() calls elsewhere would otherwise try to join after the head is gone
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+           *[f"{k}={v}" for k, v in ports.items()]]  # fmt: skip
+    log = open(tmp_path / "ray-head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            p = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+            if p.returncode == 0:
+                break
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"Ray head did not come up:\n{(tmp_path / 'ray-head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in _session_processes(proc.pid):  # workers outside the head's process group
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while _session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        for pid in _session_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not _session_processes(proc.pid), "Ray processes left running"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_finetune_job_with_token_auth(ray_head, tmp_path):
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.storage import resolve
+
+    address, env = ray_head
+    generate_dataset(resolve(str(tmp_path / "train")), 16, seed=8, shard_events=4, show_progress=False)
+    generate_dataset(resolve(str(tmp_path / "val")), 6, seed=9, shard_events=6, show_progress=False)
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH",)} | {"HOME": str(tmp_path)}
+    denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=no_token,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert denied.returncode != 0  # auth is really on
+
+    sets = [f"data.uri={tmp_path / 'train'}", f"val_data.uri={tmp_path / 'val'}", f"run.storage={tmp_path / 'runs'}",
+            "run.name=submitted", "train.steps=4", "train.val_every=4", "train.checkpoint_every=4",
+            "train.batch_events=2", "scaling.workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+            "data.read_cpus=0.25", "val_data.read_cpus=0.25", "run.wandb_mode=offline"]  # fmt: skip
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                        "raysvc", "finetune", "jobs/semseg-tiny.yaml", *[a for s in sets for a in ("--set", s)]],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    run = tmp_path / "runs" / "submitted"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["workers"] == 2 and summary["val"]["miou"] is not None
+    assert (run / "model.safetensors").stat().st_size > 1e6 and (run / "config.json").exists()

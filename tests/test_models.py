@@ -1,0 +1,100 @@
+"""PTv3 backbone and segmentation heads: shapes, parameter counts, and the invariances a point model must have."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raysvc.models.heads import SegModel
+from raysvc.models.ptv3 import PTv3, PTv3Config, count_parameters, preset, upcast
+from raysvc.ops.packed import offset_to_batch
+
+
+def _batch(sizes=(700, 300), seed=0):
+    """Events of random-walk voxel tracks (connected, like LArTPC tracks) -> model inputs."""
+    rng = np.random.default_rng(seed)
+    evs = []
+    for n in sizes:
+        steps = rng.integers(-1, 2, (n * 2, 3))
+        pts = np.unique(np.cumsum(steps, 0) + 200, axis=0)[:n]
+        evs.append(pts)
+    vox = torch.from_numpy(np.concatenate(evs)).long()
+    offset = torch.cumsum(torch.tensor([len(e) for e in evs]), 0)
+    b = offset_to_batch(offset)
+    mins = torch.stack([vox[b == i].min(0).values for i in range(len(evs))])
+    coord = (vox.double() - 384) / 665.1
+    feat = torch.cat([coord, torch.from_numpy(rng.normal(size=(len(vox), 1)))], 1).float()
+    return feat, coord.float(), vox - mins[b], offset
+
+
+def test_parameter_counts_of_the_presets():
+    base = count_parameters(PTv3(preset("base")))
+    assert 89e6 < base < 92e6  # Panda-Base encoder: ~90 M (REFERENCE.md section 2)
+    assert count_parameters(PTv3(preset("tiny"))) < 5e6
+    assert 10e6 < count_parameters(PTv3(preset("small"))) < base
+    names = dict(PTv3(preset("base")).named_parameters())
+    assert names["enc.3.blocks.8.cpe.conv.weight"].shape == (384, 3, 3, 3, 384)  # spconv layout
+    assert names["enc.4.blocks.2.attn.qkv.weight"].shape == (3 * 512, 512)
+    assert names["enc.1.down.proj.weight"].shape == (96, 48)
+
+
+def test_bad_shapes_are_rejected_with_the_field():
+    with pytest.raises(ValueError, match="divisible"):
+        PTv3Config(**{**preset("tiny").model_dump(), "heads": (3, 2, 4, 8, 12)})
+    with pytest.raises(ValueError, match="one entry per stage"):
+        PTv3Config(depths=(1, 1))
+    with pytest.raises(ValueError, match="unknown model size"):
+        preset("huge")
+
+
+def test_levels_shrink_and_upcast_concatenates_every_stage():
+    torch.manual_seed(0)
+    model = PTv3(preset("tiny")).eval()
+    feat, coord, grid, offset = _batch()
+    levels = model(feat, coord, grid, offset)
+    sizes = [len(lv.feat) for lv in levels]
+    assert sizes[0] == len(feat) and all(a > b for a, b in zip(sizes, sizes[1:], strict=False))
+    for lv, c in zip(levels, preset("tiny").channels, strict=True):
+        assert lv.feat.shape[1] == c and len(lv.offset) == 2
+    up = upcast(levels)
+    assert up.shape == (len(feat), sum(preset("tiny").channels))
+    # a point's deepest features are those of the cell it pools into
+    cell = levels[1].parent_inverse
+    for s in range(2, len(levels)):
+        cell = levels[s].parent_inverse[cell]
+    torch.testing.assert_close(up[:, -preset("tiny").channels[-1]:], levels[-1].feat[cell])
+
+
+@pytest.mark.parametrize("head", ["lin", "dec"])
+def test_outputs_follow_a_permutation_of_the_input_points(head):
+    """Serialization sorts points, so the input order must not matter (checks every inverse map)."""
+    torch.manual_seed(1)
+    model = SegModel(preset("tiny"), 5, head).eval()
+    feat, coord, grid, offset = _batch()
+    out = model(feat, coord, grid, offset)
+    perm = torch.cat([torch.randperm(700), 700 + torch.randperm(300)])
+    out_p = model(feat[perm], coord[perm], grid[perm], offset)
+    torch.testing.assert_close(out_p, out[perm], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["lin", "dec"])
+def test_events_in_a_batch_do_not_see_each_other(head):
+    torch.manual_seed(2)
+    model = SegModel(preset("tiny"), 5, head).eval()
+    feat, coord, grid, offset = _batch()
+    together = model(feat, coord, grid, offset)
+    alone = model(feat[:700], coord[:700], grid[:700], offset[:1])
+    torch.testing.assert_close(together[:700], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_training_mode_drops_paths_and_backward_reaches_every_trainable_parameter():
+    torch.manual_seed(3)
+    model = SegModel(preset("tiny", drop_path=0.0), 5, "dec").train()
+    feat, coord, grid, offset = _batch()
+    model(feat, coord, grid, offset).logsumexp(1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+    model.freeze_backbone()
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())

@@ -1,0 +1,163 @@
+"""Segmentation training under Ray Train: config errors before any worker, export + metrics that reproduce offline,
+and resumption that ends with the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raysvc.config import load_config
+from raysvc.data.pipeline import DataConfig, DirectStream
+from raysvc.data.schema import CLASS_NAMES
+from raysvc.storage import resolve
+from raysvc.train.job_config import FinetuneConfig
+
+RAYSVC = str(Path(sys.executable).parent / "raysvc")
+JOB = str(Path(__file__).parents[1] / "jobs" / "semseg-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory):
+    """Small train (4 shards) and validation (2 shards) sets of generated events."""
+    from raysvc.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("segdata")
+    generate_dataset(resolve(str(root / "train")), 32, seed=5, shard_events=8, show_progress=False)
+    generate_dataset(resolve(str(root / "val")), 12, seed=6, shard_events=6, show_progress=False)
+    return root
+
+
+def _cfg(seg_data, tmp_path, name: str, **train) -> FinetuneConfig:
+    sets = [f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}",
+            f"run.name={name}", "scaling.workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+            "train.steps=6", "train.val_every=3", "train.checkpoint_every=2", "train.log_every=2",
+            "train.batch_events=2", "run.max_failures=0", "run.wandb_mode=offline", "data.read_cpus=0.25",
+            "val_data.read_cpus=0.25"] + [f"train.{k}={v}" for k, v in train.items()]  # fmt: skip
+    return load_config(FinetuneConfig, JOB, sets)
+
+
+def _weights(tmp_path, name: str) -> dict:
+    from raysvc.train.export import load_model
+
+    return load_model(resolve(str(tmp_path / name)))[0]
+
+
+def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}  # a Ray start would create this
+
+    def fails(*sets, extra_env=None):
+        p = subprocess.run([RAYSVC, "finetune", JOB, *[a for s in sets for a in ("--set", s)]], capture_output=True,
+                           text=True, env={**env, **(extra_env or {})}, timeout=120)  # fmt: skip
+        assert p.returncode == 2, p.stderr
+        return p.stderr
+
+    good = [f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}"]
+    assert "train.stepz" in fails(*good, "train.stepz=3")  # unknown key, by its dotted name
+    assert "train.steps" in fails(*good, "train.steps=many")  # wrong type
+    assert "scaling.workers" in fails(*good, "scaling.workers=3")  # batch not divisible by workers
+    missing = fails(f"data.uri={tmp_path / 'nowhere'}", f"val_data.uri={seg_data / 'val'}")
+    assert "nowhere" in missing and "not found" in missing
+    unreachable = fails("data.uri=s3://raysvc-none/train", f"val_data.uri={seg_data / 'val'}",
+                        extra_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                                   "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
+    assert "s3://raysvc-none/train" in unreachable
+    assert not (tmp_path / "ray").exists()
+
+
+def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg_data, tmp_path):
+    from raysvc.models.heads import SegModel
+    from raysvc.models.ptv3 import preset
+    from raysvc.train.export import load_model
+    from raysvc.train.finetune import run_finetune
+    from raysvc.train.metrics import ConfusionMatrix, compute
+    from raysvc.train.seg_loop import model_inputs
+
+    cfg = _cfg(seg_data, tmp_path, "export")
+    summary = run_finetune(cfg, log=lambda m: None)
+    run = tmp_path / "export"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["steps"] == 6 and set(on_disk["val"]["iou"]) == set(CLASS_NAMES)
+    assert set(on_disk["val"]["f1"]) == set(CLASS_NAMES) and 0 <= on_disk["val"]["miou"] <= 1
+    assert [v["step"] for v in on_disk["history"]["val"]] == [3, 6]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # run.keep_checkpoints
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # wandb offline run of rank 0, beside the runs
+
+    # the exported weights, evaluated here on every validation event, give the metrics the two workers reported
+    state, config = load_model(resolve(str(run)))
+    model = SegModel(preset(config["model"]["size"]), config["num_classes"], config["model"]["head"])
+    model.load_state_dict(state)
+    model.eval()
+    cm = ConfusionMatrix(len(CLASS_NAMES))
+    pre = cfg.val_data.preprocess
+    with torch.no_grad():
+        for batch in DirectStream(DataConfig(uri=str(seg_data / "val"))).iter_packed(4):
+            x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
+            cm.update(model(x["feat"], x["coord"], x["grid_coord"], x["offset"]).argmax(1)[x["inverse"]],
+                      x["labels"])  # fmt: skip
+    offline = compute(cm.matrix, CLASS_NAMES)
+    assert offline["confusion"] == summary["val"]["confusion"]
+    assert offline["miou"] == pytest.approx(summary["val"]["miou"])
+
+    # raysvc predict: every input point gets a class (-1 below the energy threshold), in the input's order; over
+    # the events that pass the training cuts it agrees with the metrics above
+    out = tmp_path / "preds"
+    p = subprocess.run([RAYSVC, "predict", "--model", str(run), "--data", str(seg_data / "val"), "--out", str(out),
+                        "--batch-events", "5"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysvc.data.schema import flat_values
+    from raysvc.data.shards import load_manifest, read_shard
+
+    val = resolve(str(seg_data / "val"))
+    inputs = pa.concat_tables([read_shard(val, r) for r in load_manifest(val).shards])
+    preds = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("preds-*.parquet"))])
+    assert preds.column("event_id").to_pylist() == inputs.column("event_id").to_pylist()
+    assert preds.column("num_points").to_pylist() == inputs.column("num_points").to_pylist()
+    pred = preds.column("pred").combine_chunks().flatten().to_numpy()
+    energy, sem = flat_values(inputs, "energy"), flat_values(inputs, "semantic")
+    assert ((pred == -1) == (energy <= pre.energy_threshold)).all()
+    counts = np.diff(np.concatenate([[0], np.cumsum(inputs.column("num_points").to_numpy())]))
+    event_of_point = np.repeat(np.arange(inputs.num_rows), counts)
+    kept_per_event = np.bincount(event_of_point, weights=energy > pre.energy_threshold, minlength=inputs.num_rows)
+    mask = (energy > pre.energy_threshold) & (kept_per_event[event_of_point] >= pre.min_points)
+    again = ConfusionMatrix(len(CLASS_NAMES)).update(torch.from_numpy(pred[mask].astype(np.int64)),
+                                                     torch.from_numpy(sem[mask].astype(np.int64)))  # fmt: skip
+    assert again.matrix.tolist() == summary["val"]["confusion"]
+
+
+def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray_local, seg_data, tmp_path):
+    from ray.train import TrainingFailedError
+
+    from raysvc.train.finetune import run_finetune
+
+    quiet = lambda m: None  # noqa: E731
+    run_finetune(_cfg(seg_data, tmp_path, "straight"), log=quiet)
+    want = _weights(tmp_path, "straight")
+
+    # a worker dies at step 5; Ray Train restarts the group, which resumes from the step-4 checkpoint
+    cfg = _cfg(seg_data, tmp_path, "retried")
+    cfg.run.max_failures = 1
+    run_finetune(cfg, log=quiet, fault={"step": 5, "marker": str(tmp_path / "fault-retried")})
+    assert (tmp_path / "fault-retried").exists()
+    got = _weights(tmp_path, "retried")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    # no retries: the run fails; running it again under the same name resumes it
+    cfg = _cfg(seg_data, tmp_path, "rerun")
+    with pytest.raises(TrainingFailedError):
+        run_finetune(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault-rerun")})
+    run_finetune(cfg, log=quiet)
+    got = _weights(tmp_path, "rerun")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    summary = json.loads((tmp_path / "rerun" / "summary.json").read_text())
+    assert [r["step"] for r in summary["history"]["train"]] == [2, 4, 6]  # history carried over the restart
