@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from raysvc.data.pipeline import prepare
+from raysvc.data.pipeline import Prepared, prepare
 from raysvc.data.reader import read_preprocessed
 from raysvc.data.schema import CLASS_NAMES
 from raysvc.ray_init import init_ray
@@ -27,9 +27,8 @@ from raysvc.train.losses import class_weights
 from raysvc.train.plots import curves_png
 
 
-def estimate_class_counts(cfg: FinetuneConfig, max_shards: int = 2) -> list[int]:
+def estimate_class_counts(cfg: FinetuneConfig, prep: Prepared, max_shards: int = 2) -> list[int]:
     """Per-class point counts over the first shards of the training data (after the same preprocessing)."""
-    prep = prepare(cfg.data)
     counts = np.zeros(len(CLASS_NAMES), np.int64)
     for rec in prep.manifest.shards[:max_shards]:
         table, _, _ = read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids, cfg.data.verify_checksums)
@@ -39,21 +38,16 @@ def estimate_class_counts(cfg: FinetuneConfig, max_shards: int = 2) -> list[int]
     return counts.tolist()
 
 
-def _storage(loc: Location) -> tuple[str, object | None]:
-    """(storage_path, storage_filesystem) for Ray's RunConfig."""
-    return (loc.path, loc.fs) if loc.is_s3 else (loc.path, None)
-
-
-def preflight(cfg: FinetuneConfig) -> tuple[Location, dict | None, list[int]]:
-    """Driver-side checks; returns (run location, init state, class counts)."""
-    prepare(cfg.data)
-    prepare(cfg.val_data)
+def preflight(cfg: FinetuneConfig) -> tuple[Prepared, Prepared, Location, dict | None]:
+    """Driver-side checks: (train data, validation data, storage root, init state). The prepared datasets (checked
+    manifests, subsets) go to the workers, so that the shards are preflighted once, here."""
+    train, val = prepare(cfg.data), prepare(cfg.val_data)
     root = resolve(cfg.run.storage)
     ensure_dir(root)
     init_state = None
     if cfg.model.init and cfg.model.mode != "scratch":
         init_state, _ = load_model(resolve(cfg.model.init))
-    return root.join(cfg.run.name), init_state, estimate_class_counts(cfg)
+    return train, val, root, init_state
 
 
 def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> dict:
@@ -69,23 +63,24 @@ def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> d
     cfg = cfg.model_copy(deep=True)
     cfg.data.uri, cfg.val_data.uri = absolute_uri(cfg.data.uri), absolute_uri(cfg.val_data.uri)
     cfg.run.storage, cfg.model.init = absolute_uri(cfg.run.storage), absolute_uri(cfg.model.init)
-    run_loc, init_state, counts = preflight(cfg)
+    train_prep, val_prep, storage_root, init_state = preflight(cfg)
+    run_loc = storage_root.join(cfg.run.name)
+    counts = estimate_class_counts(cfg, train_prep)
     weights = class_weights(counts, cfg.train.class_weight_power).tolist() if cfg.train.class_weight_power else [
         1.0] * len(CLASS_NAMES)  # fmt: skip
     log(f"[raysvc] class counts (first shards) {dict(zip(CLASS_NAMES, counts, strict=True))}; "
         f"loss weights {[round(w, 3) for w in weights]}")  # fmt: skip
     if not ray.is_initialized():
         init_ray(logging_level="WARNING")  # RAY_ADDRESS (set by `ray job submit`) selects the cluster
-    storage_root = resolve(cfg.run.storage)
-    path, fs = _storage(storage_root)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         seg_train_loop,
         train_loop_config={"job": cfg.model_dump(mode="json"), "class_weights": weights, "init_state": init_state,
-                           "fault": fault},
+                           "train_data": train_prep, "val_data": val_prep, "fault": fault},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage_root.path,
+                             storage_filesystem=storage_root.fs if storage_root.is_s3 else None,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )  # fmt: skip

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raysvc.data.pipeline import pack_tables, prepare, rank_shards, stream_tables
+from raysvc.data.pipeline import Prepared, pack_tables, rank_shards, stream_tables
 from raysvc.data.schema import CLASS_NAMES
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
@@ -84,9 +84,9 @@ def _gather(obj, world: int) -> list:
 class RankStream:
     """This rank's endless, resumable stream of packed batches over its shards, epoch after epoch."""
 
-    def __init__(self, cfg: FinetuneConfig, rank: int, world: int, epoch: int = 0, skip: int = 0):
+    def __init__(self, cfg: FinetuneConfig, prep: Prepared, rank: int, world: int, epoch: int = 0, skip: int = 0):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.prep = prepare(cfg.data)
+        self.prep = prep
         self.counts: Counter = Counter()  # events read / cut / skipped, summed over epochs
         self.epoch, self.consumed = epoch, skip
         self.per_rank = cfg.train.batch_events // world
@@ -110,9 +110,8 @@ class RankStream:
             self.epoch, self.consumed = self.epoch + 1, 0
 
 
-def validation_batches(cfg: FinetuneConfig, rank: int, world: int) -> list[dict]:
+def validation_batches(cfg: FinetuneConfig, prep: Prepared, rank: int, world: int) -> list[dict]:
     """This rank's share of the validation events (shard i -> rank i mod world), read once and kept."""
-    prep = prepare(cfg.val_data)
     shards = rank_shards(prep, rank, world, 0, 0, shuffle=False)
     if not shards:
         return []
@@ -193,7 +192,7 @@ def seg_train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[raysvc] resumed from step {step}")
 
-    rank_stream = RankStream(cfg, rank, world, epoch, consumed)
+    rank_stream = RankStream(cfg, config["train_data"], rank, world, epoch, consumed)
     stream = iter(rank_stream)
     val_batches: list[dict] | None = None
     pre = cfg.data.preprocess
@@ -235,7 +234,7 @@ def seg_train_loop(config: dict) -> None:
             t_last, ev_since = time.perf_counter(), 0
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
             if val_batches is None:
-                val_batches = validation_batches(cfg, rank, world)
+                val_batches = validation_batches(cfg, config["val_data"], rank, world)
             last_val = evaluate(raw, val_batches, cfg, device, world)
             history["val"].append({"step": step, "elapsed_s": time.perf_counter() - t_start, "metrics": last_val})
             tracker.log({"val/miou": last_val["miou"], **{f"val/iou_{k}": v for k, v in last_val["iou"].items()
