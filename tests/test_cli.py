@@ -91,6 +91,17 @@ def test_bench_ops_json(tmp_path):
     assert "serialization" in p.stderr or "grouping" in p.stderr  # progress goes to stderr
 
 
+@pytest.mark.slow
+def test_bench_train_json(tmp_path):
+    out = tmp_path / "train.json"
+    r = json.loads(run("bench", "train", "--json", "--events", "24", "--steps", "5", "--out", str(out)).stdout)
+    assert json.loads(out.read_text()) == r
+    assert 0 < r["tiny_params"] < r["small_params"]
+    assert 0 < r["tiny_fwd_bwd_s_per_event"] < r["small_fwd_bwd_s_per_event"]
+    assert r["steps_compared"] == 2 and r["plain_step_s"] > 0 and r["ray_train_step_s"] > 0
+    assert r["ray_train_overhead"] > -1
+
+
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
     run("demo", "--workdir", str(work), "--events", "300")

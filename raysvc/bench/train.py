@@ -25,7 +25,7 @@ from raysvc.ray_init import init_ray
 from raysvc.storage import resolve
 from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import SegLoss
-from raysvc.train.seg_loop import build_model, model_inputs
+from raysvc.train.seg_loop import build_model, train_step
 
 JOB = Path(__file__).parents[2] / "jobs" / "semseg-tiny.yaml"
 
@@ -48,7 +48,6 @@ def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loss_fn = SegLoss(None)
-    pre = cfg.data.preprocess
     # exactly the batches, in the order, that rank 0 of a one-worker run sees in its first epoch
     prep = prepare(cfg.data)
     shards = rank_shards(prep, 0, 1, 0, cfg.train.seed, shuffle=True)
@@ -59,12 +58,7 @@ def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
     times = []
     for batch in batches:
         t0 = time.perf_counter()
-        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
-        loss = loss_fn(model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]], x["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
-        opt.step()
+        train_step(model, params, opt, loss_fn, batch, cfg, torch.device("cpu"))
         times.append(time.perf_counter() - t0)
     return times
 

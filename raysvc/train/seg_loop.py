@@ -1,9 +1,10 @@
 """The per-worker segmentation training loop that `ray.train.torch.TorchTrainer` runs (Train V2 API).
 
 Reads top to bottom: build the model (optionally from an exported backbone), wrap it in DDP, restore the last
-checkpoint if the run has one, then step: a batch from this rank's deterministic Ray Data stream -> forward (bf16
-autocast on CUDA) -> class-weighted CE (+ Lovasz) -> backward -> clip -> AdamW -> one-cycle lr. Validation every
-`val_every` steps (confusion matrices all-reduced), checkpoints every `checkpoint_every` steps.
+checkpoint if the run has one, then step: a batch from this rank's deterministic stream (Ray tasks read its
+shards) -> forward (bf16 autocast on CUDA) -> class-weighted CE (+ Lovasz) -> backward -> clip -> AdamW ->
+one-cycle lr. Validation every `val_every` steps (confusion matrices all-reduced), checkpoints every
+`checkpoint_every` steps.
 
 Determinism (resume == uninterrupted run): every rank loops over its own fixed shards in a seeded order per
 epoch (read and preprocessed by Ray tasks a few shards ahead: `pipeline.stream_tables`), and a checkpoint stores
@@ -43,10 +44,28 @@ def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, d
     the summed energy feature of its points), integer grid coordinates, and `inverse` from points to cells."""
     voxel = torch.round(batch["coord"].double() * scale + center)  # undo the normalisation: exact voxel indices
     gs = grid_sample(voxel, batch["offset"], grid_voxels, feat=batch["energy"].double())
-    feat = torch.cat([(gs.coord - center) / scale, gs.feat_sum], 1).float()
-    return {"feat": feat.to(device), "coord": ((gs.coord - center) / scale).float().to(device),
+    coord = ((gs.coord - center) / scale).float()
+    feat = torch.cat([coord, gs.feat_sum.float()], 1)
+    return {"feat": feat.to(device), "coord": coord.to(device),
             "grid_coord": gs.grid_coord.to(device), "offset": gs.offset.to(device), "inverse": gs.inverse.to(device),
             "labels": batch["semantic"].to(device)}  # fmt: skip
+
+
+def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConfig, device: torch.device,
+               ) -> torch.Tensor:  # fmt: skip
+    """One optimisation step on a packed batch: inputs -> forward (bf16 autocast on CUDA) -> loss on the points ->
+    backward -> clip -> optimizer step. `raysvc bench train` times this same function without Ray."""
+    pre = cfg.data.preprocess
+    x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device)
+    with _autocast(cfg, device):
+        logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
+    loss = loss_fn(logits.float()[x["inverse"]], x["labels"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    opt.step()
+    return loss
 
 
 def build_model(cfg: FinetuneConfig, init_state: dict | None = None) -> SegModel:
@@ -195,7 +214,6 @@ def seg_train_loop(config: dict) -> None:
     rank_stream = RankStream(cfg, config["train_data"], rank, world, epoch, consumed)
     stream = iter(rank_stream)
     val_batches: list[dict] | None = None
-    pre = cfg.data.preprocess
     fault = config.get("fault") or {}  # tests of fault tolerance: raise once at this step (a marker file remembers)
     t_start = t_last = time.perf_counter()  # elapsed_s counts from here: this process's steps, not Ray's startup
     ev_since = 0
@@ -207,15 +225,7 @@ def seg_train_loop(config: dict) -> None:
         _report(raw, opt, sched, step, history, last_val, rank, world, (epoch, consumed))
     while step < cfg.train.steps:
         batch = next(stream)
-        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device)
-        with _autocast(cfg, device):
-            logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
-        loss = loss_fn(logits.float()[x["inverse"]], x["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
+        loss = train_step(model, params, opt, loss_fn, batch, cfg, device)
         sched.step()
         step += 1
         ev_since += len(batch["event_id"])
