@@ -1,4 +1,4 @@
-"""`raysvc` command line: data | bench | finetune | predict | demo (later: pretrain, sweep, serve)."""
+"""`raysvc` command line: data | bench | pretrain | finetune | predict | demo (later: sweep, serve)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,18 @@ def cmd_finetune(a: argparse.Namespace) -> None:
                       "val_iou": val.get("iou")}, indent=2))  # fmt: skip
 
 
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    from raysvc.train.pretrain import run_pretrain
+    from raysvc.train.pretrain_config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, a.config, a.set)
+    summary = run_pretrain(cfg)
+    probe = summary["probe"] or {}
+    print(json.dumps({"run": summary["uri"], "steps": summary["steps"], "probe_pretrained_miou":
+                      probe.get("pretrained_miou"), "probe_random_miou": probe.get("random_miou"),
+                      "monitor": summary["last_monitor"]}, indent=2))  # fmt: skip
+
+
 def cmd_predict(a: argparse.Namespace) -> None:
     from raysvc.infer import predict_dataset
     from raysvc.storage import resolve
@@ -137,7 +149,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
-    run_demo(workdir=a.workdir, events=a.events, storage=a.storage, workers=a.workers)
+    run_demo(workdir=a.workdir, events=a.events, storage=a.storage, workers=a.workers, pretrain_steps=a.pretrain_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
     ft.set_defaults(fn=cmd_finetune)
 
+    pt = sub.add_parser("pretrain", help="Panda self-supervised pretraining with Ray Train (locally or under ray job "
+                        "submit)")  # fmt: skip
+    pt.add_argument("config", help="job YAML, e.g. jobs/pretrain-panda-tiny.yaml")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
+    pt.set_defaults(fn=cmd_pretrain)
+
     pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
     pr.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
     pr.add_argument("--data", required=True, help="dataset URI (shards + manifest)")
@@ -223,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--events", type=int, default=2000)
     d.add_argument("--storage", choices=["seaweedfs", "file"], default="seaweedfs")
-    d.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    d.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ingest check")
+    d.add_argument("--pretrain-steps", type=int, default=150, help="tiny Panda pretraining steps (0: skip)")
     d.set_defaults(fn=cmd_demo)
     return p
 
@@ -237,7 +256,25 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"raysvc: error: {e}", file=sys.stderr)
+        _release_s3()
         sys.exit(2)
+    _release_s3()
+
+
+def _release_s3() -> None:
+    """Shut the AWS SDK down before interpreter exit. Left to static destructors, it aborted a `data inspect` of an
+    s3:// dataset once ("terminate called without an active exception", exit -6) after printing its result
+    (apache/arrow#41087, #36346: S3 must be finalised after the last S3FileSystem is gone)."""
+    if "pyarrow.fs" not in sys.modules:
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return  # Ray's driver may still hold filesystems (run storage); it shuts down at exit itself
+    import gc
+
+    import pyarrow.fs
+
+    gc.collect()  # the filesystems of finished commands
+    pyarrow.fs.finalize_s3()
 
 
 if __name__ == "__main__":

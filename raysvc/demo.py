@@ -1,8 +1,10 @@
 """`raysvc demo`: the main job end to end on embedded defaults.
 
-Today: start a local SeaweedFS (or use file://), generate synthetic events into Parquet shards on it, check their
-statistics against PILArNet-M, stream them back through Ray Data into Ray Train workers (DDP over gloo) that count
-every event, and write summary.json + plots. Later stages (pretrain -> fine-tune -> serve) hook in here.
+Start a local SeaweedFS (or use file://), generate synthetic events into Parquet shards on it, check their statistics
+against PILArNet-M, stream them back through Ray Data into Ray Train workers (DDP over gloo) that count every event,
+then pretrain the tiny PTv3 with Panda on those events (streamed from S3) and compare the linear probe on its frozen
+features with the same probe on the random initialisation, on held-out labelled events. Writes summary.json + plots.
+Later stages (fine-tune -> serve) hook in here.
 """
 
 from __future__ import annotations
@@ -54,8 +56,21 @@ def _plot(stats: dict, ingest: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
+    """Tiny Panda on the demo events, probe at step 0 (random init), mid-way and at the end."""
+    from raysvc.config import load_config
+    from raysvc.train.pretrain import run_pretrain
+    from raysvc.train.pretrain_config import PretrainConfig
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "pretrain-panda-tiny.yaml"
+    sets = [f"data.uri={uri}", f"probe_data.uri={heldout}", f"run.storage={work}", f"run.name=pretrain-{steps}",
+            f"train.steps={steps}", f"train.checkpoint_every={steps}", f"probe.every={max(steps // 3, 1)}",
+            "probe.train_events=60", "probe.val_events=60", "train.log_every=25", "train.monitor_every=25"]
+    return run_pretrain(load_config(PretrainConfig, job if job.exists() else None, sets))
+
+
 def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "seaweedfs", workers: int = 2,
-             seed: int = 0, shard_events: int = 250) -> dict:  # fmt: skip
+             seed: int = 0, shard_events: int = 250, pretrain_steps: int = 150) -> dict:  # fmt: skip
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -120,6 +135,13 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
             ingest = json.loads(Path(d, "ingest.json").read_text())
         ledger = stream.report()
 
+        heldout = uri.rsplit("/", 1)[0] + "/heldout"
+        _stage(f"generating 160 held-out labelled events (seed {seed + 1000}) into {heldout}")
+        generate_dataset(resolve(heldout), 160, seed + 1000, 80, workers=1, show_progress=False)
+        _stage(f"Panda pretraining of the tiny PTv3: {pretrain_steps} steps on {uri} (2 Train workers), linear probe "
+               "on frozen features vs the random initialisation")  # fmt: skip
+        pretrain = _pretrain(uri, heldout, work, pretrain_steps) if pretrain_steps else None
+
     ok = ingest["events"] == ingest["unique_events"] == ledger["events_out"]
     summary = {
         "ok": ok,
@@ -130,6 +152,9 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         "stream": {"events_delivered": ingest["events"], "unique_events": ingest["unique_events"],
                    "points": ingest["points"], "workers": ingest["workers"], "seconds": round(t_stream, 2),
                    "ledger": ledger},  # fmt: skip
+        "pretrain": None if pretrain is None else {
+            "steps": pretrain["steps"], "probe": pretrain["probe"], "last_monitor": pretrain["last_monitor"],
+            "run": pretrain["uri"], "wall_s": round(pretrain["wall_s"], 1)},
         "total_s": round(time.time() - t_start, 1),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -140,6 +165,17 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
     per_worker = ", ".join(str(w["events"]) for w in ingest["workers"])
     print(f"    delivered to Train workers: {ingest['events']} ({per_worker} per worker), each exactly once: "
           f"{ingest['events'] == ingest['unique_events']}")  # fmt: skip
+    if pretrain is not None and pretrain["probe"]:
+        pr = pretrain["probe"]
+        print(f"    linear probe on {pretrain['steps']}-step tiny Panda features: mIoU {pr['pretrained_miou']:.3f} vs "
+              f"{pr['random_miou']:.3f} on the random initialisation ({pr['gain']:+.3f}); curve "
+              f"{[(s, round(m, 3)) for s, m in pr['curve']]}")  # fmt: skip
+        for name in CLASS_NAMES:
+            print(f"      F1 {name:7s} pretrained {pr['pretrained']['f1'][name] or 0:.3f}  random "
+                  f"{pr['random']['f1'][name] or 0:.3f}")  # fmt: skip
+        mon = pretrain["last_monitor"]
+        print(f"    collapse monitors: {mon['proto_used_frac']:.2f} of prototypes used (perplexity "
+              f"{mon['proto_perplexity']:.0f}), feature std {mon['feat_std']:.3f}; run in {pretrain['uri']}")
     print(f"    wrote {work / 'summary.json'}, {work / 'summary.png'}, {work / 'event0.png'}")
     print(f"    total {summary['total_s']}s -> {'OK' if ok else 'MISMATCH'}")
     if not ok:

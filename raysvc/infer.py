@@ -40,6 +40,7 @@ class Segmenter:
         pre.update(min_points=1, remove_led=False, on_bad="error")  # classify every event; bad input is an error
         self.preprocess = PreprocessConfig(**pre)
         self.grid_voxels = float(m.get("grid_voxels", 1.0))
+        self.center_events = bool(m.get("center_events", False))
         self.model_id = loc.uri
 
     @torch.no_grad()
@@ -51,7 +52,8 @@ class Segmenter:
         out_flat = np.full(int(lengths.sum()), -1, np.int8)
         if pre.num_rows:
             batch = collate_packed(pre)
-            x = model_inputs(batch, self.preprocess.center, self.preprocess.scale, self.grid_voxels, self.device)
+            x = model_inputs(batch, self.preprocess.center, self.preprocess.scale, self.grid_voxels, self.device,
+                             self.center_events)  # fmt: skip
             logits = self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
             out_flat[keep] = logits.argmax(1)[x["inverse"]].to(torch.int8).cpu().numpy()
         return np.split(out_flat, np.cumsum(lengths)[:-1])

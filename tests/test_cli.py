@@ -102,10 +102,14 @@ def test_bench_train_json(tmp_path):
     assert r["ray_train_overhead"] > -1
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
-    run("demo", "--workdir", str(work), "--events", "300")
+    run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4")
     summary = json.loads((work / "summary.json").read_text())
+    probe = summary["pretrain"]["probe"]  # the tiny Panda run on the S3 events, probed at steps 0, 1, 2, 3, 4
+    assert summary["pretrain"]["steps"] == 4 and [s for s, _ in probe["curve"]] == [0, 1, 2, 3, 4]
+    assert probe["random_miou"] == probe["curve"][0][1] and (work / "pretrain-4" / "backbone.safetensors").exists()
     assert summary["ok"] and summary["dataset"]["storage"] == "seaweedfs"
     assert summary["stream"]["events_delivered"] == summary["stream"]["ledger"]["events_out"] > 200
     for png in ("summary.png", "event0.png"):

@@ -1,4 +1,5 @@
-"""`ray job submit` of a segmentation job to a real local Ray head started with token auth, as on a cluster."""
+"""`ray job submit` of segmentation and pretraining jobs to a real local Ray head started with token auth, as on a
+cluster."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_finetune_job_with_token_auth(ray_head, tmp_path):
+def test_ray_job_submit_runs_finetune_and_pretrain_jobs_with_token_auth(ray_head, tmp_path):
     from raysvc.data.synthetic import generate_dataset
     from raysvc.storage import resolve
 
@@ -118,3 +119,18 @@ def test_ray_job_submit_runs_a_finetune_job_with_token_auth(ray_head, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["workers"] == 2 and summary["val"]["miou"] is not None
     assert (run / "model.safetensors").stat().st_size > 1e6 and (run / "config.json").exists()
+
+    sets = [f"data.uri={tmp_path / 'train'}", f"probe_data.uri={tmp_path / 'val'}", f"run.storage={tmp_path / 'runs'}",
+            "run.name=pretrained", "train.steps=2", "train.checkpoint_every=2", "train.batch_events=2",
+            "probe.every=2", "probe.train_events=2", "probe.val_events=2", "views.local_views=2",
+            "panda.head_hidden=64", "panda.prototypes=64", "scaling.workers=2", "scaling.cpus_per_worker=0.5",
+            "data.read_cpus=0.25", "probe_data.read_cpus=0.25", "run.wandb_mode=offline"]  # fmt: skip
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                        "raysvc", "pretrain", "jobs/pretrain-panda-tiny.yaml",
+                        *[a for s in sets for a in ("--set", s)]],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    run = tmp_path / "runs" / "pretrained"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["workers"] == 2 and [s for s, _ in summary["probe"]["curve"]] == [0, 2]
+    assert (run / "backbone.safetensors").stat().st_size > 1e6 and (run / "config.json").exists()

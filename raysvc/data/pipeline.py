@@ -140,9 +140,10 @@ def rank_shards(prep: Prepared, rank: int, world: int, epoch: int, seed: int, sh
 
 
 def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter | None = None,
-                  prefetch: int = 2) -> Iterator[pa.Table]:  # fmt: skip
+                  prefetch: int = 2, transform=None, transform_kwargs: dict | None = None) -> Iterator:  # fmt: skip
     """Preprocessed tables of `shards`, in order, each read + preprocessed by a Ray task (`read_cpus` CPUs) with
-    `prefetch` tasks in flight ahead of the consumer; per-shard counts are added to `counts`.
+    `prefetch` tasks in flight ahead of the consumer; per-shard counts are added to `counts`. With `transform`, the
+    task returns `transform(table, **transform_kwargs)` instead (e.g. Panda's views: CPU work stays off the trainer).
 
     What Train workers iterate: deterministic (resumable) and cheap for the worker. A Ray Data executor inside each
     worker was measured to spin its scheduling loop whenever backpressure left no task running (ray.wait is then
@@ -158,7 +159,8 @@ def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter
     def submit() -> None:
         rec = next(todo, None)
         if rec is not None:
-            pending.append(task.remote(prep.root, rec, cfg.preprocess, prep.keep_ids, cfg.verify_checksums))
+            pending.append(task.remote(prep.root, rec, cfg.preprocess, prep.keep_ids, cfg.verify_checksums, transform,
+                                       transform_kwargs or {}))  # fmt: skip
 
     for _ in range(max(prefetch, 1)):
         submit()
@@ -167,13 +169,14 @@ def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter
         submit()
         if counts is not None:
             counts.update(shard_counts)
-        if table.num_rows:
+        if len(table):
             yield table
 
 
-def _read_task(root: Location, rec, cfg: PreprocessConfig, keep_ids, verify: bool) -> tuple[pa.Table, Counter]:
+def _read_task(root: Location, rec, cfg: PreprocessConfig, keep_ids, verify: bool, transform=None,
+               transform_kwargs: dict | None = None) -> tuple[object, Counter]:  # fmt: skip
     table, counts, _ = read_preprocessed(root, rec, cfg, keep_ids, verify)
-    return table, counts
+    return (transform(table, **transform_kwargs) if transform is not None else table), counts
 
 
 def pack_tables(tables: Iterable[pa.Table], batch_events: int, drop_last: bool = False) -> Iterator[dict]:

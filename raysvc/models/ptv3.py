@@ -311,8 +311,12 @@ class PTv3(nn.Module):
         return orders
 
     def forward(self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor,
-                ) -> list[Level]:  # fmt: skip
+                mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> list[Level]:  # fmt: skip
+        """`mask` (N,) bool with `mask_token` (C0,): masked points' embeddings are replaced by the token (Panda's
+        masked global views); the stem still sees their coordinates, as every point keeps its place in the grid."""
         level = self.embedding(Level(feat, coord, grid_coord.long(), offset))
+        if mask is not None:
+            level = level.with_feat(torch.where(mask[:, None], mask_token.to(level.feat.dtype), level.feat))
         orders = self.orders()
         levels = []
         for stage in self.enc:

@@ -10,17 +10,15 @@ them: `summary.json`, `curves.png`, and the exported `model.safetensors` + `conf
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
-import torch
 
 from raysvc.data.pipeline import Prepared, prepare
 from raysvc.data.reader import read_preprocessed
 from raysvc.data.schema import CLASS_NAMES
-from raysvc.ray_init import init_ray
 from raysvc.storage import Location, absolute_uri, ensure_dir, resolve, write_bytes_atomic
+from raysvc.train.driver import data_report, fit
 from raysvc.train.export import load_model, save_model
 from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import class_weights
@@ -46,17 +44,19 @@ def preflight(cfg: FinetuneConfig) -> tuple[Prepared, Prepared, Location, dict |
     ensure_dir(root)
     init_state = None
     if cfg.model.init and cfg.model.mode != "scratch":
-        init_state, _ = load_model(resolve(cfg.model.init))
+        init_state, init_config = load_model(resolve(cfg.model.init))
+        init_model = init_config.get("model", {})
+        if init_model.get("center_events") and not cfg.model.center_events:
+            cfg.model.center_events = True  # the backbone only knows centred events
+        if "grid_voxels" in init_model and abs(init_model["grid_voxels"] - cfg.model.grid_voxels) > 1e-3:
+            raise ValueError(f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
+                             f"{init_model['grid_voxels']} voxels that {cfg.model.init} was trained on")  # fmt: skip
     return train, val, root, init_state
 
 
 def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> dict:
     """Run (or resume) the job and export its result. `fault` ({"step": n, "marker": path}) makes rank 0 raise
     once at step n: the hook the fault-tolerance tests use."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from raysvc.train.seg_loop import seg_train_loop
 
     t0 = time.time()
@@ -70,25 +70,9 @@ def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> d
         1.0] * len(CLASS_NAMES)  # fmt: skip
     log(f"[raysvc] class counts (first shards) {dict(zip(CLASS_NAMES, counts, strict=True))}; "
         f"loss weights {[round(w, 3) for w in weights]}")  # fmt: skip
-    if not ray.is_initialized():
-        init_ray(logging_level="WARNING")  # RAY_ADDRESS (set by `ray job submit`) selects the cluster
-    resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
-    trainer = TorchTrainer(
-        seg_train_loop,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "class_weights": weights, "init_state": init_state,
-                           "train_data": train_prep, "val_data": val_prep, "fault": fault},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage_root.path,
-                             storage_filesystem=storage_root.fs if storage_root.is_s3 else None,
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-    )  # fmt: skip
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint ({result.error})")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    state = fit(seg_train_loop, {"job": cfg.model_dump(mode="json"), "class_weights": weights, "init_state": init_state,
+                                 "train_data": train_prep, "val_data": val_prep, "fault": fault},
+                cfg.scaling, cfg.run, storage_root)  # fmt: skip
     history = state["history"]
     val = history["val"][-1]["metrics"] if history["val"] else None
     config_json = {"model": cfg.model.model_dump(mode="json"), "num_classes": len(CLASS_NAMES),
@@ -100,7 +84,8 @@ def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> d
     summary = {
         "run": cfg.run.name, "uri": run_loc.uri, "steps": state["step"], "workers": cfg.scaling.workers,
         "val": val, "history": history, "class_counts": dict(zip(CLASS_NAMES, counts, strict=True)),
-        "class_weights": weights, "wall_s": time.time() - t0, "config": cfg.model_dump(mode="json"),
+        "class_weights": weights, "data": data_report(state, train_prep), "wall_s": time.time() - t0,
+        "config": cfg.model_dump(mode="json"),
     }  # fmt: skip
     write_bytes_atomic(run_loc.join("summary.json"), json.dumps(summary, indent=2).encode())
     return summary

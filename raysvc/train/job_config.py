@@ -21,6 +21,8 @@ class ModelSection(BaseModel):
     init: str | None = Field(None, description="directory (file:// or s3://) with backbone.safetensors or "
                                                "model.safetensors + config.json to start from")  # fmt: skip
     grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels (1: every voxel a site)")
+    center_events: bool = Field(False, description="shift each event's coordinates to its mean (a Panda backbone "
+                                "was pretrained on centred views; set from model.init's config when it says so)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
@@ -42,6 +44,8 @@ class TrainSection(BaseModel):
     grad_clip: float | None = Field(3.0, gt=0)
     class_weight_power: float = Field(0.5, ge=0, description="inverse class frequency ** power; 0: unweighted")
     lovasz_weight: float = Field(0.0, ge=0)
+    backbone_lr_scale: float = Field(0.05, gt=0, le=1, description="fft: encoder lr = lr x this x layer decay")
+    layer_decay: float = Field(0.9, gt=0, le=1, description="fft: lr x decay^(depth from the top) per encoder block")
     val_every: int = Field(200, gt=0, description="validate every N steps (and at the end)")
     val_events: int | None = Field(None, gt=0, description="cap on validation events (default: all)")
     checkpoint_every: int = Field(200, gt=0)

@@ -32,6 +32,56 @@ def curves_png(history: dict, title: str) -> bytes:
         b.set_xlabel("step")
         b.set_ylabel("validation IoU")
         b.legend(fontsize=8)
+    return _png(fig, title)
+
+
+def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
+    """Probe mIoU / mF1 over steps (step 0 = random init); unless `probe_only`, also the losses and the collapse
+    monitors (prototype usage, feature std)."""
+    probes = history.get("probe", [])
+    if probe_only:
+        fig, axes = plt.subplots(1, 1, figsize=(6, 4))
+        axes = [axes]
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    a = axes[0]
+    if probes:
+        steps = [p["step"] for p in probes]
+        a.plot(steps, [p["miou"] for p in probes], "k-o", label="probe mIoU", linewidth=2)
+        a.plot(steps, [p["mf1"] for p in probes], "b--o", label="probe mF1")
+        if probes[0]["step"] == 0:
+            a.axhline(probes[0]["miou"], color="grey", linestyle=":", label="random init (step 0)")
+        a.set_ylim(0, 1)
+    a.set_xlabel("step")
+    a.set_ylabel("linear probe on frozen features")
+    a.legend(fontsize=8)
+    if not probe_only:
+        tr = history.get("train", [])
+        b = axes[1]
+        for key in ("loss", "mask_loss", "roll_mask_loss", "unmask_loss"):
+            if tr and key in tr[0]:
+                b.plot([r["step"] for r in tr], [r[key] for r in tr], label=key)
+        b.set_xlabel("step")
+        b.set_ylabel("loss")
+        b.legend(fontsize=8)
+        c = axes[2]
+        mon = history.get("monitor", [])
+        if mon:
+            steps = [m["step"] for m in mon]
+            c.plot(steps, [m["proto_used_frac"] for m in mon], label="prototypes used by the student (fraction)")
+            c.plot(steps, [m.get("teacher_proto_used_frac", float("nan")) for m in mon], "--",
+                   label="... by the teacher")  # fmt: skip
+            c.plot(steps, [m["feat_std"] for m in mon], label="feature std")
+            c.set_ylim(0, 1.05)
+            p = c.twinx()
+            p.plot(steps, [m["proto_perplexity"] for m in mon], color="red", alpha=0.5, label="perplexity")
+            p.set_ylabel("prototype perplexity", color="red")
+        c.set_xlabel("step")
+        c.legend(fontsize=8, loc="lower left")
+    return _png(fig, title)
+
+
+def _png(fig, title: str) -> bytes:
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()

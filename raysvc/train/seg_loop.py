@@ -14,37 +14,50 @@ steps, so uneven data per rank can never leave one waiting in a collective.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import random
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from raysvc.data.pipeline import Prepared, pack_tables, rank_shards, stream_tables
 from raysvc.data.schema import CLASS_NAMES
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.ops.grid import grid_sample
+from raysvc.ops.packed import offset_to_batch
 from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import SegLoss
 from raysvc.train.metrics import ConfusionMatrix, compute
+from raysvc.train.optim import param_groups
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tracking import Tracker
+from raysvc.train.worker import (
+    RankStream,
+    autocast,
+    load_checkpoint_state,
+    restore,
+    save,
+    worker_setup,
+)
 
 
-def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, device: torch.device) -> dict:
+def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, device: torch.device,
+                 center_events: bool = False) -> dict:  # fmt: skip
     """Packed batch -> model inputs on `device`: grid sampling at `grid_voxels` (a cell takes the mean coordinate and
-    the summed energy feature of its points), integer grid coordinates, and `inverse` from points to cells."""
+    the summed energy feature of its points), integer grid coordinates, and `inverse` from points to cells. With
+    `center_events`, each event's coordinates are shifted to its mean (as Panda's views are: a backbone pretrained
+    on them expects it)."""
     voxel = torch.round(batch["coord"].double() * scale + center)  # undo the normalisation: exact voxel indices
     gs = grid_sample(voxel, batch["offset"], grid_voxels, feat=batch["energy"].double())
-    coord = ((gs.coord - center) / scale).float()
+    coord = (gs.coord - center) / scale
+    if center_events:
+        cell_batch = offset_to_batch(gs.offset)
+        count = torch.bincount(cell_batch, minlength=len(gs.offset)).to(coord.dtype)
+        mean = torch.zeros(len(gs.offset), 3, dtype=coord.dtype).index_add_(0, cell_batch, coord) / count[:, None]
+        coord = coord - mean[cell_batch]
+    coord = coord.float()
     feat = torch.cat([coord, gs.feat_sum.float()], 1)
     return {"feat": feat.to(device), "coord": coord.to(device),
             "grid_coord": gs.grid_coord.to(device), "offset": gs.offset.to(device), "inverse": gs.inverse.to(device),
@@ -56,8 +69,8 @@ def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConf
     """One optimisation step on a packed batch: inputs -> forward (bf16 autocast on CUDA) -> loss on the points ->
     backward -> clip -> optimizer step. `raysvc bench train` times this same function without Ray."""
     pre = cfg.data.preprocess
-    x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device)
-    with _autocast(cfg, device):
+    x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
+    with autocast(cfg.train.amp, device):
         logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
     loss = loss_fn(logits.float()[x["inverse"]], x["labels"])
     opt.zero_grad(set_to_none=True)
@@ -80,53 +93,6 @@ def build_model(cfg: FinetuneConfig, init_state: dict | None = None) -> SegModel
     if cfg.model.mode in ("lin", "dec"):
         model.freeze_backbone()
     return model
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
-def _gather(obj, world: int) -> list:
-    if world == 1 or not dist.is_initialized():
-        return [obj]
-    out: list = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class RankStream:
-    """This rank's endless, resumable stream of packed batches over its shards, epoch after epoch."""
-
-    def __init__(self, cfg: FinetuneConfig, prep: Prepared, rank: int, world: int, epoch: int = 0, skip: int = 0):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.prep = prep
-        self.counts: Counter = Counter()  # events read / cut / skipped, summed over epochs
-        self.epoch, self.consumed = epoch, skip
-        self.per_rank = cfg.train.batch_events // world
-        if len(self.prep.manifest.shards) < world:
-            raise ValueError(f"{cfg.data.uri}: {len(self.prep.manifest.shards)} shards for {world} workers; "
-                             "each worker needs at least one")  # fmt: skip
-
-    def __iter__(self):
-        while True:
-            shards = rank_shards(self.prep, self.rank, self.world, self.epoch, self.cfg.train.seed, shuffle=True)
-            tables = stream_tables(self.cfg.data, self.prep, shards, self.counts)
-            got = 0
-            for i, batch in enumerate(pack_tables(tables, self.per_rank, drop_last=True)):
-                if i < self.consumed:
-                    continue  # resuming mid-epoch: skip what the checkpointed run had already used
-                got += 1
-                self.consumed = i + 1
-                yield batch
-            if got == 0 and self.consumed == 0:
-                raise ValueError(f"{self.cfg.data.uri}: rank {self.rank} got no full batch of {self.per_rank} events")
-            self.epoch, self.consumed = self.epoch + 1, 0
 
 
 def validation_batches(cfg: FinetuneConfig, prep: Prepared, rank: int, world: int) -> list[dict]:
@@ -152,8 +118,8 @@ def evaluate(model, batches: list[dict], cfg: FinetuneConfig, device, world: int
     cm = ConfusionMatrix(len(CLASS_NAMES))
     pre = cfg.val_data.preprocess
     for batch in batches:
-        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device)
-        with _autocast(cfg, device):
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
+        with autocast(cfg.train.amp, device):
             logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
         cm.update(logits.argmax(1)[x["inverse"]], x["labels"])
     if world > 1:
@@ -162,25 +128,11 @@ def evaluate(model, batches: list[dict], cfg: FinetuneConfig, device, world: int
     return compute(cm.matrix, CLASS_NAMES)
 
 
-def _autocast(cfg: FinetuneConfig, device: torch.device):
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def seg_train_loop(config: dict) -> None:
-    import ray.train
     import ray.train.torch
 
     cfg = FinetuneConfig.model_validate(config["job"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
-    device = ray.train.torch.get_device()
-    seed = cfg.train.seed * 1000 + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    rank, world, device = worker_setup(cfg.train.seed, cfg.scaling)
 
     init_state = config.get("init_state")
     model = build_model(cfg, init_state).to(device)
@@ -188,30 +140,27 @@ def seg_train_loop(config: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     params = [p for p in raw.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.model.mode == "fft":  # REFERENCE.md section 3: the pretrained encoder at lr x 0.05 with layer decay
+        groups = param_groups(raw, raw.backbone.cfg.depths, cfg.train.lr, cfg.train.layer_decay,
+                              cfg.train.weight_decay, backbone_scale=cfg.train.backbone_lr_scale)  # fmt: skip
+    else:
+        groups = [{"params": params}]
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
     loss_fn = SegLoss(torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
                       cfg.train.lovasz_weight)  # fmt: skip
 
-    step, epoch, consumed = 0, 0, 0
-    history: dict = {"train": [], "val": []}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
-        raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, history = state["step"], state["history"]
-        if state["world"] == world:
-            epoch, consumed = state["data"][rank]
-            _set_rng_state(state["rng"][rank])
-        elif rank == 0:
-            print(f"[raysvc] resuming with {world} workers instead of {state['world']}: data order restarts")
-        if rank == 0:
-            print(f"[raysvc] resumed from step {step}")
+    parts = {"model": raw, "optimizer": opt, "scheduler": sched}
+    step, history, (epoch, consumed), resumed_counts = restore(load_checkpoint_state(), parts, rank, world,
+                                                               {"train": [], "val": []})  # fmt: skip
 
-    rank_stream = RankStream(cfg, config["train_data"], rank, world, epoch, consumed)
+    per_rank = cfg.train.batch_events // world
+
+    def make_batches(shards: list, epoch: int, counts: Counter):
+        return pack_tables(stream_tables(cfg.data, config["train_data"], shards, counts), per_rank, drop_last=True)
+
+    rank_stream = RankStream(config["train_data"], rank, world, cfg.train.seed, make_batches, epoch, consumed)
+    rank_stream.counts.update(resumed_counts)
     stream = iter(rank_stream)
     val_batches: list[dict] | None = None
     fault = config.get("fault") or {}  # tests of fault tolerance: raise once at this step (a marker file remembers)
@@ -222,7 +171,7 @@ def seg_train_loop(config: dict) -> None:
     local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
     tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir)
     if step >= cfg.train.steps:  # re-run of a finished run: hand its last state back
-        _report(raw, opt, sched, step, history, last_val, rank, world, (epoch, consumed))
+        _report(parts, step, history, last_val, rank, world, rank_stream)
     while step < cfg.train.steps:
         batch = next(stream)
         loss = train_step(model, params, opt, loss_fn, batch, cfg, device)
@@ -234,7 +183,7 @@ def seg_train_loop(config: dict) -> None:
             raise RuntimeError(f"injected fault at step {step}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             dt = time.perf_counter() - t_last
-            rec = {"step": step, "loss": float(loss), "lr": sched.get_last_lr()[0],
+            rec = {"step": step, "loss": float(loss), "lr": max(sched.get_last_lr()),
                    "events_per_s": ev_since * world / dt}  # fmt: skip
             history["train"].append(rec)
             tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
@@ -253,26 +202,13 @@ def seg_train_loop(config: dict) -> None:
                 iou = " ".join(f"{k} {v:.3f}" for k, v in last_val["iou"].items() if v is not None)
                 print(f"[raysvc] val step {step}: mIoU {last_val['miou'] or 0:.4f} ({iou})", flush=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            position = (rank_stream.epoch, rank_stream.consumed)
-            _report(raw, opt, sched, step, history, last_val, rank, world, position)
+            _report(parts, step, history, last_val, rank, world, rank_stream)
     tracker.finish()
 
 
-def _report(raw, opt, sched, step, history, last_val, rank, world, epoch_pos) -> None:
-    import ray.train
-
-    positions = _gather(epoch_pos, world)
-    rngs = _gather(_rng_state(), world)
+def _report(parts: dict, step: int, history: dict, last_val: dict | None, rank: int, world: int,
+            stream: RankStream) -> None:  # fmt: skip
     metrics = {"step": step, "loss": history["train"][-1]["loss"] if history["train"] else None}
     if last_val is not None:
         metrics["val_miou"] = last_val["miou"]
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "history": history, "data": positions, "rng": rngs, "world": world}  # fmt: skip
-    with tempfile.TemporaryDirectory() as d:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        Path(d, "state.pt").write_bytes(buf.getvalue())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    save(parts, step, history, rank, world, stream, metrics)

@@ -1,0 +1,196 @@
+"""Multi-view generator for Panda / Sonata-style self-distillation pretraining, on preprocessed events.
+
+Runs in CPU Ray tasks. Per event: G global and L local crops (k nearest points to a centre, k a random fraction of
+min(N, max_points)). As in Sonata, the principal global view is centred on a random point and every other view is
+centred inside it (its loss is matched against the teacher's principal view); local centres go to principal-view
+points that no earlier local view covered, so the locals spread over it. Each view is centred, rotated, flipped,
+jittered and grid-sampled; every cell keeps the mean ORIGINAL coordinate of its points (`origin`) so the loss can
+match cells across views.
+
+All randomness comes from one generator per event seeded by (seed, epoch, event_id): the views are a function of those
+three numbers only, whatever the task order, worker or retry (deterministic and resumable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from raysvc.data.schema import flat_coords, flat_values
+
+
+class ViewConfig(BaseModel):
+    """Crops and augmentations of the multi-view generator; lengths in normalised units unless said otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+    global_views: int = Field(2, ge=1, description="global crops per event")
+    local_views: int = Field(6, ge=0, description="local crops per event")
+    global_scale: tuple[float, float] = Field((0.4, 1.0), description="global crop size range, fraction of base")
+    local_scale: tuple[float, float] = Field((0.1, 0.4), description="local crop size range, fraction of base")
+    max_points: int = Field(30000, ge=1, description="base count = min(N, max_points)")
+    local_centers: Literal["uncovered", "cnms"] = Field(
+        "uncovered", description="local centre candidates: principal-view points, or the C-NMS centres among them; "
+        "ones no earlier local view covered first"
+    )
+    cnms_radius: float = Field(5.0, gt=0, description="C-NMS radius (voxels)")
+    cnms_overlap: float = Field(0.73, gt=0, description="C-NMS overlap factor")
+    voxel_scale: float = Field(768 * math.sqrt(3) / 2, gt=0, description="normalised -> voxels, for C-NMS")
+    energy_jitter_sigma: float = Field(0.05, ge=0, description="sigma of the shared energy factor 1 + N(0, s)")
+    energy_jitter_p: float = Field(0.8, ge=0, le=1, description="probability of jittering an event's energy")
+    rotate_p: float = Field(0.8, ge=0, le=1, description="probability of each rotation (z, x, y)")
+    flip_p: float = Field(0.5, ge=0, le=1, description="probability of mirroring x, and y, independently")
+    grid: float = Field(0.001, gt=0, description="grid-sampling cell size")
+    coord_jitter: float | None = Field(None, ge=0, description="coordinate jitter sigma; None -> grid / 4")
+    min_view_points: int = Field(16, ge=1, description="crops never smaller than this (or N if smaller)")
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"need 0 < lo <= hi <= 1, got {v}")
+        return v
+
+
+@dataclass
+class View:
+    coord: np.ndarray  # (m, 3) float32 augmented, centred, grid-sampled
+    origin: np.ndarray  # (m, 3) float32 mean original (pre-augmentation) normalised coordinate of each cell
+    energy: np.ndarray  # (m,) float32
+    grid_coord: np.ndarray  # (m, 3) int32
+    index: np.ndarray  # (k,) int64 event points the crop took (before grid sampling)
+    center: int  # event point index of the crop centre
+
+
+def _rotation(axis: int, a: float) -> np.ndarray:
+    c, s = math.cos(a), math.sin(a)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]  # the plane rotated about `axis`
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def _grid_sample(coord: np.ndarray, origin: np.ndarray, energy: np.ndarray, grid: float):
+    """Cell means of coord / origin / energy, and the cells' grid coordinates (sorted by cell)."""
+    gc = np.floor((coord - coord.min(0)) / grid).astype(np.int64)
+    dims = gc.max(0) + 1
+    if math.prod(int(d) for d in dims) >= 2**63:
+        raise ValueError(f"grid {grid} too fine for a view of extent {np.ptp(coord, 0)}: cell key overflows int64")
+    key = (gc[:, 0] * dims[1] + gc[:, 1]) * dims[2] + gc[:, 2]
+    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    cnt = np.bincount(inv).astype(np.float64)
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        return np.bincount(inv, weights=x, minlength=len(cnt)) / cnt
+
+    cm = np.stack([mean(coord[:, d]) for d in range(3)], 1).astype(np.float32)
+    om = np.stack([mean(origin[:, d]) for d in range(3)], 1).astype(np.float32)
+    return cm, om, mean(energy).astype(np.float32), gc[first].astype(np.int32)
+
+
+def _augment(origin: np.ndarray, cfg: ViewConfig, rng: np.random.Generator) -> np.ndarray:
+    """Centre shift, rotations about z, x, y (each with p rotate_p), x / y mirror, clipped jitter."""
+    x = origin - origin.mean(0)
+    rot = np.eye(3)
+    for axis in (2, 0, 1):
+        if rng.random() < cfg.rotate_p:
+            rot = _rotation(axis, rng.uniform(-math.pi, math.pi)) @ rot
+    for axis in (0, 1):
+        if rng.random() < cfg.flip_p:
+            rot[axis] *= -1  # mirror that coordinate after the rotations
+    x = x @ rot.T
+    sigma = cfg.grid / 4 if cfg.coord_jitter is None else cfg.coord_jitter
+    if sigma > 0:
+        x += np.clip(rng.normal(0.0, sigma, x.shape), -cfg.grid, cfg.grid)
+    return x
+
+
+def make_views(coord: np.ndarray, energy: np.ndarray, cfg: ViewConfig,
+               rng: np.random.Generator) -> tuple[list[View], list[View]]:  # fmt: skip
+    """(global views, local views) of one event: coord (n, 3) normalised, energy (n,) log-scaled feature."""
+    pts = np.asarray(coord, np.float64)
+    n = len(pts)
+    if n == 0:
+        raise ValueError("make_views: empty event")
+    base = min(n, cfg.max_points)
+    # One factor for every view of the event (the teacher and student see the same energy scale). Energies are
+    # log-scaled features here, so the factor multiplies the feature itself, not the deposited MeV.
+    factor = 1.0 + rng.normal(0.0, cfg.energy_jitter_sigma) if rng.random() < cfg.energy_jitter_p else 1.0
+    feat = np.asarray(energy, np.float64) * factor
+    pool = np.arange(n)
+    if cfg.local_views and cfg.local_centers == "cnms":
+        from raysvc.ops.grouping import cnms_event
+
+        pool, _ = cnms_event(pts * cfg.voxel_scale, cfg.cnms_radius, cfg.cnms_overlap)
+
+    def crop(c: int, scale: tuple[float, float]) -> View:
+        k = min(n, max(int(round(rng.uniform(*scale) * base)), cfg.min_view_points))
+        d2 = ((pts - pts[c]) ** 2).sum(1)
+        idx = np.sort(np.argpartition(d2, k - 1)[:k]) if k < n else np.arange(n)
+        origin = pts[idx]
+        return View(*_grid_sample(_augment(origin, cfg, rng), origin, feat[idx], cfg.grid), index=idx, center=c)
+
+    # As in Sonata: the principal global view is centred on a random point; the other global views and every local
+    # view are centred inside it, so each student view overlaps the teacher view its loss is matched against. Local
+    # centres go to principal-view points (or C-NMS centres) that no earlier local view covered.
+    principal = crop(int(rng.integers(n)), cfg.global_scale)
+    globals_ = [principal] + [crop(int(principal.index[rng.integers(len(principal.index))]), cfg.global_scale)
+                              for _ in range(cfg.global_views - 1)]  # fmt: skip
+    in_principal = np.zeros(n, bool)
+    in_principal[principal.index] = True
+    cand_all = pool[in_principal[pool]]
+    if len(cand_all) == 0:  # no C-NMS centre inside the principal view: its points then
+        cand_all = principal.index
+    covered = np.zeros(n, bool)
+    locals_ = []
+    for _ in range(cfg.local_views):
+        free = cand_all[~covered[cand_all]]
+        cand = free if len(free) else cand_all  # everything covered: start over
+        view = crop(int(cand[rng.integers(len(cand))]), cfg.local_scale)
+        covered[view.index] = True
+        locals_.append(view)
+    return globals_, locals_
+
+
+def table_views(table: pa.Table, cfg: ViewConfig, seed: int, epoch: int) -> list[tuple[int, list[View], list[View]]]:
+    """(event_id, globals, locals) for every row of a preprocessed table (event ids must be non-negative)."""
+    coords = flat_coords(table)
+    energy = flat_values(table, "energy").astype(np.float32, copy=False)
+    bounds = np.concatenate([[0], np.cumsum(table.column("num_points").to_numpy().astype(np.int64))])
+    out = []
+    for r, eid in enumerate(table.column("event_id").to_numpy().tolist()):
+        sl = slice(bounds[r], bounds[r + 1])
+        g, loc = make_views(coords[sl], energy[sl], cfg, np.random.default_rng([seed, epoch, eid]))
+        out.append((eid, g, loc))
+    return out
+
+
+def collate_views(events: list[tuple[int, list[View], list[View]]]) -> dict:
+    """Packed torch batch: event_id (B,), and for "global" / "local" (views event-major: e0v0, e0v1, e1v0, ...)
+    feat (M, 4) = xyz + energy, coord, origin (M, 3), grid_coord (M, 3) int64, offset (V,) cumulative counts.
+    "local" is None when the events have no local views."""
+    import torch
+
+    def pack(views: list[View]) -> dict[str, torch.Tensor] | None:
+        if not views:
+            return None
+        coord = torch.from_numpy(np.concatenate([v.coord for v in views]))
+        energy = torch.from_numpy(np.concatenate([v.energy for v in views])).unsqueeze(1)
+        return {
+            "feat": torch.cat([coord, energy], 1),
+            "coord": coord,
+            "origin": torch.from_numpy(np.concatenate([v.origin for v in views])),
+            "grid_coord": torch.from_numpy(np.concatenate([v.grid_coord for v in views]).astype(np.int64)),
+            "offset": torch.from_numpy(np.cumsum([len(v.coord) for v in views]).astype(np.int64)),
+        }
+
+    return {
+        "event_id": torch.tensor([e[0] for e in events], dtype=torch.long),
+        "global": pack([v for e in events for v in e[1]]),
+        "local": pack([v for e in events for v in e[2]]),
+    }

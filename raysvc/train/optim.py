@@ -1,0 +1,38 @@
+"""AdamW parameter groups with layer-wise lr decay over the PTv3 encoder (Panda pretraining and the fft protocol).
+
+A parameter's depth: the stem 0, encoder blocks 1..n in order (a stage's grid pooling goes with its first block),
+everything outside the encoder (heads, decoder, mask token) n + 1. Its lr is lr x layer_decay^(n + 1 - depth), times
+`backbone_scale` inside the encoder. Weight decay applies to matrices only (`decay` marks the groups a weight-decay
+schedule updates); norms, biases and tokens are spared.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def layer_id(name: str, depths: tuple[int, ...], prefix: str = "backbone.") -> int:
+    if name.startswith(prefix + "embedding"):
+        return 0
+    if name.startswith(prefix + "enc."):
+        parts = name[len(prefix):].split(".")
+        stage = int(parts[1])
+        block = int(parts[3]) if parts[2] == "blocks" else 0
+        return sum(depths[:stage]) + block + 1
+    return sum(depths) + 1
+
+
+def param_groups(model: nn.Module, depths: tuple[int, ...], lr: float, layer_decay: float, weight_decay: float,
+                 backbone_scale: float = 1.0, prefix: str = "backbone.") -> list[dict]:  # fmt: skip
+    """Groups of the trainable parameters of `model`, whose encoder sits under `prefix`."""
+    top = sum(depths) + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid, decay = layer_id(name, depths, prefix), p.ndim > 1
+        scale = layer_decay ** (top - lid) * (backbone_scale if lid < top else 1.0)
+        g = groups.setdefault((lid, decay), {"params": [], "lr": lr * scale, "decay": decay,
+                                             "weight_decay": weight_decay if decay else 0.0})  # fmt: skip
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

@@ -1,0 +1,222 @@
+"""The per-worker Panda pretraining loop that `ray.train.torch.TorchTrainer` runs (Train V2 API).
+
+Reads top to bottom: student (DDP) + EMA teacher, AdamW with layer-wise lr decay, restore the last checkpoint if the
+run has one, then step: views of this rank's events (made by the CPU read tasks: `data.views.table_views`) ->
+grid masks on the global views -> teacher on the unmasked globals, student on the masked globals and the locals ->
+the three Panda losses against Sinkhorn targets -> backward -> clip -> AdamW -> EMA update of the teacher.
+Schedules (mask size / ratio, teacher temperature, momentum, weight decay, lr) are functions of the step, so a
+resumed run continues them exactly. Collapse monitors every `monitor_every` steps; the online linear probe (rank 0)
+at step 0 (the random initialisation: the baseline) and every `probe.every` steps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import torch
+
+from raysvc.data.pipeline import Prepared, pack_tables, stream_tables
+from raysvc.data.views import collate_views, table_views
+from raysvc.models.panda import (
+    PandaStudent,
+    collapse_monitors,
+    cosine,
+    ema_update,
+    grid_mask,
+    make_teacher,
+    panda_losses,
+    teacher_forward,
+    warm,
+)
+from raysvc.models.ptv3 import preset
+from raysvc.train.optim import param_groups
+from raysvc.train.pretrain_config import PretrainConfig
+from raysvc.train.probe import run_probe
+from raysvc.train.schedule import one_cycle_scheduler
+from raysvc.train.seg_loop import model_inputs
+from raysvc.train.tracking import Tracker
+from raysvc.train.worker import (
+    RankStream,
+    autocast,
+    load_checkpoint_state,
+    restore,
+    save,
+    seed_everything,
+    worker_setup,
+)
+
+
+def _to(view: dict | None, device: torch.device) -> dict | None:
+    return None if view is None else {k: v.to(device, non_blocking=True) for k, v in view.items()}
+
+
+def read_probe_events(cfg: PretrainConfig, prep: Prepared) -> tuple[list[dict], list[dict]]:
+    """(probe-train batches, probe-val batches): the first `probe.train_events` held-out events, then the next
+    `probe.val_events`, in manifest order (the same events for every probe and every run)."""
+    want = [cfg.probe.train_events, cfg.probe.val_events]
+    out: list[list[dict]] = [[], []]
+    part, have = 0, 0
+    tables = stream_tables(cfg.probe_data, prep, prep.manifest.shards)
+    for batch in pack_tables(tables, 1):
+        out[part].append(batch)
+        have += 1
+        if have == want[part]:
+            part, have = part + 1, 0
+            if part == 2:
+                break
+    if part < 2:
+        raise ValueError(f"{cfg.probe_data.uri}: the probe needs {sum(want)} events after the cuts, found "
+                         f"{sum(len(b) for b in out)}")  # fmt: skip
+    return rebatch(out[0]), rebatch(out[1])
+
+
+def rebatch(singles: list[dict], size: int = 4) -> list[dict]:
+    """Single-event batches -> batches of `size` events (concatenated, offsets shifted)."""
+    out = []
+    for i in range(0, len(singles), size):
+        group = singles[i: i + size]
+        batch = {k: torch.cat([b[k] for b in group]) for k in group[0] if k not in ("offset", "batch")}
+        counts = torch.tensor([int(b["offset"][-1]) for b in group])
+        batch["offset"] = torch.cumsum(counts, 0)
+        batch["batch"] = torch.repeat_interleave(torch.arange(len(group)), counts)
+        out.append(batch)
+    return out
+
+
+def pretrain_loop(config: dict) -> None:
+    import ray.train.torch
+
+    cfg = PretrainConfig.model_validate(config["job"])
+    rank, world, device = worker_setup(cfg.train.seed, cfg.scaling)
+    torch.manual_seed(cfg.train.seed)  # the same initial student on every rank (DDP broadcasts it anyway)
+
+    bcfg = preset(cfg.model.size, **cfg.model.overrides)
+    student = PandaStudent(bcfg, cfg.panda).to(device)
+    teacher = make_teacher(student, bcfg).to(device)
+    ddp = ray.train.torch.prepare_model(student, move_to_device=False) if world > 1 else student
+    groups = param_groups(student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    total = cfg.train.steps
+    sched = one_cycle_scheduler(opt, total, cfg.train.warmup_frac, cfg.train.final_lr_frac)
+    seed_everything(cfg.train.seed * 1000 + rank)
+
+    parts = {"student": student, "teacher": teacher, "optimizer": opt, "scheduler": sched}
+    step, history, (epoch, consumed), resumed_counts = restore(load_checkpoint_state(), parts, rank, world,
+                                                               {"train": [], "monitor": [], "probe": []})  # fmt: skip
+    per_rank = cfg.train.batch_events // world
+    n_global, n_local = cfg.views.global_views, cfg.views.local_views
+
+    def make_batches(shards: list, ep: int, counts: Counter):
+        kwargs = {"cfg": cfg.views, "seed": cfg.train.seed, "epoch": ep}
+        pending: list = []
+        for events in stream_tables(cfg.data, config["train_data"], shards, counts, transform=table_views,
+                                    transform_kwargs=kwargs):  # fmt: skip
+            pending.extend(events)
+            while len(pending) >= per_rank:
+                yield collate_views(pending[:per_rank])
+                pending = pending[per_rank:]
+
+    rank_stream = RankStream(config["train_data"], rank, world, cfg.train.seed, make_batches, epoch, consumed)
+    rank_stream.counts.update(resumed_counts)
+    stream = iter(rank_stream)
+
+    probe_sets = None
+    pre = cfg.probe_data.preprocess if cfg.probe_data else None
+
+    def probe(at: int) -> None:
+        nonlocal probe_sets
+        if rank != 0 or cfg.probe_data is None:
+            return
+        if probe_sets is None:
+            probe_sets = read_probe_events(cfg, config["probe_data"])
+        t0 = time.perf_counter()
+        inputs = lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, device, True)  # noqa: E731
+        m = run_probe(student.backbone, *probe_sets, inputs, device, cfg.probe, seed=cfg.train.seed)
+        history["probe"].append({"step": at, "miou": m["miou"], "mf1": m["mf1"], "iou": m["iou"], "f1": m["f1"],
+                                 "accuracy": m["accuracy"]})  # fmt: skip
+        tracker.log({"probe/miou": m["miou"], "probe/mf1": m["mf1"]}, at)
+        f1 = " ".join(f"{k} {v:.2f}" for k, v in m["f1"].items() if v is not None)
+        print(f"[raysvc] probe step {at}: mIoU {m['miou']:.4f} mF1 {m['mf1']:.4f} ({f1}) "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+
+    local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
+    tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir)
+    fault = config.get("fault") or {}
+    if step == 0 and not history["probe"]:
+        probe(0)  # the randomly initialised backbone: the probe's baseline
+    if step >= total:
+        _report(parts, step, history, rank, world, rank_stream)
+    t_last, ev_since, sums = time.perf_counter(), 0, Counter()
+    while step < total:
+        batch = next(stream)
+        p = cfg.panda
+        mask_size = warm(step, total, *p.mask_size, p.mask_warmup_frac)
+        mask_ratio = warm(step, total, *p.mask_ratio, p.mask_warmup_frac)
+        temp = warm(step, total, *p.teacher_temp, p.teacher_temp_warmup_frac)
+        momentum = cosine(step, total, *p.momentum)
+        wd = cosine(step, total, *cfg.train.weight_decay)
+        for g in opt.param_groups:
+            g["weight_decay"] = wd if g["decay"] else 0.0
+
+        g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
+        mask = grid_mask(g_view["coord"], g_view["offset"], mask_size, mask_ratio).to(device)
+        masked = dict(g_view)
+        if p.mask_jitter:
+            noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
+            masked["coord"] = g_view["coord"] + noise * mask[:, None]
+        with autocast(cfg.train.amp, device):
+            t_enc, t_sims = teacher_forward(teacher, g_view)
+            s_out = ddp(masked, mask, l_view)
+            losses = panda_losses(s_out, t_enc, t_sims, p, temp, n_global, n_local)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        ema_update(teacher, student, momentum)
+        step += 1
+        ev_since += per_rank
+        for k, v in losses.items():
+            sums[k] += float(v)
+        sums["n"] += 1
+        if fault and step == fault["step"] and rank == 0 and not os.path.exists(fault["marker"]):
+            open(fault["marker"], "w").write(str(step))
+            raise RuntimeError(f"injected fault at step {step}")
+        if step % cfg.train.monitor_every == 0 or step == total:
+            key, view = ("mask", "global") if "global" in s_out else ("unmask", "local")
+            enc, sims = s_out[view]
+            teacher_mon = collapse_monitors(t_sims[key], t_enc.feat)
+            mon = {"step": step, **collapse_monitors(sims.detach(), enc.feat.detach()),
+                   **{f"teacher_{k}": v for k, v in teacher_mon.items()}, "mask_ratio": float(mask.float().mean()),
+                   "mask_size": mask_size, "teacher_temp": temp, "momentum": momentum, "weight_decay": wd}  # fmt: skip
+            history["monitor"].append(mon)
+            tracker.log({f"monitor/{k}": v for k, v in mon.items() if k != "step"}, step)
+        if step % cfg.train.log_every == 0 or step == total:
+            dt = time.perf_counter() - t_last
+            rec = {"step": step, **{k: v / sums["n"] for k, v in sums.items() if k != "n"},
+                   "lr": max(sched.get_last_lr()), "events_per_s": ev_since * world / dt}  # fmt: skip
+            history["train"].append(rec)
+            tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
+            if rank == 0:
+                mon = history["monitor"][-1] if history["monitor"] else {}
+                print(f"[raysvc] step {step}/{total} loss {rec['loss']:.4f} (mask {rec.get('mask_loss', 0):.3f} "
+                      f"roll {rec.get('roll_mask_loss', 0):.3f} unmask {rec.get('unmask_loss', 0):.3f}) "
+                      f"protos used {mon.get('proto_used_frac', 0):.2f} perplexity {mon.get('proto_perplexity', 0):.0f}"
+                      f" feat std {mon.get('feat_std', 0):.3f} {rec['events_per_s']:.2f} ev/s", flush=True)  # fmt: skip
+            t_last, ev_since, sums = time.perf_counter(), 0, Counter()
+        if step % cfg.probe.every == 0 or step == total:
+            probe(step)
+        if step % cfg.train.checkpoint_every == 0 or step == total:
+            _report(parts, step, history, rank, world, rank_stream)
+    tracker.finish()
+
+
+def _report(parts: dict, step: int, history: dict, rank: int, world: int, stream: RankStream) -> None:
+    metrics = {"step": step, "loss": history["train"][-1]["loss"] if history["train"] else None}
+    if history["probe"]:
+        metrics["probe_miou"] = history["probe"][-1]["miou"]
+    save(parts, step, history, rank, world, stream, metrics)

@@ -1,0 +1,152 @@
+"""What every per-worker training loop shares: the rank's resumable data stream, RNG state capture, collectives that
+degrade to no-ops on one worker, bf16 autocast on CUDA, and reporting a checkpoint to Ray Train."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raysvc.data.pipeline import Prepared, rank_shards
+
+
+def worker_setup(seed: int, scaling) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Train worker; torch threads from `scaling`; RNGs seeded per rank."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(scaling.torch_threads or max(int(scaling.cpus_per_worker), 1))
+    seed_everything(seed * 1000 + rank)
+    return rank, world, ray.train.torch.get_device()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def gather(obj, world: int) -> list:
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def autocast(amp: bool, device: torch.device):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class RankStream:
+    """This rank's endless, resumable stream of batches over its shards (shard i -> rank i mod world), epoch after
+    epoch in a seeded order. `make_batches(shards, epoch, counts)` turns an epoch's shard list into batches (reading
+    them through Ray tasks); `counts` sums what the reads removed (cuts, bad events) over the run."""
+
+    def __init__(self, prep: Prepared, rank: int, world: int, seed: int,
+                 make_batches: Callable[[list, int, Counter], Iterator], epoch: int = 0, skip: int = 0):  # fmt: skip
+        self.prep, self.rank, self.world, self.seed = prep, rank, world, seed
+        self.make_batches = make_batches
+        self.counts: Counter = Counter()
+        self.epoch, self.consumed = epoch, skip
+        if len(prep.manifest.shards) < world:
+            raise ValueError(f"{prep.root.uri}: {len(prep.manifest.shards)} shards for {world} workers; "
+                             "each worker needs at least one")  # fmt: skip
+
+    def __iter__(self):
+        while True:
+            shards = rank_shards(self.prep, self.rank, self.world, self.epoch, self.seed, shuffle=True)
+            got = 0
+            for i, batch in enumerate(self.make_batches(shards, self.epoch, self.counts)):
+                if i < self.consumed:
+                    continue  # resuming mid-epoch: skip what the checkpointed run had already used
+                got += 1
+                self.consumed = i + 1
+                yield batch
+            if got == 0 and self.consumed == 0:
+                raise ValueError(f"{self.prep.root.uri}: rank {self.rank} got no full batch from its shards")
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.consumed
+
+
+def report_checkpoint(state: dict, metrics: dict, rank: int) -> None:
+    """Every rank joins the report (a barrier in Train V2); rank 0 attaches `state` as state.pt."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        Path(d, "state.pt").write_bytes(buf.getvalue())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def load_checkpoint_state() -> dict | None:
+    """The state.pt of the run's latest checkpoint (a restarted or re-run job), or None."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def restore(state: dict | None, parts: dict, rank: int, world: int, history: dict,
+            ) -> tuple[int, dict, tuple[int, int], dict]:  # fmt: skip
+    """Load `parts` ({state key: module / optimizer / scheduler}) from a checkpoint's state. Returns (step, history,
+    this rank's data position, its counts so far); with the same world size also this rank's RNG states, so the run
+    continues exactly. A fresh run (state None) gets (0, `history`, (0, 0), {})."""
+    if state is None:
+        return 0, history, (0, 0), {}
+    for key, obj in parts.items():
+        obj.load_state_dict(state[key])
+    position, counts = (0, 0), {}
+    if state["world"] == world:
+        position = tuple(state["data"][rank])
+        set_rng_state(state["rng"][rank])
+        counts = state.get("counts", [{}] * world)[rank]
+    elif rank == 0:
+        print(f"[raysvc] resuming with {world} workers instead of {state['world']}: data order restarts")
+    if rank == 0:
+        print(f"[raysvc] resumed from step {state['step']}")
+    return state["step"], state["history"], position, counts
+
+
+def save(parts: dict, step: int, history: dict, rank: int, world: int, stream: RankStream, metrics: dict) -> None:
+    """Checkpoint `parts` with the step, history, and every rank's data position, counts and RNG states (gathered:
+    every rank must call this)."""
+    positions = gather(stream.position(), world)
+    counts = gather(dict(stream.counts), world)
+    rngs = gather(rng_state(), world)
+    state = {}
+    if rank == 0:
+        state = {k: v.state_dict() for k, v in parts.items()} | {
+            "step": step, "history": history, "data": positions, "counts": counts, "rng": rngs, "world": world}
+    report_checkpoint(state, metrics, rank)
