@@ -66,7 +66,9 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     sets = [f"data.uri={uri}", f"probe_data.uri={heldout}", f"run.storage={work}", f"run.name=pretrain-{steps}",
             f"train.steps={steps}", f"train.checkpoint_every={steps}", f"probe.every={max(steps // 3, 1)}",
             "probe.train_events=60", "probe.val_events=60", "train.log_every=25", "train.monitor_every=25"]
-    return run_pretrain(load_config(PretrainConfig, job if job.exists() else None, sets))
+    if not job.exists():
+        raise FileNotFoundError(f"{job}: the demo pretrains with this job spec; run the demo from a raysvc checkout")
+    return run_pretrain(load_config(PretrainConfig, job, sets))
 
 
 def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "seaweedfs", workers: int = 2,

@@ -14,7 +14,6 @@ No centring and no KoLeo: the Sinkhorn targets keep the prototypes in use.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -148,10 +147,9 @@ def match(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offs
 
 
 class Encoded:
-    """A view batch through a backbone: its level list, features up-cast to `level`, and per-cell origins."""
+    """A view batch through a backbone at level `level`: features up-cast to it, per-cell origins, offsets, batch."""
 
     def __init__(self, levels: list[Level], level: int, origin0: torch.Tensor):
-        self.levels = levels
         self.feat = upcast(levels, level)
         self.origin = level_mean(origin0, levels, level)
         self.offset = levels[level].offset
@@ -291,8 +289,3 @@ def teacher_forward(teacher: PandaStudent, global_view: dict) -> tuple[Encoded, 
         if teacher.unmask_head is not None:
             sims["unmask"] = teacher.unmask_head(enc.feat)
     return enc, sims
-
-
-def backbone_state(student: PandaStudent) -> dict[str, torch.Tensor]:
-    """The exported encoder weights (keys as in PTv3, loadable by SegModel.backbone)."""
-    return copy.deepcopy(student.backbone.state_dict())
