@@ -1,4 +1,4 @@
-"""`raysvc` command line: data | bench | pretrain | finetune | predict | demo (later: sweep, serve)."""
+"""`raysvc` command line: data | bench | pretrain | finetune | sweep | predict | demo (later: serve)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,22 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
                       "monitor": summary["last_monitor"]}, indent=2))  # fmt: skip
 
 
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from raysvc.sweep import run_sweep
+    from raysvc.sweep.spec import load_spec
+
+    summary = run_sweep(load_spec(a.spec, a.set))
+    print(summary["table_md"], end="")
+    print(json.dumps({"sweep": summary["uri"], "trials": len(summary["trials"]), "failed":
+                      [{"trial": f["trial"]["name"], "error": f["error"]} for f in summary["failed"]],
+                      "wall_s": round(summary["wall_s"], 1)}, indent=2))  # fmt: skip
+    if summary["failed"]:
+        print(f"raysvc: {len(summary['failed'])} of {len(summary['failed']) + len(summary['trials'])} trials failed "
+              f"(errors in {summary['uri']}/summary.json)", file=sys.stderr)  # fmt: skip
+        _release_s3()
+        sys.exit(1)
+
+
 def cmd_predict(a: argparse.Namespace) -> None:
     from raysvc.infer import predict_dataset
     from raysvc.storage import resolve
@@ -219,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("config", help="job YAML, e.g. jobs/pretrain-panda-tiny.yaml")
     pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
     pt.set_defaults(fn=cmd_pretrain)
+
+    sw = sub.add_parser("sweep", help="a Ray Tune sweep from tune/*.yaml (C-NMS coverage, label efficiency); re-run "
+                        "the same spec to resume it")  # fmt: skip
+    sw.add_argument("spec", help="sweep YAML, e.g. tune/cnms.yaml")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. events=20")
+    sw.set_defaults(fn=cmd_sweep)
 
     pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
     pr.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")

@@ -1,5 +1,5 @@
-"""`ray job submit` of segmentation and pretraining jobs to a real local Ray head started with token auth, as on a
-cluster."""
+"""`ray job submit` of segmentation, pretraining and sweep jobs to a real local Ray head started with token auth, as on
+a cluster."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_finetune_and_pretrain_jobs_with_token_auth(ray_head, tmp_path):
+def test_ray_job_submit_runs_finetune_pretrain_and_sweep_jobs_with_token_auth(ray_head, tmp_path):
     from raysvc.data.synthetic import generate_dataset
     from raysvc.storage import resolve
 
@@ -134,3 +134,12 @@ def test_ray_job_submit_runs_finetune_and_pretrain_jobs_with_token_auth(ray_head
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["workers"] == 2 and [s for s, _ in summary["probe"]["curve"]] == [0, 2]
     assert (run / "backbone.safetensors").stat().st_size > 1e6 and (run / "config.json").exists()
+
+    sets = [f"data.uri={tmp_path / 'val'}", f"storage={tmp_path / 'sweeps'}", "events=3", "cnms.radius=[5]",
+            "cnms.overlap=[0.5,1.0]", "fps_knn.groups=[16]", "fps_ball=null", "wandb_mode=offline"]  # fmt: skip
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                        "raysvc", "sweep", "tune/cnms.yaml", *[a for s in sets for a in ("--set", s)]],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    summary = json.loads((tmp_path / "sweeps" / "cnms" / "summary.json").read_text())
+    assert [r["trial"]["name"] for r in summary["trials"]] == ["cnms-r5-o0.5", "cnms-r5-o1", "fps_knn-g16"]

@@ -4,7 +4,6 @@ run (student, teacher and data order included)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -69,7 +68,7 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     from raysvc.train.finetune import run_finetune
     from raysvc.train.job_config import FinetuneConfig
     from raysvc.train.pretrain import run_pretrain
-    from raysvc.train.pretrain_loop import rebatch
+    from raysvc.train.pretrain_loop import probe_batches
     from raysvc.train.probe import run_probe
     from raysvc.train.seg_loop import model_inputs
 
@@ -97,11 +96,11 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
 
     # the probe, redone here on the exported backbone and the same held-out events, gives the reported figure
     cfg = _cfg(pt_data, tmp_path, "panda")
-    singles = list(itertools.islice(DirectStream(DataConfig(uri=str(pt_data / "val"))).iter_packed(1), 8))
+    probe_train, probe_val = probe_batches(DirectStream(DataConfig(uri=str(pt_data / "val"))).tables(), 4, 4, "val")
     backbone = PTv3(preset("tiny"))
     backbone.load_state_dict(state)
     pre, cpu = cfg.probe_data.preprocess, torch.device("cpu")
-    again = run_probe(backbone, rebatch(singles[:4]), rebatch(singles[4:]),
+    again = run_probe(backbone, probe_train, probe_val,
                       lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, cpu, True), cpu, cfg.probe)
     assert again["miou"] == pytest.approx(probe["pretrained_miou"], abs=0.01)
 

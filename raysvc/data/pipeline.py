@@ -152,7 +152,9 @@ def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter
     """
     import ray
 
-    task = ray.remote(num_cpus=cfg.read_cpus, max_retries=3)(_read_task)
+    # "DEFAULT": never inside the caller's placement group. A Train worker started from a Tune trial inherits
+    # Tune's capture_child_tasks, and its reads would then wait forever for CPUs inside the worker's own bundle.
+    task = ray.remote(num_cpus=cfg.read_cpus, max_retries=3, scheduling_strategy="DEFAULT")(_read_task)
     todo = iter(shards)
     pending: deque = deque()
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from raysvc.models.ptv3 import Level, PTv3, PTv3Config, upcast
 from raysvc.ops.neighbors import knn
-from raysvc.ops.packed import batch_to_offset, offset_to_batch
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean
 
 
 class PandaConfig(BaseModel):
@@ -129,11 +129,7 @@ def grid_mask(coord: torch.Tensor, offset: torch.Tensor, size: float, ratio: flo
 def level_mean(values: torch.Tensor, levels: list[Level], level: int) -> torch.Tensor:
     """Per-cell means of level-0 `values` carried up to `level` through the pooling maps (mean of member means)."""
     for s in range(1, level + 1):
-        inv = levels[s].parent_inverse
-        m = len(levels[s].coord)
-        count = torch.zeros(m, device=values.device).index_add_(0, inv, torch.ones(len(inv), device=values.device))
-        values = torch.zeros(m, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, inv, values)
-        values = values / count[:, None].to(values.dtype)
+        values = segment_mean(values, levels[s].parent_inverse, len(levels[s].coord))
     return values
 
 

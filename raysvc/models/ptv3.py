@@ -33,7 +33,7 @@ from torch import nn
 
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
-from raysvc.ops.packed import batch_to_offset, offset_to_batch, unique_cells
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
 from raysvc.ops.serialization import ORDERS, serialize
 from raysvc.ops.sparse_conv import KernelPairs, SubMConv3d, kernel_map, subm_conv3d
 
@@ -248,9 +248,7 @@ class GridPool(nn.Module):
         f = self.proj(level.feat)
         idx = inverse[:, None].expand(-1, f.shape[1])
         pooled = f.new_full((m, f.shape[1]), float("-inf")).scatter_reduce(0, idx, f, "amax", include_self=True)
-        count = torch.zeros(m, device=f.device).index_add_(0, inverse, torch.ones(len(inverse), device=f.device))
-        coord = torch.zeros(m, 3, device=f.device, dtype=level.coord.dtype).index_add_(0, inverse, level.coord)
-        coord = coord / count[:, None].to(coord.dtype)
+        coord = segment_mean(level.coord, inverse, m)
         return Level(F.gelu(self.norm(pooled)), coord, cell_grid, batch_to_offset(cell_batch, len(level.offset)),
                      inverse)  # fmt: skip
 

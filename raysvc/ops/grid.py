@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raysvc.ops.packed import batch_to_offset, offset_to_batch, unique_cells
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
 
 
 @dataclass
@@ -30,8 +30,7 @@ def grid_sample(coord: torch.Tensor, offset: torch.Tensor, grid_size: float, fea
     grid = torch.floor((coord - start[batch]) / grid_size).long()
     cell_batch, cell_grid, inverse = unique_cells(batch, grid)
     m = len(cell_batch)
-    count = torch.zeros(m, dtype=coord.dtype, device=coord.device).index_add_(0, inverse, torch.ones_like(coord[:, 0]))
-    mean = torch.zeros(m, 3, dtype=coord.dtype, device=coord.device).index_add_(0, inverse, coord) / count[:, None]
+    mean = segment_mean(coord, inverse, m)
     f = feat if feat is not None else coord.new_zeros(len(coord), 0)
     f = f[:, None] if f.ndim == 1 else f
     feat_sum = torch.zeros(m, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, inverse, f)

@@ -16,6 +16,12 @@ def batch_to_offset(batch: torch.Tensor, num_events: int | None = None) -> torch
     return torch.cumsum(torch.bincount(batch, minlength=n), 0)
 
 
+def segment_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, C) mean of the rows of `values` (N, C) per segment `index` (N,) in [0, n): per-event or per-cell means."""
+    sums = torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    return sums / torch.bincount(index, minlength=n).to(values.dtype)[:, None]
+
+
 def event_slices(offset: torch.Tensor) -> list[slice]:
     bounds = [0, *offset.tolist()]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -15,9 +15,10 @@ from raysvc.storage import Location
 from raysvc.train.job_config import RunSection, ScalingSection
 
 
-def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, storage_root: Location) -> dict:
+def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, storage_root: Location,
+        callbacks: list | None = None) -> dict:  # fmt: skip
     """Run `loop` on `scaling.workers` workers (Ray started here unless it is already), return state.pt of the last
-    checkpoint."""
+    checkpoint. `callbacks`: Ray Train callbacks of the run (e.g. Tune's report callback inside a sweep)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -33,7 +34,8 @@ def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, stora
         run_config=RunConfig(name=run.name, storage_path=storage_root.path,
                              storage_filesystem=storage_root.fs if storage_root.is_s3 else None,
                              failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                             callbacks=callbacks or None),
     )  # fmt: skip
     result = trainer.fit()
     if result.checkpoint is None:

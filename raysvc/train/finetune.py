@@ -54,9 +54,10 @@ def preflight(cfg: FinetuneConfig) -> tuple[Prepared, Prepared, Location, dict |
     return train, val, root, init_state
 
 
-def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> dict:
+def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None, callbacks: list | None = None) -> dict:
     """Run (or resume) the job and export its result. `fault` ({"step": n, "marker": path}) makes rank 0 raise
-    once at step n: the hook the fault-tolerance tests use."""
+    once at step n: the hook the fault-tolerance tests use. `callbacks` go to the Train run (a sweep passes Tune's
+    report callback)."""
     from raysvc.train.seg_loop import seg_train_loop
 
     t0 = time.time()
@@ -72,7 +73,7 @@ def run_finetune(cfg: FinetuneConfig, log=print, fault: dict | None = None) -> d
         f"loss weights {[round(w, 3) for w in weights]}")  # fmt: skip
     state = fit(seg_train_loop, {"job": cfg.model_dump(mode="json"), "class_weights": weights, "init_state": init_state,
                                  "train_data": train_prep, "val_data": val_prep, "fault": fault},
-                cfg.scaling, cfg.run, storage_root)  # fmt: skip
+                cfg.scaling, cfg.run, storage_root, callbacks)  # fmt: skip
     history = state["history"]
     val = history["val"][-1]["metrics"] if history["val"] else None
     config_json = {"model": cfg.model.model_dump(mode="json"), "num_classes": len(CLASS_NAMES),

@@ -71,6 +71,7 @@ class RunSection(BaseModel):
     wandb_project: str = "raysvc"
     wandb_mode: Literal["offline", "online", "disabled", "auto"] = Field(
         "auto", description="auto: online when WANDB_API_KEY is set, else offline")
+    wandb_group: str | None = Field(None, description="wandb group (a sweep puts its trials in one)")
 
 
 class FinetuneConfig(BaseModel):

@@ -32,7 +32,7 @@ def curves_png(history: dict, title: str) -> bytes:
         b.set_xlabel("step")
         b.set_ylabel("validation IoU")
         b.legend(fontsize=8)
-    return _png(fig, title)
+    return fig_png(fig, title)
 
 
 def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
@@ -78,11 +78,13 @@ def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
             p.set_ylabel("prototype perplexity", color="red")
         c.set_xlabel("step")
         c.legend(fontsize=8, loc="lower left")
-    return _png(fig, title)
+    return fig_png(fig, title)
 
 
-def _png(fig, title: str) -> bytes:
-    fig.suptitle(title)
+def fig_png(fig, title: str | None = None) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -49,12 +49,14 @@ def run_pretrain(cfg: PretrainConfig, log=print, fault: dict | None = None) -> d
     probes = history["probe"]
     probe = None
     if probes:
-        first, last = probes[0], probes[-1]
-        probe = {"pretrained_miou": last["miou"], "random_miou": first["miou"] if first["step"] == 0 else None,
-                 "gain": last["miou"] - first["miou"] if first["step"] == 0 else None,
-                 "pretrained": {k: last[k] for k in ("iou", "f1", "mf1", "accuracy")},
-                 "random": {k: first[k] for k in ("iou", "f1", "mf1", "accuracy")} if first["step"] == 0 else None,
-                 "curve": [[p["step"], p["miou"]] for p in probes], "classes": list(CLASS_NAMES)}  # fmt: skip
+        last = probes[-1]
+        base = probes[0] if probes[0]["step"] == 0 else None  # the random initialisation, when probed
+        keys = ("iou", "f1", "mf1", "accuracy")
+        probe = {"pretrained_miou": last["miou"], "pretrained": {k: last[k] for k in keys},
+                 "random_miou": None, "gain": None, "random": None,
+                 "curve": [[p["step"], p["miou"]] for p in probes], "classes": list(CLASS_NAMES)}
+        if base is not None:
+            probe.update(random_miou=base["miou"], gain=last["miou"] - base["miou"], random={k: base[k] for k in keys})
         write_bytes_atomic(run_loc.join("probe.png"), pretrain_png(history, f"{cfg.run.name}: linear probe",
                                                                    probe_only=True))  # fmt: skip
     write_bytes_atomic(run_loc.join("curves.png"), pretrain_png(history, f"{cfg.run.name}: {cfg.model.size} Panda"))

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 
+import pyarrow as pa
 import torch
 
-from raysvc.data.pipeline import Prepared, pack_tables, stream_tables
+from raysvc.data.pipeline import pack_tables, stream_tables
 from raysvc.data.views import collate_views, table_views
 from raysvc.models.panda import (
     PandaStudent,
@@ -52,37 +54,21 @@ def _to(view: dict | None, device: torch.device) -> dict | None:
     return None if view is None else {k: v.to(device, non_blocking=True) for k, v in view.items()}
 
 
-def read_probe_events(cfg: PretrainConfig, prep: Prepared) -> tuple[list[dict], list[dict]]:
-    """(probe-train batches, probe-val batches): the first `probe.train_events` held-out events, then the next
-    `probe.val_events`, in manifest order (the same events for every probe and every run)."""
-    want = [cfg.probe.train_events, cfg.probe.val_events]
-    out: list[list[dict]] = [[], []]
-    part, have = 0, 0
-    tables = stream_tables(cfg.probe_data, prep, prep.manifest.shards)
-    for batch in pack_tables(tables, 1):
-        out[part].append(batch)
-        have += 1
-        if have == want[part]:
-            part, have = part + 1, 0
-            if part == 2:
-                break
-    if part < 2:
-        raise ValueError(f"{cfg.probe_data.uri}: the probe needs {sum(want)} events after the cuts, found "
-                         f"{sum(len(b) for b in out)}")  # fmt: skip
-    return rebatch(out[0]), rebatch(out[1])
-
-
-def rebatch(singles: list[dict], size: int = 4) -> list[dict]:
-    """Single-event batches -> batches of `size` events (concatenated, offsets shifted)."""
-    out = []
-    for i in range(0, len(singles), size):
-        group = singles[i: i + size]
-        batch = {k: torch.cat([b[k] for b in group]) for k in group[0] if k not in ("offset", "batch")}
-        counts = torch.tensor([int(b["offset"][-1]) for b in group])
-        batch["offset"] = torch.cumsum(counts, 0)
-        batch["batch"] = torch.repeat_interleave(torch.arange(len(group)), counts)
-        out.append(batch)
-    return out
+def probe_batches(tables: Iterable[pa.Table], train_events: int, val_events: int, source: str,
+                  ) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """(probe-train batches, probe-val batches): the first `train_events` preprocessed events of `tables`, then the
+    next `val_events`, in order (the same events for every probe and every run)."""
+    need, got = train_events + val_events, []
+    for table in tables:
+        got.append(table)
+        if sum(t.num_rows for t in got) >= need:
+            break
+    events = pa.concat_tables(got) if got else None
+    if events is None or events.num_rows < need:
+        raise ValueError(f"{source}: the probe needs {need} events after the cuts, found "
+                         f"{0 if events is None else events.num_rows}")  # fmt: skip
+    return (list(pack_tables([events.slice(0, train_events)], 4)),
+            list(pack_tables([events.slice(train_events, val_events)], 4)))  # fmt: skip
 
 
 def pretrain_loop(config: dict) -> None:
@@ -131,7 +117,9 @@ def pretrain_loop(config: dict) -> None:
         if rank != 0 or cfg.probe_data is None:
             return
         if probe_sets is None:
-            probe_sets = read_probe_events(cfg, config["probe_data"])
+            prep = config["probe_data"]
+            probe_sets = probe_batches(stream_tables(cfg.probe_data, prep, prep.manifest.shards),
+                                       cfg.probe.train_events, cfg.probe.val_events, cfg.probe_data.uri)  # fmt: skip
         t0 = time.perf_counter()
         inputs = lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, device, True)  # noqa: E731
         m = run_probe(student.backbone, *probe_sets, inputs, device, cfg.probe, seed=cfg.train.seed)
@@ -143,7 +131,8 @@ def pretrain_loop(config: dict) -> None:
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
 
     local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
-    tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir)
+    tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir,
+                      group=cfg.run.wandb_group)
     fault = config.get("fault") or {}
     if step == 0 and not history["probe"]:
         probe(0)  # the randomly initialised backbone: the probe's baseline

@@ -26,7 +26,7 @@ from raysvc.data.schema import CLASS_NAMES
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.ops.grid import grid_sample
-from raysvc.ops.packed import offset_to_batch
+from raysvc.ops.packed import offset_to_batch, segment_mean
 from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import SegLoss
 from raysvc.train.metrics import ConfusionMatrix, compute
@@ -54,9 +54,7 @@ def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, d
     coord = (gs.coord - center) / scale
     if center_events:
         cell_batch = offset_to_batch(gs.offset)
-        count = torch.bincount(cell_batch, minlength=len(gs.offset)).to(coord.dtype)
-        mean = torch.zeros(len(gs.offset), 3, dtype=coord.dtype).index_add_(0, cell_batch, coord) / count[:, None]
-        coord = coord - mean[cell_batch]
+        coord = coord - segment_mean(coord, cell_batch, len(gs.offset))[cell_batch]
     coord = coord.float()
     feat = torch.cat([coord, gs.feat_sum.float()], 1)
     return {"feat": feat.to(device), "coord": coord.to(device),
@@ -169,7 +167,8 @@ def seg_train_loop(config: dict) -> None:
     last_val: dict | None = history["val"][-1]["metrics"] if history["val"] else None
 
     local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
-    tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir)
+    tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir,
+                      group=cfg.run.wandb_group)
     if step >= cfg.train.steps:  # re-run of a finished run: hand its last state back
         _report(parts, step, history, last_val, rank, world, rank_stream)
     while step < cfg.train.steps:

@@ -1,0 +1,216 @@
+"""`raysvc sweep tune/cnms.yaml`: the tokenisation sweep of PoLAr-MAE's grouping figure.
+
+Every trial groups the same held-out events (voxel units, after the energy cut) one way and reports coverage:
+C-NMS + ball query over radius x overlap, and the baselines FPS + kNN (over centres per event) and FPS + ball query
+(over centres x radius), all with `max_points` points per group. Coverage is pooled over all points of all events:
+missed ratio = points in no group / points, duplicated ratio = points in more than one group / points.
+
+The result: `summary.json` (every trial, the Pareto front of missed vs duplicated over all trials, the recommended
+overlap per radius = the one with the smallest missed + duplicated), `grouping.png` and `table.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from raysvc.data.pipeline import DirectStream
+from raysvc.ops import cnms, coverage
+from raysvc.ops.neighbors import ball_query, fps, knn
+from raysvc.storage import resolve, write_bytes_atomic
+from raysvc.sweep.runner import run_grid
+from raysvc.sweep.spec import CNMSSweep
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def grid_trials(spec: CNMSSweep) -> list[dict]:
+    """The trial dicts of the spec: C-NMS first, then the FPS baselines."""
+    out = [{"name": f"cnms-r{_num(r)}-o{_num(o)}", "method": "cnms", "radius": r, "overlap": o}
+           for r in spec.cnms.radius for o in spec.cnms.overlap]  # fmt: skip
+    if spec.fps_knn:
+        out += [{"name": f"fps_knn-g{g}", "method": "fps_knn", "groups": g} for g in spec.fps_knn.groups]
+    if spec.fps_ball:
+        out += [{"name": f"fps_ball-g{g}-r{_num(r)}", "method": "fps_ball", "groups": g, "radius": r}
+                for g in spec.fps_ball.groups for r in spec.fps_ball.radius]  # fmt: skip
+    return out
+
+
+def load_events(spec: CNMSSweep) -> list[np.ndarray]:
+    """The first `spec.events` events of `spec.data` after its cuts, as float64 voxel coordinates."""
+    stream = DirectStream(spec.data)
+    pre = spec.data.preprocess
+    out: list[np.ndarray] = []
+    for batch in stream.iter_packed(batch_events=8):
+        coord = batch["coord"].double().numpy() * pre.scale + pre.center  # undo the normalisation
+        for s, e in zip([0, *batch["offset"][:-1].tolist()], batch["offset"].tolist(), strict=True):
+            out.append(coord[s:e])
+            if len(out) == spec.events:
+                return out
+    raise ValueError(f"{spec.data.uri}: {len(out)} events after the cuts, the sweep asks for {spec.events}")
+
+
+def group(coord: torch.Tensor, offset: torch.Tensor, params: dict, max_points: int) -> torch.Tensor:
+    """(G, max_points) point indices, -1 padded, of one method's groups over a packed batch."""
+    method = params["method"]
+    if method == "cnms":
+        return cnms(coord, offset, params["radius"], params["overlap"], max_points).groups
+    sizes = torch.diff(offset, prepend=torch.zeros(1, dtype=offset.dtype))
+    centres, c_off = fps(coord, offset, torch.clamp(sizes, max=int(params["groups"])))
+    if method == "fps_knn":
+        return knn(coord[centres], c_off, coord, offset, max_points)[0]
+    if method == "fps_ball":
+        return ball_query(coord[centres], c_off, coord, offset, params["radius"], max_points)
+    raise ValueError(f"unknown grouping method {method!r} (expected cnms, fps_knn or fps_ball)")
+
+
+def evaluate(events: list[np.ndarray], params: dict, max_points: int) -> dict:
+    """Coverage, group statistics and time per event of one setting on `events`."""
+    coord = torch.from_numpy(np.concatenate(events))
+    offset = torch.cumsum(torch.tensor([len(e) for e in events]), 0)
+    group(coord[: len(events[0])], offset[:1], params, max_points)  # warm-up: numba kernels compile once
+    t0 = time.perf_counter()
+    groups = group(coord, offset, params, max_points)
+    seconds = time.perf_counter() - t0
+    cov = coverage(len(coord), groups)
+    filled = (groups >= 0).sum(1).double()
+    return {**cov, "groups_per_event": len(groups) / len(events), "points_per_group": float(filled.mean()),
+            "ms_per_event": 1000 * seconds / len(events)}  # fmt: skip
+
+
+def grouping_trial(config: dict, events: list[np.ndarray], max_points: int, sweep: str, wandb: tuple) -> None:
+    """Tune function trainable: one grouping setting, one report."""
+    from ray import tune
+
+    from raysvc.train.tracking import Tracker
+
+    params = config["trial"]
+    metrics = evaluate(events, params, max_points)
+    project, mode = wandb
+    tracker = Tracker(project, f"{sweep}-{params['name']}", mode, params, 0, tune.get_context().get_trial_dir(),
+                      group=sweep)  # fmt: skip
+    tracker.log(metrics, step=0)
+    tracker.finish()
+    tune.report(metrics)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (<= in both coordinates, < in one), by the first coordinate."""
+    front = [i for i, (a, b) in enumerate(points)
+             if not any(c <= a and d <= b and (c < a or d < b) for c, d in points)]  # fmt: skip
+    return sorted(front, key=lambda i: points[i])
+
+
+def recommend(rows: list[dict]) -> dict[str, dict]:
+    """Per C-NMS radius, the overlap with the smallest missed + duplicated ratio (ties: the larger overlap, fewer
+    groups)."""
+    best: dict[float, dict] = {}
+    for r in rows:
+        t, m = r["trial"], r["metrics"]
+        if t["method"] != "cnms":
+            continue
+        score = (m["missed_ratio"] + m["duplicated_ratio"], -t["overlap"])
+        if t["radius"] not in best or score < best[t["radius"]]["score"]:
+            best[t["radius"]] = {"score": score, "overlap": t["overlap"], "missed_ratio": m["missed_ratio"],
+                                 "duplicated_ratio": m["duplicated_ratio"], "groups_per_event": m["groups_per_event"],
+                                 "points_per_group": m["points_per_group"]}  # fmt: skip
+    return {_num(r): {k: v for k, v in b.items() if k != "score"} for r, b in sorted(best.items())}
+
+
+def table_md(summary: dict) -> str:
+    lines = ["| method | radius (voxels) | overlap / centres | missed | duplicated | groups / event | points / group |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r, b in summary["recommended"].items():
+        lines.append(f"| C-NMS + ball (recommended) | {r} | {b['overlap']:g} | {b['missed_ratio']:.3f} | "
+                     f"{b['duplicated_ratio']:.3f} | {b['groups_per_event']:.0f} | {b['points_per_group']:.1f} |")
+    for row in summary["trials"]:
+        t, m = row["trial"], row["metrics"]
+        if t["method"] == "cnms":
+            continue
+        label = "FPS + kNN" if t["method"] == "fps_knn" else "FPS + ball"
+        radius = _num(t["radius"]) if "radius" in t else "-"
+        lines.append(f"| {label} | {radius} | {t['groups']} | {m['missed_ratio']:.3f} | {m['duplicated_ratio']:.3f} "
+                     f"| {m['groups_per_event']:.0f} | {m['points_per_group']:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def grouping_png(summary: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    from raysvc.train.plots import fig_png
+
+    rows = summary["trials"]
+    cn = [r for r in rows if r["trial"]["method"] == "cnms"]
+    radii = sorted({r["trial"]["radius"] for r in cn})
+    cmap = plt.get_cmap("viridis")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    for i, rad in enumerate(radii):
+        pts = sorted((r for r in cn if r["trial"]["radius"] == rad), key=lambda r: r["trial"]["overlap"])
+        c = cmap(i / max(len(radii) - 1, 1))
+        ax.plot([p["metrics"]["duplicated_ratio"] for p in pts], [p["metrics"]["missed_ratio"] for p in pts], "o-",
+                color=c, ms=3, lw=1.2, label=f"C-NMS r={rad:g}")  # fmt: skip
+        ax2.plot([p["trial"]["overlap"] for p in pts], [p["metrics"]["groups_per_event"] for p in pts], "o-",
+                 color=c, ms=3, label=f"r={rad:g}")  # fmt: skip
+        rec = summary["recommended"].get(_num(rad))
+        if rec:
+            ax.plot(rec["duplicated_ratio"], rec["missed_ratio"], "*", color=c, ms=14, mec="k")
+    for method, marker, label in (("fps_knn", "s", "FPS + kNN"), ("fps_ball", "^", "FPS + ball")):
+        pts = [r for r in rows if r["trial"]["method"] == method]
+        if pts:
+            ax.scatter([p["metrics"]["duplicated_ratio"] for p in pts], [p["metrics"]["missed_ratio"] for p in pts],
+                       marker=marker, s=36, facecolors="none", edgecolors="tab:red" if method == "fps_knn" else
+                       "tab:orange", label=label)  # fmt: skip
+    front = [rows[i]["metrics"] for i in summary["pareto_index"]]
+    ax.step([m["duplicated_ratio"] for m in front], [m["missed_ratio"] for m in front], "k--", where="post", lw=1,
+            label="Pareto front")  # fmt: skip
+    ax.set_xlabel("duplicated points ratio")
+    ax.set_ylabel("missed points ratio")
+    ax.set_title(f"grouping coverage on {summary['events']} events (stars: recommended overlap)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("C-NMS overlap factor")
+    ax2.set_ylabel("groups per event")
+    ax2.set_title("token count")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    return fig_png(fig)
+
+
+def run_cnms_sweep(spec: CNMSSweep, log=print) -> dict:
+    import ray
+
+    t0 = time.time()
+    events = load_events(spec)
+    trials = grid_trials(spec)
+    exp = resolve(spec.storage).join(spec.name)
+    log(f"[raysvc] C-NMS sweep {spec.name}: {len(trials)} trials on {len(events)} events "
+        f"({sum(len(e) for e in events)} points), {spec.tune.max_concurrent_trials} at a time")  # fmt: skip
+    from raysvc.ray_init import init_ray
+
+    if not ray.is_initialized():
+        init_ray(logging_level="WARNING")
+    from ray import tune
+
+    trainable = tune.with_parameters(grouping_trial, events=events, max_points=spec.max_points, sweep=spec.name,
+                                     wandb=(spec.wandb_project, spec.wandb_mode))  # fmt: skip
+    outcome = run_grid(trainable, trials, spec.tune, exp, log)
+    keys = ("missed_ratio", "duplicated_ratio", "groups_per_event", "points_per_group", "ms_per_event")
+    rows = [{"trial": r["trial"], "metrics": {k: r["metrics"][k] for k in keys}} for r in outcome.trials]
+    summary = {
+        "sweep": spec.name, "uri": exp.uri, "events": len(events), "points": int(sum(len(e) for e in events)),
+        "max_points": spec.max_points, "trials": rows, "failed": outcome.failed, "resumed": outcome.resumed,
+        "pareto_index": pareto_front([(r["metrics"]["duplicated_ratio"], r["metrics"]["missed_ratio"]) for r in rows]),
+        "recommended": recommend(rows), "wall_s": time.time() - t0, "spec": spec.model_dump(mode="json"),
+    }  # fmt: skip
+    summary["pareto"] = [rows[i]["trial"]["name"] for i in summary["pareto_index"]]
+    write_bytes_atomic(exp.join("summary.json"), json.dumps(summary, indent=2).encode())
+    write_bytes_atomic(exp.join("table.md"), table_md(summary).encode())
+    if rows:
+        write_bytes_atomic(exp.join("grouping.png"), grouping_png(summary))
+    return summary

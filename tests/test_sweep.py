@@ -1,0 +1,257 @@
+"""Ray Tune sweeps (`raysvc sweep`): the C-NMS coverage grid and the label-efficiency matrix, run for real on a local
+Ray with tiny settings; a crashing trial is reported failed while the others finish; re-running a sweep resumes
+it (finished trials are kept, not re-run); the Pareto front and the recommended overlaps against brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from raysvc.storage import resolve
+
+ROOT = Path(__file__).parents[1]
+RAYSVC = str(Path(sys.executable).parent / "raysvc")
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory):
+    from raysvc.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    generate_dataset(resolve(str(root / "train")), 24, seed=11, shard_events=8, show_progress=False)
+    generate_dataset(resolve(str(root / "val")), 8, seed=12, shard_events=4, show_progress=False)
+    return root
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "WANDB_MODE": "offline",
+           "WANDB_DIR": str(tmp_path / "wandb")}  # fmt: skip
+    return subprocess.run([RAYSVC, *args], capture_output=True, text=True, env=env, timeout=timeout, **kw)
+
+
+# --- pure functions against brute force ------------------------------------------------------------------------
+def test_pareto_front_matches_a_sort_and_scan_reference():
+    from raysvc.sweep.grouping import pareto_front
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        pts = [tuple(p) for p in rng.integers(0, 8, size=(int(rng.integers(1, 30)), 2)).astype(float)]
+        # reference: sort by (x, y), keep a point when its y is below every y seen so far (duplicates both kept)
+        ref, best = [], np.inf
+        for i in sorted(range(len(pts)), key=lambda i: pts[i]):
+            if pts[i][1] < best or (ref and pts[i] == pts[ref[-1]]):
+                ref.append(i)
+                best = min(best, pts[i][1])
+        assert sorted(pareto_front(pts)) == sorted(ref), (trial, pts)
+
+
+def test_recommended_overlap_minimises_missed_plus_duplicated_per_radius():
+    from raysvc.sweep.grouping import recommend
+
+    rng = np.random.default_rng(1)
+    rows = [{"trial": {"method": "cnms", "radius": r, "overlap": o},
+             "metrics": {"missed_ratio": float(rng.random()), "duplicated_ratio": float(rng.random()),
+                         "groups_per_event": 1.0, "points_per_group": 1.0}}
+            for r in (2.5, 5.0) for o in (0.2, 0.5, 0.8)]  # fmt: skip
+    rows.append({"trial": {"method": "fps_knn", "groups": 8}, "metrics": {"missed_ratio": 0, "duplicated_ratio": 0}})
+    rec = recommend(rows)
+    for r in (2.5, 5.0):
+        mine = [x for x in rows if x["trial"].get("radius") == r and x["trial"]["method"] == "cnms"]
+        best = min(mine, key=lambda x: x["metrics"]["missed_ratio"] + x["metrics"]["duplicated_ratio"])
+        assert rec[f"{r:g}"]["overlap"] == best["trial"]["overlap"]
+    assert set(rec) == {"2.5", "5"}  # baselines never recommended
+
+
+def test_grouping_trial_metrics_match_a_numpy_recount():
+    """Each method's groups stay inside their own event, and the reported coverage equals a recount."""
+    from raysvc.sweep.grouping import evaluate, group
+
+    rng = np.random.default_rng(2)
+    events = [rng.uniform(0, 40, size=(n, 3)) for n in (300, 180, 240)]
+    coord = torch.from_numpy(np.concatenate(events))
+    offset = torch.cumsum(torch.tensor([len(e) for e in events]), 0)
+    for params in ({"method": "cnms", "radius": 5.0, "overlap": 0.7}, {"method": "fps_knn", "groups": 20},
+                   {"method": "fps_ball", "groups": 20, "radius": 5.0}):  # fmt: skip
+        groups = group(coord, offset, params, 16).numpy()
+        m = evaluate(events, params, 16)
+        counts = np.zeros(len(coord), int)
+        for g in groups:
+            v = g[g >= 0]
+            assert len({int(np.searchsorted(offset.numpy(), i, side="right")) for i in v}) == 1, params  # one event
+            counts[v] += 1
+        assert m["missed_ratio"] == pytest.approx((counts == 0).mean())
+        assert m["duplicated_ratio"] == pytest.approx((counts > 1).mean())
+        assert m["groups_per_event"] == pytest.approx(len(groups) / 3)
+        if params["method"] != "cnms":
+            assert len(groups) == 60  # 20 FPS centres per event
+
+
+# --- the C-NMS sweep through the CLI ---------------------------------------------------------------------------
+def _cnms_spec(tmp_path: Path, sweep_data: Path, **over) -> Path:
+    spec = {"kind": "cnms", "name": "cnms-test", "storage": str(tmp_path / "sweeps"), "data": {"uri": str(
+        sweep_data / "val")}, "events": 4, "max_points": 16, "cnms": {"radius": [5, 10], "overlap": [0.0, 0.5, 1.0]},
+        "fps_knn": {"groups": [32]}, "fps_ball": {"groups": [32], "radius": [5]},
+        "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 1}, "wandb_mode": "offline"} | over  # fmt: skip
+    path = tmp_path / "cnms.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_cnms_sweep_reports_failures_and_resumes_without_rerunning(tmp_path, sweep_data):
+    spec = _cnms_spec(tmp_path, sweep_data)
+    p = _run(["sweep", str(spec)], tmp_path)
+    # overlap 0 is not a valid C-NMS setting: those two trials fail with the op's error, the other six finish
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "2 of 8 trials failed" in p.stderr
+    exp = tmp_path / "sweeps" / "cnms-test"
+    summary = json.loads((exp / "summary.json").read_text())
+    assert sorted(f["trial"]["name"] for f in summary["failed"]) == ["cnms-r10-o0", "cnms-r5-o0"]
+    assert all(f["error"].startswith("ValueError: radius and overlap must be positive") for f in summary["failed"])
+    assert all("grouping_trial" in f["traceback"] for f in summary["failed"])
+    names = [r["trial"]["name"] for r in summary["trials"]]
+    assert names == ["cnms-r5-o0.5", "cnms-r5-o1", "cnms-r10-o0.5", "cnms-r10-o1", "fps_knn-g32", "fps_ball-g32-r5"]
+    rows = summary["trials"]
+    for r in rows:
+        m = r["metrics"]
+        assert 0 <= m["missed_ratio"] <= 1 and 0 <= m["duplicated_ratio"] <= 1 and m["points_per_group"] <= 16
+    knn = next(r for r in rows if r["trial"]["method"] == "fps_knn")["metrics"]
+    assert knn["groups_per_event"] == 32 and knn["points_per_group"] == 16  # kNN groups are always full
+    # larger overlap factor -> centres further apart -> fewer groups
+    for rad in (5, 10):
+        g = {r["trial"]["overlap"]: r["metrics"]["groups_per_event"] for r in rows if r["trial"].get("radius") == rad
+             and r["trial"]["method"] == "cnms"}  # fmt: skip
+        assert g[1.0] < g[0.5]
+    pts = [(r["metrics"]["duplicated_ratio"], r["metrics"]["missed_ratio"]) for r in rows]
+    for i in summary["pareto_index"]:  # nothing dominates a front point, and every other point is dominated
+        assert not any(a <= pts[i][0] and b <= pts[i][1] and (a, b) != pts[i] for a, b in pts)
+    for j in set(range(len(pts))) - set(summary["pareto_index"]):
+        assert any(a <= pts[j][0] and b <= pts[j][1] and (a, b) != pts[j] for a, b in pts)
+    assert set(summary["recommended"]) == {"5", "10"}
+    assert (exp / "grouping.png").read_bytes()[:4] == b"\x89PNG"
+    assert "C-NMS + ball (recommended)" in (exp / "table.md").read_text()
+    assert list((tmp_path / "wandb").rglob("offline-run-*")), "trials log to wandb (offline)"
+
+    # the same spec again: Tuner.restore keeps every finished trial (timings identical: not re-run) and the failed
+    # ones stay failed
+    again = _run(["sweep", str(spec)], tmp_path)
+    assert again.returncode == 1 and "resuming sweep" in again.stdout
+    s2 = json.loads((exp / "summary.json").read_text())
+    assert s2["resumed"] and s2["trials"] == rows and len(s2["failed"]) == 2
+
+    # another grid under the same name is refused, naming the experiment
+    other = _cnms_spec(tmp_path, sweep_data, events=3)
+    spec_text = yaml.safe_load(other.read_text())
+    spec_text["cnms"]["radius"] = [7]
+    other.write_text(yaml.safe_dump(spec_text))
+    refused = _run(["sweep", str(other)], tmp_path)
+    assert refused.returncode == 2 and "another grid" in refused.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sweep_data):
+    radii = [2.5, 5, 7.5, 10, 12.5, 15]
+    spec = _cnms_spec(tmp_path, sweep_data, events=16, data={"uri": str(sweep_data / "train")},
+                      cnms={"radius": radii, "overlap": [0.3, 0.6, 0.9]},
+                      tune={"max_concurrent_trials": 1, "cpus_per_trial": 1})  # fmt: skip
+    exp = tmp_path / "sweeps" / "cnms-test"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb")}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([RAYSVC, "sweep", str(spec)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
+    done = []
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [d for d in exp.glob("*/result.json") if d.stat().st_size > 0]
+        if len(done) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and len(done) >= 3, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: Tune saves the experiment state and stops
+    proc.wait(timeout=120)
+    log.close()
+    out = (tmp_path / "first.log").read_text()
+    first = {d.parent.name: json.loads(d.read_text().splitlines()[-1]) for d in exp.glob("*/result.json")
+             if d.stat().st_size > 0}  # fmt: skip
+    assert 3 <= len(first) < len(radii) * 3 + 2, out[-2000:]
+
+    p = _run(["sweep", str(spec)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming sweep" in p.stdout
+    summary = json.loads((exp / "summary.json").read_text())
+    assert len(summary["trials"]) == len(radii) * 3 + 2 and not summary["failed"]
+    by_name = {r["trial"]["name"]: r["metrics"] for r in summary["trials"]}
+    for name, res in first.items():  # finished before the interruption: kept, not run again
+        assert by_name[name]["ms_per_event"] == res["ms_per_event"], name
+
+
+# --- the label-efficiency sweep --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    """A Panda-format export (backbone.safetensors + config.json) of a seeded tiny PTv3, as `raysvc pretrain`
+    writes it: what the sweep's lin / dec / fft trials start from."""
+    from raysvc.models.ptv3 import PTv3, preset
+    from raysvc.train.export import save_model
+
+    d = tmp_path_factory.mktemp("backbone")
+    torch.manual_seed(0)
+    save_model(resolve(str(d)), PTv3(preset("tiny")).state_dict(),
+               {"kind": "panda-backbone", "model": {"size": "tiny", "grid_voxels": 1.0, "center_events": True}},
+               weights_name="backbone.safetensors")  # fmt: skip
+    return d
+
+
+@pytest.mark.slow
+def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_data, backbone_dir):
+    from raysvc.data.pipeline import DataConfig, prepare
+    from raysvc.data.shards import load_manifest
+
+    spec = {"kind": "finetune", "name": "fractions-test", "storage": str(tmp_path / "sweeps"),
+            "job": str(ROOT / "jobs" / "semseg-tiny.yaml"), "init": str(backbone_dir), "wandb_mode": "offline",
+            "set": [f"data.uri={sweep_data / 'train'}", f"val_data.uri={sweep_data / 'val'}", "train.steps=2",
+                    "train.batch_events=2", "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1",
+                    "scaling.workers=1", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+                    "data.read_cpus=0.25", "val_data.read_cpus=0.25", "run.max_failures=0", "run.wandb_mode=offline",
+                    "data.preprocess.min_points=64", "val_data.preprocess.min_points=64"],  # keep all 4 events
+            "events": [4, None], "modes": ["lin", "fft", "scratch"], "subset_seed": 3,
+            "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 0.01}}  # fmt: skip
+    path = tmp_path / "fractions.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    p = _run(["sweep", str(path)], tmp_path, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    exp = tmp_path / "sweeps" / "fractions-test"
+    table = json.loads((exp / "table.json").read_text())
+    assert table["modes"] == ["lin", "fft", "scratch"] and table["events"] == ["4", "all"]
+    summary = json.loads((exp / "summary.json").read_text())
+    assert not summary["failed"] and len(summary["trials"]) == 6
+    for r in summary["trials"]:
+        cell = table["cells"][r["trial"]["mode"]]["4" if r["trial"]["events"] == 4 else "all"]
+        assert cell == r["metrics"]["miou"] and 0 <= cell <= 1
+        assert r["metrics"]["steps"] == 2
+    # the materialised subset holds exactly the events data.subset_events=4 (same seed) selects
+    sub = exp / "subsets" / "events-4"
+    chosen = prepare(DataConfig(uri=str(sweep_data / "train"), subset_events=4, subset_seed=3)).keep_ids
+    import pyarrow.parquet as pq
+
+    ids = np.sort(np.concatenate([pq.read_table(f, columns=["event_id"]).column(0).to_numpy()
+                                  for f in sorted(sub.glob("*.parquet"))]))  # fmt: skip
+    assert ids.tolist() == chosen.tolist() and load_manifest(resolve(str(sub))).events == 4
+    # each trial is its own Train run in the sweep's directory, in the mode it names
+    for mode, ev in (("lin", "4"), ("fft", "all"), ("scratch", "all")):
+        run = exp / "runs" / f"fractions-test-{mode}-{ev}"
+        cfg = json.loads((run / "summary.json").read_text())["config"]
+        assert cfg["model"]["mode"] == mode and cfg["run"]["wandb_group"] == "fractions-test"
+        assert (cfg["model"]["init"] is None) == (mode == "scratch")
+    lin = json.loads((exp / "runs" / "fractions-test-lin-4" / "config.json").read_text())
+    assert lin["model"]["center_events"] is True  # adopted from the backbone's config
+    assert "| lin |" in (exp / "table.md").read_text()
+    assert (exp / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
