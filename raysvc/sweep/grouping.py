@@ -95,7 +95,7 @@ def grouping_trial(config: dict, events: list[np.ndarray], max_points: int, swee
     tracker = Tracker(project, f"{sweep}-{params['name']}", mode, params, 0, tune.get_context().get_trial_dir(),
                       group=sweep)  # fmt: skip
     tracker.log(metrics, step=0)
-    tracker.finish()
+    tracker.finish(teardown=True)
     tune.report(metrics)
 
 

@@ -25,7 +25,13 @@ class Tracker:
         if self.run is not None:
             self.run.log(data, step=step)
 
-    def finish(self) -> None:
+    def finish(self, teardown: bool = False) -> None:
+        """End the run; `teardown` also stops this process's wandb service now (short-lived Tune trial processes:
+        left to atexit, it logs a "Connection lost" traceback when Ray ends the process)."""
         if self.run is not None:
             self.run.finish()
             self.run = None
+            if teardown:
+                import wandb
+
+                wandb.teardown()
