@@ -40,8 +40,8 @@ def _session_processes(sid: int) -> list[int]:
 
 @pytest.fixture()
 def ray_head(tmp_path):
-    """`ray start --head --block` on 127.0.0.1 with token auth and every port free-picked; stopped by its process
-    group at the end, and checked gone."""
+    """cluster/local/start-head.sh --block (token auth, 127.0.0.1) with every port free-picked; stopped by its
+    process group at the end, and checked gone."""
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
@@ -56,9 +56,10 @@ def ray_head(tmp_path):
     # a private temp dir (short: it holds Unix sockets) keeps this head out of /tmp/ray/ray_current_cluster,
     # which plain ray.init() calls elsewhere would otherwise try to join after the head is gone
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-           f"--temp-dir={temp}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+    # the head is started by the script users run (cluster/local/start-head.sh), with the test's ports
+    env |= {"RAY": str(BIN / "ray"), "RAYSVC_RAY_PORT": str(gcs), "RAYSVC_DASHBOARD_PORT": str(dash),
+            "RAYSVC_RAY_TEMP": temp}  # fmt: skip
+    cmd = [str(REPO / "cluster" / "local" / "start-head.sh"), "--block", "--num-cpus=2",
            *[f"{k}={v}" for k, v in ports.items()]]  # fmt: skip
     log = open(tmp_path / "ray-head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
