@@ -1,4 +1,4 @@
-"""`raysvc` command line: data | bench | pretrain | finetune | sweep | predict | demo (later: serve)."""
+"""`raysvc` command line: data | bench | pretrain | finetune | sweep | predict | serve | demo."""
 
 from __future__ import annotations
 
@@ -115,6 +115,19 @@ def cmd_bench_train(a: argparse.Namespace) -> None:
           f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %")
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> None:
+    from raysvc.bench.serve import run_serve_bench
+
+    result = run_serve_bench(requests_n=a.requests, concurrency=a.concurrency, events=a.events,
+                             max_points=a.max_points, threads=a.threads, model=a.model,
+                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    if a.json:
+        _print_json(result, a.out)
+        return
+    print(f"overhead over in-process forward: {result['overhead_p50_ms']:+.1f} ms (p50); batching throughput "
+          f"ratio {result['batching_throughput_ratio']}; errors {result['errors']}")  # fmt: skip
+
+
 def cmd_finetune(a: argparse.Namespace) -> None:
     from raysvc.train.finetune import run_finetune
     from raysvc.train.job_config import FinetuneConfig
@@ -160,6 +173,53 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
     info = predict_dataset(resolve(a.model), resolve(a.data), resolve(a.out), a.batch_events, a.device)
     print(json.dumps(info, indent=2))
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import signal
+    import time
+
+    from raysvc.ray_init import init_ray
+    from raysvc.serve.app import HOW_TO_SET_TOKEN, ServeConfig, build_app, read_token
+    from raysvc.storage import absolute_uri, resolve
+    from raysvc.train.export import load_model
+
+    models = {}
+    for item in ([a.checkpoint] if a.checkpoint else []) + (a.model or []):
+        mid, _, uri = item.rpartition("=") if "=" in item else (None, "", item)
+        uri = absolute_uri(uri)
+        mid = mid or uri.rstrip("/").rsplit("/", 1)[-1]
+        if mid in models:
+            raise ValueError(f"model id {mid!r} given twice; name them: --model ID=URI")
+        load_model(resolve(uri))  # fails here, naming the directory, rather than in a replica
+        models[mid] = uri
+    cfg = ServeConfig(models=models, auth=not a.no_auth, batching=not a.no_batching, replicas=a.replicas,
+                      cpus_per_replica=a.cpus_per_replica, torch_threads=a.torch_threads)  # fmt: skip
+    if cfg.auth and not read_token():
+        raise ValueError(f"raysvc serve requires a bearer token: {HOW_TO_SET_TOKEN} (or --no-auth, for a trusted "
+                         "loopback-only test)")  # fmt: skip
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"raysvc: warning: binding {a.host}, beyond loopback (auth {'on' if cfg.auth else 'OFF'})",
+              file=sys.stderr)  # fmt: skip
+    from ray import serve
+
+    init_ray(logging_level="WARNING", include_dashboard=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: Serve and Ray shut down cleanly
+    try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.run(build_app(cfg.model_dump()), name="raysvc", route_prefix="/")
+        print(json.dumps({"url": f"http://{a.host}:{a.port}", "models": models, "default": cfg.default_model,
+                          "auth": cfg.auth, "batching": cfg.batching}), flush=True)  # fmt: skip
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -258,6 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch-events", type=int, default=2)
     bt.add_argument("--threads", type=int, default=1)
     bt.set_defaults(fn=cmd_bench_train)
+
+    sv = sub.add_parser("serve", help="the segmentation endpoint (Ray Serve, FastAPI) over exported fine-tuned "
+                        "models; bearer token from RAYSVC_SERVE_TOKEN or RAYSVC_SERVE_TOKEN_FILE")  # fmt: skip
+    sv.add_argument("--checkpoint", help="exported model directory (file:// or s3://); its id is its last path part")
+    sv.add_argument("--model", action="append", metavar="ID=URI", help="another model behind the endpoint "
+                    "(chosen with the X-Model-Id header)")  # fmt: skip
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    sv.add_argument("--torch-threads", type=int, default=None)
+    sv.add_argument("--no-batching", action="store_true", help="one forward per request")
+    sv.add_argument("--no-auth", action="store_true", help="no bearer token (trusted loopback tests only)")
+    sv.set_defaults(fn=cmd_serve)
+
+    bs = bsub.add_parser("serve", help="the endpoint under HTTP load: p50/p99, throughput, batching on vs off, "
+                         "overhead over an in-process forward")  # fmt: skip
+    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--out", help="also write the JSON here")
+    bs.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    bs.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    bs.add_argument("--events", type=int, default=16, help="distinct events the requests cycle over")
+    bs.add_argument("--max-points", type=int, default=4000, help="points per event (cut)")
+    bs.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the replica")
+    bs.add_argument("--model", help="exported model directory (default: a seeded tiny model)")
+    bs.set_defaults(fn=cmd_bench_serve)
 
     d = sub.add_parser("demo", help="the main job end to end on embedded defaults")
     d.add_argument("--workdir", default="runs/demo")

@@ -1,4 +1,4 @@
-"""Inference with an exported segmentation model: `raysvc predict` and (later) the Serve endpoint share it.
+"""Inference with an exported segmentation model: `raysvc predict` and the Serve endpoint share it.
 
 Predictions cover every point of every input event. Preprocessing is the training code with two differences that
 inference needs: no event is cut for having few points, and points at or below the energy threshold, which the
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raysvc.data.collate import collate_packed
-from raysvc.data.schema import flat_values
+from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.shards import load_manifest, read_shard
 from raysvc.data.transforms import PreprocessConfig, preprocess_table
 from raysvc.models.heads import SegModel
@@ -44,19 +44,44 @@ class Segmenter:
         self.model_id = loc.uri
 
     @torch.no_grad()
-    def predict_table(self, table: pa.Table, source: str = "request") -> list[np.ndarray]:
-        """Per-event int8 class arrays aligned with the input points (-1: below the energy threshold)."""
+    def predict_table(self, table: pa.Table, source: str = "request", probabilities: bool = False,
+                      ) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+        """Per-event int8 class arrays aligned with the input points (-1: below the energy threshold); with
+        `probabilities`, also per-event (n, classes) float32 softmax rows (NaN below the threshold)."""
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         keep = flat_values(table, "energy") > self.preprocess.energy_threshold
         pre, _ = preprocess_table(table, self.preprocess, source)
         out_flat = np.full(int(lengths.sum()), -1, np.int8)
+        prob_flat = np.full((int(lengths.sum()), self.config["num_classes"]), np.nan, np.float32) if probabilities \
+            else None  # fmt: skip
         if pre.num_rows:
             batch = collate_packed(pre)
             x = model_inputs(batch, self.preprocess.center, self.preprocess.scale, self.grid_voxels, self.device,
                              self.center_events)  # fmt: skip
-            logits = self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
-            out_flat[keep] = logits.argmax(1)[x["inverse"]].to(torch.int8).cpu().numpy()
-        return np.split(out_flat, np.cumsum(lengths)[:-1])
+            logits = self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]]
+            out_flat[keep] = logits.argmax(1).to(torch.int8).cpu().numpy()
+            if probabilities:
+                prob_flat[keep] = torch.softmax(logits.float(), 1).cpu().numpy()
+        splits = np.cumsum(lengths)[:-1]
+        classes = np.split(out_flat, splits)
+        return (classes, np.split(prob_flat, splits)) if probabilities else classes
+
+    def _events_table(self, events: list[tuple[np.ndarray, np.ndarray]], source: str) -> pa.Table:
+        return table_from_events([{"event_id": i, "coord": p, "energy": e,
+                                   **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
+                                  for i, (p, e) in enumerate(events)], source)  # fmt: skip
+
+    def check_event(self, points: np.ndarray, energies: np.ndarray, source: str = "request") -> None:
+        """The data contract's checks on one event; EventDataError (naming the field) when it breaks one."""
+        validate_table(self._events_table([(points, energies)], source), source, row_base=None,
+                       volume=self.preprocess.volume)  # fmt: skip
+
+    def predict_events(self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False,
+                       source: str = "request"):  # fmt: skip
+        """`predict_table` on events given as (points (n, 3) voxel coordinates, energies (n,)). They pass the same
+        data-contract checks as a shard (EventDataError names the event's position and the field); the label
+        columns the contract requires are zero-filled, as inference never reads them."""
+        return self.predict_table(self._events_table(events, source), source, probabilities)
 
 
 def predict_dataset(model_loc: Location, data: Location, out: Location, batch_events: int = 8,

@@ -51,13 +51,16 @@ def _containers(doc: dict) -> list[tuple[dict, dict]]:
         pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
     elif doc["kind"] == "RayJob":
         pods = [spec["submitterPodTemplate"]["spec"]]
+    elif doc["kind"] == "RayService":
+        rc = spec["rayClusterConfig"]
+        pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
     return [(c, pod) for pod in pods for c in pod["containers"]]
 
 
 def test_kuberay_manifests_keep_secrets_in_secrets_and_auth_on():
     docs = [d for f in sorted((CLUSTER / "kuberay").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
     kinds = {d["kind"]: d for d in docs}
-    assert {"RayCluster", "RayJob"} <= set(kinds)
+    assert {"RayCluster", "RayJob", "RayService"} <= set(kinds)
     cluster = kinds["RayCluster"]
     for doc in docs:
         for c, pod in _containers(doc):
@@ -67,9 +70,11 @@ def test_kuberay_manifests_keep_secrets_in_secrets_and_auth_on():
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             volumes = {v["name"]: v for v in pod.get("volumes", [])}
             assert "secret" in volumes[mounts[token_dir]], "the Ray token comes from a Secret, as a file"
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "RAY_AUTH_TOKEN"):
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "RAY_AUTH_TOKEN",
+                         "RAYSVC_SERVE_TOKEN"):
                 assert "value" not in env.get(name, {}), f"{name} written into a manifest"
-    for c, pod in _containers(cluster):  # every Ray node: S3 credentials by reference, a memory-backed /dev/shm
+    for c, pod in _containers(cluster) + _containers(kinds["RayService"]):  # every Ray node: S3 credentials by
+        # reference, a memory-backed /dev/shm
         assert {"name": "raysvc-s3"} in [e["secretRef"] for e in c["envFrom"]]
         shm = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/dev/shm"]
         assert {v["name"]: v for v in pod["volumes"]}[shm]["emptyDir"]["medium"] == "Memory"
@@ -165,3 +170,25 @@ def test_slurm_script_starts_head_and_workers_in_containers_then_the_command(tmp
     assert "s3cr3t-never-logged" not in log.read_text() + p.stdout + p.stderr
     token = home / ".ray" / "raysvc_auth_token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+
+
+def _check_serve_config(config: dict, loopback: bool) -> None:
+    """A Serve config: its import path is our app builder, its args validate, the proxy binds as declared."""
+    import importlib
+
+    from raysvc.serve.app import ServeConfig
+
+    assert (config["http_options"]["host"] == "127.0.0.1") == loopback
+    for app in config["applications"]:
+        module, attr = app["import_path"].split(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        ServeConfig.model_validate(app["args"])
+
+
+def test_serve_configs_point_at_the_app_and_validate():
+    _check_serve_config(yaml.safe_load((CLUSTER / "serve" / "segment.yaml").read_text()), loopback=True)
+    service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    _check_serve_config(yaml.safe_load(service["spec"]["serveConfigV2"]), loopback=False)  # pod network, behind
+    env = {e["name"]: e for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["env"]}  # fmt: skip
+    assert env["RAYSVC_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raysvc-serve-token"

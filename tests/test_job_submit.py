@@ -17,25 +17,10 @@ from pathlib import Path
 import pytest
 
 from raysvc.seaweed import free_port
+from raysvc.serve.process import session_processes
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _session_processes(sid: int) -> list[int]:
-    """PIDs in session `sid`: the head started in its own session, and everything Ray starts (GCS, raylet,
-    dashboard, workers) inherits it, whatever process group a worker moves to."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session id; skip zombies
-                out.append(int(d.name))
-    return out
 
 
 @pytest.fixture()
@@ -82,17 +67,17 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in _session_processes(proc.pid):  # workers outside the head's process group
+        for pid in session_processes(proc.pid):  # workers outside the head's process group
             os.kill(pid, signal.SIGTERM)
         deadline = time.time() + 30
-        while _session_processes(proc.pid) and time.time() < deadline:
+        while session_processes(proc.pid) and time.time() < deadline:
             time.sleep(0.5)
-        for pid in _session_processes(proc.pid):
+        for pid in session_processes(proc.pid):
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
-        assert not _session_processes(proc.pid), "Ray processes left running"
+        assert not session_processes(proc.pid), "Ray processes left running"
 
 
 @pytest.mark.slow

@@ -26,3 +26,19 @@ def load_model(loc: Location) -> tuple[dict[str, torch.Tensor], dict]:
         if exists(loc.join(name)):
             return st_load(read_bytes(loc.join(name))), config
     raise FileNotFoundError(f"{loc.uri}: no model.safetensors or backbone.safetensors")
+
+
+def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny") -> None:
+    """A freshly initialised (seeded) segmentation model exported exactly as `raysvc finetune` exports one: what the
+    serving benchmark and tests load when latency, not accuracy, is the question."""
+    from raysvc.data.schema import CLASS_NAMES
+    from raysvc.data.transforms import PreprocessConfig
+    from raysvc.models.heads import SegModel
+    from raysvc.models.ptv3 import preset
+
+    torch.manual_seed(seed)
+    model = SegModel(preset(size), len(CLASS_NAMES), "dec")
+    save_model(loc, model.state_dict(), {
+        "model": {"size": size, "overrides": {}, "head": "dec", "mode": "scratch", "grid_voxels": 1.0,
+                  "center_events": False}, "num_classes": len(CLASS_NAMES), "class_names": list(CLASS_NAMES),
+        "preprocess": PreprocessConfig().model_dump(mode="json"), "step": 0})  # fmt: skip

@@ -1,0 +1,122 @@
+"""`raysvc bench serve`: the segmentation endpoint under load from a real HTTP client, against an in-process forward
+on the same events, all in one run.
+
+1. Baseline: `Segmenter.predict_events` in this process, one event per call (p50 ms per event).
+2. The endpoint (`raysvc serve` on 127.0.0.1, bearer token, same model, same torch threads), once with dynamic
+   batching and once without: N requests of the same events at concurrency C from a thread pool of keep-alive
+   sessions. Latency p50 / p99, throughput, errors.
+3. Overhead = endpoint p50 at concurrency 1 - in-process p50 (what HTTP, JSON, the proxy and the replica add).
+   Batching gain = throughput with batching / without, at the highest concurrency.
+Aims (issue #7): overhead <= 5 ms, batching >= 1.5x at concurrency 8, no errors.
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def bench_events(events: int, seed: int, max_points: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Generated events (voxel coordinates, energies), each cut to at most `max_points` points."""
+    from raysvc.data.generator import GeneratorConfig, generate_event
+
+    cfg = GeneratorConfig()
+    out = []
+    for i in range(events):
+        ev = generate_event(cfg, seed, i)
+        out.append((ev["coord"][:max_points].astype(np.float32), ev["energy"][:max_points].astype(np.float32)))
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def load(url: str, token: str, bodies: list[bytes], requests_n: int, concurrency: int) -> dict:
+    """Send `requests_n` requests (cycling over `bodies`) at `concurrency`; latencies, throughput, errors."""
+    import threading
+
+    import requests
+
+    local = threading.local()
+
+    def one(i: int) -> tuple[float, int]:
+        s = getattr(local, "s", None)
+        if s is None:
+            s = local.s = requests.Session()
+            s.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        try:
+            status = s.post(f"{url}/v1/segment", data=bodies[i % len(bodies)], timeout=120).status_code
+        except requests.RequestException:
+            status = -1
+        return time.perf_counter() - t0, status
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests_n)))
+    wall = time.perf_counter() - t0
+    lat = [dt * 1e3 for dt, st in results if st == 200]
+    return {"requests": requests_n, "concurrency": concurrency, "errors": sum(st != 200 for _, st in results),
+            "p50_ms": _pct(lat, 50) if lat else None, "p99_ms": _pct(lat, 99) if lat else None,
+            "throughput_rps": len(lat) / wall}  # fmt: skip
+
+
+def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None, events: int = 16,
+                    max_points: int = 4000, threads: int = 1, model: str | None = None, log=print) -> dict:  # fmt: skip
+    import json
+
+    import torch
+
+    from raysvc.infer import Segmenter
+    from raysvc.seaweed import free_port
+    from raysvc.serve.process import ServeProcess
+    from raysvc.storage import resolve
+    from raysvc.train.export import export_seeded_segmenter
+
+    concurrency = concurrency or [1, 8, 16]
+    evs = bench_events(events, 31, max_points)
+    bodies = [json.dumps({"points": p.tolist(), "energies": e.tolist()}).encode() for p, e in evs]
+    with tempfile.TemporaryDirectory() as tmp:
+        if model is None:
+            model = str(Path(tmp) / "model")
+            export_seeded_segmenter(resolve(model), seed=0)  # latency does not depend on the weights
+        torch.set_num_threads(threads)
+        seg = Segmenter(resolve(model))
+        for p, e in evs[:2]:
+            seg.predict_events([(p, e)])  # warm-up
+        inproc = []
+        for _ in range(3):
+            for p, e in evs:
+                t0 = time.perf_counter()
+                seg.predict_events([(p, e)])
+                inproc.append((time.perf_counter() - t0) * 1e3)
+        result = {"events": events, "points_per_event": statistics.mean(len(p) for p, _ in evs), "threads": threads,
+                  "in_process_p50_ms": _pct(inproc, 50), "endpoint": {}}  # fmt: skip
+        log(f"[raysvc] in-process forward: p50 {result['in_process_p50_ms']:.1f} ms per event")
+        token = secrets.token_hex(16)
+        for batching in (True, False):
+            key = "batching" if batching else "no_batching"
+            args = ["--checkpoint", model, "--torch-threads", str(threads)] + ([] if batching else ["--no-batching"])
+            with ServeProcess(args, free_port(), token, Path(tmp) / f"serve-{key}.log") as srv:
+                load(srv.url, token, bodies, 2 * len(bodies), 2)  # warm-up: replica, proxy, batcher
+                runs = []
+                for c in concurrency:
+                    r = load(srv.url, token, bodies, requests_n, c)
+                    log(f"[raysvc] {key}, concurrency {c}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                        f"{r['throughput_rps']:.1f} req/s, {r['errors']} errors")  # fmt: skip
+                    runs.append(r)
+            result["endpoint"][key] = runs
+    on, off = result["endpoint"]["batching"], result["endpoint"]["no_batching"]
+    c1 = next((r for r in off if r["concurrency"] == 1), off[0])
+    result["overhead_p50_ms"] = c1["p50_ms"] - result["in_process_p50_ms"]
+    result["batching_throughput_ratio"] = {str(a["concurrency"]): a["throughput_rps"] / b["throughput_rps"]
+                                           for a, b in zip(on, off, strict=True)}  # fmt: skip
+    result["errors"] = sum(r["errors"] for r in on + off)
+    return result

@@ -1,0 +1,203 @@
+"""The Ray Serve segmentation endpoint: a FastAPI ingress over fine-tuned models exported by `raysvc finetune`.
+
+- `POST /v1/segment`: one event (JSON, .npz or Arrow IPC; see protocol.py) -> per-point class ids (-1 below the
+  energy threshold), optional softmax probabilities, the model id and timings. The model is the one named by the
+  `X-Model-Id` header (several fine-tuned heads behind one endpoint), else the default.
+- `GET /v1/models`: the loaded models; `GET /healthz`: liveness (no auth); `/docs`: OpenAPI.
+- Auth: `Authorization: Bearer <token>` on every /v1 route, compared in constant time. The token is read by each
+  replica from RAYSVC_SERVE_TOKEN or the file RAYSVC_SERVE_TOKEN_FILE, never passed as an argument (arguments land
+  in Serve's config and logs).
+- Preprocessing and inference are `raysvc.infer.Segmenter`, the code `raysvc predict` runs: the events pass the
+  data contract's checks (finite, energy >= 0, inside the volume, non-empty) and get its messages back as 422s.
+- Dynamic batching (`@serve.batch`) bounded by the total points per batch (`batch_size_fn`), so one huge event
+  never rides with many others; requests for different models in one batch are run model by model.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at import time.
+import asyncio
+import hmac
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from raysvc.data.schema import EventDataError
+from raysvc.serve.protocol import CONTENT_TYPES, Event, Limits, RequestError, parse
+
+REQUEST_FIELD = {"coord": "points", "energy": "energies", "num_points": "points"}  # contract field -> request
+TOKEN_ENV, TOKEN_FILE_ENV = "RAYSVC_SERVE_TOKEN", "RAYSVC_SERVE_TOKEN_FILE"
+HOW_TO_SET_TOKEN = (f"set {TOKEN_ENV} to a secret (e.g. `export {TOKEN_ENV}=$(openssl rand -hex 32)`) or "
+                    f"{TOKEN_FILE_ENV} to a file holding it; clients send `Authorization: Bearer <token>`")  # fmt: skip
+
+
+class ServeConfig(BaseModel):
+    """Arguments of the Serve application (`raysvc serve` flags, or `args` of a `serve deploy` config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, str] = Field(description="model id -> exported model directory (file:// or s3://)")
+    default_model: str | None = Field(None, description="used without an X-Model-Id header (default: the first)")
+    auth: bool = Field(True, description="require the bearer token (off only for a trusted loopback test)")
+    batching: bool = True
+    max_batch_size: int = Field(200_000, gt=0, description="total points per batch")
+    batch_wait_timeout_s: float = Field(0.004, ge=0)
+    max_body_bytes: int = Field(64 * 2**20, gt=0)
+    max_points: int = Field(200_000, gt=0, description="points per event")
+    replicas: int = Field(1, gt=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0, description="> 0: the replica runs its models on CUDA")
+    torch_threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if not self.models:
+            raise ValueError("give at least one model (id -> exported model directory)")
+        if self.default_model is None:
+            self.default_model = next(iter(self.models))
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not one of {sorted(self.models)}")
+        if self.max_batch_size < self.max_points:
+            raise ValueError(f"max_batch_size ({self.max_batch_size} points) must hold the largest event "
+                             f"(max_points {self.max_points})")  # fmt: skip
+        return self
+
+
+def read_token() -> str | None:
+    """The serving token from the environment or its file; None when neither is set."""
+    token = os.environ.get(TOKEN_ENV)
+    if not token and os.environ.get(TOKEN_FILE_ENV):
+        path = Path(os.environ[TOKEN_FILE_ENV]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise RuntimeError(f"{TOKEN_FILE_ENV}={path}: cannot read the serving token ({e})") from e
+    return token or None
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def _json_probs(p: np.ndarray) -> list:
+    return [None if math.isnan(row[0]) else [round(float(v), 6) for v in row] for row in p]
+
+
+api = FastAPI(title="raysvc segmentation", version="1",
+              description="Per-point semantic segmentation of LArTPC events with fine-tuned PTv3 models.")  # fmt: skip
+
+
+@serve.deployment(name="segment")
+@serve.ingress(api)
+class SegmentService:
+    def __init__(self, config: dict):
+        import torch
+
+        from raysvc.infer import Segmenter
+        from raysvc.storage import resolve
+
+        self.cfg = ServeConfig.model_validate(config)
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        self.token = read_token() if self.cfg.auth else None
+        if self.cfg.auth and not self.token:
+            raise RuntimeError(f"the endpoint requires a bearer token: {HOW_TO_SET_TOKEN}")
+        device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+        self.models = {mid: Segmenter(resolve(uri), device) for mid, uri in self.cfg.models.items()}
+        self.uris = dict(self.cfg.models)
+        self.limits = Limits(self.cfg.max_body_bytes, self.cfg.max_points)
+        self._infer_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    def _authorised(self, request: Request) -> JSONResponse | None:
+        if not self.cfg.auth:
+            return None
+        header = request.headers.get("authorization", "")
+        if not header:
+            return _error(401, f"missing Authorization header: send `Authorization: Bearer <token>` ({TOKEN_ENV})")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            return _error(401, "wrong bearer token")
+        return None
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "models": len(self.models)}
+
+    @api.get("/v1/models")
+    def list_models(self, request: Request):
+        if (denied := self._authorised(request)) is not None:
+            return denied
+        return {"default": self.cfg.default_model,
+                "models": [{"id": mid, "uri": self.uris[mid], "classes": list(seg.config["class_names"]),
+                            "size": seg.config["model"]["size"], "mode": seg.config["model"].get("mode")}
+                           for mid, seg in self.models.items()]}  # fmt: skip
+
+    @api.post("/v1/segment")
+    async def segment(self, request: Request, probabilities: bool = False):
+        t0 = time.perf_counter()
+        if (denied := self._authorised(request)) is not None:
+            return denied
+        model_id = request.headers.get("x-model-id") or self.cfg.default_model
+        if model_id not in self.models:
+            return _error(404, f"unknown model id {model_id!r} (X-Model-Id); loaded: {sorted(self.models)}")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            return _error(413, f"body of {length} bytes: the limit is {self.limits.max_body_bytes}")
+        if (request.headers.get("content-type") or "").split(";")[0].strip().lower() not in CONTENT_TYPES:
+            return _error(415, f"content type {request.headers.get('content-type')!r} is not accepted: use one of "
+                               f"{', '.join(CONTENT_TYPES)}")  # fmt: skip
+        try:
+            event = parse(await request.body(), request.headers.get("content-type"), self.limits, probabilities)
+            seg = self.models[model_id]
+            seg.check_event(event.points, event.energies)  # the data contract, before the event joins a batch
+        except RequestError as e:
+            return _error(e.status, str(e))
+        except EventDataError as e:  # the contract's own message, with its field named as the request names it
+            return _error(422, f"{REQUEST_FIELD.get(e.field, e.field)}: {e.detail}")
+        t1 = time.perf_counter()
+        if self.cfg.batching:
+            classes, probs = await self._infer_batch((model_id, event))
+        else:
+            classes, probs = await asyncio.to_thread(self._infer_one, model_id, event)
+        t2 = time.perf_counter()
+        out = {"model": model_id, "num_points": len(classes), "classes": classes.tolist(),
+               "class_names": list(seg.config["class_names"])}  # fmt: skip
+        if event.probabilities:
+            out["probabilities"] = _json_probs(probs)
+        out["timing_ms"] = {"parse": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1),
+                            "total": 1e3 * (time.perf_counter() - t0)}  # fmt: skip
+        return out
+
+    def _infer_one(self, model_id: str, event: Event) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._run(model_id, [event])[0]
+
+    def _run(self, model_id: str, events: list[Event]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        seg = self.models[model_id]
+        want = any(e.probabilities for e in events)
+        out = seg.predict_events([(e.points, e.energies) for e in events], probabilities=want)
+        classes, probs = out if want else (out, [None] * len(events))
+        return [(c, p if e.probabilities else None) for c, p, e in zip(classes, probs, events, strict=True)]
+
+    @serve.batch(max_batch_size=200_000, batch_wait_timeout_s=0.004, batch_size_fn=lambda items: sum(
+        len(e.points) for _, e in items))  # fmt: skip
+    async def _infer_batch(self, items: list[tuple[str, Event]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        results: list = [None] * len(items)
+        for model_id in dict.fromkeys(mid for mid, _ in items):
+            idx = [i for i, (mid, _) in enumerate(items) if mid == model_id]
+            outs = await asyncio.to_thread(self._run, model_id, [items[i][1] for i in idx])
+            for i, o in zip(idx, outs, strict=True):
+                results[i] = o
+        return results
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application for `serve run` / `serve deploy` configs (import path raysvc.serve.app:build_app) and for
+    `raysvc serve`; `args` are ServeConfig fields."""
+    cfg = ServeConfig.model_validate(args)
+    opts = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    return SegmentService.options(num_replicas=cfg.replicas, ray_actor_options=opts).bind(cfg.model_dump())

@@ -1,0 +1,94 @@
+"""`raysvc serve` as a child process on 127.0.0.1: started in its own session, ready when /healthz answers, stopped
+like a service manager stops it (SIGTERM to the group, then whatever is left of its session). Used by
+`raysvc bench serve` and the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def session_processes(sid: int) -> list[int]:
+    """PIDs of live processes in session `sid` (Ray's processes inherit the session of the CLI that started them,
+    whatever process group they move to)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session id; skip zombies
+                out.append(int(d.name))
+    return out
+
+
+class ServeProcess:
+    """`raysvc serve ARGS --port PORT` with the token in its environment (never on its command line)."""
+
+    def __init__(self, args: list[str], port: int, token: str | None, log_path: str | Path,
+                 env: dict | None = None, start_timeout_s: float = 180):  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        self.args, self.port, self.token, self.log_path = args, port, token, Path(log_path)
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("RAY_ADDRESS", None)  # a private local Ray, not whatever cluster the caller is in
+        if token:
+            self.env["RAYSVC_SERVE_TOKEN"] = token
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServeProcess:
+        import requests
+
+        raysvc = str(Path(sys.executable).parent / "raysvc")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([raysvc, "serve", *self.args, "--port", str(self.port)], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.time() + self.start_timeout_s
+        try:
+            while True:
+                try:
+                    if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                        return self
+                except (requests.ConnectionError, requests.Timeout):
+                    pass
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"raysvc serve did not come up:\n{self.log_path.read_text()[-4000:]}")
+                time.sleep(1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> list[int]:
+        """Stop the server and everything it started; the PIDs that had to be killed after SIGTERM + 60 s."""
+        if self.proc is None:
+            return []
+        p, self.proc = self.proc, None
+        sid = p.pid
+        try:
+            os.killpg(sid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + 60
+        while session_processes(sid) and time.time() < deadline:
+            time.sleep(0.5)
+        stragglers = session_processes(sid)
+        for pid in stragglers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+        return stragglers
