@@ -190,7 +190,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     models = {}
     for item in ([a.checkpoint] if a.checkpoint else []) + (a.model or []):
-        mid, _, uri = item.rpartition("=") if "=" in item else (None, "", item)
+        mid, _, uri = item.partition("=") if "=" in item else (None, "", item)  # ids have no "="; URIs may
         uri = absolute_uri(uri)
         mid = mid or uri.rstrip("/").rsplit("/", 1)[-1]
         if mid in models:

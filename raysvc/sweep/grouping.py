@@ -183,23 +183,14 @@ def grouping_png(summary: dict) -> bytes:
 
 
 def run_cnms_sweep(spec: CNMSSweep, log=print) -> dict:
-    import ray
-
     t0 = time.time()
     events = load_events(spec)
     trials = grid_trials(spec)
     exp = resolve(spec.storage).join(spec.name)
     log(f"[raysvc] C-NMS sweep {spec.name}: {len(trials)} trials on {len(events)} events "
         f"({sum(len(e) for e in events)} points), {spec.tune.max_concurrent_trials} at a time")  # fmt: skip
-    from raysvc.ray_init import init_ray
-
-    if not ray.is_initialized():
-        init_ray(logging_level="WARNING")
-    from ray import tune
-
-    trainable = tune.with_parameters(grouping_trial, events=events, max_points=spec.max_points, sweep=spec.name,
-                                     wandb=(spec.wandb_project, spec.wandb_mode))  # fmt: skip
-    outcome = run_grid(trainable, trials, spec.tune, exp, log)
+    outcome = run_grid(grouping_trial, trials, spec.tune, exp, log, events=events, max_points=spec.max_points,
+                       sweep=spec.name, wandb=(spec.wandb_project, spec.wandb_mode))  # fmt: skip
     keys = ("missed_ratio", "duplicated_ratio", "groups_per_event", "points_per_group", "ms_per_event")
     rows = [{"trial": r["trial"], "metrics": {k: r["metrics"][k] for k in keys}} for r in outcome.trials]
     summary = {

@@ -159,10 +159,6 @@ def efficiency_png(table: dict, total_events: int | None) -> bytes:
 
 
 def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
-    import ray
-    from ray import tune
-
-    from raysvc.ray_init import init_ray
     from raysvc.train.export import load_model
 
     t0 = time.time()
@@ -178,11 +174,8 @@ def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
     counts = ", ".join(_label(n) for n in spec.events)
     log(f"[raysvc] label-efficiency sweep {spec.name}: {len(trials)} trials ({', '.join(spec.modes)} x {counts} "
         f"events), {spec.tune.max_concurrent_trials} at a time")  # fmt: skip
-    if not ray.is_initialized():
-        init_ray(logging_level="WARNING")
-    trainable = tune.with_parameters(finetune_trial, base=base.model_dump(mode="json"), sweep=spec.name, init=init,
-                                     runs_uri=exp.join("runs").uri, metric=spec.metric)  # fmt: skip
-    outcome = run_grid(trainable, trials, spec.tune, exp, log)
+    outcome = run_grid(finetune_trial, trials, spec.tune, exp, log, base=base.model_dump(mode="json"),
+                       sweep=spec.name, init=init, runs_uri=exp.join("runs").uri, metric=spec.metric)  # fmt: skip
     keep = (spec.metric, "miou", "accuracy", "iou", "steps", "wall_s", "run_uri")
     rows = [{"trial": r["trial"], "metrics": {k: r["metrics"].get(k) for k in keep}} for r in outcome.trials]
     table = matrix(spec, rows)

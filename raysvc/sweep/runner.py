@@ -36,8 +36,9 @@ def error_text(err: BaseException) -> tuple[str, str]:
     return f"{type(cause).__name__}: {cause}", re.sub(r"\x1b\[[0-9;]*m", "", str(err))
 
 
-def run_grid(trainable, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=print) -> TrialOutcome:
-    """Run (or resume) `trainable` once per dict of `trials` under the experiment directory `exp`."""
+def run_grid(fn, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=print, **shared) -> TrialOutcome:
+    """Run (or resume) the function trainable `fn(config, **shared)` once per dict of `trials` under the experiment
+    directory `exp`; `shared` objects go to every trial through Ray's object store (`tune.with_parameters`)."""
     import ray
     from ray import tune
 
@@ -49,7 +50,7 @@ def run_grid(trainable, trials: list[dict], tune_cfg: TuneSection, exp: Location
     grid_loc = exp.join(GRID_FILE)
     fs = exp.fs if exp.is_s3 else None
     resources = tune.PlacementGroupFactory([{"CPU": tune_cfg.cpus_per_trial}])
-    trainable = tune.with_resources(trainable, resources)
+    trainable = tune.with_resources(tune.with_parameters(fn, **shared), resources)
     resumed = exists(grid_loc) and tune.Tuner.can_restore(exp.path, storage_filesystem=fs)
     if resumed:
         before = json.loads(read_bytes(grid_loc))
