@@ -124,8 +124,9 @@ def cmd_bench_serve(a: argparse.Namespace) -> None:
     if a.json:
         _print_json(result, a.out)
         return
-    print(f"overhead over in-process forward: {result['overhead_p50_ms']:+.1f} ms (p50); batching throughput "
-          f"ratio {result['batching_throughput_ratio']}; errors {result['errors']}")  # fmt: skip
+    split = ", ".join(f"{k} {v:+.1f}" for k, v in result["overhead_split_ms"].items())
+    print(f"overhead over in-process forward: {result['overhead_p50_ms']:+.1f} ms (p50: {split}); batching "
+          f"throughput ratio {result['batching_throughput_ratio']}; errors {result['errors']}")  # fmt: skip
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -184,7 +185,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import time
 
     from raysvc.ray_init import init_ray
-    from raysvc.serve.app import HOW_TO_SET_TOKEN, ServeConfig, build_app, read_token
+    from raysvc.serve.app import FAST_PATH_ENV, HOW_TO_SET_TOKEN, ServeConfig, build_app, read_token
     from raysvc.storage import absolute_uri, resolve
     from raysvc.train.export import load_model
 
@@ -197,8 +198,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
             raise ValueError(f"model id {mid!r} given twice; name them: --model ID=URI")
         load_model(resolve(uri))  # fails here, naming the directory, rather than in a replica
         models[mid] = uri
+    batching = {k: v for k, v in (("max_batch_size", a.max_batch_points),
+                                  ("batch_wait_timeout_s", None if a.batch_wait_ms is None else a.batch_wait_ms / 1e3))
+                if v is not None}  # fmt: skip
     cfg = ServeConfig(models=models, auth=not a.no_auth, batching=not a.no_batching, replicas=a.replicas,
-                      cpus_per_replica=a.cpus_per_replica, torch_threads=a.torch_threads)  # fmt: skip
+                      cpus_per_replica=a.cpus_per_replica, torch_threads=a.torch_threads, **batching)  # fmt: skip
     if cfg.auth and not read_token():
         raise ValueError(f"raysvc serve requires a bearer token: {HOW_TO_SET_TOKEN} (or --no-auth, for a trusted "
                          "loopback-only test)")  # fmt: skip
@@ -207,6 +211,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
               file=sys.stderr)  # fmt: skip
     from ray import serve
 
+    for key, value in FAST_PATH_ENV.items():  # for the Ray started here; one already running keeps its own
+        os.environ.setdefault(key, value)
     init_ray(logging_level="WARNING", include_dashboard=False)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: Serve and Ray shut down cleanly
     try:
@@ -225,7 +231,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
-    run_demo(workdir=a.workdir, events=a.events, storage=a.storage, workers=a.workers, pretrain_steps=a.pretrain_steps)
+    run_demo(workdir=a.workdir, events=a.events, storage=a.storage, workers=a.workers, pretrain_steps=a.pretrain_steps,
+             finetune_steps=a.finetune_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cpus-per-replica", type=float, default=1.0)
     sv.add_argument("--torch-threads", type=int, default=None)
     sv.add_argument("--no-batching", action="store_true", help="one forward per request")
+    sv.add_argument("--max-batch-points", type=int, help="points per batch (default 200,000; at least the largest "
+                    "event the endpoint takes)")  # fmt: skip
+    sv.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill (default 0: batches form "
+                    "from the requests queued during the previous forward)")  # fmt: skip
     sv.add_argument("--no-auth", action="store_true", help="no bearer token (trusted loopback tests only)")
     sv.set_defaults(fn=cmd_serve)
 
@@ -351,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--storage", choices=["seaweedfs", "file"], default="seaweedfs")
     d.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ingest check")
     d.add_argument("--pretrain-steps", type=int, default=150, help="tiny Panda pretraining steps (0: skip)")
+    d.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps of the pretrained backbone on "
+                   "100 labelled events, then serving it (0: skip both)")  # fmt: skip
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -3,8 +3,9 @@
 Start a local SeaweedFS (or use file://), generate synthetic events into Parquet shards on it, check their statistics
 against PILArNet-M, stream them back through Ray Data into Ray Train workers (DDP over gloo) that count every event,
 then pretrain the tiny PTv3 with Panda on those events (streamed from S3) and compare the linear probe on its frozen
-features with the same probe on the random initialisation, on held-out labelled events. Writes summary.json + plots.
-Later stages (fine-tune -> serve) hook in here.
+features with the same probe on the random initialisation, on held-out labelled events. Then fine-tune the pretrained
+backbone on 100 labelled events, serve the result over HTTP (`raysvc serve`, bearer token, 127.0.0.1) and check the
+endpoint's answers on the held-out events against the same model in process. Writes summary.json + plots.
 """
 
 from __future__ import annotations
@@ -71,8 +72,78 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     return run_pretrain(load_config(PretrainConfig, job, sets))
 
 
+def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, label_events: int) -> dict:
+    """fft of the pretrained backbone on `label_events` labelled events of the dataset (a seeded subset), validated
+    on the held-out events: the few-label fine-tuning the pretraining is for."""
+    from raysvc.config import load_config
+    from raysvc.train.finetune import run_finetune
+    from raysvc.train.job_config import FinetuneConfig
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "semseg-tiny.yaml"
+    sets = [f"data.uri={uri}", f"data.subset_events={label_events}", f"val_data.uri={heldout}",
+            f"model.init={backbone}", "model.mode=fft", f"run.storage={work}", f"run.name=finetune-{steps}",
+            f"train.steps={steps}", f"train.val_every={steps}", "train.val_events=80",
+            f"train.checkpoint_every={steps}", f"train.log_every={max(steps // 4, 1)}"]  # fmt: skip
+    return run_finetune(load_config(FinetuneConfig, job, sets))
+
+
+def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> dict:
+    """`raysvc serve` on the fine-tuned model (127.0.0.1, a fresh bearer token); the held-out events over HTTP as
+    JSON, one at a time; their answers compared with the same model run in process, and scored against the
+    labels."""
+    import secrets
+
+    import requests
+    import torch
+
+    from raysvc.data.schema import flat_coords, flat_values
+    from raysvc.data.shards import load_manifest, read_shard
+    from raysvc.infer import Segmenter
+    from raysvc.seaweed import free_port
+    from raysvc.serve.process import ServeProcess
+    from raysvc.storage import resolve
+    from raysvc.train.metrics import ConfusionMatrix, compute
+
+    root = resolve(heldout)
+    table = read_shard(root, load_manifest(root).shards[0]).slice(0, events)
+    lengths = table.column("num_points").to_numpy()
+    xyz, energy, labels = flat_coords(table), flat_values(table, "energy"), flat_values(table, "semantic")
+    splits = np.cumsum(lengths)[:-1]
+    evs = list(zip(np.split(xyz.astype(np.float32), splits), np.split(energy.astype(np.float32), splits),
+                   strict=True))  # fmt: skip
+    torch.set_num_threads(1)
+    seg = Segmenter(resolve(model_dir))
+    # one event per forward, as the endpoint runs requests that arrive one at a time: a batch of other sizes may
+    # round the last bits of a logit differently (matrix kernels block by size) and flip a near-tied point
+    local = [seg.predict_events([ev])[0] for ev in evs]
+    token = secrets.token_hex(16)
+    t0 = time.time()
+    with ServeProcess(["--checkpoint", model_dir, "--torch-threads", "1"], free_port(), token,
+                      work / "serve.log") as srv:  # fmt: skip
+        up_s = time.time() - t0
+        print(f"    endpoint {srv.url} up in {up_s:.0f}s; sending {len(evs)} held-out events as JSON")
+        answers, latency = [], []
+        with requests.Session() as http:
+            http.headers["Authorization"] = f"Bearer {token}"
+            for p, e in evs:
+                t1 = time.perf_counter()
+                r = http.post(f"{srv.url}/v1/segment", json={"points": p.tolist(), "energies": e.tolist()}, timeout=60)
+                latency.append(1e3 * (time.perf_counter() - t1))
+                r.raise_for_status()
+                answers.append(np.asarray(r.json()["classes"], np.int8))
+    same = sum(np.array_equal(a, b) for a, b in zip(answers, local, strict=True))
+    pred = np.concatenate(answers)
+    scored = pred >= 0  # -1: at or below the energy threshold, never seen by the model
+    cm = ConfusionMatrix(len(CLASS_NAMES)).update(torch.from_numpy(pred[scored]).long(),
+                                                  torch.from_numpy(labels[scored].astype(np.int64)))  # fmt: skip
+    metrics = compute(cm.matrix, CLASS_NAMES)
+    return {"events": len(evs), "identical_to_in_process": same, "startup_s": round(up_s, 1),
+            "latency_p50_ms": float(np.percentile(latency, 50)), "miou": metrics["miou"], "f1": metrics["f1"]}
+
+
 def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "seaweedfs", workers: int = 2,
-             seed: int = 0, shard_events: int = 250, pretrain_steps: int = 150) -> dict:  # fmt: skip
+             seed: int = 0, shard_events: int = 250, pretrain_steps: int = 150, finetune_steps: int = 100,
+             label_events: int = 100) -> dict:  # fmt: skip
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -143,6 +214,13 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         _stage(f"Panda pretraining of the tiny PTv3: {pretrain_steps} steps on {uri} (2 Train workers), linear probe "
                "on frozen features vs the random initialisation")  # fmt: skip
         pretrain = _pretrain(uri, heldout, work, pretrain_steps) if pretrain_steps else None
+        finetune = serving = None
+        if pretrain is not None and finetune_steps:
+            _stage(f"fine-tuning the pretrained backbone (fft) on {label_events} labelled events for {finetune_steps}"
+                   f" steps, validated on the held-out events")  # fmt: skip
+            finetune = _finetune(uri, heldout, pretrain["uri"], work, finetune_steps, label_events)
+            _stage("serving the fine-tuned model over HTTP (raysvc serve: Ray Serve, bearer token, 127.0.0.1)")
+            serving = _serve_check(finetune["uri"], heldout, work)
 
     ok = ingest["events"] == ingest["unique_events"] == ledger["events_out"]
     summary = {
@@ -157,6 +235,10 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         "pretrain": None if pretrain is None else {
             "steps": pretrain["steps"], "probe": pretrain["probe"], "last_monitor": pretrain["last_monitor"],
             "run": pretrain["uri"], "wall_s": round(pretrain["wall_s"], 1)},
+        "finetune": None if finetune is None else {
+            "steps": finetune["steps"], "label_events": label_events, "val": finetune["val"], "run": finetune["uri"],
+            "wall_s": round(finetune["wall_s"], 1)},
+        "serve": serving,
         "total_s": round(time.time() - t_start, 1),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -178,8 +260,18 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         mon = pretrain["last_monitor"]
         print(f"    collapse monitors: {mon['proto_used_frac']:.2f} of prototypes used (perplexity "
               f"{mon['proto_perplexity']:.0f}), feature std {mon['feat_std']:.3f}; run in {pretrain['uri']}")
+    if finetune is not None:
+        print(f"    fine-tuned on {label_events} labelled events ({finetune['steps']} steps): held-out mIoU "
+              f"{finetune['val']['miou']:.3f}; run in {finetune['uri']}")  # fmt: skip
+    if serving is not None:
+        print(f"    endpoint: {serving['identical_to_in_process']}/{serving['events']} held-out events answered "
+              f"exactly as in process, mIoU {serving['miou']:.3f}, p50 {serving['latency_p50_ms']:.0f} ms per "
+              f"event")  # fmt: skip
     print(f"    wrote {work / 'summary.json'}, {work / 'summary.png'}, {work / 'event0.png'}")
     print(f"    total {summary['total_s']}s -> {'OK' if ok else 'MISMATCH'}")
     if not ok:
         raise RuntimeError(f"demo: delivered {ingest['events']} events, expected {ledger['events_out']}")
+    if serving is not None and serving["identical_to_in_process"] != serving["events"]:
+        raise RuntimeError(f"demo: the endpoint answered {serving['events'] - serving['identical_to_in_process']} "
+                           f"of {serving['events']} events differently from the same model in process")  # fmt: skip
     return summary

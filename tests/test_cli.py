@@ -105,8 +105,13 @@ def test_bench_train_json(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
-    run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4")
+    run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4", "--finetune-steps", "4")
     summary = json.loads((work / "summary.json").read_text())
+    # fine-tuned from the pretrained backbone, then served: every held-out event answered as in process
+    ft, served = summary["finetune"], summary["serve"]
+    assert ft["steps"] == 4 and ft["label_events"] == 100 and 0 < ft["val"]["miou"] <= 1
+    assert json.loads((work / "finetune-4" / "config.json").read_text())["model"]["init"].endswith("/demo/pretrain-4")
+    assert served["events"] == served["identical_to_in_process"] == 20 and 0 < served["miou"] <= 1
     probe = summary["pretrain"]["probe"]  # the tiny Panda run on the S3 events, probed at steps 0, 1, 2, 3, 4
     assert summary["pretrain"]["steps"] == 4 and [s for s, _ in probe["curve"]] == [0, 1, 2, 3, 4]
     assert probe["random_miou"] == probe["curve"][0][1] and (work / "pretrain-4" / "backbone.safetensors").exists()

@@ -186,9 +186,13 @@ def _check_serve_config(config: dict, loopback: bool) -> None:
 
 
 def test_serve_configs_point_at_the_app_and_validate():
+    from raysvc.serve.app import FAST_PATH_ENV
+
     _check_serve_config(yaml.safe_load((CLUSTER / "serve" / "segment.yaml").read_text()), loopback=True)
     service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
     _check_serve_config(yaml.safe_load(service["spec"]["serveConfigV2"]), loopback=False)  # pod network, behind
     env = {e["name"]: e for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
         "containers"][0]["env"]}  # fmt: skip
     assert env["RAYSVC_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raysvc-serve-token"
+    for name, value in FAST_PATH_ENV.items():  # the request-path switches raysvc serve sets for its own Ray
+        assert env[name]["value"] == value

@@ -1,5 +1,5 @@
-"""`ray job submit` of segmentation, pretraining and sweep jobs to a real local Ray head started with token auth, as on
-a cluster."""
+"""`ray job submit` of segmentation, pretraining, sweep and serving jobs to a real local Ray head started with token
+auth, as on a cluster."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from raysvc.seaweed import free_port
-from raysvc.serve.process import session_processes
+from raysvc.serve.process import session_processes, wait_until_healthy
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -81,7 +81,7 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_finetune_pretrain_and_sweep_jobs_with_token_auth(ray_head, tmp_path):
+def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_auth(ray_head, tmp_path):
     from raysvc.data.synthetic import generate_dataset
     from raysvc.storage import resolve
 
@@ -129,3 +129,44 @@ def test_ray_job_submit_runs_finetune_pretrain_and_sweep_jobs_with_token_auth(ra
     assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
     summary = json.loads((tmp_path / "sweeps" / "cnms" / "summary.json").read_text())
     assert [r["trial"]["name"] for r in summary["trials"]] == ["cnms-r5-o0.5", "cnms-r5-o1", "fps_knn-g16"]
+
+    # the endpoint as a long-running job on the cluster, serving the model the first job exported; only the path
+    # of the token's file travels in the runtime env (cluster/README.md)
+    serve_token = tmp_path / "serve_token"
+    serve_token.write_text(secrets.token_hex(16))
+    port = free_port()
+    runtime_env = json.dumps({"env_vars": {"RAYSVC_SERVE_TOKEN_FILE": str(serve_token)}})
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--submission-id",
+                        "serve-job", "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
+                        "raysvc", "serve", "--checkpoint", str(tmp_path / "runs" / "submitted"), "--port", str(port),
+                        "--torch-threads", "1"],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    try:
+        _segment_when_up(f"http://127.0.0.1:{port}", serve_token.read_text(), address, env)
+    finally:
+        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, "serve-job"], env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "serve-job"], env=env,
+                            capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    assert "was stopped" in status, status
+
+
+def _segment_when_up(url: str, token: str, address: str, env: dict, timeout_s: float = 180) -> None:
+    """Wait for the endpoint's /healthz, then segment one generated event with the bearer token."""
+    import numpy as np
+    import requests
+
+    from raysvc.data.generator import GeneratorConfig, generate_event
+
+    if not wait_until_healthy(url, timeout_s):
+        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, "serve-job"], env=env,
+                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+        raise AssertionError(f"the submitted endpoint did not come up:\n{logs[-3000:]}")
+    ev = generate_event(GeneratorConfig(), 5, 0)
+    body = {"points": ev["coord"].tolist(), "energies": ev["energy"].tolist()}
+    assert requests.post(f"{url}/v1/segment", json=body, timeout=60).status_code == 401  # auth on in the job too
+    r = requests.post(f"{url}/v1/segment", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    classes = np.asarray(r.json()["classes"])
+    assert len(classes) == len(ev["energy"]) and set(classes[ev["energy"] > 0.13]) <= set(range(5))

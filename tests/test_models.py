@@ -9,6 +9,7 @@ import torch
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import PTv3, PTv3Config, count_parameters, preset, upcast
 from raysvc.ops.packed import offset_to_batch
+from raysvc.ops.serialization import event_depths
 
 
 def _batch(sizes=(700, 300), seed=0):
@@ -80,12 +81,19 @@ def test_outputs_follow_a_permutation_of_the_input_points(head):
 
 @pytest.mark.parametrize("head", ["lin", "dec"])
 def test_events_in_a_batch_do_not_see_each_other(head):
+    """Each event gets the same answer alone as in a batch, also when the events differ in extent: the
+    serialization depth is per event (a batch-wide depth bends the smaller event's Hilbert curve)."""
     torch.manual_seed(2)
     model = SegModel(preset("tiny"), 5, head).eval()
     feat, coord, grid, offset = _batch()
+    grid = grid.clone()
+    grid[700:] *= 8  # the second event now spans more bits than the first
+    depths = event_depths(grid, offset_to_batch(offset))
+    assert depths[1] > depths[0]
     together = model(feat, coord, grid, offset)
-    alone = model(feat[:700], coord[:700], grid[:700], offset[:1])
-    torch.testing.assert_close(together[:700], alone, atol=1e-4, rtol=1e-4)
+    for lo, hi in ((0, 700), (700, 1000)):
+        alone = model(feat[lo:hi], coord[lo:hi], grid[lo:hi], torch.tensor([hi - lo]))
+        torch.testing.assert_close(together[lo:hi], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_training_mode_drops_paths_and_backward_reaches_every_trainable_parameter():

@@ -9,7 +9,7 @@ import torch
 import raysvc.ops as ops
 from raysvc.ops.grid import grid_sample
 from raysvc.ops.neighbors import ball_query, fps, knn
-from raysvc.ops.serialization import ORDERS, decode, encode, serialize
+from raysvc.ops.serialization import ORDERS, decode, encode, event_depths, serialize, serialize_by_event
 
 
 # --- serialization --------------------------------------------------------------------------------------------
@@ -78,6 +78,25 @@ def test_hilbert_is_a_continuous_curve_and_batches_never_interleave():
     b = torch.tensor([1] * 10 + [0] * 10)
     code, perm, inverse = serialize(torch.randint(0, 16, (20, 3)), b, 4, "z")
     assert (b[perm][:10] == 0).all() and torch.equal(perm[inverse], torch.arange(20))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_serialize_by_event_orders_each_event_as_alone(order):
+    """Events of different extents in one batch: each is ordered exactly as on its own (PTv3's rule at its own
+    depth), and the events stay in batch order. One batch-wide depth would reorder the small event's Hilbert curve."""
+    def cells(n: int, side: int, seed: int) -> torch.Tensor:  # n distinct cells of a side^3 box (no code ties)
+        idx = torch.randperm(side**3, generator=torch.Generator().manual_seed(seed))[:n]
+        return torch.stack([idx // side**2, idx // side % side, idx % side], 1)
+
+    small, large = cells(300, 20, 4), cells(400, 20, 5) * 35  # spread over [0, 665]
+    grid, batch = torch.cat([small, large]), torch.tensor([0] * 300 + [1] * 400)
+    assert event_depths(grid, batch) == [6, 11]
+    _, perm, inverse = serialize_by_event(grid, batch, order)
+    assert torch.equal(perm[:300], serialize(small, torch.zeros(300, dtype=torch.long), 6, order)[1])
+    assert torch.equal(perm[300:] - 300, serialize(large, torch.zeros(400, dtype=torch.long), 11, order)[1])
+    assert torch.equal(perm[inverse], torch.arange(700))
+    if order.startswith("hilbert"):  # the batch-wide depth really differs for the small event
+        assert not torch.equal(serialize(grid, batch, 11, order)[1][:300], perm[:300])
 
 
 def test_encode_rejects_bad_input():

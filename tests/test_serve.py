@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from raysvc.seaweed import free_port
-from raysvc.serve.process import ServeProcess, session_processes
+from raysvc.serve.process import ServeProcess, session_processes, wait_until_healthy
 from raysvc.storage import resolve
 from raysvc.train.export import export_seeded_segmenter
 
@@ -98,7 +98,7 @@ def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(
             got = r.json()
             assert got["model"] == model and got["num_points"] == len(points)
             assert np.array_equal(np.asarray(got["classes"], np.int8), want)
-            assert set(got["timing_ms"]) == {"parse", "infer", "total"}
+            assert set(got["timing_ms"]) == {"receive", "parse", "infer", "total"}
     a_offline = _offline(server["a"], events, tmp_path)
     assert any(not np.array_equal(x, y) for x, y in zip(a_offline, _offline(server["b"], events, tmp_path),
                                                          strict=True))  # the two models really differ  # fmt: skip
@@ -208,3 +208,50 @@ def test_bench_serve_reports_latency_throughput_and_ratios_from_one_run(tmp_path
     assert r["errors"] == 0 and all(x["p50_ms"] <= x["p99_ms"] for x in on + off)
     assert r["overhead_p50_ms"] == pytest.approx(off[0]["p50_ms"] - r["in_process_p50_ms"])
     assert r["batching_throughput_ratio"]["3"] == pytest.approx(on[1]["throughput_rps"] / off[1]["throughput_rps"])
+    # the split comes from the replica's own timings in each answer: its route runs inside the client's latency
+    for x in on + off:
+        t = x["replica_p50_ms"]
+        assert 0 < t["receive"] + t["parse"] < t["total"] < x["p50_ms"] and 0 < t["infer"] < t["total"]
+        assert 0 < x["outside_replica_p50_ms"] < x["p50_ms"]
+    split = r["overhead_split_ms"]
+    assert split["outside_replica"] == off[0]["outside_replica_p50_ms"]
+    assert 0 < r["floor_p50_ms"]["batching"] < on[0]["p50_ms"] and split["of_which_floor"] == r["floor_p50_ms"][
+        "no_batching"] < off[0]["p50_ms"]  # fmt: skip
+    assert split["forward_vs_in_process"] == pytest.approx(off[0]["replica_p50_ms"]["infer"] - r["in_process_p50_ms"])
+
+
+@pytest.mark.slow
+def test_serve_run_deploys_the_cluster_serve_config(tmp_path, events):
+    """Ray's own `serve run cluster/serve/segment.yaml` on a private local Ray, with the config's model and port
+    pointed at a test model: the application it names answers with the token, as `raysvc predict` does."""
+    import signal
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "serve" / "segment.yaml").read_text())
+    model = _export(tmp_path / "model", 3)
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    (app,) = cfg["applications"]
+    app["args"]["models"] = {"semseg-tiny": str(model)}
+    (tmp_path / "segment.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYSVC_SERVE_TOKEN": TOKEN}
+    with open(tmp_path / "serve-run.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", "local", str(tmp_path / "segment.yaml")],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            up = wait_until_healthy(url, 180, lambda: proc.poll() is None)
+            assert up, (tmp_path / "serve-run.log").read_text()[-3000:]
+            assert _post(url, _json(*events[0]), token=None).status_code == 401
+            got = [np.asarray(_post(url, _json(p, e)).json()["classes"], np.int8) for p, e in events[:3]]
+        finally:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: `serve run` shuts Serve and its Ray down
+            try:
+                proc.wait(timeout=90)
+            finally:
+                for pid in session_processes(proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+    want = _offline(model, events[:3], tmp_path)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert proc.returncode is not None and not session_processes(proc.pid)

@@ -5,8 +5,11 @@ on the same events, all in one run.
 2. The endpoint (`raysvc serve` on 127.0.0.1, bearer token, same model, same torch threads), once with dynamic
    batching and once without: N requests of the same events at concurrency C from a thread pool of keep-alive
    sessions. Latency p50 / p99, throughput, errors.
-3. Overhead = endpoint p50 at concurrency 1 - in-process p50 (what HTTP, JSON, the proxy and the replica add).
-   Batching gain = throughput with batching / without, at the highest concurrency.
+3. Overhead = endpoint p50 at concurrency 1 - in-process p50 (what HTTP, JSON, the proxy and the replica add),
+   split with the timings each answer carries: outside the replica's route (client, HTTP, proxy, Ray hops, response
+   encoding), parsing and checks in the route, and the replica's forward against the in-process one.
+   The floor, `GET /healthz` at concurrency 1, is what a request that does nothing costs through the same server.
+   Batching gain = throughput with batching / without, at each concurrency.
 Aims (issue #7): overhead <= 5 ms, batching >= 1.5x at concurrency 8, no errors.
 """
 
@@ -46,26 +49,46 @@ def load(url: str, token: str, bodies: list[bytes], requests_n: int, concurrency
 
     local = threading.local()
 
-    def one(i: int) -> tuple[float, int]:
+    def one(i: int) -> tuple[float, int, dict | None]:
         s = getattr(local, "s", None)
         if s is None:
             s = local.s = requests.Session()
             s.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         t0 = time.perf_counter()
         try:
-            status = s.post(f"{url}/v1/segment", data=bodies[i % len(bodies)], timeout=120).status_code
+            r = s.post(f"{url}/v1/segment", data=bodies[i % len(bodies)], timeout=120)
         except requests.RequestException:
-            status = -1
-        return time.perf_counter() - t0, status
+            return time.perf_counter() - t0, -1, None
+        dt = time.perf_counter() - t0
+        return dt, r.status_code, r.json()["timing_ms"] if r.status_code == 200 else None  # decoded off the clock
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(requests_n)))
     wall = time.perf_counter() - t0
-    lat = [dt * 1e3 for dt, st in results if st == 200]
-    return {"requests": requests_n, "concurrency": concurrency, "errors": sum(st != 200 for _, st in results),
-            "p50_ms": _pct(lat, 50) if lat else None, "p99_ms": _pct(lat, 99) if lat else None,
-            "throughput_rps": len(lat) / wall}  # fmt: skip
+    ok = [(dt * 1e3, tm) for dt, st, tm in results if st == 200]
+    lat = [ms for ms, _ in ok]
+    out = {"requests": requests_n, "concurrency": concurrency, "errors": sum(st != 200 for _, st, _ in results),
+           "p50_ms": _pct(lat, 50) if lat else None, "p99_ms": _pct(lat, 99) if lat else None,
+           "throughput_rps": len(lat) / wall}  # fmt: skip
+    if ok:  # where the time goes: inside the replica's route (parse+checks, batch wait+forward) and outside it
+        out["replica_p50_ms"] = {k: _pct([tm[k] for _, tm in ok], 50) for k in ("receive", "parse", "infer", "total")}
+        out["outside_replica_p50_ms"] = _pct([ms - tm["total"] for ms, tm in ok], 50)
+    return out
+
+
+def floor_p50_ms(url: str, n: int = 200) -> float:
+    """p50 of `GET /healthz` at concurrency 1: the round trip of a request that does nothing (client, HTTP, proxy,
+    the Ray hop to the replica and back), the least any request through this server costs."""
+    import requests
+
+    lat = []
+    with requests.Session() as s:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s.get(f"{url}/healthz", timeout=30).raise_for_status()
+            lat.append((time.perf_counter() - t0) * 1e3)
+    return _pct(lat, 50)
 
 
 def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None, events: int = 16,
@@ -106,6 +129,7 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
             args = ["--checkpoint", model, "--torch-threads", str(threads)] + ([] if batching else ["--no-batching"])
             with ServeProcess(args, free_port(), token, Path(tmp) / f"serve-{key}.log") as srv:
                 load(srv.url, token, bodies, 2 * len(bodies), 2)  # warm-up: replica, proxy, batcher
+                result.setdefault("floor_p50_ms", {})[key] = floor_p50_ms(srv.url)
                 runs = []
                 for c in concurrency:
                     r = load(srv.url, token, bodies, requests_n, c)
@@ -116,6 +140,13 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
     on, off = result["endpoint"]["batching"], result["endpoint"]["no_batching"]
     c1 = next((r for r in off if r["concurrency"] == 1), off[0])
     result["overhead_p50_ms"] = c1["p50_ms"] - result["in_process_p50_ms"]
+    # The overhead split (medians, so only roughly additive): HTTP + proxy + Ray hops + response encoding outside
+    # the route; request parsing and checks inside it; and the replica's forward against the in-process one.
+    result["overhead_split_ms"] = {"outside_replica": c1["outside_replica_p50_ms"],
+                                   "of_which_floor": result["floor_p50_ms"]["no_batching"],
+                                   "receive_body": c1["replica_p50_ms"]["receive"],
+                                   "parse_and_checks": c1["replica_p50_ms"]["parse"],
+                                   "forward_vs_in_process": c1["replica_p50_ms"]["infer"] - result["in_process_p50_ms"]}
     result["batching_throughput_ratio"] = {str(a["concurrency"]): a["throughput_rps"] / b["throughput_rps"]
                                            for a, b in zip(on, off, strict=True)}  # fmt: skip
     result["errors"] = sum(r["errors"] for r in on + off)

@@ -5,7 +5,8 @@ Bit conventions match the public PTv3 implementation, so that a model trained el
 - hilbert: Skilling's transpose algorithm (AIP Conf. Proc. 707, 2004) over `depth` bits per axis, axis 0 the most
   significant within each triple, then Gray decoding of the interleaved word.
 - "-trans" orders swap x and y before encoding.
-- With a batch index, code = batch << (3 * depth) | code, so events never interleave.
+- With a batch index, code = batch << (3 * depth) | code, so events never interleave. `serialize_by_event` gives
+  each event its own depth, so that its order does not depend on the other events in the batch.
 On CPU, encoding runs the numba kernels of `cpu_kernels` (one pass per point); elsewhere it is vectorised integer
 bit operations on int64 tensors, which the CPU kernels are tested against.
 """
@@ -131,7 +132,38 @@ def decode(code: torch.Tensor, depth: int = 16, order: str = "z") -> tuple[torch
 def serialize(grid_coord: torch.Tensor, batch: torch.Tensor, depth: int, order: str,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(code, order, inverse): points sorted by code, and the permutation back (order[inverse] == arange)."""
-    code = encode(grid_coord, batch, depth, order)
+    return _sorted(encode(grid_coord, batch, depth, order))
+
+
+def event_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> list[int]:
+    """Each event's depth: the bit length of its largest grid coordinate + 1 (PTv3's rule, applied per event)."""
+    if not len(grid_coord):
+        return []
+    c = grid_coord.long()
+    b = batch.long()
+    top = torch.zeros(int(b.max()) + 1, dtype=torch.long, device=c.device)
+    top.scatter_reduce_(0, b, c.max(1).values, "amax")
+    return [max(int(m).bit_length() + 1, 1) for m in top.tolist()]
+
+
+def serialize_by_event(grid_coord: torch.Tensor, batch: torch.Tensor, order: str,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`serialize` with each event at its own depth (`event_depths`), batch index above 3*16 bits. PTv3 takes one
+    depth from the whole batch; a Hilbert curve of another depth orders the same points differently, so an event's
+    order, and the model's answer, would depend on the events batched with it."""
+    depths = event_depths(grid_coord, batch)
+    if len(set(depths)) <= 1:
+        code = encode(grid_coord, None, depths[0] if depths else 1, order)
+    else:
+        per_point = torch.tensor(depths, device=grid_coord.device)[batch.long()]
+        code = torch.empty(len(grid_coord), dtype=torch.long, device=grid_coord.device)
+        for d in set(depths):
+            sel = per_point == d
+            code[sel] = encode(grid_coord[sel], None, d, order)
+    return _sorted((batch.long() << (3 * 16)) | code)
+
+
+def _sorted(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     perm = torch.argsort(code)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(len(perm), device=perm.device)
