@@ -34,7 +34,7 @@ from torch import nn
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
-from raysvc.ops.serialization import ORDERS, serialize_by_event
+from raysvc.ops.serialization import ORDERS, event_depths, serialize_by_event
 from raysvc.ops.sparse_conv import KernelPairs, SubMConv3d, kernel_map, subm_conv3d
 
 
@@ -122,7 +122,9 @@ class Level:
         """(perm, inverse) of the serialized order `name`."""
         key = "order:" + name
         if key not in self._cache:
-            _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name)
+            if "depths" not in self._cache:  # one depth per event, shared by the level's orders
+                self._cache["depths"] = event_depths(self.grid_coord, self.batch)
+            _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache["depths"])
             self._cache[key] = (perm, inv)
         return self._cache[key]
 

@@ -146,12 +146,13 @@ def event_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> list[int]:
     return [max(int(m).bit_length() + 1, 1) for m in top.tolist()]
 
 
-def serialize_by_event(grid_coord: torch.Tensor, batch: torch.Tensor, order: str,
+def serialize_by_event(grid_coord: torch.Tensor, batch: torch.Tensor, order: str, depths: list[int] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`serialize` with each event at its own depth (`event_depths`), batch index above 3*16 bits. PTv3 takes one
-    depth from the whole batch; a Hilbert curve of another depth orders the same points differently, so an event's
-    order, and the model's answer, would depend on the events batched with it."""
-    depths = event_depths(grid_coord, batch)
+    """`serialize` with each event at its own depth (`event_depths`, computed unless given), batch index above 3*16
+    bits. PTv3 takes one depth from the whole batch; a Hilbert curve of another depth orders the same points
+    differently, so an event's order, and the model's answer, would depend on the events batched with it."""
+    if depths is None:
+        depths = event_depths(grid_coord, batch)
     if len(set(depths)) <= 1:
         code = encode(grid_coord, None, depths[0] if depths else 1, order)
     else:
