@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def _plot(stats: dict, ingest: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _fresh(run_dir: Path) -> None:
+    """The demo measures a new run each time: a run of the same name would otherwise be resumed (or, finished,
+    reported again) from an earlier demo, whatever the job files say now."""
+    if run_dir.exists():
+        print(f"    removing the previous demo's run {run_dir}")
+        shutil.rmtree(run_dir)
+
+
 def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     """Tiny Panda on the demo events, probe at step 0 (random init), mid-way and at the end."""
     from raysvc.config import load_config
@@ -66,9 +75,12 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     job = Path(__file__).resolve().parents[1] / "jobs" / "pretrain-panda-tiny.yaml"
     sets = [f"data.uri={uri}", f"probe_data.uri={heldout}", f"run.storage={work}", f"run.name=pretrain-{steps}",
             f"train.steps={steps}", f"train.checkpoint_every={steps}", f"probe.every={max(steps // 3, 1)}",
-            "probe.train_events=60", "probe.val_events=60", "train.log_every=25", "train.monitor_every=25"]
+            "probe.train_events=60", "probe.val_events=60", "train.log_every=25", "train.monitor_every=25",
+            # the job file's lr, views and momentum are set for 880 steps; over 150 these gained more (README)
+            "train.lr=0.002", "views.local_views=6", "panda.momentum=[0.994, 1.0]"]
     if not job.exists():
         raise FileNotFoundError(f"{job}: the demo pretrains with this job spec; run the demo from a raysvc checkout")
+    _fresh(work / f"pretrain-{steps}")
     return run_pretrain(load_config(PretrainConfig, job, sets))
 
 
@@ -84,6 +96,7 @@ def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, lab
             f"model.init={backbone}", "model.mode=fft", f"run.storage={work}", f"run.name=finetune-{steps}",
             f"train.steps={steps}", f"train.val_every={steps}", "train.val_events=80",
             f"train.checkpoint_every={steps}", f"train.log_every={max(steps // 4, 1)}"]  # fmt: skip
+    _fresh(work / f"finetune-{steps}")
     return run_finetune(load_config(FinetuneConfig, job, sets))
 
 

@@ -105,6 +105,9 @@ def test_bench_train_json(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
+    for stale in ("pretrain-4", "finetune-4"):  # an earlier demo's runs: measured anew, not resumed
+        (work / stale).mkdir(parents=True)
+        (work / stale / "stale").write_text("x")
     run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4", "--finetune-steps", "4")
     summary = json.loads((work / "summary.json").read_text())
     # fine-tuned from the pretrained backbone, then served: every held-out event answered as in process
@@ -119,3 +122,4 @@ def test_demo_end_to_end(tmp_path):
     assert summary["stream"]["events_delivered"] == summary["stream"]["ledger"]["events_out"] > 200
     for png in ("summary.png", "event0.png"):
         assert (work / png).stat().st_size > 20_000
+    assert not (work / "pretrain-4" / "stale").exists() and not (work / "finetune-4" / "stale").exists()

@@ -76,7 +76,7 @@ def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConf
     if cfg.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
     opt.step()
-    return loss
+    return loss.detach()
 
 
 def build_model(cfg: FinetuneConfig, init_state: dict | None = None) -> SegModel:
