@@ -66,20 +66,26 @@ def _fresh(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+def _job(name: str) -> Path:
+    """A job spec of the checkout the demo runs from (the demo runs the same jobs a user would)."""
+    job = Path(__file__).resolve().parents[1] / "jobs" / name
+    if not job.exists():
+        raise FileNotFoundError(f"{job}: the demo runs this job spec; run the demo from a raysvc checkout")
+    return job
+
+
 def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     """Tiny Panda on the demo events, probe at step 0 (random init), mid-way and at the end."""
     from raysvc.config import load_config
     from raysvc.train.pretrain import run_pretrain
     from raysvc.train.pretrain_config import PretrainConfig
 
-    job = Path(__file__).resolve().parents[1] / "jobs" / "pretrain-panda-tiny.yaml"
     sets = [f"data.uri={uri}", f"probe_data.uri={heldout}", f"run.storage={work}", f"run.name=pretrain-{steps}",
             f"train.steps={steps}", f"train.checkpoint_every={steps}", f"probe.every={max(steps // 3, 1)}",
             "probe.train_events=60", "probe.val_events=60", "train.log_every=25", "train.monitor_every=25",
             # the job file's lr, views and momentum are set for 880 steps; over 150 these gained more (README)
             "train.lr=0.002", "views.local_views=6", "panda.momentum=[0.994, 1.0]"]
-    if not job.exists():
-        raise FileNotFoundError(f"{job}: the demo pretrains with this job spec; run the demo from a raysvc checkout")
+    job = _job("pretrain-panda-tiny.yaml")  # before anything is removed
     _fresh(work / f"pretrain-{steps}")
     return run_pretrain(load_config(PretrainConfig, job, sets))
 
@@ -91,11 +97,11 @@ def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, lab
     from raysvc.train.finetune import run_finetune
     from raysvc.train.job_config import FinetuneConfig
 
-    job = Path(__file__).resolve().parents[1] / "jobs" / "semseg-tiny.yaml"
     sets = [f"data.uri={uri}", f"data.subset_events={label_events}", f"val_data.uri={heldout}",
             f"model.init={backbone}", "model.mode=fft", f"run.storage={work}", f"run.name=finetune-{steps}",
             f"train.steps={steps}", f"train.val_every={steps}", "train.val_events=80",
             f"train.checkpoint_every={steps}", f"train.log_every={max(steps // 4, 1)}"]  # fmt: skip
+    job = _job("semseg-tiny.yaml")  # before anything is removed
     _fresh(work / f"finetune-{steps}")
     return run_finetune(load_config(FinetuneConfig, job, sets))
 
