@@ -72,6 +72,15 @@ def cmd_verify(a: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_subset(a: argparse.Namespace) -> None:
+    from raysvc.data.subset import write_subsets
+    from raysvc.storage import absolute_uri, resolve
+
+    src, dst = resolve(absolute_uri(a.uri)), resolve(absolute_uri(a.out))
+    m = write_subsets(src, {a.events: dst}, a.seed, a.shards)[a.events]
+    print(f"{a.out}: {m.events} events of {a.uri} (subset seed {a.seed}) in {len(m.shards)} shards")
+
+
 def cmd_bench_ingest(a: argparse.Namespace) -> None:
     from raysvc.bench.ingest import run_ingest_bench
 
@@ -269,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("verify", help="check every shard (checksum, schema, values); exit 1 if any event is bad")
     v.add_argument("uri")
     v.set_defaults(fn=cmd_verify)
+    su = dsub.add_parser("subset", help="write the seeded n-event label subset (data.subset_events=n) as its own "
+                                        "dataset, so a few-label run reads n events, not the whole set")  # fmt: skip
+    su.add_argument("uri")
+    su.add_argument("--events", type=int, required=True)
+    su.add_argument("--seed", type=int, default=0, help="the subset seed (data.subset_seed)")
+    su.add_argument("--out", required=True)
+    su.add_argument("--shards", type=int, default=2, help="at least this many shards (one per Train worker)")
+    su.set_defaults(fn=cmd_subset)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios against a baseline from the same run")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

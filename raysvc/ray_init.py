@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import os
 
+# Ray resolves a local node's address to the host's outward IP (so that other nodes could join) unless this is 0; its
+# name comes from the macOS / Windows case, where Ray keeps single-node clusters on loopback for that reason.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def init_ray(**kwargs) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`, or by hand: an address or "auto"), else start
-    a private local Ray. Never plain `ray.init()`: that joins whatever cluster /tmp/ray/ray_current_cluster names,
-    which a crashed or killed `ray start` leaves behind, and then waits on a dead GCS."""
-    import ray
-
+    a private local Ray on 127.0.0.1 only. Never plain `ray.init()`: that joins whatever cluster
+    /tmp/ray/ray_current_cluster names, which a crashed or killed `ray start` leaves behind, and then waits on a dead
+    GCS."""
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address != "local":
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_cpus", "include_dashboard")}
-    ray.init(address=address, **kwargs)
+    import ray
+
+    if address != "local":
+        ray.init(address=address, **kwargs)
+        return
+    # A private Ray has no other node to reach it: keep its GCS, raylet and workers off the network. The processes
+    # that ray.init spawns inherit the variable (the workers read it when they import ray); this driver imported ray
+    # already, so its constant is set too. Both are restored afterwards, so that nothing this process starts later
+    # (a `ray start`, say) inherits them; the node keeps 127.0.0.1.
+    import ray._private.ray_constants as ray_constants
+
+    saved_env, saved_const = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved_env

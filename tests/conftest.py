@@ -33,11 +33,14 @@ def s3_env(seaweed, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray (2 CPUs, no dashboard) for the whole session."""
+    """A private local Ray on 127.0.0.1 (2 CPUs, no dashboard) for the whole session."""
     import ray
 
+    from raysvc.ray_init import init_ray
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

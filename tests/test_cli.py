@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
@@ -123,3 +124,24 @@ def test_demo_end_to_end(tmp_path):
     for png in ("summary.png", "event0.png"):
         assert (work / png).stat().st_size > 20_000
     assert not (work / "pretrain-4" / "stale").exists() and not (work / "finetune-4" / "stale").exists()
+
+
+def test_data_subset_writes_the_events_subset_events_selects(tmp_path):
+    from raysvc.data.pipeline import DataConfig, prepare
+    from raysvc.data.shards import load_manifest, read_shard
+    from raysvc.storage import resolve
+
+    src, dst = str(tmp_path / "gen"), str(tmp_path / "sub")
+    run("data", "generate", "--events", "40", "--seed", "5", "--out", src, "--shard-events", "10", "--workers", "1")
+    out = run("data", "subset", src, "--events", "7", "--seed", "3", "--out", dst, "--shards", "2").stdout
+    assert "7 events" in out and "2 shards" in out
+    m = load_manifest(resolve(dst))
+    got = sorted(i for rec in m.shards for i in read_shard(resolve(dst), rec).column("event_id").to_pylist())
+    chosen = prepare(DataConfig(uri=src, subset_events=7, subset_seed=3)).keep_ids
+    assert got == sorted(np.asarray(chosen).tolist())
+    assert len(m.shards) == 2 and m.created_by == {"subset_of": resolve(src).uri, "events": 7, "subset_seed": 3}
+    first = (tmp_path / "sub" / "manifest.json").read_text()
+    run("data", "subset", src, "--events", "7", "--seed", "3", "--out", dst, "--shards", "2")  # kept as it is
+    assert (tmp_path / "sub" / "manifest.json").read_text() == first
+    bad = run("data", "subset", src, "--events", "41", "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode != 0 and "has 40" in bad.stderr

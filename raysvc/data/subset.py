@@ -6,11 +6,15 @@ the n smallest keys. Nesting follows because a larger n only adds keys.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysvc.data.shards import Manifest
-from raysvc.storage import Location, explained
+from raysvc.data.shards import Manifest, load_manifest, read_shard, shard_name, write_manifest, write_shard
+from raysvc.storage import Location, exists, explained
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -48,3 +52,40 @@ def select_subset(event_ids: np.ndarray, seed: int, n: int | None = None, fracti
         raise ValueError("event ids are not unique: a subset would not be well defined")
     order = np.lexsort((event_ids, event_keys(event_ids, seed)))
     return np.sort(event_ids[order[:n]])
+
+
+def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_shards: int = 1,
+                  verify_checksums: bool = True, log=print) -> dict[int, Manifest]:  # fmt: skip
+    """Write each n-event subset of the dataset at `root` (the events `select_subset(ids, seed, n)` picks) as a
+    dataset of its own at `targets[n]`, in one pass over the shards, split into >= `min_shards` shards (one per
+    Train worker). A target whose manifest already records the same (source, events, seed) is kept as it is."""
+    manifest = load_manifest(root)
+    out: dict[int, Manifest] = {}
+    todo = {}
+    ids = None
+    for n, loc in sorted(targets.items()):
+        stamp = {"subset_of": root.uri, "events": n, "subset_seed": seed}
+        if exists(loc.join("manifest.json")) and load_manifest(loc).created_by == stamp:
+            out[n] = load_manifest(loc)
+            continue
+        if ids is None:
+            ids = all_event_ids(root, manifest)
+        todo[n] = (loc, stamp, pa.array(select_subset(ids, seed, n)))
+    if not todo:
+        return out
+    parts: dict[int, list[pa.Table]] = {n: [] for n in todo}
+    for rec in manifest.shards:
+        table = read_shard(root, rec, verify_checksum=verify_checksums)
+        for n, (_, _, keep) in todo.items():
+            parts[n].append(table.filter(pc.is_in(table.column("event_id"), value_set=keep)))
+    for n, (loc, stamp, _) in todo.items():
+        table = pa.concat_tables(parts[n]).combine_chunks()
+        pieces = max(min_shards, math.ceil(n / 250))
+        if table.num_rows < pieces:
+            raise ValueError(f"{root.uri}: a {n}-event subset cannot feed {pieces} workers one shard each")
+        bounds = np.linspace(0, table.num_rows, pieces + 1).astype(int)
+        recs = [write_shard(loc, shard_name(i), table.slice(a, b - a))
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]  # fmt: skip
+        out[n] = write_manifest(loc, recs, stamp)
+        log(f"[raysvc] subset of {n} events (seed {seed}) -> {loc.uri} ({pieces} shards)")
+    return out

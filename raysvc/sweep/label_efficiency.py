@@ -17,17 +17,12 @@ mode).
 from __future__ import annotations
 
 import json
-import math
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from raysvc.config import load_config
-from raysvc.data.shards import load_manifest, read_shard, shard_name, write_manifest, write_shard
-from raysvc.data.subset import all_event_ids, select_subset
-from raysvc.storage import Location, absolute_uri, exists, resolve, write_bytes_atomic
+from raysvc.data.shards import load_manifest
+from raysvc.data.subset import write_subsets
+from raysvc.storage import Location, absolute_uri, resolve, write_bytes_atomic
 from raysvc.sweep.runner import run_grid
 from raysvc.sweep.spec import FinetuneSweep
 from raysvc.train.job_config import FinetuneConfig
@@ -41,38 +36,10 @@ def materialise_subsets(cfg: FinetuneConfig, counts: list[int | None], seed: int
                         min_shards: int, log=print) -> dict[str, str]:  # fmt: skip
     """{label: dataset URI}: `all` is the job's own data; each N is written (once) under exp/subsets/events-N, split
     into >= `min_shards` shards so that every worker owns one."""
-    root = cfg.data.location()
-    manifest = load_manifest(root)
+    targets = {n: exp.join("subsets", f"events-{n}") for n in counts if n is not None}
+    write_subsets(cfg.data.location(), targets, seed, min_shards, cfg.data.verify_checksums, log)
     out = {_label(n): cfg.data.uri for n in counts if n is None}
-    todo = {}
-    ids = None
-    for n in sorted({n for n in counts if n is not None}):
-        loc = exp.join("subsets", f"events-{n}")
-        stamp = {"subset_of": root.uri, "events": n, "subset_seed": seed}
-        if exists(loc.join("manifest.json")) and load_manifest(loc).created_by == stamp:
-            out[str(n)] = loc.uri
-            continue
-        if ids is None:
-            ids = all_event_ids(root, manifest)
-        todo[n] = (loc, stamp, pa.array(select_subset(ids, seed, n)))
-    if todo:
-        parts: dict[int, list[pa.Table]] = {n: [] for n in todo}
-        for rec in manifest.shards:  # one pass over the dataset for every subset
-            table = read_shard(root, rec, verify_checksum=cfg.data.verify_checksums)
-            for n, (_, _, keep) in todo.items():
-                parts[n].append(table.filter(pc.is_in(table.column("event_id"), value_set=keep)))
-        for n, (loc, stamp, _) in todo.items():
-            table = pa.concat_tables(parts[n]).combine_chunks()
-            pieces = max(min_shards, math.ceil(n / 250))
-            if table.num_rows < pieces:
-                raise ValueError(f"{root.uri}: a {n}-event subset cannot feed {pieces} workers one shard each")
-            bounds = np.linspace(0, table.num_rows, pieces + 1).astype(int)
-            recs = [write_shard(loc, shard_name(i), table.slice(a, b - a))
-                    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]  # fmt: skip
-            write_manifest(loc, recs, stamp)
-            log(f"[raysvc] label subset of {n} events -> {loc.uri} ({pieces} shards)")
-            out[str(n)] = loc.uri
-    return out
+    return out | {str(n): loc.uri for n, loc in targets.items()}
 
 
 def grid_trials(spec: FinetuneSweep, uris: dict[str, str]) -> list[dict]:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.data.pipeline import DataConfig
 from raysvc.models.ptv3 import PRESETS
+from raysvc.train.augment import AugmentConfig
 
 
 class ModelSection(BaseModel):
@@ -52,6 +53,8 @@ class TrainSection(BaseModel):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="per-event rotations / mirrors of the "
+                                   "training batches (validation never)")  # fmt: skip
 
 
 class ScalingSection(BaseModel):

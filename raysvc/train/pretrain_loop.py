@@ -170,7 +170,7 @@ def pretrain_loop(config: dict) -> None:
         step += 1
         ev_since += per_rank
         for k, v in losses.items():
-            sums[k] += float(v)
+            sums[k] += float(v.detach() if torch.is_tensor(v) else v)
         sums["n"] += 1
         if fault and step == fault["step"] and rank == 0 and not os.path.exists(fault["marker"]):
             open(fault["marker"], "w").write(str(step))

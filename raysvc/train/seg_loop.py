@@ -27,6 +27,7 @@ from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.ops.grid import grid_sample
 from raysvc.ops.packed import offset_to_batch, segment_mean
+from raysvc.train.augment import augment_coords
 from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import SegLoss
 from raysvc.train.metrics import ConfusionMatrix, compute
@@ -65,8 +66,11 @@ def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, d
 def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConfig, device: torch.device,
                ) -> torch.Tensor:  # fmt: skip
     """One optimisation step on a packed batch: inputs -> forward (bf16 autocast on CUDA) -> loss on the points ->
-    backward -> clip -> optimizer step. `raysvc bench train` times this same function without Ray."""
+    backward -> clip -> optimizer step (after the batch's augmentation, when `train.augment` asks for one). `raysvc
+    bench train` times this same function without Ray."""
     pre = cfg.data.preprocess
+    if cfg.train.augment.active:
+        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}
     x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
     with autocast(cfg.train.amp, device):
         logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])

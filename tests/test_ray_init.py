@@ -1,0 +1,78 @@
+"""A private local Ray (what every driver starts without RAY_ADDRESS) listens on loopback only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Runs in its own process: it starts (and stops) its own private Ray, and lists the TCP sockets in LISTEN state held
+# by itself and every process it spawned (GCS, raylet, workers, agents), read from /proc.
+SCRIPT = textwrap.dedent('''
+    import ipaddress, json, os, struct
+    import ray
+    from raysvc.ray_init import LOOPBACK_ENV, init_ray
+
+    def descendants(root):
+        kids = {}
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            kids.setdefault(ppid, []).append(int(p))
+        out, todo = set(), [root]
+        while todo:
+            q = todo.pop()
+            out.add(q)
+            todo += kids.get(q, [])
+        return out
+
+    def listening(pids):
+        owner = {}
+        for pid in pids:
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        owner[link[8:-1]] = pid
+            except OSError:
+                continue
+        out = []
+        for name in ("tcp", "tcp6"):
+            for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and f[9] in owner:  # 0A: LISTEN
+                    raw = bytes.fromhex(f[1].split(":")[0])
+                    words = struct.unpack("<" + "I" * (len(raw) // 4), raw)  # /proc prints host-order words
+                    ip = ipaddress.ip_address(struct.pack(">" + "I" * len(words), *words))
+                    if ip.version == 6 and ip.ipv4_mapped:
+                        ip = ip.ipv4_mapped
+                    out.append(str(ip))
+        return out
+
+    init_ray(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+
+    @ray.remote
+    def task_ip():
+        return ray.util.get_node_ip_address()
+
+    result = {"driver_ip": ray.util.get_node_ip_address(), "task_ip": ray.get(task_ip.remote()),
+              "env_left": os.environ.get(LOOPBACK_ENV), "listening": listening(descendants(os.getpid()))}
+    ray.shutdown()
+    print("RESULT " + json.dumps(result))
+''')
+
+
+def test_private_local_ray_listens_on_loopback_only():
+    env_free = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180, env=env_free)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    result = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["driver_ip"] == "127.0.0.1" and result["task_ip"] == "127.0.0.1"
+    assert len(result["listening"]) >= 3  # GCS, raylet and workers at least: the scan sees them
+    outside = [ip for ip in result["listening"] if not ip.startswith("127.") and ip != "::1"]
+    assert not outside, f"the private Ray listens beyond loopback on {outside}"
+    assert result["env_left"] is None  # nothing that this process starts later inherits the switch
