@@ -177,6 +177,15 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from raysvc.infer import evaluate_dataset
+    from raysvc.storage import absolute_uri, resolve
+
+    result = evaluate_dataset(resolve(absolute_uri(a.model)), resolve(absolute_uri(a.data)), a.batch_events,
+                              max_events=a.max_events, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    _print_json(result, a.out)
+
+
 def cmd_predict(a: argparse.Namespace) -> None:
     from raysvc.infer import predict_dataset
     from raysvc.storage import resolve
@@ -326,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. events=20")
     sw.set_defaults(fn=cmd_sweep)
 
+    ev = sub.add_parser("evaluate", help="metrics of an exported model on a labelled dataset (its training cuts)")
+    ev.add_argument("--model", required=True, help="exported model directory (raysvc finetune's run)")
+    ev.add_argument("--data", required=True, help="labelled dataset URI")
+    ev.add_argument("--batch-events", type=int, default=4)
+    ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
+    ev.add_argument("--out", help="also write the JSON here")
+    ev.set_defaults(fn=cmd_evaluate)
     pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
     pr.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
     pr.add_argument("--data", required=True, help="dataset URI (shards + manifest)")

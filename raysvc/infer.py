@@ -23,6 +23,7 @@ from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.export import load_model
+from raysvc.train.metrics import ConfusionMatrix, compute
 from raysvc.train.seg_loop import model_inputs
 
 
@@ -111,3 +112,38 @@ def predict_dataset(model_loc: Location, data: Location, out: Location, batch_ev
     info = {"model": model_loc.uri, "data": data.uri, "files": files, "events": events, "points": points}
     write_bytes_atomic(out.join("predictions.json"), json.dumps(info, indent=2).encode())
     return info
+
+
+@torch.no_grad()
+def evaluate_dataset(model_loc: Location, data: Location, batch_events: int = 4, device: str = "cpu",
+                     max_events: int | None = None, log=print) -> dict:  # fmt: skip
+    """Score an exported model on a labelled dataset as its training run's validation does: the events that pass the
+    model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
+    mIoU, accuracy, confusion) plus what the cuts removed, counted."""
+    from collections import Counter
+
+    from raysvc.data.transforms import report
+
+    seg = Segmenter(model_loc, device)
+    cuts = PreprocessConfig(**seg.config["preprocess"])  # the training cuts (min_points included)
+    names = seg.config.get("class_names") or [str(i) for i in range(seg.config["num_classes"])]
+    cm = ConfusionMatrix(seg.config["num_classes"])
+    removed: Counter = Counter()
+    events = 0  # read so far
+    for rec in load_manifest(data).shards:
+        table = read_shard(data, rec)
+        if max_events is not None:
+            table = table.slice(0, max(0, max_events - events))
+        pre, counts = preprocess_table(table, cuts, data.join(rec.name).uri)
+        removed.update(counts)
+        for start in range(0, pre.num_rows, batch_events):
+            batch = collate_packed(pre.slice(start, batch_events))
+            x = model_inputs(batch, cuts.center, cuts.scale, seg.grid_voxels, seg.device, seg.center_events)
+            cm.update(seg.model(x["feat"], x["coord"], x["grid_coord"], x["offset"]).argmax(1)[x["inverse"]],
+                      x["labels"])  # fmt: skip
+        events += table.num_rows
+        log(f"[raysvc] evaluated {rec.name}: {pre.num_rows} of {table.num_rows} events")
+        if max_events is not None and events >= max_events:
+            break
+    counts = {k: v for k, v in report(removed).items() if k != "task_seconds"}
+    return {"model": model_loc.uri, "data": data.uri, "events": counts, **compute(cm.matrix, names)}

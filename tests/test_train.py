@@ -134,6 +134,16 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
                                                      torch.from_numpy(sem[mask].astype(np.int64)))  # fmt: skip
     assert again.matrix.tolist() == summary["val"]["confusion"]
 
+    # raysvc evaluate: the same events, the same confusion as the run's own validation, and the cut counted
+    p = subprocess.run([RAYSVC, "evaluate", "--model", str(run), "--data", str(seg_data / "val"), "--batch-events",
+                        "3", "--out", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["confusion"] == summary["val"]["confusion"] and ev["miou"] == pytest.approx(summary["val"]["miou"])
+    scored = int((kept_per_event >= pre.min_points).sum())
+    assert ev["events"]["events_read"] == inputs.num_rows and ev["events"]["events_out"] == scored
+    assert ev["events"]["cut_min_points"] == inputs.num_rows - scored
+
 
 def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray_local, seg_data, tmp_path):
     from ray.train import TrainingFailedError
