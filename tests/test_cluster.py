@@ -196,3 +196,13 @@ def test_serve_configs_point_at_the_app_and_validate():
     assert env["RAYSVC_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raysvc-serve-token"
     for name, value in FAST_PATH_ENV.items():  # the request-path switches raysvc serve sets for its own Ray
         assert env[name]["value"] == value
+
+
+@pytest.mark.parametrize("job", sorted((Path(__file__).parents[1] / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_file_validates(job):
+    from raysvc.train.job_config import FinetuneConfig
+    from raysvc.train.pretrain_config import PretrainConfig
+
+    kind = PretrainConfig if job.name.startswith("pretrain-") else FinetuneConfig
+    cfg = load_config(kind, str(job), [])
+    assert cfg.train.steps > 0 and cfg.run.name
