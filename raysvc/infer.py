@@ -9,6 +9,7 @@ model never saw, get the class -1. Output: one Parquet file per input shard with
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,7 @@ import torch
 from raysvc.data.collate import collate_packed
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.shards import load_manifest, read_shard
-from raysvc.data.transforms import PreprocessConfig, preprocess_table
+from raysvc.data.transforms import PreprocessConfig, preprocess_table, report
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.storage import Location, write_bytes_atomic
@@ -44,6 +45,12 @@ class Segmenter:
         self.center_events = bool(m.get("center_events", False))
         self.model_id = loc.uri
 
+    def point_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(logits of every point of a packed batch, the model inputs): grid sampling, forward, cells -> points."""
+        pre = self.preprocess
+        x = model_inputs(batch, pre.center, pre.scale, self.grid_voxels, self.device, self.center_events)
+        return self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]], x
+
     @torch.no_grad()
     def predict_table(self, table: pa.Table, source: str = "request", probabilities: bool = False,
                       ) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
@@ -56,10 +63,7 @@ class Segmenter:
         prob_flat = np.full((int(lengths.sum()), self.config["num_classes"]), np.nan, np.float32) if probabilities \
             else None  # fmt: skip
         if pre.num_rows:
-            batch = collate_packed(pre)
-            x = model_inputs(batch, self.preprocess.center, self.preprocess.scale, self.grid_voxels, self.device,
-                             self.center_events)  # fmt: skip
-            logits = self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]]
+            logits, _ = self.point_logits(collate_packed(pre))
             out_flat[keep] = logits.argmax(1).to(torch.int8).cpu().numpy()
             if probabilities:
                 prob_flat[keep] = torch.softmax(logits.float(), 1).cpu().numpy()
@@ -120,10 +124,6 @@ def evaluate_dataset(model_loc: Location, data: Location, batch_events: int = 4,
     """Score an exported model on a labelled dataset as its training run's validation does: the events that pass the
     model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
     mIoU, accuracy, confusion) plus what the cuts removed, counted."""
-    from collections import Counter
-
-    from raysvc.data.transforms import report
-
     seg = Segmenter(model_loc, device)
     cuts = PreprocessConfig(**seg.config["preprocess"])  # the training cuts (min_points included)
     names = seg.config.get("class_names") or [str(i) for i in range(seg.config["num_classes"])]
@@ -137,10 +137,8 @@ def evaluate_dataset(model_loc: Location, data: Location, batch_events: int = 4,
         pre, counts = preprocess_table(table, cuts, data.join(rec.name).uri)
         removed.update(counts)
         for start in range(0, pre.num_rows, batch_events):
-            batch = collate_packed(pre.slice(start, batch_events))
-            x = model_inputs(batch, cuts.center, cuts.scale, seg.grid_voxels, seg.device, seg.center_events)
-            cm.update(seg.model(x["feat"], x["coord"], x["grid_coord"], x["offset"]).argmax(1)[x["inverse"]],
-                      x["labels"])  # fmt: skip
+            logits, x = seg.point_logits(collate_packed(pre.slice(start, batch_events)))
+            cm.update(logits.argmax(1), x["labels"])
         events += table.num_rows
         log(f"[raysvc] evaluated {rec.name}: {pre.num_rows} of {table.num_rows} events")
         if max_events is not None and events >= max_events:

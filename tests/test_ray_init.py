@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -65,11 +67,9 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_private_local_ray_listens_on_loopback_only():
-    env_free = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    env_free = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180, env=env_free)
     assert p.returncode == 0, p.stderr[-3000:]
-    import json
-
     result = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["driver_ip"] == "127.0.0.1" and result["task_ip"] == "127.0.0.1"
     assert len(result["listening"]) >= 3  # GCS, raylet and workers at least: the scan sees them

@@ -65,9 +65,11 @@ def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_s
     ids = None
     for n, loc in sorted(targets.items()):
         stamp = {"subset_of": root.uri, "events": n, "subset_seed": seed}
-        if exists(loc.join("manifest.json")) and load_manifest(loc).created_by == stamp:
-            out[n] = load_manifest(loc)
-            continue
+        if exists(loc.join("manifest.json")):
+            written = load_manifest(loc)
+            if written.created_by == stamp:
+                out[n] = written
+                continue
         if ids is None:
             ids = all_event_ids(root, manifest)
         todo[n] = (loc, stamp, pa.array(select_subset(ids, seed, n)))

@@ -69,8 +69,7 @@ def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConf
     backward -> clip -> optimizer step (after the batch's augmentation, when `train.augment` asks for one). `raysvc
     bench train` times this same function without Ray."""
     pre = cfg.data.preprocess
-    if cfg.train.augment.active:
-        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}
+    batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}  # no-op when off
     x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
     with autocast(cfg.train.amp, device):
         logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
