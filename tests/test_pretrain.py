@@ -115,6 +115,15 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     for k, v in state.items():
         assert torch.equal(tuned["backbone." + k], v), k  # frozen and loaded: unchanged
 
+    # fft with the encoder held for all its steps (encoder_frozen_steps): unchanged too
+    held = ft.model_copy(update={
+        "model": ft.model.model_copy(update={"mode": "fft", "head": "dec"}),
+        "train": ft.train.model_copy(update={"encoder_frozen_steps": 2}),
+        "run": ft.run.model_copy(update={"name": "held-ft"})})
+    run_finetune(FinetuneConfig.model_validate(held.model_dump()), log=lambda m: None)
+    tuned, _ = load_model(resolve(str(tmp_path / "held-ft")))
+    assert all(torch.equal(tuned["backbone." + k], v) for k, v in state.items())
+
 
 @pytest.mark.slow
 def test_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, pt_data, tmp_path):

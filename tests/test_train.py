@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysvc.config import load_config
+from raysvc.config import ConfigError, load_config
 from raysvc.data.pipeline import DataConfig, DirectStream
 from raysvc.data.schema import CLASS_NAMES
 from raysvc.storage import resolve
@@ -171,3 +171,42 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     assert all(torch.equal(got[k], want[k]) for k in want)
     summary = json.loads((tmp_path / "rerun" / "summary.json").read_text())
     assert [r["step"] for r in summary["history"]["train"]] == [2, 4, 6]  # history carried over the restart
+
+
+
+def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, tmp_path):
+    """encoder_frozen_steps (LP-FT): while held, AdamW leaves the encoder exactly as loaded (no step, no weight decay,
+    no moments) and trains the rest; the next unheld step moves it."""
+    from raysvc.models.heads import SegModel
+    from raysvc.models.ptv3 import preset
+    from raysvc.train.losses import SegLoss
+    from raysvc.train.optim import param_groups
+    from raysvc.train.seg_loop import build_model, train_step
+
+    cfg = load_config(FinetuneConfig, JOB, [
+        f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}",
+        "model.mode=fft", f"model.init={tmp_path}", "train.encoder_frozen_steps=1", "train.backbone_lr_scale=1.0"])
+    torch.manual_seed(0)
+    init = SegModel(preset("tiny"), len(CLASS_NAMES)).state_dict()
+    model = build_model(cfg, init)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(model, model.backbone.cfg.depths, 1e-2, cfg.train.layer_decay, 0.5),
+                            lr=1e-2)  # fmt: skip
+    encoder = list(model.backbone.parameters())
+    batch = next(DirectStream(DataConfig(uri=str(seg_data / "train"))).iter_packed(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, params, opt, SegLoss(None), batch, cfg, torch.device("cpu"), hold=encoder)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("backbone.")), "held encoder moved"
+    assert all(torch.equal(after[k], v) for k, v in init.items() if k.startswith("backbone."))  # as loaded
+    assert not torch.equal(after["head.weight"], before["head.weight"])  # the head (dec: a linear after the decoder)
+    assert not any(p in opt.state for p in encoder) and all(p in opt.state for p in model.head.parameters())
+    train_step(model, params, opt, SegLoss(None), batch, cfg, torch.device("cpu"))
+    moved = [k for k in before if k.startswith("backbone.") and not torch.equal(model.state_dict()[k], before[k])]
+    assert len(moved) > len(encoder) // 2  # released: the encoder trains (parameters without a gradient excepted)
+
+
+def test_encoder_frozen_steps_needs_a_pretrained_encoder(seg_data, tmp_path):
+    sets = [f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", "train.encoder_frozen_steps=5"]
+    with pytest.raises(ConfigError, match="encoder_frozen_steps.*fft"):
+        load_config(FinetuneConfig, JOB, sets)

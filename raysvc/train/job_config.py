@@ -47,6 +47,8 @@ class TrainSection(BaseModel):
     lovasz_weight: float = Field(0.0, ge=0)
     backbone_lr_scale: float = Field(0.05, gt=0, le=1, description="fft: encoder lr = lr x this x layer decay")
     layer_decay: float = Field(0.9, gt=0, le=1, description="fft: lr x decay^(depth from the top) per encoder block")
+    encoder_frozen_steps: int = Field(0, ge=0, description="fft: only the head (and decoder) train for the first N "
+                                      "steps, then everything (linear-probe-then-fine-tune)")  # fmt: skip
     val_every: int = Field(200, gt=0, description="validate every N steps (and at the end)")
     val_events: int | None = Field(None, gt=0, description="cap on validation events (default: all)")
     checkpoint_every: int = Field(200, gt=0)
@@ -95,4 +97,7 @@ class FinetuneConfig(BaseModel):
                              f"({self.scaling.workers})")  # fmt: skip
         if self.model.mode == "fft" and not self.model.init:
             raise ValueError("model.mode fft fine-tunes a pretrained backbone: set model.init (or use mode scratch)")
+        if self.train.encoder_frozen_steps and self.model.mode != "fft":
+            raise ValueError(f"train.encoder_frozen_steps ({self.train.encoder_frozen_steps}) holds a pretrained "
+                             f"encoder still at first: it needs model.mode fft, not {self.model.mode!r}")  # fmt: skip
         return self

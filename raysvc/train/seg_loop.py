@@ -64,10 +64,11 @@ def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, d
 
 
 def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConfig, device: torch.device,
-               ) -> torch.Tensor:  # fmt: skip
+               hold: list | None = None) -> torch.Tensor:  # fmt: skip
     """One optimisation step on a packed batch: inputs -> forward (bf16 autocast on CUDA) -> loss on the points ->
-    backward -> clip -> optimizer step (after the batch's augmentation, when `train.augment` asks for one). `raysvc
-    bench train` times this same function without Ray."""
+    backward -> clip -> optimizer step (after the batch's augmentation, when `train.augment` asks for one). The
+    parameters in `hold` lose their gradients before clipping, so AdamW skips them entirely (no update, no weight
+    decay, no moment state). `raysvc bench train` times this same function without Ray."""
     pre = cfg.data.preprocess
     batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}  # no-op when off
     x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
@@ -76,6 +77,8 @@ def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConf
     loss = loss_fn(logits.float()[x["inverse"]], x["labels"])
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    for p in hold or ():  # after backward: under DDP every rank has joined the gradient all-reduce already
+        p.grad = None
     if cfg.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
     opt.step()
@@ -147,6 +150,7 @@ def seg_train_loop(config: dict) -> None:
     else:
         groups = [{"params": params}]
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    encoder = [p for p in raw.backbone.parameters() if p.requires_grad]  # held still for encoder_frozen_steps
     sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
     loss_fn = SegLoss(torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
                       cfg.train.lovasz_weight)  # fmt: skip
@@ -176,7 +180,8 @@ def seg_train_loop(config: dict) -> None:
         _report(parts, step, history, last_val, rank, world, rank_stream)
     while step < cfg.train.steps:
         batch = next(stream)
-        loss = train_step(model, params, opt, loss_fn, batch, cfg, device)
+        hold = encoder if step < cfg.train.encoder_frozen_steps else None
+        loss = train_step(model, params, opt, loss_fn, batch, cfg, device, hold)
         sched.step()
         step += 1
         ev_since += len(batch["event_id"])
