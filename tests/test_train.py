@@ -173,7 +173,6 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     assert [r["step"] for r in summary["history"]["train"]] == [2, 4, 6]  # history carried over the restart
 
 
-
 def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, tmp_path):
     """encoder_frozen_steps (LP-FT): while held, AdamW leaves the encoder exactly as loaded (no step, no weight decay,
     no moments) and trains the rest; the next unheld step moves it."""
@@ -202,7 +201,8 @@ def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, t
     assert not torch.equal(after["head.weight"], before["head.weight"])  # the head (dec: a linear after the decoder)
     assert not any(p in opt.state for p in encoder) and all(p in opt.state for p in model.head.parameters())
     train_step(model, params, opt, SegLoss(None), batch, cfg, torch.device("cpu"))
-    moved = [k for k in before if k.startswith("backbone.") and not torch.equal(model.state_dict()[k], before[k])]
+    now = model.state_dict()
+    moved = [k for k in before if k.startswith("backbone.") and not torch.equal(now[k], before[k])]
     assert len(moved) > len(encoder) // 2  # released: the encoder trains (parameters without a gradient excepted)
 
 
