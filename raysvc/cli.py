@@ -1,4 +1,4 @@
-"""`raysvc` command line: data | bench | pretrain | finetune | sweep | predict | serve | demo."""
+"""`raysvc` command line: data | bench | pretrain | finetune | sweep | evaluate | compare | predict | serve | demo."""
 
 from __future__ import annotations
 
@@ -186,6 +186,24 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     _print_json(result, a.out)
 
 
+def cmd_compare(a: argparse.Namespace) -> None:
+    from raysvc.compare import compare, format_table, load_arms, plot
+
+    arms: dict[str, list[str]] = {}
+    for spec in a.arm:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or name in arms:
+            raise ValueError(f"--arm {spec!r}: expected a new NAME=EVAL.json[,EVAL.json ...]")
+        arms[name] = [q for q in paths.split(",") if q]
+    result = compare(load_arms(arms))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "compare.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.join(a.out, "compare.png"))
+    print(format_table(result))
+    print(f"wrote {a.out}/compare.json and compare.png")
+
+
 def cmd_predict(a: argparse.Namespace) -> None:
     from raysvc.infer import predict_dataset
     from raysvc.storage import resolve
@@ -342,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.set_defaults(fn=cmd_evaluate)
+    cp = sub.add_parser("compare", help="training arms across seeds from `raysvc evaluate` JSONs: mean / sd, each arm "
+                        "vs the first (Welch t-test, 95 %% interval), a PNG")  # fmt: skip
+    cp.add_argument("--arm", action="append", required=True, metavar="NAME=EVAL.json[,EVAL.json ...]",
+                    help="one arm, one evaluate JSON per training seed; the first --arm is the baseline")  # fmt: skip
+    cp.add_argument("--out", required=True, help="directory for compare.json and compare.png")
+    cp.set_defaults(fn=cmd_compare)
     pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
     pr.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
     pr.add_argument("--data", required=True, help="dataset URI (shards + manifest)")
