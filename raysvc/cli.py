@@ -124,6 +124,21 @@ def cmd_bench_train(a: argparse.Namespace) -> None:
           f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %")
 
 
+def cmd_bench_heap(a: argparse.Namespace) -> None:
+    from raysvc.bench.heap import run_heap_bench
+
+    result = run_heap_bench(events=a.events, steps=a.steps, threads=a.threads, every=tuple(a.every),
+                            log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    if a.json:
+        _print_json(result, a.out)
+        return
+    for k, v in result["variants"].items():
+        print(f"trim every {k if k != '0' else 'never':>5}: {v['step_s'] * 1e3:5.0f} ms/step "
+              f"(x{v['step_time_vs_never']:.2f}), private memory max {v['private_mb_max']:5.0f} MB "
+              f"(x{v['private_mb_max_vs_never']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} MB "
+              f"(x{v['peak_rss_vs_never']:.2f}), same losses: {v['same_losses_as_never']}")  # fmt: skip
+
+
 def cmd_bench_serve(a: argparse.Namespace) -> None:
     from raysvc.bench.serve import run_serve_bench
 
@@ -383,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, default=1)
     bt.set_defaults(fn=cmd_bench_train)
 
+    bh = bsub.add_parser("heap", help="training step with the C heap trimmed every k steps vs never (fresh process "
+                         "each): time, private memory, peak RSS")  # fmt: skip
+    bh.add_argument("--events", type=int, default=40)
+    bh.add_argument("--steps", type=int, default=60)
+    bh.add_argument("--threads", type=int, default=1)
+    bh.add_argument("--every", type=int, nargs="+", default=[0, 1, 10], help="trim intervals; the first must be 0")
+    bh.add_argument("--json", action="store_true")
+    bh.add_argument("--out", help="also write the JSON here (with --json)")
+    bh.set_defaults(fn=cmd_bench_heap)
     sv = sub.add_parser("serve", help="the segmentation endpoint (Ray Serve, FastAPI) over exported fine-tuned "
                         "models; bearer token from RAYSVC_SERVE_TOKEN or RAYSVC_SERVE_TOKEN_FILE")  # fmt: skip
     sv.add_argument("--checkpoint", help="exported model directory (file:// or s3://); its id is its last path part")

@@ -84,6 +84,7 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     assert all(0 < m["proto_used_frac"] <= 1 and m["feat_std"] > 0 for m in mon)
     train = on_disk["history"]["train"]
     assert all(k in train[-1] for k in ("mask_loss", "roll_mask_loss", "unmask_loss", "unmask_matched"))
+    assert all(r["private_mb"] > 100 for r in train)  # the worker's own memory (torch alone)
     assert on_disk["data"]["events_read"] == on_disk["data"]["events_out"] + on_disk["data"]["cut_min_points"] + \
         on_disk["data"]["selected_out"] + on_disk["data"]["skipped_bad_total"]  # fmt: skip
     assert on_disk["data"]["events_out"] >= 6 * 2  # every step consumed a batch of 2 events

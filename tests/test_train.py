@@ -171,6 +171,7 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     assert all(torch.equal(got[k], want[k]) for k in want)
     summary = json.loads((tmp_path / "rerun" / "summary.json").read_text())
     assert [r["step"] for r in summary["history"]["train"]] == [2, 4, 6]  # history carried over the restart
+    assert all(r["private_mb"] > 100 for r in summary["history"]["train"])  # the worker's own memory (torch alone)
 
 
 def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, tmp_path):

@@ -40,6 +40,24 @@ def _job(data: Path, runs: Path, size: str, steps: int, batch: int, threads: int
     return load_config(FinetuneConfig, str(JOB), sets)
 
 
+def generate_bench_data(data: Path, events: int, log=print) -> None:
+    """The benchmarks' labelled events: `events` for training in 4 shards, 8 for validation (fixed seeds)."""
+    from raysvc.data.synthetic import generate_dataset
+
+    log(f"generating {events} + 8 events")
+    generate_dataset(resolve(str(data / "train")), events, seed=11, shard_events=max(events // 4, 1),
+                     show_progress=False)  # fmt: skip
+    generate_dataset(resolve(str(data / "val")), 8, seed=12, shard_events=8, show_progress=False)
+
+
+def first_batches(cfg: FinetuneConfig, n: int) -> list[dict]:
+    """Up to n batches: exactly those, in the order, that rank 0 of a one-worker run sees in its first epoch."""
+    prep = prepare(cfg.data)
+    shards = rank_shards(prep, 0, 1, 0, cfg.train.seed, shuffle=True)
+    tables = (read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids)[0] for rec in shards)
+    return list(islice(pack_tables(tables, cfg.train.batch_events, drop_last=True), n))
+
+
 def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
     """Seconds per step of seg_train_loop's step without Ray, on batches collated in memory beforehand: the
     pure-compute baseline."""
@@ -48,11 +66,7 @@ def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loss_fn = SegLoss(None)
-    # exactly the batches, in the order, that rank 0 of a one-worker run sees in its first epoch
-    prep = prepare(cfg.data)
-    shards = rank_shards(prep, 0, 1, 0, cfg.train.seed, shuffle=True)
-    tables = (read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids)[0] for rec in shards)
-    batches = list(islice(pack_tables(tables, cfg.train.batch_events, drop_last=True), steps))
+    batches = first_batches(cfg, steps)
     if len(batches) < steps:
         raise ValueError(f"{cfg.data.uri}: {len(batches)} batches for {steps} steps; generate more events")
     times = []
@@ -67,7 +81,6 @@ def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: 
                     sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
     import ray
 
-    from raysvc.data.synthetic import generate_dataset
     from raysvc.train.finetune import run_finetune
 
     torch.set_num_threads(threads)
@@ -75,10 +88,7 @@ def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: 
                               "warmup_steps": warmup}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        log(f"generating {events} + 8 events")
-        generate_dataset(resolve(str(data / "train")), events, seed=11, shard_events=max(events // 4, 1),
-                         show_progress=False)  # fmt: skip
-        generate_dataset(resolve(str(data / "val")), 8, seed=12, shard_events=8, show_progress=False)
+        generate_bench_data(data, events, log)
         for size in sizes:
             log(f"{size}: plain torch forward + backward")
             times = plain_step_times(_job(data, data / "runs", size, steps, batch, threads), steps)

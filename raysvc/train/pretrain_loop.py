@@ -33,6 +33,7 @@ from raysvc.models.panda import (
     warm,
 )
 from raysvc.models.ptv3 import preset
+from raysvc.train import heap
 from raysvc.train.optim import param_groups
 from raysvc.train.pretrain_config import PretrainConfig
 from raysvc.train.probe import run_probe
@@ -167,6 +168,8 @@ def pretrain_loop(config: dict) -> None:
         opt.step()
         sched.step()
         ema_update(teacher, student, momentum)
+        if cfg.train.trim_heap and device.type == "cpu":
+            heap.trim()
         step += 1
         ev_since += per_rank
         for k, v in losses.items():
@@ -186,8 +189,9 @@ def pretrain_loop(config: dict) -> None:
             tracker.log({f"monitor/{k}": v for k, v in mon.items() if k != "step"}, step)
         if step % cfg.train.log_every == 0 or step == total:
             dt = time.perf_counter() - t_last
-            rec = {"step": step, **{k: v / sums["n"] for k, v in sums.items() if k != "n"},
-                   "lr": max(sched.get_last_lr()), "events_per_s": ev_since * world / dt}  # fmt: skip
+            means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            rec = heap.with_private_mb({"step": step, **means, "lr": max(sched.get_last_lr()),
+                                        "events_per_s": ev_since * world / dt})  # fmt: skip
             history["train"].append(rec)
             tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
             if rank == 0:
@@ -195,7 +199,8 @@ def pretrain_loop(config: dict) -> None:
                 print(f"[raysvc] step {step}/{total} loss {rec['loss']:.4f} (mask {rec.get('mask_loss', 0):.3f} "
                       f"roll {rec.get('roll_mask_loss', 0):.3f} unmask {rec.get('unmask_loss', 0):.3f}) "
                       f"protos used {mon.get('proto_used_frac', 0):.2f} perplexity {mon.get('proto_perplexity', 0):.0f}"
-                      f" feat std {mon.get('feat_std', 0):.3f} {rec['events_per_s']:.2f} ev/s", flush=True)  # fmt: skip
+                      f" feat std {mon.get('feat_std', 0):.3f} {rec['events_per_s']:.2f} ev/s"
+                      f"{heap.memory_note(rec)}", flush=True)  # fmt: skip
             t_last, ev_since, sums = time.perf_counter(), 0, Counter()
         if step % cfg.probe.every == 0 or step == total:
             probe(step)

@@ -27,6 +27,7 @@ from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.ops.grid import grid_sample
 from raysvc.ops.packed import offset_to_batch, segment_mean
+from raysvc.train import heap
 from raysvc.train.augment import augment_coords
 from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import SegLoss
@@ -183,6 +184,8 @@ def seg_train_loop(config: dict) -> None:
         hold = encoder if step < cfg.train.encoder_frozen_steps else None
         loss = train_step(model, params, opt, loss_fn, batch, cfg, device, hold)
         sched.step()
+        if cfg.train.trim_heap and device.type == "cpu":
+            heap.trim()
         step += 1
         ev_since += len(batch["event_id"])
         if fault and step == fault["step"] and rank == 0 and not os.path.exists(fault["marker"]):
@@ -190,13 +193,13 @@ def seg_train_loop(config: dict) -> None:
             raise RuntimeError(f"injected fault at step {step}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             dt = time.perf_counter() - t_last
-            rec = {"step": step, "loss": float(loss), "lr": max(sched.get_last_lr()),
-                   "events_per_s": ev_since * world / dt}  # fmt: skip
+            rec = heap.with_private_mb({"step": step, "loss": float(loss), "lr": max(sched.get_last_lr()),
+                                        "events_per_s": ev_since * world / dt})  # fmt: skip
             history["train"].append(rec)
             tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
             if rank == 0:
                 print(f"[raysvc] step {step}/{cfg.train.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                      f"{rec['events_per_s']:.1f} ev/s", flush=True)  # fmt: skip
+                      f"{rec['events_per_s']:.1f} ev/s{heap.memory_note(rec)}", flush=True)  # fmt: skip
             t_last, ev_since = time.perf_counter(), 0
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
             if val_batches is None:
