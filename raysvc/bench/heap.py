@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from raysvc.bench.train import _job, first_batches, generate_bench_data
+from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
 from raysvc.train import heap
 from raysvc.train.job_config import FinetuneConfig
-from raysvc.train.losses import SegLoss
-from raysvc.train.seg_loop import build_model, train_step
+from raysvc.train.seg_loop import train_step
 from raysvc.train.worker import seed_everything
 
 
@@ -28,10 +27,7 @@ def _measure(job_json: str, steps: int, trim_every: int, threads: int, warmup: i
     torch.set_num_threads(threads)
     cfg = FinetuneConfig.model_validate_json(job_json)
     seed_everything(cfg.train.seed * 1000)  # as rank 0 of a Train run: every variant draws the same numbers
-    model = build_model(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loss_fn = SegLoss(None)
+    model, params, opt, loss_fn = plain_training(cfg)
     batches = first_batches(cfg, steps)
     times, private, losses = [], [], []
     for i, batch in enumerate(islice(cycle(batches), steps)):

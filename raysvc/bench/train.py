@@ -58,14 +58,19 @@ def first_batches(cfg: FinetuneConfig, n: int) -> list[dict]:
     return list(islice(pack_tables(tables, cfg.train.batch_events, drop_last=True), n))
 
 
+def plain_training(cfg: FinetuneConfig) -> tuple:
+    """(model, trainable params, AdamW, unweighted loss) of the benchmarks' loop without Ray; the caller seeds first."""
+    model = build_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return model, params, opt, SegLoss(None)
+
+
 def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
     """Seconds per step of seg_train_loop's step without Ray, on batches collated in memory beforehand: the
     pure-compute baseline."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loss_fn = SegLoss(None)
+    model, params, opt, loss_fn = plain_training(cfg)
     batches = first_batches(cfg, steps)
     if len(batches) < steps:
         raise ValueError(f"{cfg.data.uri}: {len(batches)} batches for {steps} steps; generate more events")

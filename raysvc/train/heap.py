@@ -10,20 +10,16 @@ and the heap fragments: a one-thread tiny fine-tune held 1.5 GB of private memor
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
-_libc = None
-try:
-    _lib = ctypes.CDLL(ctypes.util.find_library("c"))
-    if hasattr(_lib, "malloc_trim"):
-        _libc = _lib
-except OSError:  # no C library to load: nothing to trim
-    pass
+try:  # the symbols already loaded into this process: glibc's malloc_trim where there is one
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
 
 
 def trim() -> bool:
     """Return the heap's free pages to the OS; True if glibc released any."""
-    return bool(_libc.malloc_trim(0)) if _libc is not None else False
+    return bool(_malloc_trim(0)) if _malloc_trim is not None else False
 
 
 def private_mb() -> float | None:
