@@ -10,15 +10,24 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
 
-def load_arms(arms: Mapping[str, Sequence[str]]) -> dict[str, list[dict]]:
-    """{arm: [evaluate JSON, ...]} from {arm: [path, ...]}; every file must score the same events with the same
-    classes, or the comparison means nothing."""
-    loaded: dict[str, list[dict]] = {}
+@dataclass(frozen=True)
+class Scored:
+    """One `raysvc evaluate` result and the file it came from."""
+
+    path: str
+    result: dict
+
+
+def load_arms(arms: Mapping[str, Sequence[str]]) -> dict[str, list[Scored]]:
+    """{arm: [Scored, ...]} from {arm: [path, ...]}; every file must score the same events with the same classes, or
+    the comparison means nothing."""
+    loaded: dict[str, list[Scored]] = {}
     first: tuple[str, dict] | None = None
     for arm, paths in arms.items():
         if not paths:
@@ -40,8 +49,7 @@ def load_arms(arms: Mapping[str, Sequence[str]]) -> dict[str, list[dict]]:
                                          f"({ref[key]!r}); arms must be scored on the same events")  # fmt: skip
                 if list(ev["iou"]) != list(ref["iou"]):
                     raise ValueError(f"{path}: classes {list(ev['iou'])} differ from {ref_path}'s {list(ref['iou'])}")
-            ev["_path"] = path
-            loaded[arm].append(ev)
+            loaded[arm].append(Scored(path, ev))
     return loaded
 
 
@@ -65,15 +73,16 @@ def welch(baseline: Sequence[float], arm: Sequence[float], level: float = 0.95) 
             "ci": [float(ci.low), float(ci.high)]}  # fmt: skip
 
 
-def compare(loaded: Mapping[str, list[dict]]) -> dict:
+def compare(loaded: Mapping[str, list[Scored]]) -> dict:
     """Per-arm summaries and every arm against the first, for mIoU and each class's IoU."""
     arms = list(loaded)
-    classes = list(loaded[arms[0]][0]["iou"])
-    out: dict = {"baseline": arms[0], "data": loaded[arms[0]][0]["data"],
-                 "events": loaded[arms[0]][0]["events"].get("events_out"), "arms": {}}  # fmt: skip
-    for arm, evs in loaded.items():
+    first = loaded[arms[0]][0].result
+    classes = list(first["iou"])
+    out: dict = {"baseline": arms[0], "data": first["data"], "events": first["events"].get("events_out"), "arms": {}}
+    for arm, scored in loaded.items():
+        evs = [s.result for s in scored]
         out["arms"][arm] = {
-            "runs": [ev["_path"] for ev in evs],
+            "runs": [s.path for s in scored],
             "models": [ev.get("model") for ev in evs],
             "miou": _summary([ev["miou"] for ev in evs]),
             "iou": {c: _summary([ev["iou"][c] for ev in evs]) for c in classes},

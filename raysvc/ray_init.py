@@ -8,6 +8,21 @@ import os
 # name comes from the macOS / Windows case, where Ray keeps single-node clusters on loopback for that reason.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+# Ray Train (2.60) routes a worker's print() to its logger and, because Ray core itself replaces a worker's
+# sys.stdout, also to the original print: every progress line reached the driver twice. Off, a print goes to the
+# worker's stdout only, which Ray streams to the driver once.
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
+def _worker_env(kwargs: dict) -> dict:
+    """`kwargs` with PRINT_PATCH_ENV=0 in the job's runtime env, unless this process (or the submitted job, whose
+    env vars its driver has too) already chose a value: Ray refuses to merge two values of one variable."""
+    if PRINT_PATCH_ENV in os.environ:
+        return kwargs
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    runtime_env["env_vars"] = {PRINT_PATCH_ENV: "0", **(runtime_env.get("env_vars") or {})}
+    return {**kwargs, "runtime_env": runtime_env}
+
 
 def init_ray(**kwargs) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`, or by hand: an address or "auto"), else start
@@ -15,6 +30,7 @@ def init_ray(**kwargs) -> None:
     /tmp/ray/ray_current_cluster names, which a crashed or killed `ray start` leaves behind, and then waits on a dead
     GCS."""
     address = os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = _worker_env(kwargs)
     if address != "local":
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_cpus", "include_dashboard")}
     import ray

@@ -101,6 +101,7 @@ def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_a
                         "raysvc", "finetune", "jobs/semseg-tiny.yaml", *[a for s in sets for a in ("--set", s)]],
                        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
     assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    assert p.stdout.count("[raysvc] step 4/4 loss") == 1, p.stdout[-4000:]  # rank 0's progress line, not doubled
     run = tmp_path / "runs" / "submitted"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["workers"] == 2 and summary["val"]["miou"] is not None

@@ -59,7 +59,12 @@ SCRIPT = textwrap.dedent('''
     def task_ip():
         return ray.util.get_node_ip_address()
 
+    @ray.remote
+    def task_print_patch():
+        return os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH")
+
     result = {"driver_ip": ray.util.get_node_ip_address(), "task_ip": ray.get(task_ip.remote()),
+              "print_patch": ray.get(task_print_patch.remote()),
               "env_left": os.environ.get(LOOPBACK_ENV), "listening": listening(descendants(os.getpid()))}
     ray.shutdown()
     print("RESULT " + json.dumps(result))
@@ -76,3 +81,16 @@ def test_private_local_ray_listens_on_loopback_only():
     outside = [ip for ip in result["listening"] if not ip.startswith("127.") and ip != "::1"]
     assert not outside, f"the private Ray listens beyond loopback on {outside}"
     assert result["env_left"] is None  # nothing that this process starts later inherits the switch
+    assert result["print_patch"] == "0"  # Train workers print each progress line once (see PRINT_PATCH_ENV)
+
+
+def test_worker_env_keeps_a_print_patch_choice_already_made(monkeypatch):
+    from raysvc.ray_init import PRINT_PATCH_ENV, _worker_env
+
+    monkeypatch.delenv(PRINT_PATCH_ENV, raising=False)
+    given = {"runtime_env": {"env_vars": {"OTHER": "1"}, "pip": ["x"]}, "num_cpus": 1}
+    assert _worker_env(given) == {"runtime_env": {"env_vars": {PRINT_PATCH_ENV: "0", "OTHER": "1"}, "pip": ["x"]},
+                                  "num_cpus": 1}  # fmt: skip
+    assert given["runtime_env"]["env_vars"] == {"OTHER": "1"}  # the caller's dict is not changed
+    monkeypatch.setenv(PRINT_PATCH_ENV, "1")  # e.g. a job submitted with it in its runtime env
+    assert _worker_env(given) == given

@@ -34,15 +34,27 @@ class ModelSection(BaseModel):
         return self
 
 
-class TrainSection(BaseModel):
+class LoopSection(BaseModel):
+    """What every training loop (fine-tuning, pretraining) is steered by."""
+
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(1000, gt=0)
-    batch_events: int = Field(8, gt=0, description="global batch: split evenly over the workers")
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
     warmup_frac: float = Field(0.05, ge=0, lt=1, description="one-cycle: linear warmup, then cosine to lr * final")
     final_lr_frac: float = Field(0.01, ge=0, le=1)
     grad_clip: float | None = Field(3.0, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
+    trim_heap: bool = Field(False, description="on CPU, return freed heap pages to the OS after each step (glibc "
+                            "malloc_trim): a worker then holds ~0.5 GB between steps instead of GBs of freed "
+                            "activations, at 9-60 % more step time here (raysvc bench heap)")  # fmt: skip
+
+
+class TrainSection(LoopSection):
+    batch_events: int = Field(8, gt=0, description="global batch: split evenly over the workers")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
     class_weight_power: float = Field(0.5, ge=0, description="inverse class frequency ** power; 0: unweighted")
     lovasz_weight: float = Field(0.0, ge=0)
     backbone_lr_scale: float = Field(0.05, gt=0, le=1, description="fft: encoder lr = lr x this x layer decay")
@@ -51,13 +63,6 @@ class TrainSection(BaseModel):
                                       "steps, then everything (linear-probe-then-fine-tune)")  # fmt: skip
     val_every: int = Field(200, gt=0, description="validate every N steps (and at the end)")
     val_events: int | None = Field(None, gt=0, description="cap on validation events (default: all)")
-    checkpoint_every: int = Field(200, gt=0)
-    log_every: int = Field(10, gt=0)
-    seed: int = 0
-    amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
-    trim_heap: bool = Field(False, description="on CPU, return freed heap pages to the OS after each step (glibc "
-                            "malloc_trim): a worker then holds ~0.5 GB between steps instead of GBs of freed "
-                            "activations, at 9-60 % more step time here (raysvc bench heap)")  # fmt: skip
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="per-event rotations / mirrors of the "
                                    "training batches (validation never)")  # fmt: skip
 

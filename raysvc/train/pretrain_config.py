@@ -9,7 +9,7 @@ from raysvc.data.pipeline import DataConfig
 from raysvc.data.views import ViewConfig
 from raysvc.models.panda import PandaConfig
 from raysvc.models.ptv3 import PRESETS
-from raysvc.train.job_config import RunSection, ScalingSection
+from raysvc.train.job_config import LoopSection, RunSection, ScalingSection
 from raysvc.train.probe import ProbeConfig
 
 
@@ -25,24 +25,12 @@ class BackboneSection(BaseModel):
         return self
 
 
-class PretrainTrain(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(1000, gt=0)
+class PretrainTrain(LoopSection):
     batch_events: int = Field(48, gt=0, description="global batch of events (each gives 2 global + 6 local views)")
     lr: float = Field(0.0026, gt=0)
     layer_decay: float = Field(0.9, gt=0, le=1, description="lr x decay^(depth from the top) per backbone block")
     weight_decay: tuple[float, float] = Field((0.04, 0.2), description="cosine from the first to the second")
-    warmup_frac: float = Field(0.05, ge=0, lt=1)
-    final_lr_frac: float = Field(0.01, ge=0, le=1)
-    grad_clip: float | None = Field(3.0, gt=0)
-    log_every: int = Field(10, gt=0)
     monitor_every: int = Field(10, gt=0, description="collapse monitors (prototype usage, feature std) every N steps")
-    checkpoint_every: int = Field(200, gt=0)
-    seed: int = 0
-    amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
-    trim_heap: bool = Field(False, description="on CPU, return freed heap pages to the OS after each step (glibc "
-                            "malloc_trim): a worker then holds ~0.5 GB between steps instead of GBs of freed "
-                            "activations, at 9-60 % more step time here (raysvc bench heap)")  # fmt: skip
 
 
 class PretrainConfig(BaseModel):
