@@ -196,7 +196,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from raysvc.infer import evaluate_dataset
     from raysvc.storage import absolute_uri, resolve
 
-    result = evaluate_dataset(resolve(absolute_uri(a.model)), resolve(absolute_uri(a.data)), a.batch_events,
+    result = evaluate_dataset(resolve(absolute_uri(a.model)), resolve(absolute_uri(a.data)), a.batch_events, a.device,
                               max_events=a.max_events, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     _print_json(result, a.out)
 
@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-events", type=int, default=4)
     ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
     ev.add_argument("--out", help="also write the JSON here")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     ev.set_defaults(fn=cmd_evaluate)
     cp = sub.add_parser("compare", help="training arms across seeds from `raysvc evaluate` JSONs: mean / sd, each arm "
                         "vs the first (Welch t-test, 95 %% interval), a PNG")  # fmt: skip
@@ -386,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, help="dataset URI (shards + manifest)")
     pr.add_argument("--out", required=True, help="output URI: preds-NNNNN.parquet with event_id, num_points, pred")
     pr.add_argument("--batch-events", type=int, default=8)
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     pr.set_defaults(fn=cmd_predict)
 
     bt = bsub.add_parser("train", help="fwd+bwd per event (tiny, small) and Ray Train step overhead vs plain torch")

@@ -32,6 +32,8 @@ class Segmenter:
     """An exported model ready for inference (eval mode, no gradients)."""
 
     def __init__(self, loc: Location, device: str | torch.device = "cpu"):
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
         state, self.config = load_model(loc)
         m = self.config["model"]
         self.model = SegModel(preset(m["size"], **m.get("overrides", {})), self.config["num_classes"], m["head"])

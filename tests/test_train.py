@@ -143,6 +143,10 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     scored = int((kept_per_event >= pre.min_points).sum())
     assert ev["events"]["events_read"] == inputs.num_rows and ev["events"]["events_out"] == scored
     assert ev["events"]["cut_min_points"] == inputs.num_rows - scored
+    if not torch.cuda.is_available():  # asking for a GPU that is not there is an error naming the device
+        p = subprocess.run([RAYSVC, "evaluate", "--model", str(run), "--data", str(seg_data / "val"), "--device",
+                            "cuda"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert p.returncode != 0 and "device 'cuda'" in p.stderr and "sees no CUDA device" in p.stderr, p.stderr
 
 
 def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray_local, seg_data, tmp_path):
