@@ -124,6 +124,25 @@ def cmd_bench_train(a: argparse.Namespace) -> None:
           f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %")
 
 
+def cmd_bench_gpu(a: argparse.Namespace) -> None:
+    from raysvc.bench.gpu import run_gpu_bench
+
+    result = run_gpu_bench(a.device, events=a.events, steps=a.steps, batch=a.batch_events,
+                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    if a.json:
+        _print_json(result, a.out)
+    else:
+        for name, ok in result["checks"].items():
+            print(f"{'ok  ' if ok else 'FAIL'} {name}")
+        for key in ("seg_tiny", "seg_small", "panda_tiny"):
+            r = result.get(key, {})
+            times = ", ".join(f"{k[:-7]} {v * 1e3:.0f} ms" for k, v in r.items() if k.endswith("_step_s"))
+            ratios = ", ".join(f"{k[:-15]} x{v:.1f}" for k, v in r.items() if k.endswith("_speedup_vs_cpu"))
+            print(f"{key} step ({r.get('events_per_step')} events): {times}" + (f"; vs CPU {ratios}" if ratios else ""))
+    if not result["all_passed"]:
+        raise SystemExit(1)
+
+
 def cmd_bench_heap(a: argparse.Namespace) -> None:
     from raysvc.bench.heap import run_heap_bench
 
@@ -398,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch-events", type=int, default=2)
     bt.add_argument("--threads", type=int, default=1)
     bt.set_defaults(fn=cmd_bench_train)
+
+    bg = bsub.add_parser("gpu", help="the CUDA path against references (sparse conv vs dense conv3d, kNN / codes / "
+                         "attention / model vs CPU, bf16 vs fp32) and training steps timed against this machine's CPU")
+    bg.add_argument("--device", default="cuda")
+    bg.add_argument("--events", type=int, default=24)
+    bg.add_argument("--steps", type=int, default=10, help="timed steps per variant on the device (CPU: a quarter)")
+    bg.add_argument("--batch-events", type=int, default=4)
+    bg.add_argument("--json", action="store_true")
+    bg.add_argument("--out", help="also write the JSON here (with --json)")
+    bg.set_defaults(fn=cmd_bench_gpu)
 
     bh = bsub.add_parser("heap", help="training step with the C heap trimmed every k steps vs never (fresh process "
                          "each): time, private memory, peak RSS")  # fmt: skip

@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -22,6 +23,7 @@ import torch
 from raysvc.data.pipeline import pack_tables, stream_tables
 from raysvc.data.views import collate_views, table_views
 from raysvc.models.panda import (
+    Encoded,
     PandaStudent,
     collapse_monitors,
     cosine,
@@ -72,6 +74,55 @@ def probe_batches(tables: Iterable[pa.Table], train_events: int, val_events: int
             list(pack_tables([events.slice(train_events, val_events)], 4)))  # fmt: skip
 
 
+def step_values(cfg: PretrainConfig, step: int) -> dict:
+    """The step-dependent values of the recipe at `step` (the lr has its own scheduler)."""
+    p, total = cfg.panda, cfg.train.steps
+    return {"mask_size": warm(step, total, *p.mask_size, p.mask_warmup_frac),
+            "mask_ratio": warm(step, total, *p.mask_ratio, p.mask_warmup_frac),
+            "teacher_temp": warm(step, total, *p.teacher_temp, p.teacher_temp_warmup_frac),
+            "momentum": cosine(step, total, *p.momentum), "weight_decay": cosine(step, total, *cfg.train.weight_decay)}
+
+
+@dataclass
+class StepOut:
+    losses: dict  # "loss" (the one backpropagated) and its parts
+    student: dict  # PandaStudent's outputs: {"global" / "local": (Encoded, prototype similarities)}
+    teacher_enc: Encoded
+    teacher_sims: dict
+    mask: torch.Tensor  # (points of the global views,) bool: masked for the student
+    values: dict  # step_values used (the mask ratio there is the scheduled one, not the drawn one)
+
+
+def pretrain_step(student: PandaStudent, ddp: torch.nn.Module, teacher: PandaStudent, opt, sched, params: list,
+                  batch: dict, cfg: PretrainConfig, step: int, device: torch.device) -> StepOut:  # fmt: skip
+    """One Panda step on a batch of views (`collate_views`): grid masks on the global views -> teacher on the
+    unmasked globals, student (`ddp`: DDP-wrapped or the student itself) on the masked globals and the locals ->
+    the three losses -> backward -> clip -> AdamW -> lr scheduler -> EMA update of the teacher. The loop and
+    `raysvc bench gpu` both run it."""
+    p, v = cfg.panda, step_values(cfg, step)
+    for g in opt.param_groups:
+        g["weight_decay"] = v["weight_decay"] if g["decay"] else 0.0
+    g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
+    mask = grid_mask(g_view["coord"], g_view["offset"], v["mask_size"], v["mask_ratio"]).to(device)
+    masked = dict(g_view)
+    if p.mask_jitter:
+        noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
+        masked["coord"] = g_view["coord"] + noise * mask[:, None]
+    with autocast(cfg.train.amp, device):
+        t_enc, t_sims = teacher_forward(teacher, g_view)
+        s_out = ddp(masked, mask, l_view)
+        losses = panda_losses(s_out, t_enc, t_sims, p, v["teacher_temp"], cfg.views.global_views,
+                              cfg.views.local_views)  # fmt: skip
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    opt.step()
+    sched.step()
+    ema_update(teacher, student, v["momentum"])
+    return StepOut(losses, s_out, t_enc, t_sims, mask, v)
+
+
 def pretrain_loop(config: dict) -> None:
     import ray.train.torch
 
@@ -94,7 +145,6 @@ def pretrain_loop(config: dict) -> None:
     step, history, (epoch, consumed), resumed_counts = restore(load_checkpoint_state(), parts, rank, world,
                                                                {"train": [], "monitor": [], "probe": []})  # fmt: skip
     per_rank = cfg.train.batch_events // world
-    n_global, n_local = cfg.views.global_views, cfg.views.local_views
 
     def make_batches(shards: list, ep: int, counts: Counter):
         kwargs = {"cfg": cfg.views, "seed": cfg.train.seed, "epoch": ep}
@@ -141,33 +191,8 @@ def pretrain_loop(config: dict) -> None:
         _report(parts, step, history, rank, world, rank_stream)
     t_last, ev_since, sums = time.perf_counter(), 0, Counter()
     while step < total:
-        batch = next(stream)
-        p = cfg.panda
-        mask_size = warm(step, total, *p.mask_size, p.mask_warmup_frac)
-        mask_ratio = warm(step, total, *p.mask_ratio, p.mask_warmup_frac)
-        temp = warm(step, total, *p.teacher_temp, p.teacher_temp_warmup_frac)
-        momentum = cosine(step, total, *p.momentum)
-        wd = cosine(step, total, *cfg.train.weight_decay)
-        for g in opt.param_groups:
-            g["weight_decay"] = wd if g["decay"] else 0.0
-
-        g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
-        mask = grid_mask(g_view["coord"], g_view["offset"], mask_size, mask_ratio).to(device)
-        masked = dict(g_view)
-        if p.mask_jitter:
-            noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
-            masked["coord"] = g_view["coord"] + noise * mask[:, None]
-        with autocast(cfg.train.amp, device):
-            t_enc, t_sims = teacher_forward(teacher, g_view)
-            s_out = ddp(masked, mask, l_view)
-            losses = panda_losses(s_out, t_enc, t_sims, p, temp, n_global, n_local)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        ema_update(teacher, student, momentum)
+        out = pretrain_step(student, ddp, teacher, opt, sched, params, next(stream), cfg, step, device)
+        losses, s_out, t_enc, t_sims = out.losses, out.student, out.teacher_enc, out.teacher_sims
         if cfg.train.trim_heap and device.type == "cpu":
             heap.trim()
         step += 1
@@ -183,8 +208,8 @@ def pretrain_loop(config: dict) -> None:
             enc, sims = s_out[view]
             teacher_mon = collapse_monitors(t_sims[key], t_enc.feat)
             mon = {"step": step, **collapse_monitors(sims.detach(), enc.feat.detach()),
-                   **{f"teacher_{k}": v for k, v in teacher_mon.items()}, "mask_ratio": float(mask.float().mean()),
-                   "mask_size": mask_size, "teacher_temp": temp, "momentum": momentum, "weight_decay": wd}  # fmt: skip
+                   **{f"teacher_{k}": v for k, v in teacher_mon.items()}, **out.values,
+                   "mask_ratio": float(out.mask.float().mean())}  # fmt: skip
             history["monitor"].append(mon)
             tracker.log({f"monitor/{k}": v for k, v in mon.items() if k != "step"}, step)
         if step % cfg.train.log_every == 0 or step == total:

@@ -1,0 +1,299 @@
+"""`raysvc bench gpu`: the CUDA path checked against independent references and timed against the same machine's
+CPU, in one run short enough for a 15-minute GPU lease. Needs torch, pydantic, pyarrow, numba and scipy; not Ray.
+
+Checks (device against a reference computed another way):
+- sparse conv: our submanifold conv (kernel map by sort + searchsorted on the device) against dense `F.conv3d` on
+  the same device, forward and both gradients; spconv-cu120 against ours when it is installed.
+- neighbours and serialization: kNN indices and z / hilbert codes on the device against the CPU (numba) kernels.
+- patch attention: the device (SDPA; flash-attn when installed) against the CPU path in float64.
+- the tiny segmentation model: device fp32 logits against CPU fp32 (same weights, same batch), and bf16 autocast
+  against device fp32 (argmax agreement).
+Timings (same batches, medians after a warm-up): a segmentation training step (tiny, small) on the CPU, on the device
+in fp32 and in bf16; a Panda pretraining step (tiny) on the CPU and on the device. TF32 stays off during the checks
+and follows torch's defaults during the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
+from raysvc.config import load_config
+from raysvc.ops import spconv_backend
+from raysvc.ops.attention import make_patches, patch_attention
+from raysvc.ops.neighbors import knn
+from raysvc.ops.serialization import encode
+from raysvc.ops.sparse_conv import SubMConv3d, kernel_map
+from raysvc.train.seg_loop import model_inputs, train_step
+
+PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    """No TF32 in matmuls / convolutions while checking against fp32 references."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: relative to the reference's scale."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def check_sparse_conv(device: torch.device, seed: int = 0, side: int = 20, cin: int = 16, cout: int = 24) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(2, side, side, side, generator=g) < 0.1
+    b, x, y, z = active.nonzero(as_tuple=True)
+    grid = torch.stack([x, y, z], 1)
+    feat = torch.randn(len(b), cin, generator=g)
+    conv = SubMConv3d(cin, cout).to(device)
+    b_d, grid_d = b.to(device), grid.to(device)
+    out: dict = {"sites": len(b), "kernel_map_equals_cpu": bool(torch.equal(kernel_map(grid_d, b_d).cpu(),
+                                                                              kernel_map(grid, b)))}  # fmt: skip
+    with _exact_fp32():
+        f = feat.to(device).requires_grad_(True)
+        y_ours = conv(f, kernel_map(grid_d, b_d))
+        up = torch.randn_like(y_ours)
+        (y_ours * up).sum().backward()
+        dense = torch.zeros(2, cin, side, side, side, device=device)
+        dense[b_d, :, grid_d[:, 0], grid_d[:, 1], grid_d[:, 2]] = f.detach()
+        dense.requires_grad_(True)
+        w = conv.weight.detach().clone().requires_grad_(True)
+        y_dense = F.conv3d(dense, w.permute(0, 4, 1, 2, 3), conv.bias.detach(), padding=1)
+        at = y_dense[b_d, :, grid_d[:, 0], grid_d[:, 1], grid_d[:, 2]]
+        (at * up).sum().backward()
+        out.update(out_err=_err(y_ours, at), grad_feat_err=_err(f.grad, dense.grad[b_d, :, grid_d[:, 0], grid_d[:, 1],
+                                                                                    grid_d[:, 2]]),
+                   grad_weight_err=_err(conv.weight.grad, w.grad))  # fmt: skip
+        if device.type == "cuda" and spconv_backend.cuda_available():
+            y_sp = spconv_backend.subm_conv3d(f.detach(), grid_d, b_d, conv.weight.detach(), conv.bias.detach())
+            out["spconv_out_err"] = _err(y_sp, y_ours)
+    return out
+
+
+def check_neighbours_and_codes(device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor([700, 1300])
+    pts = torch.rand(int(counts.sum()), 3, generator=g) * 100
+    offset = torch.cumsum(counts, 0)
+    idx_cpu, _ = knn(pts, offset, pts, offset, 16)
+    idx_dev, _ = knn(pts.to(device), offset.to(device), pts.to(device), offset.to(device), 16)
+    grid = pts.long()
+    batch = torch.repeat_interleave(torch.arange(2), counts)
+    codes = {order: bool(torch.equal(encode(grid.to(device), batch.to(device), 8, order).cpu(),
+                                     encode(grid, batch, 8, order))) for order in ("z", "hilbert")}  # fmt: skip
+    return {"knn_equals_cpu": bool(torch.equal(idx_dev.cpu(), idx_cpu)), "codes_equal_cpu": codes}
+
+
+def check_attention(device: torch.device, seed: int = 0, heads: int = 4, dim: int = 16, size: int = 64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.tensor([50, 300, 333])  # a short event, a long one, a tail shorter than a patch
+    qkv = torch.randn(int(offset[-1]), 3, heads, dim, generator=g, dtype=torch.float64)
+    ref = patch_attention(qkv, make_patches(offset, size), use_flash=False)
+    patches = make_patches(offset.to(device), size)
+    with _exact_fp32():
+        out = {"sdpa_fp32_err": _err(patch_attention(qkv.float().to(device), patches, use_flash=False), ref)}
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out["sdpa_bf16_err"] = _err(patch_attention(qkv.bfloat16().to(device), patches, use_flash=False), ref)
+        with contextlib.suppress(RuntimeError):  # flash-attn not installed
+            out["flash_bf16_err"] = _err(patch_attention(qkv.bfloat16().to(device), patches, use_flash=True), ref)
+    return out
+
+
+def check_model(cfg, batch: dict, device: torch.device) -> dict:
+    """Tiny segmentation model in eval mode: device against CPU (fp32), bf16 autocast against fp32 on the device."""
+    torch.manual_seed(0)
+    model, *_ = plain_training(cfg)
+    model.eval()
+    pre = cfg.data.preprocess
+
+    def logits(m, dev, bf16=False):
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, dev, cfg.model.center_events)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return m(x["feat"], x["coord"], x["grid_coord"], x["offset"]).float()
+
+    ref = logits(model, torch.device("cpu"))
+    dev_model = copy.deepcopy(model).to(device)
+    with _exact_fp32():
+        fp32 = logits(dev_model, device)
+    out = {"points": len(ref), "fp32_logits_err": _err(fp32, ref),
+           "fp32_argmax_agree": float((fp32.argmax(1).cpu() == ref.argmax(1)).float().mean())}  # fmt: skip
+    if device.type == "cuda":
+        bf16 = logits(dev_model, device, bf16=True)
+        out["bf16_argmax_agree_fp32"] = float((bf16.argmax(1) == fp32.argmax(1)).float().mean())
+    return out
+
+
+def _median_step(step, n: int, warmup: int, device: torch.device) -> float:
+    times = []
+    for i in range(n + warmup):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int, warmup: int) -> dict:
+    """Seconds per training step (the fine-tuning job's `train_step`) on the CPU, and on `device` in fp32 and bf16."""
+    out: dict = {}
+    runs = [("cpu", torch.device("cpu"), False)]
+    if device.type != "cpu":
+        runs += [("device_fp32", device, False), ("device_bf16", device, True)]
+    for name, dev, amp in runs:
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
+        torch.manual_seed(0)
+        model, params, opt, loss_fn = plain_training(c)
+        model.to(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        out[f"{name}_step_s"] = _median_step(
+            lambda i: train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, dev),  # noqa: B023
+            steps if dev.type != "cpu" else max(2, steps // 4), warmup, dev)  # fmt: skip
+        if dev.type == "cuda":
+            out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    for name in ("device_fp32", "device_bf16"):
+        if f"{name}_step_s" in out:
+            out[f"{name}_speedup_vs_cpu"] = out["cpu_step_s"] / out[f"{name}_step_s"]
+    out["events_per_step"] = cfg.train.batch_events
+    return out
+
+
+def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_events: int) -> dict:
+    """Seconds per Panda pretraining step (`pretrain_step`, tiny, the tiny job's views) on the CPU and on `device`;
+    the losses must stay finite."""
+    from raysvc.data.reader import read_preprocessed
+    from raysvc.data.shards import load_manifest
+    from raysvc.data.views import collate_views, table_views
+    from raysvc.storage import resolve
+    from raysvc.train.pretrain_config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, str(PRETRAIN_JOB), [f"data.uri={data / 'train'}", "probe_data=null",
+                                                           f"train.steps={steps + warmup}"])  # fmt: skip
+    loc = resolve(str(data / "train"))
+    table, _, _ = read_preprocessed(loc, load_manifest(loc).shards[0], cfg.data.preprocess, None, True)
+    batches = [collate_views(table_views(table.slice(i * batch_events, batch_events), cfg.views, seed=0, epoch=0))
+               for i in range(max(1, min(4, table.num_rows // batch_events)))]  # fmt: skip
+    out: dict = {"events_per_step": batch_events}
+    for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
+        step, losses = _panda_stepper(cfg, batches, dev)
+        out[f"{name}_step_s"] = _median_step(step, steps if dev.type != "cpu" else max(2, steps // 4), warmup, dev)
+        out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
+    if "device_step_s" in out:
+        out["device_speedup_vs_cpu"] = out["cpu_step_s"] / out["device_step_s"]
+    return out
+
+
+def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
+    """(step(i) running `pretrain_step` on batch i mod len, the list its losses land in) for a fresh tiny Panda."""
+    from raysvc.models.panda import PandaStudent, make_teacher
+    from raysvc.models.ptv3 import preset
+    from raysvc.train.optim import param_groups
+    from raysvc.train.pretrain_loop import pretrain_step
+    from raysvc.train.schedule import one_cycle_scheduler
+
+    torch.manual_seed(0)
+    bcfg = preset(cfg.model.size, **cfg.model.overrides)
+    student = PandaStudent(bcfg, cfg.panda).to(dev)
+    teacher = make_teacher(student, bcfg).to(dev)
+    groups = param_groups(student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
+    losses: list[float] = []
+
+    def step(i: int) -> None:
+        r = pretrain_step(student, student, teacher, opt, sched, params, batches[i % len(batches)], cfg, i, dev)
+        losses.append(float(r.losses["loss"].detach()))
+
+    return step, losses
+
+
+def run_gpu_bench(device: str = "cuda", events: int = 24, steps: int = 10, warmup: int = 2, batch: int = 4,
+                  sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    env = {"torch": torch.__version__, "device": device, "cpu_threads": torch.get_num_threads(),
+           "spconv_cuda": spconv_backend.cuda_available(), "flash_attn": _flash_available()}  # fmt: skip
+    if dev.type == "cuda":
+        env.update(name=torch.cuda.get_device_name(dev), cuda=torch.version.cuda)
+    out: dict = {"env": env, "settings": {"events": events, "steps": steps, "warmup": warmup, "batch_events": batch}}
+    log(f"checks on {device}: sparse conv, neighbours and codes, attention")
+    out["sparse_conv"] = check_sparse_conv(dev)
+    out["neighbours"] = check_neighbours_and_codes(dev)
+    out["attention"] = check_attention(dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        generate_bench_data(data, events, log)
+        for size in sizes:
+            cfg = _job(data, data / "runs", size, steps + warmup, batch, torch.get_num_threads())
+            batches = first_batches(cfg, max(1, events // batch))
+            if size == sizes[0]:
+                log(f"{size} model: {device} against cpu")
+                out["model"] = check_model(cfg, batches[0], dev)
+            log(f"{size}: segmentation training step")
+            out[f"seg_{size}"] = time_segmentation(cfg, batches, dev, steps, warmup)
+        log("tiny: Panda pretraining step")
+        out["panda_tiny"] = time_panda(data, dev, steps, warmup, batch)
+    out["checks"] = verdicts(out)
+    out["all_passed"] = all(out["checks"].values())
+    return out
+
+
+# What each check must reach. fp32 runs without TF32, so it should agree with its reference to float rounding; bf16
+# keeps 8 mantissa bits, so ~1 % error and a few flipped argmaxes at class boundaries are expected.
+LIMITS = {
+    ("sparse_conv", "out_err"): 1e-4, ("sparse_conv", "grad_feat_err"): 1e-4, ("sparse_conv", "grad_weight_err"): 1e-4,
+    ("sparse_conv", "spconv_out_err"): 1e-4, ("attention", "sdpa_fp32_err"): 1e-4,
+    ("attention", "sdpa_bf16_err"): 3e-2, ("attention", "flash_bf16_err"): 3e-2, ("model", "fp32_logits_err"): 1e-3,
+}  # fmt: skip
+AT_LEAST = {("model", "fp32_argmax_agree"): 0.999, ("model", "bf16_argmax_agree_fp32"): 0.95}
+MUST_BE_TRUE = [("sparse_conv", "kernel_map_equals_cpu"), ("neighbours", "knn_equals_cpu"),
+                ("panda_tiny", "cpu_losses_finite"), ("panda_tiny", "device_losses_finite")]  # fmt: skip
+
+
+def verdicts(result: dict) -> dict[str, bool]:
+    """{section.key: passed} for every check present in `result` (a check that did not run is absent)."""
+    out = {}
+    for (sec, key), limit in LIMITS.items():
+        if key in result.get(sec, {}):
+            out[f"{sec}.{key}"] = result[sec][key] <= limit
+    for (sec, key), least in AT_LEAST.items():
+        if key in result.get(sec, {}):
+            out[f"{sec}.{key}"] = result[sec][key] >= least
+    for sec, key in MUST_BE_TRUE:
+        if key in result.get(sec, {}):
+            out[f"{sec}.{key}"] = result[sec][key] is True
+    for order, same in result.get("neighbours", {}).get("codes_equal_cpu", {}).items():
+        out[f"neighbours.codes_equal_cpu.{order}"] = same is True
+    return out
+
+
+def _flash_available() -> bool:
+    from raysvc.ops import attention
+
+    return attention.flash_attn_varlen_qkvpacked_func is not None
