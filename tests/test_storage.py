@@ -102,3 +102,30 @@ def test_only_real_auth_failures_are_called_auth_errors(tmp_path):
     with pytest.raises(StorageAuthError):
         with explained(loc, "reading"):
             raise OSError("AWS Error UNKNOWN (HTTP status 403) during GetObject operation")
+
+
+@pytest.mark.s3
+def test_seaweed_dies_with_the_process_that_started_it(tmp_path):
+    """A demo or test killed before it can stop its server leaves no server behind."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, sys\nfrom raysvc.seaweed import SeaweedS3\n"
+              f"s = SeaweedS3(data_dir={str(tmp_path)!r}).start()\n"
+              "print(s.proc.pid, flush=True)\nos._exit(0)  # no stop(), no cleanup\n")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    pid = int(p.stdout.split()[-1])
+    def alive() -> bool:  # a zombie (state Z) has exited; its reaper, init, collects it later
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if still := alive():
+        os.kill(pid, 9)
+    assert not still, "weed outlived the process that started it"
