@@ -10,13 +10,14 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Ray Train (2.60) routes a worker's print() to its logger and, because Ray core itself replaces a worker's
 # sys.stdout, also to the original print: every progress line reached the driver twice. Off, a print goes to the
-# worker's stdout only, which Ray streams to the driver once.
+# worker's stdout only, which Ray streams to the driver once. A private Ray's workers inherit it from this process;
+# a cluster's get it through the job's runtime env.
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def _worker_env(kwargs: dict) -> dict:
-    """`kwargs` with PRINT_PATCH_ENV=0 in the job's runtime env, unless this process (or the submitted job, whose
-    env vars its driver has too) already chose a value: Ray refuses to merge two values of one variable."""
+    """`kwargs` with PRINT_PATCH_ENV=0 in the job's runtime env (for a cluster), unless this process (or the submitted
+    job, whose env vars its driver has too) already chose a value: Ray refuses to merge two values of one variable."""
     if PRINT_PATCH_ENV in os.environ:
         return kwargs
     runtime_env = dict(kwargs.get("runtime_env") or {})
@@ -30,27 +31,29 @@ def init_ray(**kwargs) -> None:
     /tmp/ray/ray_current_cluster names, which a crashed or killed `ray start` leaves behind, and then waits on a dead
     GCS."""
     address = os.environ.get("RAY_ADDRESS") or "local"
-    kwargs = _worker_env(kwargs)
-    if address != "local":
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_cpus", "include_dashboard")}
     import ray
 
     if address != "local":
-        ray.init(address=address, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_cpus", "include_dashboard")}
+        ray.init(address=address, **_worker_env(kwargs))
         return
     # A private Ray has no other node to reach it: keep its GCS, raylet and workers off the network. The processes
     # that ray.init spawns inherit the variable (the workers read it when they import ray); this driver imported ray
     # already, so its constant is set too. Both are restored afterwards, so that nothing this process starts later
-    # (a `ray start`, say) inherits them; the node keeps 127.0.0.1.
+    # (a `ray start`, say) inherits them; the node keeps 127.0.0.1. PRINT_PATCH_ENV travels the same way, so a
+    # private Ray needs no runtime env.
     import ray._private.ray_constants as ray_constants
 
-    saved_env, saved_const = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    inherit = {LOOPBACK_ENV: "0"} | ({} if PRINT_PATCH_ENV in os.environ else {PRINT_PATCH_ENV: "0"})
+    saved_env, saved_const = {k: os.environ.get(k) for k in inherit}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(inherit)
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_const
-        if saved_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = saved_env
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -14,9 +14,9 @@ import pytest
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 
 
-def run(*args, env=None, check=True):
+def run(*args, env=None, check=True, timeout=600):
     p = subprocess.run([RAYSVC, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                       timeout=600)  # fmt: skip
+                       timeout=timeout)  # fmt: skip
     if check and p.returncode != 0:
         raise AssertionError(f"raysvc {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -117,12 +117,14 @@ def test_bench_heap_trims_without_changing_the_training(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 5-8 min alone on 2 cores, five probes included; more on a loaded machine
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
     for stale in ("pretrain-4", "finetune-4"):  # an earlier demo's runs: measured anew, not resumed
         (work / stale).mkdir(parents=True)
         (work / stale / "stale").write_text("x")
-    run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4", "--finetune-steps", "4")
+    run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4", "--finetune-steps", "4",
+        timeout=1100)
     summary = json.loads((work / "summary.json").read_text())
     # fine-tuned from the pretrained backbone, then served: every held-out event answered as in process
     ft, served = summary["finetune"], summary["serve"]
