@@ -26,14 +26,14 @@ from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.export import load_model
 from raysvc.train.metrics import ConfusionMatrix, compute
 from raysvc.train.seg_loop import model_inputs
+from raysvc.train.worker import usable_device
 
 
 class Segmenter:
     """An exported model ready for inference (eval mode, no gradients)."""
 
     def __init__(self, loc: Location, device: str | torch.device = "cpu"):
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
+        device = usable_device(device)
         state, self.config = load_model(loc)
         m = self.config["model"]
         self.model = SegModel(preset(m["size"], **m.get("overrides", {})), self.config["num_classes"], m["head"])

@@ -33,6 +33,7 @@ from raysvc.ops.neighbors import knn
 from raysvc.ops.serialization import encode
 from raysvc.ops.sparse_conv import SubMConv3d, kernel_map
 from raysvc.train.seg_loop import model_inputs, train_step
+from raysvc.train.worker import usable_device
 
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
 
@@ -67,11 +68,11 @@ def check_sparse_conv(device: torch.device, seed: int = 0, side: int = 20, cin: 
     feat = torch.randn(len(b), cin, generator=g)
     conv = SubMConv3d(cin, cout).to(device)
     b_d, grid_d = b.to(device), grid.to(device)
-    out: dict = {"sites": len(b), "kernel_map_equals_cpu": bool(torch.equal(kernel_map(grid_d, b_d).cpu(),
-                                                                              kernel_map(grid, b)))}  # fmt: skip
+    kmap = kernel_map(grid_d, b_d)
+    out: dict = {"sites": len(b), "kernel_map_equals_cpu": bool(torch.equal(kmap.cpu(), kernel_map(grid, b)))}
     with _exact_fp32():
         f = feat.to(device).requires_grad_(True)
-        y_ours = conv(f, kernel_map(grid_d, b_d))
+        y_ours = conv(f, kmap)
         up = torch.randn_like(y_ours)
         (y_ours * up).sum().backward()
         dense = torch.zeros(2, cin, side, side, side, device=device)
@@ -145,7 +146,9 @@ def check_model(cfg, batch: dict, device: torch.device) -> dict:
     return out
 
 
-def _median_step(step, n: int, warmup: int, device: torch.device) -> float:
+def _median_step(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of step(i) after `warmup` calls; the CPU, far slower, times a quarter of `steps` (at least 2)."""
+    n = steps if device.type != "cpu" else max(2, steps // 4)
     times = []
     for i in range(n + warmup):
         _sync(device)
@@ -172,7 +175,7 @@ def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int
             torch.cuda.reset_peak_memory_stats(dev)
         out[f"{name}_step_s"] = _median_step(
             lambda i: train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, dev),  # noqa: B023
-            steps if dev.type != "cpu" else max(2, steps // 4), warmup, dev)  # fmt: skip
+            steps, warmup, dev)  # fmt: skip
         if dev.type == "cuda":
             out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     for name in ("device_fp32", "device_bf16"):
@@ -200,7 +203,7 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
     out: dict = {"events_per_step": batch_events}
     for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
         step, losses = _panda_stepper(cfg, batches, dev)
-        out[f"{name}_step_s"] = _median_step(step, steps if dev.type != "cpu" else max(2, steps // 4), warmup, dev)
+        out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
         out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
     if "device_step_s" in out:
         out["device_speedup_vs_cpu"] = out["cpu_step_s"] / out["device_step_s"]
@@ -234,9 +237,7 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
 
 def run_gpu_bench(device: str = "cuda", events: int = 24, steps: int = 10, warmup: int = 2, batch: int = 4,
                   sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    dev = usable_device(device)
     env = {"torch": torch.__version__, "device": device, "cpu_threads": torch.get_num_threads(),
            "spconv_cuda": spconv_backend.cuda_available(), "flash_attn": _flash_available()}  # fmt: skip
     if dev.type == "cuda":
