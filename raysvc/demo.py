@@ -167,8 +167,9 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raysvc.data.config import DataConfig
     from raysvc.data.display import show_event
-    from raysvc.data.pipeline import DataConfig, build_dataset
+    from raysvc.data.pipeline import build_dataset
     from raysvc.data.stats import inspect_dataset
     from raysvc.data.synthetic import generate_dataset
     from raysvc.seaweed import SeaweedS3

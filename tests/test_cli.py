@@ -142,7 +142,8 @@ def test_demo_end_to_end(tmp_path):
 
 
 def test_data_subset_writes_the_events_subset_events_selects(tmp_path):
-    from raysvc.data.pipeline import DataConfig, prepare
+    from raysvc.data.config import DataConfig
+    from raysvc.data.pipeline import prepare
     from raysvc.data.shards import load_manifest, read_shard
     from raysvc.storage import resolve
 

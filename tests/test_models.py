@@ -31,7 +31,7 @@ def _batch(sizes=(700, 300), seed=0):
 
 def test_parameter_counts_of_the_presets():
     base = count_parameters(PTv3(preset("base")))
-    assert 89e6 < base < 92e6  # Panda-Base encoder: ~90 M (REFERENCE.md section 2)
+    assert 89e6 < base < 92e6  # Panda-Base encoder: ~90 M (docs/methods.md, "Panda")
     assert count_parameters(PTv3(preset("tiny"))) < 5e6
     assert 10e6 < count_parameters(PTv3(preset("small"))) < base
     names = dict(PTv3(preset("base")).named_parameters())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysvc.data.pipeline import DataConfig, DirectStream, build_dataset, iter_packed
+from raysvc.data.config import DataConfig
+from raysvc.data.pipeline import DirectStream, build_dataset, iter_packed
 from raysvc.data.schema import EventDataError, table_from_events
 from raysvc.data.shards import shard_name, write_manifest, write_shard
 from raysvc.storage import resolve

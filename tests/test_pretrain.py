@@ -62,7 +62,8 @@ def test_bad_pretrain_configs_fail_before_any_worker_starts(tmp_path, pt_data):
 
 
 def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_local, pt_data, tmp_path):
-    from raysvc.data.pipeline import DataConfig, DirectStream
+    from raysvc.data.config import DataConfig
+    from raysvc.data.pipeline import DirectStream
     from raysvc.models.ptv3 import PTv3, preset
     from raysvc.train.export import load_model
     from raysvc.train.finetune import run_finetune

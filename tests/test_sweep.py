@@ -212,7 +212,8 @@ def backbone_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_data, backbone_dir):
-    from raysvc.data.pipeline import DataConfig, prepare
+    from raysvc.data.config import DataConfig
+    from raysvc.data.pipeline import prepare
     from raysvc.data.shards import load_manifest
 
     spec = {"kind": "finetune", "name": "fractions-test", "storage": str(tmp_path / "sweeps"),

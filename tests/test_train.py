@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from raysvc.config import ConfigError, load_config
-from raysvc.data.pipeline import DataConfig, DirectStream
+from raysvc.data.config import DataConfig
+from raysvc.data.pipeline import DirectStream
 from raysvc.data.schema import CLASS_NAMES
 from raysvc.storage import resolve
 from raysvc.train.job_config import FinetuneConfig

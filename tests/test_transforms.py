@@ -15,7 +15,7 @@ from tests.conftest import make_event
 
 
 def reference(events, cfg: PreprocessConfig):
-    """Straightforward per-event implementation of REFERENCE.md's preprocessing."""
+    """Straightforward per-event implementation of the preprocessing of docs/methods.md."""
     out = []
     for ev in events:
         keep = ev["energy"] > cfg.energy_threshold

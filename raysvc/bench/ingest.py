@@ -13,7 +13,8 @@ import os
 import platform
 import time
 
-from raysvc.data.pipeline import DataConfig, DirectStream, build_dataset, iter_packed, prepare
+from raysvc.data.config import DataConfig
+from raysvc.data.pipeline import DirectStream, build_dataset, iter_packed, prepare
 from raysvc.ray_init import init_ray
 
 

@@ -15,40 +15,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.data.collate import collate_packed
+from raysvc.data.config import DataConfig
 from raysvc.data.reader import make_ledger, read_preprocessed, read_shards_udf
 from raysvc.data.shards import Manifest, load_manifest, preflight
 from raysvc.data.subset import all_event_ids, select_subset
 from raysvc.data.transforms import PreprocessConfig, report
-from raysvc.storage import Location, S3Options, resolve
-
-
-class DataConfig(BaseModel):
-    """Where the events are and how they are prepared; the `data` section of every job config."""
-
-    model_config = ConfigDict(extra="forbid")
-    uri: str = Field(description="dataset root: file:///path, a path, or s3://bucket/prefix")
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    subset_events: int | None = Field(None, gt=0, description="use only this many events (nested, seeded subset)")
-    subset_fraction: float | None = Field(None, gt=0, le=1, description="or this fraction of events")
-    subset_seed: int = Field(0, description="seed of the label subset; same seed, same events")
-    batch_events: int = Field(8, gt=0, description="events per packed batch")
-    block_mib: float = Field(4.0, gt=0, description="target Ray Data block size (MiB): small enough that "
-                             "streaming_split can balance workers on small datasets")
-    read_cpus: float = Field(1.0, gt=0, description="CPUs per read+preprocess task (leave room for Train workers)")
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
-    verify_checksums: bool = Field(True, description="check each shard's sha256 against the manifest as it is read")
-
-    @model_validator(mode="after")
-    def _one_subset(self) -> DataConfig:
-        if self.subset_events is not None and self.subset_fraction is not None:
-            raise ValueError("give subset_events or subset_fraction, not both")
-        return self
-
-    def location(self) -> Location:
-        return resolve(self.uri, S3Options(endpoint_url=self.s3_endpoint_url))
+from raysvc.storage import Location
 
 
 @dataclass

@@ -8,7 +8,7 @@ from raysvc.data.schema import CLASS_NAMES, flat_values
 from raysvc.data.shards import iter_tables, load_manifest
 from raysvc.storage import Location
 
-# REFERENCE.md section 1: whole-dataset class counts of PILArNet-M and event multiplicities.
+# docs/methods.md, "Data": whole-dataset class counts of PILArNet-M and event multiplicities.
 PILARNET_CLASS_COUNTS = np.array([1926651899, 2038240940, 34083197, 92015482, 1145363125], dtype=np.float64)
 PILARNET_REFERENCE = {
     "class_fractions": dict(zip(CLASS_NAMES, (PILARNET_CLASS_COUNTS / PILARNET_CLASS_COUNTS.sum()).round(4).tolist(),

@@ -1,7 +1,7 @@
 """Reference preprocessing on Arrow event tables, vectorised over flat list values (no per-event Python loop).
 
 Same code for training (inside Ray Data tasks), the direct reader and, later, serving. Constants are Panda's
-(REFERENCE.md section 1): energy threshold 0.13, min 1024 points, centre 384, scale 768*sqrt(3)/2, log-energy with
+(docs/methods.md, "Data"): energy threshold 0.13, min 1024 points, centre 384, scale 768*sqrt(3)/2, log-energy with
 m = 0.01, Emax = 20 into [-1, 1] (not clipped above Emax, so the rare very dense voxel keeps its information).
 """
 

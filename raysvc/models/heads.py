@@ -1,6 +1,6 @@
 """Segmentation heads on the PTv3 encoder: "lin" (one linear layer on the up-cast multi-stage features) and "dec"
-(PTv3's U-Net decoder + linear). Fine-tuning modes (REFERENCE.md section 3) decide what trains: lin and dec freeze
-the encoder; fft and scratch train everything.
+(PTv3's U-Net decoder + linear). Fine-tuning modes (docs/methods.md, "Fine-tuning") decide what trains: lin and
+dec freeze the encoder; fft and scratch train everything.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Panda: Sonata-style self-distillation of a PTv3 encoder (REFERENCE.md section 2).
+"""Panda: Sonata-style self-distillation of a PTv3 encoder (docs/methods.md, "Panda").
 
     global views (2 per event) --mask--> student PTv3 --upcast to level `up_cast_level`--> mask head  -> student sims
     global views (unmasked)          --> teacher PTv3 (EMA of the student) ----------------> mask / unmask heads
@@ -28,7 +28,7 @@ from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean
 
 
 class PandaConfig(BaseModel):
-    """The method's hyperparameters; defaults are Panda-Base's (REFERENCE.md section 2), lengths in normalised units."""
+    """The method's hyperparameters; defaults are Panda-Base's (docs/methods.md, "Panda"), lengths in normalised units."""
 
     model_config = ConfigDict(extra="forbid")
     up_cast_level: int = Field(2, ge=0, description="features of this level and every coarser one feed the heads")

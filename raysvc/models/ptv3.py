@@ -1,4 +1,4 @@
-"""Point Transformer V3 as Panda uses it (PT-v3m2, REFERENCE.md section 2), with tiny / small / base presets.
+"""Point Transformer V3 as Panda uses it (PT-v3m2, docs/methods.md, "Panda"), with tiny / small / base presets.
 
 Data flow (packed batches: concatenated points + cumulative per-event `offset`):
 
@@ -82,7 +82,7 @@ PRESETS: dict[str, dict] = {
                  layer_scale=None),
     "small": dict(depths=(2, 2, 2, 6, 2), channels=(32, 64, 128, 256, 384), heads=(2, 4, 8, 16, 24),
                   dec_depths=(1, 1, 1, 1), dec_channels=(48, 64, 128, 256), dec_heads=(3, 4, 8, 16), drop_path=0.2),
-    # Panda-Base (REFERENCE.md section 2), ~90 M parameters in the encoder
+    # Panda-Base (docs/methods.md, "Panda"), ~90 M parameters in the encoder
     "base": dict(),
 }  # fmt: skip
 

@@ -1,6 +1,6 @@
 """C-NMS: centrality-based non-maximum suppression (PoLAr-MAE's tokenisation), batched over events.
 
-For each event (REFERENCE.md section 4): every point is a candidate; its centrality is the number of candidates
+For each event (docs/methods.md, "C-NMS"): every point is a candidate; its centrality is the number of candidates
 within 2 * radius * overlap (itself included), capped at `centrality_cap` (default: max_points); candidates are
 visited by descending centrality, ties by ascending point index; a kept candidate suppresses every candidate within
 2 * radius * overlap; survivors are the centres. Each centre then gathers the points within `radius` (distance <=

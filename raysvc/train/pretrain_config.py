@@ -1,11 +1,11 @@
 """The typed config of a Panda pretraining job (`raysvc pretrain jobs/pretrain-panda-*.yaml`). Defaults are Panda-Base's
-(REFERENCE.md section 2); the tiny job scales sizes down for CPUs. Validated before any worker starts."""
+(docs/methods.md, "Panda"); the tiny job scales sizes down for CPUs. Validated before any worker starts."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raysvc.data.pipeline import DataConfig
+from raysvc.data.config import DataConfig
 from raysvc.data.views import ViewConfig
 from raysvc.models.panda import PandaConfig
 from raysvc.models.ptv3 import PRESETS

@@ -1,5 +1,5 @@
 """Online linear probe: frozen backbone features of held-out labelled events -> a linear classifier -> per-class
-F1 / IoU. Cheap, and it tells early whether self-supervision learns anything (REFERENCE.md section 2: "monitoring").
+F1 / IoU. Cheap, and it tells early whether self-supervision learns anything (docs/methods.md, "Panda": "monitoring").
 
 Features are the lin protocol's: every stage up-cast to the points (`ptv3.upcast`). The classifier is scikit-learn's
 multinomial logistic regression on standardised features, fitted on a per-class-capped sample of the probe-train

@@ -145,7 +145,7 @@ def seg_train_loop(config: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     params = [p for p in raw.parameters() if p.requires_grad]
-    if cfg.model.mode == "fft":  # REFERENCE.md section 3: the pretrained encoder at lr x 0.05 with layer decay
+    if cfg.model.mode == "fft":  # docs/methods.md, "Fine-tuning": the pretrained encoder at lr x 0.05 with layer decay
         groups = param_groups(raw, raw.backbone.cfg.depths, cfg.train.lr, cfg.train.layer_decay,
                               cfg.train.weight_decay, backbone_scale=cfg.train.backbone_lr_scale)  # fmt: skip
     else:

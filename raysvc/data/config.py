@@ -1,0 +1,35 @@
+"""The `data` section of every job config: where the events are and how they are prepared (cuts, normalisation,
+label subset, batching). Plain config: the readers (Ray tasks, Ray Data, the direct path) take it."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raysvc.data.transforms import PreprocessConfig
+from raysvc.storage import Location, S3Options, resolve
+
+
+class DataConfig(BaseModel):
+    """Where the events are and how they are prepared; the `data` section of every job config."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(description="dataset root: file:///path, a path, or s3://bucket/prefix")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    subset_events: int | None = Field(None, gt=0, description="use only this many events (nested, seeded subset)")
+    subset_fraction: float | None = Field(None, gt=0, le=1, description="or this fraction of events")
+    subset_seed: int = Field(0, description="seed of the label subset; same seed, same events")
+    batch_events: int = Field(8, gt=0, description="events per packed batch")
+    block_mib: float = Field(4.0, gt=0, description="target Ray Data block size (MiB): small enough that "
+                             "streaming_split can balance workers on small datasets")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per read+preprocess task (leave room for Train workers)")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
+    verify_checksums: bool = Field(True, description="check each shard's sha256 against the manifest as it is read")
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> DataConfig:
+        if self.subset_events is not None and self.subset_fraction is not None:
+            raise ValueError("give subset_events or subset_fraction, not both")
+        return self
+
+    def location(self) -> Location:
+        return resolve(self.uri, S3Options(endpoint_url=self.s3_endpoint_url))

@@ -1,0 +1,63 @@
+"""The Detector record: geometry, per-point feature channels and their normalisation, label spaces, reference
+statistics and display colours of one detector technology. Plain frozen data, so that it pickles into Ray tasks and
+serialises into manifests and exported models by name."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """One per-point label column and the names of its classes (index = class id; -1 = no label)."""
+
+    column: str
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    description: str
+    extent: float  # coordinates lie in [0, extent) on every axis, in `unit_mm` units
+    unit_mm: float
+    features: tuple[str, ...]  # per-point input channels after xyz, in model order
+    labels: dict[str, LabelSpace]  # by task name: "semantic", "pid", ...
+    stuff_class: int | None = None  # semantic class that is "stuff" (no instances), e.g. LArTPC's LED
+    reference: dict = field(default_factory=dict)  # published statistics `raysvc data inspect` compares against
+    class_colors: tuple[str, ...] = ()  # display colour per semantic class
+
+    @property
+    def semantic(self) -> LabelSpace:
+        return self.labels["semantic"]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.semantic.classes
+
+    @property
+    def in_channels(self) -> int:
+        """Model input channels: xyz + the feature channels."""
+        return 3 + len(self.features)
+
+    @property
+    def center(self) -> float:
+        """Coordinate centre of the normalisation (the volume's centre)."""
+        return self.extent / 2
+
+    @property
+    def scale(self) -> float:
+        """Coordinate scale of the normalisation: the volume's half-diagonal maps to 1 (the unit sphere)."""
+        return self.extent * math.sqrt(3) / 2
+
+    def inside(self, xyz: np.ndarray, extent: float | None = None) -> np.ndarray:
+        """(N,) bool: points inside the detector volume ([0, extent) per axis)."""
+        hi = self.extent if extent is None else extent
+        return ((xyz >= 0) & (xyz < hi)).all(axis=1)
