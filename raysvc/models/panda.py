@@ -28,7 +28,7 @@ from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean
 
 
 class PandaConfig(BaseModel):
-    """The method's hyperparameters; defaults are Panda-Base's (docs/methods.md, "Panda"), lengths in normalised units."""
+    """The method's hyperparameters; defaults are Panda-Base's (docs/methods.md), lengths in normalised units."""
 
     model_config = ConfigDict(extra="forbid")
     up_cast_level: int = Field(2, ge=0, description="features of this level and every coarser one feed the heads")
