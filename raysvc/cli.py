@@ -48,9 +48,9 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     print(f"{stats['uri']}: {stats['events']} events, {stats['points']} points, {stats['shards']} shards")
     ppe = stats["points_per_event"]
     print(f"points/event: median {ppe['median']:.0f}, mean {ppe['mean']:.0f}, p5 {ppe['p5']:.0f}, p95 {ppe['p95']:.0f}")
-    ref = stats["reference_pilarnet_m"]["class_fractions"]
+    ref, ref_name = stats["reference"]["class_fractions"], stats["reference"]["name"]
     for name, frac in stats["class_fractions"].items():
-        print(f"  {name:7s} {100 * frac:6.2f} %   (PILArNet-M {100 * ref[name]:.2f} %)")
+        print(f"  {name:7s} {100 * frac:6.2f} %   ({ref_name} {100 * ref[name]:.2f} %)")
     for k in ("interactions_per_event", "particles_per_event"):
         print(f"{k}: {stats[k].get('mean', 0):.2f} +- {stats[k].get('std', 0):.2f}")
 
@@ -172,27 +172,28 @@ def cmd_bench_serve(a: argparse.Namespace) -> None:
           f"throughput ratio {result['batching_throughput_ratio']}; errors {result['errors']}")  # fmt: skip
 
 
-def cmd_finetune(a: argparse.Namespace) -> None:
-    from raysvc.train.finetune import run_finetune
-    from raysvc.train.job_config import FinetuneConfig
+def _run_job(a: argparse.Namespace, default_task: str) -> None:
+    """Load the job YAML (its `task:` key names the task; `default_task` otherwise), run it, print the outcome."""
+    from raysvc.train.driver import load_job, run_job
 
-    cfg = load_config(FinetuneConfig, a.config, a.set)
-    summary = run_finetune(cfg)
-    val = summary["val"] or {}
-    print(json.dumps({"run": summary["uri"], "steps": summary["steps"], "val_miou": val.get("miou"),
-                      "val_iou": val.get("iou")}, indent=2))  # fmt: skip
+    summary = run_job(load_job(a.config, a.set, default_task))
+    out = {"run": summary["uri"], "steps": summary["steps"]}
+    if "val" in summary:
+        val = summary["val"] or {}
+        out |= {"val_miou": val.get("miou"), "val_iou": val.get("iou")}
+    if "probe" in summary:
+        probe = summary["probe"] or {}
+        out |= {"probe_pretrained_miou": probe.get("pretrained_miou"), "probe_random_miou": probe.get("random_miou"),
+                "monitor": summary.get("last_monitor")}  # fmt: skip
+    print(json.dumps(out, indent=2))
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    _run_job(a, "segmentation")
 
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
-    from raysvc.train.pretrain import run_pretrain
-    from raysvc.train.pretrain_config import PretrainConfig
-
-    cfg = load_config(PretrainConfig, a.config, a.set)
-    summary = run_pretrain(cfg)
-    probe = summary["probe"] or {}
-    print(json.dumps({"run": summary["uri"], "steps": summary["steps"], "probe_pretrained_miou":
-                      probe.get("pretrained_miou"), "probe_random_miou": probe.get("random_miou"),
-                      "monitor": summary["last_monitor"]}, indent=2))  # fmt: skip
+    _run_job(a, "panda")
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
@@ -212,7 +213,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from raysvc.infer import evaluate_dataset
+    from raysvc.inference.segmenter import evaluate_dataset
     from raysvc.storage import absolute_uri, resolve
 
     result = evaluate_dataset(resolve(absolute_uri(a.model)), resolve(absolute_uri(a.data)), a.batch_events, a.device,
@@ -239,7 +240,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from raysvc.infer import predict_dataset
+    from raysvc.inference.segmenter import predict_dataset
     from raysvc.storage import resolve
 
     info = predict_dataset(resolve(a.model), resolve(a.data), resolve(a.out), a.batch_events, a.device)
@@ -254,10 +255,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import signal
     import time
 
+    from raysvc.inference.record import load_export
     from raysvc.ray_init import init_ray
     from raysvc.serve.app import FAST_PATH_ENV, HOW_TO_SET_TOKEN, ServeConfig, build_app, read_token
     from raysvc.storage import absolute_uri, resolve
-    from raysvc.train.export import load_model
 
     models = {}
     for item in ([a.checkpoint] if a.checkpoint else []) + (a.model or []):
@@ -266,7 +267,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         mid = mid or uri.rstrip("/").rsplit("/", 1)[-1]
         if mid in models:
             raise ValueError(f"model id {mid!r} given twice; name them: --model ID=URI")
-        load_model(resolve(uri))  # fails here, naming the directory, rather than in a replica
+        load_export(resolve(uri))  # fails here, naming the directory, rather than in a replica
         models[mid] = uri
     batching = {k: v for k, v in (("max_batch_size", a.max_batch_points),
                                   ("batch_wait_timeout_s", None if a.batch_wait_ms is None else a.batch_wait_ms / 1e3))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 from scipy import stats
@@ -53,6 +55,28 @@ def load_arms(arms: Mapping[str, Sequence[str]]) -> dict[str, list[Scored]]:
     return loaded
 
 
+def portable_path(path: str | None, cwd: str | None = None) -> str | None:
+    """`path` as compare.json should record it: relative paths as given; an absolute path or file:// URI inside `cwd`
+    (default: this process's directory) relative to it; anything else (s3://, paths outside `cwd`) unchanged.
+
+    `raysvc evaluate` records its model and data as absolute paths (Ray workers run elsewhere), so without this a
+    compare.json would carry one machine's directory layout into results that are meant to be committed."""
+    if not path:
+        return path
+    parsed = urlparse(path)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        local = parsed.path
+    elif parsed.scheme == "" and os.path.isabs(path):
+        local = path
+    else:
+        return path  # relative (kept as given), s3://, or a scheme we do not rewrite
+    cwd = cwd or os.getcwd()
+    for base, p in ((os.path.abspath(cwd), os.path.abspath(local)), (os.path.realpath(cwd), os.path.realpath(local))):
+        if p == base or p.startswith(base.rstrip(os.sep) + os.sep):
+            return os.path.relpath(p, base)
+    return path
+
+
 def _summary(values: Sequence[float | None]) -> dict:
     x = np.array([np.nan if v is None else v for v in values], dtype=float)
     return {"values": [None if math.isnan(v) else v for v in x], "mean": float(np.nanmean(x)),
@@ -73,17 +97,19 @@ def welch(baseline: Sequence[float], arm: Sequence[float], level: float = 0.95) 
             "ci": [float(ci.low), float(ci.high)]}  # fmt: skip
 
 
-def compare(loaded: Mapping[str, list[Scored]]) -> dict:
-    """Per-arm summaries and every arm against the first, for mIoU and each class's IoU."""
+def compare(loaded: Mapping[str, list[Scored]], cwd: str | None = None) -> dict:
+    """Per-arm summaries and every arm against the first, for mIoU and each class's IoU. Paths (the evaluate results,
+    their models and data) are recorded by `portable_path` against `cwd` (default: this process's directory)."""
     arms = list(loaded)
     first = loaded[arms[0]][0].result
     classes = list(first["iou"])
-    out: dict = {"baseline": arms[0], "data": first["data"], "events": first["events"].get("events_out"), "arms": {}}
+    out: dict = {"baseline": arms[0], "data": portable_path(first["data"], cwd),
+                 "events": first["events"].get("events_out"), "arms": {}}  # fmt: skip
     for arm, scored in loaded.items():
         evs = [s.result for s in scored]
         out["arms"][arm] = {
-            "runs": [s.path for s in scored],
-            "models": [ev.get("model") for ev in evs],
+            "runs": [portable_path(s.path, cwd) for s in scored],
+            "models": [portable_path(ev.get("model"), cwd) for ev in evs],
             "miou": _summary([ev["miou"] for ev in evs]),
             "iou": {c: _summary([ev["iou"][c] for ev in evs]) for c in classes},
         }

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from raysvc.data.schema import CLASS_NAMES  # noqa: E402
+from raysvc.data.detectors import get_detector  # noqa: E402
 from raysvc.ray_init import init_ray
 
 
@@ -33,12 +33,13 @@ def _stage(msg: str) -> None:
 
 def _plot(stats: dict, ingest: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ours = [stats["class_fractions"][c] * 100 for c in CLASS_NAMES]
-    ref = [stats["reference_pilarnet_m"]["class_fractions"][c] * 100 for c in CLASS_NAMES]
-    x = np.arange(len(CLASS_NAMES))
+    class_names = get_detector(stats["detector"]).class_names
+    ours = [stats["class_fractions"][c] * 100 for c in class_names]
+    ref = [stats["reference_pilarnet_m"]["class_fractions"][c] * 100 for c in class_names]
+    x = np.arange(len(class_names))
     axes[0].bar(x - 0.2, ours, 0.4, label="generated")
     axes[0].bar(x + 0.2, ref, 0.4, label="PILArNet-M")
-    axes[0].set_xticks(x, CLASS_NAMES)
+    axes[0].set_xticks(x, class_names)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("% of points")
     axes[0].set_title("semantic class fractions")
@@ -77,8 +78,8 @@ def _job(name: str) -> Path:
 def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     """Tiny Panda on the demo events, probe at step 0 (random init), mid-way and at the end."""
     from raysvc.config import load_config
-    from raysvc.train.pretrain import run_pretrain
-    from raysvc.train.pretrain_config import PretrainConfig
+    from raysvc.train.driver import run_job
+    from raysvc.train.tasks.panda import PretrainConfig
 
     sets = [f"data.uri={uri}", f"probe_data.uri={heldout}", f"run.storage={work}", f"run.name=pretrain-{steps}",
             f"train.steps={steps}", f"train.checkpoint_every={steps}", f"probe.every={max(steps // 3, 1)}",
@@ -87,15 +88,15 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
             "train.lr=0.002", "views.local_views=6", "panda.momentum=[0.994, 1.0]"]
     job = _job("pretrain-panda-tiny.yaml")  # before anything is removed
     _fresh(work / f"pretrain-{steps}")
-    return run_pretrain(load_config(PretrainConfig, job, sets))
+    return run_job(load_config(PretrainConfig, job, sets))
 
 
 def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, label_events: int) -> dict:
     """fft of the pretrained backbone on `label_events` labelled events of the dataset (a seeded subset), validated
     on the held-out events: the few-label fine-tuning the pretraining is for."""
     from raysvc.config import load_config
-    from raysvc.train.finetune import run_finetune
-    from raysvc.train.job_config import FinetuneConfig
+    from raysvc.train.driver import run_job
+    from raysvc.train.tasks.segmentation import FinetuneConfig
 
     sets = [f"data.uri={uri}", f"data.subset_events={label_events}", f"val_data.uri={heldout}",
             f"model.init={backbone}", "model.mode=fft", f"run.storage={work}", f"run.name=finetune-{steps}",
@@ -103,7 +104,7 @@ def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, lab
             f"train.checkpoint_every={steps}", f"train.log_every={max(steps // 4, 1)}"]  # fmt: skip
     job = _job("semseg-tiny.yaml")  # before anything is removed
     _fresh(work / f"finetune-{steps}")
-    return run_finetune(load_config(FinetuneConfig, job, sets))
+    return run_job(load_config(FinetuneConfig, job, sets))
 
 
 def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> dict:
@@ -117,14 +118,16 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
 
     from raysvc.data.schema import flat_coords, flat_values
     from raysvc.data.shards import load_manifest, read_shard
-    from raysvc.infer import Segmenter
+    from raysvc.inference.metrics import ConfusionMatrix, compute
+    from raysvc.inference.segmenter import Segmenter
     from raysvc.seaweed import free_port
     from raysvc.serve.process import ServeProcess
     from raysvc.storage import resolve
-    from raysvc.train.metrics import ConfusionMatrix, compute
 
     root = resolve(heldout)
-    table = read_shard(root, load_manifest(root).shards[0]).slice(0, events)
+    manifest = load_manifest(root)
+    class_names = manifest.detector_spec.class_names
+    table = read_shard(root, manifest.shards[0]).slice(0, events)
     lengths = table.column("num_points").to_numpy()
     xyz, energy, labels = flat_coords(table), flat_values(table, "energy"), flat_values(table, "semantic")
     splits = np.cumsum(lengths)[:-1]
@@ -153,9 +156,9 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     same = sum(np.array_equal(a, b) for a, b in zip(answers, local, strict=True))
     pred = np.concatenate(answers)
     scored = pred >= 0  # -1: at or below the energy threshold, never seen by the model
-    cm = ConfusionMatrix(len(CLASS_NAMES)).update(torch.from_numpy(pred[scored]).long(),
+    cm = ConfusionMatrix(len(class_names)).update(torch.from_numpy(pred[scored]).long(),
                                                   torch.from_numpy(labels[scored].astype(np.int64)))  # fmt: skip
-    metrics = compute(cm.matrix, CLASS_NAMES)
+    metrics = compute(cm.matrix, class_names)
     return {"events": len(evs), "identical_to_in_process": same, "startup_s": round(up_s, 1),
             "latency_p50_ms": float(np.percentile(latency, 50)), "miou": metrics["miou"], "f1": metrics["f1"]}
 
@@ -199,7 +202,7 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
 
         _stage("dataset statistics vs PILArNet-M (checksums verified)")
         stats = inspect_dataset(root)
-        for c in CLASS_NAMES:
+        for c in manifest.detector_spec.class_names:
             print(f"    {c:7s} {100 * stats['class_fractions'][c]:6.2f} %   (PILArNet-M "
                   f"{100 * stats['reference_pilarnet_m']['class_fractions'][c]:.2f} %)")  # fmt: skip
         show_event(root, 0, str(work / "event0.png"))
@@ -214,7 +217,8 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         # Fractional CPUs per worker: on a 2-core machine whole CPUs would leave none for the read tasks (hang).
         trainer = TorchTrainer(
             ingest_loop,
-            train_loop_config={"batch_events": cfg.batch_events},
+            train_loop_config={"batch_events": cfg.batch_events,
+                               "num_classes": len(manifest.detector_spec.class_names)},
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
             torch_config=TorchConfig(backend="gloo"),
             datasets={"train": stream.dataset},
@@ -274,7 +278,7 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         print(f"    linear probe on {pretrain['steps']}-step tiny Panda features: mIoU {pr['pretrained_miou']:.3f} vs "
               f"{pr['random_miou']:.3f} on the random initialisation ({pr['gain']:+.3f}); curve "
               f"{[(s, round(m, 3)) for s, m in pr['curve']]}")  # fmt: skip
-        for name in CLASS_NAMES:
+        for name in manifest.detector_spec.class_names:
             print(f"      F1 {name:7s} pretrained {pr['pretrained']['f1'][name] or 0:.3f}  random "
                   f"{pr['random']['f1'][name] or 0:.3f}")  # fmt: skip
         mon = pretrain["last_monitor"]

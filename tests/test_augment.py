@@ -74,7 +74,7 @@ def test_draws_follow_torch_seed():
 def test_config_is_validated_by_field():
     from pydantic import ValidationError
 
-    from raysvc.train.job_config import FinetuneConfig
+    from raysvc.train.tasks.segmentation import FinetuneConfig
 
     base = {"data": {"uri": "x"}, "val_data": {"uri": "y"}}
     cfg = FinetuneConfig.model_validate(base | {"train": {"augment": {"rotate_p": 0.8, "flip_p": 0.5}}})

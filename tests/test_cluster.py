@@ -30,8 +30,8 @@ def _commands() -> set[str]:
 def _validate_raysvc_command(argv: list[str]) -> None:
     """`raysvc pretrain|finetune|sweep CONFIG [--set k=v ...]`: the config exists and validates with the overrides."""
     from raysvc.sweep.spec import load_spec
-    from raysvc.train.job_config import FinetuneConfig
-    from raysvc.train.pretrain_config import PretrainConfig
+    from raysvc.train.tasks.panda import PretrainConfig
+    from raysvc.train.tasks.segmentation import FinetuneConfig
 
     assert argv[0] == "raysvc" and argv[1] in _commands(), argv
     config = REPO / argv[2]
@@ -200,8 +200,8 @@ def test_serve_configs_point_at_the_app_and_validate():
 
 @pytest.mark.parametrize("job", sorted((Path(__file__).parents[1] / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_job_file_validates(job):
-    from raysvc.train.job_config import FinetuneConfig
-    from raysvc.train.pretrain_config import PretrainConfig
+    from raysvc.train.tasks.panda import PretrainConfig
+    from raysvc.train.tasks.segmentation import FinetuneConfig
 
     kind = PretrainConfig if job.name.startswith("pretrain-") else FinetuneConfig
     cfg = load_config(kind, str(job), [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from raysvc.compare import compare, load_arms, welch
-from raysvc.train.metrics import compute
+from raysvc.compare import compare, load_arms, portable_path, welch
+from raysvc.inference.metrics import compute
 
 CLASSES = ["shower", "track", "michel", "delta", "led"]
 
@@ -119,3 +120,43 @@ def test_cli_writes_json_and_plot_and_rejects_a_bad_arm(tmp_path):
     p = subprocess.run([raysvc, "compare", "--arm", str(files["scratch"][0]), "--out", str(out)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2 and "expected a new NAME=EVAL.json" in p.stderr
+
+
+def test_portable_path_keeps_relative_and_relativises_inside_cwd(tmp_path):
+    cwd = str(tmp_path)
+    assert portable_path("results/a/test-eval.json", cwd) == "results/a/test-eval.json"
+    assert portable_path("./runs/x", cwd) == "./runs/x"
+    assert portable_path(f"{cwd}/runs/ft/a", cwd) == "runs/ft/a"
+    assert portable_path(f"file://{cwd}/runs/data/test", cwd) == "runs/data/test"
+    assert portable_path(cwd, cwd) == "."
+    # outside the directory, or not a local path: nothing relative to offer, kept as it was
+    assert portable_path("/elsewhere/runs/x", cwd) == "/elsewhere/runs/x"
+    assert portable_path(f"{cwd}-other/x", cwd) == f"{cwd}-other/x"
+    assert portable_path("file:///elsewhere/x", cwd) == "file:///elsewhere/x"
+    assert portable_path("s3://bucket/runs/x", cwd) == "s3://bucket/runs/x"
+    assert portable_path(None, cwd) is None
+
+
+def test_cli_records_no_absolute_path_of_the_working_directory(tmp_path):
+    """Inputs given relatively stay relative in compare.json, and the absolute model / data paths that `raysvc
+    evaluate` records (it makes them absolute) are written relative to the directory the command ran in."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "evals").mkdir()
+    rel = {arm: [f"evals/{arm}{s}.json" for s in range(2)] for arm in ("scratch", "panda")}
+    for arm, fs in rel.items():
+        for i, f in enumerate(fs):
+            ev = _eval_json(tmp_path / f, rng, data=str(tmp_path / "runs" / "data" / "test"))
+            ev["model"] = str(tmp_path / "runs" / "ft" / f"{arm}-s{i}")
+            (tmp_path / f).write_text(json.dumps(ev))
+    raysvc = str(Path(sys.executable).parent / "raysvc")
+    p = subprocess.run([raysvc, "compare", *(a for arm, fs in rel.items() for a in ("--arm", f"{arm}=" + ",".join(fs))),
+                        "--out", "cmp"], cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "cmp" / "compare.json").read_text()
+    for absolute in {str(tmp_path), os.path.realpath(tmp_path)}:
+        assert absolute not in text, f"compare.json records the absolute working directory {absolute}"
+    r = json.loads(text)
+    assert r["data"] == "runs/data/test"
+    for arm, fs in rel.items():
+        assert r["arms"][arm]["runs"] == fs
+        assert r["arms"][arm]["models"] == [f"runs/ft/{arm}-s{i}" for i in range(2)]

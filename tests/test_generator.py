@@ -119,3 +119,14 @@ def test_draw_with_no_deposit_inside_is_redrawn_deterministically():
     a, b = generate_event(cfg, 0, 5225), generate_event(cfg, 0, 5225)
     assert len(a["energy"]) > 0 and a["event_id"] == 5225
     np.testing.assert_array_equal(a["coord"], b["coord"])
+
+
+def test_dataset_names_its_detector(synthetic_dataset):
+    from raysvc.data import generator
+    from raysvc.data.detectors import LARTPC
+
+    assert load_manifest(synthetic_dataset).detector == LARTPC.name
+    for _, t in iter_tables(synthetic_dataset, load_manifest(synthetic_dataset), columns=["detector"]):
+        assert set(t.column("detector").to_pylist()) == {LARTPC.name}
+    assert generator.LED == LARTPC.stuff_class and LARTPC.class_names[generator.MICHEL] == "michel"
+    assert LARTPC.labels["pid"].classes[generator.PID["muon"]] == "muon"

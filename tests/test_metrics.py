@@ -12,9 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score, precision_recall_fscore_support
 
-from raysvc.data.schema import CLASS_NAMES
-from raysvc.train.metrics import ConfusionMatrix, compute
+from raysvc.data.detectors import LARTPC
+from raysvc.inference.metrics import ConfusionMatrix, compute
 
+CLASS_NAMES = LARTPC.class_names
 C = len(CLASS_NAMES)
 LABELS = list(range(C))
 
@@ -46,7 +47,7 @@ def close(ours: float | None, expected: float) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_matches_sklearn(seed, scenario):
     pred, target = make_labels(seed, scenario)
-    cm = ConfusionMatrix().update(torch.from_numpy(pred), torch.from_numpy(target))
+    cm = ConfusionMatrix(C).update(torch.from_numpy(pred), torch.from_numpy(target))
     res = compute(cm.matrix, CLASS_NAMES)
     keep = target != -1
     yt, yp = target[keep], pred[keep]
@@ -90,16 +91,16 @@ def test_matches_sklearn(seed, scenario):
 
 def test_chunked_updates_and_merge_equal_one_pass():
     pred, target = make_labels(7, "gaps", n=5000)
-    whole = ConfusionMatrix().update(torch.from_numpy(pred), torch.from_numpy(target))
+    whole = ConfusionMatrix(C).update(torch.from_numpy(pred), torch.from_numpy(target))
     assert whole.matrix.sum() == (target != -1).sum()
 
-    chunked = ConfusionMatrix()
+    chunked = ConfusionMatrix(C)
     for idx in np.array_split(np.arange(len(pred)), [1, 2, 700, 701, 3000]):  # includes tiny and empty-ish chunks
         chunked.update(torch.from_numpy(pred[idx]), torch.from_numpy(target[idx]))
     np.testing.assert_array_equal(chunked.matrix, whole.matrix)
 
-    a = ConfusionMatrix().update(torch.from_numpy(pred[:1234]), torch.from_numpy(target[:1234]))
-    b = ConfusionMatrix().update(torch.from_numpy(pred[1234:]), torch.from_numpy(target[1234:]))
+    a = ConfusionMatrix(C).update(torch.from_numpy(pred[:1234]), torch.from_numpy(target[:1234]))
+    b = ConfusionMatrix(C).update(torch.from_numpy(pred[1234:]), torch.from_numpy(target[1234:]))
     a_before, b_before = a.matrix.copy(), b.matrix.copy()
     total = a + b
     np.testing.assert_array_equal(total.matrix, whole.matrix)
@@ -141,7 +142,7 @@ def test_empty_matrix_is_all_undefined():
 
 def test_all_reduce_is_noop_without_process_group():
     assert not dist.is_initialized()
-    cm = ConfusionMatrix().update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    cm = ConfusionMatrix(C).update(torch.tensor([0, 1]), torch.tensor([0, 0]))
     before = cm.matrix.copy()
     assert cm.all_reduce_() is cm
     np.testing.assert_array_equal(cm.matrix, before)
@@ -150,7 +151,7 @@ def test_all_reduce_is_noop_without_process_group():
 def _all_reduce_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        cm = ConfusionMatrix()
+        cm = ConfusionMatrix(C)
         # Rank r sees (r + 1) points of class r predicted as class (r + 1) % C.
         cm.update(torch.full((rank + 1,), (rank + 1) % C), torch.full((rank + 1,), rank))
         cm.all_reduce_()

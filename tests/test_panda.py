@@ -214,7 +214,7 @@ def test_panda_loss_falls_on_a_fixed_batch(view_batch):
 def test_centred_model_inputs_shift_each_event_to_its_mean(synthetic_dataset):
     from raysvc.data.config import DataConfig
     from raysvc.data.pipeline import DirectStream
-    from raysvc.train.seg_loop import model_inputs
+    from raysvc.inference.featurize import model_inputs
 
     batch = next(DirectStream(DataConfig(uri=synthetic_dataset.uri)).iter_packed(3))
     cpu = torch.device("cpu")

@@ -80,6 +80,7 @@ def test_convert_matches_written_labels(tmp_path, revision):
         for k, v in want.items():
             assert r.column(k)[0].as_py() == v, (k, row)
     assert load_manifest(out).created_by["files"][0]["file"].endswith("a.h5")
+    assert load_manifest(out).detector == "lartpc" and set(table.column("detector").to_pylist()) == {"lartpc"}
 
 
 def test_unknown_layouts_named(tmp_path):

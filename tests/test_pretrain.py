@@ -15,7 +15,7 @@ import torch
 
 from raysvc.config import load_config
 from raysvc.storage import resolve
-from raysvc.train.pretrain_config import PretrainConfig
+from raysvc.train.tasks.panda import PretrainConfig
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 JOB = str(Path(__file__).parents[1] / "jobs" / "pretrain-panda-tiny.yaml")
@@ -64,16 +64,15 @@ def test_bad_pretrain_configs_fail_before_any_worker_starts(tmp_path, pt_data):
 def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_local, pt_data, tmp_path):
     from raysvc.data.config import DataConfig
     from raysvc.data.pipeline import DirectStream
+    from raysvc.inference.featurize import model_inputs
+    from raysvc.inference.record import load_export
     from raysvc.models.ptv3 import PTv3, preset
-    from raysvc.train.export import load_model
-    from raysvc.train.finetune import run_finetune
-    from raysvc.train.job_config import FinetuneConfig
-    from raysvc.train.pretrain import run_pretrain
-    from raysvc.train.pretrain_loop import probe_batches
+    from raysvc.train.driver import run_job
     from raysvc.train.probe import run_probe
-    from raysvc.train.seg_loop import model_inputs
+    from raysvc.train.tasks.panda import probe_batches
+    from raysvc.train.tasks.segmentation import FinetuneConfig
 
-    summary = run_pretrain(_cfg(pt_data, tmp_path, "panda"), log=lambda m: None)
+    summary = run_job(_cfg(pt_data, tmp_path, "panda"), log=lambda m: None)
     run = tmp_path / "panda"
     on_disk = json.loads((run / "summary.json").read_text())
     probe = on_disk["probe"]
@@ -92,8 +91,8 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     assert (run / "probe.png").read_bytes()[:4] == b"\x89PNG" and (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["steps"] == 6
 
-    state, config = load_model(resolve(str(run)))
-    assert (run / "backbone.safetensors").exists() and config["kind"] == "panda-backbone"
+    state, config = load_export(resolve(str(run)))
+    assert (run / "backbone.safetensors").exists() and config.kind == "backbone" and config.method == "panda"
     assert all(not k.startswith(("backbone.", "mask_head", "unmask_head", "mask_token")) for k in state)
 
     # the probe, redone here on the exported backbone and the same held-out events, gives the reported figure
@@ -103,7 +102,8 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     backbone.load_state_dict(state)
     pre, cpu = cfg.probe_data.preprocess, torch.device("cpu")
     again = run_probe(backbone, probe_train, probe_val,
-                      lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, cpu, True), cpu, cfg.probe)
+                      lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, cpu, True), cpu, cfg.probe,
+                      probe["classes"])
     assert again["miou"] == pytest.approx(probe["pretrained_miou"], abs=0.01)
 
     # fine-tuning from the export: the linear head on the frozen backbone starts from exactly these weights
@@ -112,8 +112,8 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
         "run.name=probe-ft", f"model.init={run}", "model.mode=lin", "model.head=lin", "train.steps=2",
         "train.batch_events=2", "train.val_every=2", "train.checkpoint_every=2", "train.val_events=4",
         "scaling.cpus_per_worker=0.5", "run.wandb_mode=offline", "data.read_cpus=0.25", "val_data.read_cpus=0.25"])
-    run_finetune(ft, log=lambda m: None)
-    tuned, _ = load_model(resolve(str(tmp_path / "probe-ft")))
+    run_job(ft, log=lambda m: None)
+    tuned, _ = load_export(resolve(str(tmp_path / "probe-ft")))
     for k, v in state.items():
         assert torch.equal(tuned["backbone." + k], v), k  # frozen and loaded: unchanged
 
@@ -122,8 +122,8 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
         "model": ft.model.model_copy(update={"mode": "fft", "head": "dec"}),
         "train": ft.train.model_copy(update={"encoder_frozen_steps": 2}),
         "run": ft.run.model_copy(update={"name": "held-ft"})})
-    run_finetune(FinetuneConfig.model_validate(held.model_dump()), log=lambda m: None)
-    tuned, _ = load_model(resolve(str(tmp_path / "held-ft")))
+    run_job(FinetuneConfig.model_validate(held.model_dump()), log=lambda m: None)
+    tuned, _ = load_export(resolve(str(tmp_path / "held-ft")))
     assert all(torch.equal(tuned["backbone." + k], v) for k, v in state.items())
 
 
@@ -131,17 +131,17 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
 def test_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, pt_data, tmp_path):
     from ray.train import TrainingFailedError
 
-    from raysvc.train.pretrain import run_pretrain
+    from raysvc.train.driver import run_job
 
     quiet = lambda m: None  # noqa: E731
     no_probe = ("probe.every=100",)
-    run_pretrain(_cfg(pt_data, tmp_path, "straight", *no_probe), log=quiet)
+    run_job(_cfg(pt_data, tmp_path, "straight", *no_probe), log=quiet)
     want = torch.load(_last_state(tmp_path / "straight"), weights_only=False)
 
     cfg = _cfg(pt_data, tmp_path, "rerun", *no_probe)
     with pytest.raises(TrainingFailedError):
-        run_pretrain(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})
-    run_pretrain(cfg, log=quiet)
+        run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})
+    run_job(cfg, log=quiet)
     got = torch.load(_last_state(tmp_path / "rerun"), weights_only=False)
     for part in ("student", "teacher"):
         assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part

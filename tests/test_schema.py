@@ -89,3 +89,30 @@ def test_error_survives_pickling():
     e2 = pickle.loads(pickle.dumps(e))
     assert type(e2) is EventDataError and str(e2) == str(e)
     assert (e2.row, e2.event_id, e2.field, e2.kind, e2.shard) == (3, 9, "energy", "negative", "s3://b/x.parquet")
+
+
+def test_detector_column_checked_and_limits_from_the_detector():
+    from dataclasses import replace
+
+    from raysvc.data.detectors import LARTPC, LabelSpace
+    from raysvc.data.schema import find_problems
+
+    rng = np.random.default_rng(2)
+    events = [make_event(i, 30, rng) for i in range(4)]
+    table = table_from_events(events, source="t")
+    assert set(table.column("detector").to_pylist()) == {LARTPC.name}
+    column = pa.array(["lartpc", None, "toy", "lartpc"], pa.string())  # null: not recorded, accepted
+    mixed = table.set_column(table.schema.get_field_index("detector"), "detector", column)
+    with pytest.raises(EventDataError, match=r"row 2, event_id 2, field 'detector'.*'toy', expected 'lartpc'") as e:
+        validate_table(mixed, "shard")
+    assert e.value.kind == "detector"
+    # volume and classes default to the detector's: a 100-voxel detector with 6 classes
+    small = replace(LARTPC, name="small", extent=100.0, labels={"semantic": LabelSpace("semantic", tuple("abcdef"))})
+    for ev in events:
+        ev["coord"] *= 90 / 767
+    events[1]["semantic"][0] = 5  # a class of `small`, not of LArTPC
+    events[3]["coord"][0] = (50.0, 150.0, 50.0)  # outside `small`, inside LArTPC
+    probs = find_problems(table_from_events(events, source="t", detector="small"), detector=small)
+    assert [(p.row, p.field, p.kind) for p in probs] == [(3, "coord", "outside")]
+    probs = find_problems(table_from_events(events, source="t"))
+    assert [(p.row, p.field, p.kind) for p in probs] == [(1, "semantic", "label")]

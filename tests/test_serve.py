@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from raysvc.inference.record import export_seeded_segmenter
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess, session_processes, wait_until_healthy
 from raysvc.storage import resolve
-from raysvc.train.export import export_seeded_segmenter
 
 BIN = Path(sys.executable).parent
 TOKEN = "test-token-0123456789abcdef"

@@ -114,3 +114,119 @@ def test_verify_lists_bad_events_by_shard_row_and_field(tmp_path):
     assert rep["bad_events"] == 1
     p = rep["problems"][0]
     assert (p["row"], p["event_id"], p["field"], p["kind"]) == (3, 3, "energy", "nonfinite")
+
+
+# --- the dataset's detector -------------------------------------------------------------------------------------
+@pytest.fixture
+def toy(monkeypatch):
+    """A second registered detector with its own classes and reference: what is read back was written, not
+    defaulted to LArTPC."""
+    from dataclasses import replace
+
+    from raysvc.data.detectors import DETECTORS, LARTPC, LabelSpace
+
+    classes = ("a", "b", "c", "d", "e", "f")
+    reference = {"name": "Toy-Ref 2", "class_fractions": dict.fromkeys(classes, 1 / 6)}
+    labels = {"semantic": LabelSpace("semantic", classes)}
+    det = replace(LARTPC, name="toy", labels=labels, stuff_class=None, reference=reference, class_colors=())
+    monkeypatch.setitem(DETECTORS, "toy", det)
+    return det
+
+
+def _file_root(tmp_path, name="ds"):
+    from raysvc.storage import resolve
+
+    return resolve(str(tmp_path / name))
+
+
+def _write_with(root, detector: str, column: list | None = None, events: int = 5):
+    """One shard of `events` events whose `detector` column is `column` (default: all `detector`), and a manifest
+    naming `detector`."""
+    table, _ = make_table(events, points=(20, 40))
+    if column is not None:
+        table = table.set_column(table.schema.get_field_index("detector"), "detector", pa.array(column, pa.string()))
+    write_manifest(root, [write_shard(root, shard_name(0), table)], {"tool": "test"}, detector=detector)
+
+
+def test_manifest_round_trips_its_detector(tmp_path, toy):
+    root = _file_root(tmp_path)
+    _write_with(root, "toy", ["toy"] * 5)
+    assert json.loads(read_bytes(root.join(MANIFEST)))["detector"] == "toy"
+    m = load_manifest(root)
+    assert m.detector == "toy" and m.detector_spec is toy
+    default = _file_root(tmp_path, "default")
+    _write_with(default, "lartpc")
+    from raysvc.data.detectors import LARTPC
+
+    assert load_manifest(default).detector_spec is LARTPC
+
+
+def test_manifest_without_detector_loads_as_lartpc(tmp_path):
+    from raysvc.data.detectors import LARTPC
+
+    root = _file_root(tmp_path)
+    _write_with(root, "lartpc")
+    d = json.loads(read_bytes(root.join(MANIFEST)))
+    del d["detector"]  # as written before manifests named their detector
+    write_bytes_atomic(root.join(MANIFEST), json.dumps(d).encode())
+    m = load_manifest(root)
+    assert m.detector == "lartpc" and m.detector_spec is LARTPC
+    assert verify_dataset(root)["bad_events"] == 0
+
+
+def test_unknown_detector_in_manifest_named(tmp_path):
+    root = _file_root(tmp_path)
+    _write_with(root, "lartpc")
+    d = json.loads(read_bytes(root.join(MANIFEST)))
+    d["detector"] = "argoncube"
+    write_bytes_atomic(root.join(MANIFEST), json.dumps(d).encode())
+    with pytest.raises(EventDataError, match=r"manifest.json.*unknown detector 'argoncube'.*known.*lartpc") as e:
+        load_manifest(root)
+    assert (e.value.field, e.value.kind) == ("detector", "manifest")
+    with pytest.raises(ValueError, match="unknown detector 'argoncube'"):
+        write_manifest(root, [], {}, detector="argoncube")
+
+
+def test_detector_column_disagreeing_with_manifest_flagged(tmp_path, toy):
+    root = _file_root(tmp_path)
+    _write_with(root, "lartpc", ["lartpc", "lartpc", "toy", None, "lartpc"])  # null: not recorded, accepted
+    rep = verify_dataset(root)
+    assert rep["detector"] == "lartpc" and rep["bad_events"] == 1
+    p = rep["problems"][0]
+    assert (p["row"], p["event_id"], p["field"], p["kind"]) == (2, 2, "detector", "detector")
+    assert "'toy'" in p["message"] and "'lartpc'" in p["message"] and "events-00000.parquet" in p["shard"]
+    # the check follows the manifest: LArTPC events in a dataset that says "toy" are all flagged
+    other = _file_root(tmp_path, "other")
+    _write_with(other, "toy")
+    rep = verify_dataset(other)
+    assert rep["bad_events"] == 5 and {p["field"] for p in rep["problems"]} == {"detector"}
+    assert "expected 'toy'" in rep["problems"][0]["message"]
+
+
+def test_inspect_reports_detector_and_its_classes(tmp_path, toy):
+    from raysvc.data.detectors import LARTPC
+    from raysvc.data.stats import inspect_dataset
+
+    root = _file_root(tmp_path)
+    _write_with(root, "lartpc")
+    s = inspect_dataset(root)
+    assert s["detector"] == "lartpc"
+    assert list(s["class_fractions"]) == list(LARTPC.class_names)
+    assert s["reference"] == LARTPC.reference and s["reference_pilarnet_m"] == LARTPC.reference
+    assert sum(s["class_fractions"].values()) == pytest.approx(1.0)
+    other = _file_root(tmp_path, "toy")
+    _write_with(other, "toy", ["toy"] * 5)
+    s = inspect_dataset(other)
+    assert s["detector"] == "toy" and list(s["class_fractions"]) == list(toy.class_names)
+    assert s["class_fractions"]["f"] == 0.0  # make_event draws classes 0-4 only
+    assert s["reference"] == toy.reference and s["reference_toy_ref_2"] == toy.reference
+    assert "reference_pilarnet_m" not in s
+
+
+def test_subset_keeps_the_detector(tmp_path, toy):
+    from raysvc.data.subset import write_subsets
+
+    root = _file_root(tmp_path)
+    _write_with(root, "toy", ["toy"] * 5)
+    out = write_subsets(root, {3: _file_root(tmp_path, "sub")}, seed=0, log=lambda *_: None)
+    assert out[3].detector == "toy" and load_manifest(_file_root(tmp_path, "sub")).detector == "toy"

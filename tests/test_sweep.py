@@ -199,14 +199,15 @@ def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sw
 def backbone_dir(tmp_path_factory):
     """A Panda-format export (backbone.safetensors + config.json) of a seeded tiny PTv3, as `raysvc pretrain`
     writes it: what the sweep's lin / dec / fft trials start from."""
+    from raysvc.data.transforms import PreprocessConfig
+    from raysvc.inference.record import ExportedModel, ModelSpec, save_export
     from raysvc.models.ptv3 import PTv3, preset
-    from raysvc.train.export import save_model
 
     d = tmp_path_factory.mktemp("backbone")
     torch.manual_seed(0)
-    save_model(resolve(str(d)), PTv3(preset("tiny")).state_dict(),
-               {"kind": "panda-backbone", "model": {"size": "tiny", "grid_voxels": 1.0, "center_events": True}},
-               weights_name="backbone.safetensors")  # fmt: skip
+    record = ExportedModel(kind="backbone", method="panda", model=ModelSpec(size="tiny", center_events=True),
+                           preprocess=PreprocessConfig())
+    save_export(resolve(str(d)), PTv3(preset("tiny")).state_dict(), record)
     return d
 
 

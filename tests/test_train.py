@@ -15,12 +15,13 @@ import torch
 
 from raysvc.config import ConfigError, load_config
 from raysvc.data.config import DataConfig
+from raysvc.data.detectors import LARTPC
 from raysvc.data.pipeline import DirectStream
-from raysvc.data.schema import CLASS_NAMES
 from raysvc.storage import resolve
-from raysvc.train.job_config import FinetuneConfig
+from raysvc.train.tasks.segmentation import FinetuneConfig
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
+CLASS_NAMES = LARTPC.class_names
 JOB = str(Path(__file__).parents[1] / "jobs" / "semseg-tiny.yaml")
 
 
@@ -45,9 +46,9 @@ def _cfg(seg_data, tmp_path, name: str, **train) -> FinetuneConfig:
 
 
 def _weights(tmp_path, name: str) -> dict:
-    from raysvc.train.export import load_model
+    from raysvc.inference.record import load_export
 
-    return load_model(resolve(str(tmp_path / name)))[0]
+    return load_export(resolve(str(tmp_path / name)))[0]
 
 
 def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
@@ -73,15 +74,13 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
 
 
 def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg_data, tmp_path):
-    from raysvc.models.heads import SegModel
-    from raysvc.models.ptv3 import preset
-    from raysvc.train.export import load_model
-    from raysvc.train.finetune import run_finetune
-    from raysvc.train.metrics import ConfusionMatrix, compute
-    from raysvc.train.seg_loop import model_inputs
+    from raysvc.inference.featurize import model_inputs
+    from raysvc.inference.metrics import ConfusionMatrix, compute
+    from raysvc.inference.record import load_export
+    from raysvc.train.driver import run_job
 
     cfg = _cfg(seg_data, tmp_path, "export")
-    summary = run_finetune(cfg, log=lambda m: None)
+    summary = run_job(cfg, log=lambda m: None)
     run = tmp_path / "export"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["steps"] == 6 and set(on_disk["val"]["iou"]) == set(CLASS_NAMES)
@@ -92,8 +91,9 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # wandb offline run of rank 0, beside the runs
 
     # the exported weights, evaluated here on every validation event, give the metrics the two workers reported
-    state, config = load_model(resolve(str(run)))
-    model = SegModel(preset(config["model"]["size"]), config["num_classes"], config["model"]["head"])
+    state, record = load_export(resolve(str(run)))
+    assert record.kind == "segmenter" and record.detector == "lartpc" and record.class_names == list(CLASS_NAMES)
+    model = record.build()
     model.load_state_dict(state)
     model.eval()
     cm = ConfusionMatrix(len(CLASS_NAMES))
@@ -153,16 +153,16 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
 def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray_local, seg_data, tmp_path):
     from ray.train import TrainingFailedError
 
-    from raysvc.train.finetune import run_finetune
+    from raysvc.train.driver import run_job
 
     quiet = lambda m: None  # noqa: E731
-    run_finetune(_cfg(seg_data, tmp_path, "straight"), log=quiet)
+    run_job(_cfg(seg_data, tmp_path, "straight"), log=quiet)
     want = _weights(tmp_path, "straight")
 
     # a worker dies at step 5; Ray Train restarts the group, which resumes from the step-4 checkpoint
     cfg = _cfg(seg_data, tmp_path, "retried")
     cfg.run.max_failures = 1
-    run_finetune(cfg, log=quiet, fault={"step": 5, "marker": str(tmp_path / "fault-retried")})
+    run_job(cfg, log=quiet, fault={"step": 5, "marker": str(tmp_path / "fault-retried")})
     assert (tmp_path / "fault-retried").exists()
     got = _weights(tmp_path, "retried")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -170,8 +170,8 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     # no retries: the run fails; running it again under the same name resumes it
     cfg = _cfg(seg_data, tmp_path, "rerun")
     with pytest.raises(TrainingFailedError):
-        run_finetune(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault-rerun")})
-    run_finetune(cfg, log=quiet)
+        run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault-rerun")})
+    run_job(cfg, log=quiet)
     got = _weights(tmp_path, "rerun")
     assert all(torch.equal(got[k], want[k]) for k in want)
     summary = json.loads((tmp_path / "rerun" / "summary.json").read_text())
@@ -186,14 +186,14 @@ def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, t
     from raysvc.models.ptv3 import preset
     from raysvc.train.losses import SegLoss
     from raysvc.train.optim import param_groups
-    from raysvc.train.seg_loop import build_model, train_step
+    from raysvc.train.tasks.segmentation import build_model, train_step
 
     cfg = load_config(FinetuneConfig, JOB, [
         f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}",
         "model.mode=fft", f"model.init={tmp_path}", "train.encoder_frozen_steps=1", "train.backbone_lr_scale=1.0"])
     torch.manual_seed(0)
     init = SegModel(preset("tiny"), len(CLASS_NAMES)).state_dict()
-    model = build_model(cfg, init)
+    model = build_model(cfg, len(CLASS_NAMES), init)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, model.backbone.cfg.depths, 1e-2, cfg.train.layer_decay, 0.5),
                             lr=1e-2)  # fmt: skip

@@ -98,3 +98,29 @@ def test_subset_filter_counted():
     out, counts = preprocess_table(table_from_events(events, "t"), PreprocessConfig(min_points=1), "s",
                                    keep_ids=np.array([1, 3]))  # fmt: skip
     assert out.column("event_id").to_pylist() == [1, 3] and counts["selected_out"] == 3
+
+
+def test_detector_drives_checks_and_led_removal():
+    from dataclasses import replace
+
+    from raysvc.data.detectors import LARTPC
+
+    default = PreprocessConfig()
+    assert (default.center, default.scale, default.volume) == (LARTPC.center, LARTPC.scale, LARTPC.extent)
+    rng = np.random.default_rng(3)
+    events = [make_event(i, 40, rng) for i in range(3)]
+    # events of another detector in a LArTPC dataset: bad input, named, or skipped and counted
+    other = table_from_events(events, "t", detector="toy")
+    with pytest.raises(EventDataError, match=r"row 0, event_id 0, field 'detector'") as e:
+        preprocess_table(other, PreprocessConfig(min_points=1), "shard", row_base=0)
+    assert e.value.kind == "detector"
+    out, counts = preprocess_table(other, PreprocessConfig(min_points=1, on_bad="skip"), "shard")
+    assert out.num_rows == 0 and counts["bad:detector"] == 3
+    # remove_led drops the detector's stuff class, whatever its id
+    toy = replace(LARTPC, name="toy", stuff_class=0)
+    cfg = PreprocessConfig(min_points=1, energy_threshold=0.0, remove_led=True)
+    out, _ = preprocess_table(other, cfg, "shard", detector=toy)
+    sem = np.concatenate([np.asarray(s) for s in out.column("semantic").to_pylist()])
+    assert 0 not in sem and 4 in sem and len(sem) == sum(int((ev["semantic"] != 0).sum()) for ev in events)
+    with pytest.raises(ValueError, match="detector 'none' has no stuff class"):
+        preprocess_table(other, cfg, "shard", detector=replace(toy, name="none", stuff_class=None))

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
 from raysvc.config import load_config
+from raysvc.inference.featurize import model_inputs, usable_device
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import make_patches, patch_attention
 from raysvc.ops.neighbors import knn
 from raysvc.ops.serialization import encode
 from raysvc.ops.sparse_conv import SubMConv3d, kernel_map
-from raysvc.train.seg_loop import model_inputs, train_step
-from raysvc.train.worker import usable_device
+from raysvc.train.tasks.segmentation import train_step
 
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
 
@@ -192,12 +192,13 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
     from raysvc.data.shards import load_manifest
     from raysvc.data.views import collate_views, table_views
     from raysvc.storage import resolve
-    from raysvc.train.pretrain_config import PretrainConfig
+    from raysvc.train.tasks.panda import PretrainConfig
 
     cfg = load_config(PretrainConfig, str(PRETRAIN_JOB), [f"data.uri={data / 'train'}", "probe_data=null",
                                                            f"train.steps={steps + warmup}"])  # fmt: skip
     loc = resolve(str(data / "train"))
-    table, _, _ = read_preprocessed(loc, load_manifest(loc).shards[0], cfg.data.preprocess, None, True)
+    manifest = load_manifest(loc)
+    table, _, _ = read_preprocessed(loc, manifest.shards[0], cfg.data.preprocess, None, True, manifest.detector_spec)
     batches = [collate_views(table_views(table.slice(i * batch_events, batch_events), cfg.views, seed=0, epoch=0))
                for i in range(max(1, min(4, table.num_rows // batch_events)))]  # fmt: skip
     out: dict = {"events_per_step": batch_events}
@@ -215,8 +216,8 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     from raysvc.models.panda import PandaStudent, make_teacher
     from raysvc.models.ptv3 import preset
     from raysvc.train.optim import param_groups
-    from raysvc.train.pretrain_loop import pretrain_step
     from raysvc.train.schedule import one_cycle_scheduler
+    from raysvc.train.tasks.panda import pretrain_step
 
     torch.manual_seed(0)
     bcfg = preset(cfg.model.size, **cfg.model.overrides)

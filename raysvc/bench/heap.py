@@ -17,8 +17,7 @@ import torch
 
 from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
 from raysvc.train import heap
-from raysvc.train.job_config import FinetuneConfig
-from raysvc.train.seg_loop import train_step
+from raysvc.train.tasks.segmentation import FinetuneConfig, train_step
 from raysvc.train.worker import seed_everything
 
 

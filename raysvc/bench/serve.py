@@ -97,11 +97,11 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
 
     import torch
 
-    from raysvc.infer import Segmenter
+    from raysvc.inference.record import export_seeded_segmenter
+    from raysvc.inference.segmenter import Segmenter
     from raysvc.seaweed import free_port
     from raysvc.serve.process import ServeProcess
     from raysvc.storage import resolve
-    from raysvc.train.export import export_seeded_segmenter
 
     concurrency = concurrency or [1, 8, 16]
     evs = bench_events(events, 31, max_points)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from raysvc.config import load_config
+from raysvc.data.detectors import LARTPC
 from raysvc.data.pipeline import pack_tables, prepare, rank_shards
 from raysvc.data.reader import read_preprocessed
 from raysvc.ray_init import init_ray
 from raysvc.storage import resolve
-from raysvc.train.job_config import FinetuneConfig
 from raysvc.train.losses import SegLoss
-from raysvc.train.seg_loop import build_model, train_step
+from raysvc.train.tasks.segmentation import FinetuneConfig, build_model, train_step
 
 JOB = Path(__file__).parents[2] / "jobs" / "semseg-tiny.yaml"
 
@@ -54,13 +54,14 @@ def first_batches(cfg: FinetuneConfig, n: int) -> list[dict]:
     """Up to n batches: exactly those, in the order, that rank 0 of a one-worker run sees in its first epoch."""
     prep = prepare(cfg.data)
     shards = rank_shards(prep, 0, 1, 0, cfg.train.seed, shuffle=True)
-    tables = (read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids)[0] for rec in shards)
+    pre = cfg.data.preprocess
+    tables = (read_preprocessed(prep.root, rec, pre, prep.keep_ids, detector=prep.detector)[0] for rec in shards)
     return list(islice(pack_tables(tables, cfg.train.batch_events, drop_last=True), n))
 
 
 def plain_training(cfg: FinetuneConfig) -> tuple:
     """(model, trainable params, AdamW, unweighted loss) of the benchmarks' loop without Ray; the caller seeds first."""
-    model = build_model(cfg)
+    model = build_model(cfg, len(LARTPC.class_names))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     return model, params, opt, SegLoss(None)
@@ -86,7 +87,7 @@ def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: 
                     sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
     import ray
 
-    from raysvc.train.finetune import run_finetune
+    from raysvc.train.driver import run_job
 
     torch.set_num_threads(threads)
     out: dict = {"settings": {"events": events, "steps": steps, "batch_events": batch, "threads": threads,
@@ -99,8 +100,8 @@ def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: 
             times = plain_step_times(_job(data, data / "runs", size, steps, batch, threads), steps)
             per_step = statistics.median(times[warmup:])
             out[f"{size}_fwd_bwd_s_per_event"] = per_step / batch
-            out[f"{size}_params"] = sum(p.numel() for p in build_model(_job(data, data / "runs", size, 1, batch,
-                                                                                threads)).parameters())  # fmt: skip
+            job = _job(data, data / "runs", size, 1, batch, threads)
+            out[f"{size}_params"] = sum(p.numel() for p in build_model(job, len(LARTPC.class_names)).parameters())
         log("tiny: the same loop under Ray Train (1 worker)")
         cfg = _job(data, data / "runs", "tiny", steps, batch, threads)
         plain = plain_step_times(cfg, steps)
@@ -108,7 +109,7 @@ def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: 
         if started:
             init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         try:
-            summary = run_finetune(cfg, log=lambda m: None)
+            summary = run_job(cfg, log=lambda m: None)
         finally:
             if started:
                 ray.shutdown()

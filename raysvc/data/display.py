@@ -10,16 +10,14 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from raysvc.data.schema import CLASS_NAMES, flat_coords, flat_values  # noqa: E402
-from raysvc.data.shards import load_manifest  # noqa: E402
+from raysvc.data.schema import flat_coords, flat_values  # noqa: E402
+from raysvc.data.shards import Manifest, load_manifest  # noqa: E402
 from raysvc.storage import Location, explained  # noqa: E402
 
-CLASS_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f")
 
-
-def load_event(root: Location, event_id: int) -> dict[str, np.ndarray]:
+def load_event(root: Location, event_id: int, manifest: Manifest | None = None) -> dict[str, np.ndarray]:
     """One event's arrays by event id; a clear error if no shard holds it."""
-    manifest = load_manifest(root)
+    manifest = manifest or load_manifest(root)
     for rec in manifest.shards:
         loc = root.join(rec.name)
         with explained(loc, "reading"):
@@ -32,13 +30,17 @@ def load_event(root: Location, event_id: int) -> dict[str, np.ndarray]:
 
 
 def show_event(root: Location, event_id: int, out: str) -> str:
-    ev = load_event(root, event_id)
+    manifest = load_manifest(root)
+    detector = manifest.detector_spec
+    ev = load_event(root, event_id, manifest)
     xyz, sem, e = ev["coord"], ev["semantic"], ev["energy"]
     fig = plt.figure(figsize=(13, 6))
     ax = fig.add_subplot(1, 2, 1, projection="3d")
-    for c, (name, color) in enumerate(zip(CLASS_NAMES, CLASS_COLORS, strict=True)):
+    for c, name in enumerate(detector.class_names):
         m = sem == c
         if m.any():
+            # the detector's colour for the class, else matplotlib's cycle
+            color = detector.class_colors[c] if c < len(detector.class_colors) else f"C{c % 10}"
             ax.scatter(xyz[m, 0], xyz[m, 1], xyz[m, 2], s=0.6, c=color, label=f"{name} ({m.sum()})", depthshade=False)
     ax.set_box_aspect(np.ptp(xyz, axis=0) + 10)  # true proportions
     ax.set_xlabel("x [voxel]")

@@ -26,6 +26,10 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from raysvc.data.detectors import LARTPC
+
+DETECTOR = LARTPC  # the detector these events are written for: its geometry, label ids and `detector` column
+
 # Liquid argon and particle constants.
 X0_CM = 14.0  # radiation length
 RHO = 1.396  # g/cm^3
@@ -34,8 +38,9 @@ I_MEV = 188e-6  # mean excitation energy
 K_BETHE = 0.307075  # MeV cm^2 / mol
 ME = 0.51099895
 MASS = {"muon": 105.658, "pion": 139.570, "proton": 938.272, "electron": ME}
-PID = {"photon": 0, "electron": 1, "muon": 2, "pion": 3, "proton": 4}
-SHOWER, TRACK, MICHEL, DELTA, LED = 0, 1, 2, 3, 4
+# Label ids from the detector's label spaces, by name: a renamed or reordered class fails here, not in a model.
+PID = {name: DETECTOR.labels["pid"].classes.index(name) for name in ("photon", "electron", "muon", "pion", "proton")}
+SHOWER, TRACK, MICHEL, DELTA, LED = map(DETECTOR.class_names.index, ("shower", "track", "michel", "delta", "led"))
 MICHEL_EMAX = 52.83
 
 
@@ -49,8 +54,8 @@ class GeneratorConfig(BaseModel):
     """Knobs of the synthetic detector and event mix; defaults are tuned to PILArNet-M's statistics."""
 
     model_config = ConfigDict(extra="forbid")
-    volume_voxels: int = Field(768, gt=0, description="voxels per side of the cubic volume")
-    voxel_cm: float = Field(0.3, gt=0, description="voxel pitch (cm)")
+    volume_voxels: int = Field(int(DETECTOR.extent), gt=0, description="voxels per side of the cubic volume")
+    voxel_cm: float = Field(DETECTOR.unit_mm / 10, gt=0, description="voxel pitch (cm)")
     fiducial_margin: float = Field(0.1, ge=0, lt=0.5, description="vertices keep this fraction of the side from walls")
     interactions_mean: float = Field(4.0, gt=0, description="mean number of vertices per event")
     interactions_std: float = Field(3.0, ge=0, description="spread of vertices per event (negative binomial)")

@@ -20,10 +20,12 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from raysvc.data.detectors import LARTPC
 from raysvc.data.schema import EventDataError, table_from_events, validate_table
 from raysvc.data.shards import Manifest, ShardRecord, shard_name, write_manifest, write_shard
 from raysvc.storage import Location
 
+DETECTOR = LARTPC  # PILArNet-M is LArTPC data: the converted events, and their manifest, name it
 CLUSTER_COLUMNS = {"v1": 5, "v2": 6, "v3": 6}
 EXTRA_COLUMNS = {5: "v2", 6: "v3"}
 
@@ -111,8 +113,8 @@ def convert(pattern: str, root: Location, shard_events: int = 500, revision: str
     next_id = 0
 
     def flush() -> None:
-        table = table_from_events(buf, source=[e["source"] for e in buf])
-        validate_table(table, f"{buf[0]['source']}..{buf[-1]['source']}")
+        table = table_from_events(buf, source=[e["source"] for e in buf], detector=DETECTOR.name)
+        validate_table(table, f"{buf[0]['source']}..{buf[-1]['source']}", detector=DETECTOR)
         records.append(write_shard(root, shard_name(len(records)), table))
         buf.clear()
 
@@ -128,5 +130,5 @@ def convert(pattern: str, root: Location, shard_events: int = 500, revision: str
         per_file.append({"file": os.path.abspath(path), "first_event_id": first, "events": next_id - first})
     if buf:
         flush()
-    return write_manifest(root, records, {"tool": "raysvc data convert", "pattern": pattern, "revision": revision,
-                                          "files": per_file})  # fmt: skip
+    created_by = {"tool": "raysvc data convert", "pattern": pattern, "revision": revision, "files": per_file}
+    return write_manifest(root, records, created_by, detector=DETECTOR.name)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
 from raysvc.data.collate import collate_packed
 from raysvc.data.config import DataConfig
+from raysvc.data.detectors import LARTPC, Detector
 from raysvc.data.reader import make_ledger, read_preprocessed, read_shards_udf
 from raysvc.data.shards import Manifest, load_manifest, preflight
 from raysvc.data.subset import all_event_ids, select_subset
@@ -35,6 +36,11 @@ class Prepared:
     keep_ids: np.ndarray | None
     skipped: Counter
 
+    @property
+    def detector(self) -> Detector:
+        """The dataset's detector (its manifest's): the read tasks check each event's `detector` column against it."""
+        return self.manifest.detector_spec
+
 
 def prepare(cfg: DataConfig) -> Prepared:
     """Resolve, load and preflight the manifest, pick the subset. Fails fast, on the driver, naming the problem."""
@@ -50,8 +56,7 @@ def prepare(cfg: DataConfig) -> Prepared:
         for rec, err in problems:
             skipped.update({"read": rec.events, f"bad:{err.kind}": rec.events})
         bad = {rec.name for rec, _ in problems}
-        manifest = Manifest(shards=[r for r in manifest.shards if r.name not in bad], created_by=manifest.created_by,
-                            created_at=manifest.created_at)  # fmt: skip
+        manifest = replace(manifest, shards=[r for r in manifest.shards if r.name not in bad])
     keep = None
     if cfg.subset_events is not None or cfg.subset_fraction is not None:
         keep = select_subset(all_event_ids(root, manifest), cfg.subset_seed, cfg.subset_events, cfg.subset_fraction)
@@ -94,7 +99,7 @@ def _read_dataset(cfg: DataConfig, prep: Prepared, shards: list, ledger):
     ds = ds.map_batches(
         read_shards_udf, batch_format="pyarrow", batch_size=1, num_cpus=cfg.read_cpus,
         fn_kwargs={"root": prep.root, "cfg": cfg.preprocess, "keep_ids": prep.keep_ids, "ledger": ledger,
-                   "verify_checksum": cfg.verify_checksums},
+                   "verify_checksum": cfg.verify_checksums, "detector": prep.detector},
     )  # fmt: skip
     # Ray merges outputs up to 128 MiB per block, and a block goes whole to one Train worker: a small dataset would
     # then land on a single worker. Smaller blocks let streaming_split balance.
@@ -136,7 +141,7 @@ def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter
         rec = next(todo, None)
         if rec is not None:
             pending.append(task.remote(prep.root, rec, cfg.preprocess, prep.keep_ids, cfg.verify_checksums, transform,
-                                       transform_kwargs or {}))  # fmt: skip
+                                       transform_kwargs or {}, prep.detector))  # fmt: skip
 
     for _ in range(max(prefetch, 1)):
         submit()
@@ -149,9 +154,17 @@ def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter
             yield table
 
 
-def _read_task(root: Location, rec, cfg: PreprocessConfig, keep_ids, verify: bool, transform=None,
-               transform_kwargs: dict | None = None) -> tuple[object, Counter]:  # fmt: skip
-    table, counts, _ = read_preprocessed(root, rec, cfg, keep_ids, verify)
+def _read_task(
+    root: Location,
+    rec,
+    cfg: PreprocessConfig,
+    keep_ids,
+    verify: bool,
+    transform=None,
+    transform_kwargs: dict | None = None,
+    detector: Detector = LARTPC,
+) -> tuple[object, Counter]:
+    table, counts, _ = read_preprocessed(root, rec, cfg, keep_ids, verify, detector)
     return (transform(table, **transform_kwargs) if transform is not None else table), counts
 
 
@@ -202,7 +215,7 @@ class DirectStream:
         prep = self.prepared
         for rec in prep.manifest.shards:
             out, counts, timings = read_preprocessed(prep.root, rec, self.cfg.preprocess, prep.keep_ids,
-                                                     self.cfg.verify_checksums)  # fmt: skip
+                                                     self.cfg.verify_checksums, prep.detector)  # fmt: skip
             self.timings.update(timings)
             self.counts.update(counts)
             yield out

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from raysvc.data.detectors import LARTPC, Detector
 from raysvc.data.schema import EVENT_SCHEMA, EventDataError
 from raysvc.data.shards import ShardRecord, read_shard
 from raysvc.data.transforms import PreprocessConfig, preprocess_table
@@ -43,8 +44,10 @@ def make_ledger():
 
 
 def read_preprocessed(root: Location, rec: ShardRecord, cfg: PreprocessConfig, keep_ids: np.ndarray | None,
-                      verify_checksum: bool = True) -> tuple[pa.Table, Counter, Counter]:  # fmt: skip
-    """One shard read (size, sha256 and row count checked against the manifest) and preprocessed.
+                      verify_checksum: bool = True, detector: Detector = LARTPC,
+                      ) -> tuple[pa.Table, Counter, Counter]:  # fmt: skip
+    """One shard read (size, sha256 and row count checked against the manifest) and preprocessed; `detector` is the
+    manifest's (see `preprocess_table`).
 
     Returns (table, counts, seconds by stage); both the Ray tasks and the direct path use it. A corrupt shard raises,
     or under on_bad=skip is skipped whole and its events counted as bad:corrupt.
@@ -58,17 +61,17 @@ def read_preprocessed(root: Location, rec: ShardRecord, cfg: PreprocessConfig, k
         return EVENT_SCHEMA.empty_table(), Counter({"read": rec.events, f"bad:{e.kind}": rec.events}), Counter()
     table = table.select([c for c in READ_COLUMNS if c in table.column_names])
     t1 = time.perf_counter()
-    out, counts = preprocess_table(table, cfg, root.join(rec.name).uri, keep_ids, row_base=0)
+    out, counts = preprocess_table(table, cfg, root.join(rec.name).uri, keep_ids, row_base=0, detector=detector)
     return out, counts, Counter(read=t1 - t0, preprocess=time.perf_counter() - t1)
 
 
 def read_shards_udf(batch: pa.Table, root: Location, cfg: PreprocessConfig, keep_ids: np.ndarray | None, ledger,
-                     verify_checksum: bool) -> Iterator[pa.Table]:  # fmt: skip
+                     verify_checksum: bool, detector: Detector = LARTPC) -> Iterator[pa.Table]:  # fmt: skip
     """Ray Data UDF: for each shard record in the batch, read + preprocess; counts go to the ledger."""
     import ray
 
     for rec in batch.to_pylist():
-        out, counts, seconds = read_preprocessed(root, ShardRecord(**rec), cfg, keep_ids, verify_checksum)
+        out, counts, seconds = read_preprocessed(root, ShardRecord(**rec), cfg, keep_ids, verify_checksum, detector)
         counts.update({f"seconds:{k}": v for k, v in seconds.items()})
         ray.get(ledger.add.remote(dict(counts)))  # synchronous: counts are in before the rows are consumed
         if out.num_rows:

@@ -12,13 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
-VOLUME_SIZE = 768  # voxels per side of the PILArNet-M cube
-VOXEL_MM = 3.0
+from raysvc.data.detectors import DEFAULT_DETECTOR, LARTPC, Detector
 
-CLASS_NAMES = ("shower", "track", "michel", "delta", "led")
-LED_CLASS = 4
-PID_NAMES = ("photon", "electron", "muon", "pion", "proton")  # -1 = none (low-energy depositions)
+SCHEMA_VERSION = 1
+
 
 # Per-point list columns and their Arrow value types.
 POINT_FIELDS: dict[str, pa.DataType] = {
@@ -69,10 +66,11 @@ def _rebuild_event_error(shard, detail, row, event_id, field, kind) -> EventData
     return EventDataError(shard, detail, row=row, event_id=event_id, field=field, kind=kind)
 
 
-def table_from_events(events: list[dict], source: str | list[str], detector: str = "lartpc") -> pa.Table:
+def table_from_events(events: list[dict], source: str | list[str], detector: str = DEFAULT_DETECTOR) -> pa.Table:
     """Build an event table from per-event dicts of numpy arrays (coord (N,3), energy (N,), labels (N,)).
 
-    `source` says where the events came from: one string for all, or one per event."""
+    `source` says where the events came from: one string for all, or one per event; `detector` (a registered name)
+    fills the `detector` column, which `find_problems` checks against the dataset's."""
     counts = np.array([len(e["energy"]) for e in events], dtype=np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     cols: dict[str, pa.Array] = {"event_id": pa.array([int(e["event_id"]) for e in events], pa.int64())}
@@ -146,13 +144,18 @@ def check_columns(table: pa.Table, shard: str) -> pa.Table:
     return table
 
 
-def find_problems(table: pa.Table, *, volume: float = VOLUME_SIZE, num_classes: int = len(CLASS_NAMES),
-                  ) -> list[Problem]:  # fmt: skip
+def find_problems(
+    table: pa.Table, *, detector: Detector = LARTPC, volume: float | None = None, num_classes: int | None = None
+) -> list[Problem]:
     """All rows that break the data contract (one Problem per row: the first broken rule), in row order.
 
-    Rules: lengths of every per-point list equal num_points; no empty event; coordinates finite and inside
-    [0, volume); energy finite and >= 0; semantic in [0, num_classes).
+    Rules: the `detector` column, where present and not null, names `detector` (the dataset's: an event of another
+    detector is checked first, since its geometry and labels mean something else); lengths of every per-point list
+    equal num_points; no empty event; coordinates finite and inside [0, volume); energy finite and >= 0; semantic in
+    [0, num_classes). `volume` and `num_classes` default to the detector's extent and semantic classes.
     """
+    volume = detector.extent if volume is None else volume
+    num_classes = detector.semantic.num_classes if num_classes is None else num_classes
     n = table.num_rows
     event_ids = table.column("event_id").to_numpy()
     num_points = table.column("num_points").to_numpy().astype(np.int64)
@@ -163,6 +166,12 @@ def find_problems(table: pa.Table, *, volume: float = VOLUME_SIZE, num_classes: 
             if r not in bad:
                 bad[r] = Problem(r, int(event_ids[r]), field, kind, message)
 
+    if "detector" in table.column_names:
+        names = table.column("detector").combine_chunks()
+        other = pc.not_equal(names, detector.name).fill_null(False)
+        for name in pc.unique(names.filter(other)).to_pylist():  # one pass per distinct foreign name: a few at most
+            rows = np.flatnonzero(pc.equal(names, name).fill_null(False).to_numpy(zero_copy_only=False))
+            flag(rows, "detector", "detector", f"detector is {name!r}, expected {detector.name!r} (the dataset's)")
     flag(np.flatnonzero(num_points <= 0), "num_points", "empty", "event has no points")
     for name in POINT_FIELDS:
         lengths, _ = _list_parts(table.column(name))
@@ -176,7 +185,7 @@ def find_problems(table: pa.Table, *, volume: float = VOLUME_SIZE, num_classes: 
     xyz = coord_vals.flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
     finite = np.isfinite(xyz).all(axis=1)
     flag(row_of_point[~finite], "coord", "nonfinite", "coordinates contain NaN or inf")
-    inside = ((xyz >= 0) & (xyz < volume)).all(axis=1) | ~finite
+    inside = detector.inside(xyz, volume) | ~finite
     flag(row_of_point[~inside], "coord", "outside", f"coordinates outside the detector volume [0, {volume})")
 
     lengths, e_vals = _list_parts(table.column("energy"))
@@ -193,7 +202,8 @@ def find_problems(table: pa.Table, *, volume: float = VOLUME_SIZE, num_classes: 
 
 
 def validate_table(table: pa.Table, shard: str, row_base: int | None = 0, **kw) -> pa.Table:
-    """check_columns + find_problems; raise EventDataError for the first bad row.
+    """check_columns + find_problems (`kw`: its detector, volume, num_classes); raise EventDataError for the first
+    bad row.
 
     `row_base` is the shard row of the table's first row; None when unknown (a streamed batch), in which case the
     error names the event id but no row.

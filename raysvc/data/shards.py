@@ -1,4 +1,5 @@
-"""A dataset = a directory of Parquet shards + `manifest.json` (shard list, counts, schema version, provenance, sha256).
+"""A dataset = a directory of Parquet shards + `manifest.json` (shard list, counts, schema version, provenance, sha256,
+and the detector its events come from).
 
 Shards are written atomically (see storage.write_bytes_atomic) and the manifest last, so readers, who go by the
 manifest, never see a half-written dataset. Shard names sort in event order: `events-00000.parquet`, ...
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysvc import __version__
+from raysvc.data.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
 from raysvc.data.schema import EVENT_SCHEMA, SCHEMA_VERSION, EventDataError, check_columns
 from raysvc.storage import Location, explained, read_bytes, sha256_hex, write_bytes_atomic
 
@@ -47,6 +49,12 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
     created_at: str = ""
+    detector: str = DEFAULT_DETECTOR  # registered name (raysvc.data.detectors); manifests from before it: LArTPC
+
+    @property
+    def detector_spec(self) -> Detector:
+        """The Detector record of the dataset's events: what readers normalise, check and label them by."""
+        return get_detector(self.detector)
 
     @property
     def events(self) -> int:
@@ -79,9 +87,12 @@ def write_shard(root: Location, name: str, table: pa.Table) -> ShardRecord:
     return ShardRecord(name, table.num_rows, points, len(data), sha256_hex(data), first)
 
 
-def write_manifest(root: Location, shards: list[ShardRecord], created_by: dict) -> Manifest:
+def write_manifest(
+    root: Location, shards: list[ShardRecord], created_by: dict, detector: str = DEFAULT_DETECTOR
+) -> Manifest:
+    get_detector(detector)  # an unknown name fails here, not when the dataset is next read
     m = Manifest(shards=sorted(shards, key=lambda s: s.name), created_by=created_by,
-                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
+                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), detector=detector)  # fmt: skip
     write_bytes_atomic(root.join(MANIFEST), m.to_json().encode())
     return m
 
@@ -100,11 +111,18 @@ def load_manifest(root: Location) -> Manifest:
     if d.get("schema_version") != SCHEMA_VERSION:
         raise EventDataError(where.uri, f"schema_version {d.get('schema_version')!r}; this raysvc reads "
                              f"{SCHEMA_VERSION}", field="schema_version", kind="manifest")  # fmt: skip
+    detector = d.get("detector", DEFAULT_DETECTOR)  # absent: written before manifests named their detector
+    if not isinstance(detector, str) or detector not in DETECTORS:
+        known = sorted(DETECTORS)
+        raise EventDataError(
+            where.uri, f"unknown detector {detector!r}; known detectors: {known}", field="detector", kind="manifest"
+        )
     try:
         shards = [ShardRecord(**s) for s in d["shards"]]
     except (KeyError, TypeError) as e:
         raise EventDataError(where.uri, f"bad shard list ({e})", field="shards", kind="manifest") from e
-    return Manifest(shards=shards, created_by=d.get("created_by", {}), created_at=d.get("created_at", ""))
+    created_by, created_at = d.get("created_by", {}), d.get("created_at", "")
+    return Manifest(shards=shards, created_by=created_by, created_at=created_at, detector=detector)
 
 
 def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True,
@@ -162,8 +180,10 @@ def iter_tables(root: Location, manifest: Manifest, **kw) -> Iterator[tuple[Shar
 
 
 def write_dataset(root: Location, n_shards: int, make_shard: Callable[[int], pa.Table], created_by: dict,
-                  workers: int = 1, progress: Callable[[Iterable], Iterable] | None = None) -> Manifest:  # fmt: skip
-    """Build shards 0..n_shards-1 with `make_shard(i)` (in `workers` processes), write each, then the manifest.
+                  workers: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
+                  detector: str = DEFAULT_DETECTOR) -> Manifest:  # fmt: skip
+    """Build shards 0..n_shards-1 with `make_shard(i)` (in `workers` processes), write each, then the manifest
+    (naming `detector`, whose events `make_shard` must write).
 
     `make_shard` must be a picklable top-level callable when workers > 1.
     """
@@ -179,7 +199,7 @@ def write_dataset(root: Location, n_shards: int, make_shard: Callable[[int], pa.
             for fut in progress(as_completed(futs)):
                 records.append(fut.result())
     created_by = {"raysvc_version": __version__, **created_by}
-    return write_manifest(root, records, created_by)
+    return write_manifest(root, records, created_by, detector)
 
 
 def _build_and_write(root: Location, i: int, make_shard: Callable[[int], pa.Table]) -> ShardRecord:

@@ -1,22 +1,16 @@
-"""Dataset statistics (`raysvc data inspect`), side by side with PILArNet-M's published ones."""
+"""Dataset statistics (`raysvc data inspect`), side by side with the published ones of the dataset's detector
+(LArTPC: PILArNet-M's)."""
 
 from __future__ import annotations
 
+import copy
+import re
+
 import numpy as np
 
-from raysvc.data.schema import CLASS_NAMES, flat_values
+from raysvc.data.schema import flat_values
 from raysvc.data.shards import iter_tables, load_manifest
 from raysvc.storage import Location
-
-# docs/methods.md, "Data": whole-dataset class counts of PILArNet-M and event multiplicities.
-PILARNET_CLASS_COUNTS = np.array([1926651899, 2038240940, 34083197, 92015482, 1145363125], dtype=np.float64)
-PILARNET_REFERENCE = {
-    "class_fractions": dict(zip(CLASS_NAMES, (PILARNET_CLASS_COUNTS / PILARNET_CLASS_COUNTS.sum()).round(4).tolist(),
-                                strict=True)),  # fmt: skip
-    "points_per_event": "2k-30k after cuts",
-    "interactions_per_event": {"mean": 4, "std": 3},
-    "particles_per_event": {"mean": 11, "std": 8},
-}
 
 
 def _distinct_per_row(lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -30,21 +24,25 @@ def _distinct_per_row(lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def inspect_dataset(root: Location, verify: bool = True) -> dict:
     """Statistics over every event; shards are checked against the manifest's sizes and checksums on the way."""
     manifest = load_manifest(root)
-    n_points, class_counts, inter, part = [], np.zeros(len(CLASS_NAMES), np.int64), [], []
+    detector = manifest.detector_spec
+    names = detector.class_names
+    n_points, class_counts, inter, part = [], np.zeros(len(names), np.int64), [], []
     cols = ["num_points", "semantic", "interaction", "particle"]
     for _, table in iter_tables(root, manifest, verify_checksum=verify, columns=cols):
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         n_points.append(lengths)
         sem = flat_values(table, "semantic")
-        class_counts += np.bincount(sem[(sem >= 0) & (sem < len(CLASS_NAMES))], minlength=len(CLASS_NAMES))
+        class_counts += np.bincount(sem[(sem >= 0) & (sem < len(names))], minlength=len(names))
         inter.append(_distinct_per_row(lengths, flat_values(table, "interaction")))
         part.append(_distinct_per_row(lengths, flat_values(table, "particle")))
     npts = np.concatenate(n_points) if n_points else np.zeros(0)
     inter_a, part_a = (np.concatenate(x) if x else np.zeros(0) for x in (inter, part))
     total = max(int(class_counts.sum()), 1)
     describe = lambda a: {"mean": float(a.mean()), "std": float(a.std())} if len(a) else {}  # noqa: E731
+    reference = copy.deepcopy(detector.reference)  # the caller's to change
     return {
         "uri": root.uri,
+        "detector": detector.name,
         "events": int(len(npts)),
         "points": int(npts.sum()),
         "shards": len(manifest.shards),
@@ -57,8 +55,15 @@ def inspect_dataset(root: Location, verify: bool = True) -> dict:
             "p5": float(np.percentile(npts, 5)) if len(npts) else 0.0,
             "p95": float(np.percentile(npts, 95)) if len(npts) else 0.0,
         },  # fmt: skip
-        "class_fractions": {name: float(class_counts[i] / total) for i, name in enumerate(CLASS_NAMES)},
+        "class_fractions": {name: float(class_counts[i] / total) for i, name in enumerate(names)},
         "interactions_per_event": describe(inter_a),
         "particles_per_event": describe(part_a),
-        "reference_pilarnet_m": PILARNET_REFERENCE,
+        "reference": reference,
+        # the same, under the key readers used before `reference` (LArTPC: `reference_pilarnet_m`)
+        **({reference_key(reference): reference} if reference.get("name") else {}),
     }
+
+
+def reference_key(reference: dict) -> str:
+    """`reference_<name>` for a detector's reference statistics: PILArNet-M -> `reference_pilarnet_m`."""
+    return "reference_" + re.sub(r"[^a-z0-9]+", "_", reference["name"].lower()).strip("_")

@@ -58,7 +58,8 @@ def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_s
                   verify_checksums: bool = True, log=print) -> dict[int, Manifest]:  # fmt: skip
     """Write each n-event subset of the dataset at `root` (the events `select_subset(ids, seed, n)` picks) as a
     dataset of its own at `targets[n]`, in one pass over the shards, split into >= `min_shards` shards (one per
-    Train worker). A target whose manifest already records the same (source, events, seed) is kept as it is."""
+    Train worker), naming the source's detector. A target whose manifest already records the same (source, events,
+    seed) and detector is kept as it is."""
     manifest = load_manifest(root)
     out: dict[int, Manifest] = {}
     todo = {}
@@ -67,7 +68,7 @@ def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_s
         stamp = {"subset_of": root.uri, "events": n, "subset_seed": seed}
         if exists(loc.join("manifest.json")):
             written = load_manifest(loc)
-            if written.created_by == stamp:
+            if written.created_by == stamp and written.detector == manifest.detector:
                 out[n] = written
                 continue
         if ids is None:
@@ -88,6 +89,6 @@ def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_s
         bounds = np.linspace(0, table.num_rows, pieces + 1).astype(int)
         recs = [write_shard(loc, shard_name(i), table.slice(a, b - a))
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]  # fmt: skip
-        out[n] = write_manifest(loc, recs, stamp)
+        out[n] = write_manifest(loc, recs, stamp, detector=manifest.detector)
         log(f"[raysvc] subset of {n} events (seed {seed}) -> {loc.uri} ({pieces} shards)")
     return out

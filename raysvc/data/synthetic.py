@@ -8,7 +8,7 @@ import math
 import pyarrow as pa
 from tqdm import tqdm
 
-from raysvc.data.generator import GeneratorConfig, generate_event
+from raysvc.data.generator import DETECTOR, GeneratorConfig, generate_event
 from raysvc.data.schema import table_from_events
 from raysvc.data.shards import Manifest, write_dataset
 from raysvc.storage import Location
@@ -16,7 +16,8 @@ from raysvc.storage import Location
 
 def _shard_table(i: int, *, cfg: GeneratorConfig, seed: int, events: int, shard_events: int) -> pa.Table:
     lo, hi = i * shard_events, min((i + 1) * shard_events, events)
-    return table_from_events([generate_event(cfg, seed, k) for k in range(lo, hi)], source=f"synthetic:seed={seed}")
+    events = [generate_event(cfg, seed, k) for k in range(lo, hi)]
+    return table_from_events(events, source=f"synthetic:seed={seed}", detector=DETECTOR.name)
 
 
 def generate_dataset(
@@ -32,4 +33,4 @@ def generate_dataset(
     bar = (lambda it: tqdm(it, total=n_shards, desc="shards", unit="shard")) if show_progress else None
     created_by = {"tool": "raysvc data generate", "seed": seed, "events": events, "shard_events": shard_events,
                   "generator": cfg.model_dump(mode="json")}  # fmt: skip
-    return write_dataset(root, n_shards, make, created_by, workers=workers, progress=bar)
+    return write_dataset(root, n_shards, make, created_by, workers=workers, progress=bar, detector=DETECTOR.name)

@@ -1,8 +1,9 @@
 """Reference preprocessing on Arrow event tables, vectorised over flat list values (no per-event Python loop).
 
 Same code for training (inside Ray Data tasks), the direct reader and, later, serving. Constants are Panda's
-(docs/methods.md, "Data"): energy threshold 0.13, min 1024 points, centre 384, scale 768*sqrt(3)/2, log-energy with
-m = 0.01, Emax = 20 into [-1, 1] (not clipped above Emax, so the rare very dense voxel keeps its information).
+(docs/methods.md, "Data"): energy threshold 0.13, min 1024 points, log-energy with m = 0.01, Emax = 20 into [-1, 1]
+(not clipped above Emax, so the rare very dense voxel keeps its information); centre, scale and volume default to
+LArTPC's (centre 384, scale 768*sqrt(3)/2, volume 768), from its Detector record.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from raysvc.data.detectors import LARTPC, Detector
 from raysvc.data.schema import (
     EVENT_SCHEMA,
-    LED_CLASS,
     POINT_FIELDS,
-    VOLUME_SIZE,
     EventDataError,
     check_columns,
     find_problems,
@@ -35,12 +35,14 @@ class PreprocessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     energy_threshold: float = Field(0.13, ge=0, description="drop points with energy <= this (MeV)")
     min_points: int = Field(1024, ge=1, description="drop events with fewer points after the cuts")
-    remove_led: bool = Field(False, description="drop class-4 low-energy depositions (PoLAr-MAE does)")
-    center: float = Field(VOLUME_SIZE / 2, description="coordinate centre (voxels)")
-    scale: float = Field(VOLUME_SIZE * math.sqrt(3) / 2, gt=0, description="coordinate scale: unit sphere")
+    remove_led: bool = Field(
+        False, description="drop the detector's stuff class, LArTPC's class-4 low-energy depositions (PoLAr-MAE does)"
+    )
+    center: float = Field(LARTPC.center, description="coordinate centre (voxels)")
+    scale: float = Field(LARTPC.scale, gt=0, description="coordinate scale: unit sphere")
     log_m: float = Field(0.01, gt=0)
     log_emax: float = Field(20.0, gt=0)
-    volume: float = Field(VOLUME_SIZE, gt=0, description="coordinates must lie in [0, volume)")
+    volume: float = Field(LARTPC.extent, gt=0, description="coordinates must lie in [0, volume)")
     on_bad: Literal["error", "skip"] = Field("error", description="bad events: raise, or skip and count")
 
 
@@ -74,12 +76,15 @@ def _rebuild_lists(table: pa.Table, point_mask: np.ndarray, lengths: np.ndarray,
 
 
 def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_ids: np.ndarray | None = None,
-                     row_base: int | None = None) -> tuple[pa.Table, Counter]:  # fmt: skip
+                     row_base: int | None = None, detector: Detector = LARTPC) -> tuple[pa.Table, Counter]:  # fmt: skip
     """Validate, cut, normalise. Returns the model-ready table and a Counter of what was removed and why.
 
-    Counter keys: `selected_out` (not in the label subset), `bad:<kind>` (bad input skipped under on_bad=skip),
-    `cut:min_points` (too few points after the cuts: a physics cut, not an error).
+    `detector` is the dataset's (its manifest's): events whose `detector` column names another are bad input, and
+    `remove_led` drops its stuff class. Counter keys: `selected_out` (not in the label subset), `bad:<kind>` (bad
+    input skipped under on_bad=skip), `cut:min_points` (too few points after the cuts: a physics cut, not an error).
     """
+    if cfg.remove_led and detector.stuff_class is None:
+        raise ValueError(f"remove_led: detector {detector.name!r} has no stuff class to remove")
     counts: Counter = Counter(read=table.num_rows)
     if keep_ids is not None:
         sel = pc.is_in(table.column("event_id"), value_set=pa.array(keep_ids, pa.int64()))
@@ -94,7 +99,7 @@ def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_id
             raise
         counts[f"bad:{e.kind}"] += table.num_rows
         return table.slice(0, 0), counts
-    problems = find_problems(table, volume=cfg.volume)
+    problems = find_problems(table, detector=detector, volume=cfg.volume)
     if problems:
         if cfg.on_bad == "error":
             p = problems[0]
@@ -110,7 +115,7 @@ def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_id
     mask = energy > cfg.energy_threshold
     if cfg.remove_led:
         sem = flat_values(table, "semantic")
-        mask &= sem != LED_CLASS
+        mask &= sem != detector.stuff_class
     xyz = flat_coords(table)
     table = _rebuild_lists(table, mask, lengths, {
         "coord": normalize_coord(xyz[mask], cfg),

@@ -1,4 +1,5 @@
-"""`raysvc data verify`: every shard against its manifest record and every event against the data contract."""
+"""`raysvc data verify`: every shard against its manifest record and every event against the data contract, which
+includes naming the manifest's detector in its `detector` column."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ MAX_LISTED = 50
 def verify_dataset(root: Location) -> dict:
     """Read all shards (size, sha256, Parquet, schema) and list bad events by shard, row, event id and field."""
     manifest = load_manifest(root)
+    detector = manifest.detector_spec
     problems: list[dict] = []
     bad_shards: list[dict] = []
     bad_events = 0
@@ -23,12 +25,13 @@ def verify_dataset(root: Location) -> dict:
             bad_shards.append({"shard": uri, "kind": e.kind, "message": str(e)})
             bad_events += rec.events
             continue
-        found = find_problems(table)
+        found = find_problems(table, detector=detector)
         bad_events += len(found)
         problems.extend({"shard": uri, "row": p.row, "event_id": p.event_id, "field": p.field, "kind": p.kind,
                          "message": p.message} for p in found[: MAX_LISTED - len(problems)])  # fmt: skip
     return {
         "uri": root.uri,
+        "detector": detector.name,
         "shards": len(manifest.shards),
         "events": manifest.events,
         "bad_shards": bad_shards,

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from raysvc.data.detectors import LARTPC
 from raysvc.data.schema import flat_coords, flat_values
 
 
@@ -39,7 +40,7 @@ class ViewConfig(BaseModel):
     )
     cnms_radius: float = Field(5.0, gt=0, description="C-NMS radius (voxels)")
     cnms_overlap: float = Field(0.73, gt=0, description="C-NMS overlap factor")
-    voxel_scale: float = Field(768 * math.sqrt(3) / 2, gt=0, description="normalised -> voxels, for C-NMS")
+    voxel_scale: float = Field(LARTPC.scale, gt=0, description="normalised -> voxels, for C-NMS (the preprocess scale)")
     energy_jitter_sigma: float = Field(0.05, ge=0, description="sigma of the shared energy factor 1 + N(0, s)")
     energy_jitter_p: float = Field(0.8, ge=0, le=1, description="probability of jittering an event's energy")
     rotate_p: float = Field(0.8, ge=0, le=1, description="probability of each rotation (z, x, y)")

@@ -7,8 +7,9 @@
 - Auth: `Authorization: Bearer <token>` on every /v1 route, compared in constant time. The token is read by each
   replica from RAYSVC_SERVE_TOKEN or the file RAYSVC_SERVE_TOKEN_FILE, never passed as an argument (arguments land
   in Serve's config and logs).
-- Preprocessing and inference are `raysvc.infer.Segmenter`, the code `raysvc predict` runs: the events pass the
-  data contract's checks (finite, energy >= 0, inside the volume, non-empty) and get its messages back as 422s.
+- Preprocessing and inference are `raysvc.inference.segmenter.Segmenter`, the code `raysvc predict` runs: the
+  events pass the data contract's checks (finite, energy >= 0, inside the volume, non-empty) and get its messages
+  back as 422s.
 - Dynamic batching (`@serve.batch`) bounded by the total points per batch (`batch_size_fn`), so one huge event
   never rides with many others; requests for different models in one batch are run model by model.
 """
@@ -105,7 +106,7 @@ class SegmentService:
     def __init__(self, config: dict):
         import torch
 
-        from raysvc.infer import Segmenter
+        from raysvc.inference.segmenter import Segmenter
         from raysvc.storage import resolve
 
         self.cfg = ServeConfig.model_validate(config)
@@ -141,8 +142,8 @@ class SegmentService:
         if (denied := self._authorised(request)) is not None:
             return denied
         return {"default": self.cfg.default_model,
-                "models": [{"id": mid, "uri": self.uris[mid], "classes": list(seg.config["class_names"]),
-                            "size": seg.config["model"]["size"], "mode": seg.config["model"].get("mode")}
+                "models": [{"id": mid, "uri": self.uris[mid], "classes": list(seg.class_names),
+                            "size": seg.record.model.size, "mode": seg.record.model.mode}
                            for mid, seg in self.models.items()]}  # fmt: skip
 
     @api.post("/v1/segment")
@@ -176,7 +177,7 @@ class SegmentService:
             classes, probs = await asyncio.to_thread(self._infer_one, model_id, event)
         t2 = time.perf_counter()
         out = {"model": model_id, "num_points": len(classes), "classes": classes.tolist(),
-               "class_names": list(seg.config["class_names"])}  # fmt: skip
+               "class_names": list(seg.class_names)}  # fmt: skip
         if event.probabilities:
             out["probabilities"] = _json_probs(probs)
         out["timing_ms"] = {"receive": 1e3 * (t_body - t0), "parse": 1e3 * (t1 - t_body), "infer": 1e3 * (t2 - t1),

@@ -1,8 +1,8 @@
 """`raysvc sweep tune/finetune-fractions.yaml`: the label-efficiency matrix (the talk's table A).
 
 Trials are labelled-event counts x fine-tuning modes (lin, dec, fft, scratch). Each trial is a whole Ray Train
-fine-tuning run (`run_finetune`, Train inside a Tune function trainable), from the exported backbone `init` (scratch:
-none), scored on the job's validation events, which every trial shares.
+fine-tuning run (`train.driver.run_job`, Train inside a Tune function trainable), from the exported backbone `init`
+(scratch: none), scored on the job's validation events, which every trial shares.
 
 Before any trial, each label subset is materialised once as its own shards under the experiment directory: the same
 nested, seeded events that `data.subset_events=N` selects, but a trial then reads N events instead of filtering
@@ -25,7 +25,7 @@ from raysvc.data.subset import write_subsets
 from raysvc.storage import Location, absolute_uri, resolve, write_bytes_atomic
 from raysvc.sweep.runner import run_grid
 from raysvc.sweep.spec import FinetuneSweep
-from raysvc.train.job_config import FinetuneConfig
+from raysvc.train.tasks.segmentation import FinetuneConfig
 
 
 def _label(n: int | None) -> str:
@@ -66,11 +66,11 @@ def finetune_trial(config: dict, base: dict, sweep: str, init: str, runs_uri: st
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysvc.train.finetune import run_finetune
+    from raysvc.train.driver import run_job
 
     params = config["trial"]
     cfg = trial_config(FinetuneConfig.model_validate(base), params, sweep, init, runs_uri)
-    summary = run_finetune(cfg, callbacks=[TuneReportCallback()])
+    summary = run_job(cfg, callbacks=[TuneReportCallback()])
     val = summary["val"] or {}
     if val.get(metric) is None:
         raise ValueError(f"trial {params['name']}: the validation metrics have no {metric!r} value")
@@ -126,14 +126,14 @@ def efficiency_png(table: dict, total_events: int | None) -> bytes:
 
 
 def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
-    from raysvc.train.export import load_model
+    from raysvc.inference.record import load_export
 
     t0 = time.time()
     base = load_config(FinetuneConfig, spec.job, spec.set)
     base.data.uri, base.val_data.uri = absolute_uri(base.data.uri), absolute_uri(base.val_data.uri)
     init = absolute_uri(spec.init)
     if any(m != "scratch" for m in spec.modes):
-        load_model(resolve(init))  # fails here, naming the directory, rather than in every trial
+        load_export(resolve(init))  # fails here, naming the directory, rather than in every trial
     exp = resolve(absolute_uri(spec.storage)).join(spec.name)
     uris = materialise_subsets(base, spec.events, spec.subset_seed, exp, base.scaling.workers, log)
     trials = grid_trials(spec, uris)

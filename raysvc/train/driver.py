@@ -1,18 +1,47 @@
-"""What the job drivers (`finetune`, `pretrain`) share: run a per-worker loop under a TorchTrainer whose run lives at
-`run.storage/run.name` (re-running the same name resumes), and hand back the final checkpoint's state."""
+"""The one job driver: `raysvc finetune`, `raysvc pretrain` and the sweeps' trials all run `run_job`.
+
+Everything that can be checked on the driver is checked before a worker starts: the config (by pydantic, naming the
+field), the datasets (manifest + preflight of every shard: the task's `prepare`) and the storage (created /
+writable). Then a TorchTrainer runs `train.loop.train_loop` on `scaling.workers` workers; the run lives at
+`run.storage/run.name`, where Ray keeps its checkpoints, so re-running with the same name resumes. At the end the
+task exports its model and draws its plots, and the driver writes `summary.json` beside them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections import Counter
+from pathlib import Path
 
 import torch
+import yaml
 
+from raysvc.config import ConfigError, load_config
+from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import Prepared
 from raysvc.data.transforms import report
 from raysvc.ray_init import init_ray
-from raysvc.storage import Location
-from raysvc.train.job_config import RunSection, ScalingSection
+from raysvc.storage import Location, absolute_uri, ensure_dir, resolve, write_bytes_atomic
+from raysvc.train.config import JobConfig, RunSection, ScalingSection
+from raysvc.train.tasks import TASKS, get_task
+
+
+def load_job(path: str | None, sets: list[str] | None, default_task: str) -> JobConfig:
+    """The typed config of a job YAML (+ `--set` overrides): the task named by its `task:` key (or `default_task`)
+    validates it."""
+    task = default_task
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config ({e})") from e
+        task = raw.get("task", task) if isinstance(raw, dict) else task
+    task = next((s.split("=", 1)[1].strip() for s in sets or [] if s.startswith("task=")), task)
+    if task not in TASKS:
+        raise ConfigError(f"{path or 'job'}: task {task!r} is not one of {sorted(TASKS)}")
+    return load_config(get_task(task).config, path, sets)
 
 
 def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, storage_root: Location,
@@ -51,3 +80,40 @@ def data_report(state: dict, prep: Prepared) -> dict:
     for c in state.get("counts", []):
         total.update(c)
     return report(total)
+
+
+def _absolute(cfg: JobConfig) -> None:
+    """Relative paths in the config become absolute here, on the driver: workers may run elsewhere."""
+    cfg.run.storage = absolute_uri(cfg.run.storage)
+    for name in type(cfg).model_fields:
+        section = getattr(cfg, name)
+        if isinstance(section, DataConfig):
+            section.uri = absolute_uri(section.uri)
+    model = getattr(cfg, "model", None)
+    if getattr(model, "init", None):
+        model.init = absolute_uri(model.init)
+
+
+def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: list | None = None) -> dict:
+    """Run (or resume) the job and export its result; returns the summary. `fault` ({"step": n, "marker": path})
+    makes rank 0 raise once at step n: the hook the fault-tolerance tests use. `callbacks` go to the Train run (a
+    sweep passes Tune's report callback)."""
+    from raysvc.train.loop import train_loop
+
+    t0 = time.time()
+    task = get_task(cfg.task)
+    cfg = cfg.model_copy(deep=True)
+    _absolute(cfg)
+    inputs = task.prepare(cfg, log)
+    storage_root = resolve(cfg.run.storage)
+    ensure_dir(storage_root)
+    run_loc = storage_root.join(cfg.run.name)
+    state = fit(train_loop, {"task": cfg.task, "job": cfg.model_dump(mode="json"), "inputs": inputs, "fault": fault},
+                cfg.scaling, cfg.run, storage_root, callbacks)  # fmt: skip
+    own = task.finish(cfg, state, run_loc, inputs, log)
+    summary = {"run": cfg.run.name, "task": cfg.task, "uri": run_loc.uri, "steps": state["step"],
+               "workers": cfg.scaling.workers, **own, "history": state["history"],
+               "data": data_report(state, inputs["train_data"]), "wall_s": time.time() - t0,
+               "config": cfg.model_dump(mode="json")}  # fmt: skip
+    write_bytes_atomic(run_loc.join("summary.json"), json.dumps(summary, indent=2).encode())
+    return summary

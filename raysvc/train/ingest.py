@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from raysvc.data.pipeline import iter_packed
-from raysvc.data.schema import CLASS_NAMES
 
 
 def ingest_loop(config: dict) -> None:
@@ -25,13 +24,14 @@ def ingest_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     ids: list[int] = []
     points = 0
-    classes = np.zeros(len(CLASS_NAMES), np.int64)
+    num_classes = config["num_classes"]  # of the dataset's detector
+    classes = np.zeros(num_classes, np.int64)
     batches = 0
     checksum = 0.0
     for batch in iter_packed(shard, config["batch_events"]):
         ids.extend(batch["event_id"].tolist())
         points += int(batch["offset"][-1])
-        classes += np.bincount(batch["semantic"].numpy(), minlength=len(CLASS_NAMES))[: len(CLASS_NAMES)]
+        classes += np.bincount(batch["semantic"].numpy(), minlength=num_classes)[:num_classes]
         checksum += float(batch["feat"].double().sum())
         batches += 1
     mine = {"rank": ctx.get_world_rank(), "event_ids": ids, "points": points, "classes": classes.tolist(),

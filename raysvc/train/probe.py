@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from raysvc.data.schema import CLASS_NAMES
+from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.models.ptv3 import PTv3, upcast
-from raysvc.train.metrics import ConfusionMatrix, compute
 
 
 class ProbeConfig(BaseModel):
@@ -47,7 +46,7 @@ def point_features(backbone: PTv3, batches: list[dict], inputs_fn, device: torch
 
 
 def fit_and_score(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg: ProbeConfig,
-                  seed: int = 0) -> dict:  # fmt: skip
+                  class_names: list[str], seed: int = 0) -> dict:  # fmt: skip
     """Fit on a class-capped sample of `train`, score on all of `val`: the metrics dict of `metrics.compute`."""
     x, y = train
     rng = np.random.default_rng(seed)
@@ -56,11 +55,11 @@ def fit_and_score(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, n
     clf = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter)
     clf.fit(scaler.transform(x[keep]), y[keep])
     pred = clf.predict(scaler.transform(val[0]))
-    cm = ConfusionMatrix(len(CLASS_NAMES)).update(torch.from_numpy(pred), torch.from_numpy(val[1]))
-    return compute(cm.matrix, CLASS_NAMES)
+    cm = ConfusionMatrix(len(class_names)).update(torch.from_numpy(pred), torch.from_numpy(val[1]))
+    return compute(cm.matrix, class_names)
 
 
 def run_probe(backbone: PTv3, probe_train: list[dict], probe_val: list[dict], inputs_fn, device, cfg: ProbeConfig,
-              seed: int = 0) -> dict:  # fmt: skip
+              class_names: list[str], seed: int = 0) -> dict:  # fmt: skip
     return fit_and_score(point_features(backbone, probe_train, inputs_fn, device),
-                         point_features(backbone, probe_val, inputs_fn, device), cfg, seed)  # fmt: skip
+                         point_features(backbone, probe_val, inputs_fn, device), cfg, class_names, seed)  # fmt: skip

@@ -21,4 +21,4 @@ def get_detector(name: str | None) -> Detector:
         raise ValueError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}") from None
 
 
-__all__ = ["DEFAULT_DETECTOR", "DETECTORS", "Detector", "LabelSpace", "get_detector"]
+__all__ = ["DEFAULT_DETECTOR", "DETECTORS", "LARTPC", "Detector", "LabelSpace", "get_detector"]

@@ -1,4 +1,4 @@
-"""Inference with an exported segmentation model: `raysvc predict` and the Serve endpoint share it.
+"""Inference with an exported segmentation model: `raysvc predict`, `raysvc evaluate` and the Serve endpoint.
 
 Predictions cover every point of every input event. Preprocessing is the training code with two differences that
 inference needs: no event is cut for having few points, and points at or below the energy threshold, which the
@@ -17,16 +17,14 @@ import pyarrow.parquet as pq
 import torch
 
 from raysvc.data.collate import collate_packed
+from raysvc.data.detectors import get_detector
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.shards import load_manifest, read_shard
-from raysvc.data.transforms import PreprocessConfig, preprocess_table, report
-from raysvc.models.heads import SegModel
-from raysvc.models.ptv3 import preset
+from raysvc.data.transforms import preprocess_table, report
+from raysvc.inference.featurize import model_inputs, usable_device
+from raysvc.inference.metrics import ConfusionMatrix, compute
+from raysvc.inference.record import load_export
 from raysvc.storage import Location, write_bytes_atomic
-from raysvc.train.export import load_model
-from raysvc.train.metrics import ConfusionMatrix, compute
-from raysvc.train.seg_loop import model_inputs
-from raysvc.train.worker import usable_device
 
 
 class Segmenter:
@@ -34,17 +32,18 @@ class Segmenter:
 
     def __init__(self, loc: Location, device: str | torch.device = "cpu"):
         device = usable_device(device)
-        state, self.config = load_model(loc)
-        m = self.config["model"]
-        self.model = SegModel(preset(m["size"], **m.get("overrides", {})), self.config["num_classes"], m["head"])
+        state, self.record = load_export(loc)
+        self.model = self.record.build()
         self.model.load_state_dict(state)
         self.model.eval().to(device)
         self.device = torch.device(device)
-        pre = dict(self.config["preprocess"])
-        pre.update(min_points=1, remove_led=False, on_bad="error")  # classify every event; bad input is an error
-        self.preprocess = PreprocessConfig(**pre)
-        self.grid_voxels = float(m.get("grid_voxels", 1.0))
-        self.center_events = bool(m.get("center_events", False))
+        # classify every event; bad input is an error
+        self.preprocess = self.record.preprocess.model_copy(update={"min_points": 1, "remove_led": False,
+                                                                    "on_bad": "error"})  # fmt: skip
+        self.grid_voxels = self.record.model.grid_voxels
+        self.center_events = self.record.model.center_events
+        self.class_names = list(self.record.class_names)
+        self.detector = get_detector(self.record.detector)
         self.model_id = loc.uri
 
     def point_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -60,9 +59,9 @@ class Segmenter:
         `probabilities`, also per-event (n, classes) float32 softmax rows (NaN below the threshold)."""
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         keep = flat_values(table, "energy") > self.preprocess.energy_threshold
-        pre, _ = preprocess_table(table, self.preprocess, source)
+        pre, _ = preprocess_table(table, self.preprocess, source, detector=self.detector)
         out_flat = np.full(int(lengths.sum()), -1, np.int8)
-        prob_flat = np.full((int(lengths.sum()), self.config["num_classes"]), np.nan, np.float32) if probabilities \
+        prob_flat = np.full((int(lengths.sum()), len(self.class_names)), np.nan, np.float32) if probabilities \
             else None  # fmt: skip
         if pre.num_rows:
             logits, _ = self.point_logits(collate_packed(pre))
@@ -76,12 +75,18 @@ class Segmenter:
     def _events_table(self, events: list[tuple[np.ndarray, np.ndarray]], source: str) -> pa.Table:
         return table_from_events([{"event_id": i, "coord": p, "energy": e,
                                    **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
-                                  for i, (p, e) in enumerate(events)], source)  # fmt: skip
+                                  for i, (p, e) in enumerate(events)], source, self.detector.name)  # fmt: skip
+
+    def check_dataset(self, manifest, data: Location) -> None:
+        """A dataset of another detector's events is an error naming both, before any event is read."""
+        if manifest.detector != self.detector.name:
+            raise ValueError(f"{data.uri} holds {manifest.detector} events; the model {self.model_id} was trained on "
+                             f"{self.detector.name} events")  # fmt: skip
 
     def check_event(self, points: np.ndarray, energies: np.ndarray, source: str = "request") -> None:
         """The data contract's checks on one event; EventDataError (naming the field) when it breaks one."""
         validate_table(self._events_table([(points, energies)], source), source, row_base=None,
-                       volume=self.preprocess.volume)  # fmt: skip
+                       detector=self.detector, volume=self.preprocess.volume)  # fmt: skip
 
     def predict_events(self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False,
                        source: str = "request"):  # fmt: skip
@@ -96,6 +101,7 @@ def predict_dataset(model_loc: Location, data: Location, out: Location, batch_ev
     """Predict every event of a dataset; writes preds-NNNNN.parquet per input shard plus predictions.json."""
     seg = Segmenter(model_loc, device)
     manifest = load_manifest(data)
+    seg.check_dataset(manifest, data)
     files, events, points = [], 0, 0
     for i, rec in enumerate(manifest.shards):
         table = read_shard(data, rec)
@@ -127,16 +133,18 @@ def evaluate_dataset(model_loc: Location, data: Location, batch_events: int = 4,
     model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
     mIoU, accuracy, confusion) plus what the cuts removed, counted."""
     seg = Segmenter(model_loc, device)
-    cuts = PreprocessConfig(**seg.config["preprocess"])  # the training cuts (min_points included)
-    names = seg.config.get("class_names") or [str(i) for i in range(seg.config["num_classes"])]
-    cm = ConfusionMatrix(seg.config["num_classes"])
+    cuts = seg.record.preprocess  # the training cuts (min_points included)
+    names = seg.class_names
+    cm = ConfusionMatrix(len(names))
     removed: Counter = Counter()
     events = 0  # read so far
-    for rec in load_manifest(data).shards:
+    manifest = load_manifest(data)
+    seg.check_dataset(manifest, data)
+    for rec in manifest.shards:
         table = read_shard(data, rec)
         if max_events is not None:
             table = table.slice(0, max(0, max_events - events))
-        pre, counts = preprocess_table(table, cuts, data.join(rec.name).uri)
+        pre, counts = preprocess_table(table, cuts, data.join(rec.name).uri, detector=seg.detector)
         removed.update(counts)
         for start in range(0, pre.num_rows, batch_events):
             logits, x = seg.point_logits(collate_packed(pre.slice(start, batch_events)))

@@ -23,15 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raysvc.data.schema import CLASS_NAMES
-
-NUM_CLASSES = len(CLASS_NAMES)
-
 
 class ConfusionMatrix:
     """Running (C, C) int64 confusion counts; rows are true classes, columns predicted classes."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = -1, matrix: np.ndarray | None = None):
+    def __init__(self, num_classes: int, ignore_index: int = -1, matrix: np.ndarray | None = None):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -96,7 +92,7 @@ class ConfusionMatrix:
     def from_dict(cls, d: dict[str, Any]) -> ConfusionMatrix:
         return cls(int(d["num_classes"]), int(d["ignore_index"]), np.asarray(d["matrix"], dtype=np.int64))
 
-    def compute(self, class_names: Sequence[str] = CLASS_NAMES) -> dict[str, Any]:
+    def compute(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         return compute(self.matrix, class_names)
 
 
@@ -109,11 +105,12 @@ def _mean(values: dict[str, float | None]) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def compute(matrix: np.ndarray | torch.Tensor, class_names: Sequence[str] = CLASS_NAMES) -> dict[str, Any]:
+def compute(matrix: np.ndarray | torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Per-class IoU / precision / recall / F1 / support, their defined-class means and accuracy, as JSON-ready
-    Python values (None = undefined; see the module docstring)."""
+    Python values (None = undefined; see the module docstring). Classes are keyed by `class_names` (the label
+    space's names, e.g. a Detector's), or by their index when None."""
     m = matrix.cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
-    names = list(class_names)
+    names = [str(i) for i in range(len(m))] if class_names is None else list(class_names)
     if m.shape != (len(names), len(names)):
         raise ValueError(f"matrix shape {m.shape} does not match {len(names)} class names")
     m = m.astype(np.int64)

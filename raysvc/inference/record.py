@@ -1,0 +1,135 @@
+"""The exported-model record: weights (safetensors) + `config.json`, written and read here only.
+
+An export is a directory (file:// or s3://) holding `model.safetensors` (a segmenter: backbone + head) or
+`backbone.safetensors` (a pretrained encoder), and `config.json`, the `ExportedModel` record: what rebuilds the
+network (`ModelSpec`), the detector and class names it speaks, the preprocessing it was trained under, and the
+producing method and step. `raysvc predict` / `evaluate`, the Serve endpoint, the probe and fine-tuning's
+`model.init` all read it through `load_export`. No optimizer state, no secrets. Records written before the format
+was versioned (no `format_version`) are read as version 1.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from raysvc.data.detectors import DEFAULT_DETECTOR, get_detector
+from raysvc.data.transforms import PreprocessConfig
+from raysvc.models.heads import SegModel
+from raysvc.models.ptv3 import PRESETS, PTv3Config, preset
+from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
+
+FORMAT_VERSION = 1
+WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors"}
+
+
+class ModelSpec(BaseModel):
+    """What rebuilds the network: backbone preset + overrides, the head (None: a backbone alone) and the model's
+    input grid."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: str = Field("tiny", description=f"backbone preset: one of {sorted(PRESETS)}")
+    overrides: dict = Field(default_factory=dict, description="PTv3Config fields that replace the preset's")
+    head: Literal["lin", "dec"] | None = None
+    grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels")
+    center_events: bool = Field(False, description="each event's coordinates shifted to its mean")
+    mode: str | None = Field(None, description="how it was fine-tuned (lin / dec / fft / scratch); informational")
+    init: str | None = Field(None, description="the export it was initialised from; informational")
+
+    def backbone_config(self) -> PTv3Config:
+        return preset(self.size, **self.overrides)
+
+
+class ExportedModel(BaseModel):
+    """config.json of an export (versioned)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    kind: Literal["segmenter", "backbone"]
+    method: str = Field(description="the task or method that produced it (segmentation, panda, ...)")
+    detector: str = DEFAULT_DETECTOR
+    model: ModelSpec
+    class_names: list[str] | None = Field(None, description="a segmenter's output classes, in order")
+    preprocess: PreprocessConfig
+    step: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unversioned(cls, data):
+        """Read the records of exports made before the format was versioned."""
+        if not isinstance(data, dict) or "format_version" in data:
+            return data
+        data = dict(data)
+        backbone = data.get("kind") == "panda-backbone"
+        data.update(format_version=1, kind="backbone" if backbone else "segmenter",
+                    method="panda" if backbone else "segmentation")  # fmt: skip
+        data.pop("num_classes", None)
+        data.setdefault("preprocess", {})  # the defaults, which every export made before had
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportedModel:
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version} is newer than this raysvc reads "
+                             f"({FORMAT_VERSION}): upgrade raysvc")  # fmt: skip
+        get_detector(self.detector)
+        if self.kind == "segmenter" and (not self.class_names or self.model.head is None):
+            raise ValueError("a segmenter record needs class_names and model.head")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names or ())
+
+    @property
+    def weights_name(self) -> str:
+        return WEIGHTS[self.kind]
+
+    def build(self) -> SegModel:
+        """The segmenter network this record describes (weights not loaded)."""
+        if self.kind != "segmenter":
+            raise ValueError(f"a {self.kind} export has no segmentation head; fine-tune it first")
+        return SegModel(self.model.backbone_config(), self.num_classes, self.model.head)
+
+
+def save_export(loc: Location, state: dict[str, torch.Tensor], record: ExportedModel) -> None:
+    """Write the weights, then config.json (readers go by config.json, so they never see half an export)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_bytes_atomic(loc.join(record.weights_name), st_save(tensors, metadata={"format": "pt"}))
+    write_bytes_atomic(loc.join("config.json"), record.model_dump_json(indent=2).encode())
+
+
+def load_record(loc: Location) -> ExportedModel:
+    """The record of an export; errors name the directory."""
+    if not exists(loc.join("config.json")):
+        raise FileNotFoundError(f"{loc.uri}: no config.json: not an exported model directory")
+    try:
+        return ExportedModel.model_validate(json.loads(read_bytes(loc.join("config.json"))))
+    except ValueError as e:
+        raise ValueError(f"{loc.join('config.json').uri}: not a valid export record: {e}") from e
+
+
+def load_export(loc: Location) -> tuple[dict[str, torch.Tensor], ExportedModel]:
+    """(state dict, record) of an export."""
+    record = load_record(loc)
+    weights = loc.join(record.weights_name)
+    if not exists(weights):
+        raise FileNotFoundError(f"{loc.uri}: config.json describes a {record.kind}, but {record.weights_name} is "
+                                "missing")
+    return st_load(read_bytes(weights)), record
+
+
+def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny") -> None:
+    """A freshly initialised (seeded) LArTPC segmenter exported as a fine-tuning run exports one: what the serving
+    benchmark and tests load when latency, not accuracy, is the question."""
+    torch.manual_seed(seed)
+    detector = get_detector(DEFAULT_DETECTOR)
+    record = ExportedModel(kind="segmenter", method="segmentation", detector=detector.name,
+                           model=ModelSpec(size=size, head="dec", mode="scratch"),
+                           class_names=list(detector.class_names), preprocess=PreprocessConfig())  # fmt: skip
+    save_export(loc, record.build().state_dict(), record)

@@ -1,0 +1,88 @@
+"""The one per-worker training loop that `ray.train.torch.TorchTrainer` runs (Train V2 API), for every task.
+
+Reads top to bottom: set up the worker, let the task build its modules, restore the last checkpoint if the run has
+one, then step: a batch from this rank's deterministic stream (Ray tasks read its shards a few ahead) -> the
+task's optimisation step -> logging every `log_every` steps (means over the window), the task's evaluation every
+`eval_every` steps, a checkpoint every `checkpoint_every` steps, each also at the last step.
+
+Determinism (resume == uninterrupted run): every rank loops over its own fixed shards in a seeded order per epoch,
+and a checkpoint stores each rank's (epoch, batches consumed) and its torch / numpy / Python RNG states. Ranks run
+the same number of steps, so uneven data per rank can never leave one waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from raysvc.train import heap
+from raysvc.train.tasks import WorkerContext, get_task
+from raysvc.train.tracking import Tracker
+from raysvc.train.worker import RankStream, load_checkpoint_state, restore, save, worker_setup
+
+
+def train_loop(config: dict) -> None:
+    """`config`: {"task": name, "job": the job config as JSON, "inputs": the task's prepared inputs, "fault": for
+    the fault-tolerance tests, {"step": n, "marker": path} makes rank 0 raise once at step n}."""
+    task_cls = get_task(config["task"])
+    cfg = task_cls.config.model_validate(config["job"])
+    rank, world, device = worker_setup(cfg.train.seed, cfg.scaling)
+    inputs = config["inputs"]
+    ctx = WorkerContext(rank, world, device, inputs, per_rank=cfg.train.batch_events // world)
+    task = task_cls(cfg, ctx)
+
+    step, ctx.history, (epoch, consumed), resumed_counts = restore(
+        load_checkpoint_state(), task.parts, rank, world, {k: [] for k in task.history_keys}
+    )
+    rank_stream = RankStream(inputs["train_data"], rank, world, cfg.train.seed, task.batches, epoch, consumed)
+    rank_stream.counts.update(resumed_counts)
+    stream = iter(rank_stream)
+    ctx.t_start = time.perf_counter()  # elapsed times count this process's steps, not Ray's startup
+
+    local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
+    ctx.tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir,
+                          group=cfg.run.wandb_group)  # fmt: skip
+    fault = config.get("fault") or {}
+    total = cfg.train.steps
+    task.start(step)
+    if step >= total:  # re-run of a finished run: hand its last state back
+        _report(task, step, rank, world, rank_stream)
+    t_last, ev_since, sums = time.perf_counter(), 0, Counter()
+    while step < total:
+        losses = task.step(next(stream), step)
+        if cfg.train.trim_heap and device.type == "cpu":
+            heap.trim()
+        step += 1
+        ev_since += ctx.per_rank
+        for k, v in losses.items():
+            sums[k] += float(v.detach() if torch.is_tensor(v) else v)
+        sums["n"] += 1
+        if fault and step == fault["step"] and rank == 0 and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(str(step))
+            raise RuntimeError(f"injected fault at step {step}")
+        task.after_step(step)
+        if step % cfg.train.log_every == 0 or step == total:
+            dt = time.perf_counter() - t_last
+            means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            rec = heap.with_private_mb({"step": step, **means, "lr": task.lr(), "events_per_s": ev_since * world / dt})
+            ctx.history["train"].append(rec)
+            ctx.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
+            if rank == 0:
+                print(f"[raysvc] step {step}/{total} {task.progress(rec)} {rec['events_per_s']:.2f} ev/s"
+                      f"{heap.memory_note(rec)}", flush=True)  # fmt: skip
+            t_last, ev_since, sums = time.perf_counter(), 0, Counter()
+        if step % task.eval_every == 0 or step == total:
+            task.evaluate(step)
+        if step % cfg.train.checkpoint_every == 0 or step == total:
+            _report(task, step, rank, world, rank_stream)
+    ctx.tracker.finish()
+
+
+def _report(task, step: int, rank: int, world: int, stream: RankStream) -> None:
+    train = task.ctx.history["train"]
+    metrics = {"step": step, "loss": train[-1]["loss"] if train else None, **task.report_metrics()}
+    save(task.parts, step, task.ctx.history, rank, world, stream, metrics)

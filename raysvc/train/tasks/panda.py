@@ -1,0 +1,284 @@
+"""Panda pretraining (`raysvc pretrain`, method `panda`): Sonata-style self-distillation of a PTv3 encoder.
+
+A step: views of this rank's events (made by the CPU read tasks: `data.views.table_views`) -> grid masks on the
+global views -> teacher on the unmasked globals, student on the masked globals and the locals -> the three Panda
+losses against Sinkhorn targets -> backward -> clip -> AdamW -> EMA update of the teacher. Schedules (mask size /
+ratio, teacher temperature, momentum, weight decay, lr) are functions of the step, so a resumed run continues them
+exactly. Collapse monitors every `monitor_every` steps; the online linear probe (rank 0) at step 0 (the random
+initialisation: the baseline) and every `probe.every` steps. The export is the student's backbone. Defaults are
+Panda-Base's (docs/methods.md, "Panda"); the tiny job scales sizes down for CPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import pyarrow as pa
+import torch
+from pydantic import Field, model_validator
+
+from raysvc.data.config import DataConfig
+from raysvc.data.pipeline import pack_tables, prepare, stream_tables
+from raysvc.data.views import ViewConfig, collate_views, table_views
+from raysvc.inference.featurize import model_inputs
+from raysvc.inference.record import ExportedModel, ModelSpec, save_export
+from raysvc.models.panda import (
+    Encoded,
+    PandaConfig,
+    PandaStudent,
+    collapse_monitors,
+    cosine,
+    ema_update,
+    grid_mask,
+    make_teacher,
+    panda_losses,
+    teacher_forward,
+    warm,
+)
+from raysvc.models.ptv3 import preset
+from raysvc.storage import Location, write_bytes_atomic
+from raysvc.train.config import BackboneSection, JobConfig, LoopSection, RunSection
+from raysvc.train.optim import param_groups
+from raysvc.train.plots import pretrain_png
+from raysvc.train.probe import ProbeConfig, run_probe
+from raysvc.train.schedule import one_cycle_scheduler
+from raysvc.train.tasks.base import Task, WorkerContext
+from raysvc.train.worker import autocast, seed_everything
+
+
+class PretrainTrain(LoopSection):
+    batch_events: int = Field(48, gt=0, description="global batch of events (each gives 2 global + 6 local views)")
+    lr: float = Field(0.0026, gt=0)
+    layer_decay: float = Field(0.9, gt=0, le=1, description="lr x decay^(depth from the top) per backbone block")
+    weight_decay: tuple[float, float] = Field((0.04, 0.2), description="cosine from the first to the second")
+    monitor_every: int = Field(10, gt=0, description="collapse monitors (prototype usage, feature std) every N steps")
+
+
+class PretrainConfig(JobConfig):
+    """A pretraining job: unlabelled data, labelled held-out data for the probe, backbone, views, method, scaling."""
+
+    task: Literal["panda"] = "panda"
+    probe_data: DataConfig | None = Field(None, description="labelled held-out events for the online linear probe")
+    model: BackboneSection = Field(default_factory=lambda: BackboneSection(size="base"))
+    views: ViewConfig = Field(default_factory=ViewConfig)
+    panda: PandaConfig = Field(default_factory=PandaConfig)
+    train: PretrainTrain = Field(default_factory=PretrainTrain)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    run: RunSection = Field(default_factory=lambda: RunSection(name="pretrain-panda"))
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.views.global_views < 2 and self.panda.roll_mask_weight > 0:
+            raise ValueError("panda.roll_mask_weight needs views.global_views >= 2")
+        if self.views.local_views == 0 and self.panda.unmask_weight > 0:
+            raise ValueError("panda.unmask_weight needs views.local_views >= 1")
+        return self
+
+    @property
+    def grid_voxels(self) -> float:
+        """The view grid in voxels: fine-tuning and the probe sample at the same resolution."""
+        return self.views.grid * self.data.preprocess.scale
+
+
+def _to(view: dict | None, device: torch.device) -> dict | None:
+    return None if view is None else {k: v.to(device, non_blocking=True) for k, v in view.items()}
+
+
+def probe_batches(tables: Iterable[pa.Table], train_events: int, val_events: int, source: str,
+                  ) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """(probe-train batches, probe-val batches): the first `train_events` preprocessed events of `tables`, then the
+    next `val_events`, in order (the same events for every probe and every run)."""
+    need, got = train_events + val_events, []
+    for table in tables:
+        got.append(table)
+        if sum(t.num_rows for t in got) >= need:
+            break
+    events = pa.concat_tables(got) if got else None
+    if events is None or events.num_rows < need:
+        raise ValueError(f"{source}: the probe needs {need} events after the cuts, found "
+                         f"{0 if events is None else events.num_rows}")  # fmt: skip
+    return (list(pack_tables([events.slice(0, train_events)], 4)),
+            list(pack_tables([events.slice(train_events, val_events)], 4)))  # fmt: skip
+
+
+def step_values(cfg: PretrainConfig, step: int) -> dict:
+    """The step-dependent values of the recipe at `step` (the lr has its own scheduler)."""
+    p, total = cfg.panda, cfg.train.steps
+    return {"mask_size": warm(step, total, *p.mask_size, p.mask_warmup_frac),
+            "mask_ratio": warm(step, total, *p.mask_ratio, p.mask_warmup_frac),
+            "teacher_temp": warm(step, total, *p.teacher_temp, p.teacher_temp_warmup_frac),
+            "momentum": cosine(step, total, *p.momentum), "weight_decay": cosine(step, total, *cfg.train.weight_decay)}
+
+
+@dataclass
+class StepOut:
+    losses: dict  # "loss" (the one backpropagated) and its parts
+    student: dict  # PandaStudent's outputs: {"global" / "local": (Encoded, prototype similarities)}
+    teacher_enc: Encoded
+    teacher_sims: dict
+    mask: torch.Tensor  # (points of the global views,) bool: masked for the student
+    values: dict  # step_values used (the mask ratio there is the scheduled one, not the drawn one)
+
+
+def pretrain_step(student: PandaStudent, ddp: torch.nn.Module, teacher: PandaStudent, opt, sched, params: list,
+                  batch: dict, cfg: PretrainConfig, step: int, device: torch.device) -> StepOut:  # fmt: skip
+    """One Panda step on a batch of views (`collate_views`): grid masks on the global views -> teacher on the
+    unmasked globals, student (`ddp`: DDP-wrapped or the student itself) on the masked globals and the locals ->
+    the three losses -> backward -> clip -> AdamW -> lr scheduler -> EMA update of the teacher. The loop and
+    `raysvc bench gpu` both run it."""
+    p, v = cfg.panda, step_values(cfg, step)
+    for g in opt.param_groups:
+        g["weight_decay"] = v["weight_decay"] if g["decay"] else 0.0
+    g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
+    mask = grid_mask(g_view["coord"], g_view["offset"], v["mask_size"], v["mask_ratio"]).to(device)
+    masked = dict(g_view)
+    if p.mask_jitter:
+        noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
+        masked["coord"] = g_view["coord"] + noise * mask[:, None]
+    with autocast(cfg.train.amp, device):
+        t_enc, t_sims = teacher_forward(teacher, g_view)
+        s_out = ddp(masked, mask, l_view)
+        losses = panda_losses(s_out, t_enc, t_sims, p, v["teacher_temp"], cfg.views.global_views,
+                              cfg.views.local_views)  # fmt: skip
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    opt.step()
+    sched.step()
+    ema_update(teacher, student, v["momentum"])
+    return StepOut(losses, s_out, t_enc, t_sims, mask, v)
+
+
+class PandaTask(Task):
+    name = "panda"
+    config = PretrainConfig
+    history_keys = ("train", "monitor", "probe")
+
+    @classmethod
+    def prepare(cls, cfg: PretrainConfig, log) -> dict:
+        train = prepare(cfg.data)
+        probe = prepare(cfg.probe_data) if cfg.probe_data is not None else None
+        log(f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({train.manifest.events} events), "
+            f"{cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)")  # fmt: skip
+        detector = train.detector
+        if probe is not None and probe.detector.name != detector.name:
+            raise ValueError(f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
+                             f"{cfg.data.uri} holds {detector.name} events")  # fmt: skip
+        class_names = list(probe.detector.class_names) if probe is not None else []
+        return {"train_data": train, "probe_data": probe, "detector": detector.name, "class_names": class_names}
+
+    @classmethod
+    def finish(cls, cfg: PretrainConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
+        history = state["history"]
+        backbone = {k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")}
+        spec = ModelSpec(size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels,
+                         center_events=True)  # fmt: skip
+        record = ExportedModel(kind="backbone", method=cls.name, detector=inputs["detector"], model=spec,
+                               preprocess=cfg.data.preprocess, step=state["step"])  # fmt: skip
+        save_export(run_loc, backbone, record)
+        probes = history["probe"]
+        probe = None
+        if probes:
+            last = probes[-1]
+            base = probes[0] if probes[0]["step"] == 0 else None  # the random initialisation, when probed
+            keys = ("iou", "f1", "mf1", "accuracy")
+            probe = {"pretrained_miou": last["miou"], "pretrained": {k: last[k] for k in keys},
+                     "random_miou": None, "gain": None, "random": None,
+                     "curve": [[p["step"], p["miou"]] for p in probes], "classes": inputs["class_names"]}  # fmt: skip
+            if base is not None:
+                probe.update(random_miou=base["miou"], gain=last["miou"] - base["miou"],
+                             random={k: base[k] for k in keys})  # fmt: skip
+            png = pretrain_png(history, f"{cfg.run.name}: linear probe", probe_only=True)
+            write_bytes_atomic(run_loc.join("probe.png"), png)
+        write_bytes_atomic(run_loc.join("curves.png"), pretrain_png(history, f"{cfg.run.name}: {cfg.model.size} Panda"))
+        return {"probe": probe, "last_monitor": history["monitor"][-1] if history["monitor"] else None}
+
+    def __init__(self, cfg: PretrainConfig, ctx: WorkerContext):
+        import ray.train.torch
+
+        super().__init__(cfg, ctx)
+        torch.manual_seed(cfg.train.seed)  # the same initial student on every rank (DDP broadcasts it anyway)
+        bcfg = preset(cfg.model.size, **cfg.model.overrides)
+        self.student = PandaStudent(bcfg, cfg.panda).to(ctx.device)
+        self.teacher = make_teacher(self.student, bcfg).to(ctx.device)
+        world = ctx.world
+        self.ddp = ray.train.torch.prepare_model(self.student, move_to_device=False) if world > 1 else self.student
+        groups = param_groups(self.student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
+        self.params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+        sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
+        seed_everything(cfg.train.seed * 1000 + ctx.rank)
+        self.parts = {"student": self.student, "teacher": self.teacher, "optimizer": opt, "scheduler": sched}
+        self.eval_every = cfg.probe.every
+        self.out: StepOut | None = None
+        self.probe_sets = None
+
+    def batches(self, shards: list, epoch: int, counts: Counter):
+        kwargs = {"cfg": self.cfg.views, "seed": self.cfg.train.seed, "epoch": epoch}
+        per_rank, pending = self.ctx.per_rank, []
+        tables = stream_tables(self.cfg.data, self.ctx.inputs["train_data"], shards, counts, transform=table_views,
+                               transform_kwargs=kwargs)  # fmt: skip
+        for events in tables:
+            pending.extend(events)
+            while len(pending) >= per_rank:
+                yield collate_views(pending[:per_rank])
+                pending = pending[per_rank:]
+
+    def start(self, step: int) -> None:
+        if step == 0 and not self.ctx.history["probe"]:
+            self.evaluate(0)  # the randomly initialised backbone: the probe's baseline
+
+    def step(self, batch: dict, step: int) -> dict:
+        p = self.parts
+        self.out = pretrain_step(self.student, self.ddp, self.teacher, p["optimizer"], p["scheduler"], self.params,
+                                 batch, self.cfg, step, self.ctx.device)  # fmt: skip
+        return self.out.losses
+
+    def after_step(self, step: int) -> None:
+        if not (step % self.cfg.train.monitor_every == 0 or step == self.cfg.train.steps):
+            return
+        out = self.out
+        key, view = ("mask", "global") if "global" in out.student else ("unmask", "local")
+        enc, sims = out.student[view]
+        teacher_mon = collapse_monitors(out.teacher_sims[key], out.teacher_enc.feat)
+        mon = {"step": step, **collapse_monitors(sims.detach(), enc.feat.detach()),
+               **{f"teacher_{k}": v for k, v in teacher_mon.items()}, **out.values,
+               "mask_ratio": float(out.mask.float().mean())}  # fmt: skip
+        self.ctx.history["monitor"].append(mon)
+        self.ctx.tracker.log({f"monitor/{k}": v for k, v in mon.items() if k != "step"}, step)
+
+    def progress(self, rec: dict) -> str:
+        mon = self.ctx.history["monitor"][-1] if self.ctx.history["monitor"] else {}
+        return (f"loss {rec['loss']:.4f} (mask {rec.get('mask_loss', 0):.3f} roll {rec.get('roll_mask_loss', 0):.3f} "
+                f"unmask {rec.get('unmask_loss', 0):.3f}) protos used {mon.get('proto_used_frac', 0):.2f} "
+                f"perplexity {mon.get('proto_perplexity', 0):.0f} feat std {mon.get('feat_std', 0):.3f}")
+
+    def evaluate(self, step: int) -> None:
+        """The online linear probe (rank 0 only) on the held-out labelled events."""
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.rank != 0 or cfg.probe_data is None:
+            return
+        if self.probe_sets is None:
+            prep = ctx.inputs["probe_data"]
+            tables = stream_tables(cfg.probe_data, prep, prep.manifest.shards)
+            self.probe_sets = probe_batches(tables, cfg.probe.train_events, cfg.probe.val_events, cfg.probe_data.uri)
+        t0 = time.perf_counter()
+        pre = cfg.probe_data.preprocess
+        inputs = lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, ctx.device, True)  # noqa: E731
+        m = run_probe(self.student.backbone, *self.probe_sets, inputs, ctx.device, cfg.probe,
+                      ctx.inputs["class_names"], seed=cfg.train.seed)  # fmt: skip
+        ctx.history["probe"].append({"step": step, "miou": m["miou"], "mf1": m["mf1"], "iou": m["iou"], "f1": m["f1"],
+                                     "accuracy": m["accuracy"]})  # fmt: skip
+        ctx.tracker.log({"probe/miou": m["miou"], "probe/mf1": m["mf1"]}, step)
+        f1 = " ".join(f"{k} {v:.2f}" for k, v in m["f1"].items() if v is not None)
+        print(f"[raysvc] probe step {step}: mIoU {m['miou']:.4f} mF1 {m['mf1']:.4f} ({f1}) "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+
+    def report_metrics(self) -> dict:
+        probes = self.ctx.history["probe"]
+        return {"probe_miou": probes[-1]["miou"]} if probes else {}
