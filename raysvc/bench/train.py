@@ -68,7 +68,7 @@ def plain_training(cfg: FinetuneConfig) -> tuple:
 
 
 def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
-    """Seconds per step of seg_train_loop's step without Ray, on batches collated in memory beforehand: the
+    """Seconds per step of the segmentation task's step without Ray, on batches collated in memory beforehand: the
     pure-compute baseline."""
     torch.manual_seed(cfg.train.seed)
     model, params, opt, loss_fn = plain_training(cfg)
