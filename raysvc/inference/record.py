@@ -14,7 +14,7 @@ import json
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -61,8 +61,8 @@ class ExportedModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _unversioned(cls, data):
-        """Read the records of exports made before the format was versioned."""
-        if not isinstance(data, dict) or "format_version" in data:
+        """Read the records of exports made before the format was versioned (they had neither key)."""
+        if not isinstance(data, dict) or "format_version" in data or "method" in data:
             return data
         data = dict(data)
         backbone = data.get("kind") == "panda-backbone"
@@ -108,10 +108,14 @@ def load_record(loc: Location) -> ExportedModel:
     """The record of an export; errors name the directory."""
     if not exists(loc.join("config.json")):
         raise FileNotFoundError(f"{loc.uri}: no config.json: not an exported model directory")
+    where = loc.join("config.json").uri
     try:
         return ExportedModel.model_validate(json.loads(read_bytes(loc.join("config.json"))))
-    except ValueError as e:
-        raise ValueError(f"{loc.join('config.json').uri}: not a valid export record: {e}") from e
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"{where}: not a valid export record: {errors}") from e
+    except ValueError as e:  # not JSON
+        raise ValueError(f"{where}: not a valid export record: {e}") from e
 
 
 def load_export(loc: Location) -> tuple[dict[str, torch.Tensor], ExportedModel]:

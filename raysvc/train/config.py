@@ -30,6 +30,7 @@ class LoopSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(1000, gt=0)
+    batch_events: int = Field(8, gt=0, description="global batch of events per step: split evenly over the workers")
     warmup_frac: float = Field(0.05, ge=0, lt=1, description="one-cycle: linear warmup, then cosine to lr * final")
     final_lr_frac: float = Field(0.01, ge=0, le=1)
     grad_clip: float | None = Field(3.0, gt=0)
@@ -75,8 +76,7 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_batch(self) -> JobConfig:
-        batch = getattr(self.train, "batch_events", None)
-        if batch is not None and batch % self.scaling.workers:
-            raise ValueError(f"train.batch_events ({batch}) must be a multiple of scaling.workers "
+        if self.train.batch_events % self.scaling.workers:
+            raise ValueError(f"train.batch_events ({self.train.batch_events}) must be a multiple of scaling.workers "
                              f"({self.scaling.workers})")  # fmt: skip
         return self

@@ -30,7 +30,8 @@ from raysvc.train.tasks import TASKS, get_task
 
 def load_job(path: str | None, sets: list[str] | None, default_task: str) -> JobConfig:
     """The typed config of a job YAML (+ `--set` overrides): the task named by its `task:` key (or `default_task`)
-    validates it."""
+    validates it. A task of another kind than `default_task`'s (a fine-tuning job given to `raysvc pretrain`) is an
+    error that says which command runs it."""
     task = default_task
     if path:
         try:
@@ -41,7 +42,11 @@ def load_job(path: str | None, sets: list[str] | None, default_task: str) -> Job
     task = next((s.split("=", 1)[1].strip() for s in sets or [] if s.startswith("task=")), task)
     if task not in TASKS:
         raise ConfigError(f"{path or 'job'}: task {task!r} is not one of {sorted(TASKS)}")
-    return load_config(get_task(task).config, path, sets)
+    cls, expected = get_task(task), get_task(default_task).kind
+    if cls.kind != expected:
+        raise ConfigError(f"{path or 'job'}: task {task!r} is a {cls.kind} task: run it with `raysvc {cls.kind}`, "
+                          f"not `raysvc {expected}`")  # fmt: skip
+    return load_config(cls.config, path, sets)
 
 
 def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, storage_root: Location,

@@ -43,6 +43,7 @@ class Task:
     hooks for monitors, validation and probes."""
 
     name: ClassVar[str]
+    kind: ClassVar[str]  # "pretrain" (a self-supervised method: `raysvc pretrain`) or "finetune" (`raysvc finetune`)
     config: ClassVar[type[JobConfig]]
     history_keys: ClassVar[tuple[str, ...]] = ("train",)
 

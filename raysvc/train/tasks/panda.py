@@ -156,6 +156,7 @@ def pretrain_step(student: PandaStudent, ddp: torch.nn.Module, teacher: PandaStu
 
 class PandaTask(Task):
     name = "panda"
+    kind = "pretrain"
     config = PretrainConfig
     history_keys = ("train", "monitor", "probe")
 

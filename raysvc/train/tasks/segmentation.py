@@ -173,6 +173,7 @@ def estimate_class_counts(cfg: FinetuneConfig, prep: Prepared, num_classes: int,
 
 class SegmentationTask(Task):
     name = "segmentation"
+    kind = "finetune"
     config = FinetuneConfig
     history_keys = ("train", "val")
 
