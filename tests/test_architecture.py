@@ -57,3 +57,18 @@ def test_a_broken_rule_fails_the_check(tmp_path):
     assert "ops import nothing of raysvc BROKEN" in out.stdout
     assert "raysvc.serve.shortcut -> raysvc.train.driver" in out.stdout
     assert "models import only ops KEPT" in out.stdout
+
+
+def test_architecture_recipes_touch_at_most_two_existing_files():
+    """docs/architecture.md: for a new method, head and detector, the existing files one touches exist and are at
+    most two per recipe (the rest is new files)."""
+    import re
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    recipes = re.split(r"^### ", doc.split("## Recipes", 1)[1].split("\n## ", 1)[0], flags=re.M)[1:]
+    assert [r.splitlines()[0].split(" (")[0] for r in recipes] == ["A new self-supervised method",
+                                                                   "A new downstream head or task", "A new detector"]
+    for recipe in recipes:
+        touched = re.findall(r"^\d\. `([^`]+)`", recipe.split("Touch:", 1)[1], flags=re.M)
+        assert 1 <= len(touched) <= 2, recipe.splitlines()[0]
+        assert all((ROOT / path).is_file() for path in touched), touched

@@ -44,6 +44,13 @@ class ModelSpec(BaseModel):
     def backbone_config(self) -> PTv3Config:
         return preset(self.size, **self.overrides)
 
+    def build_segmenter(self, num_classes: int) -> SegModel:
+        """The segmentation network (backbone + head) this spec describes, freshly initialised: the one place a
+        segmenter is constructed, for training and for loading an export alike."""
+        if self.head is None:
+            raise ValueError("a backbone export has no segmentation head; fine-tune it first")
+        return SegModel(self.backbone_config(), num_classes, self.head)
+
 
 class ExportedModel(BaseModel):
     """config.json of an export (versioned)."""
@@ -92,9 +99,7 @@ class ExportedModel(BaseModel):
 
     def build(self) -> SegModel:
         """The segmenter network this record describes (weights not loaded)."""
-        if self.kind != "segmenter":
-            raise ValueError(f"a {self.kind} export has no segmentation head; fine-tune it first")
-        return SegModel(self.model.backbone_config(), self.num_classes, self.model.head)
+        return self.model.build_segmenter(self.num_classes)
 
 
 def save_export(loc: Location, state: dict[str, torch.Tensor], record: ExportedModel) -> None:

@@ -54,14 +54,6 @@ def gather(obj, world: int) -> list:
     return out
 
 
-def usable_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device; a CUDA device that this torch cannot see is an error naming it."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
-    return dev
-
-
 def autocast(amp: bool, device: torch.device):
     if device.type == "cuda" and amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -25,7 +25,6 @@ from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import ExportedModel, ModelSpec, load_export, save_export
 from raysvc.models.heads import SegModel
-from raysvc.models.ptv3 import preset
 from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import BackboneSection, JobConfig, LoopSection
@@ -113,7 +112,7 @@ def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConf
 def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None = None) -> SegModel:
     """The segmenter of a job: backbone preset + head, the backbone loaded from `init_state` (an export's weights)
     unless the mode is scratch, frozen for lin / dec."""
-    model = SegModel(preset(cfg.model.size, **cfg.model.overrides), num_classes, cfg.model.head)
+    model = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
     if init_state is not None and cfg.model.mode != "scratch":
         skip = ("head.", "decoder.")
         backbone = {k.removeprefix("backbone."): v for k, v in init_state.items() if not k.startswith(skip)}
