@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Ray resolves a local node's address to the host's outward IP (so that other nodes could join) unless this is 0; its
 # name comes from the macOS / Windows case, where Ray keeps single-node clusters on loopback for that reason.
@@ -13,6 +14,14 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # worker's stdout only, which Ray streams to the driver once. A private Ray's workers inherit it from this process;
 # a cluster's get it through the job's runtime env.
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+# Parts of Ray that run inside a cluster's own processes find "their" cluster by the address in RAY_ADDRESS, and
+# without it scan the host for GCS processes: Ray Train's PlacementGroupCleaner asks the State API whether its
+# controller lives, and with two private Rays on one host it got "Found multiple active Ray instances" or the other
+# Ray's answer ("no such actor"), took the controller for dead and removed the healthy run's placement group. So a
+# private Ray's GCS gets a port chosen here, and every process of that Ray inherits RAY_ADDRESS naming it.
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+ADDRESS_ENV = "RAY_ADDRESS"
 
 
 def _worker_env(kwargs: dict) -> dict:
@@ -40,11 +49,14 @@ def init_ray(**kwargs) -> None:
     # A private Ray has no other node to reach it: keep its GCS, raylet and workers off the network. The processes
     # that ray.init spawns inherit the variable (the workers read it when they import ray); this driver imported ray
     # already, so its constant is set too. Both are restored afterwards, so that nothing this process starts later
-    # (a `ray start`, say) inherits them; the node keeps 127.0.0.1. PRINT_PATCH_ENV travels the same way, so a
-    # private Ray needs no runtime env.
+    # (a `ray start`, say) inherits them; the node keeps 127.0.0.1. PRINT_PATCH_ENV and the address (see
+    # ADDRESS_ENV) travel the same way, so a private Ray needs no runtime env; ray.init(address="local") itself
+    # never reads RAY_ADDRESS.
     import ray._private.ray_constants as ray_constants
 
-    inherit = {LOOPBACK_ENV: "0"} | ({} if PRINT_PATCH_ENV in os.environ else {PRINT_PATCH_ENV: "0"})
+    port = free_port()
+    inherit = {LOOPBACK_ENV: "0", GCS_PORT_ENV: str(port), ADDRESS_ENV: f"127.0.0.1:{port}"}
+    inherit |= {} if PRINT_PATCH_ENV in os.environ else {PRINT_PATCH_ENV: "0"}
     saved_env, saved_const = {k: os.environ.get(k) for k in inherit}, ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(inherit)
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -57,3 +69,10 @@ def init_ray(**kwargs) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it; a race with another process taking it is unlikely)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -129,7 +129,9 @@ class SeaweedS3:
         except OSError:
             return ""
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """Stop the server; `keep_data` keeps its directory (and port) so that `start()` brings the same store back,
+        as a restarted object store would."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -141,7 +143,7 @@ class SeaweedS3:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
         self.proc = None
-        if self._own_dir and self.data_dir:
+        if self._own_dir and self.data_dir and not keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> SeaweedS3:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -31,6 +33,66 @@ class StorageAuthError(StorageError):
 # shard names contain digits).
 _AUTH_MARKERS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
                  "SignatureDoesNotMatch", "AccessDenied", "HTTP status 403")  # fmt: skip
+
+
+# An object store that stops answering (restarted, overloaded, a network blip) gets retried with exponential
+# backoff for this many seconds in all (pyarrow's own client retries only ~3 times within a second); then the
+# operation fails naming the URI. The environment variable reaches Ray's workers, which inherit the driver's.
+RETRY_BUDGET_ENV = "RAYSVC_STORAGE_RETRY_S"
+DEFAULT_RETRY_BUDGET_S = 120.0
+# What pyarrow's S3 client says when the store cannot be reached or is unavailable (not: not found, forbidden).
+_TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused", "timed out",
+                      "Timeout", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "HTTP status 500",
+                      "HTTP status 502", "HTTP status 503", "HTTP status 504", "Connection reset")  # fmt: skip
+
+
+class StorageUnavailable(StorageError):
+    """The object store did not answer within the retry budget."""
+
+
+def retry_budget_s() -> float:
+    raw = os.environ.get(RETRY_BUDGET_ENV)
+    try:
+        return float(raw) if raw else DEFAULT_RETRY_BUDGET_S
+    except ValueError:
+        raise StorageError(f"{RETRY_BUDGET_ENV}={raw!r}: expected a number of seconds") from None
+
+
+def is_transient(e: BaseException) -> bool:
+    """An error worth retrying: the store was unreachable or unavailable, not a missing object or refused keys."""
+    if not isinstance(e, OSError) or isinstance(e, FileNotFoundError):
+        return False
+    text = str(e)
+    return not any(m in text for m in _AUTH_MARKERS) and any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def retried(loc: Location, action: str, fn: Callable[[], object], budget_s: float | None = None):
+    """`fn()`, retried while it fails with a transient S3 error: waits 0.5, 1, 2, ... (at most 16) s, until
+    `budget_s` (RAYSVC_STORAGE_RETRY_S, default 120) has passed; then StorageUnavailable naming the URI. Every
+    retry is said on stderr (a worker's reaches the driver's console). Local paths are not retried."""
+    if not loc.is_s3:
+        return fn()
+    budget = retry_budget_s() if budget_s is None else budget_s
+    t0, delay, attempt = time.monotonic(), 0.5, 1
+    while True:
+        try:
+            return fn()
+        except OSError as e:
+            spent = time.monotonic() - t0
+            if not is_transient(e):
+                raise
+            if spent + delay > budget:
+                raise StorageUnavailable(f"{action} {loc.uri}: the object store did not answer in {attempt} "
+                                         f"attempts over {spent:.0f} s ({RETRY_BUDGET_ENV}={budget:g}); last "
+                                         f"error: {_short(e)}") from e  # fmt: skip
+            print(f"[raysvc] warning: {action} {loc.uri}: {_short(e)}; retry {attempt} in {delay:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(delay)
+            delay, attempt = min(delay * 2, 16.0), attempt + 1
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 @dataclass(frozen=True)
@@ -138,20 +200,23 @@ def explained(loc: Location, action: str) -> Iterator[None]:
 def ensure_dir(loc: Location) -> None:
     """Create the directory (or S3 bucket/prefix) if needed."""
     with explained(loc, "creating"):
-        loc.fs.create_dir(loc.path, recursive=True)
+        retried(loc, "creating", lambda: loc.fs.create_dir(loc.path, recursive=True))
 
 
 def exists(loc: Location) -> bool:
     with explained(loc, "checking"):
-        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+        return retried(loc, "checking", lambda: loc.fs.get_file_info(loc.path)).type != pafs.FileType.NotFound
 
 
 def read_bytes(loc: Location) -> bytes:
     """The whole object. (A random-access file reads it in one request: measured 8x faster on S3 than pyarrow's
     input stream, which fetches in small chunks.)"""
-    with explained(loc, "reading"):
+    def read() -> bytes:
         with loc.fs.open_input_file(loc.path) as f:
             return f.read()
+
+    with explained(loc, "reading"):
+        return retried(loc, "reading", read)
 
 
 def write_bytes_atomic(loc: Location, data: bytes) -> None:
@@ -164,8 +229,12 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
     """
     with explained(loc, "writing"):
         if loc.is_s3:
-            with loc.fs.open_output_stream(loc.path) as f:
-                f.write(data)
+
+            def put() -> None:
+                with loc.fs.open_output_stream(loc.path) as f:
+                    f.write(data)
+
+            retried(loc, "writing", put)
             return
         parent = os.path.dirname(loc.path)
         os.makedirs(parent, exist_ok=True)
@@ -188,6 +257,6 @@ def sha256_hex(data: bytes) -> str:
 def list_files(loc: Location, suffix: str = "") -> list[str]:
     """Names (relative to loc) of the files directly under loc, sorted; hidden temporaries excluded."""
     with explained(loc, "listing"):
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+        infos = retried(loc, "listing", lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)))
     names = [i.base_name for i in infos if i.type == pafs.FileType.File]
     return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))

@@ -138,6 +138,15 @@ def test_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, pt_d
     run_job(_cfg(pt_data, tmp_path, "straight", *no_probe), log=quiet)
     want = torch.load(_last_state(tmp_path / "straight"), weights_only=False)
 
+    # a worker process is SIGKILLed at step 3; Ray Train restarts the group from the step-2 checkpoint
+    cfg = _cfg(pt_data, tmp_path, "retried", *no_probe)
+    cfg.run.max_failures = 1
+    run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault-retried"), "kind": "sigkill"})
+    assert (tmp_path / "fault-retried").exists()
+    got = torch.load(_last_state(tmp_path / "retried"), weights_only=False)
+    for part in ("student", "teacher"):
+        assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part
+
     cfg = _cfg(pt_data, tmp_path, "rerun", *no_probe)
     with pytest.raises(TrainingFailedError):
         run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})

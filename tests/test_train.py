@@ -159,10 +159,10 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     run_job(_cfg(seg_data, tmp_path, "straight"), log=quiet)
     want = _weights(tmp_path, "straight")
 
-    # a worker dies at step 5; Ray Train restarts the group, which resumes from the step-4 checkpoint
+    # a worker process is SIGKILLed at step 5; Ray Train restarts the group, which resumes from the step-4 checkpoint
     cfg = _cfg(seg_data, tmp_path, "retried")
     cfg.run.max_failures = 1
-    run_job(cfg, log=quiet, fault={"step": 5, "marker": str(tmp_path / "fault-retried")})
+    run_job(cfg, log=quiet, fault={"step": 5, "marker": str(tmp_path / "fault-retried"), "kind": "sigkill"})
     assert (tmp_path / "fault-retried").exists()
     got = _weights(tmp_path, "retried")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

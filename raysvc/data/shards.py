@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from raysvc import __version__
 from raysvc.data.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
 from raysvc.data.schema import EVENT_SCHEMA, SCHEMA_VERSION, EventDataError, check_columns
-from raysvc.storage import Location, explained, read_bytes, sha256_hex, write_bytes_atomic
+from raysvc.storage import Location, StorageError, explained, read_bytes, retried, sha256_hex, write_bytes_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "raysvc.events"
@@ -130,7 +130,12 @@ def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True
     """Read one whole shard, checking its size, checksum and row count against the manifest, and (if `check` and
     no column projection) its columns' types."""
     loc = root.join(rec.name)
-    data = read_bytes(loc)
+    try:
+        data = read_bytes(loc)
+    except StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):  # deleted after the manifest (or the preflight) saw it
+            raise EventDataError(loc.uri, "listed in the manifest but missing", kind="missing") from e
+        raise
     if len(data) != rec.bytes:
         raise EventDataError(loc.uri, f"truncated or replaced: {len(data)} bytes, manifest says {rec.bytes}",
                              kind="corrupt")  # fmt: skip
@@ -154,7 +159,7 @@ def preflight(root: Location, manifest: Manifest) -> list[tuple[ShardRecord, Eve
     for rec in manifest.shards:
         loc = root.join(rec.name)
         with explained(loc, "checking shard"):
-            info = loc.fs.get_file_info(loc.path)
+            info = retried(loc, "checking shard", lambda loc=loc: loc.fs.get_file_info(loc.path))
         if info.type.name == "NotFound":
             problems.append((rec, EventDataError(loc.uri, "listed in the manifest but missing", kind="missing")))
             continue

@@ -100,9 +100,9 @@ def _absolute(cfg: JobConfig) -> None:
 
 
 def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: list | None = None) -> dict:
-    """Run (or resume) the job and export its result; returns the summary. `fault` ({"step": n, "marker": path})
-    makes rank 0 raise once at step n: the hook the fault-tolerance tests use. `callbacks` go to the Train run (a
-    sweep passes Tune's report callback)."""
+    """Run (or resume) the job and export its result; returns the summary. `fault` ({"step": n, "marker": path,
+    "kind": "raise" | "sigkill"}) makes rank 0 fail once at step n: the hook the fault-tolerance tests use.
+    `callbacks` go to the Train run (a sweep passes Tune's report callback)."""
     from raysvc.train.loop import train_loop
 
     t0 = time.time()

@@ -13,6 +13,7 @@ the same number of steps, so uneven data per rank can never leave one waiting in
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,8 @@ from raysvc.train.worker import RankStream, load_checkpoint_state, restore, save
 
 def train_loop(config: dict) -> None:
     """`config`: {"task": name, "job": the job config as JSON, "inputs": the task's prepared inputs, "fault": for
-    the fault-tolerance tests, {"step": n, "marker": path} makes rank 0 raise once at step n}."""
+    the fault-tolerance tests, {"step": n, "marker": path, "kind": "raise" | "sigkill"} makes rank 0 fail once at
+    step n (see `_inject`)}."""
     task_cls = get_task(config["task"])
     cfg = task_cls.config.model_validate(config["job"])
     rank, world, device = worker_setup(cfg.train.seed, cfg.scaling)
@@ -43,7 +45,9 @@ def train_loop(config: dict) -> None:
     stream = iter(rank_stream)
     ctx.t_start = time.perf_counter()  # elapsed times count this process's steps, not Ray's startup
 
-    local_dir = None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
+    local_dir = (
+        None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
+    )
     ctx.tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir,
                           group=cfg.run.wandb_group)  # fmt: skip
     fault = config.get("fault") or {}
@@ -62,8 +66,7 @@ def train_loop(config: dict) -> None:
             sums[k] += float(v.detach() if torch.is_tensor(v) else v)
         sums["n"] += 1
         if fault and step == fault["step"] and rank == 0 and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).write_text(str(step))
-            raise RuntimeError(f"injected fault at step {step}")
+            _inject(fault, step)
         task.after_step(step)
         if step % cfg.train.log_every == 0 or step == total:
             dt = time.perf_counter() - t_last
@@ -80,6 +83,15 @@ def train_loop(config: dict) -> None:
         if step % cfg.train.checkpoint_every == 0 or step == total:
             _report(task, step, rank, world, rank_stream)
     ctx.tracker.finish()
+
+
+def _inject(fault: dict, step: int) -> None:
+    """Fail rank 0 once (the marker file says it happened): "raise" is a Python exception in the loop, "sigkill"
+    kills the worker process outright, as the OOM killer or a lost node would: no handler, no flush, no goodbye."""
+    Path(fault["marker"]).write_text(str(step))
+    if fault.get("kind", "raise") == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at step {step}")
 
 
 def _report(task, step: int, rank: int, world: int, stream: RankStream) -> None:
