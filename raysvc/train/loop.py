@@ -48,13 +48,14 @@ def train_loop(config: dict) -> None:
     local_dir = (
         None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
     )
+    run_dir = None if local_dir is None else os.path.join(local_dir, cfg.run.name)
     ctx.tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir,
                           group=cfg.run.wandb_group)  # fmt: skip
     fault = config.get("fault") or {}
     total = cfg.train.steps
     task.start(step)
     if step >= total:  # re-run of a finished run: hand its last state back
-        _report(task, step, rank, world, rank_stream)
+        _report(task, step, rank, world, rank_stream, run_dir)
     t_last, ev_since, sums = time.perf_counter(), 0, Counter()
     while step < total:
         losses = task.step(next(stream), step)
@@ -81,7 +82,7 @@ def train_loop(config: dict) -> None:
         if step % task.eval_every == 0 or step == total:
             task.evaluate(step)
         if step % cfg.train.checkpoint_every == 0 or step == total:
-            _report(task, step, rank, world, rank_stream)
+            _report(task, step, rank, world, rank_stream, run_dir)
     ctx.tracker.finish()
 
 
@@ -94,7 +95,7 @@ def _inject(fault: dict, step: int) -> None:
     raise RuntimeError(f"injected fault at step {step}")
 
 
-def _report(task, step: int, rank: int, world: int, stream: RankStream) -> None:
+def _report(task, step: int, rank: int, world: int, stream: RankStream, run_dir: str | None) -> None:
     train = task.ctx.history["train"]
     metrics = {"step": step, "loss": train[-1]["loss"] if train else None, **task.report_metrics()}
-    save(task.parts, step, task.ctx.history, rank, world, stream, metrics)
+    save(task.parts, step, task.ctx.history, rank, world, stream, metrics, run_dir)

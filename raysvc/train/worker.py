@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -93,18 +94,51 @@ class RankStream:
         return self.epoch, self.consumed
 
 
-def report_checkpoint(state: dict, metrics: dict, rank: int) -> None:
-    """Every rank joins the report (a barrier in Train V2); rank 0 attaches `state` as state.pt."""
+class CheckpointNotSaved(OSError):
+    """A checkpoint could not be written; the run's latest checkpoint is still the one before it."""
+
+
+# Room kept free beyond the checkpoint itself: Ray Train rewrites its checkpoint index (a small JSON file, in place,
+# not atomically) after each checkpoint, and a full disk there would leave a run that cannot resume.
+SPACE_MARGIN_BYTES = 16 * 2**20
+
+
+def report_checkpoint(state: dict, metrics: dict, rank: int, local_dir: str | None = None) -> None:
+    """Every rank joins the report (a barrier in Train V2); rank 0 attaches `state` as state.pt. With the run on a
+    local filesystem (`local_dir`), a checkpoint that would not fit with SPACE_MARGIN_BYTES to spare is refused before
+    a byte is written; any write error becomes CheckpointNotSaved naming the step and the place."""
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)
         return
+    step = metrics.get("step")
     with tempfile.TemporaryDirectory() as d:
         buf = io.BytesIO()
         torch.save(state, buf)
+        size = buf.tell()
+        if local_dir is not None:
+            free = shutil.disk_usage(_existing(local_dir)).free
+            if free < size + SPACE_MARGIN_BYTES:
+                raise CheckpointNotSaved(
+                    f"checkpoint of step {step} not saved: {local_dir} has {free / 2**20:.0f} MiB free, the "
+                    f"checkpoint needs {size / 2**20:.0f} MiB + {SPACE_MARGIN_BYTES / 2**20:.0f} MiB to spare; the "
+                    "run's latest checkpoint is still the previous one (free space, then re-run the same job)"
+                )
         Path(d, "state.pt").write_bytes(buf.getvalue())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        except OSError as e:
+            raise CheckpointNotSaved(f"checkpoint of step {step} not saved to {local_dir or 'the run storage'}: {e}; "
+                                     "the run's latest checkpoint is still the previous one") from e  # fmt: skip
+
+
+def _existing(path: str) -> str:
+    """`path`, or its nearest existing parent (the run directory may not exist before its first checkpoint)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return str(p)
 
 
 def load_checkpoint_state() -> dict | None:
@@ -139,9 +173,10 @@ def restore(state: dict | None, parts: dict, rank: int, world: int, history: dic
     return state["step"], state["history"], position, counts
 
 
-def save(parts: dict, step: int, history: dict, rank: int, world: int, stream: RankStream, metrics: dict) -> None:
+def save(parts: dict, step: int, history: dict, rank: int, world: int, stream: RankStream, metrics: dict,
+         local_dir: str | None = None) -> None:  # fmt: skip
     """Checkpoint `parts` with the step, history, and every rank's data position, counts and RNG states (gathered:
-    every rank must call this)."""
+    every rank must call this). `local_dir`: the run's directory when it is on a local filesystem."""
     positions = gather(stream.position(), world)
     counts = gather(dict(stream.counts), world)
     rngs = gather(rng_state(), world)
@@ -149,4 +184,4 @@ def save(parts: dict, step: int, history: dict, rank: int, world: int, stream: R
     if rank == 0:
         state = {k: v.state_dict() for k, v in parts.items()} | {
             "step": step, "history": history, "data": positions, "counts": counts, "rng": rngs, "world": world}
-    report_checkpoint(state, metrics, rank)
+    report_checkpoint(state, metrics, rank, local_dir)

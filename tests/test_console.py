@@ -1,0 +1,70 @@
+"""The console filter of routed commands: raysvc's lines on the console, Ray's in the log file, --verbose shows both.
+(A real fine-tune's console is checked in test_faults.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from raysvc.console import shown
+
+RAY_LINES = [
+    "\x1b[36m(TrainController pid=15830)\x1b[0m Requesting resources: {'CPU': 1.0} * 1",
+    "(RayTrainWorker pid=15962) Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
+    "(TrainController pid=1, ip=10.0.0.2) [2026-12-01 08:10:34,872 E 15830 15860] core_worker.cc:2465: Actor ...",
+    "2026-12-01 08:10:21,751\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled",
+]
+
+
+def test_shown_keeps_ours_and_what_matters_and_drops_ray_chatter():
+    assert (
+        shown("\x1b[36m(RayTrainWorker pid=15962)\x1b[0m [raysvc] step 2/24 loss 1.5") == "[raysvc] step 2/24 loss 1.5"
+    )
+    assert shown("(_read_task pid=7) [raysvc] warning: reading s3://b/x: retry 1 in 0.5 s") == (
+        "[raysvc] warning: reading s3://b/x: retry 1 in 0.5 s"
+    )
+    assert all(shown(line) is None for line in RAY_LINES)
+    kept = shown("(PlacementGroupCleaner pid=9) Cleaning up placement group = [abc] created by this run.")
+    assert kept == "[ray] Cleaning up placement group = [abc] created by this run."
+    assert shown('{"run": "runs/x", "steps": 24}') == '{"run": "runs/x", "steps": 24}'  # the command's own output
+    assert shown("==> stage 2: pretraining") == "==> stage 2: pretraining"
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, warnings
+    from raysvc.console import routed
+    with routed(sys.argv[1], verbose=sys.argv[2] == "1"):
+        print("==> stage one")
+        print("(RayTrainWorker pid=3) Setting up process group")
+        print("(RayTrainWorker pid=3) [raysvc] step 1/2", file=sys.stderr)
+        warnings.warn("something deprecated", DeprecationWarning, stacklevel=1)
+        print("partial ", end="")
+        print("line")
+    print("after")
+""")
+
+
+def _run(tmp_path, verbose: bool) -> tuple[str, str, str]:
+    log = tmp_path / f"console-{verbose}.log"
+    p = subprocess.run([sys.executable, "-W", "always", "-c", SCRIPT, str(log), "1" if verbose else "0"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return p.stdout, p.stderr, log.read_text()
+
+
+def test_routed_output_goes_to_the_console_filtered_and_to_the_log_whole(tmp_path):
+    out, err, log = _run(tmp_path, verbose=False)
+    assert out == "==> stage one\npartial line\nafter\n"
+    assert err == "[raysvc] step 1/2\n"
+    for line in ("==> stage one", "(RayTrainWorker pid=3) Setting up process group",
+                 "(RayTrainWorker pid=3) [raysvc] step 1/2", "something deprecated", "partial line"):  # fmt: skip
+        assert line in log
+    assert "after" not in log  # only what was printed while routed
+
+
+def test_verbose_shows_everything(tmp_path):
+    out, err, log = _run(tmp_path, verbose=True)
+    assert "(RayTrainWorker pid=3) Setting up process group" in out
+    assert "(RayTrainWorker pid=3) [raysvc] step 1/2" in err and "something deprecated" in err
+    assert "(RayTrainWorker pid=3) Setting up process group" in log
