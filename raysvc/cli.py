@@ -149,16 +149,16 @@ def cmd_bench_gpu(a: argparse.Namespace) -> None:
 def cmd_bench_heap(a: argparse.Namespace) -> None:
     from raysvc.bench.heap import run_heap_bench
 
-    result = run_heap_bench(events=a.events, steps=a.steps, threads=a.threads, every=tuple(a.every),
+    result = run_heap_bench(task=a.task, events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads,
+                            only=tuple(a.variants) if a.variants else None,
                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     if a.json:
         _print_json(result, a.out)
         return
     for k, v in result["variants"].items():
-        print(f"trim every {k if k != '0' else 'never':>5}: {v['step_s'] * 1e3:5.0f} ms/step "
-              f"(x{v['step_time_vs_never']:.2f}), private memory max {v['private_mb_max']:5.0f} MB "
-              f"(x{v['private_mb_max_vs_never']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} MB "
-              f"(x{v['peak_rss_vs_never']:.2f}), same losses: {v['same_losses_as_never']}")  # fmt: skip
+        print(f"{k:>10}: {v['step_s'] * 1e3:5.0f} ms/step (x{v['step_time_vs_glibc']:.2f}), private memory max "
+              f"{v['private_mb_max']:5.0f} MB (x{v['private_mb_max_vs_glibc']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} "
+              f"MB (x{v['peak_rss_vs_glibc']:.2f}), same losses: {v['same_losses_as_glibc']}")  # fmt: skip
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> None:
@@ -166,7 +166,7 @@ def cmd_bench_serve(a: argparse.Namespace) -> None:
 
     result = run_serve_bench(requests_n=a.requests, concurrency=a.concurrency, events=a.events,
                              max_points=a.max_points, threads=a.threads, model=a.model,
-                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+                             log=lambda m: print(m, file=sys.stderr), kill_replica=a.kill_replica)  # fmt: skip
     if a.json:
         _print_json(result, a.out)
         return
@@ -432,12 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--out", help="also write the JSON here (with --json)")
     bg.set_defaults(fn=cmd_bench_gpu)
 
-    bh = bsub.add_parser("heap", help="training step with the C heap trimmed every k steps vs never (fresh process "
-                         "each): time, private memory, peak RSS")  # fmt: skip
+    bh = bsub.add_parser("heap", help="a training step under each allocator setting (glibc, trimmed, arenas, fixed "
+                         "mmap threshold, jemalloc; fresh process each): time, private memory, peak RSS")  # fmt: skip
+    bh.add_argument("--task", choices=["panda", "segmentation"], default="panda")
     bh.add_argument("--events", type=int, default=40)
-    bh.add_argument("--steps", type=int, default=60)
+    bh.add_argument("--steps", type=int, default=40)
+    bh.add_argument("--batch-events", type=int, default=4)
     bh.add_argument("--threads", type=int, default=1)
-    bh.add_argument("--every", type=int, nargs="+", default=[0, 1, 10], help="trim intervals; the first must be 0")
+    bh.add_argument("--variants", nargs="+", help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 "
+                    "arena-2 mmap-256k jemalloc")  # fmt: skip
     bh.add_argument("--json", action="store_true")
     bh.add_argument("--out", help="also write the JSON here (with --json)")
     bh.set_defaults(fn=cmd_bench_heap)
@@ -469,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-points", type=int, default=4000, help="points per event (cut)")
     bs.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the replica")
     bs.add_argument("--model", help="exported model directory (default: a seeded tiny model)")
+    bs.add_argument("--kill-replica", action="store_true", help="also SIGKILL the replica under load and report "
+                    "the error budget (failed requests, time until Serve answers again)")  # fmt: skip
     bs.set_defaults(fn=cmd_bench_serve)
 
     d = sub.add_parser("demo", help="the main job end to end on embedded defaults")

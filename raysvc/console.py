@@ -26,28 +26,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TAG = "[raysvc]"
-# A line Ray forwarded from one of its processes: "(RayTrainWorker pid=123) ..." or
-# "(TrainController pid=1, ip=10.0.0.2) ...", possibly in ANSI colours.
-_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)(?:\x1b\[[0-9;]*m)?\s?")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# A line Ray forwarded from one of its processes: "(RayTrainWorker pid=123) ...", "(pid=9) ..." or
+# "(TrainController pid=1, ip=10.0.0.2) ..." (colours removed first).
+_RAY_PREFIX = re.compile(r"^\s*\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)\s?")
 # A record of Ray's own logger in this process: "2026-12-01 08:10:21,751\tWARNING file.py:85 -- ...".
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
-# Ray's words for events that change what the run does: shown whatever their source.
-IMPORTANT = ("placement group was removed", "Cleaning up placement group", "Destroying worker",
-             "Restarting training worker group", "worker group of size", "PreemptionError")  # fmt: skip
+# Ray's words for events that change what the run does: shown whatever their source. ("[FailurePolicy] RETRY" is
+# Ray Train's decision to restart the worker group after a failure, "RAISE" to give up.)
+IMPORTANT = ("placement group was removed", "Cleaning up placement group", "Destroying worker", "[FailurePolicy]",
+             "PreemptionError")  # fmt: skip
 
 
 def shown(line: str) -> str | None:
-    """What the console shows of one output line (without its newline), or None for the log file only."""
-    m = _RAY_PREFIX.match(line)
+    """What the console shows of one output line (without its newline), or None for the log file only. A line
+    redrawn with carriage returns (a progress bar) is judged by its last drawing."""
+    clean = _ANSI.sub("", line.rsplit("\r", 1)[-1])
+    m = _RAY_PREFIX.match(clean)
     if m:
-        rest = line[m.end() :]
+        rest = clean[m.end() :]
         if TAG in rest:
             return rest
-        if any(w in rest for w in IMPORTANT) and "Started training worker group" not in rest:
-            return f"[ray] {rest}"
-        return None
-    if _RAY_LOG.match(line):
-        return f"[ray] {line}" if any(w in line for w in IMPORTANT) else None
+        return f"[ray] {rest}" if any(w in rest for w in IMPORTANT) else None
+    if _RAY_LOG.match(clean):
+        return f"[ray] {clean}" if any(w in clean for w in IMPORTANT) else None
     return line
 
 
@@ -71,8 +73,8 @@ class _Filter(io.TextIOBase):
             out = shown(line)
             if out is not None:
                 self.console.write(out + "\n")
-        if self.pending and "\r" in self.pending and not _RAY_PREFIX.match(self.pending):
-            self.console.write(self.pending)  # a progress bar redrawing its line: pass it on now
+        if "\r" in self.pending and shown(self.pending) == self.pending:
+            self.console.write(self.pending)  # our progress bar redrawing its line: pass it on now
             self.pending = ""
         return len(s)
 

@@ -14,6 +14,9 @@ RAY_LINES = [
     "(RayTrainWorker pid=15962) Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
     "(TrainController pid=1, ip=10.0.0.2) [2026-12-01 08:10:34,872 E 15830 15860] core_worker.cc:2465: Actor ...",
     "2026-12-01 08:10:21,751\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled",
+    # a Ray Data progress bar redrawn in a worker: cursor moves, two colour codes, carriage returns
+    "\x1b[A\x1b[A\r   \x1b[A\x1b[2m\x1b[36m(pid=32037) \x1b[0m- split(2, equal=False): Tasks: 0; 100%|##| 1.66k/1.66k",
+    "(TrainController pid=4) Attempting to start training worker group of size 2",
 ]
 
 
@@ -27,6 +30,8 @@ def test_shown_keeps_ours_and_what_matters_and_drops_ray_chatter():
     assert all(shown(line) is None for line in RAY_LINES)
     kept = shown("(PlacementGroupCleaner pid=9) Cleaning up placement group = [abc] created by this run.")
     assert kept == "[ray] Cleaning up placement group = [abc] created by this run."
+    assert shown("\x1b[36m(TrainController pid=5)\x1b[0m [FailurePolicy] RETRY") == "[ray] [FailurePolicy] RETRY"
+    assert shown("shards:  12%|#2 | 1/8\rshards:  25%|##5 | 2/8") == "shards:  12%|#2 | 1/8\rshards:  25%|##5 | 2/8"
     assert shown('{"run": "runs/x", "steps": 24}') == '{"run": "runs/x", "steps": 24}'  # the command's own output
     assert shown("==> stage 2: pretraining") == "==> stage 2: pretraining"
 

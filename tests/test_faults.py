@@ -79,17 +79,23 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_object_store_restarted_mid_run_the_run_continues_with_the_same_events(store, tmp_path):
-    log = tmp_path / "straight.log"
-    console = _done(_finetune(store, "s3://faults/train", tmp_path, "straight", log), log)
-    want = _weights(tmp_path, "straight")
+@pytest.fixture(scope="module")
+def straight(store, tmp_path_factory):
+    """The fine-tune undisturbed: (weights, data counts) that the faulted runs must end with."""
+    root = tmp_path_factory.mktemp("straight")
+    log = root / "straight.log"
+    console = _done(_finetune(store, "s3://faults/train", root, "straight", log), log)
     # the console: raysvc's own lines; Ray's (start-up, checkpoints, its workers' prefixes) are in the run's log
     assert "[raysvc] step 24/24" in console and "pid=" not in console and "Checkpoint successfully" not in console
-    (ray_log,) = (tmp_path / "straight" / "logs").glob("console-*.log")
+    (ray_log,) = (root / "straight" / "logs").glob("console-*.log")
     assert f"Ray's own output: {ray_log}" in console
     assert "Checkpoint successfully created" in ray_log.read_text() and "(RayTrainWorker pid=" in ray_log.read_text()
-    want_data = json.loads((tmp_path / "straight" / "summary.json").read_text())["data"]
+    return _weights(root, "straight"), json.loads((root / "straight" / "summary.json").read_text())["data"]
+
+
+@pytest.mark.slow
+def test_object_store_restarted_mid_run_the_run_continues_with_the_same_events(store, straight, tmp_path):
+    want, want_data = straight
 
     # down for 12 s from step 6: every shard read in that time fails, is retried with backoff, and succeeds later
     log = tmp_path / "restarted.log"
@@ -208,10 +214,9 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_at_a_checkpoint_is_a_named_error_and_the_previous_checkpoint_resumes(store, tmp_path, small_disk):
-    log = tmp_path / "straight.log"
-    _done(_finetune(store, "s3://faults/train", tmp_path, "straight", log), log)
-    want = _weights(tmp_path, "straight")
+def test_disk_full_at_a_checkpoint_is_a_named_error_and_the_previous_checkpoint_resumes(store, straight, tmp_path,
+                                                                                       small_disk):  # fmt: skip
+    want = straight[0]
 
     # step 8's checkpoint fits, step 16's does not: refused before a byte is written, the run stops saying so
     log = tmp_path / "full.log"
@@ -232,3 +237,33 @@ def test_disk_full_at_a_checkpoint_is_a_named_error_and_the_previous_checkpoint_
     text = _done(_finetune(store, "s3://faults/train", small_disk, "full", log), log)
     assert "resumed from step 8" in text
     assert _equal(_weights(small_disk, "full"), want)
+
+
+@pytest.mark.slow
+def test_endpoint_replica_killed_under_load_is_restarted_and_answers_stay_right(tmp_path):
+    """`raysvc serve` with one replica takes 120 requests at concurrency 4; after 30 % the replica is SIGKILLed.
+    Only requests in flight at that moment may fail, with a 5xx or a dropped connection; Serve starts a new replica
+    and every later request gets the same classes as before the kill."""
+    import json as _json
+
+    import requests
+
+    from raysvc.bench.serve import bench_events, kill_replica_under_load
+    from raysvc.inference.record import export_seeded_segmenter
+    from raysvc.seaweed import free_port
+    from raysvc.serve.process import ServeProcess
+
+    token = "replica-kill-token-0123456789"
+    export_seeded_segmenter(resolve(str(tmp_path / "model")), 4)
+    bodies = [_json.dumps({"points": p.tolist(), "energies": e.tolist()}).encode() for p, e in bench_events(6, 5, 3000)]
+    args = ["--checkpoint", str(tmp_path / "model"), "--torch-threads", "1"]
+    with ServeProcess(args, free_port(), token, tmp_path / "serve.log") as srv:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        answers = [requests.post(f"{srv.url}/v1/segment", data=b, headers=headers, timeout=60).json()["classes"]
+                   for b in bodies]  # fmt: skip
+        k = kill_replica_under_load(srv.url, srv.proc.pid, token, bodies, 120, 4, 0.3, answers)
+    assert k["restarted"], k  # a new replica process, not the killed one
+    assert k["wrong_answers"] == 0 and k["errors_before_kill"] == 0, k
+    assert k["errors"] <= 4, k  # at most the requests in flight when the replica died
+    assert set(k["status_counts"]) <= {"-1", "500", "502", "503", "504"}, k
+    assert k["recovery_s"] is not None and k["errors_started_after_recovery"] == 0, k

@@ -1,65 +1,156 @@
-"""`raysvc bench heap`: the tiny fine-tuning step with the C heap trimmed every k steps against never, each in a
-fresh process (a heap's history belongs to its process) on the same batches in the same order: seconds per step,
-private memory between steps (largest seen, and at the end) and peak RSS, with ratios against never trimming.
+"""`raysvc bench heap`: where a training worker's memory goes, and what each allocator setting does about it.
+
+The same training steps (tiny Panda pretraining, or tiny fine-tuning; same batches, same order, same seed, one
+thread) run once per variant, each in a fresh process (a heap's history belongs to its process) started with the
+variant's environment:
+
+- `glibc`: today's default, never trimmed (the baseline of every ratio);
+- `trim-K`: glibc, `malloc_trim(0)` every K steps (`train.trim_heap` does K = 1);
+- `arena-2`: glibc with MALLOC_ARENA_MAX=2 (fewer per-thread arenas);
+- `mmap-256k`: glibc with its mmap threshold fixed at 256 KiB (GLIBC_TUNABLES): glibc raises the threshold to the
+  largest block freed so far, after which activations of a few MB come from the heap and fragment it; fixed, each
+  such block is mmapped and returned to the OS when freed;
+- `jemalloc`: jemalloc preloaded (the libjemalloc.so that ships inside Ray's wheel, so it is wherever Ray is);
+  `jemalloc-bg` the same with a background purging thread and freed pages kept for 5 s.
+
+Reported per variant: median seconds per step, private memory between steps (largest, last), peak RSS, ratios
+against `glibc`, and whether the losses are bit-identical to it (an allocator must not change the arithmetic).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import tempfile
 import time
-from itertools import cycle, islice
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
 from raysvc.train import heap
-from raysvc.train.tasks.segmentation import FinetuneConfig, train_step
 from raysvc.train.worker import seed_everything
 
+PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
 
-def _measure(job_json: str, steps: int, trim_every: int, threads: int, warmup: int) -> dict:
-    """One variant, in its own process: `steps` training steps cycling over the run's first batches."""
-    torch.set_num_threads(threads)
-    cfg = FinetuneConfig.model_validate_json(job_json)
+
+def jemalloc_path() -> str | None:
+    """The jemalloc shared library inside Ray's wheel, if this Ray has one."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return None
+    lib = Path(spec.origin).parent / "core" / "libjemalloc.so"
+    return str(lib) if lib.exists() else None
+
+
+def variants() -> dict[str, tuple[dict, int]]:
+    """name -> (environment of the fresh process, trim every K steps or 0)."""
+    out = {"glibc": ({}, 0), "trim-1": ({}, 1), "trim-10": ({}, 10), "arena-2": ({"MALLOC_ARENA_MAX": "2"}, 0),
+           "mmap-256k": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144"}, 0)}  # fmt: skip
+    lib = jemalloc_path()
+    if lib:
+        out["jemalloc"] = ({"LD_PRELOAD": lib}, 0)
+        # purging from a background thread instead of on the allocating thread, freed pages kept for 5 s first
+        out["jemalloc-bg"] = ({"LD_PRELOAD": lib, "MALLOC_CONF": "background_thread:true,dirty_decay_ms:5000"}, 0)
+    return out
+
+
+def _segmentation_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
+    from raysvc.train.tasks.segmentation import train_step
+
+    cfg = _job(data, data / "runs", "tiny", steps, batch, threads)
     seed_everything(cfg.train.seed * 1000)  # as rank 0 of a Train run: every variant draws the same numbers
     model, params, opt, loss_fn = plain_training(cfg)
     batches = first_batches(cfg, steps)
+    return (lambda i: float(train_step(model, params, opt, loss_fn, batches[i % len(batches)], cfg,
+                                       torch.device("cpu")))), len(batches)  # fmt: skip
+
+
+def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
+    from raysvc.bench.gpu import _panda_stepper as stepper
+    from raysvc.config import load_config
+    from raysvc.data.reader import read_preprocessed
+    from raysvc.data.shards import load_manifest
+    from raysvc.data.views import collate_views, table_views
+    from raysvc.storage import resolve
+    from raysvc.train.tasks.panda import PretrainConfig
+
+    seed_everything(0)  # views and masks draw from numpy's and torch's global generators, as in a Train worker
+    sets = [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps}", f"train.batch_events={batch}"]
+    cfg = load_config(PretrainConfig, str(PRETRAIN_JOB), sets)
+    loc = resolve(str(data / "train"))
+    manifest = load_manifest(loc)
+    tables = [read_preprocessed(loc, rec, cfg.data.preprocess, None, True, manifest.detector_spec)[0]
+              for rec in manifest.shards]  # fmt: skip
+    events = [ev for t in tables for ev in table_views(t, cfg.views, seed=0, epoch=0)]
+    batches = [collate_views(events[i : i + batch]) for i in range(0, len(events) - batch + 1, batch)]
+    step, losses = stepper(cfg, batches, torch.device("cpu"))
+
+    def run(i: int) -> float:
+        step(i)
+        return losses[-1]
+
+    return run, len(batches)
+
+
+def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, threads: int, warmup: int) -> dict:
+    """One variant, in its own process: `steps` training steps cycling over the run's batches."""
+    torch.set_num_threads(threads)
+    make = _panda_stepper if task == "panda" else _segmentation_stepper
+    step, n_batches = make(Path(data), steps, batch, threads)
     times, private, losses = [], [], []
-    for i, batch in enumerate(islice(cycle(batches), steps)):
+    for i in range(steps):
         t0 = time.perf_counter()
-        losses.append(float(train_step(model, params, opt, loss_fn, batch, cfg, torch.device("cpu"))))
+        losses.append(step(i))
         if trim_every and (i + 1) % trim_every == 0:
             heap.trim()
         times.append(time.perf_counter() - t0)  # the trim is part of the step's cost
         private.append(heap.private_mb())
     return {"step_s": statistics.median(times[warmup:]), "total_s": sum(times[warmup:]),
-            "private_mb_max": max(private), "private_mb_end": private[-1],
+            "private_mb_max": max(private), "private_mb_end": private[-1], "distinct_batches": n_batches,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}  # fmt: skip
 
 
-def run_heap_bench(events: int = 40, steps: int = 60, batch: int = 4, threads: int = 1, warmup: int = 5,
-                   every: tuple[int, ...] = (0, 1, 10), log=print) -> dict:  # fmt: skip
-    if every[0] != 0 or len(set(every)) != len(every) or min(every) < 0:
-        raise ValueError(f"every {every}: distinct intervals >= 0, the first 0 (never trim: the baseline)")
-    out: dict = {"settings": {"events": events, "steps": steps, "batch_events": batch, "threads": threads,
-                              "warmup_steps": warmup, "trim_every": list(every)}, "variants": {}}  # fmt: skip
+def run_heap_bench(task: str = "panda", events: int = 40, steps: int = 40, batch: int = 4, threads: int = 1,
+                   warmup: int = 5, only: tuple[str, ...] | None = None, log=print) -> dict:  # fmt: skip
+    table = variants()
+    names = list(only or table)
+    unknown = [n for n in names if n not in table]
+    if unknown or "glibc" not in names:
+        raise ValueError(f"variants {names}: each one of {list(table)}, and glibc (the baseline) among them")
+    names = ["glibc"] + [n for n in names if n != "glibc"]
+    out: dict = {"settings": {"task": task, "events": events, "steps": steps, "batch_events": batch,
+                              "threads": threads, "warmup_steps": warmup,
+                              "variants": {n: {"env": table[n][0], "trim_every": table[n][1]} for n in names}},
+                 "variants": {}}  # fmt: skip
     spawn = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         generate_bench_data(data, events, log)
-        job = _job(data, data / "runs", "tiny", steps, batch, threads).model_dump_json()
-        for k in every:
-            log(f"trim every {k or 'never'}: {steps} steps in a fresh process")
-            with spawn.Pool(1) as pool:
-                out["variants"][str(k)] = pool.apply(_measure, (job, steps, k, threads, warmup))
-    base = out["variants"]["0"]
+        for name in names:
+            env, every = table[name]
+            log(f"[raysvc] {name}: {steps} {task} steps in a fresh process")
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)  # a spawned process starts from this environment (LD_PRELOAD needs it at exec)
+            try:
+                with spawn.Pool(1) as pool:
+                    args = (task, str(data), steps, batch, every, threads, warmup)
+                    out["variants"][name] = pool.apply(_measure, args)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+    base = out["variants"]["glibc"]
     for v in out["variants"].values():
-        v["step_time_vs_never"] = v["total_s"] / base["total_s"]
-        v["private_mb_max_vs_never"] = v["private_mb_max"] / base["private_mb_max"]
-        v["peak_rss_vs_never"] = v["peak_rss_mb"] / base["peak_rss_mb"]
-        v["same_losses_as_never"] = v["losses"] == base["losses"]
+        v["step_time_vs_glibc"] = v["total_s"] / base["total_s"]
+        v["private_mb_max_vs_glibc"] = v["private_mb_max"] / base["private_mb_max"]
+        v["peak_rss_vs_glibc"] = v["peak_rss_mb"] / base["peak_rss_mb"]
+        v["same_losses_as_glibc"] = v["losses"] == base["losses"]
     return out

@@ -10,6 +10,8 @@ on the same events, all in one run.
    encoding), parsing and checks in the route, and the replica's forward against the in-process one.
    The floor, `GET /healthz` at concurrency 1, is what a request that does nothing costs through the same server.
    Batching gain = throughput with batching / without, at each concurrency.
+4. With --kill-replica: the replica is SIGKILLed under load at the highest concurrency; the error budget (failed
+   requests by status, wrong answers, time until Serve answers again) is reported beside the figures above.
 Aims (issue #7): overhead <= 5 ms, batching >= 1.5x at concurrency 8, no errors.
 """
 
@@ -41,6 +43,17 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
+def _session(local, token: str):
+    """This thread's keep-alive session (in `local`, a threading.local), made on first use."""
+    import requests
+
+    s = getattr(local, "s", None)
+    if s is None:
+        s = local.s = requests.Session()
+        s.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    return s
+
+
 def load(url: str, token: str, bodies: list[bytes], requests_n: int, concurrency: int) -> dict:
     """Send `requests_n` requests (cycling over `bodies`) at `concurrency`; latencies, throughput, errors."""
     import threading
@@ -50,10 +63,7 @@ def load(url: str, token: str, bodies: list[bytes], requests_n: int, concurrency
     local = threading.local()
 
     def one(i: int) -> tuple[float, int, dict | None]:
-        s = getattr(local, "s", None)
-        if s is None:
-            s = local.s = requests.Session()
-            s.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        s = _session(local, token)
         t0 = time.perf_counter()
         try:
             r = s.post(f"{url}/v1/segment", data=bodies[i % len(bodies)], timeout=120)
@@ -77,6 +87,78 @@ def load(url: str, token: str, bodies: list[bytes], requests_n: int, concurrency
     return out
 
 
+def replica_pids(sid: int) -> list[int]:
+    """PIDs of the Serve replicas among the processes of session `sid` (process title ray::ServeReplica:...)."""
+    from raysvc.serve.process import session_processes
+
+    out = []
+    for pid in session_processes(sid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if title.startswith(b"ray::ServeReplica"):
+            out.append(pid)
+    return sorted(out)
+
+
+def kill_replica_under_load(url: str, sid: int, token: str, bodies: list[bytes], requests_n: int = 200,
+                            concurrency: int = 8, kill_after: float = 0.3, answers: list | None = None,
+                            ) -> dict:  # fmt: skip
+    """`requests_n` requests at `concurrency`; once `kill_after` of them have answered, the replica gets SIGKILL (as
+    the OOM killer or a lost node would do it). Reports the error budget: what failed and how (status, or -1 for a
+    dropped connection), when, and how long until Serve answered again; with `answers` (the classes each body must
+    get), every 200 answer is also checked, so "succeeded" means "right"."""
+    import os
+    import signal
+    import threading
+
+    import requests
+
+    (victim,) = replica_pids(sid)  # one replica: its death leaves no other to take the requests
+    local, done, t_kill = threading.local(), threading.Event(), []
+    finished = [0]
+    lock = threading.Lock()
+
+    def one(i: int) -> tuple[float, float, int, bool]:
+        s = _session(local, token)
+        t0 = time.perf_counter()
+        try:
+            r = s.post(f"{url}/v1/segment", data=bodies[i % len(bodies)], timeout=120)
+            status = r.status_code
+            right = status == 200 and (answers is None or r.json()["classes"] == answers[i % len(bodies)])
+        except requests.RequestException:
+            status, right = -1, False
+        with lock:
+            finished[0] += 1
+            if finished[0] >= kill_after * requests_n:
+                done.set()
+        return t0, time.perf_counter(), status, right
+
+    def killer() -> None:
+        done.wait()
+        t_kill.append(time.perf_counter())
+        os.kill(victim, signal.SIGKILL)
+
+    threading.Thread(target=killer, daemon=True).start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests_n)))
+    tk = t_kill[0]
+    failed = [(t0, t1, st) for t0, t1, st, ok in results if not ok]
+    wrong = sum(1 for _, _, st, ok in results if st == 200 and not ok)
+    after = sorted(t1 for t0, t1, st, ok in results if ok and t0 > tk)
+    status_counts: dict[str, int] = {}
+    for _, _, st in failed:
+        status_counts[str(st)] = status_counts.get(str(st), 0) + 1
+    new = replica_pids(sid)
+    return {"requests": requests_n, "concurrency": concurrency, "killed_pid": victim, "replicas_after": new,
+            "restarted": bool(new) and victim not in new, "errors": len(failed), "wrong_answers": wrong,
+            "error_budget": len(failed) / requests_n, "status_counts": status_counts,
+            "errors_before_kill": sum(1 for t0, t1, _ in failed if t1 < tk),
+            "errors_started_after_recovery": sum(1 for t0, _, _ in failed if after and t0 > after[0]),
+            "recovery_s": (after[0] - tk) if after else None}  # fmt: skip
+
+
 def floor_p50_ms(url: str, n: int = 200) -> float:
     """p50 of `GET /healthz` at concurrency 1: the round trip of a request that does nothing (client, HTTP, proxy,
     the Ray hop to the replica and back), the least any request through this server costs."""
@@ -92,7 +174,8 @@ def floor_p50_ms(url: str, n: int = 200) -> float:
 
 
 def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None, events: int = 16,
-                    max_points: int = 4000, threads: int = 1, model: str | None = None, log=print) -> dict:  # fmt: skip
+                    max_points: int = 4000, threads: int = 1, model: str | None = None, log=print,
+                    kill_replica: bool = False) -> dict:  # fmt: skip
     import json
 
     import torch
@@ -136,6 +219,13 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
                     log(f"[raysvc] {key}, concurrency {c}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
                         f"{r['throughput_rps']:.1f} req/s, {r['errors']} errors")  # fmt: skip
                     runs.append(r)
+                if batching and kill_replica:
+                    c = max(concurrency)
+                    k = kill_replica_under_load(srv.url, srv.proc.pid, token, bodies, requests_n, c)
+                    log(f"[raysvc] replica killed under load (concurrency {c}): {k['errors']} of {k['requests']} "
+                        f"requests failed ({k['status_counts']}), answering again after {k['recovery_s']:.1f} s, "
+                        f"replica restarted: {k['restarted']}")  # fmt: skip
+                    result["replica_kill"] = k
             result["endpoint"][key] = runs
     on, off = result["endpoint"]["batching"], result["endpoint"]["no_batching"]
     c1 = next((r for r in off if r["concurrency"] == 1), off[0])
@@ -149,5 +239,5 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
                                    "forward_vs_in_process": c1["replica_p50_ms"]["infer"] - result["in_process_p50_ms"]}
     result["batching_throughput_ratio"] = {str(a["concurrency"]): a["throughput_rps"] / b["throughput_rps"]
                                            for a, b in zip(on, off, strict=True)}  # fmt: skip
-    result["errors"] = sum(r["errors"] for r in on + off)
+    result["errors"] = sum(r["errors"] for r in on + off)  # the replica-kill phase counts its own (error_budget)
     return result
