@@ -104,16 +104,17 @@ def test_bench_train_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_heap_trims_without_changing_the_training(tmp_path):
+def test_bench_heap_allocators_leave_the_training_unchanged(tmp_path):
     out = tmp_path / "heap.json"
-    r = json.loads(run("bench", "heap", "--json", "--events", "16", "--steps", "8", "--every", "0", "1",
-                       "--out", str(out)).stdout)  # fmt: skip
-    assert json.loads(out.read_text()) == r and list(r["variants"]) == ["0", "1"]
-    never, each = r["variants"]["0"], r["variants"]["1"]
-    assert each["same_losses_as_never"] and len(each["losses"]) == 8  # trimming is invisible to the numbers
-    assert each["private_mb_max"] < 0.8 * never["private_mb_max"]  # the freed activations left the process
-    assert each["step_time_vs_never"] == pytest.approx(each["total_s"] / never["total_s"])
-    assert run("bench", "heap", "--every", "1", "0", check=False).returncode == 2
+    r = json.loads(run("bench", "heap", "--json", "--task", "segmentation", "--events", "16", "--steps", "8",
+                       "--variants", "glibc", "trim-1", "jemalloc", "--out", str(out)).stdout)  # fmt: skip
+    assert json.loads(out.read_text()) == r and list(r["variants"]) == ["glibc", "trim-1", "jemalloc"]
+    base, each = r["variants"]["glibc"], r["variants"]["trim-1"]
+    assert all(v["same_losses_as_glibc"] for v in r["variants"].values()) and len(each["losses"]) == 8
+    assert each["private_mb_max"] < 0.8 * base["private_mb_max"]  # the freed activations left the process
+    assert each["step_time_vs_glibc"] == pytest.approx(each["total_s"] / base["total_s"])
+    assert r["settings"]["variants"]["jemalloc"]["env"]["LD_PRELOAD"].endswith("libjemalloc.so")
+    assert run("bench", "heap", "--variants", "no-such-allocator", check=False).returncode == 2
 
 
 @pytest.mark.slow
