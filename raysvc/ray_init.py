@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
+
+from raysvc.seaweed import free_port
 
 # Ray resolves a local node's address to the host's outward IP (so that other nodes could join) unless this is 0; its
 # name comes from the macOS / Windows case, where Ray keeps single-node clusters on loopback for that reason.
@@ -69,10 +70,3 @@ def init_ray(**kwargs) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it; a race with another process taking it is unlikely)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
