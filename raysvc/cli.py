@@ -273,7 +273,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
         load_export(resolve(uri))  # fails here, naming the directory, rather than in a replica
         models[mid] = uri
     batching = {k: v for k, v in (("max_batch_size", a.max_batch_points),
-                                  ("batch_wait_timeout_s", None if a.batch_wait_ms is None else a.batch_wait_ms / 1e3))
+                                  ("batch_wait_timeout_s", None if a.batch_wait_ms is None else a.batch_wait_ms / 1e3),
+                                  ("body_timeout_s", a.body_timeout_s), ("max_body_bytes", a.max_body_bytes),
+                                  ("max_ongoing_requests", a.max_ongoing_requests),
+                                  ("max_queued_requests", a.max_queued_requests))
                 if v is not None}  # fmt: skip
     cfg = ServeConfig(models=models, auth=not a.no_auth, batching=not a.no_batching, replicas=a.replicas,
                       cpus_per_replica=a.cpus_per_replica, torch_threads=a.torch_threads, **batching)  # fmt: skip
@@ -290,7 +293,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     init_ray(logging_level="WARNING", include_dashboard=False)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: Serve and Ray shut down cleanly
     try:
-        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.start(http_options={"host": a.host, "port": a.port, "request_timeout_s": a.request_timeout_s})
         serve.run(build_app(cfg.model_dump()), name="raysvc", route_prefix="/")
         print(json.dumps({"url": f"http://{a.host}:{a.port}", "models": models, "default": cfg.default_model,
                           "auth": cfg.auth, "batching": cfg.batching}), flush=True)  # fmt: skip
@@ -460,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill (default 0: batches form "
                     "from the requests queued during the previous forward)")  # fmt: skip
     sv.add_argument("--no-auth", action="store_true", help="no bearer token (trusted loopback tests only)")
+    sv.add_argument("--max-body-bytes", type=int, help="bytes per request body (default 16 MiB)")
+    sv.add_argument("--body-timeout-s", type=float, help="time to receive a body before 408 (default 10)")
+    sv.add_argument("--max-ongoing-requests", type=int, help="requests in flight per replica (default 32)")
+    sv.add_argument("--max-queued-requests", type=int, help="requests queued at the proxy before 503 (default 64)")
+    sv.add_argument("--request-timeout-s", type=float, default=60.0, help="end-to-end limit at the proxy, 408 "
+                    "after it (default 60)")  # fmt: skip
     sv.set_defaults(fn=cmd_serve)
 
     bs = bsub.add_parser("serve", help="the endpoint under HTTP load: p50/p99, throughput, batching on vs off, "

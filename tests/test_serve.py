@@ -6,10 +6,13 @@ next good request still works; the server is stopped by its session at the end a
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from raysvc.storage import resolve
 
 BIN = Path(sys.executable).parent
 TOKEN = "test-token-0123456789abcdef"
+BODY_TIMEOUT_S = 5
+NPZ, ARROW = "application/x-npz", "application/vnd.apache.arrow.stream"
 
 
 def _export(d: Path, seed: int) -> Path:
@@ -47,12 +52,12 @@ def events():
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     a, b = _export(root / "model-a", 1), _export(root / "model-b", 2)
-    srv = ServeProcess(["--model", f"a={a}", "--model", f"b={b}", "--torch-threads", "1"], free_port(), TOKEN,
-                       root / "serve.log")  # fmt: skip
+    srv = ServeProcess(["--model", f"a={a}", "--model", f"b={b}", "--torch-threads", "1", "--body-timeout-s",
+                        str(BODY_TIMEOUT_S)], free_port(), TOKEN, root / "serve.log")  # fmt: skip
     srv.__enter__()
     sid = srv.proc.pid
     try:
-        yield {"url": srv.url, "a": a, "b": b, "root": root}
+        yield {"url": srv.url, "port": srv.port, "a": a, "b": b, "root": root, "sid": sid}
     finally:
         stragglers = srv.stop()
     assert not stragglers and not session_processes(sid), "serve processes left running after SIGTERM"
@@ -154,7 +159,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_next_request_works(se
         ("empty event", lambda: _post(url, {"points": [], "energies": []}), 422, "no points"),
         ("too many points", lambda: _post(url, {"points": [[1.0, 1.0, 1.0]] * 200_001,
                                                 "energies": [1.0] * 200_001}), 413, "at most 200000"),
-        ("oversized body", lambda: _post(url, b" " * (64 * 2**20 + 1)), 413, "limit"),
+        ("oversized body", lambda: _post(url, b" " * (16 * 2**20 + 1)), 413, "limit"),
         ("wrong content type", lambda: _post(url, b"points", "text/plain"), 415, "content type"),
         ("bad npz", lambda: _post(url, b"PK-not-a-zip", "application/x-npz"), 400, ".npz"),
         ("missing token", lambda: _post(url, _json(p, e), token=None), 401, "Authorization"),
@@ -180,6 +185,38 @@ def test_models_health_and_openapi(server):
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/segment", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert TOKEN not in (server["root"] / "serve.log").read_text()  # the secret is never logged
+
+
+def test_openapi_documents_bodies_errors_and_the_bearer_scheme(server, events):
+    """Enough to generate a client: the three request encodings, the response, every error status the endpoint
+    answers, and the bearer scheme on the /v1 routes; a real request and its answer validate against it."""
+    import jsonschema
+
+    url = server["url"]
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    seg = spec["paths"]["/v1/segment"]["post"]
+    assert set(seg["requestBody"]["content"]) == {"application/json", NPZ, ARROW}
+    assert {"400", "401", "404", "408", "413", "415", "422", "503"} <= set(seg["responses"])
+    assert spec["components"]["securitySchemes"]["bearer"] == {**spec["components"]["securitySchemes"]["bearer"],
+                                                               "type": "http", "scheme": "bearer"}  # fmt: skip
+    assert seg["security"] == [{"bearer": []}] and spec["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+
+    def resolved(schema: dict) -> dict:  # the schema with the spec's components, for jsonschema's $ref lookups
+        return {**schema, "components": spec["components"]}
+
+    request_schema = seg["requestBody"]["content"]["application/json"]["schema"]
+    body = _json(*events[0], probabilities=True)
+    jsonschema.validate(body, resolved(request_schema))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"points": [[1, 2]], "energies": [1]}, resolved(request_schema))
+    answer = _post(url, body)
+    jsonschema.validate(answer.json(), resolved(seg["responses"]["200"]["content"]["application/json"]["schema"]))
+    refused = _post(url, {"points": [[1, 2]], "energies": [1]})
+    error_schema = seg["responses"]["422"]["content"]["application/json"]["schema"]
+    jsonschema.validate(refused.json(), resolved(error_schema))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"detail": "x"}, resolved(error_schema))
 
 
 def test_serve_refuses_to_start_without_a_token(tmp_path):
@@ -255,3 +292,199 @@ def test_serve_run_deploys_the_cluster_serve_config(tmp_path, events):
     want = _offline(model, events[:3], tmp_path)
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
     assert proc.returncode is not None and not session_processes(proc.pid)
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _arrow(columns: dict, compression: str | None = None) -> bytes:
+    table = pa.table(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_hostile_bodies_get_a_named_4xx_in_one_shape_and_the_next_request_works(server, events):
+    """Inputs that crashed a parser (500) or were wrongly accepted (200) before, each class with cases of its own;
+    every answer is {"error", "status"}, FastAPI's own errors included."""
+    url = server["url"]
+    p, e = events[1][0][:50], events[1][1][:50]
+    npy = io.BytesIO()
+    np.save(npy, p)
+    cols = {"x": p[:, 0], "y": p[:, 1], "z": p[:, 2], "energy": e}
+    js = json.dumps(_json(p, e))
+
+    def chunked():  # no Content-Length: only the streamed count can stop it
+        for _ in range(17):
+            yield b" " * 2**20
+
+    cases = [
+        ("deep JSON", lambda: _post(url, b"[" * 50_000), 400, "nested too deeply"),
+        ("huge integer", lambda: _post(url, b'{"points": [[' + b"7" * 5000 + b', 1, 1]], "energies": [1]}'), 422,
+         "5000 digits"),
+        ("float beyond float32", lambda: _post(url, js.replace("[[", "[[1e39, 1, 1], [", 1).replace(
+            '"energies": [', '"energies": [1, ', 1).encode()), 422, "points: coordinates contain NaN or inf"),
+        ("npy as npz", lambda: _post(url, npy.getvalue(), NPZ), 400, "single .npy array"),
+        ("timestamp column", lambda: _post(url, _arrow({**cols, "x": pa.array(np.zeros(50, "datetime64[ms]"))}),
+                                           ARROW), 422, "column x: type timestamp[ms]"),
+        ("nulls in a column", lambda: _post(url, _arrow({**cols, "energy": pa.array([None] * 50, pa.float32())}),
+                                            ARROW), 422, "null values"),
+        ("coordinates as strings", lambda: _post(url, {"points": p.astype(str).tolist(), "energies": e.tolist()}),
+         422, "points: expected numbers, got a string"),
+        ("energies as booleans", lambda: _post(url, {"points": p.tolist(), "energies": [True] * 50}), 422,
+         "energies: expected numbers, got true/false"),
+        ("complex npz", lambda: _post(url, _npz(points=p.astype(np.complex64), energies=e), NPZ), 422,
+         "points: dtype complex64"),
+        ("text npz", lambda: _post(url, _npz(points=p, energies=e.astype("U8")), NPZ), 422, "energies: dtype <U8"),
+        ("duplicate key", lambda: _post(url, js.replace("{", '{"energies": [1], ', 1).encode()), 422,
+         "duplicate key 'energies'"),
+        ("query parameter of the wrong type", lambda: _post(url, _json(p, e), probabilities="maybe"), 422,
+         "probabilities"),
+        ("chunked body over the limit", lambda: _post(url, chunked()), 413, "limit"),
+        ("unknown path", lambda: requests.get(f"{url}/v1/nothing", timeout=10), 404, "/v1/nothing"),
+        ("wrong method", lambda: requests.delete(f"{url}/v1/segment", timeout=10), 405, "DELETE /v1/segment"),
+    ]  # fmt: skip
+    good = _post(url, _json(p, e)).json()["classes"]
+    for name, send, status, words in cases:
+        r = send()
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert r.json()["status"] == status and words in r.json()["error"], (name, r.json())
+        after = _post(url, _json(p, e))
+        assert after.status_code == 200 and after.json()["classes"] == good, name
+
+
+def _status(pid: int, key: str) -> int:
+    """A /proc/PID/status field in KiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1])
+
+
+def test_bombs_are_refused_without_growing_the_replica(server):
+    """An .npz that inflates to 10 M points (120 MB) and a zstd Arrow stream of 8 M rows (128 MB), each a few
+    hundred KB on the wire: 413 from their declared sizes; the replica's peak RSS (reset first) barely moves."""
+    from raysvc.bench.serve import replica_pids
+
+    (pid,) = replica_pids(server["sid"])
+    zeros = np.zeros(8_000_000, np.float32)
+    npz = io.BytesIO()
+    np.savez_compressed(npz, points=np.zeros((10_000_000, 3), np.float32), energies=zeros[:1])
+    arrow = _arrow({"x": zeros, "y": zeros, "z": zeros, "energy": zeros}, "zstd")
+    bombs = [(npz.getvalue(), NPZ, "10000000 points"), (arrow, ARROW, "8000000 rows")]
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+    before = _status(pid, "VmHWM")
+    for body, ctype, words in bombs:
+        assert len(body) < 2**20
+        r = _post(server["url"], body, ctype)
+        assert r.status_code == 413 and words in r.json()["error"], r.text
+    grown = (_status(pid, "VmHWM") - before) / 1024
+    print(f"replica peak RSS +{grown:.1f} MiB under the bombs")
+    assert grown < 48, grown
+
+
+def test_stalled_bodies_get_408_and_never_block_a_valid_request(server, events):
+    """Eight connections send headers and a few body bytes, then stall. A valid request is answered at once (the
+    replica takes more requests than that), and each stalled one gets 408 after the body timeout."""
+    url, port = server["url"], server["port"]
+    stalled = [_stall(port) for _ in range(8)]
+    t0 = time.perf_counter()
+    try:
+        time.sleep(0.5)  # let them all reach the replica
+        t1 = time.perf_counter()
+        r = _post(url, _json(*events[2]))
+        answered = time.perf_counter() - t1
+        assert r.status_code == 200 and answered < 2, answered  # with Serve's default of 5 in flight: ~4.5 s
+        for s in stalled:
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+                if b"}" in reply:
+                    break
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), reply[:300]
+            assert f"did not arrive within {BODY_TIMEOUT_S} s".encode() in body and b"of 100000 bytes" in body
+        assert time.perf_counter() - t0 < BODY_TIMEOUT_S + 10
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def _listening() -> dict[str, tuple[str, int]]:
+    """Socket inode -> (address, port) of every listening TCP socket on the host (/proc/net/tcp, tcp6)."""
+    out = {}
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            addr, port = f[1].split(":")
+            raw = bytes.fromhex(addr)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # kernel words are little-endian
+            out[f[9]] = (socket.inet_ntop(family, raw), int(port, 16))
+    return out
+
+
+def test_every_process_the_server_started_listens_on_loopback_only(server):
+    listening = _listening()
+    found = []
+    for pid in session_processes(server["sid"]):
+        try:
+            title = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in listening:
+                found.append((title, *listening[target[8:-1]]))
+    titles = {t for t, _, _ in found}
+    assert any(t.startswith("ray::ServeReplica") for t in titles) and any("gcs_server" in t for t in titles), found
+    assert any(t.startswith("ray::ProxyActor") and port == server["port"] for t, _, port in found), found
+
+    def loopback(addr: str) -> bool:
+        ip = ipaddress.ip_address(addr)
+        return (ip.ipv4_mapped or ip).is_loopback if ip.version == 6 else ip.is_loopback
+
+    print("\n".join(f"{t}: {a} {p}" for t, a, p in found))
+    exposed = [f for f in found if not loopback(f[1])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def _stall(port: int) -> socket.socket:
+    """A connection that sends a request's headers and a few bytes of its body, then nothing."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: "
+              b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: 100000\r\n\r\n{\"points\": [[1, ")  # fmt: skip
+    return s
+
+
+def test_an_overloaded_endpoint_answers_503_with_retry_after(tmp_path, events):
+    """One request in flight and one queued at most (a small server): a third gets 503 with Retry-After at once,
+    not a hang; when the stalled ones time out (408) the endpoint answers again."""
+    model = _export(tmp_path / "m", 0)
+    args = ["--checkpoint", str(model), "--max-ongoing-requests", "1", "--max-queued-requests", "1",
+            "--body-timeout-s", "4", "--torch-threads", "1"]  # fmt: skip
+    with ServeProcess(args, free_port(), TOKEN, tmp_path / "serve.log") as srv:
+        assert _post(srv.url, _json(*events[0])).status_code == 200
+        stalled = [_stall(srv.port)]
+        time.sleep(0.5)  # in the replica
+        stalled.append(_stall(srv.port))
+        time.sleep(0.5)  # queued at the proxy
+        try:
+            t0 = time.perf_counter()
+            r = _post(srv.url, _json(*events[0]))
+            assert r.status_code == 503 and time.perf_counter() - t0 < 2, (r.status_code, r.text[:300])
+            assert r.headers["Retry-After"] == "1"
+            deadline = time.time() + 30
+            while (r := _post(srv.url, _json(*events[0]))).status_code == 503 and time.time() < deadline:
+                time.sleep(float(r.headers["Retry-After"]))
+            assert r.status_code == 200
+        finally:
+            for s in stalled:
+                s.close()

@@ -12,6 +12,10 @@
   back as 422s.
 - Dynamic batching (`@serve.batch`) bounded by the total points per batch (`batch_size_fn`), so one huge event
   never rides with many others; requests for different models in one batch are run model by model.
+- Resources are bounded per request: the body is streamed with a byte limit (chunked bodies too) and a time limit
+  (a stalled sender gets 408 and frees its slot), parsing never inflates past the point limit (protocol.py), each
+  replica takes `max_ongoing_requests` at once and each proxy queues `max_queued_requests` more before answering
+  503 with Retry-After. Every error, FastAPI's own included, is one JSON shape: {"error": ..., "status": ...}.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at import time.
@@ -25,11 +29,16 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from raysvc.data.schema import EventDataError
+from raysvc.serve import openapi
+from raysvc.serve.binding import bind_replica_grpc_to_node_ip
 from raysvc.serve.protocol import CONTENT_TYPES, Event, Limits, RequestError, parse
 
 REQUEST_FIELD = {"coord": "points", "energy": "energies", "num_points": "points"}  # contract field -> request
@@ -55,8 +64,18 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(200_000, gt=0, description="total points per batch")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill; 0: it takes what "
                                         "queued during the previous forward, and a lone request never waits")
-    max_body_bytes: int = Field(64 * 2**20, gt=0)
+    max_body_bytes: int = Field(16 * 2**20, gt=0, description="bytes per request body (a 200,000-point event is "
+                                "about 8 MB of JSON, 3 MB of float32 .npz)")
     max_points: int = Field(200_000, gt=0, description="points per event")
+    body_timeout_s: float = Field(10.0, gt=0, description="time to receive a body; slower or stalled senders get 408 "
+                                  "and their slot back")
+    # In flight per replica, counting requests still sending their bodies: enough that a handful of stalled senders
+    # leave room for everyone else (Serve's default, 5, let 6 stalled connections block the endpoint) and that
+    # batches can fill; small enough that the bodies it holds stay bounded (32 x max_body_bytes = 512 MiB).
+    max_ongoing_requests: int = Field(32, gt=0, description="requests in flight per replica")
+    max_queued_requests: int = Field(64, ge=-1, description="requests each proxy queues beyond those; more get 503 "
+                                     "with Retry-After (-1: no limit)")
+    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After of a 503")
     replicas: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0, description="> 0: the replica runs its models on CUDA")
@@ -97,7 +116,32 @@ def _json_probs(p: np.ndarray) -> list:
 
 
 api = FastAPI(title="raysvc segmentation", version="1",
-              description="Per-point semantic segmentation of LArTPC events with fine-tuned PTv3 models.")  # fmt: skip
+              description="Per-point semantic segmentation of LArTPC events with fine-tuned PTv3 models. Every /v1 "
+                          "route needs `Authorization: Bearer <token>`; every error is {error, status}.")  # fmt: skip
+
+
+def _openapi() -> dict:
+    if api.openapi_schema is None:
+        api.openapi_schema = openapi.add_security(
+            get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        )
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own checks (the query string) in the endpoint's error shape, naming the parameter."""
+    what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return _error(422, what)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown paths (404) and methods (405) in the endpoint's error shape."""
+    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
 
 @serve.deployment(name="segment")
@@ -112,6 +156,7 @@ class SegmentService:
         self.cfg = ServeConfig.model_validate(config)
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
+        self.bound = bind_replica_grpc_to_node_ip()  # before Serve starts that server, just after this __init__
         self.token = read_token() if self.cfg.auth else None
         if self.cfg.auth and not self.token:
             raise RuntimeError(f"the endpoint requires a bearer token: {HOW_TO_SET_TOKEN}")
@@ -133,11 +178,12 @@ class SegmentService:
             return _error(401, "wrong bearer token")
         return None
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=openapi.Health)
     def healthz(self) -> dict:
         return {"status": "ok", "models": len(self.models)}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=openapi.ModelList, responses=openapi.AUTH_ERRORS,
+             openapi_extra={"security": [{openapi.BEARER: []}]})  # fmt: skip
     def list_models(self, request: Request):
         if (denied := self._authorised(request)) is not None:
             return denied
@@ -146,7 +192,8 @@ class SegmentService:
                             "size": seg.record.model.size, "mode": seg.record.model.mode}
                            for mid, seg in self.models.items()]}  # fmt: skip
 
-    @api.post("/v1/segment")
+    @api.post("/v1/segment", response_model=openapi.SegmentResponse, responses=openapi.SEGMENT_ERRORS,
+              openapi_extra={"requestBody": openapi.SEGMENT_BODY, "security": [{openapi.BEARER: []}]})  # fmt: skip
     async def segment(self, request: Request, probabilities: bool = False):
         t0 = time.perf_counter()
         if (denied := self._authorised(request)) is not None:
@@ -160,7 +207,10 @@ class SegmentService:
         if (request.headers.get("content-type") or "").split(";")[0].strip().lower() not in CONTENT_TYPES:
             return _error(415, f"content type {request.headers.get('content-type')!r} is not accepted: use one of "
                                f"{', '.join(CONTENT_TYPES)}")  # fmt: skip
-        body = await request.body()  # in Serve, the body comes from the proxy by a call back to it
+        try:
+            body = await self._read_body(request)
+        except RequestError as e:  # the connection is left mid-body: close it rather than read the rest
+            return JSONResponse({"error": str(e), "status": e.status}, e.status, headers={"Connection": "close"})
         t_body = time.perf_counter()
         try:
             event = parse(body, request.headers.get("content-type"), self.limits, probabilities)
@@ -184,6 +234,29 @@ class SegmentService:
                             "total": 1e3 * (time.perf_counter() - t0)}  # fmt: skip
         # Encoded here: FastAPI's jsonable_encoder would walk every per-point value first (~1 ms for 2,000 points)
         return Response(json.dumps(out), media_type="application/json")
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, streamed: refused past max_body_bytes (a chunked body declares no length to check first) and
+        past body_timeout_s (in Serve the replica pulls the body from the proxy, so a stalled sender would hold one
+        of the replica's request slots for as long as it likes)."""
+        chunks: list[bytes] = []
+        size, limit = 0, self.limits.max_body_bytes
+
+        async def receive() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"body of more than {limit} bytes: the limit is {limit}")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(receive(), self.cfg.body_timeout_s)
+        except TimeoutError as e:
+            declared = request.headers.get("content-length", "unknown")
+            raise RequestError(408, f"the body did not arrive within {self.cfg.body_timeout_s:g} s ({size} of "
+                                    f"{declared} bytes received)") from e  # fmt: skip
+        return b"".join(chunks)
 
     def _infer_one(self, model_id: str, event: Event) -> tuple[np.ndarray, np.ndarray | None]:
         return self._run(model_id, [event])[0]
@@ -214,4 +287,8 @@ def build_app(args: dict) -> serve.Application:
     `raysvc serve`; `args` are ServeConfig fields."""
     cfg = ServeConfig.model_validate(args)
     opts = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
-    return SegmentService.options(num_replicas=cfg.replicas, ray_actor_options=opts).bind(cfg.model_dump())
+    return SegmentService.options(num_replicas=cfg.replicas, ray_actor_options=opts,
+                                  max_ongoing_requests=cfg.max_ongoing_requests,
+                                  max_queued_requests=cfg.max_queued_requests,
+                                  backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
+                                  ).bind(cfg.model_dump())  # fmt: skip

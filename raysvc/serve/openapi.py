@@ -1,0 +1,115 @@
+"""The endpoint's contract as OpenAPI: request bodies in all three encodings, responses, every error status and the
+bearer scheme, so that a client can be generated from `/openapi.json`. The route handlers read raw bodies (for the
+binary encodings and for parse errors in the endpoint's own words), so FastAPI cannot infer any of this from them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from raysvc.serve.protocol import ACCEPTED_DTYPES, ARROW, JSON, NPZ
+
+BEARER = "bearer"
+
+
+class SegmentRequest(BaseModel):
+    """One event. Numbers only: strings, booleans and nulls are refused (422), as are duplicate keys."""
+
+    points: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+        description="voxel coordinates, one [x, y, z] per point"
+    )
+    energies: list[float] = Field(description="deposited energy of each point in MeV (>= 0)")
+    probabilities: bool = Field(False, description="also return each point's class probabilities")
+
+    model_config = {"extra": "forbid"}
+
+
+class Timing(BaseModel):
+    receive: float
+    parse: float
+    infer: float
+    total: float
+
+
+class SegmentResponse(BaseModel):
+    model: str = Field(description="the model that answered")
+    num_points: int
+    classes: list[int] = Field(description="class id per point; -1 below the model's energy threshold")
+    class_names: list[str]
+    probabilities: list[list[float] | None] | None = Field(
+        None, description="per point (null below the energy threshold), when asked for"
+    )
+    timing_ms: Timing
+
+
+class ModelInfo(BaseModel):
+    id: str
+    uri: str
+    classes: list[str]
+    size: str
+    mode: str
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+    models: int
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, naming the field, array or column")
+    status: int
+
+
+def _error(text: str) -> dict:
+    return {"description": text, "model": ErrorResponse}
+
+
+AUTH_ERRORS = {401: _error("missing or wrong bearer token")}
+SEGMENT_ERRORS = {
+    **AUTH_ERRORS,
+    400: _error("a body its encoding cannot parse (malformed JSON, not an .npz, a broken Arrow stream)"),
+    404: _error("unknown model id in X-Model-Id"),
+    408: _error("the body did not arrive within the endpoint's body timeout"),
+    413: _error("too many points, or a body over the byte limit (also before decompression)"),
+    415: _error("a Content-Type other than the three accepted"),
+    422: _error(
+        "a body that parses but breaks the contract: missing / unknown / duplicate fields, wrong types "
+        "or shapes, NaN, negative energy, outside the detector volume, no points"
+    ),
+    500: _error("an error inside the endpoint (a bug: please report it with the request)"),
+    503: _error(
+        "overloaded (more requests queued than the endpoint takes) or no replica ready; retry after the "
+        "Retry-After header's seconds"
+    ),
+}
+
+SEGMENT_BODY = {
+    "required": True,
+    "content": {
+        JSON: {"schema": SegmentRequest.model_json_schema()},
+        NPZ: {
+            "schema": {"type": "string", "format": "binary"},
+            "description": f"np.savez(f, points=(n, 3), energies=(n,)) with dtypes {ACCEPTED_DTYPES}; the "
+            "probabilities query parameter asks for probabilities",
+        },
+        ARROW: {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "an Arrow IPC stream of one table with exactly the columns x, y, z, energy "
+            f"({ACCEPTED_DTYPES}, no nulls); compression (lz4 / zstd) allowed",
+        },
+    },
+}
+
+
+def add_security(schema: dict) -> dict:
+    """The bearer scheme, in the generated schema's components."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER] = {"type": "http", "scheme": "bearer", "description": "RAYSVC_SERVE_TOKEN of the server"}
+    return schema
