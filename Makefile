@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check raysvc tests
+	$(BIN)/ruff format --check raysvc tests
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -27,6 +28,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check raysvc tests
+	$(BIN)/ruff format --check raysvc tests
 
 bench-ingest: $(STAMP)
 	$(BIN)/raysvc bench ingest --json --events 2000 --shard-events 250 --out runs/bench-ingest.json

@@ -87,51 +87,70 @@ def cmd_subset(a: argparse.Namespace) -> None:
 def cmd_bench_ingest(a: argparse.Namespace) -> None:
     from raysvc.bench.ingest import run_ingest_bench
 
-    result = run_ingest_bench(events=a.events, uri=a.uri, batch_events=a.batch_events, repeats=a.repeats,
-                              shard_events=a.shard_events)  # fmt: skip
+    result = run_ingest_bench(
+        events=a.events, uri=a.uri, batch_events=a.batch_events, repeats=a.repeats, shard_events=a.shard_events
+    )
     if a.json:
         _print_json(result, a.out)
     else:
-        print(f"ray data {result['ray_data_events_per_s']:.1f} ev/s, direct {result['direct_events_per_s']:.1f} "
-              f"ev/s, ratio {result['ratio']:.2f}")  # fmt: skip
+        print(
+            f"ray data {result['ray_data_events_per_s']:.1f} ev/s, direct {result['direct_events_per_s']:.1f} "
+            f"ev/s, ratio {result['ratio']:.2f}"
+        )
 
 
 def cmd_bench_ops(a: argparse.Namespace) -> None:
     from raysvc.bench.ops import run_ops_bench
 
-    result = run_ops_bench(events=a.events, seed=a.seed, radius=a.radius, overlap=a.overlap, repeats=a.repeats,
-                           progress=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    result = run_ops_bench(
+        events=a.events,
+        seed=a.seed,
+        radius=a.radius,
+        overlap=a.overlap,
+        repeats=a.repeats,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
     if a.json:
         _print_json(result, a.out)
         return
     g, s, c = result["grouping"], result["serialization"], result["sparse_conv"]
-    print(f"C-NMS + ball {g['cnms_ball_events_per_s']:.0f} ev/s, FPS + ball {g['fps_ball_events_per_s']:.0f} ev/s, "
-          f"FPS + kNN {g['fps_knn_events_per_s']:.0f} ev/s; C-NMS vs FPS + ball {g['cnms_vs_fps_ball']:.2f}x")
-    print(f"serialization (1 thread): z {s['z_mpts_per_s']:.1f} Mpts/s ({s['z_vs_torch']:.1f}x torch), "
-          f"hilbert {s['hilbert_mpts_per_s']:.1f} Mpts/s ({s['hilbert_vs_torch']:.1f}x torch)")
-    print(f"sparse conv fwd+bwd (1 thread, {c['points']} points): ours {c['ours_fwd_bwd_s'] * 1e3:.1f} ms, "
-          f"spconv CPU {c.get('spconv_cpu_fwd_bwd_s', float('nan')) * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"C-NMS + ball {g['cnms_ball_events_per_s']:.0f} ev/s, FPS + ball {g['fps_ball_events_per_s']:.0f} ev/s, "
+        f"FPS + kNN {g['fps_knn_events_per_s']:.0f} ev/s; C-NMS vs FPS + ball {g['cnms_vs_fps_ball']:.2f}x"
+    )
+    print(
+        f"serialization (1 thread): z {s['z_mpts_per_s']:.1f} Mpts/s ({s['z_vs_torch']:.1f}x torch), "
+        f"hilbert {s['hilbert_mpts_per_s']:.1f} Mpts/s ({s['hilbert_vs_torch']:.1f}x torch)"
+    )
+    print(
+        f"sparse conv fwd+bwd (1 thread, {c['points']} points): ours {c['ours_fwd_bwd_s'] * 1e3:.1f} ms, "
+        f"spconv CPU {c.get('spconv_cpu_fwd_bwd_s', float('nan')) * 1e3:.1f} ms"
+    )
 
 
 def cmd_bench_train(a: argparse.Namespace) -> None:
     from raysvc.bench.train import run_train_bench
 
-    result = run_train_bench(events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads,
-                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    result = run_train_bench(
+        events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads, log=lambda m: print(m, file=sys.stderr)
+    )
     if a.json:
         _print_json(result, a.out)
         return
     for size in ("tiny", "small"):
         print(f"{size}: {result[f'{size}_fwd_bwd_s_per_event'] * 1e3:.0f} ms/event forward+backward")
-    print(f"step: plain torch {result['plain_step_s'] * 1e3:.0f} ms, Ray Train {result['ray_train_step_s'] * 1e3:.0f}"
-          f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %")
+    print(
+        f"step: plain torch {result['plain_step_s'] * 1e3:.0f} ms, Ray Train {result['ray_train_step_s'] * 1e3:.0f}"
+        f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %"
+    )
 
 
 def cmd_bench_gpu(a: argparse.Namespace) -> None:
     from raysvc.bench.gpu import run_gpu_bench
 
-    result = run_gpu_bench(a.device, events=a.events, steps=a.steps, batch=a.batch_events,
-                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    result = run_gpu_bench(
+        a.device, events=a.events, steps=a.steps, batch=a.batch_events, log=lambda m: print(m, file=sys.stderr)
+    )
     if a.json:
         _print_json(result, a.out)
     else:
@@ -149,30 +168,47 @@ def cmd_bench_gpu(a: argparse.Namespace) -> None:
 def cmd_bench_heap(a: argparse.Namespace) -> None:
     from raysvc.bench.heap import run_heap_bench
 
-    result = run_heap_bench(task=a.task, events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads,
-                            only=tuple(a.variants) if a.variants else None,
-                            log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    result = run_heap_bench(
+        task=a.task,
+        events=a.events,
+        steps=a.steps,
+        batch=a.batch_events,
+        threads=a.threads,
+        only=tuple(a.variants) if a.variants else None,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     if a.json:
         _print_json(result, a.out)
         return
     for k, v in result["variants"].items():
-        print(f"{k:>10}: {v['step_s'] * 1e3:5.0f} ms/step (x{v['step_time_vs_glibc']:.2f}), private memory max "
-              f"{v['private_mb_max']:5.0f} MB (x{v['private_mb_max_vs_glibc']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} "
-              f"MB (x{v['peak_rss_vs_glibc']:.2f}), same losses: {v['same_losses_as_glibc']}")  # fmt: skip
+        print(
+            f"{k:>10}: {v['step_s'] * 1e3:5.0f} ms/step (x{v['step_time_vs_glibc']:.2f}), private memory max "
+            f"{v['private_mb_max']:5.0f} MB (x{v['private_mb_max_vs_glibc']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} "
+            f"MB (x{v['peak_rss_vs_glibc']:.2f}), same losses: {v['same_losses_as_glibc']}"
+        )
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> None:
     from raysvc.bench.serve import run_serve_bench
 
-    result = run_serve_bench(requests_n=a.requests, concurrency=a.concurrency, events=a.events,
-                             max_points=a.max_points, threads=a.threads, model=a.model,
-                             log=lambda m: print(m, file=sys.stderr), kill_replica=a.kill_replica)  # fmt: skip
+    result = run_serve_bench(
+        requests_n=a.requests,
+        concurrency=a.concurrency,
+        events=a.events,
+        max_points=a.max_points,
+        threads=a.threads,
+        model=a.model,
+        log=lambda m: print(m, file=sys.stderr),
+        kill_replica=a.kill_replica,
+    )
     if a.json:
         _print_json(result, a.out)
         return
     split = ", ".join(f"{k} {v:+.1f}" for k, v in result["overhead_split_ms"].items())
-    print(f"overhead over in-process forward: {result['overhead_p50_ms']:+.1f} ms (p50: {split}); batching "
-          f"throughput ratio {result['batching_throughput_ratio']}; errors {result['errors']}")  # fmt: skip
+    print(
+        f"overhead over in-process forward: {result['overhead_p50_ms']:+.1f} ms (p50: {split}); batching "
+        f"throughput ratio {result['batching_throughput_ratio']}; errors {result['errors']}"
+    )
 
 
 def _run_job(a: argparse.Namespace, default_task: str) -> None:
@@ -186,8 +222,11 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
         out |= {"val_miou": val.get("miou"), "val_iou": val.get("iou")}
     if "probe" in summary:
         probe = summary["probe"] or {}
-        out |= {"probe_pretrained_miou": probe.get("pretrained_miou"), "probe_random_miou": probe.get("random_miou"),
-                "monitor": summary.get("last_monitor")}  # fmt: skip
+        out |= {
+            "probe_pretrained_miou": probe.get("pretrained_miou"),
+            "probe_random_miou": probe.get("random_miou"),
+            "monitor": summary.get("last_monitor"),
+        }
     print(json.dumps(out, indent=2))
 
 
@@ -205,12 +244,23 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
     summary = run_sweep(load_spec(a.spec, a.set))
     print(summary["table_md"], end="")
-    print(json.dumps({"sweep": summary["uri"], "trials": len(summary["trials"]), "failed":
-                      [{"trial": f["trial"]["name"], "error": f["error"]} for f in summary["failed"]],
-                      "wall_s": round(summary["wall_s"], 1)}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "sweep": summary["uri"],
+                "trials": len(summary["trials"]),
+                "failed": [{"trial": f["trial"]["name"], "error": f["error"]} for f in summary["failed"]],
+                "wall_s": round(summary["wall_s"], 1),
+            },
+            indent=2,
+        )
+    )
     if summary["failed"]:
-        print(f"raysvc: {len(summary['failed'])} of {len(summary['failed']) + len(summary['trials'])} trials failed "
-              f"(errors in {summary['uri']}/summary.json)", file=sys.stderr)  # fmt: skip
+        print(
+            f"raysvc: {len(summary['failed'])} of {len(summary['failed']) + len(summary['trials'])} trials failed "
+            f"(errors in {summary['uri']}/summary.json)",
+            file=sys.stderr,
+        )
         _release_s3()
         sys.exit(1)
 
@@ -219,8 +269,14 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from raysvc.inference.segmenter import evaluate_dataset
     from raysvc.storage import absolute_uri, resolve
 
-    result = evaluate_dataset(resolve(absolute_uri(a.model)), resolve(absolute_uri(a.data)), a.batch_events, a.device,
-                              max_events=a.max_events, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    result = evaluate_dataset(
+        resolve(absolute_uri(a.model)),
+        resolve(absolute_uri(a.data)),
+        a.batch_events,
+        a.device,
+        max_events=a.max_events,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     _print_json(result, a.out)
 
 
@@ -272,20 +328,35 @@ def cmd_serve(a: argparse.Namespace) -> None:
             raise ValueError(f"model id {mid!r} given twice; name them: --model ID=URI")
         load_export(resolve(uri))  # fails here, naming the directory, rather than in a replica
         models[mid] = uri
-    batching = {k: v for k, v in (("max_batch_size", a.max_batch_points),
-                                  ("batch_wait_timeout_s", None if a.batch_wait_ms is None else a.batch_wait_ms / 1e3),
-                                  ("body_timeout_s", a.body_timeout_s), ("max_body_bytes", a.max_body_bytes),
-                                  ("max_ongoing_requests", a.max_ongoing_requests),
-                                  ("max_queued_requests", a.max_queued_requests))
-                if v is not None}  # fmt: skip
-    cfg = ServeConfig(models=models, auth=not a.no_auth, batching=not a.no_batching, replicas=a.replicas,
-                      cpus_per_replica=a.cpus_per_replica, torch_threads=a.torch_threads, **batching)  # fmt: skip
+    batching = {
+        k: v
+        for k, v in (
+            ("max_batch_size", a.max_batch_points),
+            ("batch_wait_timeout_s", None if a.batch_wait_ms is None else a.batch_wait_ms / 1e3),
+            ("body_timeout_s", a.body_timeout_s),
+            ("max_body_bytes", a.max_body_bytes),
+            ("max_ongoing_requests", a.max_ongoing_requests),
+            ("max_queued_requests", a.max_queued_requests),
+        )
+        if v is not None
+    }
+    cfg = ServeConfig(
+        models=models,
+        auth=not a.no_auth,
+        batching=not a.no_batching,
+        replicas=a.replicas,
+        cpus_per_replica=a.cpus_per_replica,
+        torch_threads=a.torch_threads,
+        **batching,
+    )
     if cfg.auth and not read_token():
-        raise ValueError(f"raysvc serve requires a bearer token: {HOW_TO_SET_TOKEN} (or --no-auth, for a trusted "
-                         "loopback-only test)")  # fmt: skip
+        raise ValueError(
+            f"raysvc serve requires a bearer token: {HOW_TO_SET_TOKEN} (or --no-auth, for a trusted loopback-only test)"
+        )
     if a.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"raysvc: warning: binding {a.host}, beyond loopback (auth {'on' if cfg.auth else 'OFF'})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"raysvc: warning: binding {a.host}, beyond loopback (auth {'on' if cfg.auth else 'OFF'})", file=sys.stderr
+        )
     from ray import serve
 
     for key, value in FAST_PATH_ENV.items():  # for the Ray started here; one already running keeps its own
@@ -295,8 +366,18 @@ def cmd_serve(a: argparse.Namespace) -> None:
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "request_timeout_s": a.request_timeout_s})
         serve.run(build_app(cfg.model_dump()), name="raysvc", route_prefix="/")
-        print(json.dumps({"url": f"http://{a.host}:{a.port}", "models": models, "default": cfg.default_model,
-                          "auth": cfg.auth, "batching": cfg.batching}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "url": f"http://{a.host}:{a.port}",
+                    "models": models,
+                    "default": cfg.default_model,
+                    "auth": cfg.auth,
+                    "batching": cfg.batching,
+                }
+            ),
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -308,8 +389,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
-    run_demo(workdir=a.workdir, events=a.events, storage=a.storage, workers=a.workers, pretrain_steps=a.pretrain_steps,
-             finetune_steps=a.finetune_steps)
+    run_demo(
+        workdir=a.workdir,
+        events=a.events,
+        storage=a.storage,
+        workers=a.workers,
+        pretrain_steps=a.pretrain_steps,
+        finetune_steps=a.finetune_steps,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,8 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("verify", help="check every shard (checksum, schema, values); exit 1 if any event is bad")
     v.add_argument("uri")
     v.set_defaults(fn=cmd_verify)
-    su = dsub.add_parser("subset", help="write the seeded n-event label subset (data.subset_events=n) as its own "
-                                        "dataset, so a few-label run reads n events, not the whole set")  # fmt: skip
+    su = dsub.add_parser(
+        "subset",
+        help="write the seeded n-event label subset (data.subset_events=n) as its own "
+        "dataset, so a few-label run reads n events, not the whole set",
+    )
     su.add_argument("uri")
     su.add_argument("--events", type=int, required=True)
     su.add_argument("--seed", type=int, default=0, help="the subset seed (data.subset_seed)")
@@ -382,14 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
     ft.set_defaults(fn=cmd_finetune)
 
-    pt = sub.add_parser("pretrain", help="Panda self-supervised pretraining with Ray Train (locally or under ray job "
-                        "submit)")  # fmt: skip
+    pt = sub.add_parser(
+        "pretrain", help="Panda self-supervised pretraining with Ray Train (locally or under ray job submit)"
+    )
     pt.add_argument("config", help="job YAML, e.g. jobs/pretrain-panda-tiny.yaml")
     pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
     pt.set_defaults(fn=cmd_pretrain)
 
-    sw = sub.add_parser("sweep", help="a Ray Tune sweep from tune/*.yaml (C-NMS coverage, label efficiency); re-run "
-                        "the same spec to resume it")  # fmt: skip
+    sw = sub.add_parser(
+        "sweep",
+        help="a Ray Tune sweep from tune/*.yaml (C-NMS coverage, label efficiency); re-run the same spec to resume it",
+    )
     sw.add_argument("spec", help="sweep YAML, e.g. tune/cnms.yaml")
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. events=20")
     sw.set_defaults(fn=cmd_sweep)
@@ -402,10 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     ev.set_defaults(fn=cmd_evaluate)
-    cp = sub.add_parser("compare", help="training arms across seeds from `raysvc evaluate` JSONs: mean / sd, each arm "
-                        "vs the first (Welch t-test, 95 %% interval), a PNG")  # fmt: skip
-    cp.add_argument("--arm", action="append", required=True, metavar="NAME=EVAL.json[,EVAL.json ...]",
-                    help="one arm, one evaluate JSON per training seed; the first --arm is the baseline")  # fmt: skip
+    cp = sub.add_parser(
+        "compare",
+        help="training arms across seeds from `raysvc evaluate` JSONs: mean / sd, each arm "
+        "vs the first (Welch t-test, 95 %% interval), a PNG",
+    )
+    cp.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        metavar="NAME=EVAL.json[,EVAL.json ...]",
+        help="one arm, one evaluate JSON per training seed; the first --arm is the baseline",
+    )
     cp.add_argument("--out", required=True, help="directory for compare.json and compare.png")
     cp.set_defaults(fn=cmd_compare)
     pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
@@ -425,8 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, default=1)
     bt.set_defaults(fn=cmd_bench_train)
 
-    bg = bsub.add_parser("gpu", help="the CUDA path against references (sparse conv vs dense conv3d, kNN / codes / "
-                         "attention / model vs CPU, bf16 vs fp32) and training steps timed against this machine's CPU")
+    bg = bsub.add_parser(
+        "gpu",
+        help="the CUDA path against references (sparse conv vs dense conv3d, kNN / codes / "
+        "attention / model vs CPU, bf16 vs fp32) and training steps timed against this machine's CPU",
+    )
     bg.add_argument("--device", default="cuda")
     bg.add_argument("--events", type=int, default=24)
     bg.add_argument("--steps", type=int, default=10, help="timed steps per variant on the device (CPU: a quarter)")
@@ -435,44 +539,68 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--out", help="also write the JSON here (with --json)")
     bg.set_defaults(fn=cmd_bench_gpu)
 
-    bh = bsub.add_parser("heap", help="a training step under each allocator setting (glibc, trimmed, arenas, fixed "
-                         "mmap threshold, jemalloc; fresh process each): time, private memory, peak RSS")  # fmt: skip
+    bh = bsub.add_parser(
+        "heap",
+        help="a training step under each allocator setting (glibc, trimmed, arenas, fixed "
+        "mmap threshold, jemalloc; fresh process each): time, private memory, peak RSS",
+    )
     bh.add_argument("--task", choices=["panda", "segmentation"], default="panda")
     bh.add_argument("--events", type=int, default=40)
     bh.add_argument("--steps", type=int, default=40)
     bh.add_argument("--batch-events", type=int, default=4)
     bh.add_argument("--threads", type=int, default=1)
-    bh.add_argument("--variants", nargs="+", help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 "
-                    "arena-2 mmap-256k jemalloc")  # fmt: skip
+    bh.add_argument(
+        "--variants",
+        nargs="+",
+        help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 arena-2 mmap-256k jemalloc",
+    )
     bh.add_argument("--json", action="store_true")
     bh.add_argument("--out", help="also write the JSON here (with --json)")
     bh.set_defaults(fn=cmd_bench_heap)
-    sv = sub.add_parser("serve", help="the segmentation endpoint (Ray Serve, FastAPI) over exported fine-tuned "
-                        "models; bearer token from RAYSVC_SERVE_TOKEN or RAYSVC_SERVE_TOKEN_FILE")  # fmt: skip
+    sv = sub.add_parser(
+        "serve",
+        help="the segmentation endpoint (Ray Serve, FastAPI) over exported fine-tuned "
+        "models; bearer token from RAYSVC_SERVE_TOKEN or RAYSVC_SERVE_TOKEN_FILE",
+    )
     sv.add_argument("--checkpoint", help="exported model directory (file:// or s3://); its id is its last path part")
-    sv.add_argument("--model", action="append", metavar="ID=URI", help="another model behind the endpoint "
-                    "(chosen with the X-Model-Id header)")  # fmt: skip
+    sv.add_argument(
+        "--model",
+        action="append",
+        metavar="ID=URI",
+        help="another model behind the endpoint (chosen with the X-Model-Id header)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--replicas", type=int, default=1)
     sv.add_argument("--cpus-per-replica", type=float, default=1.0)
     sv.add_argument("--torch-threads", type=int, default=None)
     sv.add_argument("--no-batching", action="store_true", help="one forward per request")
-    sv.add_argument("--max-batch-points", type=int, help="points per batch (default 200,000; at least the largest "
-                    "event the endpoint takes)")  # fmt: skip
-    sv.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill (default 0: batches form "
-                    "from the requests queued during the previous forward)")  # fmt: skip
+    sv.add_argument(
+        "--max-batch-points",
+        type=int,
+        help="points per batch (default 200,000; at least the largest event the endpoint takes)",
+    )
+    sv.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        help="how long a batch waits to fill (default 0: batches form "
+        "from the requests queued during the previous forward)",
+    )
     sv.add_argument("--no-auth", action="store_true", help="no bearer token (trusted loopback tests only)")
     sv.add_argument("--max-body-bytes", type=int, help="bytes per request body (default 16 MiB)")
     sv.add_argument("--body-timeout-s", type=float, help="time to receive a body before 408 (default 10)")
     sv.add_argument("--max-ongoing-requests", type=int, help="requests in flight per replica (default 32)")
     sv.add_argument("--max-queued-requests", type=int, help="requests queued at the proxy before 503 (default 64)")
-    sv.add_argument("--request-timeout-s", type=float, default=60.0, help="end-to-end limit at the proxy, 408 "
-                    "after it (default 60)")  # fmt: skip
+    sv.add_argument(
+        "--request-timeout-s", type=float, default=60.0, help="end-to-end limit at the proxy, 408 after it (default 60)"
+    )
     sv.set_defaults(fn=cmd_serve)
 
-    bs = bsub.add_parser("serve", help="the endpoint under HTTP load: p50/p99, throughput, batching on vs off, "
-                         "overhead over an in-process forward")  # fmt: skip
+    bs = bsub.add_parser(
+        "serve",
+        help="the endpoint under HTTP load: p50/p99, throughput, batching on vs off, "
+        "overhead over an in-process forward",
+    )
     bs.add_argument("--json", action="store_true")
     bs.add_argument("--out", help="also write the JSON here")
     bs.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
@@ -481,8 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-points", type=int, default=4000, help="points per event (cut)")
     bs.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the replica")
     bs.add_argument("--model", help="exported model directory (default: a seeded tiny model)")
-    bs.add_argument("--kill-replica", action="store_true", help="also SIGKILL the replica under load and report "
-                    "the error budget (failed requests, time until Serve answers again)")  # fmt: skip
+    bs.add_argument(
+        "--kill-replica",
+        action="store_true",
+        help="also SIGKILL the replica under load and report "
+        "the error budget (failed requests, time until Serve answers again)",
+    )
     bs.set_defaults(fn=cmd_bench_serve)
 
     d = sub.add_parser("demo", help="the main job end to end on embedded defaults")
@@ -491,12 +623,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--storage", choices=["seaweedfs", "file"], default="seaweedfs")
     d.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ingest check")
     d.add_argument("--pretrain-steps", type=int, default=150, help="tiny Panda pretraining steps (0: skip)")
-    d.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps of the pretrained backbone on "
-                   "100 labelled events, then serving it (0: skip both)")  # fmt: skip
+    d.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=100,
+        help="fine-tuning steps of the pretrained backbone on 100 labelled events, then serving it (0: skip both)",
+    )
     d.set_defaults(fn=cmd_demo)
     for leaf in _leaves(p):
-        leaf.add_argument("--verbose", action="store_true", help="show Ray's own output (start-up notes, its "
-                          "workers' logs, warnings) on the console too; it always goes to the log file")  # fmt: skip
+        leaf.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Ray's own output (start-up notes, its "
+            "workers' logs, warnings) on the console too; it always goes to the log file",
+        )
     return p
 
 
@@ -550,8 +690,10 @@ def main(argv: list[str] | None = None) -> None:
                 from raysvc.console import routed
 
                 log = stack.enter_context(routed(_console_log(args), args.verbose))
-                print(f"[raysvc] Ray's own output: {log}" + ("" if args.verbose else " (--verbose shows it here)"),
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"[raysvc] Ray's own output: {log}" + ("" if args.verbose else " (--verbose shows it here)"),
+                    file=sys.stderr,
+                )
             args.fn(args)
     except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"raysvc: error: {e}", file=sys.stderr)

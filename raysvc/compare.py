@@ -47,8 +47,10 @@ def load_arms(arms: Mapping[str, Sequence[str]]) -> dict[str, list[Scored]]:
                 ref_path, ref = first
                 for key, what in (("data", "dataset"), ("events", "event counts")):
                     if ev[key] != ref[key]:
-                        raise ValueError(f"{path}: scored on another {what} ({ev[key]!r}) than {ref_path} "
-                                         f"({ref[key]!r}); arms must be scored on the same events")  # fmt: skip
+                        raise ValueError(
+                            f"{path}: scored on another {what} ({ev[key]!r}) than {ref_path} "
+                            f"({ref[key]!r}); arms must be scored on the same events"
+                        )
                 if list(ev["iou"]) != list(ref["iou"]):
                     raise ValueError(f"{path}: classes {list(ev['iou'])} differ from {ref_path}'s {list(ref['iou'])}")
             loaded[arm].append(Scored(path, ev))
@@ -79,8 +81,11 @@ def portable_path(path: str | None, cwd: str | None = None) -> str | None:
 
 def _summary(values: Sequence[float | None]) -> dict:
     x = np.array([np.nan if v is None else v for v in values], dtype=float)
-    return {"values": [None if math.isnan(v) else v for v in x], "mean": float(np.nanmean(x)),
-            "sd": float(np.nanstd(x, ddof=1)) if np.sum(~np.isnan(x)) > 1 else None}  # fmt: skip
+    return {
+        "values": [None if math.isnan(v) else v for v in x],
+        "mean": float(np.nanmean(x)),
+        "sd": float(np.nanstd(x, ddof=1)) if np.sum(~np.isnan(x)) > 1 else None,
+    }
 
 
 def welch(baseline: Sequence[float], arm: Sequence[float], level: float = 0.95) -> dict:
@@ -93,8 +98,13 @@ def welch(baseline: Sequence[float], arm: Sequence[float], level: float = 0.95) 
         return {"diff": diff, "t": None, "df": None, "p": 1.0 if diff == 0 else 0.0, "ci": [diff, diff]}
     test = stats.ttest_ind(b, a, equal_var=False)
     ci = test.confidence_interval(confidence_level=level)
-    return {"diff": diff, "t": float(test.statistic), "df": float(test.df), "p": float(test.pvalue),
-            "ci": [float(ci.low), float(ci.high)]}  # fmt: skip
+    return {
+        "diff": diff,
+        "t": float(test.statistic),
+        "df": float(test.df),
+        "p": float(test.pvalue),
+        "ci": [float(ci.low), float(ci.high)],
+    }
 
 
 def compare(loaded: Mapping[str, list[Scored]], cwd: str | None = None) -> dict:
@@ -103,8 +113,12 @@ def compare(loaded: Mapping[str, list[Scored]], cwd: str | None = None) -> dict:
     arms = list(loaded)
     first = loaded[arms[0]][0].result
     classes = list(first["iou"])
-    out: dict = {"baseline": arms[0], "data": portable_path(first["data"], cwd),
-                 "events": first["events"].get("events_out"), "arms": {}}  # fmt: skip
+    out: dict = {
+        "baseline": arms[0],
+        "data": portable_path(first["data"], cwd),
+        "events": first["events"].get("events_out"),
+        "arms": {},
+    }
     for arm, scored in loaded.items():
         evs = [s.result for s in scored]
         out["arms"][arm] = {
@@ -169,8 +183,15 @@ def plot(result: dict, path: str) -> None:
     w = 0.8 / len(arms)
     for i, arm in enumerate(arms):
         iou = result["arms"][arm]["iou"]
-        b.bar(np.arange(len(classes)) + (i - len(arms) / 2 + 0.5) * w, [iou[c]["mean"] for c in classes], w,
-              yerr=[iou[c]["sd"] or 0 for c in classes], capsize=2, label=arm, color=colours[i % 10])  # fmt: skip
+        b.bar(
+            np.arange(len(classes)) + (i - len(arms) / 2 + 0.5) * w,
+            [iou[c]["mean"] for c in classes],
+            w,
+            yerr=[iou[c]["sd"] or 0 for c in classes],
+            capsize=2,
+            label=arm,
+            color=colours[i % 10],
+        )
     b.set_xticks(range(len(classes)), classes)
     b.set_ylabel("test IoU, mean over seeds")
     b.set_title("per class")

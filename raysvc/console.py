@@ -34,8 +34,13 @@ _RAY_PREFIX = re.compile(r"^\s*\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)\s?")
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
 # Ray's words for events that change what the run does: shown whatever their source. ("[FailurePolicy] RETRY" is
 # Ray Train's decision to restart the worker group after a failure, "RAISE" to give up.)
-IMPORTANT = ("placement group was removed", "Cleaning up placement group", "Destroying worker", "[FailurePolicy]",
-             "PreemptionError")  # fmt: skip
+IMPORTANT = (
+    "placement group was removed",
+    "Cleaning up placement group",
+    "Destroying worker",
+    "[FailurePolicy]",
+    "PreemptionError",
+)
 
 
 def shown(line: str) -> str | None:

@@ -81,11 +81,23 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
     from raysvc.train.driver import run_job
     from raysvc.train.tasks.panda import PretrainConfig
 
-    sets = [f"data.uri={uri}", f"probe_data.uri={heldout}", f"run.storage={work}", f"run.name=pretrain-{steps}",
-            f"train.steps={steps}", f"train.checkpoint_every={steps}", f"probe.every={max(steps // 3, 1)}",
-            "probe.train_events=60", "probe.val_events=60", "train.log_every=25", "train.monitor_every=25",
-            # the job file's lr, views and momentum are set for 880 steps; over 150 these gained more (README)
-            "train.lr=0.002", "views.local_views=6", "panda.momentum=[0.994, 1.0]"]
+    sets = [
+        f"data.uri={uri}",
+        f"probe_data.uri={heldout}",
+        f"run.storage={work}",
+        f"run.name=pretrain-{steps}",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={steps}",
+        f"probe.every={max(steps // 3, 1)}",
+        "probe.train_events=60",
+        "probe.val_events=60",
+        "train.log_every=25",
+        "train.monitor_every=25",
+        # the job file's lr, views and momentum are set for 880 steps; over 150 these gained more (README)
+        "train.lr=0.002",
+        "views.local_views=6",
+        "panda.momentum=[0.994, 1.0]",
+    ]
     job = _job("pretrain-panda-tiny.yaml")  # before anything is removed
     _fresh(work / f"pretrain-{steps}")
     return run_job(load_config(PretrainConfig, job, sets))
@@ -98,10 +110,20 @@ def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, lab
     from raysvc.train.driver import run_job
     from raysvc.train.tasks.segmentation import FinetuneConfig
 
-    sets = [f"data.uri={uri}", f"data.subset_events={label_events}", f"val_data.uri={heldout}",
-            f"model.init={backbone}", "model.mode=fft", f"run.storage={work}", f"run.name=finetune-{steps}",
-            f"train.steps={steps}", f"train.val_every={steps}", "train.val_events=80",
-            f"train.checkpoint_every={steps}", f"train.log_every={max(steps // 4, 1)}"]  # fmt: skip
+    sets = [
+        f"data.uri={uri}",
+        f"data.subset_events={label_events}",
+        f"val_data.uri={heldout}",
+        f"model.init={backbone}",
+        "model.mode=fft",
+        f"run.storage={work}",
+        f"run.name=finetune-{steps}",
+        f"train.steps={steps}",
+        f"train.val_every={steps}",
+        "train.val_events=80",
+        f"train.checkpoint_every={steps}",
+        f"train.log_every={max(steps // 4, 1)}",
+    ]
     job = _job("semseg-tiny.yaml")  # before anything is removed
     _fresh(work / f"finetune-{steps}")
     return run_job(load_config(FinetuneConfig, job, sets))
@@ -131,8 +153,7 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     lengths = table.column("num_points").to_numpy()
     xyz, energy, labels = flat_coords(table), flat_values(table, "energy"), flat_values(table, "semantic")
     splits = np.cumsum(lengths)[:-1]
-    evs = list(zip(np.split(xyz.astype(np.float32), splits), np.split(energy.astype(np.float32), splits),
-                   strict=True))  # fmt: skip
+    evs = list(zip(np.split(xyz.astype(np.float32), splits), np.split(energy.astype(np.float32), splits), strict=True))
     torch.set_num_threads(1)
     seg = Segmenter(resolve(model_dir))
     # one event per forward, as the endpoint runs requests that arrive one at a time: a batch of other sizes may
@@ -140,8 +161,9 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     local = [seg.predict_events([ev])[0] for ev in evs]
     token = secrets.token_hex(16)
     t0 = time.time()
-    with ServeProcess(["--checkpoint", model_dir, "--torch-threads", "1"], free_port(), token,
-                      work / "serve.log") as srv:  # fmt: skip
+    with ServeProcess(
+        ["--checkpoint", model_dir, "--torch-threads", "1"], free_port(), token, work / "serve.log"
+    ) as srv:
         up_s = time.time() - t0
         print(f"    endpoint {srv.url} up in {up_s:.0f}s; sending {len(evs)} held-out events as JSON")
         answers, latency = [], []
@@ -156,16 +178,31 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     same = sum(np.array_equal(a, b) for a, b in zip(answers, local, strict=True))
     pred = np.concatenate(answers)
     scored = pred >= 0  # -1: at or below the energy threshold, never seen by the model
-    cm = ConfusionMatrix(len(class_names)).update(torch.from_numpy(pred[scored]).long(),
-                                                  torch.from_numpy(labels[scored].astype(np.int64)))  # fmt: skip
+    cm = ConfusionMatrix(len(class_names)).update(
+        torch.from_numpy(pred[scored]).long(), torch.from_numpy(labels[scored].astype(np.int64))
+    )
     metrics = compute(cm.matrix, class_names)
-    return {"events": len(evs), "identical_to_in_process": same, "startup_s": round(up_s, 1),
-            "latency_p50_ms": float(np.percentile(latency, 50)), "miou": metrics["miou"], "f1": metrics["f1"]}
+    return {
+        "events": len(evs),
+        "identical_to_in_process": same,
+        "startup_s": round(up_s, 1),
+        "latency_p50_ms": float(np.percentile(latency, 50)),
+        "miou": metrics["miou"],
+        "f1": metrics["f1"],
+    }
 
 
-def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "seaweedfs", workers: int = 2,
-             seed: int = 0, shard_events: int = 250, pretrain_steps: int = 150, finetune_steps: int = 100,
-             label_events: int = 100) -> dict:  # fmt: skip
+def run_demo(
+    workdir: str = "runs/demo",
+    events: int = 2000,
+    storage: str = "seaweedfs",
+    workers: int = 2,
+    seed: int = 0,
+    shard_events: int = 250,
+    pretrain_steps: int = 150,
+    finetune_steps: int = 100,
+    label_events: int = 100,
+) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -203,8 +240,10 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         _stage("dataset statistics vs PILArNet-M (checksums verified)")
         stats = inspect_dataset(root)
         for c in manifest.detector_spec.class_names:
-            print(f"    {c:7s} {100 * stats['class_fractions'][c]:6.2f} %   (PILArNet-M "
-                  f"{100 * stats['reference_pilarnet_m']['class_fractions'][c]:.2f} %)")  # fmt: skip
+            print(
+                f"    {c:7s} {100 * stats['class_fractions'][c]:6.2f} %   (PILArNet-M "
+                f"{100 * stats['reference_pilarnet_m']['class_fractions'][c]:.2f} %)"
+            )
         show_event(root, 0, str(work / "event0.png"))
 
         _stage(f"streaming through Ray Data into {workers} Ray Train workers (DDP, gloo)")
@@ -217,14 +256,16 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         # Fractional CPUs per worker: on a 2-core machine whole CPUs would leave none for the read tasks (hang).
         trainer = TorchTrainer(
             ingest_loop,
-            train_loop_config={"batch_events": cfg.batch_events,
-                               "num_classes": len(manifest.detector_spec.class_names)},
+            train_loop_config={
+                "batch_events": cfg.batch_events,
+                "num_classes": len(manifest.detector_spec.class_names),
+            },
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
             torch_config=TorchConfig(backend="gloo"),
             datasets={"train": stream.dataset},
             dataset_config=ExactSplitDataConfig(),
             run_config=RunConfig(name=f"demo-ingest-{int(time.time())}", storage_path=str(work / "ray_results")),
-        )  # fmt: skip
+        )
         t0 = time.time()
         result = trainer.fit()
         t_stream = time.time() - t0
@@ -235,13 +276,17 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
         heldout = uri.rsplit("/", 1)[0] + "/heldout"
         _stage(f"generating 160 held-out labelled events (seed {seed + 1000}) into {heldout}")
         generate_dataset(resolve(heldout), 160, seed + 1000, 80, workers=1, show_progress=False)
-        _stage(f"Panda pretraining of the tiny PTv3: {pretrain_steps} steps on {uri} (2 Train workers), linear probe "
-               "on frozen features vs the random initialisation")  # fmt: skip
+        _stage(
+            f"Panda pretraining of the tiny PTv3: {pretrain_steps} steps on {uri} (2 Train workers), linear probe "
+            "on frozen features vs the random initialisation"
+        )
         pretrain = _pretrain(uri, heldout, work, pretrain_steps) if pretrain_steps else None
         finetune = serving = None
         if pretrain is not None and finetune_steps:
-            _stage(f"fine-tuning the pretrained backbone (fft) on {label_events} labelled events for {finetune_steps}"
-                   f" steps, validated on the held-out events")  # fmt: skip
+            _stage(
+                f"fine-tuning the pretrained backbone (fft) on {label_events} labelled events for {finetune_steps}"
+                f" steps, validated on the held-out events"
+            )
             finetune = _finetune(uri, heldout, pretrain["uri"], work, finetune_steps, label_events)
             _stage("serving the fine-tuned model over HTTP (raysvc serve: Ray Serve, bearer token, 127.0.0.1)")
             serving = _serve_check(finetune["uri"], heldout, work)
@@ -249,53 +294,99 @@ def run_demo(workdir: str = "runs/demo", events: int = 2000, storage: str = "sea
     ok = ingest["events"] == ingest["unique_events"] == ledger["events_out"]
     summary = {
         "ok": ok,
-        "dataset": {"uri": uri, "storage": storage, "events": manifest.events, "shards": len(manifest.shards),
-                    "generate_s": round(t_gen, 2)},  # fmt: skip
-        "statistics": {k: stats[k] for k in ("points_per_event", "class_fractions", "interactions_per_event",
-                                              "particles_per_event", "reference_pilarnet_m")},  # fmt: skip
-        "stream": {"events_delivered": ingest["events"], "unique_events": ingest["unique_events"],
-                   "points": ingest["points"], "workers": ingest["workers"], "seconds": round(t_stream, 2),
-                   "ledger": ledger},  # fmt: skip
-        "pretrain": None if pretrain is None else {
-            "steps": pretrain["steps"], "probe": pretrain["probe"], "last_monitor": pretrain["last_monitor"],
-            "run": pretrain["uri"], "wall_s": round(pretrain["wall_s"], 1)},
-        "finetune": None if finetune is None else {
-            "steps": finetune["steps"], "label_events": label_events, "val": finetune["val"], "run": finetune["uri"],
-            "wall_s": round(finetune["wall_s"], 1)},
+        "dataset": {
+            "uri": uri,
+            "storage": storage,
+            "events": manifest.events,
+            "shards": len(manifest.shards),
+            "generate_s": round(t_gen, 2),
+        },
+        "statistics": {
+            k: stats[k]
+            for k in (
+                "points_per_event",
+                "class_fractions",
+                "interactions_per_event",
+                "particles_per_event",
+                "reference_pilarnet_m",
+            )
+        },
+        "stream": {
+            "events_delivered": ingest["events"],
+            "unique_events": ingest["unique_events"],
+            "points": ingest["points"],
+            "workers": ingest["workers"],
+            "seconds": round(t_stream, 2),
+            "ledger": ledger,
+        },
+        "pretrain": None
+        if pretrain is None
+        else {
+            "steps": pretrain["steps"],
+            "probe": pretrain["probe"],
+            "last_monitor": pretrain["last_monitor"],
+            "run": pretrain["uri"],
+            "wall_s": round(pretrain["wall_s"], 1),
+        },
+        "finetune": None
+        if finetune is None
+        else {
+            "steps": finetune["steps"],
+            "label_events": label_events,
+            "val": finetune["val"],
+            "run": finetune["uri"],
+            "wall_s": round(finetune["wall_s"], 1),
+        },
         "serve": serving,
         "total_s": round(time.time() - t_start, 1),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(stats, ingest, work / "summary.png")
     _stage("summary")
-    print(f"    events generated {manifest.events}; after cuts {ledger['events_out']} "
-          f"(min-points cut {ledger['cut_min_points']}, bad skipped {ledger['skipped_bad_total']})")  # fmt: skip
+    print(
+        f"    events generated {manifest.events}; after cuts {ledger['events_out']} "
+        f"(min-points cut {ledger['cut_min_points']}, bad skipped {ledger['skipped_bad_total']})"
+    )
     per_worker = ", ".join(str(w["events"]) for w in ingest["workers"])
-    print(f"    delivered to Train workers: {ingest['events']} ({per_worker} per worker), each exactly once: "
-          f"{ingest['events'] == ingest['unique_events']}")  # fmt: skip
+    print(
+        f"    delivered to Train workers: {ingest['events']} ({per_worker} per worker), each exactly once: "
+        f"{ingest['events'] == ingest['unique_events']}"
+    )
     if pretrain is not None and pretrain["probe"]:
         pr = pretrain["probe"]
-        print(f"    linear probe on {pretrain['steps']}-step tiny Panda features: mIoU {pr['pretrained_miou']:.3f} vs "
-              f"{pr['random_miou']:.3f} on the random initialisation ({pr['gain']:+.3f}); curve "
-              f"{[(s, round(m, 3)) for s, m in pr['curve']]}")  # fmt: skip
+        print(
+            f"    linear probe on {pretrain['steps']}-step tiny Panda features: mIoU {pr['pretrained_miou']:.3f} vs "
+            f"{pr['random_miou']:.3f} on the random initialisation ({pr['gain']:+.3f}); curve "
+            f"{[(s, round(m, 3)) for s, m in pr['curve']]}"
+        )
         for name in manifest.detector_spec.class_names:
-            print(f"      F1 {name:7s} pretrained {pr['pretrained']['f1'][name] or 0:.3f}  random "
-                  f"{pr['random']['f1'][name] or 0:.3f}")  # fmt: skip
+            print(
+                f"      F1 {name:7s} pretrained {pr['pretrained']['f1'][name] or 0:.3f}  random "
+                f"{pr['random']['f1'][name] or 0:.3f}"
+            )
         mon = pretrain["last_monitor"]
-        print(f"    collapse monitors: {mon['proto_used_frac']:.2f} of prototypes used (perplexity "
-              f"{mon['proto_perplexity']:.0f}), feature std {mon['feat_std']:.3f}; run in {pretrain['uri']}")
+        print(
+            f"    collapse monitors: {mon['proto_used_frac']:.2f} of prototypes used (perplexity "
+            f"{mon['proto_perplexity']:.0f}), feature std {mon['feat_std']:.3f}; run in {pretrain['uri']}"
+        )
     if finetune is not None:
-        print(f"    fine-tuned on {label_events} labelled events ({finetune['steps']} steps): held-out mIoU "
-              f"{finetune['val']['miou']:.3f}; run in {finetune['uri']}")  # fmt: skip
+        print(
+            f"    fine-tuned on {label_events} labelled events ({finetune['steps']} steps): held-out mIoU "
+            f"{finetune['val']['miou']:.3f}; run in {finetune['uri']}"
+        )
     if serving is not None:
-        print(f"    endpoint: {serving['identical_to_in_process']}/{serving['events']} held-out events answered "
-              f"exactly as in process, mIoU {serving['miou']:.3f}, p50 {serving['latency_p50_ms']:.0f} ms per "
-              f"event")  # fmt: skip
+        print(
+            f"    endpoint: {serving['identical_to_in_process']}/{serving['events']} held-out events answered "
+            f"exactly as in process, mIoU {serving['miou']:.3f}, p50 {serving['latency_p50_ms']:.0f} ms per "
+            f"event"
+        )
     print(f"    wrote {work / 'summary.json'}, {work / 'summary.png'}, {work / 'event0.png'}")
     print(f"    total {summary['total_s']}s -> {'OK' if ok else 'MISMATCH'}")
     if not ok:
         raise RuntimeError(f"demo: delivered {ingest['events']} events, expected {ledger['events_out']}")
     if serving is not None and serving["identical_to_in_process"] != serving["events"]:
-        raise RuntimeError(f"demo: the endpoint answered {serving['events'] - serving['identical_to_in_process']} "
-                           f"of {serving['events']} events differently from the same model in process")  # fmt: skip
+        raise RuntimeError(
+            f"demo: the endpoint answered {serving['events'] - serving['identical_to_in_process']} "
+            f"of {serving['events']} events differently from the same model in process"
+        )
     return summary

@@ -87,22 +87,33 @@ class SeaweedS3:
         self.port = self.port or free_port()
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
         cmd = [
-            weed_binary(), "mini",
-            f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={self.port}", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
-            f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
-            f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
-            f"-admin.port={ports['admin']}", f"-admin.port.grpc={free_port()}",
-        ]  # fmt: skip
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={free_port()}",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={free_port()}",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={free_port()}",
+            f"-admin.port={ports['admin']}",
+            f"-admin.port.grpc={free_port()}",
+        ]
         env = dict(os.environ)
         env.update({"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key})
         self.log_path = os.path.join(self.data_dir, "weed.log")
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
         # A new session so that stop() can signal the whole process group.
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -81,5 +81,6 @@ def synthetic_dataset(tmp_path_factory):
 
 
 def s3_location(server: SeaweedS3, uri: str):
-    return resolve(uri, S3Options(endpoint_url=server.endpoint, access_key=server.access_key,
-                                  secret_key=server.secret_key))  # fmt: skip
+    return resolve(
+        uri, S3Options(endpoint_url=server.endpoint, access_key=server.access_key, secret_key=server.secret_key)
+    )

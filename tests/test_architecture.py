@@ -66,8 +66,11 @@ def test_architecture_recipes_touch_at_most_two_existing_files():
 
     doc = (ROOT / "docs" / "architecture.md").read_text()
     recipes = re.split(r"^### ", doc.split("## Recipes", 1)[1].split("\n## ", 1)[0], flags=re.M)[1:]
-    assert [r.splitlines()[0].split(" (")[0] for r in recipes] == ["A new self-supervised method",
-                                                                   "A new downstream head or task", "A new detector"]
+    assert [r.splitlines()[0].split(" (")[0] for r in recipes] == [
+        "A new self-supervised method",
+        "A new downstream head or task",
+        "A new detector",
+    ]
     for recipe in recipes:
         touched = re.findall(r"^\d\. `([^`]+)`", recipe.split("Touch:", 1)[1], flags=re.M)
         assert 1 <= len(touched) <= 2, recipe.splitlines()[0]

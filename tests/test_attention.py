@@ -20,7 +20,7 @@ def reference(qkv: torch.Tensor, sizes: list[int], k: int) -> torch.Tensor:
         if n > k:
             while len(pts) % k:
                 pts.append(pts[len(pts) - k])
-            chunks = [pts[i: i + k] for i in range(0, len(pts), k)]
+            chunks = [pts[i : i + k] for i in range(0, len(pts), k)]
         else:
             chunks = [pts] if pts else []
         done = set()

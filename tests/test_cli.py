@@ -15,8 +15,9 @@ RAYSVC = str(Path(sys.executable).parent / "raysvc")
 
 
 def run(*args, env=None, check=True, timeout=600):
-    p = subprocess.run([RAYSVC, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                       timeout=timeout)  # fmt: skip
+    p = subprocess.run(
+        [RAYSVC, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"raysvc {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -24,8 +25,22 @@ def run(*args, env=None, check=True, timeout=600):
 
 def test_generate_inspect_show_verify(tmp_path):
     out = tmp_path.as_uri() + "/gen"
-    run("data", "generate", "--events", "30", "--seed", "2", "--out", out, "--shard-events", "10", "--workers", "2",
-        "--set", "crossing_muons_mean=1.0")  # fmt: skip
+    run(
+        "data",
+        "generate",
+        "--events",
+        "30",
+        "--seed",
+        "2",
+        "--out",
+        out,
+        "--shard-events",
+        "10",
+        "--workers",
+        "2",
+        "--set",
+        "crossing_muons_mean=1.0",
+    )
     stats = json.loads(run("data", "inspect", out, "--json").stdout)
     assert stats["events"] == 30 and stats["shards"] == 3
     for key in ("median", "mean"):
@@ -63,7 +78,7 @@ def test_errors_are_clear(tmp_path, seaweed):
 def test_bench_ingest_json(tmp_path):
     out = tmp_path / "bench.json"
     p = run("bench", "ingest", "--json", "--events", "200", "--shard-events", "50", "--repeats", "1", "--out", str(out))
-    result = json.loads(p.stdout[p.stdout.index("{"):])
+    result = json.loads(p.stdout[p.stdout.index("{") :])
     assert result == json.loads(out.read_text())
     assert result["ratio"] == pytest.approx(result["ray_data_events_per_s"] / result["direct_events_per_s"])
     assert result["events_per_pass"] == result["ray_ledger"]["events_out"] > 0
@@ -76,8 +91,14 @@ def test_bench_ops_json(tmp_path):
     p = run("bench", "ops", "--json", "--events", "6", "--repeats", "1", "--out", str(out))
     r = json.loads(p.stdout)
     assert json.loads(out.read_text()) == r
-    for key in ("cnms_ball_events_per_s", "fps_ball_events_per_s", "fps_knn_events_per_s", "cnms_vs_fps_ball",
-                "hilbert_mpts_per_s", "z_mpts_per_s"):  # fmt: skip
+    for key in (
+        "cnms_ball_events_per_s",
+        "fps_ball_events_per_s",
+        "fps_knn_events_per_s",
+        "cnms_vs_fps_ball",
+        "hilbert_mpts_per_s",
+        "z_mpts_per_s",
+    ):
         assert r[key] > 0, key
     assert r["cnms_vs_fps_ball"] == pytest.approx(r["cnms_ball_events_per_s"] / r["fps_ball_events_per_s"])
     assert r["settings"]["points_per_event_mean"] >= 1024 and r["settings"]["radius"] == 5.0
@@ -106,8 +127,25 @@ def test_bench_train_json(tmp_path):
 @pytest.mark.slow
 def test_bench_heap_allocators_leave_the_training_unchanged(tmp_path):
     out = tmp_path / "heap.json"
-    r = json.loads(run("bench", "heap", "--json", "--task", "segmentation", "--events", "16", "--steps", "8",
-                       "--variants", "glibc", "trim-1", "jemalloc", "--out", str(out)).stdout)  # fmt: skip
+    r = json.loads(
+        run(
+            "bench",
+            "heap",
+            "--json",
+            "--task",
+            "segmentation",
+            "--events",
+            "16",
+            "--steps",
+            "8",
+            "--variants",
+            "glibc",
+            "trim-1",
+            "jemalloc",
+            "--out",
+            str(out),
+        ).stdout
+    )
     assert json.loads(out.read_text()) == r and list(r["variants"]) == ["glibc", "trim-1", "jemalloc"]
     base, each = r["variants"]["glibc"], r["variants"]["trim-1"]
     assert all(v["same_losses_as_glibc"] for v in r["variants"].values()) and len(each["losses"]) == 8
@@ -124,8 +162,18 @@ def test_demo_end_to_end(tmp_path):
     for stale in ("pretrain-4", "finetune-4"):  # an earlier demo's runs: measured anew, not resumed
         (work / stale).mkdir(parents=True)
         (work / stale / "stale").write_text("x")
-    run("demo", "--workdir", str(work), "--events", "300", "--pretrain-steps", "4", "--finetune-steps", "4",
-        timeout=1100)
+    run(
+        "demo",
+        "--workdir",
+        str(work),
+        "--events",
+        "300",
+        "--pretrain-steps",
+        "4",
+        "--finetune-steps",
+        "4",
+        timeout=1100,
+    )
     summary = json.loads((work / "summary.json").read_text())
     # fine-tuned from the pretrained backbone, then served: every held-out event answered as in process
     ft, served = summary["finetune"], summary["serve"]

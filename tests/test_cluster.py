@@ -70,8 +70,13 @@ def test_kuberay_manifests_keep_secrets_in_secrets_and_auth_on():
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             volumes = {v["name"]: v for v in pod.get("volumes", [])}
             assert "secret" in volumes[mounts[token_dir]], "the Ray token comes from a Secret, as a file"
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "RAY_AUTH_TOKEN",
-                         "RAYSVC_SERVE_TOKEN"):
+            for name in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "WANDB_API_KEY",
+                "RAY_AUTH_TOKEN",
+                "RAYSVC_SERVE_TOKEN",
+            ):
                 assert "value" not in env.get(name, {}), f"{name} written into a manifest"
     for c, pod in _containers(cluster) + _containers(kinds["RayService"]):  # every Ray node: S3 credentials by
         # reference, a memory-backed /dev/shm
@@ -79,8 +84,9 @@ def test_kuberay_manifests_keep_secrets_in_secrets_and_auth_on():
         shm = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/dev/shm"]
         assert {v["name"]: v for v in pod["volumes"]}[shm]["emptyDir"]["medium"] == "Memory"
     workers = cluster["spec"]["workerGroupSpecs"]
-    assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
-               for g in workers)  # fmt: skip
+    assert all(
+        int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0 for g in workers
+    )
     job = kinds["RayJob"]
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     _validate_raysvc_command(shlex.split(job["spec"]["entrypoint"]))
@@ -98,8 +104,9 @@ def test_every_raysvc_command_in_the_cluster_files_names_a_real_config():
 
 
 def test_containerfile_copies_only_paths_that_exist():
-    copies = [line.split()[1:-1] for line in (CLUSTER / "Containerfile").read_text().splitlines()
-              if line.startswith("COPY ")]  # fmt: skip
+    copies = [
+        line.split()[1:-1] for line in (CLUSTER / "Containerfile").read_text().splitlines() if line.startswith("COPY ")
+    ]
     assert copies
     for srcs in copies:
         for src in srcs:
@@ -109,8 +116,14 @@ def test_containerfile_copies_only_paths_that_exist():
 def test_local_head_script_makes_a_private_token_and_binds_loopback(tmp_path):
     token = tmp_path / "ray" / "auth_token"
     env = {**os.environ, "RAY": "echo", "RAY_AUTH_TOKEN_PATH": str(token), "RAYSVC_DASHBOARD_PORT": "18265"}
-    p = subprocess.run([str(CLUSTER / "local" / "start-head.sh"), "--num-cpus=2"], env=env, capture_output=True,
-                       text=True, timeout=30, check=True)  # fmt: skip
+    p = subprocess.run(
+        [str(CLUSTER / "local" / "start-head.sh"), "--num-cpus=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     args = p.stdout.strip().splitlines()[-1].split()  # `echo` stands in for `ray`: the arguments it would get
     assert args[:2] == ["start", "--head"] and "--num-cpus=2" in args
     assert "--node-ip-address=127.0.0.1" in args and "--dashboard-host=127.0.0.1" in args
@@ -145,12 +158,25 @@ def test_slurm_script_starts_head_and_workers_in_containers_then_the_command(tmp
         f.chmod(0o755)
     log = tmp_path / "calls.log"
     home = tmp_path / "home"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "HOME": str(home),
-           "SLURM_JOB_NODELIST": "nid[001-003]", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_ON_NODE": "64",
-           "RAYSVC_START_WAIT": "0", "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-logged"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "STUB_LOG": str(log),
+        "HOME": str(home),
+        "SLURM_JOB_NODELIST": "nid[001-003]",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_CPUS_ON_NODE": "64",
+        "RAYSVC_START_WAIT": "0",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-logged",
+    }
     cmd = ["raysvc", "pretrain", "jobs/pretrain-panda-base.yaml", "--set", "scaling.workers=12"]
-    p = subprocess.run(["bash", str(CLUSTER / "slurm" / "ray-cluster.sbatch"), site, *cmd], env=env,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    p = subprocess.run(
+        ["bash", str(CLUSTER / "slurm" / "ray-cluster.sbatch"), site, *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     calls = [line for line in log.read_text().splitlines() if line.startswith(tool)]
     assert len(calls) == 3, calls  # the head, the workers (one srun over the other nodes), the command
@@ -191,8 +217,10 @@ def test_serve_configs_point_at_the_app_and_validate():
     _check_serve_config(yaml.safe_load((CLUSTER / "serve" / "segment.yaml").read_text()), loopback=True)
     service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
     _check_serve_config(yaml.safe_load(service["spec"]["serveConfigV2"]), loopback=False)  # pod network, behind
-    env = {e["name"]: e for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
-        "containers"][0]["env"]}  # fmt: skip
+    env = {
+        e["name"]: e
+        for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["RAYSVC_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raysvc-serve-token"
     for name, value in FAST_PATH_ENV.items():  # the request-path switches raysvc serve sets for its own Ray
         assert env[name]["value"] == value

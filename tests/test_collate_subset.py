@@ -44,8 +44,9 @@ def test_subset_is_uniform_over_ids():
     assert len(np.unique(event_keys(ids, 1))) == len(ids)
 
 
-@pytest.mark.parametrize("kw, words", [({"n": 0}, "subset of 0"), ({"n": 11}, "has 10"), ({"fraction": 1.5}, "(0, 1]"),
-                                       ({}, "exactly one")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kw, words", [({"n": 0}, "subset of 0"), ({"n": 11}, "has 10"), ({"fraction": 1.5}, "(0, 1]"), ({}, "exactly one")]
+)
 def test_subset_bad_requests(kw, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("]", r"\]")):
         select_subset(np.arange(10), seed=0, **kw)

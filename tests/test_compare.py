@@ -54,17 +54,22 @@ def test_welch_separates_clear_differences_and_not_noise():
 def _eval_json(path: Path, rng, data="file:///data/test", events_out=258, classes=CLASSES) -> dict:
     """An evaluate result as `raysvc evaluate` writes it, from a random confusion matrix."""
     cm = rng.integers(0, 50, (len(classes), len(classes))) + np.diag(rng.integers(100, 1000, len(classes)))
-    ev = {"model": str(path.with_suffix("")), "data": data,
-          "events": {"events_read": 300, "cut_min_points": 300 - events_out, "events_out": events_out},
-          **compute(cm, classes)}  # fmt: skip
+    ev = {
+        "model": str(path.with_suffix("")),
+        "data": data,
+        "events": {"events_read": 300, "cut_min_points": 300 - events_out, "events_out": events_out},
+        **compute(cm, classes),
+    }
     path.write_text(json.dumps(ev))
     return ev
 
 
 def test_arms_summarise_seeds_and_compare_to_the_baseline(tmp_path):
     rng = np.random.default_rng(0)
-    evs = {arm: [_eval_json(tmp_path / f"{arm}-{s}.json", rng) for s in range(n)] for arm, n in
-           (("scratch", 3), ("panda", 4))}  # fmt: skip
+    evs = {
+        arm: [_eval_json(tmp_path / f"{arm}-{s}.json", rng) for s in range(n)]
+        for arm, n in (("scratch", 3), ("panda", 4))
+    }
     paths = {arm: [str(tmp_path / f"{arm}-{s}.json") for s in range(len(e))] for arm, e in evs.items()}
     r = compare(load_arms(paths))
     assert r["baseline"] == "scratch" and r["events"] == 258 and "vs_baseline" not in r["arms"]["scratch"]
@@ -77,8 +82,9 @@ def test_arms_summarise_seeds_and_compare_to_the_baseline(tmp_path):
         for c in CLASSES:
             assert r["arms"][arm]["iou"][c]["mean"] == pytest.approx(np.mean([x["iou"][c] for x in e]))
     vs = r["arms"]["panda"]["vs_baseline"]
-    assert vs["miou"]["p"] == pytest.approx(_textbook_welch(r["arms"]["scratch"]["miou"]["values"],
-                                                            r["arms"]["panda"]["miou"]["values"])[2])  # fmt: skip
+    assert vs["miou"]["p"] == pytest.approx(
+        _textbook_welch(r["arms"]["scratch"]["miou"]["values"], r["arms"]["panda"]["miou"]["values"])[2]
+    )
     assert set(vs) == {"miou", *CLASSES}
 
 
@@ -108,17 +114,31 @@ def test_cli_writes_json_and_plot_and_rejects_a_bad_arm(tmp_path):
         _eval_json(f, rng)
     raysvc = str(Path(sys.executable).parent / "raysvc")
     out = tmp_path / "cmp"
-    p = subprocess.run([raysvc, "compare", *(a for arm, fs in files.items() for a in
-                        ("--arm", f"{arm}=" + ",".join(map(str, fs)))), "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [
+            raysvc,
+            "compare",
+            *(a for arm, fs in files.items() for a in ("--arm", f"{arm}=" + ",".join(map(str, fs)))),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads((out / "compare.json").read_text())
     assert r["arms"]["panda"]["vs_baseline"]["miou"]["diff"] == pytest.approx(
-        r["arms"]["panda"]["miou"]["mean"] - r["arms"]["scratch"]["miou"]["mean"])
+        r["arms"]["panda"]["miou"]["mean"] - r["arms"]["scratch"]["miou"]["mean"]
+    )
     assert f"{r['arms']['panda']['vs_baseline']['miou']['diff']:+.4f}" in p.stdout
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = subprocess.run([raysvc, "compare", "--arm", str(files["scratch"][0]), "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [raysvc, "compare", "--arm", str(files["scratch"][0]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "expected a new NAME=EVAL.json" in p.stderr
 
 
@@ -149,8 +169,19 @@ def test_cli_records_no_absolute_path_of_the_working_directory(tmp_path):
             ev["model"] = str(tmp_path / "runs" / "ft" / f"{arm}-s{i}")
             (tmp_path / f).write_text(json.dumps(ev))
     raysvc = str(Path(sys.executable).parent / "raysvc")
-    p = subprocess.run([raysvc, "compare", *(a for arm, fs in rel.items() for a in ("--arm", f"{arm}=" + ",".join(fs))),
-                        "--out", "cmp"], cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [
+            raysvc,
+            "compare",
+            *(a for arm, fs in rel.items() for a in ("--arm", f"{arm}=" + ",".join(fs))),
+            "--out",
+            "cmp",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     text = (tmp_path / "cmp" / "compare.json").read_text()
     for absolute in {str(tmp_path), os.path.realpath(tmp_path)}:

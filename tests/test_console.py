@@ -52,8 +52,12 @@ SCRIPT = textwrap.dedent("""
 
 def _run(tmp_path, verbose: bool) -> tuple[str, str, str]:
     log = tmp_path / f"console-{verbose}.log"
-    p = subprocess.run([sys.executable, "-W", "always", "-c", SCRIPT, str(log), "1" if verbose else "0"],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-W", "always", "-c", SCRIPT, str(log), "1" if verbose else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     return p.stdout, p.stderr, log.read_text()
 
@@ -62,8 +66,13 @@ def test_routed_output_goes_to_the_console_filtered_and_to_the_log_whole(tmp_pat
     out, err, log = _run(tmp_path, verbose=False)
     assert out == "==> stage one\npartial line\nafter\n"
     assert err == "[raysvc] step 1/2\n"
-    for line in ("==> stage one", "(RayTrainWorker pid=3) Setting up process group",
-                 "(RayTrainWorker pid=3) [raysvc] step 1/2", "something deprecated", "partial line"):  # fmt: skip
+    for line in (
+        "==> stage one",
+        "(RayTrainWorker pid=3) Setting up process group",
+        "(RayTrainWorker pid=3) [raysvc] step 1/2",
+        "something deprecated",
+        "partial line",
+    ):
         assert line in log
     assert "after" not in log  # only what was printed while routed
 

@@ -40,17 +40,41 @@ def store(tmp_path_factory):
 
 
 def _s3(server: SeaweedS3, uri: str):
-    return resolve(uri, S3Options(endpoint_url=server.endpoint, access_key=server.access_key,
-                                  secret_key=server.secret_key))  # fmt: skip
+    return resolve(
+        uri, S3Options(endpoint_url=server.endpoint, access_key=server.access_key, secret_key=server.secret_key)
+    )
 
 
-def _finetune(server: SeaweedS3, data: str, storage: Path, name: str, log: Path, *sets: str,
-              env: dict | None = None, verbose: bool = False) -> subprocess.Popen:  # fmt: skip
-    args = [f"data.uri={data}", "val_data.uri=s3://faults/val", f"run.storage={storage}", f"run.name={name}",
-            "scaling.workers=1", "scaling.cpus_per_worker=1", "scaling.torch_threads=1", "train.batch_events=2",
-            "train.steps=24", "train.val_every=24", "train.val_events=4", "train.checkpoint_every=8",
-            "train.log_every=2", "run.max_failures=0", "run.wandb_mode=disabled", "data.read_cpus=0.25",
-            "val_data.read_cpus=0.25", *sets]  # fmt: skip
+def _finetune(
+    server: SeaweedS3,
+    data: str,
+    storage: Path,
+    name: str,
+    log: Path,
+    *sets: str,
+    env: dict | None = None,
+    verbose: bool = False,
+) -> subprocess.Popen:
+    args = [
+        f"data.uri={data}",
+        "val_data.uri=s3://faults/val",
+        f"run.storage={storage}",
+        f"run.name={name}",
+        "scaling.workers=1",
+        "scaling.cpus_per_worker=1",
+        "scaling.torch_threads=1",
+        "train.batch_events=2",
+        "train.steps=24",
+        "train.val_every=24",
+        "train.val_events=4",
+        "train.checkpoint_every=8",
+        "train.log_every=2",
+        "run.max_failures=0",
+        "run.wandb_mode=disabled",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+        *sets,
+    ]
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | server.env() | (env or {})
     cmd = [RAYSVC, "finetune", JOB, *[a for s in args for a in ("--set", s)], *(["--verbose"] if verbose else [])]
     return subprocess.Popen(cmd, env=full_env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -116,8 +140,9 @@ def test_object_store_restarted_mid_run_the_run_continues_with_the_same_events(s
 @pytest.mark.slow
 def test_object_store_gone_past_the_retry_budget_stops_the_run_with_a_named_error(store, tmp_path):
     log = tmp_path / "gone.log"
-    proc = _finetune(store, "s3://faults/train", tmp_path, "gone", log, env={"RAYSVC_STORAGE_RETRY_S": "6"},
-                     verbose=True)  # fmt: skip
+    proc = _finetune(
+        store, "s3://faults/train", tmp_path, "gone", log, env={"RAYSVC_STORAGE_RETRY_S": "6"}, verbose=True
+    )
     _wait_for(log, "step 4/24", proc)
     store.stop(keep_data=True)
     try:
@@ -214,8 +239,9 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_at_a_checkpoint_is_a_named_error_and_the_previous_checkpoint_resumes(store, straight, tmp_path,
-                                                                                       small_disk):  # fmt: skip
+def test_disk_full_at_a_checkpoint_is_a_named_error_and_the_previous_checkpoint_resumes(
+    store, straight, tmp_path, small_disk
+):
     want = straight[0]
 
     # step 8's checkpoint fits, step 16's does not: refused before a byte is written, the run stops saying so
@@ -259,8 +285,10 @@ def test_endpoint_replica_killed_under_load_is_restarted_and_answers_stay_right(
     args = ["--checkpoint", str(tmp_path / "model"), "--torch-threads", "1"]
     with ServeProcess(args, free_port(), token, tmp_path / "serve.log") as srv:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        answers = [requests.post(f"{srv.url}/v1/segment", data=b, headers=headers, timeout=60).json()["classes"]
-                   for b in bodies]  # fmt: skip
+        answers = [
+            requests.post(f"{srv.url}/v1/segment", data=b, headers=headers, timeout=60).json()["classes"]
+            for b in bodies
+        ]
         k = kill_replica_under_load(srv.url, srv.proc.pid, token, bodies, 120, 4, 0.3, answers)
     assert k["restarted"], k  # a new replica process, not the killed one
     assert k["wrong_answers"] == 0 and k["errors_before_kill"] == 0, k

@@ -37,29 +37,57 @@ def test_attention_check_against_float64_catches_a_wrong_scale(monkeypatch):
     ok = gpu.check_attention(CPU)
     assert ok["sdpa_fp32_err"] < 1e-5 and gpu.verdicts({"attention": ok}) == {"attention.sdpa_fp32_err": True}
     real = gpu.patch_attention
-    monkeypatch.setattr(gpu, "patch_attention",
-                        lambda qkv, patches, **kw: real(qkv, patches, scale=0.2, **kw) if qkv.dtype == torch.float32
-                        else real(qkv, patches, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        gpu,
+        "patch_attention",
+        lambda qkv, patches, **kw: (
+            real(qkv, patches, scale=0.2, **kw) if qkv.dtype == torch.float32 else real(qkv, patches, **kw)
+        ),
+    )
     assert gpu.verdicts({"attention": gpu.check_attention(CPU)}) == {"attention.sdpa_fp32_err": False}
 
 
 def test_verdicts_apply_each_limit_and_skip_checks_that_did_not_run():
-    result = {"model": {"fp32_logits_err": 2e-3, "fp32_argmax_agree": 1.0, "bf16_argmax_agree_fp32": 0.9},
-              "neighbours": {"knn_equals_cpu": True, "codes_equal_cpu": {"z": True, "hilbert": False}},
-              "panda_tiny": {"cpu_losses_finite": True}}  # fmt: skip
+    result = {
+        "model": {"fp32_logits_err": 2e-3, "fp32_argmax_agree": 1.0, "bf16_argmax_agree_fp32": 0.9},
+        "neighbours": {"knn_equals_cpu": True, "codes_equal_cpu": {"z": True, "hilbert": False}},
+        "panda_tiny": {"cpu_losses_finite": True},
+    }
     assert gpu.verdicts(result) == {
-        "model.fp32_logits_err": False, "model.fp32_argmax_agree": True, "model.bf16_argmax_agree_fp32": False,
-        "neighbours.knn_equals_cpu": True, "panda_tiny.cpu_losses_finite": True,
-        "neighbours.codes_equal_cpu.z": True, "neighbours.codes_equal_cpu.hilbert": False,
-    }  # fmt: skip
+        "model.fp32_logits_err": False,
+        "model.fp32_argmax_agree": True,
+        "model.bf16_argmax_agree_fp32": False,
+        "neighbours.knn_equals_cpu": True,
+        "panda_tiny.cpu_losses_finite": True,
+        "neighbours.codes_equal_cpu.z": True,
+        "neighbours.codes_equal_cpu.hilbert": False,
+    }
 
 
 @pytest.mark.slow
 def test_cli_runs_every_check_and_timing_on_cpu_and_refuses_a_missing_gpu(tmp_path):
     out = tmp_path / "gpu.json"
-    p = subprocess.run([RAYSVC, "bench", "gpu", "--device", "cpu", "--events", "8", "--steps", "2",
-                        "--batch-events", "2", "--json", "--out", str(out)], capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [
+            RAYSVC,
+            "bench",
+            "gpu",
+            "--device",
+            "cpu",
+            "--events",
+            "8",
+            "--steps",
+            "2",
+            "--batch-events",
+            "2",
+            "--json",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["all_passed"] and r["checks"]["sparse_conv.out_err"] and r["checks"]["panda_tiny.cpu_losses_finite"]

@@ -29,31 +29,55 @@ def ray_head(tmp_path):
     process group at the end, and checked gone."""
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
-    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": free_port(),
-             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-             "--ray-client-server-port": free_port(), "--min-worker-port": 20000 + gcs % 1000 * 20,
-             "--max-worker-port": 20000 + gcs % 1000 * 20 + 19}  # fmt: skip
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--ray-client-server-port": free_port(),
+        "--min-worker-port": 20000 + gcs % 1000 * 20,
+        "--max-worker-port": 20000 + gcs % 1000 * 20 + 19,
+    }
     # a private temp dir (short: it holds Unix sockets) keeps this head out of /tmp/ray/ray_current_cluster,
     # which plain ray.init() calls elsewhere would otherwise try to join after the head is gone
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
     # the head is started by the script users run (cluster/local/start-head.sh), with the test's ports
-    env |= {"RAY": str(BIN / "ray"), "RAYSVC_RAY_PORT": str(gcs), "RAYSVC_DASHBOARD_PORT": str(dash),
-            "RAYSVC_RAY_TEMP": temp}  # fmt: skip
-    cmd = [str(REPO / "cluster" / "local" / "start-head.sh"), "--block", "--num-cpus=2",
-           *[f"{k}={v}" for k, v in ports.items()]]  # fmt: skip
+    env |= {
+        "RAY": str(BIN / "ray"),
+        "RAYSVC_RAY_PORT": str(gcs),
+        "RAYSVC_DASHBOARD_PORT": str(dash),
+        "RAYSVC_RAY_TEMP": temp,
+    }
+    cmd = [
+        str(REPO / "cluster" / "local" / "start-head.sh"),
+        "--block",
+        "--num-cpus=2",
+        *[f"{k}={v}" for k, v in ports.items()],
+    ]
     log = open(tmp_path / "ray-head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
         while True:
-            p = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
+            p = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if p.returncode == 0:
                 break
             if time.time() > deadline or proc.poll() is not None:
@@ -89,17 +113,52 @@ def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_a
     generate_dataset(resolve(str(tmp_path / "train")), 16, seed=8, shard_events=4, show_progress=False)
     generate_dataset(resolve(str(tmp_path / "val")), 6, seed=9, shard_events=6, show_progress=False)
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH",)} | {"HOME": str(tmp_path)}
-    denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=no_token,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    denied = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", address],
+        env=no_token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert denied.returncode != 0  # auth is really on
 
-    sets = [f"data.uri={tmp_path / 'train'}", f"val_data.uri={tmp_path / 'val'}", f"run.storage={tmp_path / 'runs'}",
-            "run.name=submitted", "train.steps=4", "train.val_every=4", "train.checkpoint_every=4",
-            "train.batch_events=2", "scaling.workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
-            "data.read_cpus=0.25", "val_data.read_cpus=0.25", "run.wandb_mode=offline"]  # fmt: skip
-    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                        "raysvc", "finetune", "jobs/semseg-tiny.yaml", *[a for s in sets for a in ("--set", s)]],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    sets = [
+        f"data.uri={tmp_path / 'train'}",
+        f"val_data.uri={tmp_path / 'val'}",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=submitted",
+        "train.steps=4",
+        "train.val_every=4",
+        "train.checkpoint_every=4",
+        "train.batch_events=2",
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "scaling.torch_threads=1",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+        "run.wandb_mode=offline",
+    ]
+    p = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "raysvc",
+            "finetune",
+            "jobs/semseg-tiny.yaml",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
     assert p.stdout.count("[raysvc] step 4/4 loss") == 1, p.stdout[-4000:]  # rank 0's progress line, not doubled
     run = tmp_path / "runs" / "submitted"
@@ -107,26 +166,84 @@ def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_a
     assert summary["steps"] == 4 and summary["workers"] == 2 and summary["val"]["miou"] is not None
     assert (run / "model.safetensors").stat().st_size > 1e6 and (run / "config.json").exists()
 
-    sets = [f"data.uri={tmp_path / 'train'}", f"probe_data.uri={tmp_path / 'val'}", f"run.storage={tmp_path / 'runs'}",
-            "run.name=pretrained", "train.steps=2", "train.checkpoint_every=2", "train.batch_events=2",
-            "probe.every=2", "probe.train_events=2", "probe.val_events=2", "views.local_views=2",
-            "panda.head_hidden=64", "panda.prototypes=64", "scaling.workers=2", "scaling.cpus_per_worker=0.5",
-            "data.read_cpus=0.25", "probe_data.read_cpus=0.25", "run.wandb_mode=offline"]  # fmt: skip
-    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                        "raysvc", "pretrain", "jobs/pretrain-panda-tiny.yaml",
-                        *[a for s in sets for a in ("--set", s)]],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    sets = [
+        f"data.uri={tmp_path / 'train'}",
+        f"probe_data.uri={tmp_path / 'val'}",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=pretrained",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.batch_events=2",
+        "probe.every=2",
+        "probe.train_events=2",
+        "probe.val_events=2",
+        "views.local_views=2",
+        "panda.head_hidden=64",
+        "panda.prototypes=64",
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "data.read_cpus=0.25",
+        "probe_data.read_cpus=0.25",
+        "run.wandb_mode=offline",
+    ]
+    p = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "raysvc",
+            "pretrain",
+            "jobs/pretrain-panda-tiny.yaml",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
     run = tmp_path / "runs" / "pretrained"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["workers"] == 2 and [s for s, _ in summary["probe"]["curve"]] == [0, 2]
     assert (run / "backbone.safetensors").stat().st_size > 1e6 and (run / "config.json").exists()
 
-    sets = [f"data.uri={tmp_path / 'val'}", f"storage={tmp_path / 'sweeps'}", "events=3", "cnms.radius=[5]",
-            "cnms.overlap=[0.5,1.0]", "fps_knn.groups=[16]", "fps_ball=null", "wandb_mode=offline"]  # fmt: skip
-    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                        "raysvc", "sweep", "tune/cnms.yaml", *[a for s in sets for a in ("--set", s)]],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    sets = [
+        f"data.uri={tmp_path / 'val'}",
+        f"storage={tmp_path / 'sweeps'}",
+        "events=3",
+        "cnms.radius=[5]",
+        "cnms.overlap=[0.5,1.0]",
+        "fps_knn.groups=[16]",
+        "fps_ball=null",
+        "wandb_mode=offline",
+    ]
+    p = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "raysvc",
+            "sweep",
+            "tune/cnms.yaml",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
     summary = json.loads((tmp_path / "sweeps" / "cnms" / "summary.json").read_text())
     assert [r["trial"]["name"] for r in summary["trials"]] == ["cnms-r5-o0.5", "cnms-r5-o1", "fps_knn-g16"]
@@ -137,19 +254,54 @@ def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_a
     serve_token.write_text(secrets.token_hex(16))
     port = free_port()
     runtime_env = json.dumps({"env_vars": {"RAYSVC_SERVE_TOKEN_FILE": str(serve_token)}})
-    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--submission-id",
-                        "serve-job", "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-                        "raysvc", "serve", "--checkpoint", str(tmp_path / "runs" / "submitted"), "--port", str(port),
-                        "--torch-threads", "1"],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    p = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--no-wait",
+            "--submission-id",
+            "serve-job",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            "raysvc",
+            "serve",
+            "--checkpoint",
+            str(tmp_path / "runs" / "submitted"),
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     try:
         _segment_when_up(f"http://127.0.0.1:{port}", serve_token.read_text(), address, env)
     finally:
-        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, "serve-job"], env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "serve-job"], env=env,
-                            capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+        subprocess.run(
+            [str(BIN / "ray"), "job", "stop", "--address", address, "serve-job"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", address, "serve-job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "was stopped" in status, status
 
 
@@ -161,8 +313,13 @@ def _segment_when_up(url: str, token: str, address: str, env: dict, timeout_s: f
     from raysvc.data.generator import GeneratorConfig, generate_event
 
     if not wait_until_healthy(url, timeout_s):
-        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, "serve-job"], env=env,
-                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+        logs = subprocess.run(
+            [str(BIN / "ray"), "job", "logs", "--address", address, "serve-job"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         raise AssertionError(f"the submitted endpoint did not come up:\n{logs[-3000:]}")
     ev = generate_event(GeneratorConfig(), 5, 0)
     body = {"points": ev["coord"].tolist(), "energies": ev["energy"].tolist()}

@@ -64,7 +64,7 @@ def test_levels_shrink_and_upcast_concatenates_every_stage():
     cell = levels[1].parent_inverse
     for s in range(2, len(levels)):
         cell = levels[s].parent_inverse[cell]
-    torch.testing.assert_close(up[:, -preset("tiny").channels[-1]:], levels[-1].feat[cell])
+    torch.testing.assert_close(up[:, -preset("tiny").channels[-1] :], levels[-1].feat[cell])
 
 
 @pytest.mark.parametrize("head", ["lin", "dec"])

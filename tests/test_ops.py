@@ -84,6 +84,7 @@ def test_hilbert_is_a_continuous_curve_and_batches_never_interleave():
 def test_serialize_by_event_orders_each_event_as_alone(order):
     """Events of different extents in one batch: each is ordered exactly as on its own (PTv3's rule at its own
     depth), and the events stay in batch order. One batch-wide depth would reorder the small event's Hilbert curve."""
+
     def cells(n: int, side: int, seed: int) -> torch.Tensor:  # n distinct cells of a side^3 box (no code ties)
         idx = torch.randperm(side**3, generator=torch.Generator().manual_seed(seed))[:n]
         return torch.stack([idx // side**2, idx // side % side, idx % side], 1)
@@ -196,7 +197,7 @@ def test_cnms_matches_brute_force(overlap):
     starts = [0, *res.center_offset.tolist()]
     for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         centers, groups = cnms_brute_force(coord[a:b].numpy(), 4.0, overlap, 32)
-        got = res.centers[starts[e]: starts[e + 1]] - a
+        got = res.centers[starts[e] : starts[e + 1]] - a
         assert got.tolist() == centers
         for g, members in enumerate(groups):
             row = res.groups[starts[e] + g]
@@ -250,7 +251,7 @@ def test_cpu_neighbour_kernels_match_torch_path_on_generated_events():
     q_idx, q_off = fps(coord, offset, torch.tensor([50, 50, 50]))
     starts = [0, *offset.tolist()[:-1]]
     for e, (a, b) in enumerate(zip(starts, offset.tolist(), strict=True)):
-        assert torch.equal(q_idx[50 * e: 50 * (e + 1)] - a, _fps_torch(coord[a:b], 50))
+        assert torch.equal(q_idx[50 * e : 50 * (e + 1)] - a, _fps_torch(coord[a:b], 50))
     query = coord[q_idx]
     for radius in (2.0, 5.0, 9.5):
         got = ball_query(query, q_off, coord, offset, radius, 32)

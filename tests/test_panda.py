@@ -35,8 +35,10 @@ TINY_HEAD = dict(head_hidden=64, head_embed=32, prototypes=48, match_radius=0.02
 
 def test_sinkhorn_rows_are_distributions_and_prototypes_share_the_mass():
     torch.manual_seed(0)
-    scores = torch.nn.functional.normalize(torch.randn(600, 32), dim=1) @ torch.nn.functional.normalize(
-        torch.randn(40, 32), dim=1).t()  # fmt: skip
+    scores = (
+        torch.nn.functional.normalize(torch.randn(600, 32), dim=1)
+        @ torch.nn.functional.normalize(torch.randn(40, 32), dim=1).t()
+    )
     scores[:, :4] += 0.3  # a few prototypes attract most points: what Sinkhorn must undo
     q = sinkhorn_knopp(scores, temp=0.05, iters=3)
     assert torch.allclose(q.sum(1), torch.ones(600), atol=1e-5)  # each point: a distribution over prototypes

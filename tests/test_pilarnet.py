@@ -21,8 +21,16 @@ def _fake_events(rng, n_events):
         for c in range(int(rng.integers(2, 6))):
             size = int(rng.integers(0 if c == 0 else 1, 30))
             sem = 4 if c == 0 else int(rng.integers(0, 4))  # first cluster: low-energy scatters
-            clusters.append((size, c, -1 if c == 0 else c // 2, -1 if c == 0 else int(rng.integers(0, 3)), sem,
-                             -1 if c == 0 else int(rng.integers(0, 5))))  # fmt: skip
+            clusters.append(
+                (
+                    size,
+                    c,
+                    -1 if c == 0 else c // 2,
+                    -1 if c == 0 else int(rng.integers(0, 3)),
+                    sem,
+                    -1 if c == 0 else int(rng.integers(0, 5)),
+                )
+            )
             pts = np.zeros((size, 8), np.float32)
             pts[:, :3] = rng.integers(0, 768, size=(size, 3))
             pts[:, 3] = rng.uniform(0.01, 10, size)  # voxel value = energy used downstream
@@ -61,8 +69,9 @@ def test_convert_matches_written_labels(tmp_path, revision):
     m = convert(str(tmp_path / "train" / "*.h5"), out, shard_events=3, show_progress=False)
     assert m.events == 7 and len(m.shards) == 3
     table = pa.concat_tables([t for _, t in iter_tables(out, m)])
-    ordered = [("a.h5", i, ev) for i, ev in enumerate(files["a.h5"])] + \
-        [("b.h5", i, ev) for i, ev in enumerate(files["b.h5"])]  # sorted file order
+    ordered = [("a.h5", i, ev) for i, ev in enumerate(files["a.h5"])] + [
+        ("b.h5", i, ev) for i, ev in enumerate(files["b.h5"])
+    ]  # sorted file order
     for row, (fname, i, (clusters, pts)) in enumerate(ordered):
         r = table.slice(row, 1)
         assert r.column("event_id")[0].as_py() == row

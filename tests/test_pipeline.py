@@ -131,11 +131,14 @@ def test_train_workers_receive_every_event_once(ray_local, synthetic_dataset, tm
     cfg = DataConfig(uri=synthetic_dataset.uri, block_mib=0.5)
     stream = build_dataset(cfg)
     trainer = TorchTrainer(
-        ingest_loop, train_loop_config={"batch_events": 4, "num_classes": 5},
+        ingest_loop,
+        train_loop_config={"batch_events": 4, "num_classes": 5},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        torch_config=TorchConfig(backend="gloo"), datasets={"train": stream.dataset},
-        dataset_config=ExactSplitDataConfig(), run_config=RunConfig(name="ingest-test", storage_path=str(tmp_path)),
-    )  # fmt: skip
+        torch_config=TorchConfig(backend="gloo"),
+        datasets={"train": stream.dataset},
+        dataset_config=ExactSplitDataConfig(),
+        run_config=RunConfig(name="ingest-test", storage_path=str(tmp_path)),
+    )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         got = json.loads(Path(d, "ingest.json").read_text())

@@ -33,13 +33,34 @@ def pt_data(tmp_path_factory):
 
 
 def _cfg(pt_data, tmp_path, name: str, *extra: str) -> PretrainConfig:
-    sets = [f"data.uri={pt_data / 'train'}", f"probe_data.uri={pt_data / 'val'}", f"run.storage={tmp_path}",
-            f"run.name={name}", "scaling.workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
-            "train.steps=6", "train.checkpoint_every=2", "train.log_every=2", "train.monitor_every=2",
-            "train.batch_events=2", "probe.every=3", "probe.train_events=4", "probe.val_events=4",
-            "probe.points_per_class=300", "views.local_views=2", "views.max_points=1500", "panda.head_hidden=64",
-            "panda.head_embed=32", "panda.prototypes=64", "run.max_failures=0", "run.wandb_mode=offline",
-            "data.read_cpus=0.25", "probe_data.read_cpus=0.25", *extra]  # fmt: skip
+    sets = [
+        f"data.uri={pt_data / 'train'}",
+        f"probe_data.uri={pt_data / 'val'}",
+        f"run.storage={tmp_path}",
+        f"run.name={name}",
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "scaling.torch_threads=1",
+        "train.steps=6",
+        "train.checkpoint_every=2",
+        "train.log_every=2",
+        "train.monitor_every=2",
+        "train.batch_events=2",
+        "probe.every=3",
+        "probe.train_events=4",
+        "probe.val_events=4",
+        "probe.points_per_class=300",
+        "views.local_views=2",
+        "views.max_points=1500",
+        "panda.head_hidden=64",
+        "panda.head_embed=32",
+        "panda.prototypes=64",
+        "run.max_failures=0",
+        "run.wandb_mode=offline",
+        "data.read_cpus=0.25",
+        "probe_data.read_cpus=0.25",
+        *extra,
+    ]
     return load_config(PretrainConfig, JOB, sets)
 
 
@@ -47,8 +68,13 @@ def test_bad_pretrain_configs_fail_before_any_worker_starts(tmp_path, pt_data):
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
 
     def fails(*sets):
-        p = subprocess.run([RAYSVC, "pretrain", JOB, *[a for s in sets for a in ("--set", s)]], capture_output=True,
-                           text=True, env=env, timeout=120)  # fmt: skip
+        p = subprocess.run(
+            [RAYSVC, "pretrain", JOB, *[a for s in sets for a in ("--set", s)]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert p.returncode == 2, p.stderr
         return p.stderr
 
@@ -85,8 +111,13 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     train = on_disk["history"]["train"]
     assert all(k in train[-1] for k in ("mask_loss", "roll_mask_loss", "unmask_loss", "unmask_matched"))
     assert all(r["private_mb"] > 100 for r in train)  # the worker's own memory (torch alone)
-    assert on_disk["data"]["events_read"] == on_disk["data"]["events_out"] + on_disk["data"]["cut_min_points"] + \
-        on_disk["data"]["selected_out"] + on_disk["data"]["skipped_bad_total"]  # fmt: skip
+    assert (
+        on_disk["data"]["events_read"]
+        == on_disk["data"]["events_out"]
+        + on_disk["data"]["cut_min_points"]
+        + on_disk["data"]["selected_out"]
+        + on_disk["data"]["skipped_bad_total"]
+    )
     assert on_disk["data"]["events_out"] >= 6 * 2  # every step consumed a batch of 2 events
     assert (run / "probe.png").read_bytes()[:4] == b"\x89PNG" and (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["steps"] == 6
@@ -101,27 +132,53 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     backbone = PTv3(preset("tiny"))
     backbone.load_state_dict(state)
     pre, cpu = cfg.probe_data.preprocess, torch.device("cpu")
-    again = run_probe(backbone, probe_train, probe_val,
-                      lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, cpu, True), cpu, cfg.probe,
-                      probe["classes"])
+    again = run_probe(
+        backbone,
+        probe_train,
+        probe_val,
+        lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, cpu, True),
+        cpu,
+        cfg.probe,
+        probe["classes"],
+    )
     assert again["miou"] == pytest.approx(probe["pretrained_miou"], abs=0.01)
 
     # fine-tuning from the export: the linear head on the frozen backbone starts from exactly these weights
-    ft = load_config(FinetuneConfig, str(Path(JOB).parent / "semseg-tiny.yaml"), [
-        f"data.uri={pt_data / 'train'}", f"val_data.uri={pt_data / 'val'}", f"run.storage={tmp_path}",
-        "run.name=probe-ft", f"model.init={run}", "model.mode=lin", "model.head=lin", "train.steps=2",
-        "train.batch_events=2", "train.val_every=2", "train.checkpoint_every=2", "train.val_events=4",
-        "scaling.cpus_per_worker=0.5", "run.wandb_mode=offline", "data.read_cpus=0.25", "val_data.read_cpus=0.25"])
+    ft = load_config(
+        FinetuneConfig,
+        str(Path(JOB).parent / "semseg-tiny.yaml"),
+        [
+            f"data.uri={pt_data / 'train'}",
+            f"val_data.uri={pt_data / 'val'}",
+            f"run.storage={tmp_path}",
+            "run.name=probe-ft",
+            f"model.init={run}",
+            "model.mode=lin",
+            "model.head=lin",
+            "train.steps=2",
+            "train.batch_events=2",
+            "train.val_every=2",
+            "train.checkpoint_every=2",
+            "train.val_events=4",
+            "scaling.cpus_per_worker=0.5",
+            "run.wandb_mode=offline",
+            "data.read_cpus=0.25",
+            "val_data.read_cpus=0.25",
+        ],
+    )
     run_job(ft, log=lambda m: None)
     tuned, _ = load_export(resolve(str(tmp_path / "probe-ft")))
     for k, v in state.items():
         assert torch.equal(tuned["backbone." + k], v), k  # frozen and loaded: unchanged
 
     # fft with the encoder held for all its steps (encoder_frozen_steps): unchanged too
-    held = ft.model_copy(update={
-        "model": ft.model.model_copy(update={"mode": "fft", "head": "dec"}),
-        "train": ft.train.model_copy(update={"encoder_frozen_steps": 2}),
-        "run": ft.run.model_copy(update={"name": "held-ft"})})
+    held = ft.model_copy(
+        update={
+            "model": ft.model.model_copy(update={"mode": "fft", "head": "dec"}),
+            "train": ft.train.model_copy(update={"encoder_frozen_steps": 2}),
+            "run": ft.run.model_copy(update={"name": "held-ft"}),
+        }
+    )
     run_job(FinetuneConfig.model_validate(held.model_dump()), log=lambda m: None)
     tuned, _ = load_export(resolve(str(tmp_path / "held-ft")))
     assert all(torch.equal(tuned["backbone." + k], v) for k, v in state.items())

@@ -10,7 +10,7 @@ import textwrap
 
 # Runs in its own process: it starts (and stops) its own private Ray, and lists the TCP sockets in LISTEN state held
 # by itself and every process it spawned (GCS, raylet, workers, agents), read from /proc.
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import ipaddress, json, os, struct
     import ray
     from raysvc.ray_init import LOOPBACK_ENV, init_ray
@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent('''
               "env_left": os.environ.get(LOOPBACK_ENV), "listening": listening(descendants(os.getpid()))}
     ray.shutdown()
     print("RESULT " + json.dumps(result))
-''')
+""")
 
 
 def test_private_local_ray_listens_on_loopback_only():
@@ -89,8 +89,10 @@ def test_worker_env_keeps_a_print_patch_choice_already_made(monkeypatch):
 
     monkeypatch.delenv(PRINT_PATCH_ENV, raising=False)
     given = {"runtime_env": {"env_vars": {"OTHER": "1"}, "pip": ["x"]}, "num_cpus": 1}
-    assert _worker_env(given) == {"runtime_env": {"env_vars": {PRINT_PATCH_ENV: "0", "OTHER": "1"}, "pip": ["x"]},
-                                  "num_cpus": 1}  # fmt: skip
+    assert _worker_env(given) == {
+        "runtime_env": {"env_vars": {PRINT_PATCH_ENV: "0", "OTHER": "1"}, "pip": ["x"]},
+        "num_cpus": 1,
+    }
     assert given["runtime_env"]["env_vars"] == {"OTHER": "1"}  # the caller's dict is not changed
     monkeypatch.setenv(PRINT_PATCH_ENV, "1")  # e.g. a job submitted with it in its runtime env
     assert _worker_env(given) == given

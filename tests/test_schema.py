@@ -39,10 +39,16 @@ def _bad(kind: str, rng) -> dict:
     return ev
 
 
-@pytest.mark.parametrize("kind, field", [
-    ("nonfinite", "coord"), ("outside", "coord"), ("negative", "energy"), ("label", "semantic"),
-    ("empty", "num_points"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, field",
+    [
+        ("nonfinite", "coord"),
+        ("outside", "coord"),
+        ("negative", "energy"),
+        ("label", "semantic"),
+        ("empty", "num_points"),
+    ],
+)
 def test_bad_values_are_named(kind, field):
     rng = np.random.default_rng(1)
     good = [make_event(i, 30, rng) for i in range(3)]
@@ -69,8 +75,9 @@ def test_missing_column_and_wrong_type():
     with pytest.raises(EventDataError, match="missing column.*'pid'") as e:
         check_columns(table.drop_columns(["pid"]), "shard-x")
     assert e.value.field == "pid" and "shard-x" in str(e.value)
-    as_str = table.set_column(table.schema.get_field_index("energy"), "energy",
-                              pa.array([["a"] * 3, ["b"]], pa.list_(pa.string())))  # fmt: skip
+    as_str = table.set_column(
+        table.schema.get_field_index("energy"), "energy", pa.array([["a"] * 3, ["b"]], pa.list_(pa.string()))
+    )
     with pytest.raises(EventDataError, match="field 'energy'.*expected list<item: float>"):
         check_columns(as_str, "shard-y")
 

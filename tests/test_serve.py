@@ -44,16 +44,22 @@ def events():
     from raysvc.data.generator import GeneratorConfig, generate_event
 
     cfg = GeneratorConfig()
-    return [(ev["coord"].astype(np.float32), ev["energy"].astype(np.float32))
-            for ev in (generate_event(cfg, 21, i) for i in range(6))]  # fmt: skip
+    return [
+        (ev["coord"].astype(np.float32), ev["energy"].astype(np.float32))
+        for ev in (generate_event(cfg, 21, i) for i in range(6))
+    ]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     a, b = _export(root / "model-a", 1), _export(root / "model-b", 2)
-    srv = ServeProcess(["--model", f"a={a}", "--model", f"b={b}", "--torch-threads", "1", "--body-timeout-s",
-                        str(BODY_TIMEOUT_S)], free_port(), TOKEN, root / "serve.log")  # fmt: skip
+    srv = ServeProcess(
+        ["--model", f"a={a}", "--model", f"b={b}", "--torch-threads", "1", "--body-timeout-s", str(BODY_TIMEOUT_S)],
+        free_port(),
+        TOKEN,
+        root / "serve.log",
+    )
     srv.__enter__()
     sid = srv.proc.pid
     try:
@@ -63,8 +69,14 @@ def server(tmp_path_factory):
     assert not stragglers and not session_processes(sid), "serve processes left running after SIGTERM"
 
 
-def _post(url: str, body, content_type: str = "application/json", token: str | None = TOKEN, model: str | None = None,
-          **params) -> requests.Response:  # fmt: skip
+def _post(
+    url: str,
+    body,
+    content_type: str = "application/json",
+    token: str | None = TOKEN,
+    model: str | None = None,
+    **params,
+) -> requests.Response:
     headers = {"Content-Type": content_type}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -84,12 +96,21 @@ def _offline(model_dir: Path, events, tmp_path: Path) -> list[np.ndarray]:
     from raysvc.data.shards import shard_name, write_manifest, write_shard
 
     data = resolve(str(tmp_path / f"data-{model_dir.name}"))
-    table = table_from_events([{"event_id": i, "coord": p, "energy": e, **{f: np.zeros(len(e), np.int8)
-                                for f in LABEL_FIELDS}} for i, (p, e) in enumerate(events)], "test")  # fmt: skip
+    table = table_from_events(
+        [
+            {"event_id": i, "coord": p, "energy": e, **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
+            for i, (p, e) in enumerate(events)
+        ],
+        "test",
+    )
     write_manifest(data, [write_shard(data, shard_name(0), table)], {"test": True})
     out = tmp_path / f"preds-{model_dir.name}"
-    subprocess.run([str(BIN / "raysvc"), "predict", "--model", str(model_dir), "--data", data.path, "--out",
-                    str(out)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [str(BIN / "raysvc"), "predict", "--model", str(model_dir), "--data", data.path, "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return [np.asarray(p, np.int8) for p in pq.read_table(out / "preds-00000.parquet").column("pred").to_pylist()]
 
 
@@ -105,8 +126,9 @@ def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(
             assert np.array_equal(np.asarray(got["classes"], np.int8), want)
             assert set(got["timing_ms"]) == {"receive", "parse", "infer", "total"}
     a_offline = _offline(server["a"], events, tmp_path)
-    assert any(not np.array_equal(x, y) for x, y in zip(a_offline, _offline(server["b"], events, tmp_path),
-                                                         strict=True))  # the two models really differ  # fmt: skip
+    assert any(
+        not np.array_equal(x, y) for x, y in zip(a_offline, _offline(server["b"], events, tmp_path), strict=True)
+    )  # the two models really differ
 
     points, energies = events[0]
     buf = io.BytesIO()
@@ -152,13 +174,21 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_next_request_works(se
         ("not numbers", lambda: _post(url, {"points": [["a", "b", "c"]], "energies": [1.0]}), 422, "numbers"),
         ("mismatched lengths", lambda: _post(url, _json(p, e[:-1])), 422, "one energy per point"),
         ("NaN", lambda: _post(url, _json(nan_points, e)), 422, "points: coordinates contain NaN or inf"),
-        ("inf energy", lambda: _post(url, _json(p, np.where(np.arange(50) == 4, np.inf, e))), 422,
-         "energies: energy contains NaN or inf"),
+        (
+            "inf energy",
+            lambda: _post(url, _json(p, np.where(np.arange(50) == 4, np.inf, e))),
+            422,
+            "energies: energy contains NaN or inf",
+        ),
         ("negative energy", lambda: _post(url, _json(p, -e)), 422, "energies: energy is negative"),
         ("outside the volume", lambda: _post(url, _json(outside, e)), 422, "outside the detector volume"),
         ("empty event", lambda: _post(url, {"points": [], "energies": []}), 422, "no points"),
-        ("too many points", lambda: _post(url, {"points": [[1.0, 1.0, 1.0]] * 200_001,
-                                                "energies": [1.0] * 200_001}), 413, "at most 200000"),
+        (
+            "too many points",
+            lambda: _post(url, {"points": [[1.0, 1.0, 1.0]] * 200_001, "energies": [1.0] * 200_001}),
+            413,
+            "at most 200000",
+        ),
         ("oversized body", lambda: _post(url, b" " * (16 * 2**20 + 1)), 413, "limit"),
         ("wrong content type", lambda: _post(url, b"points", "text/plain"), 415, "content type"),
         ("bad npz", lambda: _post(url, b"PK-not-a-zip", "application/x-npz"), 400, ".npz"),
@@ -166,7 +196,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_next_request_works(se
         ("wrong token", lambda: _post(url, _json(p, e), token="guess"), 401, "wrong bearer token"),
         ("unknown model id", lambda: _post(url, _json(p, e), model="zzz"), 404, "unknown model id 'zzz'"),
         ("unknown field", lambda: _post(url, {**_json(p, e), "energy": [1]}), 422, "unknown field"),
-    ]  # fmt: skip
+    ]
     good = _post(url, _json(p, e)).json()["classes"]
     for name, send, status, words in cases:
         r = send()
@@ -197,8 +227,11 @@ def test_openapi_documents_bodies_errors_and_the_bearer_scheme(server, events):
     seg = spec["paths"]["/v1/segment"]["post"]
     assert set(seg["requestBody"]["content"]) == {"application/json", NPZ, ARROW}
     assert {"400", "401", "404", "408", "413", "415", "422", "503"} <= set(seg["responses"])
-    assert spec["components"]["securitySchemes"]["bearer"] == {**spec["components"]["securitySchemes"]["bearer"],
-                                                               "type": "http", "scheme": "bearer"}  # fmt: skip
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        **spec["components"]["securitySchemes"]["bearer"],
+        "type": "http",
+        "scheme": "bearer",
+    }
     assert seg["security"] == [{"bearer": []}] and spec["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
 
@@ -223,21 +256,50 @@ def test_serve_refuses_to_start_without_a_token(tmp_path):
     model = _export(tmp_path / "m", 0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYSVC_SERVE_TOKEN")}
     env["RAY_TMPDIR"] = str(tmp_path / "ray")
-    p = subprocess.run([str(BIN / "raysvc"), "serve", "--checkpoint", str(model), "--port", str(free_port())],
-                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [str(BIN / "raysvc"), "serve", "--checkpoint", str(model), "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "RAYSVC_SERVE_TOKEN" in p.stderr and "Bearer" in p.stderr
     assert not (tmp_path / "ray").exists()  # refused before any Ray started
-    missing = subprocess.run([str(BIN / "raysvc"), "serve", "--checkpoint", str(tmp_path / "nowhere")], env=env,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    missing = subprocess.run(
+        [str(BIN / "raysvc"), "serve", "--checkpoint", str(tmp_path / "nowhere")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "nowhere" in missing.stderr
 
 
 @pytest.mark.slow
 def test_bench_serve_reports_latency_throughput_and_ratios_from_one_run(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([str(BIN / "raysvc"), "bench", "serve", "--json", "--out", str(out), "--requests", "6",
-                        "--concurrency", "1", "3", "--events", "3", "--max-points", "1500"], capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [
+            str(BIN / "raysvc"),
+            "bench",
+            "serve",
+            "--json",
+            "--out",
+            str(out),
+            "--requests",
+            "6",
+            "--concurrency",
+            "1",
+            "3",
+            "--events",
+            "3",
+            "--max-points",
+            "1500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     on, off = r["endpoint"]["batching"], r["endpoint"]["no_batching"]
@@ -252,8 +314,10 @@ def test_bench_serve_reports_latency_throughput_and_ratios_from_one_run(tmp_path
         assert 0 < x["outside_replica_p50_ms"] < x["p50_ms"]
     split = r["overhead_split_ms"]
     assert split["outside_replica"] == off[0]["outside_replica_p50_ms"]
-    assert 0 < r["floor_p50_ms"]["batching"] < on[0]["p50_ms"] and split["of_which_floor"] == r["floor_p50_ms"][
-        "no_batching"] < off[0]["p50_ms"]  # fmt: skip
+    assert (
+        0 < r["floor_p50_ms"]["batching"] < on[0]["p50_ms"]
+        and split["of_which_floor"] == r["floor_p50_ms"]["no_batching"] < off[0]["p50_ms"]
+    )
     assert split["forward_vs_in_process"] == pytest.approx(off[0]["replica_p50_ms"]["infer"] - r["in_process_p50_ms"])
 
 
@@ -274,8 +338,13 @@ def test_serve_run_deploys_the_cluster_serve_config(tmp_path, events):
     (tmp_path / "segment.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYSVC_SERVE_TOKEN": TOKEN}
     with open(tmp_path / "serve-run.log", "w") as log:
-        proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", "local", str(tmp_path / "segment.yaml")],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(BIN / "serve"), "run", "--address", "local", str(tmp_path / "segment.yaml")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             up = wait_until_healthy(url, 180, lambda: proc.poll() is None)
@@ -324,30 +393,68 @@ def test_hostile_bodies_get_a_named_4xx_in_one_shape_and_the_next_request_works(
 
     cases = [
         ("deep JSON", lambda: _post(url, b"[" * 50_000), 400, "nested too deeply"),
-        ("huge integer", lambda: _post(url, b'{"points": [[' + b"7" * 5000 + b', 1, 1]], "energies": [1]}'), 422,
-         "5000 digits"),
-        ("float beyond float32", lambda: _post(url, js.replace("[[", "[[1e39, 1, 1], [", 1).replace(
-            '"energies": [', '"energies": [1, ', 1).encode()), 422, "points: coordinates contain NaN or inf"),
+        (
+            "huge integer",
+            lambda: _post(url, b'{"points": [[' + b"7" * 5000 + b', 1, 1]], "energies": [1]}'),
+            422,
+            "5000 digits",
+        ),
+        (
+            "float beyond float32",
+            lambda: _post(
+                url, js.replace("[[", "[[1e39, 1, 1], [", 1).replace('"energies": [', '"energies": [1, ', 1).encode()
+            ),
+            422,
+            "points: coordinates contain NaN or inf",
+        ),
         ("npy as npz", lambda: _post(url, npy.getvalue(), NPZ), 400, "single .npy array"),
-        ("timestamp column", lambda: _post(url, _arrow({**cols, "x": pa.array(np.zeros(50, "datetime64[ms]"))}),
-                                           ARROW), 422, "column x: type timestamp[ms]"),
-        ("nulls in a column", lambda: _post(url, _arrow({**cols, "energy": pa.array([None] * 50, pa.float32())}),
-                                            ARROW), 422, "null values"),
-        ("coordinates as strings", lambda: _post(url, {"points": p.astype(str).tolist(), "energies": e.tolist()}),
-         422, "points: expected numbers, got a string"),
-        ("energies as booleans", lambda: _post(url, {"points": p.tolist(), "energies": [True] * 50}), 422,
-         "energies: expected numbers, got true/false"),
-        ("complex npz", lambda: _post(url, _npz(points=p.astype(np.complex64), energies=e), NPZ), 422,
-         "points: dtype complex64"),
+        (
+            "timestamp column",
+            lambda: _post(url, _arrow({**cols, "x": pa.array(np.zeros(50, "datetime64[ms]"))}), ARROW),
+            422,
+            "column x: type timestamp[ms]",
+        ),
+        (
+            "nulls in a column",
+            lambda: _post(url, _arrow({**cols, "energy": pa.array([None] * 50, pa.float32())}), ARROW),
+            422,
+            "null values",
+        ),
+        (
+            "coordinates as strings",
+            lambda: _post(url, {"points": p.astype(str).tolist(), "energies": e.tolist()}),
+            422,
+            "points: expected numbers, got a string",
+        ),
+        (
+            "energies as booleans",
+            lambda: _post(url, {"points": p.tolist(), "energies": [True] * 50}),
+            422,
+            "energies: expected numbers, got true/false",
+        ),
+        (
+            "complex npz",
+            lambda: _post(url, _npz(points=p.astype(np.complex64), energies=e), NPZ),
+            422,
+            "points: dtype complex64",
+        ),
         ("text npz", lambda: _post(url, _npz(points=p, energies=e.astype("U8")), NPZ), 422, "energies: dtype <U8"),
-        ("duplicate key", lambda: _post(url, js.replace("{", '{"energies": [1], ', 1).encode()), 422,
-         "duplicate key 'energies'"),
-        ("query parameter of the wrong type", lambda: _post(url, _json(p, e), probabilities="maybe"), 422,
-         "probabilities"),
+        (
+            "duplicate key",
+            lambda: _post(url, js.replace("{", '{"energies": [1], ', 1).encode()),
+            422,
+            "duplicate key 'energies'",
+        ),
+        (
+            "query parameter of the wrong type",
+            lambda: _post(url, _json(p, e), probabilities="maybe"),
+            422,
+            "probabilities",
+        ),
         ("chunked body over the limit", lambda: _post(url, chunked()), 413, "limit"),
         ("unknown path", lambda: requests.get(f"{url}/v1/nothing", timeout=10), 404, "/v1/nothing"),
         ("wrong method", lambda: requests.delete(f"{url}/v1/segment", timeout=10), 405, "DELETE /v1/segment"),
-    ]  # fmt: skip
+    ]
     good = _post(url, _json(p, e)).json()["classes"]
     for name, send, status, words in cases:
         r = send()
@@ -459,8 +566,10 @@ def test_every_process_the_server_started_listens_on_loopback_only(server):
 def _stall(port: int) -> socket.socket:
     """A connection that sends a request's headers and a few bytes of its body, then nothing."""
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: "
-              b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: 100000\r\n\r\n{\"points\": [[1, ")  # fmt: skip
+    s.sendall(
+        b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: "
+        b"Bearer " + TOKEN.encode() + b'\r\nContent-Length: 100000\r\n\r\n{"points": [[1, '
+    )
     return s
 
 
@@ -468,8 +577,18 @@ def test_an_overloaded_endpoint_answers_503_with_retry_after(tmp_path, events):
     """One request in flight and one queued at most (a small server): a third gets 503 with Retry-After at once,
     not a hang; when the stalled ones time out (408) the endpoint answers again."""
     model = _export(tmp_path / "m", 0)
-    args = ["--checkpoint", str(model), "--max-ongoing-requests", "1", "--max-queued-requests", "1",
-            "--body-timeout-s", "4", "--torch-threads", "1"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(model),
+        "--max-ongoing-requests",
+        "1",
+        "--max-queued-requests",
+        "1",
+        "--body-timeout-s",
+        "4",
+        "--torch-threads",
+        "1",
+    ]
     with ServeProcess(args, free_port(), TOKEN, tmp_path / "serve.log") as srv:
         assert _post(srv.url, _json(*events[0])).status_code == 200
         stalled = [_stall(srv.port)]

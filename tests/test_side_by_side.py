@@ -30,8 +30,12 @@ RAYSVC = str(Path(sys.executable).parent / "raysvc")
 JOBS = Path(__file__).parents[1] / "jobs"
 TOKEN = "side-by-side-token-0123456789"
 # What Ray logs when one Ray's processes reach the other's, and when a run's placement group goes away under it.
-CROSSTALK = ("multiple active Ray instances", "Cleaning up placement group", "placement group was removed",
-             "State API may be temporarily unavailable")  # fmt: skip
+CROSSTALK = (
+    "multiple active Ray instances",
+    "Cleaning up placement group",
+    "placement group was removed",
+    "State API may be temporarily unavailable",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +64,45 @@ def ray_tmp():
 
 
 def _job(kind: str, data: Path, storage: Path, name: str) -> list[str]:
-    common = [f"data.uri={data / 'train'}", f"run.storage={storage}", f"run.name={name}", "scaling.workers=1",
-              "scaling.cpus_per_worker=1", "scaling.torch_threads=1", "train.batch_events=2", "train.log_every=4",
-              "run.max_failures=0", "run.wandb_mode=disabled", "data.read_cpus=0.25"]  # fmt: skip
+    common = [
+        f"data.uri={data / 'train'}",
+        f"run.storage={storage}",
+        f"run.name={name}",
+        "scaling.workers=1",
+        "scaling.cpus_per_worker=1",
+        "scaling.torch_threads=1",
+        "train.batch_events=2",
+        "train.log_every=4",
+        "run.max_failures=0",
+        "run.wandb_mode=disabled",
+        "data.read_cpus=0.25",
+    ]
     if kind == "finetune":
-        sets = [f"val_data.uri={data / 'val'}", "val_data.read_cpus=0.25", "train.steps=16", "train.val_every=8",
-                "train.val_events=4", "train.checkpoint_every=8"]  # fmt: skip
+        sets = [
+            f"val_data.uri={data / 'val'}",
+            "val_data.read_cpus=0.25",
+            "train.steps=16",
+            "train.val_every=8",
+            "train.val_events=4",
+            "train.checkpoint_every=8",
+        ]
         return [RAYSVC, "finetune", str(JOBS / "semseg-tiny.yaml"), *_sets(common + sets)]
-    sets = [f"probe_data.uri={data / 'val'}", "probe_data.read_cpus=0.25", "train.steps=8", "train.monitor_every=4",
-            "train.checkpoint_every=4", "probe.every=100", "probe.train_events=3", "probe.val_events=3",
-            "probe.points_per_class=300", "views.local_views=2", "views.max_points=1500",
-            "panda.head_hidden=64", "panda.head_embed=32", "panda.prototypes=64"]  # fmt: skip
+    sets = [
+        f"probe_data.uri={data / 'val'}",
+        "probe_data.read_cpus=0.25",
+        "train.steps=8",
+        "train.monitor_every=4",
+        "train.checkpoint_every=4",
+        "probe.every=100",
+        "probe.train_events=3",
+        "probe.val_events=3",
+        "probe.points_per_class=300",
+        "views.local_views=2",
+        "views.max_points=1500",
+        "panda.head_hidden=64",
+        "panda.head_embed=32",
+        "panda.prototypes=64",
+    ]
     return [RAYSVC, "pretrain", str(JOBS / "pretrain-panda-tiny.yaml"), *_sets(common + sets)]
 
 
@@ -144,13 +176,19 @@ def test_pretraining_beside_an_endpoint_ends_as_alone_and_the_endpoint_keeps_ans
     ev = generate_event(GeneratorConfig(), 21, 0)
     body = {"points": ev["coord"].astype(np.float32).tolist(), "energies": ev["energy"].astype(np.float32).tolist()}
     serve_tmp, train_tmp = ray_tmp(), ray_tmp()
-    with ServeProcess(["--model", f"m={tmp_path / 'model'}", "--torch-threads", "1"], free_port(), TOKEN,
-                      tmp_path / "serve.log", env={"RAY_TMPDIR": serve_tmp}) as srv:  # fmt: skip
+    with ServeProcess(
+        ["--model", f"m={tmp_path / 'model'}", "--torch-threads", "1"],
+        free_port(),
+        TOKEN,
+        tmp_path / "serve.log",
+        env={"RAY_TMPDIR": serve_tmp},
+    ) as srv:
         p = _start(_job("pretrain", data, tmp_path, "beside"), tmp_path / "beside.log", train_tmp)
         codes = []
         while p.poll() is None:  # the endpoint answers all through the pretraining
-            r = requests.post(f"{srv.url}/v1/segment", json=body, headers={"Authorization": f"Bearer {TOKEN}"},
-                              timeout=60)  # fmt: skip
+            r = requests.post(
+                f"{srv.url}/v1/segment", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+            )
             codes.append(r.status_code)
             time.sleep(0.5)
         _finish(p, tmp_path / "beside.log")

@@ -90,6 +90,10 @@ def test_kernel_map_matches_a_dictionary_reference():
     nbr = kernel_map(grid, b)
     where = {(int(bb), *map(int, g)): i for i, (bb, g) in enumerate(zip(b, grid, strict=True))}
     for i, (bb, g) in enumerate(zip(b.tolist(), grid.tolist(), strict=True)):
-        want = [where.get((bb, g[0] + dx, g[1] + dy, g[2] + dz), -1)
-                for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)]  # fmt: skip
+        want = [
+            where.get((bb, g[0] + dx, g[1] + dy, g[2] + dz), -1)
+            for dx in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+            for dz in (-1, 0, 1)
+        ]
         assert nbr[i].tolist() == want

@@ -29,9 +29,15 @@ def test_resolve_local_forms(tmp_path):
     assert resolve(tmp_path.as_uri()).join("a", "b.parquet").path == str(tmp_path / "a" / "b.parquet")
 
 
-@pytest.mark.parametrize("uri, words", [
-    ("", "empty"), ("gs://bucket/x", "unsupported scheme"), ("s3://", "s3://bucket"), ("file://host/x", "no host"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri, words",
+    [
+        ("", "empty"),
+        ("gs://bucket/x", "unsupported scheme"),
+        ("s3://", "s3://bucket"),
+        ("file://host/x", "no host"),
+    ],
+)
 def test_resolve_rejects_bad_uris(uri, words):
     with pytest.raises(StorageError, match=words):
         resolve(uri)
@@ -74,8 +80,9 @@ def test_s3_wrong_credentials_give_auth_error(seaweed):
     good = s3_location(seaweed, "s3://auth-test/x.bin")
     write_bytes_atomic(good, b"secret data")
     for key, secret in (("not-a-key", "nope"), (seaweed.access_key, "wrong-secret")):
-        bad = resolve("s3://auth-test/x.bin", S3Options(endpoint_url=seaweed.endpoint, access_key=key,
-                                                         secret_key=secret))  # fmt: skip
+        bad = resolve(
+            "s3://auth-test/x.bin", S3Options(endpoint_url=seaweed.endpoint, access_key=key, secret_key=secret)
+        )
         with pytest.raises(StorageAuthError, match="rejected the credentials.*AWS_ACCESS_KEY_ID") as e:
             read_bytes(bad)
         assert "s3://auth-test/x.bin" in str(e.value)
@@ -111,12 +118,15 @@ def test_seaweed_dies_with_the_process_that_started_it(tmp_path):
     import sys
     import time
 
-    script = ("import os, sys\nfrom raysvc.seaweed import SeaweedS3\n"
-              f"s = SeaweedS3(data_dir={str(tmp_path)!r}).start()\n"
-              "print(s.proc.pid, flush=True)\nos._exit(0)  # no stop(), no cleanup\n")  # fmt: skip
+    script = (
+        "import os, sys\nfrom raysvc.seaweed import SeaweedS3\n"
+        f"s = SeaweedS3(data_dir={str(tmp_path)!r}).start()\n"
+        "print(s.proc.pid, flush=True)\nos._exit(0)  # no stop(), no cleanup\n"
+    )
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     pid = int(p.stdout.split()[-1])
+
     def alive() -> bool:  # a zombie (state Z) has exited; its reaper, init, collects it later
         try:
             return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"

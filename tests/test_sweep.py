@@ -34,8 +34,12 @@ def sweep_data(tmp_path_factory):
 
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "WANDB_MODE": "offline",
-           "WANDB_DIR": str(tmp_path / "wandb")}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb"),
+    }
     return subprocess.run([RAYSVC, *args], capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
@@ -59,10 +63,19 @@ def test_recommended_overlap_minimises_missed_plus_duplicated_per_radius():
     from raysvc.sweep.grouping import recommend
 
     rng = np.random.default_rng(1)
-    rows = [{"trial": {"method": "cnms", "radius": r, "overlap": o},
-             "metrics": {"missed_ratio": float(rng.random()), "duplicated_ratio": float(rng.random()),
-                         "groups_per_event": 1.0, "points_per_group": 1.0}}
-            for r in (2.5, 5.0) for o in (0.2, 0.5, 0.8)]  # fmt: skip
+    rows = [
+        {
+            "trial": {"method": "cnms", "radius": r, "overlap": o},
+            "metrics": {
+                "missed_ratio": float(rng.random()),
+                "duplicated_ratio": float(rng.random()),
+                "groups_per_event": 1.0,
+                "points_per_group": 1.0,
+            },
+        }
+        for r in (2.5, 5.0)
+        for o in (0.2, 0.5, 0.8)
+    ]
     rows.append({"trial": {"method": "fps_knn", "groups": 8}, "metrics": {"missed_ratio": 0, "duplicated_ratio": 0}})
     rec = recommend(rows)
     for r in (2.5, 5.0):
@@ -80,8 +93,11 @@ def test_grouping_trial_metrics_match_a_numpy_recount():
     events = [rng.uniform(0, 40, size=(n, 3)) for n in (300, 180, 240)]
     coord = torch.from_numpy(np.concatenate(events))
     offset = torch.cumsum(torch.tensor([len(e) for e in events]), 0)
-    for params in ({"method": "cnms", "radius": 5.0, "overlap": 0.7}, {"method": "fps_knn", "groups": 20},
-                   {"method": "fps_ball", "groups": 20, "radius": 5.0}):  # fmt: skip
+    for params in (
+        {"method": "cnms", "radius": 5.0, "overlap": 0.7},
+        {"method": "fps_knn", "groups": 20},
+        {"method": "fps_ball", "groups": 20, "radius": 5.0},
+    ):
         groups = group(coord, offset, params, 16).numpy()
         m = evaluate(events, params, 16)
         counts = np.zeros(len(coord), int)
@@ -98,10 +114,19 @@ def test_grouping_trial_metrics_match_a_numpy_recount():
 
 # --- the C-NMS sweep through the CLI ---------------------------------------------------------------------------
 def _cnms_spec(tmp_path: Path, sweep_data: Path, **over) -> Path:
-    spec = {"kind": "cnms", "name": "cnms-test", "storage": str(tmp_path / "sweeps"), "data": {"uri": str(
-        sweep_data / "val")}, "events": 4, "max_points": 16, "cnms": {"radius": [5, 10], "overlap": [0.0, 0.5, 1.0]},
-        "fps_knn": {"groups": [32]}, "fps_ball": {"groups": [32], "radius": [5]},
-        "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 1}, "wandb_mode": "offline"} | over  # fmt: skip
+    spec = {
+        "kind": "cnms",
+        "name": "cnms-test",
+        "storage": str(tmp_path / "sweeps"),
+        "data": {"uri": str(sweep_data / "val")},
+        "events": 4,
+        "max_points": 16,
+        "cnms": {"radius": [5, 10], "overlap": [0.0, 0.5, 1.0]},
+        "fps_knn": {"groups": [32]},
+        "fps_ball": {"groups": [32], "radius": [5]},
+        "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 1},
+        "wandb_mode": "offline",
+    } | over
     path = tmp_path / "cnms.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -128,8 +153,11 @@ def test_cnms_sweep_reports_failures_and_resumes_without_rerunning(tmp_path, swe
     assert knn["groups_per_event"] == 32 and knn["points_per_group"] == 16  # kNN groups are always full
     # larger overlap factor -> centres further apart -> fewer groups
     for rad in (5, 10):
-        g = {r["trial"]["overlap"]: r["metrics"]["groups_per_event"] for r in rows if r["trial"].get("radius") == rad
-             and r["trial"]["method"] == "cnms"}  # fmt: skip
+        g = {
+            r["trial"]["overlap"]: r["metrics"]["groups_per_event"]
+            for r in rows
+            if r["trial"].get("radius") == rad and r["trial"]["method"] == "cnms"
+        }
         assert g[1.0] < g[0.5]
     pts = [(r["metrics"]["duplicated_ratio"], r["metrics"]["missed_ratio"]) for r in rows]
     for i in summary["pareto_index"]:  # nothing dominates a front point, and every other point is dominated
@@ -160,14 +188,20 @@ def test_cnms_sweep_reports_failures_and_resumes_without_rerunning(tmp_path, swe
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sweep_data):
     radii = [2.5, 5, 7.5, 10, 12.5, 15]
-    spec = _cnms_spec(tmp_path, sweep_data, events=16, data={"uri": str(sweep_data / "train")},
-                      cnms={"radius": radii, "overlap": [0.3, 0.6, 0.9]},
-                      tune={"max_concurrent_trials": 1, "cpus_per_trial": 1})  # fmt: skip
+    spec = _cnms_spec(
+        tmp_path,
+        sweep_data,
+        events=16,
+        data={"uri": str(sweep_data / "train")},
+        cnms={"radius": radii, "overlap": [0.3, 0.6, 0.9]},
+        tune={"max_concurrent_trials": 1, "cpus_per_trial": 1},
+    )
     exp = tmp_path / "sweeps" / "cnms-test"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb")}
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([RAYSVC, "sweep", str(spec)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [RAYSVC, "sweep", str(spec)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     done = []
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -180,8 +214,11 @@ def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sw
     proc.wait(timeout=120)
     log.close()
     out = (tmp_path / "first.log").read_text()
-    first = {d.parent.name: json.loads(d.read_text().splitlines()[-1]) for d in exp.glob("*/result.json")
-             if d.stat().st_size > 0}  # fmt: skip
+    first = {
+        d.parent.name: json.loads(d.read_text().splitlines()[-1])
+        for d in exp.glob("*/result.json")
+        if d.stat().st_size > 0
+    }
     assert 3 <= len(first) < len(radii) * 3 + 2, out[-2000:]
 
     p = _run(["sweep", str(spec)], tmp_path)
@@ -205,8 +242,9 @@ def backbone_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("backbone")
     torch.manual_seed(0)
-    record = ExportedModel(kind="backbone", method="panda", model=ModelSpec(size="tiny", center_events=True),
-                           preprocess=PreprocessConfig())
+    record = ExportedModel(
+        kind="backbone", method="panda", model=ModelSpec(size="tiny", center_events=True), preprocess=PreprocessConfig()
+    )
     save_export(resolve(str(d)), PTv3(preset("tiny")).state_dict(), record)
     return d
 
@@ -217,15 +255,36 @@ def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_d
     from raysvc.data.pipeline import prepare
     from raysvc.data.shards import load_manifest
 
-    spec = {"kind": "finetune", "name": "fractions-test", "storage": str(tmp_path / "sweeps"),
-            "job": str(ROOT / "jobs" / "semseg-tiny.yaml"), "init": str(backbone_dir), "wandb_mode": "offline",
-            "set": [f"data.uri={sweep_data / 'train'}", f"val_data.uri={sweep_data / 'val'}", "train.steps=2",
-                    "train.batch_events=2", "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1",
-                    "scaling.workers=1", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
-                    "data.read_cpus=0.25", "val_data.read_cpus=0.25", "run.max_failures=0", "run.wandb_mode=offline",
-                    "data.preprocess.min_points=64", "val_data.preprocess.min_points=64"],  # keep all 4 events
-            "events": [4, None], "modes": ["lin", "fft", "scratch"], "subset_seed": 3,
-            "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 0.01}}  # fmt: skip
+    spec = {
+        "kind": "finetune",
+        "name": "fractions-test",
+        "storage": str(tmp_path / "sweeps"),
+        "job": str(ROOT / "jobs" / "semseg-tiny.yaml"),
+        "init": str(backbone_dir),
+        "wandb_mode": "offline",
+        "set": [
+            f"data.uri={sweep_data / 'train'}",
+            f"val_data.uri={sweep_data / 'val'}",
+            "train.steps=2",
+            "train.batch_events=2",
+            "train.val_every=2",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "scaling.workers=1",
+            "scaling.cpus_per_worker=0.5",
+            "scaling.torch_threads=1",
+            "data.read_cpus=0.25",
+            "val_data.read_cpus=0.25",
+            "run.max_failures=0",
+            "run.wandb_mode=offline",
+            "data.preprocess.min_points=64",
+            "val_data.preprocess.min_points=64",
+        ],  # keep all 4 events
+        "events": [4, None],
+        "modes": ["lin", "fft", "scratch"],
+        "subset_seed": 3,
+        "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 0.01},
+    }
     path = tmp_path / "fractions.yaml"
     path.write_text(yaml.safe_dump(spec))
     p = _run(["sweep", str(path)], tmp_path, timeout=900)
@@ -244,8 +303,11 @@ def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_d
     chosen = prepare(DataConfig(uri=str(sweep_data / "train"), subset_events=4, subset_seed=3)).keep_ids
     import pyarrow.parquet as pq
 
-    ids = np.sort(np.concatenate([pq.read_table(f, columns=["event_id"]).column(0).to_numpy()
-                                  for f in sorted(sub.glob("*.parquet"))]))  # fmt: skip
+    ids = np.sort(
+        np.concatenate(
+            [pq.read_table(f, columns=["event_id"]).column(0).to_numpy() for f in sorted(sub.glob("*.parquet"))]
+        )
+    )
     assert ids.tolist() == chosen.tolist() and load_manifest(resolve(str(sub))).events == 4
     # each trial is its own Train run in the sweep's directory, in the mode it names
     for mode, ev in (("lin", "4"), ("fft", "all"), ("scratch", "all")):

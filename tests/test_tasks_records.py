@@ -71,8 +71,12 @@ def test_record_round_trip_rebuilds_the_same_network(tmp_path):
     loc = resolve(str(tmp_path / "m"))
     export_seeded_segmenter(loc, seed=5)
     state, record = load_export(loc)
-    assert (record.format_version, record.kind, record.method, record.detector) == (1, "segmenter", "segmentation",
-                                                                                     "lartpc")  # fmt: skip
+    assert (record.format_version, record.kind, record.method, record.detector) == (
+        1,
+        "segmenter",
+        "segmentation",
+        "lartpc",
+    )
     assert record.class_names == list(LARTPC.class_names) and record.weights_name == "model.safetensors"
     torch.manual_seed(5)
     again = SegModel(preset("tiny"), len(LARTPC.class_names), "dec").state_dict()
@@ -85,21 +89,55 @@ def test_unversioned_exports_still_read(tmp_path):
     """config.json as exports wrote it before the record was versioned: a fine-tuned model and a Panda backbone."""
     seg = tmp_path / "seg"
     export_seeded_segmenter(resolve(str(seg)), seed=0)
-    (seg / "config.json").write_text(json.dumps({
-        "model": {"size": "tiny", "overrides": {}, "head": "dec", "mode": "scratch", "init": None, "grid_voxels": 1.0,
-                  "center_events": False}, "num_classes": 5, "class_names": list(LARTPC.class_names),
-        "preprocess": PreprocessConfig().model_dump(mode="json"), "step": 7}))  # fmt: skip
+    (seg / "config.json").write_text(
+        json.dumps(
+            {
+                "model": {
+                    "size": "tiny",
+                    "overrides": {},
+                    "head": "dec",
+                    "mode": "scratch",
+                    "init": None,
+                    "grid_voxels": 1.0,
+                    "center_events": False,
+                },
+                "num_classes": 5,
+                "class_names": list(LARTPC.class_names),
+                "preprocess": PreprocessConfig().model_dump(mode="json"),
+                "step": 7,
+            }
+        )
+    )
     _, rec = load_export(resolve(str(seg)))
-    assert (rec.kind, rec.method, rec.detector, rec.step, rec.num_classes) == ("segmenter", "segmentation", "lartpc",
-                                                                               7, 5)  # fmt: skip
+    assert (rec.kind, rec.method, rec.detector, rec.step, rec.num_classes) == (
+        "segmenter",
+        "segmentation",
+        "lartpc",
+        7,
+        5,
+    )
     bb = tmp_path / "bb"
-    save_export(resolve(str(bb)), {"w": torch.zeros(1)}, ExportedModel(
-        kind="backbone", method="panda", model=ModelSpec(), preprocess=PreprocessConfig()))  # fmt: skip
-    (bb / "config.json").write_text(json.dumps({"kind": "panda-backbone", "model": {
-        "size": "tiny", "overrides": {}, "grid_voxels": 1.0, "center_events": True}, "step": 3}))  # fmt: skip
+    save_export(
+        resolve(str(bb)),
+        {"w": torch.zeros(1)},
+        ExportedModel(kind="backbone", method="panda", model=ModelSpec(), preprocess=PreprocessConfig()),
+    )
+    (bb / "config.json").write_text(
+        json.dumps(
+            {
+                "kind": "panda-backbone",
+                "model": {"size": "tiny", "overrides": {}, "grid_voxels": 1.0, "center_events": True},
+                "step": 3,
+            }
+        )
+    )
     _, rec = load_export(resolve(str(bb)))
-    assert (rec.kind, rec.method, rec.model.center_events, rec.weights_name) == ("backbone", "panda", True,
-                                                                                  "backbone.safetensors")  # fmt: skip
+    assert (rec.kind, rec.method, rec.model.center_events, rec.weights_name) == (
+        "backbone",
+        "panda",
+        True,
+        "backbone.safetensors",
+    )
     with pytest.raises(ValueError, match="no segmentation head"):
         rec.build()
 
@@ -132,10 +170,18 @@ def test_models_and_datasets_of_another_detector_are_refused(tmp_path, events, t
         evaluate_dataset(loc, resolve(str(events)), log=lambda m: None)
     # fine-tuning a LArTPC dataset from a "toy" backbone: refused on the driver, before any worker starts
     backbone = resolve(str(tmp_path / "toy-backbone"))
-    save_export(backbone, {}, ExportedModel(kind="backbone", method="panda", detector="toy", model=ModelSpec(),
-                                            preprocess=PreprocessConfig()))  # fmt: skip
-    cfg = load_config(FinetuneConfig, str(JOBS / "semseg-tiny.yaml"), [
-        f"data.uri={events}", f"val_data.uri={events}", f"model.init={tmp_path / 'toy-backbone'}", "model.mode=fft"])
+    save_export(
+        backbone,
+        {},
+        ExportedModel(
+            kind="backbone", method="panda", detector="toy", model=ModelSpec(), preprocess=PreprocessConfig()
+        ),
+    )
+    cfg = load_config(
+        FinetuneConfig,
+        str(JOBS / "semseg-tiny.yaml"),
+        [f"data.uri={events}", f"val_data.uri={events}", f"model.init={tmp_path / 'toy-backbone'}", "model.mode=fft"],
+    )
     with pytest.raises(ValueError, match="was trained on toy events, the data holds lartpc events"):
         SegmentationTask.prepare(cfg, log=lambda m: None)
 

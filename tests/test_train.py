@@ -37,11 +37,24 @@ def seg_data(tmp_path_factory):
 
 
 def _cfg(seg_data, tmp_path, name: str, **train) -> FinetuneConfig:
-    sets = [f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}",
-            f"run.name={name}", "scaling.workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
-            "train.steps=6", "train.val_every=3", "train.checkpoint_every=2", "train.log_every=2",
-            "train.batch_events=2", "run.max_failures=0", "run.wandb_mode=offline", "data.read_cpus=0.25",
-            "val_data.read_cpus=0.25"] + [f"train.{k}={v}" for k, v in train.items()]  # fmt: skip
+    sets = [
+        f"data.uri={seg_data / 'train'}",
+        f"val_data.uri={seg_data / 'val'}",
+        f"run.storage={tmp_path}",
+        f"run.name={name}",
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "scaling.torch_threads=1",
+        "train.steps=6",
+        "train.val_every=3",
+        "train.checkpoint_every=2",
+        "train.log_every=2",
+        "train.batch_events=2",
+        "run.max_failures=0",
+        "run.wandb_mode=offline",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+    ] + [f"train.{k}={v}" for k, v in train.items()]
     return load_config(FinetuneConfig, JOB, sets)
 
 
@@ -55,8 +68,13 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}  # a Ray start would create this
 
     def fails(*sets, extra_env=None):
-        p = subprocess.run([RAYSVC, "finetune", JOB, *[a for s in sets for a in ("--set", s)]], capture_output=True,
-                           text=True, env={**env, **(extra_env or {})}, timeout=120)  # fmt: skip
+        p = subprocess.run(
+            [RAYSVC, "finetune", JOB, *[a for s in sets for a in ("--set", s)]],
+            capture_output=True,
+            text=True,
+            env={**env, **(extra_env or {})},
+            timeout=120,
+        )
         assert p.returncode == 2, p.stderr
         return p.stderr
 
@@ -66,9 +84,16 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
     assert "scaling.workers" in fails(*good, "scaling.workers=3")  # batch not divisible by workers
     missing = fails(f"data.uri={tmp_path / 'nowhere'}", f"val_data.uri={seg_data / 'val'}")
     assert "nowhere" in missing and "not found" in missing
-    unreachable = fails("data.uri=s3://raysvc-none/train", f"val_data.uri={seg_data / 'val'}",
-                        extra_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
-                                   "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
+    unreachable = fails(
+        "data.uri=s3://raysvc-none/train",
+        f"val_data.uri={seg_data / 'val'}",
+        extra_env={
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "y",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+    )
     assert "s3://raysvc-none/train" in unreachable
     assert not (tmp_path / "ray").exists()
 
@@ -101,8 +126,7 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     with torch.no_grad():
         for batch in DirectStream(DataConfig(uri=str(seg_data / "val"))).iter_packed(4):
             x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
-            cm.update(model(x["feat"], x["coord"], x["grid_coord"], x["offset"]).argmax(1)[x["inverse"]],
-                      x["labels"])  # fmt: skip
+            cm.update(model(x["feat"], x["coord"], x["grid_coord"], x["offset"]).argmax(1)[x["inverse"]], x["labels"])
     offline = compute(cm.matrix, CLASS_NAMES)
     assert offline["confusion"] == summary["val"]["confusion"]
     assert offline["miou"] == pytest.approx(summary["val"]["miou"])
@@ -110,8 +134,23 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     # raysvc predict: every input point gets a class (-1 below the energy threshold), in the input's order; over
     # the events that pass the training cuts it agrees with the metrics above
     out = tmp_path / "preds"
-    p = subprocess.run([RAYSVC, "predict", "--model", str(run), "--data", str(seg_data / "val"), "--out", str(out),
-                        "--batch-events", "5"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            RAYSVC,
+            "predict",
+            "--model",
+            str(run),
+            "--data",
+            str(seg_data / "val"),
+            "--out",
+            str(out),
+            "--batch-events",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -131,13 +170,29 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     event_of_point = np.repeat(np.arange(inputs.num_rows), counts)
     kept_per_event = np.bincount(event_of_point, weights=energy > pre.energy_threshold, minlength=inputs.num_rows)
     mask = (energy > pre.energy_threshold) & (kept_per_event[event_of_point] >= pre.min_points)
-    again = ConfusionMatrix(len(CLASS_NAMES)).update(torch.from_numpy(pred[mask].astype(np.int64)),
-                                                     torch.from_numpy(sem[mask].astype(np.int64)))  # fmt: skip
+    again = ConfusionMatrix(len(CLASS_NAMES)).update(
+        torch.from_numpy(pred[mask].astype(np.int64)), torch.from_numpy(sem[mask].astype(np.int64))
+    )
     assert again.matrix.tolist() == summary["val"]["confusion"]
 
     # raysvc evaluate: the same events, the same confusion as the run's own validation, and the cut counted
-    p = subprocess.run([RAYSVC, "evaluate", "--model", str(run), "--data", str(seg_data / "val"), "--batch-events",
-                        "3", "--out", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            RAYSVC,
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(seg_data / "val"),
+            "--batch-events",
+            "3",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["confusion"] == summary["val"]["confusion"] and ev["miou"] == pytest.approx(summary["val"]["miou"])
@@ -145,8 +200,12 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     assert ev["events"]["events_read"] == inputs.num_rows and ev["events"]["events_out"] == scored
     assert ev["events"]["cut_min_points"] == inputs.num_rows - scored
     if not torch.cuda.is_available():  # asking for a GPU that is not there is an error naming the device
-        p = subprocess.run([RAYSVC, "evaluate", "--model", str(run), "--data", str(seg_data / "val"), "--device",
-                            "cuda"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        p = subprocess.run(
+            [RAYSVC, "evaluate", "--model", str(run), "--data", str(seg_data / "val"), "--device", "cuda"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode != 0 and "device 'cuda'" in p.stderr and "sees no CUDA device" in p.stderr, p.stderr
 
 
@@ -188,15 +247,24 @@ def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, t
     from raysvc.train.optim import param_groups
     from raysvc.train.tasks.segmentation import build_model, train_step
 
-    cfg = load_config(FinetuneConfig, JOB, [
-        f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}",
-        "model.mode=fft", f"model.init={tmp_path}", "train.encoder_frozen_steps=1", "train.backbone_lr_scale=1.0"])
+    cfg = load_config(
+        FinetuneConfig,
+        JOB,
+        [
+            f"data.uri={seg_data / 'train'}",
+            f"val_data.uri={seg_data / 'val'}",
+            f"run.storage={tmp_path}",
+            "model.mode=fft",
+            f"model.init={tmp_path}",
+            "train.encoder_frozen_steps=1",
+            "train.backbone_lr_scale=1.0",
+        ],
+    )
     torch.manual_seed(0)
     init = SegModel(preset("tiny"), len(CLASS_NAMES)).state_dict()
     model = build_model(cfg, len(CLASS_NAMES), init)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, model.backbone.cfg.depths, 1e-2, cfg.train.layer_decay, 0.5),
-                            lr=1e-2)  # fmt: skip
+    opt = torch.optim.AdamW(param_groups(model, model.backbone.cfg.depths, 1e-2, cfg.train.layer_decay, 0.5), lr=1e-2)
     encoder = list(model.backbone.parameters())
     batch = next(DirectStream(DataConfig(uri=str(seg_data / "train"))).iter_packed(2))
     before = {k: v.clone() for k, v in model.state_dict().items()}

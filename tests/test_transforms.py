@@ -25,18 +25,22 @@ def reference(events, cfg: PreprocessConfig):
             continue
         e = ev["energy"][keep].astype(np.float64)
         m, emax = 0.01, 20.0
-        out.append({
-            "event_id": ev["event_id"],
-            "coord": (ev["coord"][keep] - 384.0) / (768 * math.sqrt(3) / 2),
-            "energy": 2 * (np.log10(e + m) - np.log10(m)) / (np.log10(emax + m) - np.log10(m)) - 1,
-            "semantic": ev["semantic"][keep], "particle": ev["particle"][keep],
-        })  # fmt: skip
+        out.append(
+            {
+                "event_id": ev["event_id"],
+                "coord": (ev["coord"][keep] - 384.0) / (768 * math.sqrt(3) / 2),
+                "energy": 2 * (np.log10(e + m) - np.log10(m)) / (np.log10(emax + m) - np.log10(m)) - 1,
+                "semantic": ev["semantic"][keep],
+                "particle": ev["particle"][keep],
+            }
+        )
     return out
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), min_points=st.integers(1, 60), remove_led=st.booleans(),
-       threshold=st.floats(0.0, 3.0))  # fmt: skip
+@given(
+    seed=st.integers(0, 10_000), min_points=st.integers(1, 60), remove_led=st.booleans(), threshold=st.floats(0.0, 3.0)
+)
 def test_matches_reference(seed, min_points, remove_led, threshold):
     rng = np.random.default_rng(seed)
     events = [make_event(i, int(rng.integers(0, 120)) or 1, rng) for i in range(6)]
@@ -95,8 +99,9 @@ def test_skip_policy_whole_batch_on_schema_problem():
 def test_subset_filter_counted():
     rng = np.random.default_rng(0)
     events = [make_event(i, 30, rng) for i in range(5)]
-    out, counts = preprocess_table(table_from_events(events, "t"), PreprocessConfig(min_points=1), "s",
-                                   keep_ids=np.array([1, 3]))  # fmt: skip
+    out, counts = preprocess_table(
+        table_from_events(events, "t"), PreprocessConfig(min_points=1), "s", keep_ids=np.array([1, 3])
+    )
     assert out.column("event_id").to_pylist() == [1, 3] and counts["selected_out"] == 3
 
 

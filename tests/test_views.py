@@ -40,8 +40,9 @@ def event():
 def brute_cells(aug: np.ndarray, origin: np.ndarray, energy: np.ndarray, grid: float) -> dict:
     """Reference grid sampling with a Python dict: cell -> (mean coord, mean origin, mean energy)."""
     cells: dict[tuple, list] = {}
-    for g, a, o, e in zip(map(tuple, np.floor((aug - aug.min(0)) / grid).astype(int)), aug, origin, energy,
-                          strict=True):  # fmt: skip
+    for g, a, o, e in zip(
+        map(tuple, np.floor((aug - aug.min(0)) / grid).astype(int)), aug, origin, energy, strict=True
+    ):
         cells.setdefault(g, []).append((a, o, e))
     return {g: tuple(np.mean([m[i] for m in ms], 0) for i in range(3)) for g, ms in cells.items()}
 
@@ -200,16 +201,25 @@ def test_matched_pairs_between_views(event):
 
 
 def table_of(events: list[tuple[np.ndarray, np.ndarray]], ids: list[int]):
-    return table_from_events([
-        {"event_id": i, "coord": c, "energy": e, **{k: np.zeros(len(e), np.int32) for k in
-                                                     ("semantic", "pid", "particle", "interaction", "fragment")}}
-        for i, (c, e) in zip(ids, events, strict=True)
-    ], source="test")  # fmt: skip
+    return table_from_events(
+        [
+            {
+                "event_id": i,
+                "coord": c,
+                "energy": e,
+                **{k: np.zeros(len(e), np.int32) for k in ("semantic", "pid", "particle", "interaction", "fragment")},
+            }
+            for i, (c, e) in zip(ids, events, strict=True)
+        ],
+        source="test",
+    )
 
 
 def same(a: View, b: View) -> bool:
-    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("coord", "origin", "energy", "grid_coord",
-                                                                       "index", "center"))  # fmt: skip
+    return all(
+        np.array_equal(getattr(a, f), getattr(b, f))
+        for f in ("coord", "origin", "energy", "grid_coord", "index", "center")
+    )
 
 
 def test_determinism_and_order_independence():
@@ -250,8 +260,15 @@ def test_collate_views_packing():
     assert collate_views(no_local)["local"] is None
 
 
-@pytest.mark.parametrize("field,value", [("global_scale", (0.0, 0.5)), ("global_scale", (0.5, 1.2)),
-                                         ("local_scale", (0.4, 0.1)), ("local_scale", (-0.1, 0.2))])  # fmt: skip
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("global_scale", (0.0, 0.5)),
+        ("global_scale", (0.5, 1.2)),
+        ("local_scale", (0.4, 0.1)),
+        ("local_scale", (-0.1, 0.2)),
+    ],
+)
 def test_config_rejects_bad_scales(field, value):
     with pytest.raises(ValidationError, match=field):
         ViewConfig(**{field: value})

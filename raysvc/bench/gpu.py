@@ -82,9 +82,11 @@ def check_sparse_conv(device: torch.device, seed: int = 0, side: int = 20, cin: 
         y_dense = F.conv3d(dense, w.permute(0, 4, 1, 2, 3), conv.bias.detach(), padding=1)
         at = y_dense[b_d, :, grid_d[:, 0], grid_d[:, 1], grid_d[:, 2]]
         (at * up).sum().backward()
-        out.update(out_err=_err(y_ours, at), grad_feat_err=_err(f.grad, dense.grad[b_d, :, grid_d[:, 0], grid_d[:, 1],
-                                                                                    grid_d[:, 2]]),
-                   grad_weight_err=_err(conv.weight.grad, w.grad))  # fmt: skip
+        out.update(
+            out_err=_err(y_ours, at),
+            grad_feat_err=_err(f.grad, dense.grad[b_d, :, grid_d[:, 0], grid_d[:, 1], grid_d[:, 2]]),
+            grad_weight_err=_err(conv.weight.grad, w.grad),
+        )
         if device.type == "cuda" and spconv_backend.cuda_available():
             y_sp = spconv_backend.subm_conv3d(f.detach(), grid_d, b_d, conv.weight.detach(), conv.bias.detach())
             out["spconv_out_err"] = _err(y_sp, y_ours)
@@ -100,8 +102,12 @@ def check_neighbours_and_codes(device: torch.device, seed: int = 0) -> dict:
     idx_dev, _ = knn(pts.to(device), offset.to(device), pts.to(device), offset.to(device), 16)
     grid = pts.long()
     batch = torch.repeat_interleave(torch.arange(2), counts)
-    codes = {order: bool(torch.equal(encode(grid.to(device), batch.to(device), 8, order).cpu(),
-                                     encode(grid, batch, 8, order))) for order in ("z", "hilbert")}  # fmt: skip
+    codes = {
+        order: bool(
+            torch.equal(encode(grid.to(device), batch.to(device), 8, order).cpu(), encode(grid, batch, 8, order))
+        )
+        for order in ("z", "hilbert")
+    }
     return {"knn_equals_cpu": bool(torch.equal(idx_dev.cpu(), idx_cpu)), "codes_equal_cpu": codes}
 
 
@@ -138,8 +144,11 @@ def check_model(cfg, batch: dict, device: torch.device) -> dict:
     dev_model = copy.deepcopy(model).to(device)
     with _exact_fp32():
         fp32 = logits(dev_model, device)
-    out = {"points": len(ref), "fp32_logits_err": _err(fp32, ref),
-           "fp32_argmax_agree": float((fp32.argmax(1).cpu() == ref.argmax(1)).float().mean())}  # fmt: skip
+    out = {
+        "points": len(ref),
+        "fp32_logits_err": _err(fp32, ref),
+        "fp32_argmax_agree": float((fp32.argmax(1).cpu() == ref.argmax(1)).float().mean()),
+    }
     if device.type == "cuda":
         bf16 = logits(dev_model, device, bf16=True)
         out["bf16_argmax_agree_fp32"] = float((bf16.argmax(1) == fp32.argmax(1)).float().mean())
@@ -175,7 +184,10 @@ def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int
             torch.cuda.reset_peak_memory_stats(dev)
         out[f"{name}_step_s"] = _median_step(
             lambda i: train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, dev),  # noqa: B023
-            steps, warmup, dev)  # fmt: skip
+            steps,
+            warmup,
+            dev,
+        )
         if dev.type == "cuda":
             out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     for name in ("device_fp32", "device_bf16"):
@@ -194,13 +206,18 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
     from raysvc.storage import resolve
     from raysvc.train.tasks.panda import PretrainConfig
 
-    cfg = load_config(PretrainConfig, str(PRETRAIN_JOB), [f"data.uri={data / 'train'}", "probe_data=null",
-                                                           f"train.steps={steps + warmup}"])  # fmt: skip
+    cfg = load_config(
+        PretrainConfig,
+        str(PRETRAIN_JOB),
+        [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps + warmup}"],
+    )
     loc = resolve(str(data / "train"))
     manifest = load_manifest(loc)
     table, _, _ = read_preprocessed(loc, manifest.shards[0], cfg.data.preprocess, None, True, manifest.detector_spec)
-    batches = [collate_views(table_views(table.slice(i * batch_events, batch_events), cfg.views, seed=0, epoch=0))
-               for i in range(max(1, min(4, table.num_rows // batch_events)))]  # fmt: skip
+    batches = [
+        collate_views(table_views(table.slice(i * batch_events, batch_events), cfg.views, seed=0, epoch=0))
+        for i in range(max(1, min(4, table.num_rows // batch_events)))
+    ]
     out: dict = {"events_per_step": batch_events}
     for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
         step, losses = _panda_stepper(cfg, batches, dev)
@@ -236,11 +253,23 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     return step, losses
 
 
-def run_gpu_bench(device: str = "cuda", events: int = 24, steps: int = 10, warmup: int = 2, batch: int = 4,
-                  sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
+def run_gpu_bench(
+    device: str = "cuda",
+    events: int = 24,
+    steps: int = 10,
+    warmup: int = 2,
+    batch: int = 4,
+    sizes: tuple[str, ...] = ("tiny", "small"),
+    log=print,
+) -> dict:
     dev = usable_device(device)
-    env = {"torch": torch.__version__, "device": device, "cpu_threads": torch.get_num_threads(),
-           "spconv_cuda": spconv_backend.cuda_available(), "flash_attn": _flash_available()}  # fmt: skip
+    env = {
+        "torch": torch.__version__,
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+        "spconv_cuda": spconv_backend.cuda_available(),
+        "flash_attn": _flash_available(),
+    }
     if dev.type == "cuda":
         env.update(name=torch.cuda.get_device_name(dev), cuda=torch.version.cuda)
     out: dict = {"env": env, "settings": {"events": events, "steps": steps, "warmup": warmup, "batch_events": batch}}
@@ -269,13 +298,22 @@ def run_gpu_bench(device: str = "cuda", events: int = 24, steps: int = 10, warmu
 # What each check must reach. fp32 runs without TF32, so it should agree with its reference to float rounding; bf16
 # keeps 8 mantissa bits, so ~1 % error and a few flipped argmaxes at class boundaries are expected.
 LIMITS = {
-    ("sparse_conv", "out_err"): 1e-4, ("sparse_conv", "grad_feat_err"): 1e-4, ("sparse_conv", "grad_weight_err"): 1e-4,
-    ("sparse_conv", "spconv_out_err"): 1e-4, ("attention", "sdpa_fp32_err"): 1e-4,
-    ("attention", "sdpa_bf16_err"): 3e-2, ("attention", "flash_bf16_err"): 3e-2, ("model", "fp32_logits_err"): 1e-3,
-}  # fmt: skip
+    ("sparse_conv", "out_err"): 1e-4,
+    ("sparse_conv", "grad_feat_err"): 1e-4,
+    ("sparse_conv", "grad_weight_err"): 1e-4,
+    ("sparse_conv", "spconv_out_err"): 1e-4,
+    ("attention", "sdpa_fp32_err"): 1e-4,
+    ("attention", "sdpa_bf16_err"): 3e-2,
+    ("attention", "flash_bf16_err"): 3e-2,
+    ("model", "fp32_logits_err"): 1e-3,
+}
 AT_LEAST = {("model", "fp32_argmax_agree"): 0.999, ("model", "bf16_argmax_agree_fp32"): 0.95}
-MUST_BE_TRUE = [("sparse_conv", "kernel_map_equals_cpu"), ("neighbours", "knn_equals_cpu"),
-                ("panda_tiny", "cpu_losses_finite"), ("panda_tiny", "device_losses_finite")]  # fmt: skip
+MUST_BE_TRUE = [
+    ("sparse_conv", "kernel_map_equals_cpu"),
+    ("neighbours", "knn_equals_cpu"),
+    ("panda_tiny", "cpu_losses_finite"),
+    ("panda_tiny", "device_losses_finite"),
+]
 
 
 def verdicts(result: dict) -> dict[str, bool]:

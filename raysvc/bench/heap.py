@@ -50,8 +50,13 @@ def jemalloc_path() -> str | None:
 
 def variants() -> dict[str, tuple[dict, int]]:
     """name -> (environment of the fresh process, trim every K steps or 0)."""
-    out = {"glibc": ({}, 0), "trim-1": ({}, 1), "trim-10": ({}, 10), "arena-2": ({"MALLOC_ARENA_MAX": "2"}, 0),
-           "mmap-256k": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144"}, 0)}  # fmt: skip
+    out = {
+        "glibc": ({}, 0),
+        "trim-1": ({}, 1),
+        "trim-10": ({}, 10),
+        "arena-2": ({"MALLOC_ARENA_MAX": "2"}, 0),
+        "mmap-256k": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144"}, 0),
+    }
     lib = jemalloc_path()
     if lib:
         out["jemalloc"] = ({"LD_PRELOAD": lib}, 0)
@@ -67,8 +72,9 @@ def _segmentation_stepper(data: Path, steps: int, batch: int, threads: int) -> t
     seed_everything(cfg.train.seed * 1000)  # as rank 0 of a Train run: every variant draws the same numbers
     model, params, opt, loss_fn = plain_training(cfg)
     batches = first_batches(cfg, steps)
-    return (lambda i: float(train_step(model, params, opt, loss_fn, batches[i % len(batches)], cfg,
-                                       torch.device("cpu")))), len(batches)  # fmt: skip
+    return (
+        lambda i: float(train_step(model, params, opt, loss_fn, batches[i % len(batches)], cfg, torch.device("cpu")))
+    ), len(batches)
 
 
 def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
@@ -85,8 +91,10 @@ def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Ca
     cfg = load_config(PretrainConfig, str(PRETRAIN_JOB), sets)
     loc = resolve(str(data / "train"))
     manifest = load_manifest(loc)
-    tables = [read_preprocessed(loc, rec, cfg.data.preprocess, None, True, manifest.detector_spec)[0]
-              for rec in manifest.shards]  # fmt: skip
+    tables = [
+        read_preprocessed(loc, rec, cfg.data.preprocess, None, True, manifest.detector_spec)[0]
+        for rec in manifest.shards
+    ]
     events = [ev for t in tables for ev in table_views(t, cfg.views, seed=0, epoch=0)]
     batches = [collate_views(events[i : i + batch]) for i in range(0, len(events) - batch + 1, batch)]
     step, losses = stepper(cfg, batches, torch.device("cpu"))
@@ -111,23 +119,45 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
             heap.trim()
         times.append(time.perf_counter() - t0)  # the trim is part of the step's cost
         private.append(heap.private_mb())
-    return {"step_s": statistics.median(times[warmup:]), "total_s": sum(times[warmup:]),
-            "private_mb_max": max(private), "private_mb_end": private[-1], "distinct_batches": n_batches,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}  # fmt: skip
+    return {
+        "step_s": statistics.median(times[warmup:]),
+        "total_s": sum(times[warmup:]),
+        "private_mb_max": max(private),
+        "private_mb_end": private[-1],
+        "distinct_batches": n_batches,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "losses": losses,
+    }
 
 
-def run_heap_bench(task: str = "panda", events: int = 40, steps: int = 40, batch: int = 4, threads: int = 1,
-                   warmup: int = 5, only: tuple[str, ...] | None = None, log=print) -> dict:  # fmt: skip
+def run_heap_bench(
+    task: str = "panda",
+    events: int = 40,
+    steps: int = 40,
+    batch: int = 4,
+    threads: int = 1,
+    warmup: int = 5,
+    only: tuple[str, ...] | None = None,
+    log=print,
+) -> dict:
     table = variants()
     names = list(only or table)
     unknown = [n for n in names if n not in table]
     if unknown or "glibc" not in names:
         raise ValueError(f"variants {names}: each one of {list(table)}, and glibc (the baseline) among them")
     names = ["glibc"] + [n for n in names if n != "glibc"]
-    out: dict = {"settings": {"task": task, "events": events, "steps": steps, "batch_events": batch,
-                              "threads": threads, "warmup_steps": warmup,
-                              "variants": {n: {"env": table[n][0], "trim_every": table[n][1]} for n in names}},
-                 "variants": {}}  # fmt: skip
+    out: dict = {
+        "settings": {
+            "task": task,
+            "events": events,
+            "steps": steps,
+            "batch_events": batch,
+            "threads": threads,
+            "warmup_steps": warmup,
+            "variants": {n: {"env": table[n][0], "trim_every": table[n][1]} for n in names},
+        },
+        "variants": {},
+    }
     spawn = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

@@ -27,8 +27,14 @@ def _consume(batches) -> tuple[int, int]:
     return events, points
 
 
-def run_ingest_bench(events: int = 1000, uri: str | None = None, batch_events: int = 8, repeats: int = 3,
-                     shard_events: int = 100, seed: int = 0) -> dict:  # fmt: skip
+def run_ingest_bench(
+    events: int = 1000,
+    uri: str | None = None,
+    batch_events: int = 8,
+    repeats: int = 3,
+    shard_events: int = 100,
+    seed: int = 0,
+) -> dict:
     import ray
 
     from raysvc.data.synthetic import generate_dataset
@@ -42,8 +48,14 @@ def run_ingest_bench(events: int = 1000, uri: str | None = None, batch_events: i
             for k, v in server.env().items():
                 os.environ[k] = v
             uri = "s3://bench/events"
-            generate_dataset(resolve(uri, S3Options(endpoint_url=server.endpoint)), events, seed, shard_events,
-                             workers=os.cpu_count() or 1, show_progress=False)  # fmt: skip
+            generate_dataset(
+                resolve(uri, S3Options(endpoint_url=server.endpoint)),
+                events,
+                seed,
+                shard_events,
+                workers=os.cpu_count() or 1,
+                show_progress=False,
+            )
             store = "seaweedfs (local, 127.0.0.1)"
         cfg = DataConfig(uri=uri, batch_events=batch_events)
         prepared = prepare(cfg)

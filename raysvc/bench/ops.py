@@ -73,8 +73,10 @@ def bench_grouping(evs: list[np.ndarray], radius: float, overlap: float, max_poi
         idx, off = fps(coord, offset, counts)
         knn(coord[idx], off, coord, offset, max_points)
 
-    t = {name: _best(fn, repeats) for name, fn in [("cnms_ball", cnms_ball), ("fps_ball", fps_ball),
-                                                    ("fps_knn", fps_knn)]}  # fmt: skip
+    t = {
+        name: _best(fn, repeats)
+        for name, fn in [("cnms_ball", cnms_ball), ("fps_ball", fps_ball), ("fps_knn", fps_knn)]
+    }
     cov = {
         "cnms_ball": coverage(len(coord), res.groups),
         "fps_ball": coverage(len(coord), ball_query(coord[centres], c_off, coord, offset, radius, max_points)),
@@ -144,9 +146,18 @@ def bench_sparse_conv(evs: list[np.ndarray], channels: int, repeats: int) -> dic
     return out
 
 
-def run_ops_bench(events: int = 48, seed: int = 0, radius: float = 5.0, overlap: float = 0.73, max_points: int = 32,
-                  serial_points: int = 2_000_000, conv_events: int = 8, channels: int = 32, repeats: int = 3,
-                  progress: Callable[[str], None] = print) -> dict:  # fmt: skip
+def run_ops_bench(
+    events: int = 48,
+    seed: int = 0,
+    radius: float = 5.0,
+    overlap: float = 0.73,
+    max_points: int = 32,
+    serial_points: int = 2_000_000,
+    conv_events: int = 8,
+    channels: int = 32,
+    repeats: int = 3,
+    progress: Callable[[str], None] = print,
+) -> dict:
     """All three parts on one thread; returns the JSON-ready result with the interface keys at the top level."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -169,9 +180,16 @@ def run_ops_bench(events: int = 48, seed: int = 0, radius: float = 5.0, overlap:
         "cnms_vs_fps_ball": grouping["cnms_vs_fps_ball"],
         "hilbert_mpts_per_s": serial["hilbert_mpts_per_s"],
         "z_mpts_per_s": serial["z_mpts_per_s"],
-        "settings": {"events": events, "seed": seed, "radius": radius, "overlap": overlap, "max_points": max_points,
-                     "threads": 1, "points_per_event_mean": float(pts.mean()),
-                     "points_per_event_median": float(np.median(pts))},  # fmt: skip
+        "settings": {
+            "events": events,
+            "seed": seed,
+            "radius": radius,
+            "overlap": overlap,
+            "max_points": max_points,
+            "threads": 1,
+            "points_per_event_mean": float(pts.mean()),
+            "points_per_event_median": float(np.median(pts)),
+        },
         "grouping": grouping,
         "serialization": serial,
         "sparse_conv": conv,

@@ -78,9 +78,14 @@ def load(url: str, token: str, bodies: list[bytes], requests_n: int, concurrency
     wall = time.perf_counter() - t0
     ok = [(dt * 1e3, tm) for dt, st, tm in results if st == 200]
     lat = [ms for ms, _ in ok]
-    out = {"requests": requests_n, "concurrency": concurrency, "errors": sum(st != 200 for _, st, _ in results),
-           "p50_ms": _pct(lat, 50) if lat else None, "p99_ms": _pct(lat, 99) if lat else None,
-           "throughput_rps": len(lat) / wall}  # fmt: skip
+    out = {
+        "requests": requests_n,
+        "concurrency": concurrency,
+        "errors": sum(st != 200 for _, st, _ in results),
+        "p50_ms": _pct(lat, 50) if lat else None,
+        "p99_ms": _pct(lat, 99) if lat else None,
+        "throughput_rps": len(lat) / wall,
+    }
     if ok:  # where the time goes: inside the replica's route (parse+checks, batch wait+forward) and outside it
         out["replica_p50_ms"] = {k: _pct([tm[k] for _, tm in ok], 50) for k in ("receive", "parse", "infer", "total")}
         out["outside_replica_p50_ms"] = _pct([ms - tm["total"] for ms, tm in ok], 50)
@@ -102,9 +107,16 @@ def replica_pids(sid: int) -> list[int]:
     return sorted(out)
 
 
-def kill_replica_under_load(url: str, sid: int, token: str, bodies: list[bytes], requests_n: int = 200,
-                            concurrency: int = 8, kill_after: float = 0.3, answers: list | None = None,
-                            ) -> dict:  # fmt: skip
+def kill_replica_under_load(
+    url: str,
+    sid: int,
+    token: str,
+    bodies: list[bytes],
+    requests_n: int = 200,
+    concurrency: int = 8,
+    kill_after: float = 0.3,
+    answers: list | None = None,
+) -> dict:
     """`requests_n` requests at `concurrency`; once `kill_after` of them have answered, the replica gets SIGKILL (as
     the OOM killer or a lost node would do it). Reports the error budget: what failed and how (status, or -1 for a
     dropped connection), when, and how long until Serve answered again; with `answers` (the classes each body must
@@ -151,12 +163,20 @@ def kill_replica_under_load(url: str, sid: int, token: str, bodies: list[bytes],
     for _, _, st in failed:
         status_counts[str(st)] = status_counts.get(str(st), 0) + 1
     new = replica_pids(sid)
-    return {"requests": requests_n, "concurrency": concurrency, "killed_pid": victim, "replicas_after": new,
-            "restarted": bool(new) and victim not in new, "errors": len(failed), "wrong_answers": wrong,
-            "error_budget": len(failed) / requests_n, "status_counts": status_counts,
-            "errors_before_kill": sum(1 for t0, t1, _ in failed if t1 < tk),
-            "errors_started_after_recovery": sum(1 for t0, _, _ in failed if after and t0 > after[0]),
-            "recovery_s": (after[0] - tk) if after else None}  # fmt: skip
+    return {
+        "requests": requests_n,
+        "concurrency": concurrency,
+        "killed_pid": victim,
+        "replicas_after": new,
+        "restarted": bool(new) and victim not in new,
+        "errors": len(failed),
+        "wrong_answers": wrong,
+        "error_budget": len(failed) / requests_n,
+        "status_counts": status_counts,
+        "errors_before_kill": sum(1 for t0, t1, _ in failed if t1 < tk),
+        "errors_started_after_recovery": sum(1 for t0, _, _ in failed if after and t0 > after[0]),
+        "recovery_s": (after[0] - tk) if after else None,
+    }
 
 
 def floor_p50_ms(url: str, n: int = 200) -> float:
@@ -173,9 +193,16 @@ def floor_p50_ms(url: str, n: int = 200) -> float:
     return _pct(lat, 50)
 
 
-def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None, events: int = 16,
-                    max_points: int = 4000, threads: int = 1, model: str | None = None, log=print,
-                    kill_replica: bool = False) -> dict:  # fmt: skip
+def run_serve_bench(
+    requests_n: int = 200,
+    concurrency: list[int] | None = None,
+    events: int = 16,
+    max_points: int = 4000,
+    threads: int = 1,
+    model: str | None = None,
+    log=print,
+    kill_replica: bool = False,
+) -> dict:
     import json
 
     import torch
@@ -203,8 +230,13 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
                 t0 = time.perf_counter()
                 seg.predict_events([(p, e)])
                 inproc.append((time.perf_counter() - t0) * 1e3)
-        result = {"events": events, "points_per_event": statistics.mean(len(p) for p, _ in evs), "threads": threads,
-                  "in_process_p50_ms": _pct(inproc, 50), "endpoint": {}}  # fmt: skip
+        result = {
+            "events": events,
+            "points_per_event": statistics.mean(len(p) for p, _ in evs),
+            "threads": threads,
+            "in_process_p50_ms": _pct(inproc, 50),
+            "endpoint": {},
+        }
         log(f"[raysvc] in-process forward: p50 {result['in_process_p50_ms']:.1f} ms per event")
         token = secrets.token_hex(16)
         for batching in (True, False):
@@ -216,15 +248,19 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
                 runs = []
                 for c in concurrency:
                     r = load(srv.url, token, bodies, requests_n, c)
-                    log(f"[raysvc] {key}, concurrency {c}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-                        f"{r['throughput_rps']:.1f} req/s, {r['errors']} errors")  # fmt: skip
+                    log(
+                        f"[raysvc] {key}, concurrency {c}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                        f"{r['throughput_rps']:.1f} req/s, {r['errors']} errors"
+                    )
                     runs.append(r)
                 if batching and kill_replica:
                     c = max(concurrency)
                     k = kill_replica_under_load(srv.url, srv.proc.pid, token, bodies, requests_n, c)
-                    log(f"[raysvc] replica killed under load (concurrency {c}): {k['errors']} of {k['requests']} "
+                    log(
+                        f"[raysvc] replica killed under load (concurrency {c}): {k['errors']} of {k['requests']} "
                         f"requests failed ({k['status_counts']}), answering again after {k['recovery_s']:.1f} s, "
-                        f"replica restarted: {k['restarted']}")  # fmt: skip
+                        f"replica restarted: {k['restarted']}"
+                    )
                     result["replica_kill"] = k
             result["endpoint"][key] = runs
     on, off = result["endpoint"]["batching"], result["endpoint"]["no_batching"]
@@ -232,12 +268,15 @@ def run_serve_bench(requests_n: int = 200, concurrency: list[int] | None = None,
     result["overhead_p50_ms"] = c1["p50_ms"] - result["in_process_p50_ms"]
     # The overhead split (medians, so only roughly additive): HTTP + proxy + Ray hops + response encoding outside
     # the route; request parsing and checks inside it; and the replica's forward against the in-process one.
-    result["overhead_split_ms"] = {"outside_replica": c1["outside_replica_p50_ms"],
-                                   "of_which_floor": result["floor_p50_ms"]["no_batching"],
-                                   "receive_body": c1["replica_p50_ms"]["receive"],
-                                   "parse_and_checks": c1["replica_p50_ms"]["parse"],
-                                   "forward_vs_in_process": c1["replica_p50_ms"]["infer"] - result["in_process_p50_ms"]}
-    result["batching_throughput_ratio"] = {str(a["concurrency"]): a["throughput_rps"] / b["throughput_rps"]
-                                           for a, b in zip(on, off, strict=True)}  # fmt: skip
+    result["overhead_split_ms"] = {
+        "outside_replica": c1["outside_replica_p50_ms"],
+        "of_which_floor": result["floor_p50_ms"]["no_batching"],
+        "receive_body": c1["replica_p50_ms"]["receive"],
+        "parse_and_checks": c1["replica_p50_ms"]["parse"],
+        "forward_vs_in_process": c1["replica_p50_ms"]["infer"] - result["in_process_p50_ms"],
+    }
+    result["batching_throughput_ratio"] = {
+        str(a["concurrency"]): a["throughput_rps"] / b["throughput_rps"] for a, b in zip(on, off, strict=True)
+    }
     result["errors"] = sum(r["errors"] for r in on + off)  # the replica-kill phase counts its own (error_budget)
     return result

@@ -31,12 +31,25 @@ JOB = Path(__file__).parents[2] / "jobs" / "semseg-tiny.yaml"
 
 
 def _job(data: Path, runs: Path, size: str, steps: int, batch: int, threads: int) -> FinetuneConfig:
-    sets = [f"data.uri={data / 'train'}", f"val_data.uri={data / 'val'}", f"run.storage={runs}",
-            f"run.name=bench-{size}", f"model.size={size}", f"train.steps={steps}", f"train.batch_events={batch}",
-            "train.log_every=1", f"train.val_every={steps}", f"train.checkpoint_every={steps}", "train.val_events=2",
-            "scaling.workers=1", f"scaling.cpus_per_worker={max(threads - 0.5, 0.5)}",
-            f"scaling.torch_threads={threads}",
-            "run.wandb_mode=disabled", "data.read_cpus=0.5", "val_data.read_cpus=0.5"]  # fmt: skip
+    sets = [
+        f"data.uri={data / 'train'}",
+        f"val_data.uri={data / 'val'}",
+        f"run.storage={runs}",
+        f"run.name=bench-{size}",
+        f"model.size={size}",
+        f"train.steps={steps}",
+        f"train.batch_events={batch}",
+        "train.log_every=1",
+        f"train.val_every={steps}",
+        f"train.checkpoint_every={steps}",
+        "train.val_events=2",
+        "scaling.workers=1",
+        f"scaling.cpus_per_worker={max(threads - 0.5, 0.5)}",
+        f"scaling.torch_threads={threads}",
+        "run.wandb_mode=disabled",
+        "data.read_cpus=0.5",
+        "val_data.read_cpus=0.5",
+    ]
     return load_config(FinetuneConfig, str(JOB), sets)
 
 
@@ -45,8 +58,9 @@ def generate_bench_data(data: Path, events: int, log=print) -> None:
     from raysvc.data.synthetic import generate_dataset
 
     log(f"generating {events} + 8 events")
-    generate_dataset(resolve(str(data / "train")), events, seed=11, shard_events=max(events // 4, 1),
-                     show_progress=False)  # fmt: skip
+    generate_dataset(
+        resolve(str(data / "train")), events, seed=11, shard_events=max(events // 4, 1), show_progress=False
+    )
     generate_dataset(resolve(str(data / "val")), 8, seed=12, shard_events=8, show_progress=False)
 
 
@@ -83,15 +97,29 @@ def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
     return times
 
 
-def run_train_bench(events: int = 40, steps: int = 12, batch: int = 2, threads: int = 1, warmup: int = 3,
-                    sizes: tuple[str, ...] = ("tiny", "small"), log=print) -> dict:  # fmt: skip
+def run_train_bench(
+    events: int = 40,
+    steps: int = 12,
+    batch: int = 2,
+    threads: int = 1,
+    warmup: int = 3,
+    sizes: tuple[str, ...] = ("tiny", "small"),
+    log=print,
+) -> dict:
     import ray
 
     from raysvc.train.driver import run_job
 
     torch.set_num_threads(threads)
-    out: dict = {"settings": {"events": events, "steps": steps, "batch_events": batch, "threads": threads,
-                              "warmup_steps": warmup}}  # fmt: skip
+    out: dict = {
+        "settings": {
+            "events": events,
+            "steps": steps,
+            "batch_events": batch,
+            "threads": threads,
+            "warmup_steps": warmup,
+        }
+    }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         generate_bench_data(data, events, log)

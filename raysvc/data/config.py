@@ -19,8 +19,12 @@ class DataConfig(BaseModel):
     subset_fraction: float | None = Field(None, gt=0, le=1, description="or this fraction of events")
     subset_seed: int = Field(0, description="seed of the label subset; same seed, same events")
     batch_events: int = Field(8, gt=0, description="events per packed batch")
-    block_mib: float = Field(4.0, gt=0, description="target Ray Data block size (MiB): small enough that "
-                             "streaming_split can balance workers on small datasets")
+    block_mib: float = Field(
+        4.0,
+        gt=0,
+        description="target Ray Data block size (MiB): small enough that "
+        "streaming_split can balance workers on small datasets",
+    )
     read_cpus: float = Field(1.0, gt=0, description="CPUs per read+preprocess task (leave room for Train workers)")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
     verify_checksums: bool = Field(True, description="check each shard's sha256 against the manifest as it is read")

@@ -24,8 +24,12 @@ def load_event(root: Location, event_id: int, manifest: Manifest | None = None) 
             t = pq.read_table(loc.path, filesystem=loc.fs, filters=pc.field("event_id") == event_id)
         if t.num_rows:
             row = t.slice(0, 1)
-            return {"coord": flat_coords(row), "energy": flat_values(row, "energy"),
-                    "semantic": flat_values(row, "semantic"), "shard": rec.name}  # fmt: skip
+            return {
+                "coord": flat_coords(row),
+                "energy": flat_values(row, "energy"),
+                "semantic": flat_values(row, "semantic"),
+                "shard": rec.name,
+            }
     raise ValueError(f"{root.uri}: no event with event_id {event_id} ({manifest.events} events in the manifest)")
 
 

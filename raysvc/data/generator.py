@@ -67,10 +67,13 @@ class GeneratorConfig(BaseModel):
     )
     kinetic_mev: dict[str, EnergyRange] = Field(
         default_factory=lambda: {
-            "muon": EnergyRange(low=80, high=2000), "pion": EnergyRange(low=60, high=1200),
-            "proton": EnergyRange(low=40, high=600), "electron": EnergyRange(low=60, high=1500),
-            "photon": EnergyRange(low=60, high=1500), "crossing_muon": EnergyRange(low=1000, high=4000),
-        },  # fmt: skip
+            "muon": EnergyRange(low=80, high=2000),
+            "pion": EnergyRange(low=60, high=1200),
+            "proton": EnergyRange(low=40, high=600),
+            "electron": EnergyRange(low=60, high=1500),
+            "photon": EnergyRange(low=60, high=1500),
+            "crossing_muon": EnergyRange(low=1000, high=4000),
+        },
         description="kinetic energy range (MeV) of each species, sampled log-uniformly",
     )
     step_voxels: float = Field(0.5, gt=0, le=1, description="stepping length in voxels")
@@ -147,8 +150,9 @@ class _Event:
     def inside(self, p: np.ndarray) -> bool:
         return bool(np.all(p >= 0) and np.all(p < self.size_cm))
 
-    def deposit(self, pos: np.ndarray, edep: np.ndarray, semantic: int, pid: int, particle: int, interaction: int,
-                fragment: int) -> None:  # fmt: skip
+    def deposit(
+        self, pos: np.ndarray, edep: np.ndarray, semantic: int, pid: int, particle: int, interaction: int, fragment: int
+    ) -> None:
         self.pos.append(pos)
         self.edep.append(edep)
         lab = np.empty((len(edep), 5), np.int32)
@@ -156,8 +160,14 @@ class _Event:
         self.labels.append(lab)
 
     # --- charged particles -------------------------------------------------------------------------------------
-    def step_charged(self, start: np.ndarray, d: np.ndarray, ke: float, mass: float, length: float | None = None,
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    def step_charged(
+        self,
+        start: np.ndarray,
+        d: np.ndarray,
+        ke: float,
+        mass: float,
+        length: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Step a charged particle from `start` along `d` until it stops (or for `length` cm).
 
         Returns positions of each step, energy deposited per step, kinetic energy at each step, final direction.
@@ -186,8 +196,16 @@ class _Event:
         pos = start[None, :] + np.cumsum(dirs * (travel / n), axis=0)
         return pos, edep, t_at[1:], dirs[-1]
 
-    def track(self, start: np.ndarray, d: np.ndarray, ke: float, species: str, interaction: int,
-              particle: int | None = None, semantic: int = TRACK) -> None:  # fmt: skip
+    def track(
+        self,
+        start: np.ndarray,
+        d: np.ndarray,
+        ke: float,
+        species: str,
+        interaction: int,
+        particle: int | None = None,
+        semantic: int = TRACK,
+    ) -> None:
         """A muon, pion or proton: track + delta rays, and the decay / capture products if it stops inside."""
         mass = MASS[species]
         particle = self.new_particle() if particle is None else particle
@@ -235,12 +253,21 @@ class _Event:
             x, y = self.rng.random(), self.rng.random()
             if y <= x * x * (3 - 2 * x):
                 break
-        self.em_cascade("electron", where, _isotropic(self.rng), max(x * MICHEL_EMAX, 1.0), interaction,
-                        self.new_particle(), MICHEL)  # fmt: skip
+        self.em_cascade(
+            "electron", where, _isotropic(self.rng), max(x * MICHEL_EMAX, 1.0), interaction, self.new_particle(), MICHEL
+        )
 
     # --- electromagnetic showers ------------------------------------------------------------------------------
-    def em_cascade(self, kind: str, start: np.ndarray, d: np.ndarray, energy: float, interaction: int,
-                   particle: int, semantic: int = SHOWER) -> None:  # fmt: skip
+    def em_cascade(
+        self,
+        kind: str,
+        start: np.ndarray,
+        d: np.ndarray,
+        energy: float,
+        interaction: int,
+        particle: int,
+        semantic: int = SHOWER,
+    ) -> None:
         """Branching e/gamma cascade; charged pieces deposit with `semantic`, small Compton scatters are LED."""
         cfg, rng = self.cfg, self.rng
         pid = PID[kind]

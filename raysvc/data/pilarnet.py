@@ -34,8 +34,13 @@ def detect_revision(f: h5py.File, path: str) -> str:
     """v1 / v2 / v3 from the datasets present; a named error for anything else."""
     missing = [k for k in ("point", "cluster") if k not in f]
     if missing:
-        raise EventDataError(path, f"unknown layout: missing dataset(s) {missing}; found {sorted(f.keys())}, "
-                             "expected point, cluster[, cluster_extra]", field=missing[0], kind="layout")  # fmt: skip
+        raise EventDataError(
+            path,
+            f"unknown layout: missing dataset(s) {missing}; found {sorted(f.keys())}, "
+            "expected point, cluster[, cluster_extra]",
+            field=missing[0],
+            kind="layout",
+        )
     if "cluster_extra" not in f:
         return "v1"
     if len(f["point"]) == 0:
@@ -43,8 +48,12 @@ def detect_revision(f: h5py.File, path: str) -> str:
     n_clusters = len(f["cluster"][0]) / 6  # v2 and v3 both store 6 columns per cluster
     width = len(f["cluster_extra"][0]) / n_clusters if n_clusters else 5
     if width not in EXTRA_COLUMNS:
-        raise EventDataError(path, f"unknown layout: cluster_extra has {width:g} columns per cluster, expected 5 (v2) "
-                             "or 6 (v3)", field="cluster_extra", kind="layout")  # fmt: skip
+        raise EventDataError(
+            path,
+            f"unknown layout: cluster_extra has {width:g} columns per cluster, expected 5 (v2) or 6 (v3)",
+            field="cluster_extra",
+            kind="layout",
+        )
     return EXTRA_COLUMNS[int(width)]
 
 
@@ -54,22 +63,28 @@ def read_event(f: h5py.File, i: int, revision: str, path: str) -> dict[str, np.n
         point = np.asarray(f["point"][i], dtype=np.float32)
         cluster = np.asarray(f["cluster"][i])
     except (OSError, ValueError, KeyError) as e:
-        raise EventDataError(path, f"cannot read event ({e}); truncated or damaged file", row=i,
-                             kind="corrupt") from e  # fmt: skip
+        raise EventDataError(path, f"cannot read event ({e}); truncated or damaged file", row=i, kind="corrupt") from e
     if point.size % 8:
-        raise EventDataError(path, f"{point.size} values, not a multiple of 8 columns", row=i, field="point",
-                             kind="layout")  # fmt: skip
+        raise EventDataError(
+            path, f"{point.size} values, not a multiple of 8 columns", row=i, field="point", kind="layout"
+        )
     ncol = CLUSTER_COLUMNS[revision]
     if cluster.size % ncol:
-        raise EventDataError(path, f"{cluster.size} values, not a multiple of {ncol} ({revision})", row=i,
-                             field="cluster", kind="layout")  # fmt: skip
+        raise EventDataError(
+            path, f"{cluster.size} values, not a multiple of {ncol} ({revision})", row=i, field="cluster", kind="layout"
+        )
     point = point.reshape(-1, 8)
     cluster = cluster.reshape(-1, ncol).astype(np.int64)
     sizes = cluster[:, 0]
     if (sizes < 0).any() or sizes.sum() != len(point):
-        raise EventDataError(path, f"cluster sizes sum to {sizes.sum()} but point has {len(point)} points "
-                             f"(unknown layout or truncated event; read as {revision})", row=i, field="cluster",
-                             kind="layout")  # fmt: skip
+        raise EventDataError(
+            path,
+            f"cluster sizes sum to {sizes.sum()} but point has {len(point)} points "
+            f"(unknown layout or truncated event; read as {revision})",
+            row=i,
+            field="cluster",
+            kind="layout",
+        )
     rep = lambda c: np.repeat(cluster[:, c], sizes)  # noqa: E731
     pid = rep(5) if ncol == 6 else np.full(len(point), -1)
     return {
@@ -95,14 +110,16 @@ def iter_file(path: str, revision: str = "auto") -> Iterator[tuple[int, dict[str
             raise ValueError(f"revision must be auto, v1, v2 or v3; got {revision!r}")
         n = len(f["point"])
         if len(f["cluster"]) != n:
-            raise EventDataError(path, f"point has {n} events but cluster has {len(f['cluster'])}", field="cluster",
-                                 kind="layout")  # fmt: skip
+            raise EventDataError(
+                path, f"point has {n} events but cluster has {len(f['cluster'])}", field="cluster", kind="layout"
+            )
         for i in range(n):
             yield i, read_event(f, i, rev, path)
 
 
-def convert(pattern: str, root: Location, shard_events: int = 500, revision: str = "auto",
-            show_progress: bool = True) -> Manifest:  # fmt: skip
+def convert(
+    pattern: str, root: Location, shard_events: int = 500, revision: str = "auto", show_progress: bool = True
+) -> Manifest:
     """Convert every file matching `pattern` (sorted) into shards under `root`; validated before writing."""
     files = sorted(_glob.glob(pattern))
     if not files:

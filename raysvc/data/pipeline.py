@@ -97,10 +97,19 @@ def _read_dataset(cfg: DataConfig, prep: Prepared, shards: list, ledger):
     # into a single read task, after a ~1 s file-listing task, and to read ~7x slower than pyarrow itself.)
     ds = ray.data.from_items([asdict(r) for r in shards], override_num_blocks=max(len(shards), 1))
     ds = ds.map_batches(
-        read_shards_udf, batch_format="pyarrow", batch_size=1, num_cpus=cfg.read_cpus,
-        fn_kwargs={"root": prep.root, "cfg": cfg.preprocess, "keep_ids": prep.keep_ids, "ledger": ledger,
-                   "verify_checksum": cfg.verify_checksums, "detector": prep.detector},
-    )  # fmt: skip
+        read_shards_udf,
+        batch_format="pyarrow",
+        batch_size=1,
+        num_cpus=cfg.read_cpus,
+        fn_kwargs={
+            "root": prep.root,
+            "cfg": cfg.preprocess,
+            "keep_ids": prep.keep_ids,
+            "ledger": ledger,
+            "verify_checksum": cfg.verify_checksums,
+            "detector": prep.detector,
+        },
+    )
     # Ray merges outputs up to 128 MiB per block, and a block goes whole to one Train worker: a small dataset would
     # then land on a single worker. Smaller blocks let streaming_split balance.
     ds.context.target_max_block_size = int(cfg.block_mib * 2**20)
@@ -118,8 +127,15 @@ def rank_shards(prep: Prepared, rank: int, world: int, epoch: int, seed: int, sh
     return mine
 
 
-def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter | None = None,
-                  prefetch: int = 2, transform=None, transform_kwargs: dict | None = None) -> Iterator:  # fmt: skip
+def stream_tables(
+    cfg: DataConfig,
+    prep: Prepared,
+    shards: list,
+    counts: Counter | None = None,
+    prefetch: int = 2,
+    transform=None,
+    transform_kwargs: dict | None = None,
+) -> Iterator:
     """Preprocessed tables of `shards`, in order, each read + preprocessed by a Ray task (`read_cpus` CPUs) with
     `prefetch` tasks in flight ahead of the consumer; per-shard counts are added to `counts`. With `transform`, the
     task returns `transform(table, **transform_kwargs)` instead (e.g. Panda's views: CPU work stays off the trainer).
@@ -140,8 +156,18 @@ def stream_tables(cfg: DataConfig, prep: Prepared, shards: list, counts: Counter
     def submit() -> None:
         rec = next(todo, None)
         if rec is not None:
-            pending.append(task.remote(prep.root, rec, cfg.preprocess, prep.keep_ids, cfg.verify_checksums, transform,
-                                       transform_kwargs or {}, prep.detector))  # fmt: skip
+            pending.append(
+                task.remote(
+                    prep.root,
+                    rec,
+                    cfg.preprocess,
+                    prep.keep_ids,
+                    cfg.verify_checksums,
+                    transform,
+                    transform_kwargs or {},
+                    prep.detector,
+                )
+            )
 
     for _ in range(max(prefetch, 1)):
         submit()
@@ -214,8 +240,9 @@ class DirectStream:
     def tables(self) -> Iterable[pa.Table]:
         prep = self.prepared
         for rec in prep.manifest.shards:
-            out, counts, timings = read_preprocessed(prep.root, rec, self.cfg.preprocess, prep.keep_ids,
-                                                     self.cfg.verify_checksums, prep.detector)  # fmt: skip
+            out, counts, timings = read_preprocessed(
+                prep.root, rec, self.cfg.preprocess, prep.keep_ids, self.cfg.verify_checksums, prep.detector
+            )
             self.timings.update(timings)
             self.counts.update(counts)
             yield out

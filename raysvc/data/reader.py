@@ -43,9 +43,14 @@ def make_ledger():
     return Ledger
 
 
-def read_preprocessed(root: Location, rec: ShardRecord, cfg: PreprocessConfig, keep_ids: np.ndarray | None,
-                      verify_checksum: bool = True, detector: Detector = LARTPC,
-                      ) -> tuple[pa.Table, Counter, Counter]:  # fmt: skip
+def read_preprocessed(
+    root: Location,
+    rec: ShardRecord,
+    cfg: PreprocessConfig,
+    keep_ids: np.ndarray | None,
+    verify_checksum: bool = True,
+    detector: Detector = LARTPC,
+) -> tuple[pa.Table, Counter, Counter]:
     """One shard read (size, sha256 and row count checked against the manifest) and preprocessed; `detector` is the
     manifest's (see `preprocess_table`).
 
@@ -65,8 +70,15 @@ def read_preprocessed(root: Location, rec: ShardRecord, cfg: PreprocessConfig, k
     return out, counts, Counter(read=t1 - t0, preprocess=time.perf_counter() - t1)
 
 
-def read_shards_udf(batch: pa.Table, root: Location, cfg: PreprocessConfig, keep_ids: np.ndarray | None, ledger,
-                     verify_checksum: bool, detector: Detector = LARTPC) -> Iterator[pa.Table]:  # fmt: skip
+def read_shards_udf(
+    batch: pa.Table,
+    root: Location,
+    cfg: PreprocessConfig,
+    keep_ids: np.ndarray | None,
+    ledger,
+    verify_checksum: bool,
+    detector: Detector = LARTPC,
+) -> Iterator[pa.Table]:
     """Ray Data UDF: for each shard record in the batch, read + preprocess; counts go to the ledger."""
     import ray
 

@@ -44,8 +44,16 @@ EVENT_SCHEMA = pa.schema(
 class EventDataError(ValueError):
     """Bad event data; the message names the shard, row / event and field, and what was expected."""
 
-    def __init__(self, shard: str, message: str, *, row: int | None = None, event_id: int | None = None,
-                 field: str | None = None, kind: str = "invalid"):  # fmt: skip
+    def __init__(
+        self,
+        shard: str,
+        message: str,
+        *,
+        row: int | None = None,
+        event_id: int | None = None,
+        field: str | None = None,
+        kind: str = "invalid",
+    ):
         where = [f"shard {shard}"]
         if row is not None:
             where.append(f"row {row}")
@@ -76,8 +84,11 @@ def table_from_events(events: list[dict], source: str | list[str], detector: str
     cols: dict[str, pa.Array] = {"event_id": pa.array([int(e["event_id"]) for e in events], pa.int64())}
     for name, t in POINT_FIELDS.items():
         if name == "coord":
-            flat = np.concatenate([np.asarray(e["coord"], np.float32).reshape(-1) for e in events]) if events else \
-                np.zeros(0, np.float32)
+            flat = (
+                np.concatenate([np.asarray(e["coord"], np.float32).reshape(-1) for e in events])
+                if events
+                else np.zeros(0, np.float32)
+            )
             values = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), 3)
         else:
             np_t = t.to_pandas_dtype()
@@ -124,8 +135,9 @@ def check_columns(table: pa.Table, shard: str) -> pa.Table:
     required = ["event_id", *POINT_FIELDS, "num_points"]
     missing = [c for c in required if c not in names]
     if missing:
-        raise EventDataError(shard, f"missing column(s) {missing}; expected {required}", field=missing[0],
-                             kind="schema")  # fmt: skip
+        raise EventDataError(
+            shard, f"missing column(s) {missing}; expected {required}", field=missing[0], kind="schema"
+        )
     for field in EVENT_SCHEMA:
         if field.name not in names:
             continue
@@ -138,8 +150,9 @@ def check_columns(table: pa.Table, shard: str) -> pa.Table:
         try:
             casted = table.column(field.name).cast(field.type, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            raise EventDataError(shard, f"has type {have}, expected {field.type} ({e})", field=field.name,
-                                 kind="schema") from e  # fmt: skip
+            raise EventDataError(
+                shard, f"has type {have}, expected {field.type} ({e})", field=field.name, kind="schema"
+            ) from e
         table = table.set_column(table.schema.get_field_index(field.name), field, casted)
     return table
 
@@ -212,8 +225,12 @@ def validate_table(table: pa.Table, shard: str, row_base: int | None = 0, **kw) 
     problems = find_problems(table, **kw)
     if problems:
         p = problems[0]
-        raise EventDataError(shard, p.message + (f" ({len(problems)} bad rows in this batch)" if len(problems) > 1
-                                                 else ""),
-                             row=None if row_base is None else p.row + row_base, event_id=p.event_id, field=p.field,
-                             kind=p.kind)  # fmt: skip
+        raise EventDataError(
+            shard,
+            p.message + (f" ({len(problems)} bad rows in this batch)" if len(problems) > 1 else ""),
+            row=None if row_base is None else p.row + row_base,
+            event_id=p.event_id,
+            field=p.field,
+            kind=p.kind,
+        )
     return table

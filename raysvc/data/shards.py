@@ -91,8 +91,12 @@ def write_manifest(
     root: Location, shards: list[ShardRecord], created_by: dict, detector: str = DEFAULT_DETECTOR
 ) -> Manifest:
     get_detector(detector)  # an unknown name fails here, not when the dataset is next read
-    m = Manifest(shards=sorted(shards, key=lambda s: s.name), created_by=created_by,
-                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), detector=detector)  # fmt: skip
+    m = Manifest(
+        shards=sorted(shards, key=lambda s: s.name),
+        created_by=created_by,
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        detector=detector,
+    )
     write_bytes_atomic(root.join(MANIFEST), m.to_json().encode())
     return m
 
@@ -106,11 +110,16 @@ def load_manifest(root: Location) -> Manifest:
     except json.JSONDecodeError as e:
         raise EventDataError(where.uri, f"manifest is not valid JSON ({e})", kind="manifest") from e
     if d.get("format") != FORMAT:
-        raise EventDataError(where.uri, f"format is {d.get('format')!r}, expected {FORMAT!r}", field="format",
-                             kind="manifest")  # fmt: skip
+        raise EventDataError(
+            where.uri, f"format is {d.get('format')!r}, expected {FORMAT!r}", field="format", kind="manifest"
+        )
     if d.get("schema_version") != SCHEMA_VERSION:
-        raise EventDataError(where.uri, f"schema_version {d.get('schema_version')!r}; this raysvc reads "
-                             f"{SCHEMA_VERSION}", field="schema_version", kind="manifest")  # fmt: skip
+        raise EventDataError(
+            where.uri,
+            f"schema_version {d.get('schema_version')!r}; this raysvc reads {SCHEMA_VERSION}",
+            field="schema_version",
+            kind="manifest",
+        )
     detector = d.get("detector", DEFAULT_DETECTOR)  # absent: written before manifests named their detector
     if not isinstance(detector, str) or detector not in DETECTORS:
         known = sorted(DETECTORS)
@@ -125,8 +134,14 @@ def load_manifest(root: Location) -> Manifest:
     return Manifest(shards=shards, created_by=created_by, created_at=created_at, detector=detector)
 
 
-def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True,
-               columns: list[str] | None = None, check: bool = True) -> pa.Table:  # fmt: skip
+def read_shard(
+    root: Location,
+    rec: ShardRecord,
+    *,
+    verify_checksum: bool = True,
+    columns: list[str] | None = None,
+    check: bool = True,
+) -> pa.Table:
     """Read one whole shard, checking its size, checksum and row count against the manifest, and (if `check` and
     no column projection) its columns' types."""
     loc = root.join(rec.name)
@@ -137,8 +152,9 @@ def read_shard(root: Location, rec: ShardRecord, *, verify_checksum: bool = True
             raise EventDataError(loc.uri, "listed in the manifest but missing", kind="missing") from e
         raise
     if len(data) != rec.bytes:
-        raise EventDataError(loc.uri, f"truncated or replaced: {len(data)} bytes, manifest says {rec.bytes}",
-                             kind="corrupt")  # fmt: skip
+        raise EventDataError(
+            loc.uri, f"truncated or replaced: {len(data)} bytes, manifest says {rec.bytes}", kind="corrupt"
+        )
     if verify_checksum and sha256_hex(data) != rec.sha256:
         raise EventDataError(loc.uri, "sha256 does not match the manifest (corrupt shard)", kind="corrupt")
     try:
@@ -164,8 +180,14 @@ def preflight(root: Location, manifest: Manifest) -> list[tuple[ShardRecord, Eve
             problems.append((rec, EventDataError(loc.uri, "listed in the manifest but missing", kind="missing")))
             continue
         if info.size != rec.bytes:
-            problems.append((rec, EventDataError(loc.uri, f"truncated or replaced: {info.size} bytes, manifest says "
-                                                 f"{rec.bytes}", kind="corrupt")))  # fmt: skip
+            problems.append(
+                (
+                    rec,
+                    EventDataError(
+                        loc.uri, f"truncated or replaced: {info.size} bytes, manifest says {rec.bytes}", kind="corrupt"
+                    ),
+                )
+            )
             continue
         try:
             with loc.fs.open_input_file(loc.path) as f:
@@ -174,8 +196,9 @@ def preflight(root: Location, manifest: Manifest) -> list[tuple[ShardRecord, Eve
             problems.append((rec, EventDataError(loc.uri, f"unreadable Parquet footer ({e})", kind="corrupt")))
             continue
         if meta.num_rows != rec.events:
-            problems.append((rec, EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}",
-                                                 kind="corrupt")))  # fmt: skip
+            problems.append(
+                (rec, EventDataError(loc.uri, f"{meta.num_rows} rows, manifest says {rec.events}", kind="corrupt"))
+            )
     return problems
 
 
@@ -184,9 +207,15 @@ def iter_tables(root: Location, manifest: Manifest, **kw) -> Iterator[tuple[Shar
         yield rec, read_shard(root, rec, **kw)
 
 
-def write_dataset(root: Location, n_shards: int, make_shard: Callable[[int], pa.Table], created_by: dict,
-                  workers: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
-                  detector: str = DEFAULT_DETECTOR) -> Manifest:  # fmt: skip
+def write_dataset(
+    root: Location,
+    n_shards: int,
+    make_shard: Callable[[int], pa.Table],
+    created_by: dict,
+    workers: int = 1,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    detector: str = DEFAULT_DETECTOR,
+) -> Manifest:
     """Build shards 0..n_shards-1 with `make_shard(i)` (in `workers` processes), write each, then the manifest
     (naming `detector`, whose events `make_shard` must write).
 

@@ -50,11 +50,13 @@ def inspect_dataset(root: Location, verify: bool = True) -> dict:
         "checksums_verified": verify,
         "created_by": {k: v for k, v in manifest.created_by.items() if k in ("tool", "seed", "pattern", "revision")},
         "points_per_event": {
-            "median": float(np.median(npts)) if len(npts) else 0.0, "mean": float(npts.mean()) if len(npts) else 0.0,
-            "min": int(npts.min()) if len(npts) else 0, "max": int(npts.max()) if len(npts) else 0,
+            "median": float(np.median(npts)) if len(npts) else 0.0,
+            "mean": float(npts.mean()) if len(npts) else 0.0,
+            "min": int(npts.min()) if len(npts) else 0,
+            "max": int(npts.max()) if len(npts) else 0,
             "p5": float(np.percentile(npts, 5)) if len(npts) else 0.0,
             "p95": float(np.percentile(npts, 95)) if len(npts) else 0.0,
-        },  # fmt: skip
+        },
         "class_fractions": {name: float(class_counts[i] / total) for i, name in enumerate(names)},
         "interactions_per_event": describe(inter_a),
         "particles_per_event": describe(part_a),

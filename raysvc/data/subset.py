@@ -54,8 +54,14 @@ def select_subset(event_ids: np.ndarray, seed: int, n: int | None = None, fracti
     return np.sort(event_ids[order[:n]])
 
 
-def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_shards: int = 1,
-                  verify_checksums: bool = True, log=print) -> dict[int, Manifest]:  # fmt: skip
+def write_subsets(
+    root: Location,
+    targets: dict[int, Location],
+    seed: int,
+    min_shards: int = 1,
+    verify_checksums: bool = True,
+    log=print,
+) -> dict[int, Manifest]:
     """Write each n-event subset of the dataset at `root` (the events `select_subset(ids, seed, n)` picks) as a
     dataset of its own at `targets[n]`, in one pass over the shards, split into >= `min_shards` shards (one per
     Train worker), naming the source's detector. A target whose manifest already records the same (source, events,
@@ -87,8 +93,10 @@ def write_subsets(root: Location, targets: dict[int, Location], seed: int, min_s
         if table.num_rows < pieces:
             raise ValueError(f"{root.uri}: a {n}-event subset cannot feed {pieces} workers one shard each")
         bounds = np.linspace(0, table.num_rows, pieces + 1).astype(int)
-        recs = [write_shard(loc, shard_name(i), table.slice(a, b - a))
-                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]  # fmt: skip
+        recs = [
+            write_shard(loc, shard_name(i), table.slice(a, b - a))
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        ]
         out[n] = write_manifest(loc, recs, stamp, detector=manifest.detector)
         log(f"[raysvc] subset of {n} events (seed {seed}) -> {loc.uri} ({pieces} shards)")
     return out

@@ -56,8 +56,12 @@ def log_energy(e: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return (2.0 * (np.log10(e + m) - lo) / (hi - lo) - 1.0).astype(np.float32)
 
 
-def _rebuild_lists(table: pa.Table, point_mask: np.ndarray, lengths: np.ndarray, replace: dict[str, np.ndarray],
-                   ) -> pa.Table:  # fmt: skip
+def _rebuild_lists(
+    table: pa.Table,
+    point_mask: np.ndarray,
+    lengths: np.ndarray,
+    replace: dict[str, np.ndarray],
+) -> pa.Table:
     """Keep masked points of every per-point list column; `replace` gives new flat values for some columns."""
     row_of_point = np.repeat(np.arange(len(lengths)), lengths)
     new_len = np.bincount(row_of_point[point_mask], minlength=len(lengths)).astype(np.int32)
@@ -67,16 +71,23 @@ def _rebuild_lists(table: pa.Table, point_mask: np.ndarray, lengths: np.ndarray,
         col = table.column(name).combine_chunks()
         if name in replace:
             flat = replace[name]
-            values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), 3) if name == "coord" else \
-                pa.array(flat)
+            values = (
+                pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), 3) if name == "coord" else pa.array(flat)
+            )
         else:
             values = col.flatten().take(idx)
         table = table.set_column(table.schema.get_field_index(name), name, pa.ListArray.from_arrays(offsets, values))
     return table.set_column(table.schema.get_field_index("num_points"), "num_points", pa.array(new_len))
 
 
-def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_ids: np.ndarray | None = None,
-                     row_base: int | None = None, detector: Detector = LARTPC) -> tuple[pa.Table, Counter]:  # fmt: skip
+def preprocess_table(
+    table: pa.Table,
+    cfg: PreprocessConfig,
+    shard: str,
+    keep_ids: np.ndarray | None = None,
+    row_base: int | None = None,
+    detector: Detector = LARTPC,
+) -> tuple[pa.Table, Counter]:
     """Validate, cut, normalise. Returns the model-ready table and a Counter of what was removed and why.
 
     `detector` is the dataset's (its manifest's): events whose `detector` column names another are bad input, and
@@ -103,8 +114,14 @@ def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_id
     if problems:
         if cfg.on_bad == "error":
             p = problems[0]
-            raise EventDataError(shard, p.message, row=None if row_base is None else row_base + p.row,
-                                 event_id=p.event_id, field=p.field, kind=p.kind)  # fmt: skip
+            raise EventDataError(
+                shard,
+                p.message,
+                row=None if row_base is None else row_base + p.row,
+                event_id=p.event_id,
+                field=p.field,
+                kind=p.kind,
+            )
         bad_rows = np.array([p.row for p in problems])
         counts.update(f"bad:{p.kind}" for p in problems)
         keep = np.ones(table.num_rows, bool)
@@ -117,10 +134,15 @@ def preprocess_table(table: pa.Table, cfg: PreprocessConfig, shard: str, keep_id
         sem = flat_values(table, "semantic")
         mask &= sem != detector.stuff_class
     xyz = flat_coords(table)
-    table = _rebuild_lists(table, mask, lengths, {
-        "coord": normalize_coord(xyz[mask], cfg),
-        "energy": log_energy(energy[mask], cfg),
-    })  # fmt: skip
+    table = _rebuild_lists(
+        table,
+        mask,
+        lengths,
+        {
+            "coord": normalize_coord(xyz[mask], cfg),
+            "energy": log_energy(energy[mask], cfg),
+        },
+    )
     enough = table.column("num_points").to_numpy() >= cfg.min_points
     counts["cut:min_points"] += int((~enough).sum())
     table = table.filter(pa.array(enough))

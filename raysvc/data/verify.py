@@ -27,8 +27,10 @@ def verify_dataset(root: Location) -> dict:
             continue
         found = find_problems(table, detector=detector)
         bad_events += len(found)
-        problems.extend({"shard": uri, "row": p.row, "event_id": p.event_id, "field": p.field, "kind": p.kind,
-                         "message": p.message} for p in found[: MAX_LISTED - len(problems)])  # fmt: skip
+        problems.extend(
+            {"shard": uri, "row": p.row, "event_id": p.event_id, "field": p.field, "kind": p.kind, "message": p.message}
+            for p in found[: MAX_LISTED - len(problems)]
+        )
     return {
         "uri": root.uri,
         "detector": detector.name,

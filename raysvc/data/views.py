@@ -35,8 +35,9 @@ class ViewConfig(BaseModel):
     local_scale: tuple[float, float] = Field((0.1, 0.4), description="local crop size range, fraction of base")
     max_points: int = Field(30000, ge=1, description="base count = min(N, max_points)")
     local_centers: Literal["uncovered", "cnms"] = Field(
-        "uncovered", description="local centre candidates: principal-view points, or the C-NMS centres among them; "
-        "ones no earlier local view covered first"
+        "uncovered",
+        description="local centre candidates: principal-view points, or the C-NMS centres among them; "
+        "ones no earlier local view covered first",
     )
     cnms_radius: float = Field(5.0, gt=0, description="C-NMS radius (voxels)")
     cnms_overlap: float = Field(0.73, gt=0, description="C-NMS overlap factor")
@@ -111,8 +112,9 @@ def _augment(origin: np.ndarray, cfg: ViewConfig, rng: np.random.Generator) -> n
     return x
 
 
-def make_views(coord: np.ndarray, energy: np.ndarray, cfg: ViewConfig,
-               rng: np.random.Generator) -> tuple[list[View], list[View]]:  # fmt: skip
+def make_views(
+    coord: np.ndarray, energy: np.ndarray, cfg: ViewConfig, rng: np.random.Generator
+) -> tuple[list[View], list[View]]:
     """(global views, local views) of one event: coord (n, 3) normalised, energy (n,) log-scaled feature."""
     pts = np.asarray(coord, np.float64)
     n = len(pts)
@@ -140,8 +142,10 @@ def make_views(coord: np.ndarray, energy: np.ndarray, cfg: ViewConfig,
     # view are centred inside it, so each student view overlaps the teacher view its loss is matched against. Local
     # centres go to principal-view points (or C-NMS centres) that no earlier local view covered.
     principal = crop(int(rng.integers(n)), cfg.global_scale)
-    globals_ = [principal] + [crop(int(principal.index[rng.integers(len(principal.index))]), cfg.global_scale)
-                              for _ in range(cfg.global_views - 1)]  # fmt: skip
+    globals_ = [principal] + [
+        crop(int(principal.index[rng.integers(len(principal.index))]), cfg.global_scale)
+        for _ in range(cfg.global_views - 1)
+    ]
     in_principal = np.zeros(n, bool)
     in_principal[principal.index] = True
     cand_all = pool[in_principal[pool]]

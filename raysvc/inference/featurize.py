@@ -9,8 +9,9 @@ from raysvc.ops.grid import grid_sample
 from raysvc.ops.packed import offset_to_batch, segment_mean
 
 
-def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, device: torch.device,
-                 center_events: bool = False) -> dict:  # fmt: skip
+def model_inputs(
+    batch: dict, center: float, scale: float, grid_voxels: float, device: torch.device, center_events: bool = False
+) -> dict:
     """Packed batch -> model inputs on `device`: grid sampling at `grid_voxels` (a cell takes the mean coordinate and
     the summed energy feature of its points), integer grid coordinates, and `inverse` from points to cells. With
     `center_events`, each event's coordinates are shifted to its mean (as Panda's views are: a backbone pretrained
@@ -23,9 +24,14 @@ def model_inputs(batch: dict, center: float, scale: float, grid_voxels: float, d
         coord = coord - segment_mean(coord, cell_batch, len(gs.offset))[cell_batch]
     coord = coord.float()
     feat = torch.cat([coord, gs.feat_sum.float()], 1)
-    return {"feat": feat.to(device), "coord": coord.to(device),
-            "grid_coord": gs.grid_coord.to(device), "offset": gs.offset.to(device), "inverse": gs.inverse.to(device),
-            "labels": batch["semantic"].to(device)}  # fmt: skip
+    return {
+        "feat": feat.to(device),
+        "coord": coord.to(device),
+        "grid_coord": gs.grid_coord.to(device),
+        "offset": gs.offset.to(device),
+        "inverse": gs.inverse.to(device),
+        "labels": batch["semantic"].to(device),
+    }
 
 
 def usable_device(device: str | torch.device) -> torch.device:

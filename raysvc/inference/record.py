@@ -73,8 +73,11 @@ class ExportedModel(BaseModel):
             return data
         data = dict(data)
         backbone = data.get("kind") == "panda-backbone"
-        data.update(format_version=1, kind="backbone" if backbone else "segmenter",
-                    method="panda" if backbone else "segmentation")  # fmt: skip
+        data.update(
+            format_version=1,
+            kind="backbone" if backbone else "segmenter",
+            method="panda" if backbone else "segmentation",
+        )
         data.pop("num_classes", None)
         data.setdefault("preprocess", {})  # the defaults, which every export made before had
         return data
@@ -82,8 +85,10 @@ class ExportedModel(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ExportedModel:
         if self.format_version > FORMAT_VERSION:
-            raise ValueError(f"format_version {self.format_version} is newer than this raysvc reads "
-                             f"({FORMAT_VERSION}): upgrade raysvc")  # fmt: skip
+            raise ValueError(
+                f"format_version {self.format_version} is newer than this raysvc reads "
+                f"({FORMAT_VERSION}): upgrade raysvc"
+            )
         get_detector(self.detector)
         if self.kind == "segmenter" and (not self.class_names or self.model.head is None):
             raise ValueError("a segmenter record needs class_names and model.head")
@@ -128,8 +133,9 @@ def load_export(loc: Location) -> tuple[dict[str, torch.Tensor], ExportedModel]:
     record = load_record(loc)
     weights = loc.join(record.weights_name)
     if not exists(weights):
-        raise FileNotFoundError(f"{loc.uri}: config.json describes a {record.kind}, but {record.weights_name} is "
-                                "missing")
+        raise FileNotFoundError(
+            f"{loc.uri}: config.json describes a {record.kind}, but {record.weights_name} is missing"
+        )
     return st_load(read_bytes(weights)), record
 
 
@@ -138,7 +144,12 @@ def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny") -> Non
     benchmark and tests load when latency, not accuracy, is the question."""
     torch.manual_seed(seed)
     detector = get_detector(DEFAULT_DETECTOR)
-    record = ExportedModel(kind="segmenter", method="segmentation", detector=detector.name,
-                           model=ModelSpec(size=size, head="dec", mode="scratch"),
-                           class_names=list(detector.class_names), preprocess=PreprocessConfig())  # fmt: skip
+    record = ExportedModel(
+        kind="segmenter",
+        method="segmentation",
+        detector=detector.name,
+        model=ModelSpec(size=size, head="dec", mode="scratch"),
+        class_names=list(detector.class_names),
+        preprocess=PreprocessConfig(),
+    )
     save_export(loc, record.build().state_dict(), record)

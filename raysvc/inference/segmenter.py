@@ -38,8 +38,9 @@ class Segmenter:
         self.model.eval().to(device)
         self.device = torch.device(device)
         # classify every event; bad input is an error
-        self.preprocess = self.record.preprocess.model_copy(update={"min_points": 1, "remove_led": False,
-                                                                    "on_bad": "error"})  # fmt: skip
+        self.preprocess = self.record.preprocess.model_copy(
+            update={"min_points": 1, "remove_led": False, "on_bad": "error"}
+        )
         self.grid_voxels = self.record.model.grid_voxels
         self.center_events = self.record.model.center_events
         self.class_names = list(self.record.class_names)
@@ -53,16 +54,19 @@ class Segmenter:
         return self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]], x
 
     @torch.no_grad()
-    def predict_table(self, table: pa.Table, source: str = "request", probabilities: bool = False,
-                      ) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+    def predict_table(
+        self,
+        table: pa.Table,
+        source: str = "request",
+        probabilities: bool = False,
+    ) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
         """Per-event int8 class arrays aligned with the input points (-1: below the energy threshold); with
         `probabilities`, also per-event (n, classes) float32 softmax rows (NaN below the threshold)."""
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         keep = flat_values(table, "energy") > self.preprocess.energy_threshold
         pre, _ = preprocess_table(table, self.preprocess, source, detector=self.detector)
         out_flat = np.full(int(lengths.sum()), -1, np.int8)
-        prob_flat = np.full((int(lengths.sum()), len(self.class_names)), np.nan, np.float32) if probabilities \
-            else None  # fmt: skip
+        prob_flat = np.full((int(lengths.sum()), len(self.class_names)), np.nan, np.float32) if probabilities else None
         if pre.num_rows:
             logits, _ = self.point_logits(collate_packed(pre))
             out_flat[keep] = logits.argmax(1).to(torch.int8).cpu().numpy()
@@ -73,31 +77,45 @@ class Segmenter:
         return (classes, np.split(prob_flat, splits)) if probabilities else classes
 
     def _events_table(self, events: list[tuple[np.ndarray, np.ndarray]], source: str) -> pa.Table:
-        return table_from_events([{"event_id": i, "coord": p, "energy": e,
-                                   **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
-                                  for i, (p, e) in enumerate(events)], source, self.detector.name)  # fmt: skip
+        return table_from_events(
+            [
+                {"event_id": i, "coord": p, "energy": e, **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
+                for i, (p, e) in enumerate(events)
+            ],
+            source,
+            self.detector.name,
+        )
 
     def check_dataset(self, manifest, data: Location) -> None:
         """A dataset of another detector's events is an error naming both, before any event is read."""
         if manifest.detector != self.detector.name:
-            raise ValueError(f"{data.uri} holds {manifest.detector} events; the model {self.model_id} was trained on "
-                             f"{self.detector.name} events")  # fmt: skip
+            raise ValueError(
+                f"{data.uri} holds {manifest.detector} events; the model {self.model_id} was trained on "
+                f"{self.detector.name} events"
+            )
 
     def check_event(self, points: np.ndarray, energies: np.ndarray, source: str = "request") -> None:
         """The data contract's checks on one event; EventDataError (naming the field) when it breaks one."""
-        validate_table(self._events_table([(points, energies)], source), source, row_base=None,
-                       detector=self.detector, volume=self.preprocess.volume)  # fmt: skip
+        validate_table(
+            self._events_table([(points, energies)], source),
+            source,
+            row_base=None,
+            detector=self.detector,
+            volume=self.preprocess.volume,
+        )
 
-    def predict_events(self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False,
-                       source: str = "request"):  # fmt: skip
+    def predict_events(
+        self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False, source: str = "request"
+    ):
         """`predict_table` on events given as (points (n, 3) voxel coordinates, energies (n,)). They pass the same
         data-contract checks as a shard (EventDataError names the event's position and the field); the label
         columns the contract requires are zero-filled, as inference never reads them."""
         return self.predict_table(self._events_table(events, source), source, probabilities)
 
 
-def predict_dataset(model_loc: Location, data: Location, out: Location, batch_events: int = 8,
-                    device: str = "cpu", log=print) -> dict:  # fmt: skip
+def predict_dataset(
+    model_loc: Location, data: Location, out: Location, batch_events: int = 8, device: str = "cpu", log=print
+) -> dict:
     """Predict every event of a dataset; writes preds-NNNNN.parquet per input shard plus predictions.json."""
     seg = Segmenter(model_loc, device)
     manifest = load_manifest(data)
@@ -111,8 +129,13 @@ def predict_dataset(model_loc: Location, data: Location, out: Location, batch_ev
         lengths = np.array([len(p) for p in preds], np.int32)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         flat = pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int8), pa.int8())
-        result = pa.table({"event_id": table.column("event_id"), "num_points": pa.array(lengths),
-                           "pred": pa.ListArray.from_arrays(offsets, flat)})  # fmt: skip
+        result = pa.table(
+            {
+                "event_id": table.column("event_id"),
+                "num_points": pa.array(lengths),
+                "pred": pa.ListArray.from_arrays(offsets, flat),
+            }
+        )
         name = f"preds-{i:05d}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(result, sink)
@@ -127,8 +150,14 @@ def predict_dataset(model_loc: Location, data: Location, out: Location, batch_ev
 
 
 @torch.no_grad()
-def evaluate_dataset(model_loc: Location, data: Location, batch_events: int = 4, device: str = "cpu",
-                     max_events: int | None = None, log=print) -> dict:  # fmt: skip
+def evaluate_dataset(
+    model_loc: Location,
+    data: Location,
+    batch_events: int = 4,
+    device: str = "cpu",
+    max_events: int | None = None,
+    log=print,
+) -> dict:
     """Score an exported model on a labelled dataset as its training run's validation does: the events that pass the
     model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
     mIoU, accuracy, confusion) plus what the cuts removed, counted."""

@@ -29,8 +29,13 @@ class SegModel(nn.Module):
             self.decoder = None
             self.head = nn.Sequential(nn.LayerNorm(sum(cfg.channels)), nn.Linear(sum(cfg.channels), num_classes))
 
-    def forward(self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor,
-                ) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        feat: torch.Tensor,
+        coord: torch.Tensor,
+        grid_coord: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> torch.Tensor:
         levels = self.backbone(feat, coord, grid_coord, offset)
         if self.decoder is not None:
             return self.head(self.decoder(levels, self.backbone.orders()))

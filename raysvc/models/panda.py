@@ -108,13 +108,19 @@ def sinkhorn_knopp(scores: torch.Tensor, temp: float, iters: int = 3) -> torch.T
 
 
 @torch.no_grad()
-def grid_mask(coord: torch.Tensor, offset: torch.Tensor, size: float, ratio: float, gen: torch.Generator | None = None,
-              ) -> torch.Tensor:  # fmt: skip
+def grid_mask(
+    coord: torch.Tensor,
+    offset: torch.Tensor,
+    size: float,
+    ratio: float,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
     """(N,) bool: cubes of side `size` (from each view's minimum corner) chosen at random, int(ratio * cubes) of
     them over the batch, have all their points masked."""
     batch = offset_to_batch(offset)
-    lo = coord.new_zeros(len(offset), 3).scatter_reduce(0, batch[:, None].expand(-1, 3), coord, "amin",
-                                                        include_self=False)  # fmt: skip
+    lo = coord.new_zeros(len(offset), 3).scatter_reduce(
+        0, batch[:, None].expand(-1, 3), coord, "amin", include_self=False
+    )
     cell = torch.floor((coord - lo[batch]) / size).long()
     span = int(cell.max()) + 1 if len(cell) else 1
     key = ((batch * span + cell[:, 0]) * span + cell[:, 1]) * span + cell[:, 2]
@@ -133,8 +139,13 @@ def level_mean(values: torch.Tensor, levels: list[Level], level: int) -> torch.T
     return values
 
 
-def match(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset: torch.Tensor, radius: float,
-          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def match(
+    query: torch.Tensor,
+    q_offset: torch.Tensor,
+    ref: torch.Tensor,
+    r_offset: torch.Tensor,
+    radius: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(query rows, ref rows) of nearest-neighbour pairs closer than `radius`; query event i pairs with ref event i."""
     idx, d = knn(query.detach(), q_offset, ref.detach(), r_offset, 1)
     keep = (idx[:, 0] >= 0) & (d[:, 0] < radius)
@@ -163,7 +174,7 @@ class PandaStudent(nn.Module):
         self.backbone = PTv3(backbone_cfg)
         self.mask_token = nn.Parameter(torch.zeros(backbone_cfg.channels[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        cin = sum(backbone_cfg.channels[cfg.up_cast_level:])
+        cin = sum(backbone_cfg.channels[cfg.up_cast_level :])
         head = (cin, cfg.head_hidden, cfg.head_embed, cfg.prototypes)
         self.mask_head = ProtoHead(*head) if cfg.mask_weight + cfg.roll_mask_weight > 0 else None
         self.unmask_head = ProtoHead(*head) if cfg.unmask_weight > 0 else None
@@ -224,8 +235,15 @@ def _swap_views(enc: Encoded, n_views: int) -> tuple[torch.Tensor, torch.Tensor]
     return rows, torch.cumsum(counts, 0)
 
 
-def panda_losses(student_out: dict, teacher_global: Encoded, teacher_sims: dict, cfg: PandaConfig, temp: float,
-                 n_global: int, n_local: int) -> dict:  # fmt: skip
+def panda_losses(
+    student_out: dict,
+    teacher_global: Encoded,
+    teacher_sims: dict,
+    cfg: PandaConfig,
+    temp: float,
+    n_global: int,
+    n_local: int,
+) -> dict:
     """The three losses and their weighted sum, plus monitors. `teacher_sims` holds the teacher's "mask" and
     "unmask" head outputs on the unmasked global views (encoded as `teacher_global`)."""
     out: dict = {"loss": 0.0}
@@ -251,7 +269,7 @@ def panda_losses(student_out: dict, teacher_global: Encoded, teacher_sims: dict,
         principal = tg.batch % n_global == 0
         p_rows = torch.nonzero(principal).squeeze(1)
         p_offset = batch_to_offset(tg.batch[p_rows] // n_global, len(tg.offset) // n_global)
-        q_offset = enc.offset[n_local - 1:: n_local]  # an event's local views together query its principal view
+        q_offset = enc.offset[n_local - 1 :: n_local]  # an event's local views together query its principal view
         q, r = match(enc.origin, q_offset, tg.origin[p_rows], p_offset, cfg.match_radius)
         target = sinkhorn_knopp(teacher_sims["unmask"][p_rows][r], temp, cfg.sinkhorn_iters)
         out["unmask_loss"] = _ce(target, sims[q], cfg.student_temp, enc.batch[q], len(enc.offset))
@@ -271,8 +289,11 @@ def collapse_monitors(teacher_sims: torch.Tensor, feat: torch.Tensor) -> dict:
     p = hist / hist.sum().clamp_min(1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     f = F.normalize(feat.float(), dim=-1)
-    return {"proto_used_frac": float((hist > 0).float().mean()), "proto_perplexity": float(entropy.exp()),
-            "feat_std": float(f.std(0).mean()) if len(f) > 1 else 0.0}  # fmt: skip
+    return {
+        "proto_used_frac": float((hist > 0).float().mean()),
+        "proto_perplexity": float(entropy.exp()),
+        "feat_std": float(f.std(0).mean()) if len(f) > 1 else 0.0,
+    }
 
 
 def teacher_forward(teacher: PandaStudent, global_view: dict) -> tuple[Encoded, dict]:

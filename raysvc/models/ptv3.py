@@ -61,12 +61,15 @@ class PTv3Config(BaseModel):
     def _shapes(self) -> PTv3Config:
         n = len(self.depths)
         if not (len(self.channels) == len(self.heads) == n):
-            raise ValueError(f"depths, channels and heads need one entry per stage, got {n}, {len(self.channels)}, "
-                             f"{len(self.heads)}")  # fmt: skip
+            raise ValueError(
+                f"depths, channels and heads need one entry per stage, got {n}, {len(self.channels)}, {len(self.heads)}"
+            )
         if not (len(self.dec_depths) == len(self.dec_channels) == len(self.dec_heads) == n - 1):
             raise ValueError(f"decoder depths/channels/heads need {n - 1} entries (one per stage below the last)")
-        for c, h in [*zip(self.channels, self.heads, strict=True), *zip(self.dec_channels, self.dec_heads,
-                                                                        strict=True)]:  # fmt: skip
+        for c, h in [
+            *zip(self.channels, self.heads, strict=True),
+            *zip(self.dec_channels, self.dec_heads, strict=True),
+        ]:
             if c % h:
                 raise ValueError(f"channels {c} not divisible by heads {h}")
         bad = [o for o in self.orders if o not in ORDERS]
@@ -77,14 +80,29 @@ class PTv3Config(BaseModel):
 
 PRESETS: dict[str, dict] = {
     # a few M parameters: trains on 2 CPU cores
-    "tiny": dict(depths=(1, 1, 1, 1, 1), channels=(16, 32, 64, 128, 192), heads=(1, 2, 4, 8, 12), patch_size=128,
-                 dec_depths=(1, 1, 1, 1), dec_channels=(32, 32, 64, 128), dec_heads=(2, 2, 4, 8), drop_path=0.1,
-                 layer_scale=None),
-    "small": dict(depths=(2, 2, 2, 6, 2), channels=(32, 64, 128, 256, 384), heads=(2, 4, 8, 16, 24),
-                  dec_depths=(1, 1, 1, 1), dec_channels=(48, 64, 128, 256), dec_heads=(3, 4, 8, 16), drop_path=0.2),
+    "tiny": dict(
+        depths=(1, 1, 1, 1, 1),
+        channels=(16, 32, 64, 128, 192),
+        heads=(1, 2, 4, 8, 12),
+        patch_size=128,
+        dec_depths=(1, 1, 1, 1),
+        dec_channels=(32, 32, 64, 128),
+        dec_heads=(2, 2, 4, 8),
+        drop_path=0.1,
+        layer_scale=None,
+    ),
+    "small": dict(
+        depths=(2, 2, 2, 6, 2),
+        channels=(32, 64, 128, 256, 384),
+        heads=(2, 4, 8, 16, 24),
+        dec_depths=(1, 1, 1, 1),
+        dec_channels=(48, 64, 128, 256),
+        dec_heads=(3, 4, 8, 16),
+        drop_path=0.2,
+    ),
     # Panda-Base (docs/methods.md, "Panda"), ~90 M parameters in the encoder
     "base": dict(),
-}  # fmt: skip
+}
 
 
 def preset(name: str, **overrides) -> PTv3Config:
@@ -250,8 +268,9 @@ class GridPool(nn.Module):
         idx = inverse[:, None].expand(-1, f.shape[1])
         pooled = f.new_full((m, f.shape[1]), float("-inf")).scatter_reduce(0, idx, f, "amax", include_self=True)
         coord = segment_mean(level.coord, inverse, m)
-        return Level(F.gelu(self.norm(pooled)), coord, cell_grid, batch_to_offset(cell_batch, len(level.offset)),
-                     inverse)  # fmt: skip
+        return Level(
+            F.gelu(self.norm(pooled)), coord, cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse
+        )
 
 
 class Stage(nn.Module):
@@ -274,7 +293,7 @@ def _drop_rates(depths: tuple[int, ...], max_rate: float) -> list[list[float]]:
     rates = [max_rate * i / max(total - 1, 1) for i in range(total)]
     out, i = [], 0
     for d in depths:
-        out.append(rates[i: i + d])
+        out.append(rates[i : i + d])
         i += d
     return out
 
@@ -309,8 +328,15 @@ class PTv3(nn.Module):
             random.shuffle(orders)  # Python's RNG: seeded and checkpointed by the training loop
         return orders
 
-    def forward(self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor,
-                mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> list[Level]:  # fmt: skip
+    def forward(
+        self,
+        feat: torch.Tensor,
+        coord: torch.Tensor,
+        grid_coord: torch.Tensor,
+        offset: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> list[Level]:
         """`mask` (N,) bool with `mask_token` (C0,): masked points' embeddings are replaced by the token (Panda's
         masked global views); the stem still sees their coordinates, as every point keeps its place in the grid."""
         level = self.embedding(Level(feat, coord, grid_coord.long(), offset))

@@ -48,13 +48,19 @@ def make_patches(offset: torch.Tensor, size: int) -> Patches:
     n_total = int(offset[-1]) if len(offset) else 0
     # first occurrence of each point (amin is deterministic where a plain indexed write with repeats is not)
     first = torch.full((n_total,), len(index_t), dtype=torch.long).scatter_reduce(
-        0, index_t, torch.arange(len(index_t)), "amin")
-    return Patches(index_t.to(offset.device), torch.tensor(lengths, dtype=torch.long, device=offset.device),
-                   first.to(offset.device), size)  # fmt: skip
+        0, index_t, torch.arange(len(index_t)), "amin"
+    )
+    return Patches(
+        index_t.to(offset.device),
+        torch.tensor(lengths, dtype=torch.long, device=offset.device),
+        first.to(offset.device),
+        size,
+    )
 
 
-def patch_attention(qkv: torch.Tensor, patches: Patches, scale: float | None = None,
-                    use_flash: bool | None = None) -> torch.Tensor:  # fmt: skip
+def patch_attention(
+    qkv: torch.Tensor, patches: Patches, scale: float | None = None, use_flash: bool | None = None
+) -> torch.Tensor:
     """qkv (N, 3, H, D) in serialized order -> attention output (N, H, D)."""
     n, _, h, d = qkv.shape
     padded = qkv[patches.index]  # (P, 3, H, D)

@@ -18,15 +18,20 @@ class GridSampled:
     inverse: torch.Tensor  # (N,) cell of every input point: maps cell values back to points
 
 
-def grid_sample(coord: torch.Tensor, offset: torch.Tensor, grid_size: float, feat: torch.Tensor | None = None,
-                ) -> GridSampled:  # fmt: skip
+def grid_sample(
+    coord: torch.Tensor,
+    offset: torch.Tensor,
+    grid_size: float,
+    feat: torch.Tensor | None = None,
+) -> GridSampled:
     """Voxelise each event of a packed batch at `grid_size` (same units as coord), PTv3-style: cells are counted
     from each event's minimum corner. Cells come out sorted by (event, x, y, z)."""
     if grid_size <= 0:
         raise ValueError(f"grid_size must be positive, got {grid_size}")
     batch = offset_to_batch(offset)
-    start = coord.new_zeros(len(offset), 3).scatter_reduce(0, batch[:, None].expand(-1, 3), coord, "amin",
-                                                           include_self=False)  # fmt: skip
+    start = coord.new_zeros(len(offset), 3).scatter_reduce(
+        0, batch[:, None].expand(-1, 3), coord, "amin", include_self=False
+    )
     grid = torch.floor((coord - start[batch]) / grid_size).long()
     cell_batch, cell_grid, inverse = unique_cells(batch, grid)
     m = len(cell_batch)

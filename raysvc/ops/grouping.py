@@ -28,8 +28,9 @@ class CNMSResult:
     groups: torch.Tensor  # (G, max_points) int64 point indices, -1 padded
 
 
-def cnms_event(points: np.ndarray, radius: float, overlap: float, max_points: int = 32,
-               centrality_cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def cnms_event(
+    points: np.ndarray, radius: float, overlap: float, max_points: int = 32, centrality_cap: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(centres (local indices), groups (G, max_points) local indices, -1 padded) for one event of float64 (n, 3)
     points."""
     points = np.ascontiguousarray(points, dtype=np.float64)
@@ -37,8 +38,14 @@ def cnms_event(points: np.ndarray, radius: float, overlap: float, max_points: in
     return cpu_kernels.cnms(points, float(radius), float(overlap), max_points, cap)
 
 
-def cnms(coord: torch.Tensor, offset: torch.Tensor, radius: float, overlap: float, max_points: int = 32,
-         centrality_cap: int | None = None) -> CNMSResult:  # fmt: skip
+def cnms(
+    coord: torch.Tensor,
+    offset: torch.Tensor,
+    radius: float,
+    overlap: float,
+    max_points: int = 32,
+    centrality_cap: int | None = None,
+) -> CNMSResult:
     """C-NMS over a packed batch; indices are global (into coord)."""
     if radius <= 0 or not 0 < overlap:
         raise ValueError(f"radius and overlap must be positive, got {radius}, {overlap}")

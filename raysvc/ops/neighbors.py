@@ -57,12 +57,17 @@ def _per_event_pairs(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Ten
     """Per event and query chunk: (the event's ref slice, the chunk's first query row, squared distances)."""
     for qs, rs in zip(event_slices(q_offset), event_slices(r_offset), strict=True):
         for start in range(qs.start, qs.stop, CHUNK):
-            q = query[start: min(start + CHUNK, qs.stop)]
+            q = query[start : min(start + CHUNK, qs.stop)]
             yield rs, start, torch.cdist(q.double(), ref[rs].double()) ** 2
 
 
-def knn(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset: torch.Tensor, k: int,
-        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def knn(
+    query: torch.Tensor,
+    q_offset: torch.Tensor,
+    ref: torch.Tensor,
+    r_offset: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx (M, k) global ref indices, dist (M, k)) of the k nearest ref points of the same event."""
     if query.device.type == "cpu":
         return _knn_cpu(query, q_offset, ref, r_offset, k)
@@ -83,8 +88,14 @@ def _knn_torch(query, q_offset, ref, r_offset, k):
     return idx, dist
 
 
-def ball_query(query: torch.Tensor, q_offset: torch.Tensor, ref: torch.Tensor, r_offset: torch.Tensor,
-               radius: float, max_points: int) -> torch.Tensor:  # fmt: skip
+def ball_query(
+    query: torch.Tensor,
+    q_offset: torch.Tensor,
+    ref: torch.Tensor,
+    r_offset: torch.Tensor,
+    radius: float,
+    max_points: int,
+) -> torch.Tensor:
     """(M, max_points) global indices of ref points within `radius`, nearest first, -1 padded."""
     if query.device.type == "cpu":
         return _ball_query_cpu(query, q_offset, ref, r_offset, radius, max_points)
@@ -99,7 +110,7 @@ def _ball_query_torch(query, q_offset, ref, r_offset, radius, max_points):
             continue
         order = _stable_smallest(d2, kk)
         inside = torch.gather(d2, 1, order) <= radius * radius
-        idx[start: start + len(d2), :kk] = torch.where(inside, order + rs.start, -1)
+        idx[start : start + len(d2), :kk] = torch.where(inside, order + rs.start, -1)
     return idx
 
 

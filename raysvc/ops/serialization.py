@@ -20,8 +20,13 @@ from raysvc.ops import cpu_kernels
 ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 
 
-_SPREAD = ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F), (4, 0x10C30C30C30C30C3),
-           (2, 0x1249249249249249))  # fmt: skip
+_SPREAD = (
+    (32, 0x1F00000000FFFF),
+    (16, 0x1F0000FF0000FF),
+    (8, 0x100F00F00F00F00F),
+    (4, 0x10C30C30C30C30C3),
+    (2, 0x1249249249249249),
+)
 
 
 def _spread3(v: torch.Tensor, depth: int) -> torch.Tensor:
@@ -83,8 +88,12 @@ def _check(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
     return c
 
 
-def encode(grid_coord: torch.Tensor, batch: torch.Tensor | None = None, depth: int = 16, order: str = "z",
-           ) -> torch.Tensor:  # fmt: skip
+def encode(
+    grid_coord: torch.Tensor,
+    batch: torch.Tensor | None = None,
+    depth: int = 16,
+    order: str = "z",
+) -> torch.Tensor:
     """int64 codes of (N, 3) non-negative integer grid coordinates; batch index above the 3*depth code bits."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -129,8 +138,12 @@ def decode(code: torch.Tensor, depth: int = 16, order: str = "z") -> tuple[torch
     return grid, batch
 
 
-def serialize(grid_coord: torch.Tensor, batch: torch.Tensor, depth: int, order: str,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def serialize(
+    grid_coord: torch.Tensor,
+    batch: torch.Tensor,
+    depth: int,
+    order: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code, order, inverse): points sorted by code, and the permutation back (order[inverse] == arange)."""
     return _sorted(encode(grid_coord, batch, depth, order))
 
@@ -146,8 +159,12 @@ def event_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> list[int]:
     return [max(int(m).bit_length() + 1, 1) for m in top.tolist()]
 
 
-def serialize_by_event(grid_coord: torch.Tensor, batch: torch.Tensor, order: str, depths: list[int] | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def serialize_by_event(
+    grid_coord: torch.Tensor,
+    batch: torch.Tensor,
+    order: str,
+    depths: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`serialize` with each event at its own depth (`event_depths`, computed unless given), batch index above 3*16
     bits. PTv3 takes one depth from the whole batch; a Hilbert curve of another depth orders the same points
     differently, so an event's order, and the model's answer, would depend on the events batched with it."""

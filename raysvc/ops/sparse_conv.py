@@ -60,8 +60,9 @@ class KernelPairs:
         return cls(len(nbr), pairs)
 
 
-def subm_conv3d(feat: torch.Tensor, kmap: torch.Tensor | KernelPairs, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def subm_conv3d(
+    feat: torch.Tensor, kmap: torch.Tensor | KernelPairs, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """out[i] = bias + sum_k weight[:, k] . feat[nbr[i, k]] over the existing neighbours; weight (Cout,3,3,3,Cin).
     One GEMM per offset on the pairs that exist (sites have ~4 of 27 neighbours in LArTPC data, so this does ~1/6
     of the work of gathering all 27), added into the output with index_add_, which is exact on any thread count

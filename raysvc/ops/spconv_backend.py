@@ -37,8 +37,10 @@ def cpu_baseline():
     if mods is None:
         raise RuntimeError("spconv is not importable; install the `spconv` wheel pinned in pyproject.toml")
     if torch.get_num_threads() != 1:
-        raise RuntimeError(f"spconv's CPU scatter-add races with {torch.get_num_threads()} threads and returns wrong "
-                           "sums; call torch.set_num_threads(1) first")  # fmt: skip
+        raise RuntimeError(
+            f"spconv's CPU scatter-add races with {torch.get_num_threads()} threads and returns wrong "
+            "sums; call torch.set_num_threads(1) first"
+        )
     ops = mods[1]
     saved = ops.get_current_stream
     ops.get_current_stream = lambda: 0  # the CPU kernels never use the stream
@@ -48,8 +50,14 @@ def cpu_baseline():
         ops.get_current_stream = saved
 
 
-def subm_conv3d(feat: torch.Tensor, grid_coord: torch.Tensor, batch: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:  # fmt: skip
+def subm_conv3d(
+    feat: torch.Tensor,
+    grid_coord: torch.Tensor,
+    batch: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    cache: dict | None = None,
+) -> torch.Tensor:
     """Same result as `sparse_conv.subm_conv3d`, through spconv. `cache` (one dict per coordinate set) keeps spconv's
     index pairs between layers, as its `indice_key` does."""
     mods = _spconv()

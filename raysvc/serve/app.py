@@ -46,11 +46,16 @@ REQUEST_FIELD = {"coord": "points", "energy": "energies", "num_points": "points"
 # and with gRPC from proxy to replica: three of the switches RAY_SERVE_THROUGHPUT_OPTIMIZED bundles. Measured by
 # `raysvc bench serve`: ~2.5 ms less per request on 2 cores. Read by every Serve process at start, so `raysvc serve`
 # sets them for the Ray it starts; on a cluster they belong in the nodes' environment (cluster/kuberay).
-FAST_PATH_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-                 "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}  # fmt: skip
+FAST_PATH_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
 TOKEN_ENV, TOKEN_FILE_ENV = "RAYSVC_SERVE_TOKEN", "RAYSVC_SERVE_TOKEN_FILE"
-HOW_TO_SET_TOKEN = (f"set {TOKEN_ENV} to a secret (e.g. `export {TOKEN_ENV}=$(openssl rand -hex 32)`) or "
-                    f"{TOKEN_FILE_ENV} to a file holding it; clients send `Authorization: Bearer <token>`")  # fmt: skip
+HOW_TO_SET_TOKEN = (
+    f"set {TOKEN_ENV} to a secret (e.g. `export {TOKEN_ENV}=$(openssl rand -hex 32)`) or "
+    f"{TOKEN_FILE_ENV} to a file holding it; clients send `Authorization: Bearer <token>`"
+)
 
 
 class ServeConfig(BaseModel):
@@ -62,19 +67,28 @@ class ServeConfig(BaseModel):
     auth: bool = Field(True, description="require the bearer token (off only for a trusted loopback test)")
     batching: bool = True
     max_batch_size: int = Field(200_000, gt=0, description="total points per batch")
-    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill; 0: it takes what "
-                                        "queued during the previous forward, and a lone request never waits")
-    max_body_bytes: int = Field(16 * 2**20, gt=0, description="bytes per request body (a 200,000-point event is "
-                                "about 8 MB of JSON, 3 MB of float32 .npz)")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="how long a batch waits to fill; 0: it takes what "
+        "queued during the previous forward, and a lone request never waits",
+    )
+    max_body_bytes: int = Field(
+        16 * 2**20,
+        gt=0,
+        description="bytes per request body (a 200,000-point event is about 8 MB of JSON, 3 MB of float32 .npz)",
+    )
     max_points: int = Field(200_000, gt=0, description="points per event")
-    body_timeout_s: float = Field(10.0, gt=0, description="time to receive a body; slower or stalled senders get 408 "
-                                  "and their slot back")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="time to receive a body; slower or stalled senders get 408 and their slot back"
+    )
     # In flight per replica, counting requests still sending their bodies: enough that a handful of stalled senders
     # leave room for everyone else (Serve's default, 5, let 6 stalled connections block the endpoint) and that
     # batches can fill; small enough that the bodies it holds stay bounded (32 x max_body_bytes = 512 MiB).
     max_ongoing_requests: int = Field(32, gt=0, description="requests in flight per replica")
-    max_queued_requests: int = Field(64, ge=-1, description="requests each proxy queues beyond those; more get 503 "
-                                     "with Retry-After (-1: no limit)")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests each proxy queues beyond those; more get 503 with Retry-After (-1: no limit)"
+    )
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After of a 503")
     replicas: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
@@ -90,8 +104,10 @@ class ServeConfig(BaseModel):
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not one of {sorted(self.models)}")
         if self.max_batch_size < self.max_points:
-            raise ValueError(f"max_batch_size ({self.max_batch_size} points) must hold the largest event "
-                             f"(max_points {self.max_points})")  # fmt: skip
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size} points) must hold the largest event "
+                f"(max_points {self.max_points})"
+            )
         return self
 
 
@@ -115,9 +131,12 @@ def _json_probs(p: np.ndarray) -> list:
     return [None if math.isnan(row[0]) else [round(float(v), 6) for v in row] for row in p]
 
 
-api = FastAPI(title="raysvc segmentation", version="1",
-              description="Per-point semantic segmentation of LArTPC events with fine-tuned PTv3 models. Every /v1 "
-                          "route needs `Authorization: Bearer <token>`; every error is {error, status}.")  # fmt: skip
+api = FastAPI(
+    title="raysvc segmentation",
+    version="1",
+    description="Per-point semantic segmentation of LArTPC events with fine-tuned PTv3 models. Every /v1 "
+    "route needs `Authorization: Bearer <token>`; every error is {error, status}.",
+)
 
 
 def _openapi() -> dict:
@@ -182,18 +201,35 @@ class SegmentService:
     def healthz(self) -> dict:
         return {"status": "ok", "models": len(self.models)}
 
-    @api.get("/v1/models", response_model=openapi.ModelList, responses=openapi.AUTH_ERRORS,
-             openapi_extra={"security": [{openapi.BEARER: []}]})  # fmt: skip
+    @api.get(
+        "/v1/models",
+        response_model=openapi.ModelList,
+        responses=openapi.AUTH_ERRORS,
+        openapi_extra={"security": [{openapi.BEARER: []}]},
+    )
     def list_models(self, request: Request):
         if (denied := self._authorised(request)) is not None:
             return denied
-        return {"default": self.cfg.default_model,
-                "models": [{"id": mid, "uri": self.uris[mid], "classes": list(seg.class_names),
-                            "size": seg.record.model.size, "mode": seg.record.model.mode}
-                           for mid, seg in self.models.items()]}  # fmt: skip
+        return {
+            "default": self.cfg.default_model,
+            "models": [
+                {
+                    "id": mid,
+                    "uri": self.uris[mid],
+                    "classes": list(seg.class_names),
+                    "size": seg.record.model.size,
+                    "mode": seg.record.model.mode,
+                }
+                for mid, seg in self.models.items()
+            ],
+        }
 
-    @api.post("/v1/segment", response_model=openapi.SegmentResponse, responses=openapi.SEGMENT_ERRORS,
-              openapi_extra={"requestBody": openapi.SEGMENT_BODY, "security": [{openapi.BEARER: []}]})  # fmt: skip
+    @api.post(
+        "/v1/segment",
+        response_model=openapi.SegmentResponse,
+        responses=openapi.SEGMENT_ERRORS,
+        openapi_extra={"requestBody": openapi.SEGMENT_BODY, "security": [{openapi.BEARER: []}]},
+    )
     async def segment(self, request: Request, probabilities: bool = False):
         t0 = time.perf_counter()
         if (denied := self._authorised(request)) is not None:
@@ -205,8 +241,11 @@ class SegmentService:
         if length and length.isdigit() and int(length) > self.limits.max_body_bytes:
             return _error(413, f"body of {length} bytes: the limit is {self.limits.max_body_bytes}")
         if (request.headers.get("content-type") or "").split(";")[0].strip().lower() not in CONTENT_TYPES:
-            return _error(415, f"content type {request.headers.get('content-type')!r} is not accepted: use one of "
-                               f"{', '.join(CONTENT_TYPES)}")  # fmt: skip
+            return _error(
+                415,
+                f"content type {request.headers.get('content-type')!r} is not accepted: use one of "
+                f"{', '.join(CONTENT_TYPES)}",
+            )
         try:
             body = await self._read_body(request)
         except RequestError as e:  # the connection is left mid-body: close it rather than read the rest
@@ -226,12 +265,20 @@ class SegmentService:
         else:
             classes, probs = await asyncio.to_thread(self._infer_one, model_id, event)
         t2 = time.perf_counter()
-        out = {"model": model_id, "num_points": len(classes), "classes": classes.tolist(),
-               "class_names": list(seg.class_names)}  # fmt: skip
+        out = {
+            "model": model_id,
+            "num_points": len(classes),
+            "classes": classes.tolist(),
+            "class_names": list(seg.class_names),
+        }
         if event.probabilities:
             out["probabilities"] = _json_probs(probs)
-        out["timing_ms"] = {"receive": 1e3 * (t_body - t0), "parse": 1e3 * (t1 - t_body), "infer": 1e3 * (t2 - t1),
-                            "total": 1e3 * (time.perf_counter() - t0)}  # fmt: skip
+        out["timing_ms"] = {
+            "receive": 1e3 * (t_body - t0),
+            "parse": 1e3 * (t1 - t_body),
+            "infer": 1e3 * (t2 - t1),
+            "total": 1e3 * (time.perf_counter() - t0),
+        }
         # Encoded here: FastAPI's jsonable_encoder would walk every per-point value first (~1 ms for 2,000 points)
         return Response(json.dumps(out), media_type="application/json")
 
@@ -254,8 +301,10 @@ class SegmentService:
             await asyncio.wait_for(receive(), self.cfg.body_timeout_s)
         except TimeoutError as e:
             declared = request.headers.get("content-length", "unknown")
-            raise RequestError(408, f"the body did not arrive within {self.cfg.body_timeout_s:g} s ({size} of "
-                                    f"{declared} bytes received)") from e  # fmt: skip
+            raise RequestError(
+                408,
+                f"the body did not arrive within {self.cfg.body_timeout_s:g} s ({size} of {declared} bytes received)",
+            ) from e
         return b"".join(chunks)
 
     def _infer_one(self, model_id: str, event: Event) -> tuple[np.ndarray, np.ndarray | None]:
@@ -269,9 +318,11 @@ class SegmentService:
         return [(c, p if e.probabilities else None) for c, p, e in zip(classes, probs, events, strict=True)]
 
     # ServeConfig's defaults here; each replica sets its config's values in __init__
-    @serve.batch(max_batch_size=ServeConfig.model_fields["max_batch_size"].default,
-                 batch_wait_timeout_s=ServeConfig.model_fields["batch_wait_timeout_s"].default,
-                 batch_size_fn=lambda items: sum(len(e.points) for _, e in items))  # fmt: skip
+    @serve.batch(
+        max_batch_size=ServeConfig.model_fields["max_batch_size"].default,
+        batch_wait_timeout_s=ServeConfig.model_fields["batch_wait_timeout_s"].default,
+        batch_size_fn=lambda items: sum(len(e.points) for _, e in items),
+    )
     async def _infer_batch(self, items: list[tuple[str, Event]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         results: list = [None] * len(items)
         for model_id in dict.fromkeys(mid for mid, _ in items):
@@ -287,8 +338,10 @@ def build_app(args: dict) -> serve.Application:
     `raysvc serve`; `args` are ServeConfig fields."""
     cfg = ServeConfig.model_validate(args)
     opts = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
-    return SegmentService.options(num_replicas=cfg.replicas, ray_actor_options=opts,
-                                  max_ongoing_requests=cfg.max_ongoing_requests,
-                                  max_queued_requests=cfg.max_queued_requests,
-                                  backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
-                                  ).bind(cfg.model_dump())  # fmt: skip
+    return SegmentService.options(
+        num_replicas=cfg.replicas,
+        ray_actor_options=opts,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
+    ).bind(cfg.model_dump())

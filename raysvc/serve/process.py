@@ -26,7 +26,7 @@ def session_processes(sid: int) -> list[int]:
                 stat = (d / "stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session id; skip zombies
                 out.append(int(d.name))
     return out
@@ -51,8 +51,15 @@ def wait_until_healthy(url: str, timeout_s: float, alive=lambda: True) -> bool:
 class ServeProcess:
     """`raysvc serve ARGS --port PORT` with the token in its environment (never on its command line)."""
 
-    def __init__(self, args: list[str], port: int, token: str | None, log_path: str | Path,
-                 env: dict | None = None, start_timeout_s: float = 180):  # fmt: skip
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        token: str | None,
+        log_path: str | Path,
+        env: dict | None = None,
+        start_timeout_s: float = 180,
+    ):
         self.url = f"http://127.0.0.1:{port}"
         self.args, self.port, self.token, self.log_path = args, port, token, Path(log_path)
         self.env = {**os.environ, **(env or {})}
@@ -65,8 +72,13 @@ class ServeProcess:
     def __enter__(self) -> ServeProcess:
         raysvc = str(Path(sys.executable).parent / "raysvc")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([raysvc, "serve", *self.args, "--port", str(self.port)], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [raysvc, "serve", *self.args, "--port", str(self.port)],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             if not wait_until_healthy(self.url, self.start_timeout_s, lambda: self.proc.poll() is None):
                 raise RuntimeError(f"raysvc serve did not come up:\n{self.log_path.read_text()[-4000:]}")

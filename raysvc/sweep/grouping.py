@@ -31,13 +31,19 @@ def _num(x: float) -> str:
 
 def grid_trials(spec: CNMSSweep) -> list[dict]:
     """The trial dicts of the spec: C-NMS first, then the FPS baselines."""
-    out = [{"name": f"cnms-r{_num(r)}-o{_num(o)}", "method": "cnms", "radius": r, "overlap": o}
-           for r in spec.cnms.radius for o in spec.cnms.overlap]  # fmt: skip
+    out = [
+        {"name": f"cnms-r{_num(r)}-o{_num(o)}", "method": "cnms", "radius": r, "overlap": o}
+        for r in spec.cnms.radius
+        for o in spec.cnms.overlap
+    ]
     if spec.fps_knn:
         out += [{"name": f"fps_knn-g{g}", "method": "fps_knn", "groups": g} for g in spec.fps_knn.groups]
     if spec.fps_ball:
-        out += [{"name": f"fps_ball-g{g}-r{_num(r)}", "method": "fps_ball", "groups": g, "radius": r}
-                for g in spec.fps_ball.groups for r in spec.fps_ball.radius]  # fmt: skip
+        out += [
+            {"name": f"fps_ball-g{g}-r{_num(r)}", "method": "fps_ball", "groups": g, "radius": r}
+            for g in spec.fps_ball.groups
+            for r in spec.fps_ball.radius
+        ]
     return out
 
 
@@ -79,8 +85,12 @@ def evaluate(events: list[np.ndarray], params: dict, max_points: int) -> dict:
     seconds = time.perf_counter() - t0
     cov = coverage(len(coord), groups)
     filled = (groups >= 0).sum(1).double()
-    return {**cov, "groups_per_event": len(groups) / len(events), "points_per_group": float(filled.mean()),
-            "ms_per_event": 1000 * seconds / len(events)}  # fmt: skip
+    return {
+        **cov,
+        "groups_per_event": len(groups) / len(events),
+        "points_per_group": float(filled.mean()),
+        "ms_per_event": 1000 * seconds / len(events),
+    }
 
 
 def grouping_trial(config: dict, events: list[np.ndarray], max_points: int, sweep: str, wandb: tuple) -> None:
@@ -92,8 +102,9 @@ def grouping_trial(config: dict, events: list[np.ndarray], max_points: int, swee
     params = config["trial"]
     metrics = evaluate(events, params, max_points)
     project, mode = wandb
-    tracker = Tracker(project, f"{sweep}-{params['name']}", mode, params, 0, tune.get_context().get_trial_dir(),
-                      group=sweep)  # fmt: skip
+    tracker = Tracker(
+        project, f"{sweep}-{params['name']}", mode, params, 0, tune.get_context().get_trial_dir(), group=sweep
+    )
     tracker.log(metrics, step=0)
     tracker.finish(teardown=True)
     tune.report(metrics)
@@ -101,8 +112,7 @@ def grouping_trial(config: dict, events: list[np.ndarray], max_points: int, swee
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point dominates (<= in both coordinates, < in one), by the first coordinate."""
-    front = [i for i, (a, b) in enumerate(points)
-             if not any(c <= a and d <= b and (c < a or d < b) for c, d in points)]  # fmt: skip
+    front = [i for i, (a, b) in enumerate(points) if not any(c <= a and d <= b and (c < a or d < b) for c, d in points)]
     return sorted(front, key=lambda i: points[i])
 
 
@@ -116,26 +126,37 @@ def recommend(rows: list[dict]) -> dict[str, dict]:
             continue
         score = (m["missed_ratio"] + m["duplicated_ratio"], -t["overlap"])
         if t["radius"] not in best or score < best[t["radius"]]["score"]:
-            best[t["radius"]] = {"score": score, "overlap": t["overlap"], "missed_ratio": m["missed_ratio"],
-                                 "duplicated_ratio": m["duplicated_ratio"], "groups_per_event": m["groups_per_event"],
-                                 "points_per_group": m["points_per_group"]}  # fmt: skip
+            best[t["radius"]] = {
+                "score": score,
+                "overlap": t["overlap"],
+                "missed_ratio": m["missed_ratio"],
+                "duplicated_ratio": m["duplicated_ratio"],
+                "groups_per_event": m["groups_per_event"],
+                "points_per_group": m["points_per_group"],
+            }
     return {_num(r): {k: v for k, v in b.items() if k != "score"} for r, b in sorted(best.items())}
 
 
 def table_md(summary: dict) -> str:
-    lines = ["| method | radius (voxels) | overlap / centres | missed | duplicated | groups / event | points / group |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | radius (voxels) | overlap / centres | missed | duplicated | groups / event | points / group |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r, b in summary["recommended"].items():
-        lines.append(f"| C-NMS + ball (recommended) | {r} | {b['overlap']:g} | {b['missed_ratio']:.3f} | "
-                     f"{b['duplicated_ratio']:.3f} | {b['groups_per_event']:.0f} | {b['points_per_group']:.1f} |")
+        lines.append(
+            f"| C-NMS + ball (recommended) | {r} | {b['overlap']:g} | {b['missed_ratio']:.3f} | "
+            f"{b['duplicated_ratio']:.3f} | {b['groups_per_event']:.0f} | {b['points_per_group']:.1f} |"
+        )
     for row in summary["trials"]:
         t, m = row["trial"], row["metrics"]
         if t["method"] == "cnms":
             continue
         label = "FPS + kNN" if t["method"] == "fps_knn" else "FPS + ball"
         radius = _num(t["radius"]) if "radius" in t else "-"
-        lines.append(f"| {label} | {radius} | {t['groups']} | {m['missed_ratio']:.3f} | {m['duplicated_ratio']:.3f} "
-                     f"| {m['groups_per_event']:.0f} | {m['points_per_group']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {radius} | {t['groups']} | {m['missed_ratio']:.3f} | {m['duplicated_ratio']:.3f} "
+            f"| {m['groups_per_event']:.0f} | {m['points_per_group']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -152,22 +173,47 @@ def grouping_png(summary: dict) -> bytes:
     for i, rad in enumerate(radii):
         pts = sorted((r for r in cn if r["trial"]["radius"] == rad), key=lambda r: r["trial"]["overlap"])
         c = cmap(i / max(len(radii) - 1, 1))
-        ax.plot([p["metrics"]["duplicated_ratio"] for p in pts], [p["metrics"]["missed_ratio"] for p in pts], "o-",
-                color=c, ms=3, lw=1.2, label=f"C-NMS r={rad:g}")  # fmt: skip
-        ax2.plot([p["trial"]["overlap"] for p in pts], [p["metrics"]["groups_per_event"] for p in pts], "o-",
-                 color=c, ms=3, label=f"r={rad:g}")  # fmt: skip
+        ax.plot(
+            [p["metrics"]["duplicated_ratio"] for p in pts],
+            [p["metrics"]["missed_ratio"] for p in pts],
+            "o-",
+            color=c,
+            ms=3,
+            lw=1.2,
+            label=f"C-NMS r={rad:g}",
+        )
+        ax2.plot(
+            [p["trial"]["overlap"] for p in pts],
+            [p["metrics"]["groups_per_event"] for p in pts],
+            "o-",
+            color=c,
+            ms=3,
+            label=f"r={rad:g}",
+        )
         rec = summary["recommended"].get(_num(rad))
         if rec:
             ax.plot(rec["duplicated_ratio"], rec["missed_ratio"], "*", color=c, ms=14, mec="k")
     for method, marker, label in (("fps_knn", "s", "FPS + kNN"), ("fps_ball", "^", "FPS + ball")):
         pts = [r for r in rows if r["trial"]["method"] == method]
         if pts:
-            ax.scatter([p["metrics"]["duplicated_ratio"] for p in pts], [p["metrics"]["missed_ratio"] for p in pts],
-                       marker=marker, s=36, facecolors="none", edgecolors="tab:red" if method == "fps_knn" else
-                       "tab:orange", label=label)  # fmt: skip
+            ax.scatter(
+                [p["metrics"]["duplicated_ratio"] for p in pts],
+                [p["metrics"]["missed_ratio"] for p in pts],
+                marker=marker,
+                s=36,
+                facecolors="none",
+                edgecolors="tab:red" if method == "fps_knn" else "tab:orange",
+                label=label,
+            )
     front = [rows[i]["metrics"] for i in summary["pareto_index"]]
-    ax.step([m["duplicated_ratio"] for m in front], [m["missed_ratio"] for m in front], "k--", where="post", lw=1,
-            label="Pareto front")  # fmt: skip
+    ax.step(
+        [m["duplicated_ratio"] for m in front],
+        [m["missed_ratio"] for m in front],
+        "k--",
+        where="post",
+        lw=1,
+        label="Pareto front",
+    )
     ax.set_xlabel("duplicated points ratio")
     ax.set_ylabel("missed points ratio")
     ax.set_title(f"grouping coverage on {summary['events']} events (stars: recommended overlap)")
@@ -187,18 +233,37 @@ def run_cnms_sweep(spec: CNMSSweep, log=print) -> dict:
     events = load_events(spec)
     trials = grid_trials(spec)
     exp = resolve(spec.storage).join(spec.name)
-    log(f"[raysvc] C-NMS sweep {spec.name}: {len(trials)} trials on {len(events)} events "
-        f"({sum(len(e) for e in events)} points), {spec.tune.max_concurrent_trials} at a time")  # fmt: skip
-    outcome = run_grid(grouping_trial, trials, spec.tune, exp, log, events=events, max_points=spec.max_points,
-                       sweep=spec.name, wandb=(spec.wandb_project, spec.wandb_mode))  # fmt: skip
+    log(
+        f"[raysvc] C-NMS sweep {spec.name}: {len(trials)} trials on {len(events)} events "
+        f"({sum(len(e) for e in events)} points), {spec.tune.max_concurrent_trials} at a time"
+    )
+    outcome = run_grid(
+        grouping_trial,
+        trials,
+        spec.tune,
+        exp,
+        log,
+        events=events,
+        max_points=spec.max_points,
+        sweep=spec.name,
+        wandb=(spec.wandb_project, spec.wandb_mode),
+    )
     keys = ("missed_ratio", "duplicated_ratio", "groups_per_event", "points_per_group", "ms_per_event")
     rows = [{"trial": r["trial"], "metrics": {k: r["metrics"][k] for k in keys}} for r in outcome.trials]
     summary = {
-        "sweep": spec.name, "uri": exp.uri, "events": len(events), "points": int(sum(len(e) for e in events)),
-        "max_points": spec.max_points, "trials": rows, "failed": outcome.failed, "resumed": outcome.resumed,
+        "sweep": spec.name,
+        "uri": exp.uri,
+        "events": len(events),
+        "points": int(sum(len(e) for e in events)),
+        "max_points": spec.max_points,
+        "trials": rows,
+        "failed": outcome.failed,
+        "resumed": outcome.resumed,
         "pareto_index": pareto_front([(r["metrics"]["duplicated_ratio"], r["metrics"]["missed_ratio"]) for r in rows]),
-        "recommended": recommend(rows), "wall_s": time.time() - t0, "spec": spec.model_dump(mode="json"),
-    }  # fmt: skip
+        "recommended": recommend(rows),
+        "wall_s": time.time() - t0,
+        "spec": spec.model_dump(mode="json"),
+    }
     summary["pareto"] = [rows[i]["trial"]["name"] for i in summary["pareto_index"]]
     write_bytes_atomic(exp.join("summary.json"), json.dumps(summary, indent=2).encode())
     write_bytes_atomic(exp.join("table.md"), table_md(summary).encode())

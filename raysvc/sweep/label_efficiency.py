@@ -32,8 +32,9 @@ def _label(n: int | None) -> str:
     return "all" if n is None else str(n)
 
 
-def materialise_subsets(cfg: FinetuneConfig, counts: list[int | None], seed: int, exp: Location,
-                        min_shards: int, log=print) -> dict[str, str]:  # fmt: skip
+def materialise_subsets(
+    cfg: FinetuneConfig, counts: list[int | None], seed: int, exp: Location, min_shards: int, log=print
+) -> dict[str, str]:
     """{label: dataset URI}: `all` is the job's own data; each N is written (once) under exp/subsets/events-N, split
     into >= `min_shards` shards so that every worker owns one."""
     targets = {n: exp.join("subsets", f"events-{n}") for n in counts if n is not None}
@@ -45,8 +46,17 @@ def materialise_subsets(cfg: FinetuneConfig, counts: list[int | None], seed: int
 def grid_trials(spec: FinetuneSweep, uris: dict[str, str]) -> list[dict]:
     """One trial per mode x label count, with its dataset and that dataset's event count (before the cuts)."""
     sizes = {k: load_manifest(resolve(u)).events for k, u in uris.items()}
-    return [{"name": f"{mode}-{_label(n)}", "mode": mode, "events": n, "data_uri": uris[_label(n)],
-             "labelled_events": sizes[_label(n)]} for mode in spec.modes for n in spec.events]  # fmt: skip
+    return [
+        {
+            "name": f"{mode}-{_label(n)}",
+            "mode": mode,
+            "events": n,
+            "data_uri": uris[_label(n)],
+            "labelled_events": sizes[_label(n)],
+        }
+        for mode in spec.modes
+        for n in spec.events
+    ]
 
 
 def trial_config(base: FinetuneConfig, params: dict, sweep: str, init: str, runs_uri: str) -> FinetuneConfig:
@@ -74,8 +84,17 @@ def finetune_trial(config: dict, base: dict, sweep: str, init: str, runs_uri: st
     val = summary["val"] or {}
     if val.get(metric) is None:
         raise ValueError(f"trial {params['name']}: the validation metrics have no {metric!r} value")
-    tune.report({metric: val[metric], "miou": val["miou"], "accuracy": val["accuracy"], "iou": val["iou"],
-                 "steps": summary["steps"], "wall_s": summary["wall_s"], "run_uri": summary["uri"]})  # fmt: skip
+    tune.report(
+        {
+            metric: val[metric],
+            "miou": val["miou"],
+            "accuracy": val["accuracy"],
+            "iou": val["iou"],
+            "steps": summary["steps"],
+            "wall_s": summary["wall_s"],
+            "run_uri": summary["uri"],
+        }
+    )
 
 
 def matrix(spec: FinetuneSweep, rows: list[dict]) -> dict:
@@ -84,8 +103,12 @@ def matrix(spec: FinetuneSweep, rows: list[dict]) -> dict:
     for r in rows:
         t = r["trial"]
         cells[t["mode"]][_label(t["events"])] = r["metrics"][spec.metric]
-    return {"metric": spec.metric, "modes": list(spec.modes), "events": [_label(n) for n in spec.events],
-            "cells": cells}  # fmt: skip
+    return {
+        "metric": spec.metric,
+        "modes": list(spec.modes),
+        "events": [_label(n) for n in spec.events],
+        "cells": cells,
+    }
 
 
 def table_md(table: dict, failed: list[dict]) -> str:
@@ -139,16 +162,36 @@ def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
     trials = grid_trials(spec, uris)
     total = next(t["labelled_events"] for t in trials if t["events"] is None) if None in spec.events else None
     counts = ", ".join(_label(n) for n in spec.events)
-    log(f"[raysvc] label-efficiency sweep {spec.name}: {len(trials)} trials ({', '.join(spec.modes)} x {counts} "
-        f"events), {spec.tune.max_concurrent_trials} at a time")  # fmt: skip
-    outcome = run_grid(finetune_trial, trials, spec.tune, exp, log, base=base.model_dump(mode="json"),
-                       sweep=spec.name, init=init, runs_uri=exp.join("runs").uri, metric=spec.metric)  # fmt: skip
+    log(
+        f"[raysvc] label-efficiency sweep {spec.name}: {len(trials)} trials ({', '.join(spec.modes)} x {counts} "
+        f"events), {spec.tune.max_concurrent_trials} at a time"
+    )
+    outcome = run_grid(
+        finetune_trial,
+        trials,
+        spec.tune,
+        exp,
+        log,
+        base=base.model_dump(mode="json"),
+        sweep=spec.name,
+        init=init,
+        runs_uri=exp.join("runs").uri,
+        metric=spec.metric,
+    )
     keep = (spec.metric, "miou", "accuracy", "iou", "steps", "wall_s", "run_uri")
     rows = [{"trial": r["trial"], "metrics": {k: r["metrics"].get(k) for k in keep}} for r in outcome.trials]
     table = matrix(spec, rows)
-    summary = {"sweep": spec.name, "uri": exp.uri, "table": table, "trials": rows, "failed": outcome.failed,
-               "resumed": outcome.resumed, "train_events_total": total, "wall_s": time.time() - t0,
-               "spec": spec.model_dump(mode="json")}  # fmt: skip
+    summary = {
+        "sweep": spec.name,
+        "uri": exp.uri,
+        "table": table,
+        "trials": rows,
+        "failed": outcome.failed,
+        "resumed": outcome.resumed,
+        "train_events_total": total,
+        "wall_s": time.time() - t0,
+        "spec": spec.model_dump(mode="json"),
+    }
     write_bytes_atomic(exp.join("summary.json"), json.dumps(summary, indent=2).encode())
     write_bytes_atomic(exp.join("table.json"), json.dumps(table, indent=2).encode())
     write_bytes_atomic(exp.join("table.md"), table_md(table, outcome.failed).encode())

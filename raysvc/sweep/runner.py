@@ -55,11 +55,19 @@ def run_grid(fn, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=p
     if resumed:
         before = json.loads(read_bytes(grid_loc))
         if before != trials:
-            raise ValueError(f"{exp.uri} holds a sweep with another grid; give the sweep a new name (or delete "
-                             f"the directory) to start over")  # fmt: skip
+            raise ValueError(
+                f"{exp.uri} holds a sweep with another grid; give the sweep a new name (or delete "
+                f"the directory) to start over"
+            )
         log(f"[raysvc] resuming sweep {exp.uri}: finished and failed trials are kept")
-        tuner = tune.Tuner.restore(exp.path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, storage_filesystem=fs)  # fmt: skip
+        tuner = tune.Tuner.restore(
+            exp.path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            storage_filesystem=fs,
+        )
     else:
         ensure_dir(exp)
         write_bytes_atomic(grid_loc, json.dumps(trials, indent=1).encode())
@@ -67,12 +75,19 @@ def run_grid(fn, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=p
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=tune_cfg.max_concurrent_trials,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=name, storage_path=storage_root, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=tune_cfg.max_failures),
-                                      verbose=1),
-        )  # fmt: skip
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=tune_cfg.max_concurrent_trials,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_root,
+                storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=tune_cfg.max_failures),
+                verbose=1,
+            ),
+        )
     grid = tuner.fit()
     out = TrialOutcome(resumed=resumed)
     by_name = {t["name"]: t for t in trials}

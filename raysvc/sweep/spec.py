@@ -18,11 +18,18 @@ class TuneSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_concurrent_trials: int = Field(2, gt=0, description="trials running at once")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved for the trial function itself (a token "
-                                  "0.01 when it only drives a Ray Train run; its workers reserve theirs)")  # fmt: skip
+    cpus_per_trial: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs reserved for the trial function itself (a token "
+        "0.01 when it only drives a Ray Train run; its workers reserve theirs)",
+    )
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial before it is reported failed")
-    scheduler: Literal["fifo"] = Field("fifo", description="every trial runs to the end: the grids are the result "
-                                       "(an early-stopping scheduler would leave holes in the table)")  # fmt: skip
+    scheduler: Literal["fifo"] = Field(
+        "fifo",
+        description="every trial runs to the end: the grids are the result "
+        "(an early-stopping scheduler would leave holes in the table)",
+    )
 
 
 class SweepBase(BaseModel):
@@ -32,7 +39,8 @@ class SweepBase(BaseModel):
     tune: TuneSection = Field(default_factory=TuneSection)
     wandb_project: str = "raysvc"
     wandb_mode: Literal["offline", "online", "disabled", "auto"] = Field(
-        "auto", description="auto: online when WANDB_API_KEY is set, else offline; one wandb group per sweep")
+        "auto", description="auto: online when WANDB_API_KEY is set, else offline; one wandb group per sweep"
+    )
 
 
 class CNMSGrid(BaseModel):
@@ -52,8 +60,10 @@ class CNMSSweep(SweepBase):
     duplicated points), groups per event, points per group and speed of each setting."""
 
     kind: Literal["cnms"]
-    metrics: list[str] = Field(["missed_ratio", "duplicated_ratio"], description="the two objectives, both "
-                               "minimised: the Pareto front and the recommended overlap use them")  # fmt: skip
+    metrics: list[str] = Field(
+        ["missed_ratio", "duplicated_ratio"],
+        description="the two objectives, both minimised: the Pareto front and the recommended overlap use them",
+    )
     data: DataConfig
     events: int = Field(50, gt=0, description="the first N events (after the energy cut) of `data`")
     max_points: int = Field(32, gt=0, description="points per group (ball query / kNN size)")

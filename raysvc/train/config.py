@@ -38,9 +38,12 @@ class LoopSection(BaseModel):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
-    trim_heap: bool = Field(False, description="on CPU, return freed heap pages to the OS after each step (glibc "
-                            "malloc_trim): a worker then holds ~0.5 GB between steps instead of GBs of freed "
-                            "activations, at 9-60 % more step time here (raysvc bench heap)")  # fmt: skip
+    trim_heap: bool = Field(
+        False,
+        description="on CPU, return freed heap pages to the OS after each step (glibc "
+        "malloc_trim): a worker then holds ~0.5 GB between steps instead of GBs of freed "
+        "activations, at 9-60 % more step time here (raysvc bench heap)",
+    )
 
 
 class ScalingSection(BaseModel):
@@ -59,7 +62,8 @@ class RunSection(BaseModel):
     keep_checkpoints: int = Field(2, gt=0)
     wandb_project: str = "raysvc"
     wandb_mode: Literal["offline", "online", "disabled", "auto"] = Field(
-        "auto", description="auto: online when WANDB_API_KEY is set, else offline")
+        "auto", description="auto: online when WANDB_API_KEY is set, else offline"
+    )
     wandb_group: str | None = Field(None, description="wandb group (a sweep puts its trials in one)")
 
 
@@ -77,6 +81,8 @@ class JobConfig(BaseModel):
     @model_validator(mode="after")
     def _check_batch(self) -> JobConfig:
         if self.train.batch_events % self.scaling.workers:
-            raise ValueError(f"train.batch_events ({self.train.batch_events}) must be a multiple of scaling.workers "
-                             f"({self.scaling.workers})")  # fmt: skip
+            raise ValueError(
+                f"train.batch_events ({self.train.batch_events}) must be a multiple of scaling.workers "
+                f"({self.scaling.workers})"
+            )
         return self

@@ -44,13 +44,21 @@ def load_job(path: str | None, sets: list[str] | None, default_task: str) -> Job
         raise ConfigError(f"{path or 'job'}: task {task!r} is not one of {sorted(TASKS)}")
     cls, expected = get_task(task), get_task(default_task).kind
     if cls.kind != expected:
-        raise ConfigError(f"{path or 'job'}: task {task!r} is a {cls.kind} task: run it with `raysvc {cls.kind}`, "
-                          f"not `raysvc {expected}`")  # fmt: skip
+        raise ConfigError(
+            f"{path or 'job'}: task {task!r} is a {cls.kind} task: run it with `raysvc {cls.kind}`, "
+            f"not `raysvc {expected}`"
+        )
     return load_config(cls.config, path, sets)
 
 
-def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, storage_root: Location,
-        callbacks: list | None = None) -> dict:  # fmt: skip
+def fit(
+    loop,
+    loop_config: dict,
+    scaling: ScalingSection,
+    run: RunSection,
+    storage_root: Location,
+    callbacks: list | None = None,
+) -> dict:
     """Run `loop` on `scaling.workers` workers (Ray started here unless it is already), return state.pt of the last
     checkpoint. `callbacks`: Ray Train callbacks of the run (e.g. Tune's report callback inside a sweep)."""
     import ray
@@ -63,14 +71,18 @@ def fit(loop, loop_config: dict, scaling: ScalingSection, run: RunSection, stora
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=run.name, storage_path=storage_root.path,
-                             storage_filesystem=storage_root.fs if storage_root.is_s3 else None,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                             callbacks=callbacks or None),
-    )  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=storage_root.path,
+            storage_filesystem=storage_root.fs if storage_root.is_s3 else None,
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            callbacks=callbacks or None,
+        ),
+    )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run.name}: finished without a checkpoint ({result.error})")
@@ -113,12 +125,26 @@ def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: lis
     storage_root = resolve(cfg.run.storage)
     ensure_dir(storage_root)
     run_loc = storage_root.join(cfg.run.name)
-    state = fit(train_loop, {"task": cfg.task, "job": cfg.model_dump(mode="json"), "inputs": inputs, "fault": fault},
-                cfg.scaling, cfg.run, storage_root, callbacks)  # fmt: skip
+    state = fit(
+        train_loop,
+        {"task": cfg.task, "job": cfg.model_dump(mode="json"), "inputs": inputs, "fault": fault},
+        cfg.scaling,
+        cfg.run,
+        storage_root,
+        callbacks,
+    )
     own = task.finish(cfg, state, run_loc, inputs, log)
-    summary = {"run": cfg.run.name, "task": cfg.task, "uri": run_loc.uri, "steps": state["step"],
-               "workers": cfg.scaling.workers, **own, "history": state["history"],
-               "data": data_report(state, inputs["train_data"]), "wall_s": time.time() - t0,
-               "config": cfg.model_dump(mode="json")}  # fmt: skip
+    summary = {
+        "run": cfg.run.name,
+        "task": cfg.task,
+        "uri": run_loc.uri,
+        "steps": state["step"],
+        "workers": cfg.scaling.workers,
+        **own,
+        "history": state["history"],
+        "data": data_report(state, inputs["train_data"]),
+        "wall_s": time.time() - t0,
+        "config": cfg.model_dump(mode="json"),
+    }
     write_bytes_atomic(run_loc.join("summary.json"), json.dumps(summary, indent=2).encode())
     return summary

@@ -34,8 +34,14 @@ def ingest_loop(config: dict) -> None:
         classes += np.bincount(batch["semantic"].numpy(), minlength=num_classes)[:num_classes]
         checksum += float(batch["feat"].double().sum())
         batches += 1
-    mine = {"rank": ctx.get_world_rank(), "event_ids": ids, "points": points, "classes": classes.tolist(),
-            "batches": batches, "feat_sum": checksum}  # fmt: skip
+    mine = {
+        "rank": ctx.get_world_rank(),
+        "event_ids": ids,
+        "points": points,
+        "classes": classes.tolist(),
+        "batches": batches,
+        "feat_sum": checksum,
+    }
     gathered: list = [None] * ctx.get_world_size()
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(gathered, mine)  # gloo on CPU, NCCL on GPU: the collectives training will use
@@ -48,8 +54,9 @@ def ingest_loop(config: dict) -> None:
         return
     all_ids = [i for g in gathered for i in g["event_ids"]]
     summary = {
-        "workers": [{k: v for k, v in g.items() if k != "event_ids"} | {"events": len(g["event_ids"])}
-                    for g in gathered],
+        "workers": [
+            {k: v for k, v in g.items() if k != "event_ids"} | {"events": len(g["event_ids"])} for g in gathered
+        ],
         "events": len(all_ids),
         "unique_events": len(set(all_ids)),
         "event_ids": sorted(all_ids),
@@ -59,5 +66,6 @@ def ingest_loop(config: dict) -> None:
     }
     with tempfile.TemporaryDirectory() as d:
         Path(d, "ingest.json").write_text(json.dumps(summary))
-        ray.train.report({k: v for k, v in summary.items() if k != "event_ids"},
-                         checkpoint=ray.train.Checkpoint.from_directory(d))  # fmt: skip
+        ray.train.report(
+            {k: v for k, v in summary.items() if k != "event_ids"}, checkpoint=ray.train.Checkpoint.from_directory(d)
+        )

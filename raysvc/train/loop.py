@@ -49,8 +49,15 @@ def train_loop(config: dict) -> None:
         None if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage.removeprefix("file://"))
     )
     run_dir = None if local_dir is None else os.path.join(local_dir, cfg.run.name)
-    ctx.tracker = Tracker(cfg.run.wandb_project, cfg.run.name, cfg.run.wandb_mode, config["job"], rank, local_dir,
-                          group=cfg.run.wandb_group)  # fmt: skip
+    ctx.tracker = Tracker(
+        cfg.run.wandb_project,
+        cfg.run.name,
+        cfg.run.wandb_mode,
+        config["job"],
+        rank,
+        local_dir,
+        group=cfg.run.wandb_group,
+    )
     fault = config.get("fault") or {}
     total = cfg.train.steps
     task.start(step)
@@ -76,8 +83,11 @@ def train_loop(config: dict) -> None:
             ctx.history["train"].append(rec)
             ctx.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
             if rank == 0:
-                print(f"[raysvc] step {step}/{total} {task.progress(rec)} {rec['events_per_s']:.2f} ev/s"
-                      f"{heap.memory_note(rec)}", flush=True)  # fmt: skip
+                print(
+                    f"[raysvc] step {step}/{total} {task.progress(rec)} {rec['events_per_s']:.2f} ev/s"
+                    f"{heap.memory_note(rec)}",
+                    flush=True,
+                )
             t_last, ev_since, sums = time.perf_counter(), 0, Counter()
         if step % task.eval_every == 0 or step == total:
             task.evaluate(step)

@@ -89,8 +89,9 @@ class SegLoss(nn.Module):
 
     weights: torch.Tensor | None
 
-    def __init__(self, weights: torch.Tensor | Sequence[float] | None = None, lovasz_weight: float = 0.0,
-                 ignore_index: int = -1):  # fmt: skip
+    def __init__(
+        self, weights: torch.Tensor | Sequence[float] | None = None, lovasz_weight: float = 0.0, ignore_index: int = -1
+    ):
         super().__init__()
         # A buffer follows .to(device) and lands in the state dict with the model.
         self.register_buffer("weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
@@ -103,8 +104,9 @@ class SegLoss(nn.Module):
         labels = labels.long()
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # exact sums under autocast / bf16
         valid = labels != self.ignore_index
-        per_point = F.cross_entropy(logits, labels, weight=self.weights, ignore_index=self.ignore_index,
-                                    reduction="none")  # fmt: skip
+        per_point = F.cross_entropy(
+            logits, labels, weight=self.weights, ignore_index=self.ignore_index, reduction="none"
+        )
         if self.weights is None:
             denom = valid.to(logits.dtype).sum()
         else:

@@ -15,15 +15,22 @@ def layer_id(name: str, depths: tuple[int, ...], prefix: str = "backbone.") -> i
     if name.startswith(prefix + "embedding"):
         return 0
     if name.startswith(prefix + "enc."):
-        parts = name[len(prefix):].split(".")
+        parts = name[len(prefix) :].split(".")
         stage = int(parts[1])
         block = int(parts[3]) if parts[2] == "blocks" else 0
         return sum(depths[:stage]) + block + 1
     return sum(depths) + 1
 
 
-def param_groups(model: nn.Module, depths: tuple[int, ...], lr: float, layer_decay: float, weight_decay: float,
-                 backbone_scale: float = 1.0, prefix: str = "backbone.") -> list[dict]:  # fmt: skip
+def param_groups(
+    model: nn.Module,
+    depths: tuple[int, ...],
+    lr: float,
+    layer_decay: float,
+    weight_decay: float,
+    backbone_scale: float = 1.0,
+    prefix: str = "backbone.",
+) -> list[dict]:
     """Groups of the trainable parameters of `model`, whose encoder sits under `prefix`."""
     top = sum(depths) + 1
     groups: dict[tuple[int, bool], dict] = {}
@@ -32,7 +39,9 @@ def param_groups(model: nn.Module, depths: tuple[int, ...], lr: float, layer_dec
             continue
         lid, decay = layer_id(name, depths, prefix), p.ndim > 1
         scale = layer_decay ** (top - lid) * (backbone_scale if lid < top else 1.0)
-        g = groups.setdefault((lid, decay), {"params": [], "lr": lr * scale, "decay": decay,
-                                             "weight_decay": weight_decay if decay else 0.0})  # fmt: skip
+        g = groups.setdefault(
+            (lid, decay),
+            {"params": [], "lr": lr * scale, "decay": decay, "weight_decay": weight_decay if decay else 0.0},
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]

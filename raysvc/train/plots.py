@@ -69,8 +69,9 @@ def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
         if mon:
             steps = [m["step"] for m in mon]
             c.plot(steps, [m["proto_used_frac"] for m in mon], label="prototypes used by the student (fraction)")
-            c.plot(steps, [m.get("teacher_proto_used_frac", float("nan")) for m in mon], "--",
-                   label="... by the teacher")  # fmt: skip
+            c.plot(
+                steps, [m.get("teacher_proto_used_frac", float("nan")) for m in mon], "--", label="... by the teacher"
+            )
             c.plot(steps, [m["feat_std"] for m in mon], label="feature std")
             c.set_ylim(0, 1.05)
             p = c.twinx()

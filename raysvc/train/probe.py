@@ -29,8 +29,12 @@ class ProbeConfig(BaseModel):
 
 
 @torch.no_grad()
-def point_features(backbone: PTv3, batches: list[dict], inputs_fn, device: torch.device,
-                   ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def point_features(
+    backbone: PTv3,
+    batches: list[dict],
+    inputs_fn,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, sum(channels)) float32, labels (N,)) of every point of `batches`; `inputs_fn(batch)` gives the
     model inputs (grid sampling and all) exactly as fine-tuning makes them."""
     was_training = backbone.training
@@ -45,8 +49,13 @@ def point_features(backbone: PTv3, batches: list[dict], inputs_fn, device: torch
     return np.concatenate(feats), np.concatenate(labels)
 
 
-def fit_and_score(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg: ProbeConfig,
-                  class_names: list[str], seed: int = 0) -> dict:  # fmt: skip
+def fit_and_score(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    cfg: ProbeConfig,
+    class_names: list[str],
+    seed: int = 0,
+) -> dict:
     """Fit on a class-capped sample of `train`, score on all of `val`: the metrics dict of `metrics.compute`."""
     x, y = train
     rng = np.random.default_rng(seed)
@@ -59,7 +68,20 @@ def fit_and_score(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, n
     return compute(cm.matrix, class_names)
 
 
-def run_probe(backbone: PTv3, probe_train: list[dict], probe_val: list[dict], inputs_fn, device, cfg: ProbeConfig,
-              class_names: list[str], seed: int = 0) -> dict:  # fmt: skip
-    return fit_and_score(point_features(backbone, probe_train, inputs_fn, device),
-                         point_features(backbone, probe_val, inputs_fn, device), cfg, class_names, seed)  # fmt: skip
+def run_probe(
+    backbone: PTv3,
+    probe_train: list[dict],
+    probe_val: list[dict],
+    inputs_fn,
+    device,
+    cfg: ProbeConfig,
+    class_names: list[str],
+    seed: int = 0,
+) -> dict:
+    return fit_and_score(
+        point_features(backbone, probe_train, inputs_fn, device),
+        point_features(backbone, probe_val, inputs_fn, device),
+        cfg,
+        class_names,
+        seed,
+    )

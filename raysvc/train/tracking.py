@@ -7,8 +7,16 @@ import os
 
 
 class Tracker:
-    def __init__(self, project: str, name: str, mode: str, config: dict, rank: int, local_dir: str | None,
-                 group: str | None = None):
+    def __init__(
+        self,
+        project: str,
+        name: str,
+        mode: str,
+        config: dict,
+        rank: int,
+        local_dir: str | None,
+        group: str | None = None,
+    ):
         self.run = None
         if rank != 0 or mode == "disabled":
             return
@@ -18,8 +26,17 @@ class Tracker:
 
         wdir = os.environ.get("WANDB_DIR") or local_dir or os.path.join(os.path.expanduser("~"), ".cache", "raysvc")
         os.makedirs(wdir, exist_ok=True)
-        self.run = wandb.init(project=project, name=name, id=name, group=group, resume="allow", mode=mode, dir=wdir,
-                              config=config, settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            id=name,
+            group=group,
+            resume="allow",
+            mode=mode,
+            dir=wdir,
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     def log(self, data: dict, step: int) -> None:
         if self.run is not None:

@@ -66,15 +66,25 @@ class RankStream:
     epoch in a seeded order. `make_batches(shards, epoch, counts)` turns an epoch's shard list into batches (reading
     them through Ray tasks); `counts` sums what the reads removed (cuts, bad events) over the run."""
 
-    def __init__(self, prep: Prepared, rank: int, world: int, seed: int,
-                 make_batches: Callable[[list, int, Counter], Iterator], epoch: int = 0, skip: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        prep: Prepared,
+        rank: int,
+        world: int,
+        seed: int,
+        make_batches: Callable[[list, int, Counter], Iterator],
+        epoch: int = 0,
+        skip: int = 0,
+    ):
         self.prep, self.rank, self.world, self.seed = prep, rank, world, seed
         self.make_batches = make_batches
         self.counts: Counter = Counter()
         self.epoch, self.consumed = epoch, skip
         if len(prep.manifest.shards) < world:
-            raise ValueError(f"{prep.root.uri}: {len(prep.manifest.shards)} shards for {world} workers; "
-                             "each worker needs at least one")  # fmt: skip
+            raise ValueError(
+                f"{prep.root.uri}: {len(prep.manifest.shards)} shards for {world} workers; "
+                "each worker needs at least one"
+            )
 
     def __iter__(self):
         while True:
@@ -129,8 +139,10 @@ def report_checkpoint(state: dict, metrics: dict, rank: int, local_dir: str | No
         try:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         except OSError as e:
-            raise CheckpointNotSaved(f"checkpoint of step {step} not saved to {local_dir or 'the run storage'}: {e}; "
-                                     "the run's latest checkpoint is still the previous one") from e  # fmt: skip
+            raise CheckpointNotSaved(
+                f"checkpoint of step {step} not saved to {local_dir or 'the run storage'}: {e}; "
+                "the run's latest checkpoint is still the previous one"
+            ) from e
 
 
 def _existing(path: str) -> str:
@@ -152,8 +164,13 @@ def load_checkpoint_state() -> dict | None:
         return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
 
 
-def restore(state: dict | None, parts: dict, rank: int, world: int, history: dict,
-            ) -> tuple[int, dict, tuple[int, int], dict]:  # fmt: skip
+def restore(
+    state: dict | None,
+    parts: dict,
+    rank: int,
+    world: int,
+    history: dict,
+) -> tuple[int, dict, tuple[int, int], dict]:
     """Load `parts` ({state key: module / optimizer / scheduler}) from a checkpoint's state. Returns (step, history,
     this rank's data position, its counts so far); with the same world size also this rank's RNG states, so the run
     continues exactly. A fresh run (state None) gets (0, `history`, (0, 0), {})."""
@@ -173,8 +190,16 @@ def restore(state: dict | None, parts: dict, rank: int, world: int, history: dic
     return state["step"], state["history"], position, counts
 
 
-def save(parts: dict, step: int, history: dict, rank: int, world: int, stream: RankStream, metrics: dict,
-         local_dir: str | None = None) -> None:  # fmt: skip
+def save(
+    parts: dict,
+    step: int,
+    history: dict,
+    rank: int,
+    world: int,
+    stream: RankStream,
+    metrics: dict,
+    local_dir: str | None = None,
+) -> None:
     """Checkpoint `parts` with the step, history, and every rank's data position, counts and RNG states (gathered:
     every rank must call this). `local_dir`: the run's directory when it is on a local filesystem."""
     positions = gather(stream.position(), world)
@@ -183,5 +208,11 @@ def save(parts: dict, step: int, history: dict, rank: int, world: int, stream: R
     state = {}
     if rank == 0:
         state = {k: v.state_dict() for k, v in parts.items()} | {
-            "step": step, "history": history, "data": positions, "counts": counts, "rng": rngs, "world": world}
+            "step": step,
+            "history": history,
+            "data": positions,
+            "counts": counts,
+            "rng": rngs,
+            "world": world,
+        }
     report_checkpoint(state, metrics, rank, local_dir)

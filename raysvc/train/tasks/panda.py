@@ -88,8 +88,12 @@ def _to(view: dict | None, device: torch.device) -> dict | None:
     return None if view is None else {k: v.to(device, non_blocking=True) for k, v in view.items()}
 
 
-def probe_batches(tables: Iterable[pa.Table], train_events: int, val_events: int, source: str,
-                  ) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def probe_batches(
+    tables: Iterable[pa.Table],
+    train_events: int,
+    val_events: int,
+    source: str,
+) -> tuple[list[dict], list[dict]]:
     """(probe-train batches, probe-val batches): the first `train_events` preprocessed events of `tables`, then the
     next `val_events`, in order (the same events for every probe and every run)."""
     need, got = train_events + val_events, []
@@ -99,19 +103,25 @@ def probe_batches(tables: Iterable[pa.Table], train_events: int, val_events: int
             break
     events = pa.concat_tables(got) if got else None
     if events is None or events.num_rows < need:
-        raise ValueError(f"{source}: the probe needs {need} events after the cuts, found "
-                         f"{0 if events is None else events.num_rows}")  # fmt: skip
-    return (list(pack_tables([events.slice(0, train_events)], 4)),
-            list(pack_tables([events.slice(train_events, val_events)], 4)))  # fmt: skip
+        raise ValueError(
+            f"{source}: the probe needs {need} events after the cuts, found {0 if events is None else events.num_rows}"
+        )
+    return (
+        list(pack_tables([events.slice(0, train_events)], 4)),
+        list(pack_tables([events.slice(train_events, val_events)], 4)),
+    )
 
 
 def step_values(cfg: PretrainConfig, step: int) -> dict:
     """The step-dependent values of the recipe at `step` (the lr has its own scheduler)."""
     p, total = cfg.panda, cfg.train.steps
-    return {"mask_size": warm(step, total, *p.mask_size, p.mask_warmup_frac),
-            "mask_ratio": warm(step, total, *p.mask_ratio, p.mask_warmup_frac),
-            "teacher_temp": warm(step, total, *p.teacher_temp, p.teacher_temp_warmup_frac),
-            "momentum": cosine(step, total, *p.momentum), "weight_decay": cosine(step, total, *cfg.train.weight_decay)}
+    return {
+        "mask_size": warm(step, total, *p.mask_size, p.mask_warmup_frac),
+        "mask_ratio": warm(step, total, *p.mask_ratio, p.mask_warmup_frac),
+        "teacher_temp": warm(step, total, *p.teacher_temp, p.teacher_temp_warmup_frac),
+        "momentum": cosine(step, total, *p.momentum),
+        "weight_decay": cosine(step, total, *cfg.train.weight_decay),
+    }
 
 
 @dataclass
@@ -124,8 +134,18 @@ class StepOut:
     values: dict  # step_values used (the mask ratio there is the scheduled one, not the drawn one)
 
 
-def pretrain_step(student: PandaStudent, ddp: torch.nn.Module, teacher: PandaStudent, opt, sched, params: list,
-                  batch: dict, cfg: PretrainConfig, step: int, device: torch.device) -> StepOut:  # fmt: skip
+def pretrain_step(
+    student: PandaStudent,
+    ddp: torch.nn.Module,
+    teacher: PandaStudent,
+    opt,
+    sched,
+    params: list,
+    batch: dict,
+    cfg: PretrainConfig,
+    step: int,
+    device: torch.device,
+) -> StepOut:
     """One Panda step on a batch of views (`collate_views`): grid masks on the global views -> teacher on the
     unmasked globals, student (`ddp`: DDP-wrapped or the student itself) on the masked globals and the locals ->
     the three losses -> backward -> clip -> AdamW -> lr scheduler -> EMA update of the teacher. The loop and
@@ -142,8 +162,7 @@ def pretrain_step(student: PandaStudent, ddp: torch.nn.Module, teacher: PandaStu
     with autocast(cfg.train.amp, device):
         t_enc, t_sims = teacher_forward(teacher, g_view)
         s_out = ddp(masked, mask, l_view)
-        losses = panda_losses(s_out, t_enc, t_sims, p, v["teacher_temp"], cfg.views.global_views,
-                              cfg.views.local_views)  # fmt: skip
+        losses = panda_losses(s_out, t_enc, t_sims, p, v["teacher_temp"], cfg.views.global_views, cfg.views.local_views)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     if cfg.train.grad_clip:
@@ -164,12 +183,16 @@ class PandaTask(Task):
     def prepare(cls, cfg: PretrainConfig, log) -> dict:
         train = prepare(cfg.data)
         probe = prepare(cfg.probe_data) if cfg.probe_data is not None else None
-        log(f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({train.manifest.events} events), "
-            f"{cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)")  # fmt: skip
+        log(
+            f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({train.manifest.events} events), "
+            f"{cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)"
+        )
         detector = train.detector
         if probe is not None and probe.detector.name != detector.name:
-            raise ValueError(f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
-                             f"{cfg.data.uri} holds {detector.name} events")  # fmt: skip
+            raise ValueError(
+                f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
+                f"{cfg.data.uri} holds {detector.name} events"
+            )
         class_names = list(probe.detector.class_names) if probe is not None else []
         return {"train_data": train, "probe_data": probe, "detector": detector.name, "class_names": class_names}
 
@@ -177,10 +200,17 @@ class PandaTask(Task):
     def finish(cls, cfg: PretrainConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
         backbone = {k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")}
-        spec = ModelSpec(size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels,
-                         center_events=True)  # fmt: skip
-        record = ExportedModel(kind="backbone", method=cls.name, detector=inputs["detector"], model=spec,
-                               preprocess=cfg.data.preprocess, step=state["step"])  # fmt: skip
+        spec = ModelSpec(
+            size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels, center_events=True
+        )
+        record = ExportedModel(
+            kind="backbone",
+            method=cls.name,
+            detector=inputs["detector"],
+            model=spec,
+            preprocess=cfg.data.preprocess,
+            step=state["step"],
+        )
         save_export(run_loc, backbone, record)
         probes = history["probe"]
         probe = None
@@ -188,12 +218,19 @@ class PandaTask(Task):
             last = probes[-1]
             base = probes[0] if probes[0]["step"] == 0 else None  # the random initialisation, when probed
             keys = ("iou", "f1", "mf1", "accuracy")
-            probe = {"pretrained_miou": last["miou"], "pretrained": {k: last[k] for k in keys},
-                     "random_miou": None, "gain": None, "random": None,
-                     "curve": [[p["step"], p["miou"]] for p in probes], "classes": inputs["class_names"]}  # fmt: skip
+            probe = {
+                "pretrained_miou": last["miou"],
+                "pretrained": {k: last[k] for k in keys},
+                "random_miou": None,
+                "gain": None,
+                "random": None,
+                "curve": [[p["step"], p["miou"]] for p in probes],
+                "classes": inputs["class_names"],
+            }
             if base is not None:
-                probe.update(random_miou=base["miou"], gain=last["miou"] - base["miou"],
-                             random={k: base[k] for k in keys})  # fmt: skip
+                probe.update(
+                    random_miou=base["miou"], gain=last["miou"] - base["miou"], random={k: base[k] for k in keys}
+                )
             png = pretrain_png(history, f"{cfg.run.name}: linear probe", probe_only=True)
             write_bytes_atomic(run_loc.join("probe.png"), png)
         write_bytes_atomic(run_loc.join("curves.png"), pretrain_png(history, f"{cfg.run.name}: {cfg.model.size} Panda"))
@@ -222,8 +259,9 @@ class PandaTask(Task):
     def batches(self, shards: list, epoch: int, counts: Counter):
         kwargs = {"cfg": self.cfg.views, "seed": self.cfg.train.seed, "epoch": epoch}
         per_rank, pending = self.ctx.per_rank, []
-        tables = stream_tables(self.cfg.data, self.ctx.inputs["train_data"], shards, counts, transform=table_views,
-                               transform_kwargs=kwargs)  # fmt: skip
+        tables = stream_tables(
+            self.cfg.data, self.ctx.inputs["train_data"], shards, counts, transform=table_views, transform_kwargs=kwargs
+        )
         for events in tables:
             pending.extend(events)
             while len(pending) >= per_rank:
@@ -236,8 +274,18 @@ class PandaTask(Task):
 
     def step(self, batch: dict, step: int) -> dict:
         p = self.parts
-        self.out = pretrain_step(self.student, self.ddp, self.teacher, p["optimizer"], p["scheduler"], self.params,
-                                 batch, self.cfg, step, self.ctx.device)  # fmt: skip
+        self.out = pretrain_step(
+            self.student,
+            self.ddp,
+            self.teacher,
+            p["optimizer"],
+            p["scheduler"],
+            self.params,
+            batch,
+            self.cfg,
+            step,
+            self.ctx.device,
+        )
         return self.out.losses
 
     def after_step(self, step: int) -> None:
@@ -247,17 +295,23 @@ class PandaTask(Task):
         key, view = ("mask", "global") if "global" in out.student else ("unmask", "local")
         enc, sims = out.student[view]
         teacher_mon = collapse_monitors(out.teacher_sims[key], out.teacher_enc.feat)
-        mon = {"step": step, **collapse_monitors(sims.detach(), enc.feat.detach()),
-               **{f"teacher_{k}": v for k, v in teacher_mon.items()}, **out.values,
-               "mask_ratio": float(out.mask.float().mean())}  # fmt: skip
+        mon = {
+            "step": step,
+            **collapse_monitors(sims.detach(), enc.feat.detach()),
+            **{f"teacher_{k}": v for k, v in teacher_mon.items()},
+            **out.values,
+            "mask_ratio": float(out.mask.float().mean()),
+        }
         self.ctx.history["monitor"].append(mon)
         self.ctx.tracker.log({f"monitor/{k}": v for k, v in mon.items() if k != "step"}, step)
 
     def progress(self, rec: dict) -> str:
         mon = self.ctx.history["monitor"][-1] if self.ctx.history["monitor"] else {}
-        return (f"loss {rec['loss']:.4f} (mask {rec.get('mask_loss', 0):.3f} roll {rec.get('roll_mask_loss', 0):.3f} "
-                f"unmask {rec.get('unmask_loss', 0):.3f}) protos used {mon.get('proto_used_frac', 0):.2f} "
-                f"perplexity {mon.get('proto_perplexity', 0):.0f} feat std {mon.get('feat_std', 0):.3f}")
+        return (
+            f"loss {rec['loss']:.4f} (mask {rec.get('mask_loss', 0):.3f} roll {rec.get('roll_mask_loss', 0):.3f} "
+            f"unmask {rec.get('unmask_loss', 0):.3f}) protos used {mon.get('proto_used_frac', 0):.2f} "
+            f"perplexity {mon.get('proto_perplexity', 0):.0f} feat std {mon.get('feat_std', 0):.3f}"
+        )
 
     def evaluate(self, step: int) -> None:
         """The online linear probe (rank 0 only) on the held-out labelled events."""
@@ -271,14 +325,32 @@ class PandaTask(Task):
         t0 = time.perf_counter()
         pre = cfg.probe_data.preprocess
         inputs = lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, ctx.device, True)  # noqa: E731
-        m = run_probe(self.student.backbone, *self.probe_sets, inputs, ctx.device, cfg.probe,
-                      ctx.inputs["class_names"], seed=cfg.train.seed)  # fmt: skip
-        ctx.history["probe"].append({"step": step, "miou": m["miou"], "mf1": m["mf1"], "iou": m["iou"], "f1": m["f1"],
-                                     "accuracy": m["accuracy"]})  # fmt: skip
+        m = run_probe(
+            self.student.backbone,
+            *self.probe_sets,
+            inputs,
+            ctx.device,
+            cfg.probe,
+            ctx.inputs["class_names"],
+            seed=cfg.train.seed,
+        )
+        ctx.history["probe"].append(
+            {
+                "step": step,
+                "miou": m["miou"],
+                "mf1": m["mf1"],
+                "iou": m["iou"],
+                "f1": m["f1"],
+                "accuracy": m["accuracy"],
+            }
+        )
         ctx.tracker.log({"probe/miou": m["miou"], "probe/mf1": m["mf1"]}, step)
         f1 = " ".join(f"{k} {v:.2f}" for k, v in m["f1"].items() if v is not None)
-        print(f"[raysvc] probe step {step}: mIoU {m['miou']:.4f} mF1 {m['mf1']:.4f} ({f1}) "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+        print(
+            f"[raysvc] probe step {step}: mIoU {m['miou']:.4f} mF1 {m['mf1']:.4f} ({f1}) "
+            f"[{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
 
     def report_metrics(self) -> dict:
         probes = self.ctx.history["probe"]

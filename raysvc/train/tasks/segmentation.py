@@ -39,12 +39,19 @@ from raysvc.train.worker import autocast
 class ModelSection(BackboneSection):
     head: Literal["lin", "dec"] = "dec"
     mode: Literal["lin", "dec", "fft", "scratch"] = Field(
-        "scratch", description="lin / dec: frozen encoder; fft: everything trains from `init`; scratch: no init")
-    init: str | None = Field(None, description="directory (file:// or s3://) with backbone.safetensors or "
-                                               "model.safetensors + config.json to start from")  # fmt: skip
+        "scratch", description="lin / dec: frozen encoder; fft: everything trains from `init`; scratch: no init"
+    )
+    init: str | None = Field(
+        None,
+        description="directory (file:// or s3://) with backbone.safetensors or "
+        "model.safetensors + config.json to start from",
+    )
     grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels (1: every voxel a site)")
-    center_events: bool = Field(False, description="shift each event's coordinates to its mean (a Panda backbone "
-                                "was pretrained on centred views; set from model.init's config when it says so)")
+    center_events: bool = Field(
+        False,
+        description="shift each event's coordinates to its mean (a Panda backbone "
+        "was pretrained on centred views; set from model.init's config when it says so)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
@@ -61,12 +68,18 @@ class TrainSection(LoopSection):
     lovasz_weight: float = Field(0.0, ge=0)
     backbone_lr_scale: float = Field(0.05, gt=0, le=1, description="fft: encoder lr = lr x this x layer decay")
     layer_decay: float = Field(0.9, gt=0, le=1, description="fft: lr x decay^(depth from the top) per encoder block")
-    encoder_frozen_steps: int = Field(0, ge=0, description="fft: only the head (and decoder) train for the first N "
-                                      "steps, then everything (linear-probe-then-fine-tune)")  # fmt: skip
+    encoder_frozen_steps: int = Field(
+        0,
+        ge=0,
+        description="fft: only the head (and decoder) train for the first N "
+        "steps, then everything (linear-probe-then-fine-tune)",
+    )
     val_every: int = Field(200, gt=0, description="validate every N steps (and at the end)")
     val_events: int | None = Field(None, gt=0, description="cap on validation events (default: all)")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="per-event rotations / mirrors of the "
-                                   "training batches (validation never)")  # fmt: skip
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="per-event rotations / mirrors of the training batches (validation never)",
+    )
 
 
 class FinetuneConfig(JobConfig):
@@ -82,13 +95,16 @@ class FinetuneConfig(JobConfig):
         if self.model.mode == "fft" and not self.model.init:
             raise ValueError("model.mode fft fine-tunes a pretrained backbone: set model.init (or use mode scratch)")
         if self.train.encoder_frozen_steps and self.model.mode != "fft":
-            raise ValueError(f"train.encoder_frozen_steps ({self.train.encoder_frozen_steps}) holds a pretrained "
-                             f"encoder still at first: it needs model.mode fft, not {self.model.mode!r}")  # fmt: skip
+            raise ValueError(
+                f"train.encoder_frozen_steps ({self.train.encoder_frozen_steps}) holds a pretrained "
+                f"encoder still at first: it needs model.mode fft, not {self.model.mode!r}"
+            )
         return self
 
 
-def train_step(model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConfig, device: torch.device,
-               hold: list | None = None) -> torch.Tensor:  # fmt: skip
+def train_step(
+    model, params: list, opt, loss_fn, batch: dict, cfg: FinetuneConfig, device: torch.device, hold: list | None = None
+) -> torch.Tensor:
     """One optimisation step on a packed batch: inputs -> forward (bf16 autocast on CUDA) -> loss on the points ->
     backward -> clip -> optimizer step (after the batch's augmentation, when `train.augment` asks for one). The
     parameters in `hold` lose their gradients before clipping, so AdamW skips them entirely (no update, no weight
@@ -118,8 +134,10 @@ def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None =
         backbone = {k.removeprefix("backbone."): v for k, v in init_state.items() if not k.startswith(skip)}
         missing, unexpected = model.backbone.load_state_dict(backbone, strict=False)
         if missing or unexpected:
-            raise ValueError(f"model.init does not match model.size {cfg.model.size!r}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")  # fmt: skip
+            raise ValueError(
+                f"model.init does not match model.size {cfg.model.size!r}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
     if cfg.model.mode in ("lin", "dec"):
         model.freeze_backbone()
     return model
@@ -162,8 +180,9 @@ def estimate_class_counts(cfg: FinetuneConfig, prep: Prepared, num_classes: int,
     """Per-class point counts over the first shards of the training data (after the same preprocessing)."""
     counts = np.zeros(num_classes, np.int64)
     for rec in prep.manifest.shards[:max_shards]:
-        table, _, _ = read_preprocessed(prep.root, rec, cfg.data.preprocess, prep.keep_ids, cfg.data.verify_checksums,
-                                        prep.detector)  # fmt: skip
+        table, _, _ = read_preprocessed(
+            prep.root, rec, cfg.data.preprocess, prep.keep_ids, cfg.data.verify_checksums, prep.detector
+        )
         if table.num_rows:
             sem = table.column("semantic").combine_chunks().flatten().to_numpy()
             counts += np.bincount(sem, minlength=num_classes)[:num_classes]
@@ -183,41 +202,67 @@ class SegmentationTask(Task):
         train, val = prepare(cfg.data), prepare(cfg.val_data)
         detector = train.detector
         if val.detector.name != detector.name:
-            raise ValueError(f"val_data {cfg.val_data.uri} holds {val.detector.name} events, data "
-                             f"{cfg.data.uri} holds {detector.name} events")  # fmt: skip
+            raise ValueError(
+                f"val_data {cfg.val_data.uri} holds {val.detector.name} events, data "
+                f"{cfg.data.uri} holds {detector.name} events"
+            )
         init_state = None
         if cfg.model.init and cfg.model.mode != "scratch":
             init_state, init = load_export(resolve(cfg.model.init))
             if init.detector != detector.name:
-                raise ValueError(f"model.init {cfg.model.init} was trained on {init.detector} events, the data holds "
-                                 f"{detector.name} events")  # fmt: skip
+                raise ValueError(
+                    f"model.init {cfg.model.init} was trained on {init.detector} events, the data holds "
+                    f"{detector.name} events"
+                )
             if init.model.center_events and not cfg.model.center_events:
                 cfg.model.center_events = True  # the backbone only knows centred events
             if abs(init.model.grid_voxels - cfg.model.grid_voxels) > 1e-3:
-                raise ValueError(f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
-                                 f"{init.model.grid_voxels} voxels that {cfg.model.init} was trained on")  # fmt: skip
+                raise ValueError(
+                    f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
+                    f"{init.model.grid_voxels} voxels that {cfg.model.init} was trained on"
+                )
         names = list(detector.class_names)
         counts = estimate_class_counts(cfg, train, len(names))
-        weights = class_weights(counts, cfg.train.class_weight_power).tolist() if cfg.train.class_weight_power \
-            else [1.0] * len(names)  # fmt: skip
-        log(f"[raysvc] class counts (first shards) {dict(zip(names, counts, strict=True))}; "
-            f"loss weights {[round(w, 3) for w in weights]}")  # fmt: skip
-        return {"train_data": train, "val_data": val, "init_state": init_state, "class_names": names,
-                "class_counts": counts, "class_weights": weights, "detector": detector.name}  # fmt: skip
+        weights = (
+            class_weights(counts, cfg.train.class_weight_power).tolist()
+            if cfg.train.class_weight_power
+            else [1.0] * len(names)
+        )
+        log(
+            f"[raysvc] class counts (first shards) {dict(zip(names, counts, strict=True))}; "
+            f"loss weights {[round(w, 3) for w in weights]}"
+        )
+        return {
+            "train_data": train,
+            "val_data": val,
+            "init_state": init_state,
+            "class_names": names,
+            "class_counts": counts,
+            "class_weights": weights,
+            "detector": detector.name,
+        }
 
     @classmethod
     def finish(cls, cfg: FinetuneConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
         names = inputs["class_names"]
-        record = ExportedModel(kind="segmenter", method=cls.name, detector=inputs["detector"],
-                               model=ModelSpec(**cfg.model.model_dump()), class_names=names,
-                               preprocess=cfg.data.preprocess, step=state["step"])  # fmt: skip
+        record = ExportedModel(
+            kind="segmenter",
+            method=cls.name,
+            detector=inputs["detector"],
+            model=ModelSpec(**cfg.model.model_dump()),
+            class_names=names,
+            preprocess=cfg.data.preprocess,
+            step=state["step"],
+        )
         save_export(run_loc, state["model"], record)
         png = curves_png(history, f"{cfg.run.name}: {cfg.model.size} {cfg.model.mode}")
         write_bytes_atomic(run_loc.join("curves.png"), png)
-        return {"val": history["val"][-1]["metrics"] if history["val"] else None,
-                "class_counts": dict(zip(names, inputs["class_counts"], strict=True)),
-                "class_weights": inputs["class_weights"]}  # fmt: skip
+        return {
+            "val": history["val"][-1]["metrics"] if history["val"] else None,
+            "class_counts": dict(zip(names, inputs["class_counts"], strict=True)),
+            "class_weights": inputs["class_weights"],
+        }
 
     def __init__(self, cfg: FinetuneConfig, ctx: WorkerContext):
         import ray.train.torch
@@ -230,8 +275,14 @@ class SegmentationTask(Task):
         self.model = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.world > 1 else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if cfg.model.mode == "fft":  # the pretrained encoder at lr x backbone_lr_scale with layer decay
-            groups = param_groups(model, model.backbone.cfg.depths, cfg.train.lr, cfg.train.layer_decay,
-                                  cfg.train.weight_decay, backbone_scale=cfg.train.backbone_lr_scale)  # fmt: skip
+            groups = param_groups(
+                model,
+                model.backbone.cfg.depths,
+                cfg.train.lr,
+                cfg.train.layer_decay,
+                cfg.train.weight_decay,
+                backbone_scale=cfg.train.backbone_lr_scale,
+            )
         else:
             groups = [{"params": self.params}]
         opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -249,8 +300,9 @@ class SegmentationTask(Task):
 
     def step(self, batch: dict, step: int) -> dict:
         hold = self.encoder if step < self.cfg.train.encoder_frozen_steps else None
-        loss = train_step(self.model, self.params, self.parts["optimizer"], self.loss_fn, batch, self.cfg,
-                          self.ctx.device, hold)  # fmt: skip
+        loss = train_step(
+            self.model, self.params, self.parts["optimizer"], self.loss_fn, batch, self.cfg, self.ctx.device, hold
+        )
         self.parts["scheduler"].step()
         return {"loss": loss}
 
@@ -260,8 +312,9 @@ class SegmentationTask(Task):
             self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world)
         val = evaluate(self.raw, self.val_batches, self.cfg, ctx.device, ctx.world, self.class_names)
         ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})
-        ctx.tracker.log({"val/miou": val["miou"], **{f"val/iou_{k}": v for k, v in val["iou"].items()
-                                                     if v is not None}}, step)  # fmt: skip
+        ctx.tracker.log(
+            {"val/miou": val["miou"], **{f"val/iou_{k}": v for k, v in val["iou"].items() if v is not None}}, step
+        )
         if ctx.rank == 0:
             iou = " ".join(f"{k} {v:.3f}" for k, v in val["iou"].items() if v is not None)
             print(f"[raysvc] val step {step}: mIoU {val['miou'] or 0:.4f} ({iou})", flush=True)
