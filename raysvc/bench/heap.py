@@ -111,7 +111,7 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
     torch.set_num_threads(threads)
     make = _panda_stepper if task == "panda" else _segmentation_stepper
     step, n_batches = make(Path(data), steps, batch, threads)
-    times, private, losses = [], [], []
+    times, private, losses, curve = [], [], [], []
     for i in range(steps):
         t0 = time.perf_counter()
         losses.append(step(i))
@@ -119,6 +119,8 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
             heap.trim()
         times.append(time.perf_counter() - t0)  # the trim is part of the step's cost
         private.append(heap.private_mb())
+        glibc = heap.malloc_mb() if "LD_PRELOAD" not in os.environ else None
+        curve.append([i + 1, private[-1], *((glibc["live_mb"], glibc["free_mb"]) if glibc else (None, None))])
     return {
         "step_s": statistics.median(times[warmup:]),
         "total_s": sum(times[warmup:]),
@@ -127,6 +129,7 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
         "distinct_batches": n_batches,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "losses": losses,
+        "curve": curve,  # per step: [step, private MB, glibc live MB, glibc kept-free MB] (None under jemalloc)
     }
 
 

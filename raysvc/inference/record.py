@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from raysvc.data.detectors import DEFAULT_DETECTOR, get_detector
 from raysvc.data.transforms import PreprocessConfig
+from raysvc.models import polarmae
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import PRESETS, PTv3Config, preset
 from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
@@ -28,27 +29,41 @@ FORMAT_VERSION = 1
 WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors"}
 
 
+ARCHS = {"ptv3": PRESETS, "polarmae": polarmae.PRESETS}
+
+
 class ModelSpec(BaseModel):
-    """What rebuilds the network: backbone preset + overrides, the head (None: a backbone alone) and the model's
-    input grid."""
+    """What rebuilds the network: the architecture, its preset + overrides, the head (None: a backbone alone) and
+    the model's input grid."""
 
     model_config = ConfigDict(extra="forbid")
-    size: str = Field("tiny", description=f"backbone preset: one of {sorted(PRESETS)}")
-    overrides: dict = Field(default_factory=dict, description="PTv3Config fields that replace the preset's")
+    arch: Literal["ptv3", "polarmae"] = Field("ptv3", description="the backbone: PTv3 or the PoLAr-MAE encoder")
+    size: str = Field("tiny", description=f"backbone preset: ptv3 {sorted(PRESETS)}, polarmae {sorted(polarmae.PRESETS)}")
+    overrides: dict = Field(default_factory=dict, description="the preset's config fields that this model replaces")
     head: Literal["lin", "dec"] | None = None
     grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels")
     center_events: bool = Field(False, description="each event's coordinates shifted to its mean")
     mode: str | None = Field(None, description="how it was fine-tuned (lin / dec / fft / scratch); informational")
     init: str | None = Field(None, description="the export it was initialised from; informational")
 
-    def backbone_config(self) -> PTv3Config:
+    @model_validator(mode="after")
+    def _check_size(self) -> ModelSpec:
+        if self.size not in ARCHS[self.arch]:
+            raise ValueError(f"size of a {self.arch} model must be one of {sorted(ARCHS[self.arch])}, got {self.size!r}")
+        return self
+
+    def backbone_config(self) -> PTv3Config | polarmae.PolarMAEConfig:
+        if self.arch == "polarmae":
+            return polarmae.preset(self.size, **self.overrides)
         return preset(self.size, **self.overrides)
 
-    def build_segmenter(self, num_classes: int) -> SegModel:
+    def build_segmenter(self, num_classes: int) -> SegModel | polarmae.PolarMAESegModel:
         """The segmentation network (backbone + head) this spec describes, freshly initialised: the one place a
         segmenter is constructed, for training and for loading an export alike."""
         if self.head is None:
             raise ValueError("a backbone export has no segmentation head; fine-tune it first")
+        if self.arch == "polarmae":
+            return polarmae.PolarMAESegModel(self.backbone_config(), num_classes, self.head)
         return SegModel(self.backbone_config(), num_classes, self.head)
 
 
@@ -102,7 +117,7 @@ class ExportedModel(BaseModel):
     def weights_name(self) -> str:
         return WEIGHTS[self.kind]
 
-    def build(self) -> SegModel:
+    def build(self) -> SegModel | polarmae.PolarMAESegModel:
         """The segmenter network this record describes (weights not loaded)."""
         return self.model.build_segmenter(self.num_classes)
 

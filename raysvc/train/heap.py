@@ -17,9 +17,34 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+try:  # glibc >= 2.33
+    _mallinfo2 = ctypes.CDLL(None).mallinfo2
+    _mallinfo2.restype = _Mallinfo2
+except (OSError, AttributeError):
+    _mallinfo2 = None
+
+
 def trim() -> bool:
     """Return the heap's free pages to the OS; True if glibc released any."""
     return bool(_malloc_trim(0)) if _malloc_trim is not None else False
+
+
+def malloc_mb() -> dict[str, float] | None:
+    """glibc's count of the C heap over all its arenas (`mallinfo2`): `live_mb` handed out and not freed (heap +
+    mmapped blocks), `free_mb` freed but kept by glibc. Live memory that grows means something holds on to buffers;
+    free memory that grows is the allocator keeping what was given back. None without glibc; meaningless under a
+    preloaded allocator (jemalloc), which glibc's arenas do not see."""
+    if _mallinfo2 is None:
+        return None
+    m = _mallinfo2()
+    return {"live_mb": (m.uordblks + m.hblkhd) / 2**20, "free_mb": m.fordblks / 2**20}
 
 
 def private_mb() -> float | None:
@@ -34,11 +59,21 @@ def private_mb() -> float | None:
 
 
 def with_private_mb(rec: dict) -> dict:
-    """A progress record with this process's private memory added, where it can be read."""
+    """A progress record with this process's private memory added, and glibc's live / kept-free heap beside it (so a
+    growth can be told apart: live buffers, the allocator's free lists, or memory outside malloc), where readable."""
     mb = private_mb()
-    return rec if mb is None else {**rec, "private_mb": mb}
+    if mb is None:
+        return rec
+    rec = {**rec, "private_mb": mb}
+    heap = malloc_mb()
+    return rec if heap is None else {**rec, "heap_live_mb": heap["live_mb"], "heap_free_mb": heap["free_mb"]}
 
 
 def memory_note(rec: dict) -> str:
     """The progress line's memory part: empty where `rec` has none."""
-    return f", private memory {rec['private_mb']:.0f} MB" if "private_mb" in rec else ""
+    if "private_mb" not in rec:
+        return ""
+    note = f", private memory {rec['private_mb']:.0f} MB"
+    if "heap_live_mb" in rec:
+        note += f" (heap live {rec['heap_live_mb']:.0f}, free {rec['heap_free_mb']:.0f})"
+    return note

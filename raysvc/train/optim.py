@@ -1,7 +1,8 @@
 """AdamW parameter groups with layer-wise lr decay over the PTv3 encoder (Panda pretraining and the fft protocol).
 
 A parameter's depth: the stem 0, encoder blocks 1..n in order (a stage's grid pooling goes with its first block),
-everything outside the encoder (heads, decoder, mask token) n + 1. Its lr is lr x layer_decay^(n + 1 - depth), times
+everything outside the encoder (heads, decoder, mask token) n + 1. The PoLAr-MAE encoder counts the same way: its
+patch and positional embeddings 0, its Transformer blocks 1..n (one stage). Its lr is lr x layer_decay^(n + 1 - depth), times
 `backbone_scale` inside the encoder. Weight decay applies to matrices only (`decay` marks the groups a weight-decay
 schedule updates); norms, biases and tokens are spared.
 """
@@ -11,9 +12,16 @@ from __future__ import annotations
 from torch import nn
 
 
+def encoder_depths(cfg) -> tuple[int, ...]:
+    """Blocks per stage of a backbone config: PTv3's `depths`, or the one stage of a plain Transformer (`depth`)."""
+    return tuple(cfg.depths) if hasattr(cfg, "depths") else (cfg.depth,)
+
+
 def layer_id(name: str, depths: tuple[int, ...], prefix: str = "backbone.") -> int:
-    if name.startswith(prefix + "embedding"):
+    if name.startswith((prefix + "embedding", prefix + "patch_embed", prefix + "pos_embed")):
         return 0
+    if name.startswith(prefix + "transformer.blocks."):
+        return int(name[len(prefix) :].split(".")[2]) + 1
     if name.startswith(prefix + "enc."):
         parts = name[len(prefix) :].split(".")
         stage = int(parts[1])

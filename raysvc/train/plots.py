@@ -82,6 +82,34 @@ def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
     return fig_png(fig, title)
 
 
+def mae_png(history: dict, title: str) -> bytes:
+    """PoLAr-MAE: token-probe F1 per class and its mean over steps (step 0 = random init), and the losses."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    probes = history.get("probe", [])
+    if probes:
+        steps = [p["step"] for p in probes]
+        a.plot(steps, [_nan(p["token_mean_f1"]) for p in probes], "k-o", label="mean F1", linewidth=2)
+        for name in probes[-1]["token_f1"]:
+            a.plot(steps, [_nan(p["token_f1"].get(name)) for p in probes], "--", label=name)
+        a.set_ylim(0, 1)
+        a.legend(fontsize=8)
+    a.set_xlabel("step")
+    a.set_ylabel("token probe F1 (frozen encoder, linear SVM)")
+    tr = history.get("train", [])
+    for key in ("loss", "chamfer_loss", "energy_loss"):
+        if tr and key in tr[0]:
+            b.plot([r["step"] for r in tr], [r[key] for r in tr], label=key)
+    b.set_yscale("log")
+    b.set_xlabel("step")
+    b.set_ylabel("loss")
+    b.legend(fontsize=8)
+    return fig_png(fig, title)
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else v
+
+
 def fig_png(fig, title: str | None = None) -> bytes:
     """The figure as PNG bytes (closed afterwards)."""
     if title:

@@ -24,12 +24,14 @@ from raysvc.data.reader import read_preprocessed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import ExportedModel, ModelSpec, load_export, save_export
+from raysvc.models import polarmae
 from raysvc.models.heads import SegModel
+from raysvc.models.ptv3 import PRESETS
 from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import BackboneSection, JobConfig, LoopSection
 from raysvc.train.losses import SegLoss, class_weights
-from raysvc.train.optim import param_groups
+from raysvc.train.optim import encoder_depths, param_groups
 from raysvc.train.plots import curves_png
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
@@ -37,6 +39,9 @@ from raysvc.train.worker import autocast
 
 
 class ModelSection(BackboneSection):
+    arch: Literal["ptv3", "polarmae"] = Field(
+        "ptv3", description="the encoder: PTv3 or PoLAr-MAE's Transformer (taken from model.init's export)"
+    )
     head: Literal["lin", "dec"] = "dec"
     mode: Literal["lin", "dec", "fft", "scratch"] = Field(
         "scratch", description="lin / dec: frozen encoder; fft: everything trains from `init`; scratch: no init"
@@ -52,6 +57,13 @@ class ModelSection(BackboneSection):
         description="shift each event's coordinates to its mean (a Panda backbone "
         "was pretrained on centred views; set from model.init's config when it says so)",
     )
+
+    @model_validator(mode="after")
+    def _check_size(self) -> ModelSection:  # replaces BackboneSection's: the presets depend on the architecture
+        presets = polarmae.PRESETS if self.arch == "polarmae" else PRESETS
+        if self.size not in presets:
+            raise ValueError(f"size of a {self.arch} model must be one of {sorted(presets)}, got {self.size!r}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
@@ -216,6 +228,11 @@ class SegmentationTask(Task):
                 )
             if init.model.center_events and not cfg.model.center_events:
                 cfg.model.center_events = True  # the backbone only knows centred events
+            if init.model.arch != cfg.model.arch or init.model.arch == "polarmae":
+                # the encoder is the export's, whatever the job file's PTv3 defaults say
+                cfg.model.arch, cfg.model.size = init.model.arch, init.model.size
+                cfg.model.overrides = dict(init.model.overrides)
+                log(f"[raysvc] model.init is a {init.model.arch} {init.model.size} encoder ({init.method})")
             if abs(init.model.grid_voxels - cfg.model.grid_voxels) > 1e-3:
                 raise ValueError(
                     f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
@@ -277,7 +294,7 @@ class SegmentationTask(Task):
         if cfg.model.mode == "fft":  # the pretrained encoder at lr x backbone_lr_scale with layer decay
             groups = param_groups(
                 model,
-                model.backbone.cfg.depths,
+                encoder_depths(model.backbone.cfg),
                 cfg.train.lr,
                 cfg.train.layer_decay,
                 cfg.train.weight_decay,
