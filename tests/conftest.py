@@ -11,6 +11,10 @@ from raysvc.data.schema import table_from_events
 from raysvc.seaweed import SeaweedS3
 from raysvc.storage import S3Options, resolve
 
+# Ray Train's controller polls its workers every 2 s by default, so each report (checkpoint) waits up to that long;
+# every run of the suite, in process or a CLI child, polls faster.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
 
 @pytest.fixture(scope="session")
 def seaweed():
@@ -38,7 +42,6 @@ def ray_local():
 
     from raysvc.ray_init import init_ray
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.pop("RAY_ADDRESS", None)
     init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     import ray.data

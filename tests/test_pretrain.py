@@ -186,8 +186,6 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
 
 @pytest.mark.slow
 def test_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, pt_data, tmp_path):
-    from ray.train import TrainingFailedError
-
     from raysvc.train.driver import run_job
 
     quiet = lambda m: None  # noqa: E731
@@ -203,15 +201,8 @@ def test_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, pt_d
     got = torch.load(_last_state(tmp_path / "retried"), weights_only=False)
     for part in ("student", "teacher"):
         assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part
-
-    cfg = _cfg(pt_data, tmp_path, "rerun", *no_probe)
-    with pytest.raises(TrainingFailedError):
-        run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})
-    run_job(cfg, log=quiet)
-    got = torch.load(_last_state(tmp_path / "rerun"), weights_only=False)
-    for part in ("student", "teacher"):
-        assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part
     assert [r["step"] for r in got["history"]["train"]] == [2, 4, 6]
+    # a failed run resumed by running the same command again goes through the same restore: tests/test_train.py
 
 
 def _last_state(run: Path) -> Path:

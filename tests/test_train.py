@@ -92,6 +92,7 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
             "AWS_ACCESS_KEY_ID": "x",
             "AWS_SECRET_ACCESS_KEY": "y",
             "AWS_DEFAULT_REGION": "us-east-1",
+            "RAYSVC_STORAGE_RETRY_S": "1",  # the retry budget (default 120 s) spent quickly: the same named error
         },
     )
     assert "s3://raysvc-none/train" in unreachable

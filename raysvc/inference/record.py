@@ -17,19 +17,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from raysvc.data.detectors import DEFAULT_DETECTOR, get_detector
 from raysvc.data.transforms import PreprocessConfig
-from raysvc.models import polarmae
-from raysvc.models.heads import SegModel
-from raysvc.models.ptv3 import PRESETS, PTv3Config, preset
+from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
 
 FORMAT_VERSION = 1
 WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors"}
-
-
-ARCHS = {"ptv3": PRESETS, "polarmae": polarmae.PRESETS}
 
 
 class ModelSpec(BaseModel):
@@ -37,8 +33,8 @@ class ModelSpec(BaseModel):
     the model's input grid."""
 
     model_config = ConfigDict(extra="forbid")
-    arch: Literal["ptv3", "polarmae"] = Field("ptv3", description="the backbone: PTv3 or the PoLAr-MAE encoder")
-    size: str = Field("tiny", description=f"backbone preset: ptv3 {sorted(PRESETS)}, polarmae {sorted(polarmae.PRESETS)}")
+    arch: str = Field("ptv3", description=f"the backbone: one of {sorted(ARCHS)}")
+    size: str = Field("tiny", description="the architecture's preset (models/archs.py)")
     overrides: dict = Field(default_factory=dict, description="the preset's config fields that this model replaces")
     head: Literal["lin", "dec"] | None = None
     grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels")
@@ -48,23 +44,19 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_size(self) -> ModelSpec:
-        if self.size not in ARCHS[self.arch]:
-            raise ValueError(f"size of a {self.arch} model must be one of {sorted(ARCHS[self.arch])}, got {self.size!r}")
+        check_size(self.arch, self.size)
         return self
 
-    def backbone_config(self) -> PTv3Config | polarmae.PolarMAEConfig:
-        if self.arch == "polarmae":
-            return polarmae.preset(self.size, **self.overrides)
-        return preset(self.size, **self.overrides)
+    def backbone_config(self):
+        """The encoder's config (PTv3Config, PolarMAEConfig, ...)."""
+        return ARCHS[self.arch].config(self.size, **self.overrides)
 
-    def build_segmenter(self, num_classes: int) -> SegModel | polarmae.PolarMAESegModel:
+    def build_segmenter(self, num_classes: int) -> nn.Module:
         """The segmentation network (backbone + head) this spec describes, freshly initialised: the one place a
         segmenter is constructed, for training and for loading an export alike."""
         if self.head is None:
             raise ValueError("a backbone export has no segmentation head; fine-tune it first")
-        if self.arch == "polarmae":
-            return polarmae.PolarMAESegModel(self.backbone_config(), num_classes, self.head)
-        return SegModel(self.backbone_config(), num_classes, self.head)
+        return ARCHS[self.arch].segmenter(self.backbone_config(), num_classes, self.head)
 
 
 class ExportedModel(BaseModel):
@@ -117,7 +109,7 @@ class ExportedModel(BaseModel):
     def weights_name(self) -> str:
         return WEIGHTS[self.kind]
 
-    def build(self) -> SegModel | polarmae.PolarMAESegModel:
+    def build(self) -> nn.Module:
         """The segmenter network this record describes (weights not loaded)."""
         return self.model.build_segmenter(self.num_classes)
 

@@ -113,6 +113,10 @@ class Tokens:
     def __len__(self) -> int:
         return len(self.centres)
 
+    def to(self, device: torch.device) -> Tokens:
+        """The same tokens on `device` (the tokenizer runs on CPU)."""
+        return Tokens(*(x.to(device) if torch.is_tensor(x) else x for x in vars(self).values()))
+
 
 def _starts(offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts, first row) of every event of a cumulative offset."""
@@ -459,3 +463,50 @@ class PolarMAE(nn.Module):
             "masked_frac": mask.float().mean() if len(mask) else chamfer.new_zeros(()),
             "truncated": torch.tensor(tokens.truncated),
         }
+
+
+# ---- segmentation from the encoder ---------------------------------------------------------------------------
+
+SEG_HEADS = ("lin", "dec")
+
+
+class PolarMAESegModel(nn.Module):
+    """The PoLAr-MAE encoder with a per-point head: tokens of the input points -> encoder -> feature propagation from
+    the tokens to every point -> "lin" (LayerNorm + linear) or "dec" (an MLP on the propagated features and the point's
+    own input features, then linear). Called like the PTv3 segmenter (`feat` = xyz + point features, `coord`,
+    `grid_coord`, `offset` of the grid-sampled points), so training, evaluation and serving treat both alike."""
+
+    def __init__(self, cfg: PolarMAEConfig, num_classes: int, head: str = "dec"):
+        super().__init__()
+        if head not in SEG_HEADS:
+            raise ValueError(f"head must be one of {SEG_HEADS}, got {head!r}")
+        self.cfg, self.head_kind = cfg, head
+        self.backbone = PolarMAEEncoder(cfg)
+        w = cfg.width
+        if head == "dec":
+            self.decoder = nn.Sequential(
+                nn.Linear(w + cfg.in_channels, 2 * w), nn.LayerNorm(2 * w), nn.GELU(), nn.Linear(2 * w, w), nn.GELU()
+            )
+            self.head = nn.Linear(w, num_classes)
+        else:
+            self.decoder = None
+            self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, num_classes))
+        for m in (self.decoder, self.head):
+            if m is not None:
+                m.apply(_init)
+
+    def forward(
+        self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, num_classes) logits of the N input points."""
+        tokens = tokenize(coord.float(), feat[:, 3:].float(), offset, self.cfg).to(feat.device)
+        tok = self.backbone.encode(tokens)
+        per_point = interpolate_to_points(tok, tokens.centres, tokens.token_offset, coord, offset)
+        if self.decoder is not None:
+            per_point = self.decoder(torch.cat([per_point, feat.to(per_point.dtype)], 1))
+        return self.head(per_point)
+
+    def freeze_backbone(self) -> None:
+        """lin / dec protocols (the paper's PEFT): the encoder stays as loaded, without gradients."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)

@@ -1,9 +1,9 @@
 """AdamW parameter groups with layer-wise lr decay over the PTv3 encoder (Panda pretraining and the fft protocol).
 
 A parameter's depth: the stem 0, encoder blocks 1..n in order (a stage's grid pooling goes with its first block),
-everything outside the encoder (heads, decoder, mask token) n + 1. The PoLAr-MAE encoder counts the same way: its
-patch and positional embeddings 0, its Transformer blocks 1..n (one stage). Its lr is lr x layer_decay^(n + 1 - depth), times
-`backbone_scale` inside the encoder. Weight decay applies to matrices only (`decay` marks the groups a weight-decay
+everything outside the encoder (heads, decoder, mask token) n + 1; in the PoLAr-MAE encoder, its patch and positional
+embeddings 0 and its Transformer blocks 1..n. Its lr is lr x layer_decay^(n + 1 - depth), times `backbone_scale`
+inside the encoder. Weight decay applies to matrices only (`decay` marks the groups a weight-decay
 schedule updates); norms, biases and tokens are spared.
 """
 

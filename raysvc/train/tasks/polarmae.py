@@ -20,12 +20,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import pack_tables, prepare, stream_tables
 from raysvc.inference.record import ExportedModel, ModelSpec, save_export
-from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, Tokens, preset, token_targets, tokenize
+from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import JobConfig, LoopSection, RunSection
@@ -50,14 +50,23 @@ class MAEModelSection(BaseModel):
     max_tokens: int = Field(512, ge=1, description="tokens per event (the first in C-NMS order are kept)")
     mask_ratio: float = Field(0.6, ge=0, lt=1)
 
-    @model_validator(mode="after")
-    def _check(self) -> MAEModelSection:
-        if self.size not in PRESETS:
-            raise ValueError(f"size must be one of {sorted(PRESETS)}, got {self.size!r}")
-        tokenizer = {"radius", "overlap", "max_points", "max_tokens", "mask_ratio"} & set(self.overrides)
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str) -> str:
+        if size not in PRESETS:
+            raise ValueError(f"one of {sorted(PRESETS)}, got {size!r}")
+        return size
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, overrides: dict) -> dict:
+        tokenizer = {"radius", "overlap", "max_points", "max_tokens", "mask_ratio"} & set(overrides)
         if tokenizer:
-            raise ValueError(f"set {sorted(tokenizer)} as model.<field> (radius as model.radius_voxels), not overrides")
-        return self
+            raise ValueError(f"set {sorted(tokenizer)} as model.<field> (radius as model.radius_voxels)")
+        unknown = set(overrides) - set(PolarMAEConfig.model_fields)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not PolarMAEConfig fields")
+        return overrides
 
     def network(self, scale: float) -> PolarMAEConfig:
         """The model's config for data whose coordinates are voxels / `scale`."""
@@ -100,8 +109,7 @@ class PolarMAEJob(JobConfig):
 def batch_tokens(batch: dict, cfg: PolarMAEConfig, device: torch.device, augment: AugmentConfig | None = None):
     """Tokens of a packed batch (coordinates as the data gives them, rotated per event when `augment` says so)."""
     coord = batch["coord"] if augment is None else augment_coords(batch["coord"], batch["offset"], augment)
-    tokens = tokenize(coord.float(), batch["energy"].float(), batch["offset"], cfg)
-    return Tokens(*(x.to(device) if torch.is_tensor(x) else x for x in vars(tokens).values()))
+    return tokenize(coord.float(), batch["energy"].float(), batch["offset"], cfg).to(device)
 
 
 @torch.no_grad()
@@ -197,11 +205,12 @@ class PolarMAETask(Task):
         train = history["train"]
         # log records hold window means: events over the context = mean per step x steps in the window
         windows = np.diff([0] + [r["step"] for r in train])
+        truncated = sum(r["truncated_events"] * w for r, w in zip(train, windows, strict=True))
         return {
             "probe": probe,
             "tokens": {
                 "per_event_mean": float(np.mean([r["tokens_per_event"] for r in train])) if train else None,
-                "truncated_events": int(round(sum(r["truncated_events"] * w for r, w in zip(train, windows)))),
+                "truncated_events": int(round(truncated)),
                 "max_tokens": cfg.network.max_tokens,
             },
         }
@@ -280,8 +289,7 @@ class PolarMAETask(Task):
         ctx.tracker.log({"probe/token_mean_f1": m["mean_f1"]}, step)
         f1 = " ".join(f"{k} {v:.2f}" for k, v in m["f1"].items() if v is not None)
         print(
-            f"[raysvc] token probe step {step}: mean F1 {m['mean_f1']:.4f} ({f1}) "
-            f"[{time.perf_counter() - t0:.0f} s]",
+            f"[raysvc] token probe step {step}: mean F1 {m['mean_f1']:.4f} ({f1}) [{time.perf_counter() - t0:.0f} s]",
             flush=True,
         )
 

@@ -24,9 +24,7 @@ from raysvc.data.reader import read_preprocessed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import ExportedModel, ModelSpec, load_export, save_export
-from raysvc.models import polarmae
-from raysvc.models.heads import SegModel
-from raysvc.models.ptv3 import PRESETS
+from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import BackboneSection, JobConfig, LoopSection
@@ -39,9 +37,7 @@ from raysvc.train.worker import autocast
 
 
 class ModelSection(BackboneSection):
-    arch: Literal["ptv3", "polarmae"] = Field(
-        "ptv3", description="the encoder: PTv3 or PoLAr-MAE's Transformer (taken from model.init's export)"
-    )
+    arch: str = Field("ptv3", description=f"the encoder, one of {sorted(ARCHS)} (model.init's export sets it)")
     head: Literal["lin", "dec"] = "dec"
     mode: Literal["lin", "dec", "fft", "scratch"] = Field(
         "scratch", description="lin / dec: frozen encoder; fft: everything trains from `init`; scratch: no init"
@@ -60,9 +56,7 @@ class ModelSection(BackboneSection):
 
     @model_validator(mode="after")
     def _check_size(self) -> ModelSection:  # replaces BackboneSection's: the presets depend on the architecture
-        presets = polarmae.PRESETS if self.arch == "polarmae" else PRESETS
-        if self.size not in presets:
-            raise ValueError(f"size of a {self.arch} model must be one of {sorted(presets)}, got {self.size!r}")
+        check_size(self.arch, self.size)
         return self
 
     @model_validator(mode="after")
@@ -137,7 +131,7 @@ def train_step(
     return loss.detach()
 
 
-def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None = None) -> SegModel:
+def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None = None) -> torch.nn.Module:
     """The segmenter of a job: backbone preset + head, the backbone loaded from `init_state` (an export's weights)
     unless the mode is scratch, frozen for lin / dec."""
     model = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
@@ -228,7 +222,7 @@ class SegmentationTask(Task):
                 )
             if init.model.center_events and not cfg.model.center_events:
                 cfg.model.center_events = True  # the backbone only knows centred events
-            if init.model.arch != cfg.model.arch or init.model.arch == "polarmae":
+            if init.model.arch != cfg.model.arch or init.model.arch != "ptv3":
                 # the encoder is the export's, whatever the job file's PTv3 defaults say
                 cfg.model.arch, cfg.model.size = init.model.arch, init.model.size
                 cfg.model.overrides = dict(init.model.overrides)
