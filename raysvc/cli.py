@@ -118,6 +118,11 @@ def cmd_bench_ops(a: argparse.Namespace) -> None:
         f"C-NMS + ball {g['cnms_ball_events_per_s']:.0f} ev/s, FPS + ball {g['fps_ball_events_per_s']:.0f} ev/s, "
         f"FPS + kNN {g['fps_knn_events_per_s']:.0f} ev/s; C-NMS vs FPS + ball {g['cnms_vs_fps_ball']:.2f}x"
     )
+    t = result["tokenizer"]
+    print(
+        f"PoLAr-MAE tokens (grouping + patches + {t['embed']}): C-NMS + ball {t['cnms_ball_tokens_events_per_s']:.0f} "
+        f"ev/s, FPS + ball {t['fps_ball_tokens_events_per_s']:.0f}, FPS + kNN {t['fps_knn_tokens_events_per_s']:.0f}"
+    )
     print(
         f"serialization (1 thread): z {s['z_mpts_per_s']:.1f} Mpts/s ({s['z_vs_torch']:.1f}x torch), "
         f"hilbert {s['hilbert_mpts_per_s']:.1f} Mpts/s ({s['hilbert_vs_torch']:.1f}x torch)"
@@ -552,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument(
         "--variants",
         nargs="+",
-        help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 arena-2 mmap-256k jemalloc",
+        help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 arena-2 mmap-256k jemalloc "
+        "jemalloc-bg; trim-K for any K trims every K steps",
     )
     bh.add_argument("--json", action="store_true")
     bh.add_argument("--out", help="also write the JSON here (with --json)")

@@ -107,6 +107,11 @@ def test_bench_ops_json(tmp_path):
     for method in ("cnms_ball", "fps_ball", "fps_knn"):
         assert 0 <= g["coverage"][method]["missed_ratio"] < 1 and 0 <= g["coverage"][method]["duplicated_ratio"] <= 1
     assert g["coverage"]["fps_knn"]["duplicated_ratio"] > g["coverage"]["cnms_ball"]["duplicated_ratio"]
+    t = r["tokenizer"]
+    for method in ("cnms_ball", "fps_ball", "fps_knn"):
+        assert t[f"{method}_tokens_events_per_s"] > 0, method
+    ratio = t["cnms_ball_tokens_events_per_s"] / t["fps_ball_tokens_events_per_s"]
+    assert t["cnms_vs_fps_ball"] == pytest.approx(ratio) and "mini-PointNet" in t["embed"]
     conv = r["sparse_conv"]
     assert conv["max_abs_diff_vs_spconv"] < 1e-4  # the baseline computes the same convolution
     assert conv["ours_fwd_bwd_s"] > 0 and conv["spconv_cpu_fwd_bwd_s"] > 0

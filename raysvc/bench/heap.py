@@ -7,9 +7,9 @@ variant's environment:
 - `glibc`: today's default, never trimmed (the baseline of every ratio);
 - `trim-K`: glibc, `malloc_trim(0)` every K steps (`train.trim_heap` does K = 1);
 - `arena-2`: glibc with MALLOC_ARENA_MAX=2 (fewer per-thread arenas);
-- `mmap-256k`: glibc with its mmap threshold fixed at 256 KiB (GLIBC_TUNABLES): glibc raises the threshold to the
-  largest block freed so far, after which activations of a few MB come from the heap and fragment it; fixed, each
-  such block is mmapped and returned to the OS when freed;
+- `mmap-256k`, `mmap-4m`: glibc with its mmap threshold fixed at 256 KiB / 4 MiB (GLIBC_TUNABLES): glibc raises
+  the threshold to the largest block freed so far, after which activations of a few MB come from the heap and
+  fragment it; fixed, each block above it is mmapped and returned to the OS when freed;
 - `jemalloc`: jemalloc preloaded (the libjemalloc.so that ships inside Ray's wheel, so it is wherever Ray is);
   `jemalloc-bg` the same with a background purging thread and freed pages kept for 5 s.
 
@@ -56,6 +56,8 @@ def variants() -> dict[str, tuple[dict, int]]:
         "trim-10": ({}, 10),
         "arena-2": ({"MALLOC_ARENA_MAX": "2"}, 0),
         "mmap-256k": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144"}, 0),
+        # only the largest blocks (activations of several MB) mmapped: they cannot fragment the heap
+        "mmap-4m": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"}, 0),
     }
     lib = jemalloc_path()
     if lib:
@@ -144,6 +146,9 @@ def run_heap_bench(
     log=print,
 ) -> dict:
     table = variants()
+    for n in only or ():  # any trim cadence: trim-K trims every K steps
+        if n.startswith("trim-") and n[5:].isdigit() and int(n[5:]) > 0:
+            table.setdefault(n, ({}, int(n[5:])))
     names = list(only or table)
     unknown = [n for n in names if n not in table]
     if unknown or "glibc" not in names:

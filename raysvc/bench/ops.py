@@ -4,6 +4,8 @@ same run.
 - Grouping at PoLAr-MAE's settings (r = 5 voxels, overlap 0.73, 32 points per group): C-NMS + ball query against
   FPS + ball query and FPS + kNN, where FPS draws as many centres per event as C-NMS kept (same token budget).
   Coverage (missed / duplicated ratios) is reported beside the speed, since that is what C-NMS buys.
+- PoLAr-MAE's tokenizer end to end (grouping -> patches -> the tiny mini-PointNet), events/s for the same three
+  groupings, as the paper compares them.
 - Serialization: z and Hilbert encoding in Mpoints/s on one thread (numba kernels), with the whole-array torch
   encoders as the baseline.
 - Sparse conv: submanifold 3x3x3 forward + backward, ours (gather-GEMM) against spconv's CPU build, both on one
@@ -93,6 +95,44 @@ def bench_grouping(evs: list[np.ndarray], radius: float, overlap: float, max_poi
     }
 
 
+def bench_tokenizer(evs: list[np.ndarray], radius: float, overlap: float, max_points: int, repeats: int) -> dict:
+    """PoLAr-MAE's tokenizer end to end, events/s: grouping -> patches -> the tiny mini-PointNet's forward (one token
+    per group), for C-NMS + ball query and, at the same number of centres, FPS + ball query and FPS + kNN."""
+    from raysvc.models.polarmae import MiniPointNet, group_patches, preset
+
+    coord, offset = _packed(evs)
+    coord = coord.float()
+    energy = torch.rand(len(coord), 1, generator=torch.Generator().manual_seed(0))
+    cfg = preset("tiny")
+    embed = MiniPointNet(cfg.in_channels, *cfg.pointnet_channels, cfg.width).eval()
+    res = cnms(coord, offset, radius, overlap, max_points)
+    counts = torch.diff(res.center_offset, prepend=torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def tokens(group: str) -> None:
+        if group == "cnms_ball":
+            r = cnms(coord, offset, radius, overlap, max_points)
+            centre, groups = r.centers, r.groups
+        else:
+            centre, off = fps(coord, offset, counts)
+            if group == "fps_ball":
+                groups = ball_query(coord[centre], off, coord, offset, radius, max_points)
+            else:
+                groups = knn(coord[centre], off, coord, offset, max_points)[0]
+        embed(group_patches(coord, energy, centre, groups, radius)[2])
+
+    t = {g: _best(lambda g=g: tokens(g), repeats) for g in ("cnms_ball", "fps_ball", "fps_knn")}
+    n = len(evs)
+    return {
+        "cnms_ball_tokens_events_per_s": n / t["cnms_ball"],
+        "fps_ball_tokens_events_per_s": n / t["fps_ball"],
+        "fps_knn_tokens_events_per_s": n / t["fps_knn"],
+        "cnms_vs_fps_ball": t["fps_ball"] / t["cnms_ball"],
+        "cnms_vs_fps_knn": t["fps_knn"] / t["cnms_ball"],
+        "embed": f"tiny mini-PointNet ({cfg.pointnet_channels[0]}, {cfg.pointnet_channels[1]}) -> {cfg.width}",
+    }
+
+
 def bench_serialization(evs: list[np.ndarray], min_points: int, repeats: int) -> dict:
     grid = torch.from_numpy(np.concatenate(evs).astype(np.int64))
     reps = max(1, -(-min_points // len(grid)))
@@ -167,6 +207,8 @@ def run_ops_bench(
         pts = np.array([len(e) for e in evs])
         progress("grouping: C-NMS + ball query, FPS + ball query, FPS + kNN")
         grouping = bench_grouping(evs, radius, overlap, max_points, repeats)
+        progress("PoLAr-MAE tokenizer: grouping + patches + mini-PointNet, per grouping")
+        tokenizer = bench_tokenizer(evs, radius, overlap, max_points, repeats)
         progress("serialization: z and Hilbert")
         serial = bench_serialization(evs, serial_points, repeats)
         progress("sparse conv: ours vs spconv CPU, forward + backward")
@@ -191,6 +233,7 @@ def run_ops_bench(
             "points_per_event_median": float(np.median(pts)),
         },
         "grouping": grouping,
+        "tokenizer": tokenizer,
         "serialization": serial,
         "sparse_conv": conv,
     }

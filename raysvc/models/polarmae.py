@@ -149,12 +149,19 @@ def tokenize(coord: torch.Tensor, energy: torch.Tensor, offset: torch.Tensor, cf
     centre_index, groups = centre_index[keep], groups[keep]
     token_offset = torch.cumsum(counts.clamp(max=cfg.max_tokens), 0)
 
+    groups, sizes, patches = group_patches(coord, feat, centre_index, groups, cfg.radius)
+    return Tokens(coord[centre_index], token_offset, groups, sizes, patches, int((counts > cfg.max_tokens).sum()))
+
+
+def group_patches(
+    coord: torch.Tensor, feat: torch.Tensor, centre_index: torch.Tensor, groups: torch.Tensor, radius: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(groups padded with their first index, real sizes, patches (T, P, 3 + C)) of -1-padded groups around
+    `centre_index`: any grouping (C-NMS, FPS + ball query, FPS + kNN) becomes patches the same way."""
     sizes = (groups >= 0).sum(1)  # -1 only ever pads the tail
     groups = torch.where(groups >= 0, groups, groups[:, :1])
-    centres = coord[centre_index]
-    rel = (coord[groups] - centres[:, None]) / cfg.radius
-    patches = torch.cat([rel, feat[groups].to(rel.dtype)], -1)
-    return Tokens(centres, token_offset, groups, sizes, patches, int((counts > cfg.max_tokens).sum()))
+    rel = (coord[groups] - coord[centre_index][:, None]) / radius
+    return groups, sizes, torch.cat([rel, feat[groups].to(rel.dtype)], -1)
 
 
 @torch.no_grad()

@@ -40,10 +40,11 @@ class LoopSection(BaseModel):
     amp: bool = Field(True, description="bf16 autocast on CUDA (LayerNorm stays fp32); ignored on CPU")
     trim_heap: bool = Field(
         False,
-        description="on CPU, return freed heap pages to the OS after each step (glibc "
-        "malloc_trim): a worker then holds ~0.5 GB between steps instead of GBs of freed "
-        "activations, at 9-60 % more step time here (raysvc bench heap)",
+        description="on CPU, return the heap's freed pages to the OS every `trim_heap_every` steps (glibc "
+        "malloc_trim): glibc otherwise keeps every freed activation page and, as batch shapes change, its "
+        "fragmented free heap grows without bound (raysvc bench heap)",
     )
+    trim_heap_every: int = Field(1, gt=0, description="steps between trims when trim_heap is on")
 
 
 class ScalingSection(BaseModel):

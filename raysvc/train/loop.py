@@ -66,9 +66,9 @@ def train_loop(config: dict) -> None:
     t_last, ev_since, sums = time.perf_counter(), 0, Counter()
     while step < total:
         losses = task.step(next(stream), step)
-        if cfg.train.trim_heap and device.type == "cpu":
-            heap.trim()
         step += 1
+        if cfg.train.trim_heap and device.type == "cpu" and step % cfg.train.trim_heap_every == 0:
+            heap.trim()
         ev_since += ctx.per_rank
         for k, v in losses.items():
             sums[k] += float(v.detach() if torch.is_tensor(v) else v)
