@@ -219,13 +219,18 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     run_job(_cfg(seg_data, tmp_path, "straight"), log=quiet)
     want = _weights(tmp_path, "straight")
 
-    # a worker process is SIGKILLed at step 5; Ray Train restarts the group, which resumes from the step-4 checkpoint
-    cfg = _cfg(seg_data, tmp_path, "retried")
+    # a worker process is SIGKILLed at step 5; Ray Train restarts the group, which resumes from the step-4 checkpoint.
+    # This run's workers run under jemalloc (train.allocator): another allocator changes no arithmetic.
+    cfg = _cfg(seg_data, tmp_path, "retried", allocator="jemalloc")
     cfg.run.max_failures = 1
     run_job(cfg, log=quiet, fault={"step": 5, "marker": str(tmp_path / "fault-retried"), "kind": "sigkill"})
     assert (tmp_path / "fault-retried").exists()
     got = _weights(tmp_path, "retried")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    history = json.loads((tmp_path / "retried" / "summary.json").read_text())["history"]["train"]
+    assert {r["allocator"] for r in history} == {"jemalloc"} and "heap_live_mb" not in history[-1]
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"]["train"]
+    assert {r["allocator"] for r in straight} == {"glibc"} and straight[-1]["heap_live_mb"] > 50
 
     # no retries: the run fails; running it again under the same name resumes it
     cfg = _cfg(seg_data, tmp_path, "rerun")

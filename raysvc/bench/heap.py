@@ -37,17 +37,6 @@ from raysvc.train.worker import seed_everything
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
 
 
-def jemalloc_path() -> str | None:
-    """The jemalloc shared library inside Ray's wheel, if this Ray has one."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("ray")
-    if spec is None or not spec.origin:
-        return None
-    lib = Path(spec.origin).parent / "core" / "libjemalloc.so"
-    return str(lib) if lib.exists() else None
-
-
 def variants() -> dict[str, tuple[dict, int]]:
     """name -> (environment of the fresh process, trim every K steps or 0)."""
     out = {
@@ -59,11 +48,11 @@ def variants() -> dict[str, tuple[dict, int]]:
         # only the largest blocks (activations of several MB) mmapped: they cannot fragment the heap
         "mmap-4m": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"}, 0),
     }
-    lib = jemalloc_path()
+    lib = heap.jemalloc_path()
     if lib:
         out["jemalloc"] = ({"LD_PRELOAD": lib}, 0)
         # purging from a background thread instead of on the allocating thread, freed pages kept for 5 s first
-        out["jemalloc-bg"] = ({"LD_PRELOAD": lib, "MALLOC_CONF": "background_thread:true,dirty_decay_ms:5000"}, 0)
+        out["jemalloc-bg"] = ({"LD_PRELOAD": lib, "MALLOC_CONF": heap.JEMALLOC_CONF}, 0)
     return out
 
 

@@ -45,6 +45,12 @@ class LoopSection(BaseModel):
         "fragmented free heap grows without bound (raysvc bench heap)",
     )
     trim_heap_every: int = Field(1, gt=0, description="steps between trims when trim_heap is on")
+    allocator: Literal["glibc", "jemalloc"] = Field(
+        "glibc",
+        description="the Train workers' C allocator: jemalloc (Ray's own, preloaded, background purge) keeps a CPU "
+        "worker's memory flat over long runs at ~23 % more step time; glibc is the fastest but keeps a fragmented "
+        "free heap that grows as batch shapes change (docs/benchmarks.md, Memory)",
+    )
 
 
 class ScalingSection(BaseModel):

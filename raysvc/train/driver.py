@@ -24,6 +24,7 @@ from raysvc.data.pipeline import Prepared
 from raysvc.data.transforms import report
 from raysvc.ray_init import init_ray
 from raysvc.storage import Location, absolute_uri, ensure_dir, resolve, write_bytes_atomic
+from raysvc.train import heap
 from raysvc.train.config import JobConfig, RunSection, ScalingSection
 from raysvc.train.tasks import TASKS, get_task
 
@@ -58,9 +59,11 @@ def fit(
     run: RunSection,
     storage_root: Location,
     callbacks: list | None = None,
+    worker_env: dict | None = None,
 ) -> dict:
     """Run `loop` on `scaling.workers` workers (Ray started here unless it is already), return state.pt of the last
-    checkpoint. `callbacks`: Ray Train callbacks of the run (e.g. Tune's report callback inside a sweep)."""
+    checkpoint. `callbacks`: Ray Train callbacks of the run (e.g. Tune's report callback inside a sweep);
+    `worker_env`: the workers' runtime env (the allocator's preload)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -81,6 +84,7 @@ def fit(
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
             callbacks=callbacks or None,
+            worker_runtime_env=worker_env,
         ),
     )
     result = trainer.fit()
@@ -122,6 +126,7 @@ def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: lis
     cfg = cfg.model_copy(deep=True)
     _absolute(cfg)
     inputs = task.prepare(cfg, log)
+    worker_env = heap.worker_runtime_env(cfg.train.allocator)
     storage_root = resolve(cfg.run.storage)
     ensure_dir(storage_root)
     run_loc = storage_root.join(cfg.run.name)
@@ -132,6 +137,7 @@ def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: lis
         cfg.run,
         storage_root,
         callbacks,
+        worker_env,
     )
     own = task.finish(cfg, state, run_loc, inputs, log)
     summary = {

@@ -10,6 +10,9 @@ and the heap fragments: a one-thread tiny fine-tune held 1.5 GB of private memor
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
+from pathlib import Path
 
 try:  # the symbols already loaded into this process: glibc's malloc_trim where there is one
     _malloc_trim = ctypes.CDLL(None).malloc_trim
@@ -29,6 +32,41 @@ try:  # glibc >= 2.33
     _mallinfo2.restype = _Mallinfo2
 except (OSError, AttributeError):
     _mallinfo2 = None
+
+
+# jemalloc with its freed pages purged by a background thread after 5 s: flat memory over long runs (benchmarks.md)
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:5000"
+
+
+def jemalloc_path() -> str | None:
+    """The jemalloc shared library inside Ray's wheel, if this Ray has one."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return None
+    lib = Path(spec.origin).parent / "core" / "libjemalloc.so"
+    return str(lib) if lib.exists() else None
+
+
+def worker_runtime_env(allocator: str) -> dict | None:
+    """The Train workers' runtime env for `train.allocator` (None: glibc, as the process starts). jemalloc must be
+    preloaded when the process starts, so it goes into the workers' environment; its path is this Ray's, which on a
+    cluster must be the same on every node (one image)."""
+    if allocator == "glibc":
+        return None
+    lib = jemalloc_path()
+    if lib is None:
+        raise ValueError("train.allocator jemalloc: this Ray install ships no core/libjemalloc.so; use glibc")
+    return {"env_vars": {"LD_PRELOAD": lib, "MALLOC_CONF": JEMALLOC_CONF}}
+
+
+@functools.cache
+def allocator() -> str:
+    """The allocator this process runs under: "jemalloc" when it is loaded, else "glibc"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "glibc"
+    return "jemalloc" if "libjemalloc" in maps else "glibc"
 
 
 def trim() -> bool:
@@ -65,7 +103,7 @@ def with_private_mb(rec: dict) -> dict:
     if mb is None:
         return rec
     rec = {**rec, "private_mb": mb}
-    heap = malloc_mb()
+    heap = malloc_mb() if allocator() == "glibc" else None
     return rec if heap is None else {**rec, "heap_live_mb": heap["live_mb"], "heap_free_mb": heap["free_mb"]}
 
 

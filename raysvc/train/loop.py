@@ -79,9 +79,10 @@ def train_loop(config: dict) -> None:
         if step % cfg.train.log_every == 0 or step == total:
             dt = time.perf_counter() - t_last
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
-            rec = heap.with_private_mb({"step": step, **means, "lr": task.lr(), "events_per_s": ev_since * world / dt})
+            rec = {"step": step, **means, "lr": task.lr(), "events_per_s": ev_since * world / dt}
+            rec = heap.with_private_mb({**rec, "allocator": heap.allocator()})
             ctx.history["train"].append(rec)
-            ctx.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
+            ctx.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step" and not isinstance(v, str)}, step)
             if rank == 0:
                 print(
                     f"[raysvc] step {step}/{total} {task.progress(rec)} {rec['events_per_s']:.2f} ev/s"

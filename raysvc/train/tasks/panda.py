@@ -22,10 +22,10 @@ import torch
 from pydantic import Field, model_validator
 
 from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import pack_tables, prepare, stream_tables
+from raysvc.data.pipeline import pack_tables, stream_tables
 from raysvc.data.views import ViewConfig, collate_views, table_views
 from raysvc.inference.featurize import model_inputs
-from raysvc.inference.record import ExportedModel, ModelSpec, save_export
+from raysvc.inference.record import ModelSpec
 from raysvc.models.panda import (
     Encoded,
     PandaConfig,
@@ -47,6 +47,7 @@ from raysvc.train.plots import pretrain_png
 from raysvc.train.probe import ProbeConfig, run_probe
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
+from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
 from raysvc.train.worker import autocast, seed_everything
 
 
@@ -181,20 +182,12 @@ class PandaTask(Task):
 
     @classmethod
     def prepare(cls, cfg: PretrainConfig, log) -> dict:
-        train = prepare(cfg.data)
-        probe = prepare(cfg.probe_data) if cfg.probe_data is not None else None
+        inputs = prepare_pretraining(cfg)
         log(
-            f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({train.manifest.events} events), "
-            f"{cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)"
+            f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({inputs['train_data'].manifest.events} "
+            f"events), {cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)"
         )
-        detector = train.detector
-        if probe is not None and probe.detector.name != detector.name:
-            raise ValueError(
-                f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
-                f"{cfg.data.uri} holds {detector.name} events"
-            )
-        class_names = list(probe.detector.class_names) if probe is not None else []
-        return {"train_data": train, "probe_data": probe, "detector": detector.name, "class_names": class_names}
+        return inputs
 
     @classmethod
     def finish(cls, cfg: PretrainConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
@@ -203,15 +196,7 @@ class PandaTask(Task):
         spec = ModelSpec(
             size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels, center_events=True
         )
-        record = ExportedModel(
-            kind="backbone",
-            method=cls.name,
-            detector=inputs["detector"],
-            model=spec,
-            preprocess=cfg.data.preprocess,
-            step=state["step"],
-        )
-        save_export(run_loc, backbone, record)
+        export_backbone(run_loc, backbone, spec, cls.name, cfg, inputs, state["step"])
         probes = history["probe"]
         probe = None
         if probes:

@@ -23,8 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import pack_tables, prepare, stream_tables
-from raysvc.inference.record import ExportedModel, ModelSpec, save_export
+from raysvc.data.pipeline import pack_tables, stream_tables
+from raysvc.inference.record import ModelSpec
 from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
@@ -33,6 +33,7 @@ from raysvc.train.plots import mae_png
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
 from raysvc.train.tasks.panda import probe_batches
+from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
 from raysvc.train.token_probe import TokenProbeConfig, fit_and_score
 from raysvc.train.worker import autocast
 
@@ -141,8 +142,8 @@ class PolarMAETask(Task):
 
     @classmethod
     def prepare(cls, cfg: PolarMAEJob, log) -> dict:
-        train = prepare(cfg.data)
-        probe = prepare(cfg.probe_data) if cfg.probe_data is not None else None
+        inputs = prepare_pretraining(cfg)
+        train, probe, names = inputs["train_data"], inputs["probe_data"], inputs["class_names"]
         net = cfg.network
         log(
             f"[raysvc] pretraining {cfg.model.size} PoLAr-MAE on {cfg.data.uri} ({train.manifest.events} events), "
@@ -150,13 +151,6 @@ class PolarMAETask(Task):
             f"C-NMS r = {cfg.model.radius_voxels} voxels, overlap {net.overlap}, <= {net.max_points} points, "
             f"<= {net.max_tokens} per event, {net.mask_ratio:.0%} masked"
         )
-        detector = train.detector
-        if probe is not None and probe.detector.name != detector.name:
-            raise ValueError(
-                f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
-                f"{cfg.data.uri} holds {detector.name} events"
-            )
-        names = list(probe.detector.class_names) if probe is not None else []
         scored = cfg.probe.classes
         if scored is None:
             stuff = probe.detector.stuff_class if probe is not None else None
@@ -164,28 +158,14 @@ class PolarMAETask(Task):
         unknown = [c for c in scored if c not in names]
         if probe is not None and unknown:
             raise ValueError(f"probe.classes {unknown} are not classes of {probe.detector.name}: {names}")
-        return {
-            "train_data": train,
-            "probe_data": probe,
-            "detector": detector.name,
-            "class_names": names,
-            "scored_classes": scored,
-        }
+        return {**inputs, "scored_classes": scored}
 
     @classmethod
     def finish(cls, cfg: PolarMAEJob, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
         encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
         spec = ModelSpec(arch="polarmae", size=cfg.model.size, overrides=_network_overrides(cfg))
-        record = ExportedModel(
-            kind="backbone",
-            method=cls.name,
-            detector=inputs["detector"],
-            model=spec,
-            preprocess=cfg.data.preprocess,
-            step=state["step"],
-        )
-        save_export(run_loc, encoder, record)
+        export_backbone(run_loc, encoder, spec, cls.name, cfg, inputs, state["step"])
         probes = history["probe"]
         probe = None
         if probes:

@@ -1,0 +1,47 @@
+"""What every self-supervised method does on the driver: prepare its training data and its labelled probe data
+(same detector), and export its encoder as a `backbone` record that fine-tuning's `model.init` takes."""
+
+from __future__ import annotations
+
+import torch
+
+from raysvc.data.pipeline import prepare
+from raysvc.inference.record import ExportedModel, ModelSpec, save_export
+from raysvc.storage import Location
+from raysvc.train.config import JobConfig
+
+
+def prepare_pretraining(cfg: JobConfig) -> dict:
+    """The workers' inputs: "train_data", "probe_data" (None without `cfg.probe_data`), "detector", "class_names"
+    (the probe data's); probe events of another detector than the training events are an error naming both."""
+    train = prepare(cfg.data)
+    probe = prepare(cfg.probe_data) if cfg.probe_data is not None else None
+    detector = train.detector
+    if probe is not None and probe.detector.name != detector.name:
+        raise ValueError(
+            f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
+            f"{cfg.data.uri} holds {detector.name} events"
+        )
+    names = list(probe.detector.class_names) if probe is not None else []
+    return {"train_data": train, "probe_data": probe, "detector": detector.name, "class_names": names}
+
+
+def export_backbone(
+    run_loc: Location,
+    weights: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    method: str,
+    cfg: JobConfig,
+    inputs: dict,
+    step: int,
+) -> None:
+    """`backbone.safetensors` + its record in the run directory."""
+    record = ExportedModel(
+        kind="backbone",
+        method=method,
+        detector=inputs["detector"],
+        model=spec,
+        preprocess=cfg.data.preprocess,
+        step=step,
+    )
+    save_export(run_loc, weights, record)
