@@ -42,7 +42,7 @@ class LoopSection(BaseModel):
         False,
         description="on CPU, return the heap's freed pages to the OS every `trim_heap_every` steps (glibc "
         "malloc_trim): glibc otherwise keeps every freed activation page and, as batch shapes change, its "
-        "fragmented free heap grows without bound (raysvc bench heap)",
+        "fragmented free heap keeps growing (raysvc bench heap)",
     )
     trim_heap_every: int = Field(1, gt=0, description="steps between trims when trim_heap is on")
     allocator: Literal["glibc", "jemalloc"] = Field(
