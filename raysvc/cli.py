@@ -225,8 +225,15 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
     if "val" in summary:
         val = summary["val"] or {}
         out |= {"val_miou": val.get("miou"), "val_iou": val.get("iou")}
-    if "probe" in summary:
-        probe = summary["probe"] or {}
+    probe = summary.get("probe") or {}
+    if "token_mean_f1" in probe:  # PoLAr-MAE's token probe
+        out |= {
+            "probe_token_mean_f1": probe["token_mean_f1"],
+            "probe_random_token_mean_f1": probe.get("random_token_mean_f1"),
+            "probe_token_f1": probe.get("token_f1"),
+            "tokens": summary.get("tokens"),
+        }
+    elif "probe" in summary:
         out |= {
             "probe_pretrained_miou": probe.get("pretrained_miou"),
             "probe_random_miou": probe.get("random_miou"),
