@@ -29,6 +29,7 @@ from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, preset, to
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import JobConfig, LoopSection, RunSection
+from raysvc.train.optim import encoder_depths, param_groups
 from raysvc.train.plots import mae_png
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
@@ -127,13 +128,6 @@ def token_features(model: PolarMAE, batches: list[dict], cfg: PolarMAEConfig, nu
     return np.concatenate(feats), torch.cat(targets).numpy()
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices; norms, biases, positional MLP biases and the mask token spared."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    other = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
 class PolarMAETask(Task):
     name = "polarmae"
     kind = "pretrain"
@@ -203,7 +197,10 @@ class PolarMAETask(Task):
         self.net = cfg.network
         self.model = PolarMAE(self.net).to(ctx.device)
         self.ddp = ray.train.torch.prepare_model(self.model, move_to_device=False) if ctx.world > 1 else self.model
-        opt = torch.optim.AdamW(_param_groups(self.model, cfg.train.weight_decay), lr=cfg.train.lr)
+        # weight decay on matrices only; no layer-wise decay in pretraining (decay 1.0: one lr everywhere)
+        depths = encoder_depths(self.net)
+        groups = param_groups(self.model, depths, cfg.train.lr, 1.0, cfg.train.weight_decay, prefix="encoder.")
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
         sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
         self.params = list(self.model.parameters())
         self.parts = {"model": self.model, "optimizer": opt, "scheduler": sched}
