@@ -256,20 +256,22 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
     summary = run_sweep(load_spec(a.spec, a.set))
     print(summary["table_md"], end="")
+    rep = summary.get("representation") or {"trials": [], "failed": []}  # the C-NMS sweep's token-probe runs
+    trials, failed = [*summary["trials"], *rep["trials"]], [*summary["failed"], *rep["failed"]]
     print(
         json.dumps(
             {
                 "sweep": summary["uri"],
-                "trials": len(summary["trials"]),
-                "failed": [{"trial": f["trial"]["name"], "error": f["error"]} for f in summary["failed"]],
+                "trials": len(trials),
+                "failed": [{"trial": f["trial"]["name"], "error": f["error"]} for f in failed],
                 "wall_s": round(summary["wall_s"], 1),
             },
             indent=2,
         )
     )
-    if summary["failed"]:
+    if failed:
         print(
-            f"raysvc: {len(summary['failed'])} of {len(summary['failed']) + len(summary['trials'])} trials failed "
+            f"raysvc: {len(failed)} of {len(failed) + len(trials)} trials failed "
             f"(errors in {summary['uri']}/summary.json)",
             file=sys.stderr,
         )
@@ -287,6 +289,31 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         a.batch_events,
         a.device,
         max_events=a.max_events,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    _print_json(result, a.out)
+
+
+def cmd_probe(a: argparse.Namespace) -> None:
+    from raysvc.data.config import DataConfig
+    from raysvc.storage import absolute_uri
+    from raysvc.train.backbone_probe import probe_backbone
+    from raysvc.train.probe import ProbeConfig
+    from raysvc.train.token_probe import TokenProbeConfig
+
+    if (a.init is None) == (a.random is None):
+        sys.exit("raysvc probe: give an export directory or --random ARCH (the baseline), not both or neither")
+    events = {"train_events": a.train_events, "val_events": a.val_events}
+    result = probe_backbone(
+        absolute_uri(a.init) if a.init else None,
+        DataConfig(uri=absolute_uri(a.data)),
+        arch=a.random or "ptv3",
+        size=a.size,
+        point=ProbeConfig(**events),
+        token=TokenProbeConfig(**events),
+        radius_voxels=a.radius_voxels,
+        seed=a.seed,
+        center_events=a.center_events,
         log=lambda m: print(m, file=sys.stderr),
     )
     _print_json(result, a.out)
@@ -507,6 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     ev.set_defaults(fn=cmd_evaluate)
+    pb = sub.add_parser(
+        "probe",
+        help="a backbone's per-point linear probe and token probe on held-out labelled events (any method)",
+    )
+    pb.add_argument("init", nargs="?", help="exported backbone or segmenter directory (raysvc pretrain's run)")
+    pb.add_argument("--random", metavar="ARCH", help="probe a random initialisation of ARCH instead (ptv3, polarmae)")
+    pb.add_argument("--size", default="tiny", help="preset of --random")
+    pb.add_argument("--center-events", action="store_true", help="--random: centre each event (as Panda's views)")
+    pb.add_argument("--data", required=True, help="labelled dataset URI (the first train + val events are used)")
+    pb.add_argument("--train-events", type=int, default=100)
+    pb.add_argument("--val-events", type=int, default=100)
+    pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--out", help="also write the JSON here")
+    pb.set_defaults(fn=cmd_probe)
     cp = sub.add_parser(
         "compare",
         help="training arms across seeds from `raysvc evaluate` JSONs: mean / sd, each arm "

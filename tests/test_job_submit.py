@@ -221,6 +221,7 @@ def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_a
         "cnms.overlap=[0.5,1.0]",
         "fps_knn.groups=[16]",
         "fps_ball=null",
+        "pretrain=null",  # coverage only: the token-probe objective's pretrainings are tested in test_sweep.py
         "wandb_mode=offline",
     ]
     p = subprocess.run(

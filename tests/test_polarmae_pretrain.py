@@ -153,6 +153,22 @@ def test_pretrain_writes_the_token_probe_and_an_encoder_export(straight, mae_dat
     )
     assert again["mean_f1"] == pytest.approx(probe["token_mean_f1"], abs=0.02)
 
+    # `raysvc probe`'s path (export loaded into a segmenter, tokens from the record's tokenizer) gives it too, beside
+    # the per-point probe of the propagated token features
+    from raysvc.train.backbone_probe import probe_backbone
+    from raysvc.train.probe import ProbeConfig
+
+    offline = probe_backbone(
+        str(run),
+        DataConfig(uri=str(mae_data / "val")),
+        point=ProbeConfig(train_events=4, val_events=4),
+        token=cfg.probe,
+        log=lambda m: None,
+    )
+    assert offline["backbone"]["arch"] == "polarmae" and offline["backbone"]["method"] == "polarmae"
+    assert offline["token"]["mean_f1"] == pytest.approx(probe["token_mean_f1"], abs=1e-9)
+    assert offline["tokenizer"]["max_tokens"] == 200 and 0 < offline["point"]["miou"] <= 1
+
 
 def test_the_export_fine_tunes_and_serves_like_a_ptv3_segmenter(straight, mae_data, tmp_path):
     from raysvc.inference.record import load_export

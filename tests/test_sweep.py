@@ -185,6 +185,69 @@ def test_cnms_sweep_reports_failures_and_resumes_without_rerunning(tmp_path, swe
     assert refused.returncode == 2 and "another grid" in refused.stderr
 
 
+def test_probe_trials_take_the_recommended_overlaps_or_the_given_pairs(tmp_path, sweep_data):
+    from raysvc.sweep.grouping import probe_trials
+    from raysvc.sweep.spec import load_spec
+
+    job = str(ROOT / "jobs" / "pretrain-polarmae-tiny.yaml")
+    spec = load_spec(str(_cnms_spec(tmp_path, sweep_data, pretrain={"job": job})))
+    rec = {"5": {"overlap": 0.6}, "10": {"overlap": 0.9}}
+    assert probe_trials(spec, rec) == [
+        {"name": "mae-r5-o0.6", "radius": 5.0, "overlap": 0.6},
+        {"name": "mae-r10-o0.9", "radius": 10.0, "overlap": 0.9},
+    ]
+    spec = load_spec(str(_cnms_spec(tmp_path, sweep_data, pretrain={"job": job, "settings": [[7.5, 0.72]]})))
+    assert probe_trials(spec, rec) == [{"name": "mae-r7.5-o0.72", "radius": 7.5, "overlap": 0.72}]
+
+
+@pytest.mark.slow
+def test_cnms_sweep_scores_each_setting_by_a_short_polarmae_pretraining(tmp_path, sweep_data):
+    sets = [
+        f"data.uri={sweep_data / 'train'}",
+        f"probe_data.uri={sweep_data / 'val'}",
+        "train.steps=2",
+        "train.batch_events=2",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "probe.every=2",
+        "probe.train_events=3",  # 7 of the 8 held-out events pass the cuts
+        "probe.val_events=3",
+        "probe.pca_dims=8",
+        "scaling.workers=1",
+        "scaling.cpus_per_worker=1",
+        "data.read_cpus=0.25",
+        "probe_data.read_cpus=0.25",
+        "run.wandb_mode=offline",
+    ]
+    job = str(ROOT / "jobs" / "pretrain-polarmae-tiny.yaml")
+    spec = _cnms_spec(
+        tmp_path,
+        sweep_data,
+        cnms={"radius": [5], "overlap": [0.72]},
+        fps_knn=None,
+        fps_ball=None,
+        pretrain={"job": job, "set": sets, "settings": [[5, 0.72], [10, 0.72]]},
+    )
+    p = _run(["sweep", str(spec)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    exp = tmp_path / "sweeps" / "cnms-test"
+    summary = json.loads((exp / "summary.json").read_text())
+    rep = summary["representation"]
+    assert [r["trial"]["name"] for r in rep["trials"]] == ["mae-r5-o0.72", "mae-r10-o0.72"] and not rep["failed"]
+    grid = summary["trials"][0]["metrics"]
+    for row in rep["trials"]:
+        run = json.loads((Path(row["metrics"]["run_uri"].removeprefix("file://")) / "summary.json").read_text())
+        # each setting's score is its own run's token probe, pretrained with that setting's tokenizer
+        assert run["config"]["model"]["radius_voxels"] == row["trial"]["radius"] and run["steps"] == 2
+        assert row["metrics"]["token_mean_f1"] == run["probe"]["token_mean_f1"]
+        assert row["metrics"]["tokens_per_event"] == run["tokens"]["per_event_mean"]
+    r5, r10 = (r["coverage"] for r in rep["trials"])
+    assert r5 == {k: grid[k] for k in ("missed_ratio", "duplicated_ratio", "groups_per_event")}
+    assert r10["groups_per_event"] < r5["groups_per_event"]  # measured for the setting outside the grid
+    assert rep["best"] in ("mae-r5-o0.72", "mae-r10-o0.72")
+    assert "token probe mean F1" in (exp / "table.md").read_text()
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sweep_data):
     radii = [2.5, 5, 10]  # 9 C-NMS trials + 2 FPS baselines: 3 or more finish before the interruption

@@ -41,6 +41,13 @@ class SegModel(nn.Module):
             return self.head(self.decoder(levels, self.backbone.orders()))
         return self.head(upcast(levels))
 
+    def point_features(
+        self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """(N_level0, sum(channels)) encoder features per input point, every stage up-cast: what "lin" and the
+        linear probe see."""
+        return upcast(self.backbone(feat, coord, grid_coord, offset))
+
     def freeze_backbone(self) -> None:
         """lin / dec protocols: the encoder stays as loaded (eval mode for drop path, no gradients)."""
         for p in self.backbone.parameters():

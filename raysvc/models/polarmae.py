@@ -506,12 +506,18 @@ class PolarMAESegModel(nn.Module):
         self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
     ) -> torch.Tensor:
         """(N, num_classes) logits of the N input points."""
-        tokens = tokenize(coord.float(), feat[:, 3:].float(), offset, self.cfg).to(feat.device)
-        tok = self.backbone.encode(tokens)
-        per_point = interpolate_to_points(tok, tokens.centres, tokens.token_offset, coord, offset)
+        per_point = self.point_features(feat, coord, grid_coord, offset)
         if self.decoder is not None:
             per_point = self.decoder(torch.cat([per_point, feat.to(per_point.dtype)], 1))
         return self.head(per_point)
+
+    def point_features(
+        self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, width) encoder features per input point: the event's tokens, encoded, propagated to the points."""
+        tokens = tokenize(coord.float(), feat[:, 3:].float(), offset, self.cfg).to(feat.device)
+        tok = self.backbone.encode(tokens)
+        return interpolate_to_points(tok, tokens.centres, tokens.token_offset, coord, offset)
 
     def freeze_backbone(self) -> None:
         """lin / dec protocols (the paper's PEFT): the encoder stays as loaded, without gradients."""

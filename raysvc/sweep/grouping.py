@@ -7,6 +7,10 @@ missed ratio = points in no group / points, duplicated ratio = points in more th
 
 The result: `summary.json` (every trial, the Pareto front of missed vs duplicated over all trials, the recommended
 overlap per radius = the one with the smallest missed + duplicated), `grouping.png` and `table.md`.
+
+With a `pretrain` section the sweep adds the paper's second objective: per setting (each radius at its recommended
+overlap, or a given list) a short PoLAr-MAE pretraining, scored by its token probe (summary.json ->
+"representation"), so each setting is judged on coverage and on what an encoder learns from its tokens.
 """
 
 from __future__ import annotations
@@ -110,6 +114,97 @@ def grouping_trial(config: dict, events: list[np.ndarray], max_points: int, swee
     tune.report(metrics)
 
 
+def probe_trials(spec: CNMSSweep, recommended: dict[str, dict]) -> list[dict]:
+    """The (radius, overlap) settings the representation objective pretrains on."""
+    obj = spec.pretrain
+    if obj.settings == "recommended":
+        pairs = [(float(r), b["overlap"]) for r, b in recommended.items()]
+    else:
+        pairs = [(float(r), float(o)) for r, o in obj.settings]
+    return [{"name": f"mae-r{_num(r)}-o{_num(o)}", "radius": r, "overlap": o} for r, o in pairs]
+
+
+def pretrain_trial(config: dict, base: dict, sweep: str, runs_uri: str) -> None:
+    """Tune function trainable: one Ray Train PoLAr-MAE pretraining with this setting's tokenizer, scored by its
+    token probe at the end."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysvc.train.driver import run_job
+    from raysvc.train.tasks.polarmae import PolarMAEJob
+
+    params = config["trial"]
+    d = json.loads(json.dumps(base))
+    d["model"] |= {"radius_voxels": params["radius"], "overlap": params["overlap"]}
+    d["run"] |= {"name": f"{sweep}-{params['name']}", "storage": runs_uri, "wandb_group": sweep}
+    summary = run_job(PolarMAEJob.model_validate(d), callbacks=[TuneReportCallback()])
+    probe = summary.get("probe") or {}
+    if probe.get("token_mean_f1") is None:
+        raise ValueError(f"trial {params['name']}: the run reported no token probe (does its job set probe_data?)")
+    tune.report(
+        {
+            "token_mean_f1": probe["token_mean_f1"],
+            "token_f1": probe["token_f1"],
+            "random_token_mean_f1": probe.get("random_token_mean_f1"),
+            "gain": probe.get("gain"),
+            "tokens_per_event": summary["tokens"]["per_event_mean"],
+            "truncated_events": summary["tokens"]["truncated_events"],
+            "steps": summary["steps"],
+            "wall_s": summary["wall_s"],
+            "run_uri": summary["uri"],
+        }
+    )
+
+
+def run_probe_objective(spec: CNMSSweep, rows: list[dict], recommended: dict, events, exp, log=print) -> dict:
+    """The representation objective: one short PoLAr-MAE pretraining per setting (a grid of its own under
+    `<experiment>/token-probe`), each row joined with the coverage of the same setting on the sweep's events."""
+    from raysvc.config import load_config
+    from raysvc.storage import absolute_uri
+    from raysvc.train.tasks.polarmae import PolarMAEJob
+
+    obj = spec.pretrain
+    base = load_config(PolarMAEJob, obj.job, obj.set)
+    if base.probe_data is None:
+        raise ValueError(f"pretrain.job {obj.job}: the token-probe objective needs probe_data (labelled events)")
+    base.data.uri, base.probe_data.uri = absolute_uri(base.data.uri), absolute_uri(base.probe_data.uri)
+    trials = probe_trials(spec, recommended)
+    log(
+        f"[raysvc] token-probe objective: {len(trials)} PoLAr-MAE pretrainings of {base.train.steps} steps "
+        f"({', '.join(t['name'] for t in trials)})"
+    )
+    outcome = run_grid(
+        pretrain_trial,
+        trials,
+        obj.tune,
+        exp.join("token-probe"),
+        log,
+        base=base.model_dump(mode="json"),
+        sweep=spec.name,
+        runs_uri=exp.join("runs").uri,
+    )
+    coverage_of = {
+        (r["trial"]["radius"], r["trial"]["overlap"]): r["metrics"] for r in rows if r["trial"]["method"] == "cnms"
+    }
+    keys = ("token_mean_f1", "token_f1", "random_token_mean_f1", "gain", "tokens_per_event", "truncated_events")
+    out = []
+    for r in outcome.trials:
+        t = r["trial"]
+        cov = coverage_of.get((t["radius"], t["overlap"]))
+        if cov is None:  # a setting outside the coverage grid: measured here on the same events
+            cov = evaluate(events, {"method": "cnms", "radius": t["radius"], "overlap": t["overlap"]}, spec.max_points)
+        out.append(
+            {
+                "trial": t,
+                "metrics": {k: r["metrics"].get(k) for k in (*keys, "steps", "wall_s", "run_uri")},
+                "coverage": {k: cov[k] for k in ("missed_ratio", "duplicated_ratio", "groups_per_event")},
+            }
+        )
+    scored = [r for r in out if r["metrics"]["token_mean_f1"] is not None]
+    best = max(scored, key=lambda r: r["metrics"]["token_mean_f1"])["trial"]["name"] if scored else None
+    return {"job": obj.job, "steps": base.train.steps, "trials": out, "failed": outcome.failed, "best": best}
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point dominates (<= in both coordinates, < in one), by the first coordinate."""
     front = [i for i, (a, b) in enumerate(points) if not any(c <= a and d <= b and (c < a or d < b) for c, d in points)]
@@ -157,6 +252,23 @@ def table_md(summary: dict) -> str:
             f"| {label} | {radius} | {t['groups']} | {m['missed_ratio']:.3f} | {m['duplicated_ratio']:.3f} "
             f"| {m['groups_per_event']:.0f} | {m['points_per_group']:.1f} |"
         )
+    rep = summary.get("representation")
+    if rep:
+        lines += [
+            "",
+            f"Token probe after {rep['steps']} PoLAr-MAE pretraining steps per setting (mean F1; best: {rep['best']}):",
+            "",
+            "| radius (voxels) | overlap | token probe mean F1 | random init | missed | duplicated | tokens / event |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rep["trials"]:
+            t, m, c = row["trial"], row["metrics"], row["coverage"]
+            rand = "-" if m["random_token_mean_f1"] is None else f"{m['random_token_mean_f1']:.3f}"
+            lines.append(
+                f"| {_num(t['radius'])} | {_num(t['overlap'])} | {m['token_mean_f1']:.3f} | {rand} | "
+                f"{c['missed_ratio']:.3f} | {c['duplicated_ratio']:.3f} | {m['tokens_per_event']:.0f} |"
+            )
+        lines += [f"| {f['trial']['name']} | failed: {f['error'][:80]} | | | | | |" for f in rep["failed"]]
     return "\n".join(lines) + "\n"
 
 
@@ -265,6 +377,9 @@ def run_cnms_sweep(spec: CNMSSweep, log=print) -> dict:
         "spec": spec.model_dump(mode="json"),
     }
     summary["pareto"] = [rows[i]["trial"]["name"] for i in summary["pareto_index"]]
+    if spec.pretrain is not None:
+        summary["representation"] = run_probe_objective(spec, rows, summary["recommended"], events, exp, log)
+        summary["wall_s"] = time.time() - t0
     write_bytes_atomic(exp.join("summary.json"), json.dumps(summary, indent=2).encode())
     write_bytes_atomic(exp.join("table.md"), table_md(summary).encode())
     if rows:

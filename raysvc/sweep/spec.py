@@ -55,6 +55,23 @@ class FPSGrid(BaseModel):
     radius: list[float] = Field(default_factory=list, description="ball radius (voxels), FPS + ball query only")
 
 
+class TokenProbeObjective(BaseModel):
+    """The C-NMS sweep's second objective, as PoLAr-MAE's paper scores tokenisations: a short PoLAr-MAE pretraining
+    per (radius, overlap) setting, each scored by its token probe on the job's held-out probe events."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: str = Field(description="PoLAr-MAE pretraining job YAML every setting starts from")
+    set: list[str] = Field(default_factory=list, description="key=value overrides of `job` for every setting")
+    settings: Literal["recommended"] | list[tuple[float, float]] = Field(
+        "recommended",
+        description="(radius, overlap) pairs in voxels, or `recommended`: each radius at its recommended overlap",
+    )
+    tune: TuneSection = Field(
+        default_factory=lambda: TuneSection(max_concurrent_trials=1, cpus_per_trial=0.01),
+        description="each setting is a Ray Train run whose workers reserve their own CPUs",
+    )
+
+
 class CNMSSweep(SweepBase):
     """C-NMS + ball query against FPS + kNN and FPS + ball query on the same held-out events: coverage (missed /
     duplicated points), groups per event, points per group and speed of each setting."""
@@ -70,6 +87,9 @@ class CNMSSweep(SweepBase):
     cnms: CNMSGrid
     fps_knn: FPSGrid | None = None
     fps_ball: FPSGrid | None = None
+    pretrain: TokenProbeObjective | None = Field(
+        None, description="the representation objective (PoLAr-MAE token probe per setting); None: coverage only"
+    )
 
     @field_validator("metrics")
     @classmethod

@@ -1,0 +1,142 @@
+"""Both probes, offline, on any exported backbone or a random initialisation of an architecture (`raysvc probe`):
+the per-point linear probe (train/probe.py) and PoLAr-MAE's token probe (train/token_probe.py), on the same
+held-out events and the same C-NMS tokens, so that encoders of different methods are scored alike.
+
+Per-point features are what a "lin" head sees: PTv3's stages up-cast to the points, or PoLAr-MAE's token features
+propagated to the points. Token features are PoLAr-MAE's encoder output per token; a PTv3 encoder has no tokens, so
+its token feature is the mean of its per-point features over the real points of the token's group.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from raysvc.data.config import DataConfig
+from raysvc.data.pipeline import prepare, stream_tables
+from raysvc.inference.featurize import model_inputs
+from raysvc.inference.record import ModelSpec, load_export
+from raysvc.models.polarmae import PolarMAEConfig, preset, token_targets, tokenize
+from raysvc.storage import resolve
+from raysvc.train.probe import ProbeConfig
+from raysvc.train.probe import fit_and_score as fit_points
+from raysvc.train.tasks.panda import probe_batches
+from raysvc.train.token_probe import TokenProbeConfig
+from raysvc.train.token_probe import fit_and_score as fit_tokens
+
+
+def group_mean(point_feat: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(T, C): the mean of `point_feat` over the first `sizes[t]` (the real) points of each group (padding repeats a
+    group's first point, so a plain mean over the row would weight it more)."""
+    real = (torch.arange(groups.shape[1], device=groups.device) < sizes[:, None]).to(point_feat.dtype)
+    summed = (point_feat[groups] * real[..., None]).sum(1)
+    return summed / sizes.clamp_min(1)[:, None].to(point_feat.dtype)
+
+
+def load_backbone(
+    init: str | None, arch: str, size: str, num_classes: int, seed: int, center_events: bool = False
+) -> tuple[torch.nn.Module, dict]:
+    """(a "lin" segmenter holding the backbone, what it is). `init`: an export directory (backbone or segmenter);
+    None: the architecture's random initialisation under `seed`, fed centred events when `center_events`."""
+    torch.manual_seed(seed)
+    if init is None:
+        spec = ModelSpec(arch=arch, size=size, head="lin", center_events=center_events)
+        about = {"init": None, "method": "random"}
+        model = spec.build_segmenter(num_classes)
+    else:
+        state, record = load_export(resolve(init))
+        spec = record.model.model_copy(update={"head": "lin"})
+        model = spec.build_segmenter(num_classes)
+        weights = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "decoder."))}
+        missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{init}: weights do not match its record: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        about = {"init": init, "method": record.method, "step": record.step}
+    model.eval()
+    return model, {**about, "arch": spec.arch, "size": spec.size, "center_events": spec.center_events, "spec": spec}
+
+
+@torch.no_grad()
+def features(model, spec: ModelSpec, batches: list[dict], pre, tok_cfg: PolarMAEConfig, num_classes: int):
+    """((point features, point labels), (token features, token targets)) of every point and token of `batches`."""
+    points, labels, toks, targets = [], [], [], []
+    for batch in batches:
+        x = model_inputs(batch, pre.center, pre.scale, spec.grid_voxels, torch.device("cpu"), spec.center_events)
+        per_point = model.point_features(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]]
+        points.append(per_point.float().numpy())
+        labels.append(x["labels"].numpy())
+        # tokens of the raw points, as PoLAr-MAE's pretraining and its online probe make them
+        tokens = tokenize(batch["coord"].float(), batch["energy"].float(), batch["offset"], tok_cfg)
+        if spec.arch == "polarmae":
+            toks.append(model.backbone.encode(tokens).float().numpy())
+        else:
+            toks.append(group_mean(per_point.float(), tokens.groups, tokens.sizes).numpy())
+        targets.append(token_targets(tokens.groups, tokens.sizes, batch["semantic"], num_classes).numpy())
+    return (np.concatenate(points), np.concatenate(labels)), (np.concatenate(toks), np.concatenate(targets))
+
+
+def probe_backbone(
+    init: str | None,
+    data: DataConfig,
+    arch: str = "ptv3",
+    size: str = "tiny",
+    point: ProbeConfig | None = None,
+    token: TokenProbeConfig | None = None,
+    radius_voxels: float = 5.0,
+    overlap: float = 0.72,
+    max_points: int = 32,
+    max_tokens: int = 512,
+    seed: int = 0,
+    center_events: bool = False,
+    log=print,
+) -> dict:
+    """Both probes of one backbone on the first `train_events` + next `val_events` events of `data` (the online
+    probes' split). The token probe uses the backbone's own tokenizer when it is a PoLAr-MAE one, else these
+    settings; `arch`, `size` and `center_events` describe the random initialisation when `init` is None.
+    Returns {"backbone", "point" (metrics.compute's dict), "token" {f1, mean_f1, tokens}, ...}."""
+    point, token = point or ProbeConfig(), token or TokenProbeConfig()
+    if token.train_events != point.train_events or token.val_events != point.val_events:
+        raise ValueError("the point and token probes must use the same events (train_events, val_events)")
+    t0 = time.perf_counter()
+    prep = prepare(data)
+    names = list(prep.detector.class_names)
+    stuff = prep.detector.stuff_class
+    scored = token.classes or [c for i, c in enumerate(names) if i != stuff]
+    model, about = load_backbone(init, arch, size, len(names), seed, center_events)
+    spec = about.pop("spec")
+    scale = data.preprocess.scale
+    if spec.arch == "polarmae":
+        tok_cfg = spec.backbone_config()
+    else:
+        radius = radius_voxels / scale
+        tok_cfg = preset("tiny", radius=radius, overlap=overlap, max_points=max_points, max_tokens=max_tokens)
+    train, val = probe_batches(
+        stream_tables(data, prep, prep.manifest.shards), point.train_events, point.val_events, data.uri
+    )
+    log(
+        f"[raysvc] probing {init or f'a random {arch} {size}'} on {data.uri}: "
+        f"{point.train_events} + {point.val_events} events"
+    )
+    (p_train, t_train), (p_val, t_val) = (
+        features(model, spec, b, data.preprocess, tok_cfg, len(names)) for b in (train, val)
+    )
+    pm = fit_points(p_train, p_val, point, names, seed)
+    tm = fit_tokens(t_train, t_val, token, names, scored, seed)
+    return {
+        "backbone": about,
+        "data": data.uri,
+        "events": {"train": point.train_events, "val": point.val_events},
+        "point": {k: pm[k] for k in ("miou", "iou", "mf1", "f1", "accuracy")},
+        "token": {**tm, "classes": scored},
+        "tokenizer": {
+            "radius_voxels": tok_cfg.radius * scale,
+            "overlap": tok_cfg.overlap,
+            "max_points": tok_cfg.max_points,
+            "max_tokens": tok_cfg.max_tokens,
+        },
+        "seconds": time.perf_counter() - t0,
+    }
