@@ -146,6 +146,15 @@ def load_export(loc: Location) -> tuple[dict[str, torch.Tensor], ExportedModel]:
     return st_load(read_bytes(weights)), record
 
 
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """An export's encoder weights into `model.backbone` (a segmenter's `backbone.` prefix stripped, its head and
+    decoder left out); weights that do not fit are an error starting with `what`."""
+    weights = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "decoder."))}
+    missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny") -> None:
     """A freshly initialised (seeded) LArTPC segmenter exported as a fine-tuning run exports one: what the serving
     benchmark and tests load when latency, not accuracy, is the question."""

@@ -15,6 +15,7 @@ overlap, or a given list) a short PoLAr-MAE pretraining, scored by its token pro
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -134,7 +135,7 @@ def pretrain_trial(config: dict, base: dict, sweep: str, runs_uri: str) -> None:
     from raysvc.train.tasks.polarmae import PolarMAEJob
 
     params = config["trial"]
-    d = json.loads(json.dumps(base))
+    d = copy.deepcopy(base)
     d["model"] |= {"radius_voxels": params["radius"], "overlap": params["overlap"]}
     d["run"] |= {"name": f"{sweep}-{params['name']}", "storage": runs_uri, "wandb_group": sweep}
     summary = run_job(PolarMAEJob.model_validate(d), callbacks=[TuneReportCallback()])

@@ -17,13 +17,13 @@ import torch
 from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import prepare, stream_tables
 from raysvc.inference.featurize import model_inputs
-from raysvc.inference.record import ModelSpec, load_export
+from raysvc.inference.record import ModelSpec, load_backbone_weights, load_export
 from raysvc.models.polarmae import PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import resolve
 from raysvc.train.probe import ProbeConfig
 from raysvc.train.probe import fit_and_score as fit_points
 from raysvc.train.tasks.panda import probe_batches
-from raysvc.train.token_probe import TokenProbeConfig
+from raysvc.train.token_probe import TokenProbeConfig, scored_classes
 from raysvc.train.token_probe import fit_and_score as fit_tokens
 
 
@@ -49,12 +49,7 @@ def load_backbone(
         state, record = load_export(resolve(init))
         spec = record.model.model_copy(update={"head": "lin"})
         model = spec.build_segmenter(num_classes)
-        weights = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "decoder."))}
-        missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{init}: weights do not match its record: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        load_backbone_weights(model, state, f"{init}: weights do not match its record")
         about = {"init": init, "method": record.method, "step": record.step}
     model.eval()
     return model, {**about, "arch": spec.arch, "size": spec.size, "center_events": spec.center_events, "spec": spec}
@@ -104,8 +99,7 @@ def probe_backbone(
     t0 = time.perf_counter()
     prep = prepare(data)
     names = list(prep.detector.class_names)
-    stuff = prep.detector.stuff_class
-    scored = token.classes or [c for i, c in enumerate(names) if i != stuff]
+    scored = scored_classes(token, prep.detector)
     model, about = load_backbone(init, arch, size, len(names), seed, center_events)
     spec = about.pop("spec")
     scale = data.preprocess.scale

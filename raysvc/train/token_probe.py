@@ -28,6 +28,18 @@ class TokenProbeConfig(BaseModel):
     )
 
 
+def scored_classes(cfg: TokenProbeConfig, detector) -> list[str]:
+    """The classes the probe scores: `cfg.classes`, or every class of `detector` but its stuff class; a class the
+    detector does not have is an error naming both."""
+    names = list(detector.class_names)
+    if cfg.classes is None:
+        return [c for i, c in enumerate(names) if i != detector.stuff_class]
+    unknown = [c for c in cfg.classes if c not in names]
+    if unknown:
+        raise ValueError(f"probe.classes {unknown} are not classes of {detector.name}: {names}")
+    return list(cfg.classes)
+
+
 def fit_and_score(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],

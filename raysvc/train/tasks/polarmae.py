@@ -35,7 +35,7 @@ from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
 from raysvc.train.tasks.panda import probe_batches
 from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
-from raysvc.train.token_probe import TokenProbeConfig, fit_and_score
+from raysvc.train.token_probe import TokenProbeConfig, fit_and_score, scored_classes
 from raysvc.train.worker import autocast
 
 
@@ -137,7 +137,7 @@ class PolarMAETask(Task):
     @classmethod
     def prepare(cls, cfg: PolarMAEJob, log) -> dict:
         inputs = prepare_pretraining(cfg)
-        train, probe, names = inputs["train_data"], inputs["probe_data"], inputs["class_names"]
+        train, probe = inputs["train_data"], inputs["probe_data"]
         net = cfg.network
         log(
             f"[raysvc] pretraining {cfg.model.size} PoLAr-MAE on {cfg.data.uri} ({train.manifest.events} events), "
@@ -145,13 +145,7 @@ class PolarMAETask(Task):
             f"C-NMS r = {cfg.model.radius_voxels} voxels, overlap {net.overlap}, <= {net.max_points} points, "
             f"<= {net.max_tokens} per event, {net.mask_ratio:.0%} masked"
         )
-        scored = cfg.probe.classes
-        if scored is None:
-            stuff = probe.detector.stuff_class if probe is not None else None
-            scored = [c for i, c in enumerate(names) if i != stuff]
-        unknown = [c for c in scored if c not in names]
-        if probe is not None and unknown:
-            raise ValueError(f"probe.classes {unknown} are not classes of {probe.detector.name}: {names}")
+        scored = scored_classes(cfg.probe, probe.detector) if probe is not None else list(cfg.probe.classes or [])
         return {**inputs, "scored_classes": scored}
 
     @classmethod

@@ -23,7 +23,7 @@ from raysvc.data.pipeline import Prepared, pack_tables, prepare, rank_shards, st
 from raysvc.data.reader import read_preprocessed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
-from raysvc.inference.record import ExportedModel, ModelSpec, load_export, save_export
+from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, load_export, save_export
 from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
@@ -136,14 +136,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None =
     unless the mode is scratch, frozen for lin / dec."""
     model = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
     if init_state is not None and cfg.model.mode != "scratch":
-        skip = ("head.", "decoder.")
-        backbone = {k.removeprefix("backbone."): v for k, v in init_state.items() if not k.startswith(skip)}
-        missing, unexpected = model.backbone.load_state_dict(backbone, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"model.init does not match model.size {cfg.model.size!r}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
+        load_backbone_weights(model, init_state, f"model.init does not match model.size {cfg.model.size!r}")
     if cfg.model.mode in ("lin", "dec"):
         model.freeze_backbone()
     return model
