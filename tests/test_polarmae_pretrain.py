@@ -222,6 +222,37 @@ def test_the_export_fine_tunes_and_serves_like_a_ptv3_segmenter(straight, mae_da
     assert [len(p) for p in pred] == [len(ev["energy"]) for ev in events]
     assert all(p.min() >= 0 and p.max() < 5 for p in pred)  # every point above the threshold gets a class
 
+    # the paper's protocol: LED removed (4 classes) and focal loss
+    finetune(
+        "mae-4class",
+        "model.mode=fft",
+        "data.preprocess.remove_led=true",
+        "val_data.preprocess.remove_led=true",
+        "train.focal_gamma=2.0",
+    )
+    run = json.loads((tmp_path / "mae-4class" / "summary.json").read_text())
+    things = ["shower", "track", "michel", "delta"]
+    assert list(run["val"]["iou"]) == things and list(run["class_counts"]) == things
+    seg = Segmenter(resolve(str(tmp_path / "mae-4class")))
+    assert seg.class_names == things and seg.record.preprocess.remove_led
+    pred = seg.predict_table(table)  # every point of a raw event, LED too, gets one of the 4 classes
+    assert [len(p) for p in pred] == [len(ev["energy"]) for ev in events]
+    assert all(p.min() >= 0 and p.max() < 4 for p in pred)
+    # evaluation under the training cuts scores exactly the non-LED points above the threshold, class by class
+    from raysvc.data.shards import iter_tables, load_manifest
+    from raysvc.inference.segmenter import evaluate_dataset
+
+    val = resolve(str(mae_data / "val"))
+    got = evaluate_dataset(resolve(str(tmp_path / "mae-4class")), val, log=lambda m: None)
+    want = {c: 0 for c in things}
+    for ev in (ev for _, t in iter_tables(val, load_manifest(val)) for ev in t.to_pylist()):
+        sem, e = torch.tensor(ev["semantic"]), torch.tensor(ev["energy"])
+        keep = (e > 0.13) & (sem != 4)
+        if int(keep.sum()) >= seg.record.preprocess.min_points:
+            for c, name in enumerate(things):
+                want[name] += int((sem[keep] == c).sum())
+    assert got["support"] == want and sum(want.values()) > 0
+
 
 @pytest.mark.slow
 def test_a_sigkilled_worker_resumes_to_the_weights_of_an_uninterrupted_run(straight, mae_data, tmp_path):

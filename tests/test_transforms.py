@@ -121,11 +121,19 @@ def test_detector_drives_checks_and_led_removal():
     assert e.value.kind == "detector"
     out, counts = preprocess_table(other, PreprocessConfig(min_points=1, on_bad="skip"), "shard")
     assert out.num_rows == 0 and counts["bad:detector"] == 3
-    # remove_led drops the detector's stuff class, whatever its id
+    # remove_led drops the detector's stuff class, whatever its id, and the classes after it move down by one, so
+    # that the labels index Detector.label_classes(True)
     toy = replace(LARTPC, name="toy", stuff_class=0)
     cfg = PreprocessConfig(min_points=1, energy_threshold=0.0, remove_led=True)
     out, _ = preprocess_table(other, cfg, "shard", detector=toy)
+    assert out.schema.field("semantic").type == other.schema.field("semantic").type
     sem = np.concatenate([np.asarray(s) for s in out.column("semantic").to_pylist()])
-    assert 0 not in sem and 4 in sem and len(sem) == sum(int((ev["semantic"] != 0).sum()) for ev in events)
+    want = np.concatenate([ev["semantic"][ev["semantic"] != 0] for ev in events])
+    assert {0, 4} <= {int(s) for ev in events for s in ev["semantic"]}  # the removed class and the last one occur
+    np.testing.assert_array_equal(sem, want - 1)
+    names = toy.label_classes(True)
+    assert names == LARTPC.class_names[1:]
+    assert [names[s] for s in sem] == [LARTPC.class_names[s] for s in want]
+    assert LARTPC.label_classes(True) == LARTPC.class_names[:4] and LARTPC.label_classes() == LARTPC.class_names
     with pytest.raises(ValueError, match="detector 'none' has no stuff class"):
         preprocess_table(other, cfg, "shard", detector=replace(toy, name="none", stuff_class=None))

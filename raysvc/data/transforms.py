@@ -91,8 +91,9 @@ def preprocess_table(
     """Validate, cut, normalise. Returns the model-ready table and a Counter of what was removed and why.
 
     `detector` is the dataset's (its manifest's): events whose `detector` column names another are bad input, and
-    `remove_led` drops its stuff class. Counter keys: `selected_out` (not in the label subset), `bad:<kind>` (bad
-    input skipped under on_bad=skip), `cut:min_points` (too few points after the cuts: a physics cut, not an error).
+    `remove_led` drops its stuff class (and renumbers the semantic labels into `detector.label_classes(True)`).
+    Counter keys: `selected_out` (not in the label subset), `bad:<kind>` (bad input skipped under on_bad=skip),
+    `cut:min_points` (too few points after the cuts: a physics cut, not an error).
     """
     if cfg.remove_led and detector.stuff_class is None:
         raise ValueError(f"remove_led: detector {detector.name!r} has no stuff class to remove")
@@ -130,19 +131,18 @@ def preprocess_table(
     lengths = table.column("num_points").to_numpy().astype(np.int64)
     energy = flat_values(table, "energy")
     mask = energy > cfg.energy_threshold
+    replace = {}
     if cfg.remove_led:
         sem = flat_values(table, "semantic")
         mask &= sem != detector.stuff_class
+        # the labels of a model without the stuff class are 0 .. C-2 (Detector.label_classes): the classes after
+        # the stuff class move down by one
+        kept = sem[mask]
+        replace["semantic"] = (kept - (kept > detector.stuff_class)).astype(kept.dtype)
     xyz = flat_coords(table)
-    table = _rebuild_lists(
-        table,
-        mask,
-        lengths,
-        {
-            "coord": normalize_coord(xyz[mask], cfg),
-            "energy": log_energy(energy[mask], cfg),
-        },
-    )
+    replace["coord"] = normalize_coord(xyz[mask], cfg)
+    replace["energy"] = log_energy(energy[mask], cfg)
+    table = _rebuild_lists(table, mask, lengths, replace)
     enough = table.column("num_points").to_numpy() >= cfg.min_points
     counts["cut:min_points"] += int((~enough).sum())
     table = table.filter(pa.array(enough))

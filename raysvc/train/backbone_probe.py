@@ -98,7 +98,7 @@ def probe_backbone(
         raise ValueError("the point and token probes must use the same events (train_events, val_events)")
     t0 = time.perf_counter()
     prep = prepare(data)
-    names = list(prep.detector.class_names)
+    names = list(prep.detector.label_classes(data.preprocess.remove_led))
     scored = scored_classes(token, prep.detector)
     model, about = load_backbone(init, arch, size, len(names), seed, center_events)
     spec = about.pop("spec")

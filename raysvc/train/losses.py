@@ -85,18 +85,30 @@ def class_weights(counts: Sequence[int] | np.ndarray | torch.Tensor, power: floa
 
 
 class SegLoss(nn.Module):
-    """Weighted cross entropy on logits + lovasz_weight * Lovasz-Softmax on softmax(logits)."""
+    """Weighted cross entropy on logits (focal with `focal_gamma` > 0) + lovasz_weight * Lovasz-Softmax on
+    softmax(logits).
+
+    Focal loss (Lin et al., ICCV 2017) scales each point's term by (1 - p_true)^gamma, so that points the model already
+    gets right weigh less; the class weights play the part of its alpha. It keeps the cross entropy's normalisation
+    (sum of the valid points' class weights), so gamma = 0 is exactly the weighted cross entropy."""
 
     weights: torch.Tensor | None
 
     def __init__(
-        self, weights: torch.Tensor | Sequence[float] | None = None, lovasz_weight: float = 0.0, ignore_index: int = -1
+        self,
+        weights: torch.Tensor | Sequence[float] | None = None,
+        lovasz_weight: float = 0.0,
+        ignore_index: int = -1,
+        focal_gamma: float = 0.0,
     ):
         super().__init__()
         # A buffer follows .to(device) and lands in the state dict with the model.
         self.register_buffer("weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
         self.lovasz_weight = float(lovasz_weight)
         self.ignore_index = ignore_index
+        if focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+        self.focal_gamma = float(focal_gamma)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits (N, C), labels (N,) -> scalar. Cross entropy is the weight-normalised mean, as in
@@ -107,6 +119,9 @@ class SegLoss(nn.Module):
         per_point = F.cross_entropy(
             logits, labels, weight=self.weights, ignore_index=self.ignore_index, reduction="none"
         )
+        if self.focal_gamma:
+            log_p = torch.log_softmax(logits, 1).gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+            per_point = per_point * (1.0 - log_p.exp()).pow(self.focal_gamma)  # ignored points are 0 already
         if self.weights is None:
             denom = valid.to(logits.dtype).sum()
         else:
@@ -119,4 +134,4 @@ class SegLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        return f"lovasz_weight={self.lovasz_weight}, ignore_index={self.ignore_index}"
+        return f"lovasz_weight={self.lovasz_weight}, focal_gamma={self.focal_gamma}, ignore_index={self.ignore_index}"

@@ -42,6 +42,15 @@ class Detector:
     def class_names(self) -> tuple[str, ...]:
         return self.semantic.classes
 
+    def label_classes(self, remove_stuff: bool = False) -> tuple[str, ...]:
+        """The semantic classes a model learns: all of them, or all but the stuff class when preprocessing removes it
+        (`preprocess.remove_led`; the labels above it then move down by one, see data/transforms.py)."""
+        if not remove_stuff:
+            return self.class_names
+        if self.stuff_class is None:
+            raise ValueError(f"detector {self.name!r} has no stuff class to remove")
+        return tuple(c for i, c in enumerate(self.class_names) if i != self.stuff_class)
+
     @property
     def in_channels(self) -> int:
         """Model input channels: xyz + the feature channels."""

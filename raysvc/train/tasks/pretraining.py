@@ -22,7 +22,7 @@ def prepare_pretraining(cfg: JobConfig) -> dict:
             f"probe_data {cfg.probe_data.uri} holds {probe.detector.name} events, data "
             f"{cfg.data.uri} holds {detector.name} events"
         )
-    names = list(probe.detector.class_names) if probe is not None else []
+    names = list(probe.detector.label_classes(cfg.probe_data.preprocess.remove_led)) if probe is not None else []
     return {"train_data": train, "probe_data": probe, "detector": detector.name, "class_names": names}
 
 

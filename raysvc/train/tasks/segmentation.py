@@ -1,5 +1,6 @@
 """Semantic segmentation fine-tuning (`raysvc finetune`, task `segmentation`): a PTv3 encoder (from scratch or from
-a pretrained export) with a lin or dec head, trained on labelled events with class-weighted cross-entropy (+ Lovasz).
+a pretrained export) with a lin or dec head, trained on labelled events with class-weighted cross-entropy or focal
+loss (+ Lovasz), on all the detector's classes or, with `preprocess.remove_led`, on all but its stuff class.
 
 Modes (docs/methods.md, "Fine-tuning"): lin / dec freeze the encoder and train the head; fft trains everything from
 `model.init`, the encoder at lr x `backbone_lr_scale` with layer decay; scratch is fft without init. A step: a packed
@@ -72,6 +73,12 @@ class TrainSection(LoopSection):
     weight_decay: float = Field(0.05, ge=0)
     class_weight_power: float = Field(0.5, ge=0, description="inverse class frequency ** power; 0: unweighted")
     lovasz_weight: float = Field(0.0, ge=0)
+    focal_gamma: float = Field(
+        0.0,
+        ge=0,
+        description="focal loss: each point's weighted cross entropy x (1 - p_true)^gamma; 0 is plain cross "
+        "entropy, 2 the focal loss PoLAr-MAE fine-tunes with",
+    )
     backbone_lr_scale: float = Field(0.05, gt=0, le=1, description="fft: encoder lr = lr x this x layer decay")
     layer_decay: float = Field(0.9, gt=0, le=1, description="fft: lr x decay^(depth from the top) per encoder block")
     encoder_frozen_steps: int = Field(
@@ -100,6 +107,11 @@ class FinetuneConfig(JobConfig):
     def _check(self) -> FinetuneConfig:
         if self.model.mode == "fft" and not self.model.init:
             raise ValueError("model.mode fft fine-tunes a pretrained backbone: set model.init (or use mode scratch)")
+        if self.val_data.preprocess.remove_led != self.data.preprocess.remove_led:
+            raise ValueError(
+                f"data.preprocess.remove_led is {self.data.preprocess.remove_led} but val_data.preprocess.remove_led "
+                f"is {self.val_data.preprocess.remove_led}: training and validation must share one label space"
+            )
         if self.train.encoder_frozen_steps and self.model.mode != "fft":
             raise ValueError(
                 f"train.encoder_frozen_steps ({self.train.encoder_frozen_steps}) holds a pretrained "
@@ -225,7 +237,7 @@ class SegmentationTask(Task):
                     f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
                     f"{init.model.grid_voxels} voxels that {cfg.model.init} was trained on"
                 )
-        names = list(detector.class_names)
+        names = list(detector.label_classes(cfg.data.preprocess.remove_led))
         counts = estimate_class_counts(cfg, train, len(names))
         weights = (
             class_weights(counts, cfg.train.class_weight_power).tolist()
@@ -293,7 +305,7 @@ class SegmentationTask(Task):
         self.encoder = [p for p in model.backbone.parameters() if p.requires_grad]  # held for encoder_frozen_steps
         sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
         weights = torch.tensor(ctx.inputs["class_weights"], dtype=torch.float32, device=ctx.device)
-        self.loss_fn = SegLoss(weights, cfg.train.lovasz_weight)
+        self.loss_fn = SegLoss(weights, cfg.train.lovasz_weight, focal_gamma=cfg.train.focal_gamma)
         self.parts = {"model": model, "optimizer": opt, "scheduler": sched}
         self.eval_every = cfg.train.val_every
         self.val_batches: list[dict] | None = None
