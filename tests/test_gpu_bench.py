@@ -47,11 +47,35 @@ def test_attention_check_against_float64_catches_a_wrong_scale(monkeypatch):
     assert gpu.verdicts({"attention": gpu.check_attention(CPU)}) == {"attention.sdpa_fp32_err": False}
 
 
+def test_polarmae_check_compares_device_and_cpu_losses_and_catches_a_changed_weight(monkeypatch, tmp_path):
+    import copy
+    from types import SimpleNamespace
+
+    from raysvc.bench.train import _job, first_batches, generate_bench_data
+
+    generate_bench_data(tmp_path, 4, log=lambda m: None)
+    batches = first_batches(_job(tmp_path, tmp_path / "runs", "tiny", 3, 2, 1), 2)
+    ok = gpu.time_polarmae(tmp_path, batches, CPU, 2, 1)
+    assert ok["fp32_loss_err"] == 0.0 and ok["cpu_loss"] > 0 and ok["cpu_losses_finite"] and ok["cpu_step_s"] > 0
+    assert all(gpu.verdicts({"polarmae_tiny": ok}).values())
+
+    def shifted(model):  # a "device" copy whose point head is off by a little: its loss must differ
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            model.point_head.bias.add_(0.05)
+        return model
+
+    monkeypatch.setattr(gpu, "copy", SimpleNamespace(deepcopy=shifted))
+    broken = gpu.time_polarmae(tmp_path, batches, CPU, 2, 1)
+    assert broken["fp32_loss_err"] > 1e-3 and not gpu.verdicts({"polarmae_tiny": broken})["polarmae_tiny.fp32_loss_err"]
+
+
 def test_verdicts_apply_each_limit_and_skip_checks_that_did_not_run():
     result = {
         "model": {"fp32_logits_err": 2e-3, "fp32_argmax_agree": 1.0, "bf16_argmax_agree_fp32": 0.9},
         "neighbours": {"knn_equals_cpu": True, "codes_equal_cpu": {"z": True, "hilbert": False}},
         "panda_tiny": {"cpu_losses_finite": True},
+        "polarmae_tiny": {"fp32_loss_err": 0.0, "bf16_loss_err_fp32": 0.08, "device_bf16_losses_finite": False},
     }
     assert gpu.verdicts(result) == {
         "model.fp32_logits_err": False,
@@ -59,6 +83,9 @@ def test_verdicts_apply_each_limit_and_skip_checks_that_did_not_run():
         "model.bf16_argmax_agree_fp32": False,
         "neighbours.knn_equals_cpu": True,
         "panda_tiny.cpu_losses_finite": True,
+        "polarmae_tiny.fp32_loss_err": True,
+        "polarmae_tiny.bf16_loss_err_fp32": False,
+        "polarmae_tiny.device_bf16_losses_finite": False,
         "neighbours.codes_equal_cpu.z": True,
         "neighbours.codes_equal_cpu.hilbert": False,
     }
@@ -92,8 +119,9 @@ def test_cli_runs_every_check_and_timing_on_cpu_and_refuses_a_missing_gpu(tmp_pa
     r = json.loads(out.read_text())
     assert r["all_passed"] and r["checks"]["sparse_conv.out_err"] and r["checks"]["panda_tiny.cpu_losses_finite"]
     assert r["model"]["points"] > 1000 and r["model"]["fp32_logits_err"] == 0.0  # CPU against itself: bit-equal
-    for key in ("seg_tiny", "seg_small", "panda_tiny"):
+    for key in ("seg_tiny", "seg_small", "panda_tiny", "polarmae_tiny"):
         assert r[key]["cpu_step_s"] > 0 and r[key]["events_per_step"] == 2
+    assert r["checks"]["polarmae_tiny.cpu_losses_finite"] and r["polarmae_tiny"]["fp32_loss_err"] == 0.0
     if not torch.cuda.is_available():
         p = subprocess.run([RAYSVC, "bench", "gpu"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "device 'cuda'" in p.stderr and "sees no CUDA device" in p.stderr, p.stderr

@@ -8,9 +8,13 @@ Checks (device against a reference computed another way):
 - patch attention: the device (SDPA; flash-attn when installed) against the CPU path in float64.
 - the tiny segmentation model: device fp32 logits against CPU fp32 (same weights, same batch), and bf16 autocast
   against device fp32 (argmax agreement).
+- PoLAr-MAE (tiny): the masked-modelling loss of one batch and one mask on the device in fp32 against the CPU (same
+  weights), and in bf16 autocast against device fp32 (its attention is torch SDPA, which picks a flash or
+  memory-efficient kernel on CUDA).
 Timings (same batches, medians after a warm-up): a segmentation training step (tiny, small) on the CPU, on the device
-in fp32 and in bf16; a Panda pretraining step (tiny) on the CPU and on the device. TF32 stays off during the checks
-and follows torch's defaults during the timings.
+in fp32 and in bf16; a Panda pretraining step (tiny) on the CPU and on the device; a PoLAr-MAE pretraining step
+(tiny, tokenization included) on the CPU and on the device in fp32 and bf16. TF32 stays off during the checks and
+follows torch's defaults during the timings.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from raysvc.ops.sparse_conv import SubMConv3d, kernel_map
 from raysvc.train.tasks.segmentation import train_step
 
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
+POLARMAE_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-polarmae-tiny.yaml"
 
 
 def _sync(device: torch.device) -> None:
@@ -253,6 +258,61 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     return step, losses
 
 
+def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: int, warmup: int) -> dict:
+    """The tiny PoLAr-MAE job's network on packed `batches`: its loss (one batch, one seeded mask, eval mode) on
+    `device` in fp32 against the CPU and in bf16 against device fp32; then seconds per pretraining step
+    (`mae_step`: tokens, forward, backward, AdamW) on the CPU and on the device in fp32 and bf16. The losses must
+    stay finite."""
+    from raysvc.models.polarmae import PolarMAE
+    from raysvc.train.schedule import one_cycle_scheduler
+    from raysvc.train.tasks.polarmae import PolarMAEJob, batch_tokens, mae_step
+
+    cfg = load_config(
+        PolarMAEJob,
+        str(POLARMAE_JOB),
+        [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps + warmup}"],
+    )
+    net, cpu = cfg.network, torch.device("cpu")
+    torch.manual_seed(0)
+    model = PolarMAE(net).eval()
+
+    def loss(m, dev: torch.device, bf16: bool = False) -> torch.Tensor:
+        tokens = batch_tokens(batches[0], net, dev)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return m(tokens, torch.Generator().manual_seed(0))["loss"].float()
+
+    ref = loss(model, cpu)
+    dev_model = copy.deepcopy(model).to(device)
+    with _exact_fp32():
+        fp32 = loss(dev_model, device)
+    out: dict = {"events_per_step": len(batches[0]["offset"]), "cpu_loss": float(ref), "fp32_loss_err": _err(fp32, ref)}
+    if device.type == "cuda":
+        out["bf16_loss_err_fp32"] = _err(loss(dev_model, device, bf16=True), fp32)
+    runs = [("cpu", cpu, False)]
+    if device.type != "cpu":
+        runs += [("device_fp32", device, False), ("device_bf16", device, True)]
+    for name, dev, amp in runs:
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
+        torch.manual_seed(0)
+        m = PolarMAE(net).to(dev)
+        params = list(m.parameters())
+        opt = torch.optim.AdamW(params, lr=c.train.lr, weight_decay=c.train.weight_decay)
+        sched = one_cycle_scheduler(opt, c.train.steps, c.train.warmup_frac, c.train.final_lr_frac)
+        losses: list[float] = []
+
+        def step(i: int, m=m, params=params, opt=opt, sched=sched, c=c, dev=dev, losses=losses) -> None:
+            o, _ = mae_step(m, params, opt, sched, batches[i % len(batches)], c, i, 0, dev)
+            losses.append(float(o["loss"].detach()))
+
+        out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
+        out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
+    for name in ("device_fp32", "device_bf16"):
+        if f"{name}_step_s" in out:
+            out[f"{name}_speedup_vs_cpu"] = out["cpu_step_s"] / out[f"{name}_step_s"]
+    return out
+
+
 def run_gpu_bench(
     device: str = "cuda",
     events: int = 24,
@@ -286,6 +346,8 @@ def run_gpu_bench(
             if size == sizes[0]:
                 log(f"{size} model: {device} against cpu")
                 out["model"] = check_model(cfg, batches[0], dev)
+                log("tiny: PoLAr-MAE loss against cpu, pretraining step")
+                out["polarmae_tiny"] = time_polarmae(data, batches, dev, steps, warmup)
             log(f"{size}: segmentation training step")
             out[f"seg_{size}"] = time_segmentation(cfg, batches, dev, steps, warmup)
         log("tiny: Panda pretraining step")
@@ -306,6 +368,8 @@ LIMITS = {
     ("attention", "sdpa_bf16_err"): 3e-2,
     ("attention", "flash_bf16_err"): 3e-2,
     ("model", "fp32_logits_err"): 1e-3,
+    ("polarmae_tiny", "fp32_loss_err"): 1e-3,
+    ("polarmae_tiny", "bf16_loss_err_fp32"): 5e-2,
 }
 AT_LEAST = {("model", "fp32_argmax_agree"): 0.999, ("model", "bf16_argmax_agree_fp32"): 0.95}
 MUST_BE_TRUE = [
@@ -313,6 +377,9 @@ MUST_BE_TRUE = [
     ("neighbours", "knn_equals_cpu"),
     ("panda_tiny", "cpu_losses_finite"),
     ("panda_tiny", "device_losses_finite"),
+    ("polarmae_tiny", "cpu_losses_finite"),
+    ("polarmae_tiny", "device_fp32_losses_finite"),
+    ("polarmae_tiny", "device_bf16_losses_finite"),
 ]
 
 

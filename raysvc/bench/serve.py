@@ -116,11 +116,14 @@ def kill_replica_under_load(
     concurrency: int = 8,
     kill_after: float = 0.3,
     answers: list | None = None,
+    recover_within_s: float | None = None,
 ) -> dict:
     """`requests_n` requests at `concurrency`; once `kill_after` of them have answered, the replica gets SIGKILL (as
     the OOM killer or a lost node would do it). Reports the error budget: what failed and how (status, or -1 for a
     dropped connection), when, and how long until Serve answered again; with `answers` (the classes each body must
-    get), every 200 answer is also checked, so "succeeded" means "right"."""
+    get), every 200 answer is also checked, so "succeeded" means "right". With `recover_within_s`, once that long
+    has passed since the kill without a right answer to a request sent after it, the requests left are not sent
+    (status -2): an endpoint that never comes back then fails in minutes, not after every request's timeout."""
     import os
     import signal
     import threading
@@ -128,19 +131,23 @@ def kill_replica_under_load(
     import requests
 
     (victim,) = replica_pids(sid)  # one replica: its death leaves no other to take the requests
-    local, done, t_kill = threading.local(), threading.Event(), []
+    local, done, t_kill, recovered = threading.local(), threading.Event(), [], threading.Event()
     finished = [0]
     lock = threading.Lock()
 
     def one(i: int) -> tuple[float, float, int, bool]:
         s = _session(local, token)
         t0 = time.perf_counter()
+        if recover_within_s is not None and t_kill and not recovered.is_set() and t0 - t_kill[0] > recover_within_s:
+            return t0, t0, -2, False  # given up on: the endpoint did not come back in time
         try:
             r = s.post(f"{url}/v1/segment", data=bodies[i % len(bodies)], timeout=120)
             status = r.status_code
             right = status == 200 and (answers is None or r.json()["classes"] == answers[i % len(bodies)])
         except requests.RequestException:
             status, right = -1, False
+        if right and t_kill and t0 > t_kill[0]:
+            recovered.set()
         with lock:
             finished[0] += 1
             if finished[0] >= kill_after * requests_n:
@@ -173,6 +180,7 @@ def kill_replica_under_load(
         "wrong_answers": wrong,
         "error_budget": len(failed) / requests_n,
         "status_counts": status_counts,
+        "given_up": status_counts.get("-2", 0),  # not sent: no recovery within recover_within_s
         "errors_before_kill": sum(1 for t0, t1, _ in failed if t1 < tk),
         "errors_started_after_recovery": sum(1 for t0, _, _ in failed if after and t0 > after[0]),
         "recovery_s": (after[0] - tk) if after else None,

@@ -114,6 +114,24 @@ def batch_tokens(batch: dict, cfg: PolarMAEConfig, device: torch.device, augment
     return tokenize(coord.float(), batch["energy"].float(), batch["offset"], cfg).to(device)
 
 
+def mae_step(model, params: list, opt, sched, batch: dict, cfg: PolarMAEJob, step: int, rank: int, device) -> tuple:
+    """One PoLAr-MAE optimisation step on a packed batch: tokens (rotated when `train.augment` asks) -> the mask of
+    (seed, rank, step) -> forward (bf16 autocast on CUDA with `train.amp`) -> backward -> clip -> AdamW -> lr
+    schedule. Returns (the model's outputs, the tokens). `raysvc bench gpu` times this same function."""
+    tokens = batch_tokens(batch, cfg.network, device, cfg.train.augment)
+    seed = np.random.SeedSequence([cfg.train.seed, rank, step]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(seed))  # the mask of (seed, rank, step): the same after a resume
+    with autocast(cfg.train.amp, device):
+        out = model(tokens, gen)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    opt.step()
+    sched.step()
+    return out, tokens
+
+
 @torch.no_grad()
 def token_features(model: PolarMAE, batches: list[dict], cfg: PolarMAEConfig, num_classes: int, device):
     """(features (T, width) float32, targets (T, classes) bool) of every token of `batches`, encoder frozen."""
@@ -206,19 +224,8 @@ class PolarMAETask(Task):
         return pack_tables(tables, self.ctx.per_rank, drop_last=True)
 
     def step(self, batch: dict, step: int) -> dict:
-        cfg, dev = self.cfg, self.ctx.device
-        tokens = batch_tokens(batch, self.net, dev, cfg.train.augment)
-        seed = np.random.SeedSequence([cfg.train.seed, self.ctx.rank, step]).generate_state(1)[0]
-        gen = torch.Generator().manual_seed(int(seed))  # the mask of (seed, rank, step): the same after a resume
         opt, sched = self.parts["optimizer"], self.parts["scheduler"]
-        with autocast(cfg.train.amp, dev):
-            out = self.ddp(tokens, gen)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
-        opt.step()
-        sched.step()
+        out, tokens = mae_step(self.ddp, self.params, opt, sched, batch, self.cfg, step, self.ctx.rank, self.ctx.device)
         n_events = len(batch["offset"])
         return {
             "loss": out["loss"].detach(),
