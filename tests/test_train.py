@@ -82,6 +82,9 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
     assert "train.stepz" in fails(*good, "train.stepz=3")  # unknown key, by its dotted name
     assert "train.steps" in fails(*good, "train.steps=many")  # wrong type
     assert "scaling.workers" in fails(*good, "scaling.workers=3")  # batch not divisible by workers
+    mixed = fails(*good, "data.preprocess.remove_led=true")  # 4 classes to train, 5 to validate on
+    assert "val_data.preprocess.remove_led" in mixed and "one label space" in mixed
+    assert "focal_gamma" in fails(*good, "train.focal_gamma=-1")
     missing = fails(f"data.uri={tmp_path / 'nowhere'}", f"val_data.uri={seg_data / 'val'}")
     assert "nowhere" in missing and "not found" in missing
     unreachable = fails(
