@@ -227,8 +227,9 @@ def test_cnms_sweep_scores_each_setting_by_a_short_polarmae_pretraining(tmp_path
         fps_knn=None,
         fps_ball=None,
         pretrain={"job": job, "set": sets, "settings": [[5, 0.72], [10, 0.72]]},
+        storage="sweeps",  # relative, as in tune/cnms.yaml: the runs must land under it, not in a trial's directory
     )
-    p = _run(["sweep", str(spec)], tmp_path)
+    p = _run(["sweep", str(spec)], tmp_path, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     exp = tmp_path / "sweeps" / "cnms-test"
     summary = json.loads((exp / "summary.json").read_text())
@@ -236,7 +237,9 @@ def test_cnms_sweep_scores_each_setting_by_a_short_polarmae_pretraining(tmp_path
     assert [r["trial"]["name"] for r in rep["trials"]] == ["mae-r5-o0.72", "mae-r10-o0.72"] and not rep["failed"]
     grid = summary["trials"][0]["metrics"]
     for row in rep["trials"]:
-        run = json.loads((Path(row["metrics"]["run_uri"].removeprefix("file://")) / "summary.json").read_text())
+        run_dir = Path(row["metrics"]["run_uri"].removeprefix("file://"))
+        assert run_dir.parent == exp / "runs", run_dir
+        run = json.loads((run_dir / "summary.json").read_text())
         # each setting's score is its own run's token probe, pretrained with that setting's tokenizer
         assert run["config"]["model"]["radius_voxels"] == row["trial"]["radius"] and run["steps"] == 2
         assert row["metrics"]["token_mean_f1"] == run["probe"]["token_mean_f1"]
@@ -245,6 +248,7 @@ def test_cnms_sweep_scores_each_setting_by_a_short_polarmae_pretraining(tmp_path
     assert r5 == {k: grid[k] for k in ("missed_ratio", "duplicated_ratio", "groups_per_event")}
     assert r10["groups_per_event"] < r5["groups_per_event"]  # measured for the setting outside the grid
     assert rep["best"] in ("mae-r5-o0.72", "mae-r10-o0.72")
+    assert (exp / "token-probe.png").read_bytes().startswith(b"\x89PNG")
     assert "token probe mean F1" in (exp / "table.md").read_text()
 
 

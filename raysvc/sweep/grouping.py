@@ -6,7 +6,8 @@ C-NMS + ball query over radius x overlap, and the baselines FPS + kNN (over cent
 missed ratio = points in no group / points, duplicated ratio = points in more than one group / points.
 
 The result: `summary.json` (every trial, the Pareto front of missed vs duplicated over all trials, the recommended
-overlap per radius = the one with the smallest missed + duplicated), `grouping.png` and `table.md`.
+overlap per radius = the one with the smallest missed + duplicated), `grouping.png` and `table.md` (and, with the
+`pretrain` objective, `token-probe.png`).
 
 With a `pretrain` section the sweep adds the paper's second objective: per setting (each radius at its recommended
 overlap, or a given list) a short PoLAr-MAE pretraining, scored by its token probe (summary.json ->
@@ -182,7 +183,7 @@ def run_probe_objective(spec: CNMSSweep, rows: list[dict], recommended: dict, ev
         log,
         base=base.model_dump(mode="json"),
         sweep=spec.name,
-        runs_uri=exp.join("runs").uri,
+        runs_uri=absolute_uri(exp.join("runs").uri),  # a trial runs in a directory of Ray's, not here
     )
     coverage_of = {
         (r["trial"]["radius"], r["trial"]["overlap"]): r["metrics"] for r in rows if r["trial"]["method"] == "cnms"
@@ -271,6 +272,38 @@ def table_md(summary: dict) -> str:
             )
         lines += [f"| {f['trial']['name']} | failed: {f['error'][:80]} | | | | | |" for f in rep["failed"]]
     return "\n".join(lines) + "\n"
+
+
+def token_probe_png(rep: dict) -> bytes:
+    """The representation objective: token-probe mean F1 per setting after the short pretraining and at its random
+    initialisation (left), and the F1 of each class after pretraining (right), against the C-NMS radius."""
+    import matplotlib.pyplot as plt
+
+    from raysvc.train.plots import fig_png
+
+    rows = sorted(
+        (r for r in rep["trials"] if r["metrics"]["token_mean_f1"] is not None), key=lambda r: r["trial"]["radius"]
+    )
+    radius = [r["trial"]["radius"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    ax.plot(radius, [r["metrics"]["token_mean_f1"] for r in rows], "o-", label=f"after {rep['steps']} steps")
+    random = [r["metrics"]["random_token_mean_f1"] for r in rows]
+    if all(v is not None for v in random):
+        ax.plot(radius, random, "s--", color="gray", label="random initialisation")
+    for r in rows:
+        ax.annotate(f"o={r['trial']['overlap']:g}", (r["trial"]["radius"], r["metrics"]["token_mean_f1"]), fontsize=7)
+    ax.set_title("token probe, mean F1")
+    for name in rows[0]["metrics"]["token_f1"] if rows else ():
+        ax2.plot(radius, [r["metrics"]["token_f1"][name] for r in rows], "o-", label=name)
+    ax2.set_title(f"token probe F1 per class after {rep['steps']} steps")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks(radius, [f"{r:g}" for r in radius])
+        a.minorticks_off()
+        a.set_xlabel("C-NMS radius (voxels)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    return fig_png(fig)
 
 
 def grouping_png(summary: dict) -> bytes:
@@ -385,4 +418,6 @@ def run_cnms_sweep(spec: CNMSSweep, log=print) -> dict:
     write_bytes_atomic(exp.join("table.md"), table_md(summary).encode())
     if rows:
         write_bytes_atomic(exp.join("grouping.png"), grouping_png(summary))
+    if summary.get("representation", {}).get("trials"):
+        write_bytes_atomic(exp.join("token-probe.png"), token_probe_png(summary["representation"]))
     return summary
