@@ -15,17 +15,9 @@ mutations=(
   "no-preflight|raysvc/data/shards.py|    for rec in manifest.shards:\n        loc = root.join(rec.name)\n        with explained|    for rec in []:\n        loc = root.join(rec.name)\n        with explained|corrupted_on_s3"
   "no-checksum|raysvc/data/shards.py|    if verify_checksum and sha256_hex(data) != rec.sha256:|    if False and sha256_hex(data) != rec.sha256:|corrupted_on_s3"
   "no-space-check|raysvc/train/worker.py|            if free < size + SPACE_MARGIN_BYTES:|            if False:|disk_full"
-  "no-replica-restart|raysvc/serve/app.py|        self.cfg = ServeConfig.model_validate(config)\n|        self.cfg = ServeConfig.model_validate(config)\n        _once(\"$PWD/$out/replica-started\")\n|replica_killed"
+  # a replica that starts once only (a marker file), so Serve cannot bring the killed one back
+  "no-replica-restart|raysvc/serve/app.py|        self.cfg = ServeConfig.model_validate(config)\n|        self.cfg = ServeConfig.model_validate(config)\n        import pathlib\n        if pathlib.Path(\"$PWD/$out/replica-started\").exists():\n            raise RuntimeError(\"mutation: a restarted replica cannot start\")\n        pathlib.Path(\"$PWD/$out/replica-started\").touch()\n|replica_killed"
 )
-# no-replica-restart: a replica that starts once only (a marker file), so Serve cannot bring the killed one back
-once='
-def _once(marker):
-    import pathlib
-
-    if pathlib.Path(marker).exists():
-        raise RuntimeError("mutation: a restarted replica cannot start")
-    pathlib.Path(marker).touch()
-'
 
 for m in "${mutations[@]}"; do
   IFS='|' read -r name file old new tests <<< "$m"
@@ -33,13 +25,13 @@ for m in "${mutations[@]}"; do
   git diff --quiet -- "$file" || { echo "$name: $file has local changes; skipped"; continue; }
   cp "$file" "$out/original"
   rm -f "$out/replica-started"
-  python - "$file" "$old" "$new" "$once" <<'PY'
+  python - "$file" "$old" "$new" <<'PY'
 import sys
 
-path, old, new, once = sys.argv[1], *(a.encode().decode("unicode_escape") for a in sys.argv[2:])
+path, old, new = sys.argv[1], *(a.encode().decode("unicode_escape") for a in sys.argv[2:])
 text = open(path).read()
 assert text.count(old) == 1, f"{path}: the protected code was not found once: {old!r}"
-open(path, "w").write(text.replace(old, new) + (once if "_once(" in new else ""))
+open(path, "w").write(text.replace(old, new))
 PY
   python -m pytest -q -p no:cacheprovider tests/test_faults.py -k "$tests" > "$out/$name.log" 2>&1
   rc=$?
