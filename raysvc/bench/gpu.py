@@ -174,13 +174,25 @@ def _median_step(step, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int, warmup: int) -> dict:
-    """Seconds per training step (the fine-tuning job's `train_step`) on the CPU, and on `device` in fp32 and bf16."""
-    out: dict = {}
+def _precision_runs(device: torch.device) -> list[tuple[str, torch.device, bool]]:
+    """(name, device, bf16) of each timed setting: the CPU, then the device in fp32 and in bf16."""
     runs = [("cpu", torch.device("cpu"), False)]
     if device.type != "cpu":
         runs += [("device_fp32", device, False), ("device_bf16", device, True)]
-    for name, dev, amp in runs:
+    return runs
+
+
+def _add_speedups(out: dict) -> None:
+    """`<name>_speedup_vs_cpu` for each device setting that was timed."""
+    for name in ("device_fp32", "device_bf16"):
+        if f"{name}_step_s" in out:
+            out[f"{name}_speedup_vs_cpu"] = out["cpu_step_s"] / out[f"{name}_step_s"]
+
+
+def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int, warmup: int) -> dict:
+    """Seconds per training step (the fine-tuning job's `train_step`) on the CPU, and on `device` in fp32 and bf16."""
+    out: dict = {}
+    for name, dev, amp in _precision_runs(device):
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
         torch.manual_seed(0)
         model, params, opt, loss_fn = plain_training(c)
@@ -195,9 +207,7 @@ def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int
         )
         if dev.type == "cuda":
             out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    for name in ("device_fp32", "device_bf16"):
-        if f"{name}_step_s" in out:
-            out[f"{name}_speedup_vs_cpu"] = out["cpu_step_s"] / out[f"{name}_step_s"]
+    _add_speedups(out)
     out["events_per_step"] = cfg.train.batch_events
     return out
 
@@ -289,10 +299,7 @@ def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: 
     out: dict = {"events_per_step": len(batches[0]["offset"]), "cpu_loss": float(ref), "fp32_loss_err": _err(fp32, ref)}
     if device.type == "cuda":
         out["bf16_loss_err_fp32"] = _err(loss(dev_model, device, bf16=True), fp32)
-    runs = [("cpu", cpu, False)]
-    if device.type != "cpu":
-        runs += [("device_fp32", device, False), ("device_bf16", device, True)]
-    for name, dev, amp in runs:
+    for name, dev, amp in _precision_runs(device):
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
         torch.manual_seed(0)
         m = PolarMAE(net).to(dev)
@@ -307,9 +314,7 @@ def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: 
 
         out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
         out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
-    for name in ("device_fp32", "device_bf16"):
-        if f"{name}_step_s" in out:
-            out[f"{name}_speedup_vs_cpu"] = out["cpu_step_s"] / out[f"{name}_step_s"]
+    _add_speedups(out)
     return out
 
 
