@@ -90,6 +90,12 @@ def cmd_bench_ingest(a: argparse.Namespace) -> None:
     result = run_ingest_bench(
         events=a.events, uri=a.uri, batch_events=a.batch_events, repeats=a.repeats, shard_events=a.shard_events
     )
+    if a.loaders:
+        from raysvc.bench.loaders import run_loader_bench
+
+        result["loaders"] = run_loader_bench(
+            events=a.loader_events, steps=a.steps, log=lambda m: print(m, file=sys.stderr, flush=True)
+        )
     if a.json:
         _print_json(result, a.out)
     else:
@@ -279,16 +285,31 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def _batch_ray(actors: int) -> None:
+    """Start (or join) Ray for a batch-inference command that runs an actor pool; its chatter goes to the log."""
+    if actors > 0:
+        import ray
+
+        from raysvc.ray_init import init_ray
+
+        if not ray.is_initialized():
+            init_ray(logging_level="WARNING", include_dashboard=False)
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from raysvc.inference.segmenter import evaluate_dataset
+    from raysvc.inference.batch import evaluate_dataset
     from raysvc.storage import absolute_uri, resolve
 
+    _batch_ray(a.actors)
     result = evaluate_dataset(
         resolve(absolute_uri(a.model)),
         resolve(absolute_uri(a.data)),
         a.batch_events,
         a.device,
         max_events=a.max_events,
+        actors=a.actors,
+        max_points=a.max_points,
+        cpus_per_actor=a.cpus_per_actor,
         log=lambda m: print(m, file=sys.stderr),
     )
     _print_json(result, a.out)
@@ -338,11 +359,22 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from raysvc.inference.segmenter import predict_dataset
-    from raysvc.storage import resolve
+    from raysvc.inference.batch import predict_dataset
+    from raysvc.storage import absolute_uri, resolve
 
-    info = predict_dataset(resolve(a.model), resolve(a.data), resolve(a.out), a.batch_events, a.device)
-    print(json.dumps(info, indent=2))
+    _batch_ray(a.actors)
+    info = predict_dataset(
+        resolve(absolute_uri(a.model)),
+        resolve(absolute_uri(a.data)),
+        resolve(absolute_uri(a.out)),
+        a.batch_events,
+        a.device,
+        actors=a.actors,
+        max_points=a.max_points,
+        cpus_per_actor=a.cpus_per_actor,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps({k: v for k, v in info.items() if k != "shards"}, indent=2))
 
 
 def _interrupt(*_) -> None:
@@ -494,6 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--uri", help="use this dataset instead of generating one into a local SeaweedFS")
     bi.add_argument("--batch-events", type=int, default=8)
     bi.add_argument("--repeats", type=int, default=3)
+    bi.add_argument(
+        "--loaders",
+        action="store_true",
+        help="also compare the training loaders (tasks, ray_data: delivery, a real pretraining's data wait, CPU and "
+        "memory) and batch inference with 0 / 1 / 2 actors (~15 min on 2 cores)",
+    )
+    bi.add_argument("--loader-events", type=int, default=1200, help="--loaders: events of the pretraining set")
+    bi.add_argument("--steps", type=int, default=40, help="--loaders: pretraining steps per run")
     bi.set_defaults(fn=cmd_bench_ingest)
 
     bo = bsub.add_parser("ops", help="C-NMS vs FPS grouping, serialization, sparse conv vs spconv (one thread)")
@@ -533,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    _batch_args(ev)
     ev.set_defaults(fn=cmd_evaluate)
     pb = sub.add_parser(
         "probe",
@@ -566,9 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="per-point predictions of an exported model on a dataset")
     pr.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
     pr.add_argument("--data", required=True, help="dataset URI (shards + manifest)")
-    pr.add_argument("--out", required=True, help="output URI: preds-NNNNN.parquet with event_id, num_points, pred")
+    pr.add_argument(
+        "--out", required=True, help="output URI: preds-NNNNN.parquet (event_id, num_points, pred) + manifest.json"
+    )
     pr.add_argument("--batch-events", type=int, default=8)
     pr.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    _batch_args(pr)
     pr.set_defaults(fn=cmd_predict)
 
     bt = bsub.add_parser("train", help="fwd+bwd per event (tiny, small) and Ray Train step overhead vs plain torch")
@@ -704,8 +748,29 @@ def _leaves(parser: argparse.ArgumentParser):
             yield from _leaves(child)
 
 
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=1,
+        help="model replicas of the Ray Data job (one GPU each with --device cuda); 0: in this process, no Ray",
+    )
+    p.add_argument("--max-points", type=int, default=400_000, help="at most this many points per model call")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+
+
 # Commands that start or join Ray: their console shows raysvc's own lines, Ray's go to a log file (raysvc.console).
-ROUTED = {("finetune",), ("pretrain",), ("sweep",), ("demo",), ("serve",), ("bench", "ingest"), ("bench", "train")}
+ROUTED = {
+    ("finetune",),
+    ("pretrain",),
+    ("sweep",),
+    ("demo",),
+    ("serve",),
+    ("predict",),
+    ("evaluate",),
+    ("bench", "ingest"),
+    ("bench", "train"),
+}
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:

@@ -4,104 +4,21 @@ auth, as on a cluster."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 from raysvc.seaweed import free_port
-from raysvc.serve.process import session_processes, wait_until_healthy
-
-REPO = Path(__file__).parents[1]
-BIN = Path(sys.executable).parent
+from raysvc.serve.process import wait_until_healthy
+from tests.ray_cluster import BIN, REPO, RayCluster
 
 
 @pytest.fixture()
 def ray_head(tmp_path):
-    """cluster/local/start-head.sh --block (token auth, 127.0.0.1) with every port free-picked; stopped by its
-    process group at the end, and checked gone."""
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    }
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    ports = {
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--ray-client-server-port": free_port(),
-        "--min-worker-port": 20000 + gcs % 1000 * 20,
-        "--max-worker-port": 20000 + gcs % 1000 * 20 + 19,
-    }
-    # a private temp dir (short: it holds Unix sockets) keeps this head out of /tmp/ray/ray_current_cluster,
-    # which plain ray.init() calls elsewhere would otherwise try to join after the head is gone
-    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
-    # the head is started by the script users run (cluster/local/start-head.sh), with the test's ports
-    env |= {
-        "RAY": str(BIN / "ray"),
-        "RAYSVC_RAY_PORT": str(gcs),
-        "RAYSVC_DASHBOARD_PORT": str(dash),
-        "RAYSVC_RAY_TEMP": temp,
-    }
-    cmd = [
-        str(REPO / "cluster" / "local" / "start-head.sh"),
-        "--block",
-        "--num-cpus=2",
-        *[f"{k}={v}" for k, v in ports.items()],
-    ]
-    log = open(tmp_path / "ray-head.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            p = subprocess.run(
-                [str(BIN / "ray"), "job", "list", "--address", address],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if p.returncode == 0:
-                break
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"Ray head did not come up:\n{(tmp_path / 'ray-head.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield address, env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)  # `ray start --block` often outlives SIGTERM: the rest is killed below
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in session_processes(proc.pid):  # workers outside the head's process group
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        while session_processes(proc.pid) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in session_processes(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-        assert not session_processes(proc.pid), "Ray processes left running"
+    """cluster/local/start-head.sh --block (token auth, 127.0.0.1) with every port free-picked; stopped at the end."""
+    with RayCluster(tmp_path) as cluster:
+        yield cluster.dashboard, cluster.env
 
 
 @pytest.mark.slow

@@ -240,7 +240,7 @@ def test_the_export_fine_tunes_and_serves_like_a_ptv3_segmenter(straight, mae_da
     assert all(p.min() >= 0 and p.max() < 4 for p in pred)
     # evaluation under the training cuts scores exactly the non-LED points above the threshold, class by class
     from raysvc.data.shards import iter_tables, load_manifest
-    from raysvc.inference.segmenter import evaluate_dataset
+    from raysvc.inference.batch import evaluate_dataset
 
     val = resolve(str(mae_data / "val"))
     got = evaluate_dataset(resolve(str(tmp_path / "mae-4class")), val, log=lambda m: None)

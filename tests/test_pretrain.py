@@ -193,8 +193,9 @@ def test_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, pt_d
     run_job(_cfg(pt_data, tmp_path, "straight", *no_probe), log=quiet)
     want = torch.load(_last_state(tmp_path / "straight"), weights_only=False)
 
-    # a worker process is SIGKILLed at step 3; Ray Train restarts the group from the step-2 checkpoint
-    cfg = _cfg(pt_data, tmp_path, "retried", *no_probe)
+    # a worker process is SIGKILLed at step 3; Ray Train restarts the group from the step-2 checkpoint. The views
+    # come through the other loader (Ray Data, as Arrow rows): the same views in the same order, the same weights.
+    cfg = _cfg(pt_data, tmp_path, "retried", *no_probe, "data.loader=ray_data")
     cfg.run.max_failures = 1
     run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault-retried"), "kind": "sigkill"})
     assert (tmp_path / "fault-retried").exists()

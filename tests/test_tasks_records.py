@@ -15,8 +15,9 @@ from raysvc.config import ConfigError, load_config
 from raysvc.data.detectors import DETECTORS, LARTPC
 from raysvc.data.synthetic import generate_dataset
 from raysvc.data.transforms import PreprocessConfig
+from raysvc.inference.batch import evaluate_dataset
 from raysvc.inference.record import ExportedModel, ModelSpec, export_seeded_segmenter, load_export, save_export
-from raysvc.inference.segmenter import Segmenter, evaluate_dataset
+from raysvc.inference.segmenter import Segmenter
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import preset
 from raysvc.storage import resolve

@@ -235,8 +235,10 @@ def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"]["train"]
     assert {r["allocator"] for r in straight} == {"glibc"} and straight[-1]["heap_live_mb"] > 50
 
-    # no retries: the run fails; running it again under the same name resumes it
+    # no retries: the run fails; running it again under the same name resumes it. This run reads through Ray Data
+    # (data.loader): the other loader, same events in the same order, same resume, so the same weights again.
     cfg = _cfg(seg_data, tmp_path, "rerun")
+    cfg.data.loader = "ray_data"
     with pytest.raises(TrainingFailedError):
         run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault-rerun")})
     run_job(cfg, log=quiet)

@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 from pydantic import ValidationError
 
 from raysvc.data.schema import table_from_events
-from raysvc.data.views import View, ViewConfig, collate_views, make_views, table_views
+from raysvc.data.views import (
+    View,
+    ViewConfig,
+    collate_view_table,
+    collate_views,
+    make_views,
+    table_views,
+    views_table,
+)
 from raysvc.ops.grouping import cnms_event
 
 SCALE = 768 * math.sqrt(3) / 2
@@ -258,6 +268,29 @@ def test_collate_views_packing():
         np.testing.assert_array_equal(part["grid_coord"].numpy(), np.concatenate([v.grid_coord for v in views]))
     no_local = table_views(table_of(evs[:1], [5]), ViewConfig(local_views=0), seed=0, epoch=0)
     assert collate_views(no_local)["local"] is None
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    assert a["event_id"].tolist() == b["event_id"].tolist()
+    for key in ("global", "local"):
+        assert (a[key] is None) == (b[key] is None)
+        for name, t in (a[key] or {}).items():
+            assert t.dtype == b[key][name].dtype and torch.equal(t, b[key][name]), (key, name)
+
+
+def test_views_as_arrow_rows_pack_to_the_same_tensors_after_slicing_and_concatenation():
+    """The Ray Data loader carries views as Arrow rows: sliced (a batch cut inside a block) and concatenated (a batch
+    across blocks), they must pack to exactly the tensors `collate_views` makes from the views themselves."""
+    evs = [lartpc_event(s, n_tracks=2, n_blobs=1) for s in (3, 4, 5, 6)]
+    cfg = ViewConfig(local_views=3)
+    t1, t2 = table_of(evs[:2], [5, 9]), table_of(evs[2:], [12, 14])
+    views = table_views(t1, cfg, seed=2, epoch=1) + table_views(t2, cfg, seed=2, epoch=1)
+    rows = pa.concat_tables([views_table(t1, cfg, seed=2, epoch=1), views_table(t2, cfg, seed=2, epoch=1)])
+    assert rows.num_rows == 4 and rows.column("event_id").to_pylist() == [5, 9, 12, 14]
+    assert_same_batch(collate_view_table(rows), collate_views(views))
+    assert_same_batch(collate_view_table(rows.slice(1, 2)), collate_views(views[1:3]))  # across the two tables
+    no_local = views_table(table_of(evs[:1], [5]), ViewConfig(local_views=0), seed=0, epoch=0)
+    assert collate_view_table(no_local)["local"] is None
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ label subset, batching). Plain config: the readers (Ray tasks, Ray Data, the dir
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.data.transforms import PreprocessConfig
@@ -19,6 +21,12 @@ class DataConfig(BaseModel):
     subset_fraction: float | None = Field(None, gt=0, le=1, description="or this fraction of events")
     subset_seed: int = Field(0, description="seed of the label subset; same seed, same events")
     batch_events: int = Field(8, gt=0, description="events per packed batch")
+    loader: Literal["tasks", "ray_data"] = Field(
+        "tasks",
+        description="how training workers read their shards: one Ray task per shard ('tasks'), or a Ray Dataset "
+        "per rank and epoch ('ray_data'); same events, same order, same resume (docs/benchmarks.md compares them)",
+    )
+    prefetch_shards: int = Field(2, ge=1, description="shards read ahead of the training step (both loaders)")
     block_mib: float = Field(
         4.0,
         gt=0,

@@ -9,7 +9,7 @@ reported by `EventStream.report()`: nothing is dropped silently.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
@@ -138,46 +138,15 @@ def stream_tables(
 ) -> Iterator:
     """Preprocessed tables of `shards`, in order, each read + preprocessed by a Ray task (`read_cpus` CPUs) with
     `prefetch` tasks in flight ahead of the consumer; per-shard counts are added to `counts`. With `transform`, the
-    task returns `transform(table, **transform_kwargs)` instead (e.g. Panda's views: CPU work stays off the trainer).
+    task returns `transform(table, **transform_kwargs)` instead. Validation and probe sets are read this way; the
+    training ranks read through `data/rank_feed.py` (either loader, resumable from a row)."""
+    from raysvc.data.rank_feed import task_pieces  # (rank_feed builds on this module)
 
-    What Train workers iterate: deterministic (resumable) and cheap for the worker. A Ray Data executor inside each
-    worker was measured to spin its scheduling loop whenever backpressure left no task running (ray.wait is then
-    skipped), taking the worker's GIL and a share of a 2-core machine: training ran 4x slower than the same loop
-    fed directly.
-    """
-    import ray
-
-    # "DEFAULT": never inside the caller's placement group. A Train worker started from a Tune trial inherits
-    # Tune's capture_child_tasks, and its reads would then wait forever for CPUs inside the worker's own bundle.
-    task = ray.remote(num_cpus=cfg.read_cpus, max_retries=3, scheduling_strategy="DEFAULT")(_read_task)
-    todo = iter(shards)
-    pending: deque = deque()
-
-    def submit() -> None:
-        rec = next(todo, None)
-        if rec is not None:
-            pending.append(
-                task.remote(
-                    prep.root,
-                    rec,
-                    cfg.preprocess,
-                    prep.keep_ids,
-                    cfg.verify_checksums,
-                    transform,
-                    transform_kwargs or {},
-                    prep.detector,
-                )
-            )
-
-    for _ in range(max(prefetch, 1)):
-        submit()
-    while pending:
-        table, shard_counts = ray.get(pending.popleft())
-        submit()
+    for piece in task_pieces(cfg, prep, shards, (0, 0), transform, transform_kwargs or {}, prefetch):
         if counts is not None:
-            counts.update(shard_counts)
-        if len(table):
-            yield table
+            counts.update(piece.counts)
+        if len(piece.table):
+            yield piece.table
 
 
 def _read_task(
@@ -189,8 +158,12 @@ def _read_task(
     transform=None,
     transform_kwargs: dict | None = None,
     detector: Detector = LARTPC,
+    skip: int = 0,
 ) -> tuple[object, Counter]:
+    """Read + cut one shard; drop its first `skip` rows (a resumed rank's position), then apply `transform`. The counts
+    are the whole shard's."""
     table, counts, _ = read_preprocessed(root, rec, cfg, keep_ids, verify, detector)
+    table = table.slice(skip) if skip else table
     return (transform(table, **transform_kwargs) if transform is not None else table), counts
 
 

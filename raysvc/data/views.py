@@ -199,3 +199,59 @@ def collate_views(events: list[tuple[int, list[View], list[View]]]) -> dict:
         "global": pack([v for e in events for v in e[1]]),
         "local": pack([v for e in events for v in e[2]]),
     }
+
+
+# Views as Arrow rows, so that they can travel through Ray Data blocks (and be sliced and concatenated like events):
+# one row per event; per kind ("global", "local") the points of each view and the event's views' arrays, flattened.
+_VIEW_ARRAYS = (("coord", 3, pa.float32()), ("origin", 3, pa.float32()), ("energy", 1, pa.float32()))
+
+
+def views_table(table: pa.Table, cfg: ViewConfig, seed: int, epoch: int) -> pa.Table:
+    """`table_views` of a preprocessed table as an Arrow table (one row per event, in order): `event_id`, and per kind
+    K in (global, local): `K_points` list<int32> (points of each view), `K_coord` / `K_origin` list<float32> (x, y, z
+    of every point of the event's views, view after view), `K_energy` list<float32>, `K_grid` list<int32>.
+    `collate_view_table` packs it exactly as `collate_views` packs the views themselves."""
+    rows = table_views(table, cfg, seed, epoch)
+    cols: dict[str, pa.Array] = {"event_id": pa.array([r[0] for r in rows], pa.int64())}
+    for kind, k in (("global", 1), ("local", 2)):
+        per_event = [r[k] for r in rows]
+        cols[f"{kind}_points"] = pa.array([[len(v.coord) for v in vs] for vs in per_event], pa.list_(pa.int32()))
+        sizes = np.array([sum(len(v.coord) for v in vs) for vs in per_event], np.int64)
+        for name, width, dtype in (*_VIEW_ARRAYS, ("grid_coord", 3, pa.int32())):
+            parts = [getattr(v, name).reshape(-1) for vs in per_event for v in vs]
+            flat = np.concatenate(parts) if parts else np.zeros(0, dtype.to_pandas_dtype())
+            offsets = np.concatenate([[0], np.cumsum(sizes * width)]).astype(np.int32)
+            col = "grid" if name == "grid_coord" else name
+            cols[f"{kind}_{col}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, dtype))
+    return pa.table(cols)
+
+
+def collate_view_table(table: pa.Table) -> dict:
+    """The packed torch batch of `collate_views` from rows of a `views_table` (which may be slices or concatenations
+    of several): identical tensors."""
+    import torch
+
+    from raysvc.data.schema import _list_parts
+
+    def values(col: str, width: int) -> np.ndarray:
+        return _list_parts(table.column(col))[1].to_numpy(zero_copy_only=False).reshape(-1, width)
+
+    def pack(kind: str) -> dict[str, torch.Tensor] | None:
+        points = _list_parts(table.column(f"{kind}_points"))[1].to_numpy(zero_copy_only=False).astype(np.int64)
+        if not len(points):
+            return None
+        coord = torch.from_numpy(values(f"{kind}_coord", 3).copy())
+        energy = torch.from_numpy(values(f"{kind}_energy", 1).copy())
+        return {
+            "feat": torch.cat([coord, energy], 1),
+            "coord": coord,
+            "origin": torch.from_numpy(values(f"{kind}_origin", 3).copy()),
+            "grid_coord": torch.from_numpy(values(f"{kind}_grid", 3).astype(np.int64)),
+            "offset": torch.from_numpy(np.cumsum(points)),
+        }
+
+    return {
+        "event_id": torch.from_numpy(table.column("event_id").to_numpy().astype(np.int64)),
+        "global": pack("global"),
+        "local": pack("local"),
+    }

@@ -8,23 +8,17 @@ model never saw, get the class -1. Output: one Parquet file per input shard with
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from raysvc.data.collate import collate_packed
 from raysvc.data.detectors import get_detector
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
-from raysvc.data.shards import load_manifest, read_shard
-from raysvc.data.transforms import preprocess_table, report
+from raysvc.data.transforms import preprocess_table
 from raysvc.inference.featurize import model_inputs, usable_device
-from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import load_export
-from raysvc.storage import Location, write_bytes_atomic
+from raysvc.storage import Location
 
 
 class Segmenter:
@@ -111,76 +105,3 @@ class Segmenter:
         data-contract checks as a shard (EventDataError names the event's position and the field); the label
         columns the contract requires are zero-filled, as inference never reads them."""
         return self.predict_table(self._events_table(events, source), source, probabilities)
-
-
-def predict_dataset(
-    model_loc: Location, data: Location, out: Location, batch_events: int = 8, device: str = "cpu", log=print
-) -> dict:
-    """Predict every event of a dataset; writes preds-NNNNN.parquet per input shard plus predictions.json."""
-    seg = Segmenter(model_loc, device)
-    manifest = load_manifest(data)
-    seg.check_dataset(manifest, data)
-    files, events, points = [], 0, 0
-    for i, rec in enumerate(manifest.shards):
-        table = read_shard(data, rec)
-        preds: list[np.ndarray] = []
-        for start in range(0, table.num_rows, batch_events):
-            preds.extend(seg.predict_table(table.slice(start, batch_events), data.join(rec.name).uri))
-        lengths = np.array([len(p) for p in preds], np.int32)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        flat = pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int8), pa.int8())
-        result = pa.table(
-            {
-                "event_id": table.column("event_id"),
-                "num_points": pa.array(lengths),
-                "pred": pa.ListArray.from_arrays(offsets, flat),
-            }
-        )
-        name = f"preds-{i:05d}.parquet"
-        sink = pa.BufferOutputStream()
-        pq.write_table(result, sink)
-        write_bytes_atomic(out.join(name), sink.getvalue().to_pybytes())
-        files.append(name)
-        events += table.num_rows
-        points += int(lengths.sum())
-        log(f"[raysvc] predicted {rec.name}: {table.num_rows} events")
-    info = {"model": model_loc.uri, "data": data.uri, "files": files, "events": events, "points": points}
-    write_bytes_atomic(out.join("predictions.json"), json.dumps(info, indent=2).encode())
-    return info
-
-
-@torch.no_grad()
-def evaluate_dataset(
-    model_loc: Location,
-    data: Location,
-    batch_events: int = 4,
-    device: str = "cpu",
-    max_events: int | None = None,
-    log=print,
-) -> dict:
-    """Score an exported model on a labelled dataset as its training run's validation does: the events that pass the
-    model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
-    mIoU, accuracy, confusion) plus what the cuts removed, counted."""
-    seg = Segmenter(model_loc, device)
-    cuts = seg.record.preprocess  # the training cuts (min_points included)
-    names = seg.class_names
-    cm = ConfusionMatrix(len(names))
-    removed: Counter = Counter()
-    events = 0  # read so far
-    manifest = load_manifest(data)
-    seg.check_dataset(manifest, data)
-    for rec in manifest.shards:
-        table = read_shard(data, rec)
-        if max_events is not None:
-            table = table.slice(0, max(0, max_events - events))
-        pre, counts = preprocess_table(table, cuts, data.join(rec.name).uri, detector=seg.detector)
-        removed.update(counts)
-        for start in range(0, pre.num_rows, batch_events):
-            logits, x = seg.point_logits(collate_packed(pre.slice(start, batch_events)))
-            cm.update(logits.argmax(1), x["labels"])
-        events += table.num_rows
-        log(f"[raysvc] evaluated {rec.name}: {pre.num_rows} of {table.num_rows} events")
-        if max_events is not None and events >= max_events:
-            break
-    counts = {k: v for k, v in report(removed).items() if k != "task_seconds"}
-    return {"model": model_loc.uri, "data": data.uri, "events": counts, **compute(cm.matrix, names)}

@@ -59,6 +59,9 @@ class ScalingSection(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     torch_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: its CPUs)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes (STRICT_SPREAD: one worker per node)"
+    )
 
 
 class RunSection(BaseModel):

@@ -75,7 +75,10 @@ def fit(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=scaling.workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=run.name,
@@ -103,16 +106,43 @@ def data_report(state: dict, prep: Prepared) -> dict:
     return report(total)
 
 
-def _absolute(cfg: JobConfig) -> None:
-    """Relative paths in the config become absolute here, on the driver: workers may run elsewhere."""
-    cfg.run.storage = absolute_uri(cfg.run.storage)
+def _paths(cfg: JobConfig) -> list[tuple[str, object, str]]:
+    """(field name, section, attribute) of every storage path of the job."""
+    out = [("run.storage", cfg.run, "storage")]
     for name in type(cfg).model_fields:
         section = getattr(cfg, name)
         if isinstance(section, DataConfig):
-            section.uri = absolute_uri(section.uri)
+            out.append((f"{name}.uri", section, "uri"))
     model = getattr(cfg, "model", None)
     if getattr(model, "init", None):
-        model.init = absolute_uri(model.init)
+        out.append(("model.init", model, "init"))
+    return out
+
+
+def _absolute(cfg: JobConfig, nodes: int = 1) -> None:
+    """Relative paths in the config become absolute here, on the driver: workers may run elsewhere. On a cluster of
+    several nodes a relative path is refused: it names this driver's working directory, which other nodes do not
+    share (absolute paths are taken to be on a filesystem every node mounts)."""
+    for field, section, attr in _paths(cfg):
+        value = getattr(section, attr)
+        if nodes > 1 and absolute_uri(value) != value:
+            raise ConfigError(
+                f"{field}={value!r} is a relative path, and this Ray cluster has {nodes} nodes that do not share "
+                "the driver's working directory: give an s3:// URI, or an absolute path on a filesystem every node "
+                "mounts"
+            )
+        setattr(section, attr, absolute_uri(value))
+
+
+def _cluster_nodes() -> int:
+    """Alive nodes of the cluster this driver joins (RAY_ADDRESS); 1 for a private local Ray."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return 1
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(logging_level="WARNING")
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: list | None = None) -> dict:
@@ -124,7 +154,7 @@ def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: lis
     t0 = time.time()
     task = get_task(cfg.task)
     cfg = cfg.model_copy(deep=True)
-    _absolute(cfg)
+    _absolute(cfg, _cluster_nodes())
     inputs = task.prepare(cfg, log)
     worker_env = heap.worker_runtime_env(cfg.train.allocator)
     storage_root = resolve(cfg.run.storage)
@@ -146,6 +176,7 @@ def run_job(cfg: JobConfig, log=print, fault: dict | None = None, callbacks: lis
         "uri": run_loc.uri,
         "steps": state["step"],
         "workers": cfg.scaling.workers,
+        "worker_nodes": state.get("nodes"),
         **own,
         "history": state["history"],
         "data": data_report(state, inputs["train_data"]),

@@ -1,12 +1,12 @@
 """The one per-worker training loop that `ray.train.torch.TorchTrainer` runs (Train V2 API), for every task.
 
 Reads top to bottom: set up the worker, let the task build its modules, restore the last checkpoint if the run has
-one, then step: a batch from this rank's deterministic stream (Ray tasks read its shards a few ahead) -> the
+one, then step: a batch from this rank's deterministic stream (`data.loader`: Ray tasks or Ray Data) -> the
 task's optimisation step -> logging every `log_every` steps (means over the window), the task's evaluation every
 `eval_every` steps, a checkpoint every `checkpoint_every` steps, each also at the last step.
 
 Determinism (resume == uninterrupted run): every rank loops over its own fixed shards in a seeded order per epoch,
-and a checkpoint stores each rank's (epoch, batches consumed) and its torch / numpy / Python RNG states. Ranks run
+and a checkpoint stores each rank's (epoch, shard, row) position and its torch / numpy / Python RNG states. Ranks run
 the same number of steps, so uneven data per rank can never leave one waiting in a collective.
 """
 
@@ -37,10 +37,12 @@ def train_loop(config: dict) -> None:
     ctx = WorkerContext(rank, world, device, inputs, per_rank=cfg.train.batch_events // world)
     task = task_cls(cfg, ctx)
 
-    step, ctx.history, (epoch, consumed), resumed_counts = restore(
+    step, ctx.history, position, resumed_counts = restore(
         load_checkpoint_state(), task.parts, rank, world, {k: [] for k in task.history_keys}
     )
-    rank_stream = RankStream(inputs["train_data"], rank, world, cfg.train.seed, task.batches, epoch, consumed)
+    rank_stream = RankStream(
+        cfg.data, inputs["train_data"], rank, world, cfg.train.seed, ctx.per_rank, task.collate, task.feed, position
+    )
     rank_stream.counts.update(resumed_counts)
     stream = iter(rank_stream)
     ctx.t_start = time.perf_counter()  # elapsed times count this process's steps, not Ray's startup
@@ -65,7 +67,15 @@ def train_loop(config: dict) -> None:
         _report(task, step, rank, world, rank_stream, run_dir)
     t_last, ev_since, sums = time.perf_counter(), 0, Counter()
     while step < total:
-        losses = task.step(next(stream), step)
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch = next(stream)
+        t1, c1 = time.perf_counter(), time.process_time()
+        losses = task.step(batch, step)
+        # where the worker's time goes: waiting for data vs the step itself (wall and this process's CPU)
+        sums["data_wait_s"] += t1 - t0
+        sums["data_cpu_s"] += c1 - c0
+        sums["step_s"] += time.perf_counter() - t1
+        sums["step_cpu_s"] += time.process_time() - c1
         step += 1
         if cfg.train.trim_heap and device.type == "cpu" and step % cfg.train.trim_heap_every == 0:
             heap.trim()
@@ -78,8 +88,11 @@ def train_loop(config: dict) -> None:
         task.after_step(step)
         if step % cfg.train.log_every == 0 or step == total:
             dt = time.perf_counter() - t_last
+            timing = {k: sums.pop(k) for k in ("data_wait_s", "data_cpu_s", "step_s", "step_cpu_s")}
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            wait_frac = timing["data_wait_s"] / max(timing["data_wait_s"] + timing["step_s"], 1e-12)
             rec = {"step": step, **means, "lr": task.lr(), "events_per_s": ev_since * world / dt}
+            rec |= {**timing, "data_wait_frac": wait_frac, "time": time.time()}  # window totals, rank 0's worker
             rec = heap.with_private_mb({**rec, "allocator": heap.allocator()})
             ctx.history["train"].append(rec)
             ctx.tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step" and not isinstance(v, str)}, step)
@@ -94,6 +107,7 @@ def train_loop(config: dict) -> None:
             task.evaluate(step)
         if step % cfg.train.checkpoint_every == 0 or step == total:
             _report(task, step, rank, world, rank_stream, run_dir)
+    stream.close()  # stop the reads still in flight (a Ray Data executor, a ledger actor) before the worker goes
     ctx.tracker.finish()
 
 

@@ -9,14 +9,17 @@ import random
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import Prepared, rank_shards
+from raysvc.data.rank_feed import pack_pieces, rank_pieces
 
 
 def worker_setup(seed: int, scaling) -> tuple[int, int, torch.device]:
@@ -63,23 +66,29 @@ def autocast(amp: bool, device: torch.device):
 
 class RankStream:
     """This rank's endless, resumable stream of batches over its shards (shard i -> rank i mod world), epoch after
-    epoch in a seeded order. `make_batches(shards, epoch, counts)` turns an epoch's shard list into batches (reading
-    them through Ray tasks); `counts` sums what the reads removed (cuts, bad events) over the run."""
+    epoch in a seeded order, read with the job's loader (`data.loader`: Ray tasks or Ray Data, `data/rank_feed.py`).
+
+    `transform(epoch)` gives the function (and its kwargs) the read tasks apply to each shard's preprocessed rows
+    (e.g. Panda's views), `collate` turns `per_rank` rows into a batch; an epoch's remainder is dropped. The position
+    after each batch is (epoch, shard position, row): a resumed stream starts reading at that row, and `counts` sums
+    what the reads removed (cuts, bad events), each shard once."""
 
     def __init__(
         self,
+        cfg: DataConfig,
         prep: Prepared,
         rank: int,
         world: int,
         seed: int,
-        make_batches: Callable[[list, int, Counter], Iterator],
-        epoch: int = 0,
-        skip: int = 0,
+        per_rank: int,
+        collate: Callable[[pa.Table], dict],
+        transform: Callable[[int], tuple[Callable | None, dict]] | None = None,
+        position: tuple[int, int, int] = (0, 0, 0),
     ):
-        self.prep, self.rank, self.world, self.seed = prep, rank, world, seed
-        self.make_batches = make_batches
+        self.cfg, self.prep, self.rank, self.world, self.seed = cfg, prep, rank, world, seed
+        self.per_rank, self.collate, self.transform = per_rank, collate, transform
         self.counts: Counter = Counter()
-        self.epoch, self.consumed = epoch, skip
+        self.epoch, self.shard, self.row = position
         if len(prep.manifest.shards) < world:
             raise ValueError(
                 f"{prep.root.uri}: {len(prep.manifest.shards)} shards for {world} workers; "
@@ -89,19 +98,28 @@ class RankStream:
     def __iter__(self):
         while True:
             shards = rank_shards(self.prep, self.rank, self.world, self.epoch, self.seed, shuffle=True)
+            fn, kwargs = self.transform(self.epoch) if self.transform is not None else (None, {})
+            fresh = (self.shard, self.row) == (0, 0)
+            pieces = rank_pieces(
+                self.cfg, self.prep, shards, (self.shard, self.row), fn, kwargs, self.cfg.prefetch_shards
+            )
             got = 0
-            for i, batch in enumerate(self.make_batches(shards, self.epoch, self.counts)):
-                if i < self.consumed:
-                    continue  # resuming mid-epoch: skip what the checkpointed run had already used
+            for batch, after in pack_pieces(pieces, self.per_rank, self.collate, self.counts):
+                self.shard, self.row = after
                 got += 1
-                self.consumed = i + 1
                 yield batch
-            if got == 0 and self.consumed == 0:
+            if got == 0 and fresh:
                 raise ValueError(f"{self.prep.root.uri}: rank {self.rank} got no full batch from its shards")
-            self.epoch, self.consumed = self.epoch + 1, 0
+            self.epoch, self.shard, self.row = self.epoch + 1, 0, 0
 
-    def position(self) -> tuple[int, int]:
-        return self.epoch, self.consumed
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.shard, self.row
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 class CheckpointNotSaved(OSError):
@@ -170,17 +188,20 @@ def restore(
     rank: int,
     world: int,
     history: dict,
-) -> tuple[int, dict, tuple[int, int], dict]:
+) -> tuple[int, dict, tuple[int, int, int], dict]:
     """Load `parts` ({state key: module / optimizer / scheduler}) from a checkpoint's state. Returns (step, history,
-    this rank's data position, its counts so far); with the same world size also this rank's RNG states, so the run
-    continues exactly. A fresh run (state None) gets (0, `history`, (0, 0), {})."""
+    this rank's data position (epoch, shard, row), its counts so far); with the same world size also this rank's RNG
+    states, so the run continues exactly. A fresh run (state None) gets (0, `history`, (0, 0, 0), {})."""
     if state is None:
-        return 0, history, (0, 0), {}
+        return 0, history, (0, 0, 0), {}
     for key, obj in parts.items():
         obj.load_state_dict(state[key])
-    position, counts = (0, 0), {}
+    position, counts = (0, 0, 0), {}
     if state["world"] == world:
         position = tuple(state["data"][rank])
+        if len(position) == 2:  # (epoch, batches): a checkpoint from before positions were (epoch, shard, row)
+            print(f"[raysvc] rank {rank}: old checkpoint format, data restarts at epoch {position[0]}'s start")
+            position = (position[0], 0, 0)
         set_rng_state(state["rng"][rank])
         counts = state.get("counts", [{}] * world)[rank]
     elif rank == 0:
@@ -205,6 +226,7 @@ def save(
     positions = gather(stream.position(), world)
     counts = gather(dict(stream.counts), world)
     rngs = gather(rng_state(), world)
+    nodes = gather(_node_id(), world)
     state = {}
     if rank == 0:
         state = {k: v.state_dict() for k, v in parts.items()} | {
@@ -214,5 +236,6 @@ def save(
             "counts": counts,
             "rng": rngs,
             "world": world,
+            "nodes": nodes,  # the Ray node of each rank (where the run's workers were placed)
         }
     report_checkpoint(state, metrics, rank, local_dir)

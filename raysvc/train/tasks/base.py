@@ -5,13 +5,14 @@ fault injection, summary.json)."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import pyarrow as pa
 import torch
 
+from raysvc.data.collate import collate_packed
 from raysvc.storage import Location
 from raysvc.train.config import JobConfig
 
@@ -38,9 +39,9 @@ class Task:
     plots and returns the task's own summary.json keys.
 
     Worker side: `__init__` builds modules, optimizer and scheduler and fills `parts` (what a checkpoint holds, by
-    name); `batches` turns an epoch's shard list into batches; `step` is one optimisation step; `after_step`,
-    `evaluate` (every `eval_every` steps and at the end) and `start` (after a restore, before the first step) are
-    hooks for monitors, validation and probes."""
+    name); `feed` and `collate` say how the rank's rows become batches (the loop reads them); `step` is one
+    optimisation step; `after_step`, `evaluate` (every `eval_every` steps and at the end) and `start` (after a
+    restore, before the first step) are hooks for monitors, validation and probes."""
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "pretrain" (a self-supervised method: `raysvc pretrain`) or "finetune" (`raysvc finetune`)
@@ -63,8 +64,15 @@ class Task:
         raise NotImplementedError
 
     # --- worker side ---
-    def batches(self, shards: list, epoch: int, counts: Counter) -> Iterator:
-        raise NotImplementedError
+    def feed(self, epoch: int) -> tuple[Callable | None, dict]:
+        """The function the read tasks apply to each shard's preprocessed rows in `epoch` (Arrow table in, Arrow table
+        out, one row per event: it runs in Ray tasks or Ray Data map tasks), and its kwargs; None: the rows as they
+        are."""
+        return None, {}
+
+    def collate(self, table: pa.Table) -> dict:
+        """`per_rank` rows (as `feed` made them) -> the batch `step` takes."""
+        return collate_packed(table)
 
     def start(self, step: int) -> None:
         """After the restore, before the first step (e.g. the probe of the random initialisation)."""

@@ -1,6 +1,6 @@
 """Panda pretraining (`raysvc pretrain`, method `panda`): Sonata-style self-distillation of a PTv3 encoder.
 
-A step: views of this rank's events (made by the CPU read tasks: `data.views.table_views`) -> grid masks on the
+A step: views of this rank's events (made by the CPU read tasks: `data.views.views_table`) -> grid masks on the
 global views -> teacher on the unmasked globals, student on the masked globals and the locals -> the three Panda
 losses against Sinkhorn targets -> backward -> clip -> AdamW -> EMA update of the teacher. Schedules (mask size /
 ratio, teacher temperature, momentum, weight decay, lr) are functions of the step, so a resumed run continues them
@@ -12,7 +12,6 @@ Panda-Base's (docs/methods.md, "Panda"); the tiny job scales sizes down for CPUs
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +22,7 @@ from pydantic import Field, model_validator
 
 from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import pack_tables, stream_tables
-from raysvc.data.views import ViewConfig, collate_views, table_views
+from raysvc.data.views import ViewConfig, collate_view_table, views_table
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.record import ModelSpec
 from raysvc.models.panda import (
@@ -241,17 +240,11 @@ class PandaTask(Task):
         self.out: StepOut | None = None
         self.probe_sets = None
 
-    def batches(self, shards: list, epoch: int, counts: Counter):
-        kwargs = {"cfg": self.cfg.views, "seed": self.cfg.train.seed, "epoch": epoch}
-        per_rank, pending = self.ctx.per_rank, []
-        tables = stream_tables(
-            self.cfg.data, self.ctx.inputs["train_data"], shards, counts, transform=table_views, transform_kwargs=kwargs
-        )
-        for events in tables:
-            pending.extend(events)
-            while len(pending) >= per_rank:
-                yield collate_views(pending[:per_rank])
-                pending = pending[per_rank:]
+    def feed(self, epoch: int):
+        return views_table, {"cfg": self.cfg.views, "seed": self.cfg.train.seed, "epoch": epoch}
+
+    def collate(self, table):
+        return collate_view_table(table)
 
     def start(self, step: int) -> None:
         if step == 0 and not self.ctx.history["probe"]:

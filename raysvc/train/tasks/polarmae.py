@@ -15,7 +15,6 @@ Defaults are the paper's (docs/methods.md, "PoLAr-MAE"); the tiny job scales siz
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import pack_tables, stream_tables
+from raysvc.data.pipeline import stream_tables
 from raysvc.inference.record import ModelSpec
 from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import Location, write_bytes_atomic
@@ -218,10 +217,6 @@ class PolarMAETask(Task):
         self.parts = {"model": self.model, "optimizer": opt, "scheduler": sched}
         self.eval_every = cfg.probe.every
         self.probe_sets = None
-
-    def batches(self, shards: list, epoch: int, counts: Counter):
-        tables = stream_tables(self.cfg.data, self.ctx.inputs["train_data"], shards, counts)
-        return pack_tables(tables, self.ctx.per_rank, drop_last=True)
 
     def step(self, batch: dict, step: int) -> dict:
         opt, sched = self.parts["optimizer"], self.parts["scheduler"]

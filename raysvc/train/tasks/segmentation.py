@@ -12,7 +12,6 @@ The export is a `segmenter` record with the class names of the training data's d
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -309,10 +308,6 @@ class SegmentationTask(Task):
         self.parts = {"model": model, "optimizer": opt, "scheduler": sched}
         self.eval_every = cfg.train.val_every
         self.val_batches: list[dict] | None = None
-
-    def batches(self, shards: list, epoch: int, counts: Counter):
-        tables = stream_tables(self.cfg.data, self.ctx.inputs["train_data"], shards, counts)
-        return pack_tables(tables, self.ctx.per_rank, drop_last=True)
 
     def step(self, batch: dict, step: int) -> dict:
         hold = self.encoder if step < self.cfg.train.encoder_frozen_steps else None

@@ -1,0 +1,344 @@
+"""Batch inference over a dataset: `raysvc predict` and `raysvc evaluate`.
+
+The work per chunk of events is one function each (`predict_chunk`, `score_chunk`), run either in this process
+(`actors=0`, the baseline) or as a Ray Data job: map tasks read each shard (size, sha256 and row count checked) and
+cut it into chunks of at most `batch_events` events and `max_points` points; a pool of `actors` model replicas
+(`map_batches` with a callable class; one GPU each with a CUDA device) runs the chunks; this process gathers the
+results. Both ways cut the same chunks and run the same function on them, so they give the same predictions and
+the same confusion matrix.
+
+Predictions: one Parquet file per input shard (`preds-NNNNN.parquet`: `event_id`, `num_points`, `pred`, a class per
+input point, -1 at or below the energy threshold) and `manifest.json` (files with sizes and sha256, counts, model,
+data), each written atomically, the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysvc.data.shards import ShardRecord, load_manifest, read_shard
+from raysvc.data.transforms import report
+from raysvc.inference.metrics import ConfusionMatrix, compute
+from raysvc.inference.segmenter import Segmenter
+from raysvc.storage import Location, write_bytes_atomic
+
+_SHARD, _ROW = "_shard", "_row"  # which shard and which of its rows a chunk starts at
+_NODE = "_node"  # the Ray node of the actor that ran a chunk
+READ_CPUS = 0.25  # per read task: reading and cutting a shard is light beside the model
+
+
+def chunks(table: pa.Table, batch_events: int, max_points: int) -> Iterator[tuple[int, pa.Table]]:
+    """(first row, chunk) over consecutive events: at most `batch_events` events and `max_points` points per chunk
+    (an event larger than `max_points` goes alone)."""
+    points = table.column("num_points").to_numpy().astype(np.int64)
+    start = 0
+    while start < len(points):
+        end, total = start, 0
+        while end < len(points) and end - start < batch_events and (end == start or total + points[end] <= max_points):
+            total += points[end]
+            end += 1
+        yield start, table.slice(start, end - start)
+        start = end
+
+
+def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
+    """`event_id`, `num_points`, `pred` (list<int8>, aligned with the input points) of one chunk."""
+    preds = seg.predict_table(chunk, source)
+    lengths = np.array([len(p) for p in preds], np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int8), pa.int8())
+    return pa.table(
+        {
+            "event_id": chunk.column("event_id"),
+            "num_points": pa.array(lengths),
+            "pred": pa.ListArray.from_arrays(offsets, flat),
+        }
+    )
+
+
+def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter]:
+    """(confusion matrix, what the model's training cuts removed) of one labelled chunk."""
+    import torch
+
+    from raysvc.data.collate import collate_packed
+    from raysvc.data.transforms import preprocess_table
+
+    cm = ConfusionMatrix(len(seg.class_names))
+    pre, counts = preprocess_table(chunk, seg.record.preprocess, source, detector=seg.detector)
+    if pre.num_rows:
+        with torch.no_grad():
+            logits, x = seg.point_logits(collate_packed(pre))
+        cm.update(logits.argmax(1), x["labels"])
+    return cm.matrix, counts
+
+
+class _Replica:
+    """One model replica of the Ray Data actor pool: loads the export once, then predicts or scores chunks."""
+
+    def __init__(self, model_uri: str, device: str, mode: str, sources: list[str], threads: int):
+        import torch
+
+        from raysvc.storage import resolve
+
+        torch.set_num_threads(threads)
+        self.seg = Segmenter(resolve(model_uri), device)
+        self.mode, self.sources = mode, sources
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # Ray Data merges the chunks a read task yields into bigger blocks: split the batch back into its chunks, so
+        # that the model sees exactly the chunks the in-process path cuts.
+        import ray
+
+        outs = [_tagged(_run_chunk(self.seg, self.mode, c, self.sources[i]), i, row) for i, row, c in _by_chunk(batch)]
+        out = pa.concat_tables(outs)
+        return out.append_column(_NODE, pa.array([ray.get_runtime_context().get_node_id()] * out.num_rows))
+
+
+def _run_chunk(seg: Segmenter, mode: str, chunk: pa.Table, source: str) -> pa.Table:
+    if mode == "predict":
+        return predict_chunk(seg, chunk, source)
+    cm, counts = score_chunk(seg, chunk, source)
+    return pa.table({"cm": [cm.reshape(-1).tolist()], "counts": [json.dumps(dict(counts))]})
+
+
+def _tagged(table: pa.Table, shard: int, row: int) -> pa.Table:
+    n = table.num_rows
+    table = table.append_column(_SHARD, pa.array(np.full(n, shard, np.int32)))
+    return table.append_column(_ROW, pa.array(np.full(n, row, np.int64)))
+
+
+def _read_chunks(batch: pa.Table, data: Location, batch_events: int, max_points: int, limits: list) -> Iterator:
+    """Ray Data map task: shard records -> chunks tagged with their shard index and first row."""
+    for item in batch.to_pylist():
+        i = item.pop(_SHARD)
+        table = read_shard(data, ShardRecord(**item))
+        if limits[i] is not None:
+            table = table.slice(0, limits[i])
+        for start, chunk in chunks(table, batch_events, max_points):
+            yield _tagged(chunk, i, start)
+
+
+def _ray_results(
+    model: Location,
+    data: Location,
+    shards: list[ShardRecord],
+    mode: str,
+    actors: int,
+    device: str,
+    batch_events: int,
+    max_points: int,
+    limits: list,
+    cpus_per_actor: float,
+) -> Iterator[pa.Table]:
+    """Result tables of every chunk, as the actor pool finishes them (any order)."""
+    import ray
+    import ray.data
+
+    from raysvc.inference.featurize import usable_device
+
+    device = str(usable_device(device))  # a missing CUDA device is an error here, before any actor starts
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if actors * cpus_per_actor + READ_CPUS > cpus:
+        raise ValueError(
+            f"{actors} model actor(s) x {cpus_per_actor} CPU leave no room for the read tasks ({READ_CPUS} CPU) on "
+            f"this Ray cluster of {cpus:g} CPUs: fewer --actors, or less --cpus-per-actor"
+        )
+    ds = ray.data.from_items(
+        [{_SHARD: i, **asdict(r)} for i, r in enumerate(shards)], override_num_blocks=max(len(shards), 1)
+    )
+    ds = ds.map_batches(
+        _read_chunks,
+        batch_format="pyarrow",
+        batch_size=1,
+        num_cpus=READ_CPUS,
+        fn_kwargs={"data": data, "batch_events": batch_events, "max_points": max_points, "limits": limits},
+    )
+    ds = ds.map_batches(
+        _Replica,
+        batch_format="pyarrow",
+        batch_size=None,  # one chunk per call: chunks are already bounded by events and points
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        scheduling_strategy="SPREAD",  # replicas over the cluster's nodes, not packed onto the first
+        num_cpus=cpus_per_actor,
+        num_gpus=0 if device == "cpu" else 1,
+        fn_constructor_kwargs={
+            "model_uri": model.uri,
+            "device": device,
+            "mode": mode,
+            "sources": [data.join(r.name).uri for r in shards],
+            "threads": max(1, int(cpus_per_actor)),
+        },
+    )
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _local_results(seg: Segmenter, data: Location, shards, mode, batch_events, max_points, limits) -> Iterator:
+    for i, rec in enumerate(shards):
+        table = read_shard(data, rec)
+        if limits[i] is not None:
+            table = table.slice(0, limits[i])
+        source = data.join(rec.name).uri
+        for start, chunk in chunks(table, batch_events, max_points):
+            yield _tagged(_run_chunk(seg, mode, chunk, source), i, start)
+
+
+def _results(
+    model, data, shards, mode, actors, device, batch_events, max_points, limits, log, cpus_per_actor, nodes: set
+):
+    """Chunk results from the actor pool (`actors` >= 1, Ray started by the caller) or this process (0); the Ray
+    nodes the actors ran on are added to `nodes`."""
+    if actors == 0:
+        yield from _local_results(Segmenter(model, device), data, shards, mode, batch_events, max_points, limits)
+        return
+    log(f"[raysvc] {mode}: {len(shards)} shards through Ray Data, {actors} model actor(s) on {device}")
+    args = (actors, device, batch_events, max_points, limits, cpus_per_actor)
+    for res in _ray_results(model, data, shards, mode, *args):
+        nodes.update(res.column(_NODE).unique().to_pylist())
+        yield res.drop_columns([_NODE])
+
+
+def _checked(model: Location, data: Location):
+    """The dataset's manifest, refused before any read when its detector is not the model's."""
+    from raysvc.inference.record import load_record
+
+    manifest = load_manifest(data)
+    record = load_record(model)
+    if manifest.detector != record.detector:
+        raise ValueError(
+            f"{data.uri} holds {manifest.detector} events; the model {model.uri} was trained on "
+            f"{record.detector} events"
+        )
+    return manifest
+
+
+def predict_dataset(
+    model: Location,
+    data: Location,
+    out: Location,
+    batch_events: int = 8,
+    device: str = "cpu",
+    actors: int = 0,
+    max_points: int = 400_000,
+    cpus_per_actor: float = 1.0,
+    log=print,
+) -> dict:
+    """Predict every event of `data` into `out` (see the module doc); returns the manifest written."""
+    t0 = time.perf_counter()
+    manifest = _checked(model, data)
+    shards = manifest.shards
+    limits = [None] * len(shards)
+    pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
+    got = Counter()
+    files: list[dict] = [{}] * len(shards)
+    nodes: set = set()
+    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, nodes)
+    for res in _results(model, data, shards, "predict", *args):
+        for i, row, part in _by_chunk(res):
+            pending[i].append((row, part))
+            got[i] += part.num_rows
+            if got[i] == shards[i].events:  # the shard is complete: its file, rows in input order
+                table = pa.concat_tables([t for _, t in sorted(pending.pop(i), key=lambda p: p[0])])
+                files[i] = _write_preds(out, i, table)
+                log(f"[raysvc] predicted {shards[i].name}: {table.num_rows} events ({len(pending)} shards to go)")
+    missing = [shards[i].name for i in pending if shards[i].events]
+    if missing:
+        raise RuntimeError(f"predict: no complete predictions for {missing} (got {dict(got)} rows)")
+    for i in pending:  # empty shards: an empty file each, so that the output mirrors the input
+        files[i] = _write_preds(out, i, predict_chunk_empty())
+    info = {
+        "model": model.uri,
+        "data": data.uri,
+        "files": [f["name"] for f in files],
+        "shards": files,
+        "events": sum(f["events"] for f in files),
+        "points": sum(f["points"] for f in files),
+        "actors": actors,
+        "actor_nodes": len(nodes),  # Ray nodes the model actors ran on
+        "device": device,
+        "seconds": time.perf_counter() - t0,
+    }
+    write_bytes_atomic(out.join("manifest.json"), json.dumps(info, indent=2).encode())
+    return info
+
+
+def _by_chunk(res: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
+    """(shard, first row, rows) of each chunk in a result batch (Ray Data may have merged several)."""
+    tags = np.stack([res.column(_SHARD).to_numpy(), res.column(_ROW).to_numpy()], 1)
+    cuts = np.flatnonzero(np.any(np.diff(tags, axis=0) != 0, axis=1)) + 1
+    for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(tags)]]), strict=True):
+        yield int(tags[a, 0]), int(tags[a, 1]), res.slice(a, b - a).drop_columns([_SHARD, _ROW])
+
+
+def predict_chunk_empty() -> pa.Table:
+    return pa.table(
+        {
+            "event_id": pa.array([], pa.int64()),
+            "num_points": pa.array([], pa.int32()),
+            "pred": pa.array([], pa.list_(pa.int8())),
+        }
+    )
+
+
+def _write_preds(out: Location, i: int, table: pa.Table) -> dict:
+    name = f"preds-{i:05d}.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    write_bytes_atomic(out.join(name), data)
+    points = int(pa.compute.sum(table.column("num_points")).as_py() or 0)
+    return {
+        "name": name,
+        "events": table.num_rows,
+        "points": points,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def evaluate_dataset(
+    model: Location,
+    data: Location,
+    batch_events: int = 4,
+    device: str = "cpu",
+    max_events: int | None = None,
+    actors: int = 0,
+    max_points: int = 400_000,
+    cpus_per_actor: float = 1.0,
+    log=print,
+) -> dict:
+    """Score an exported model on a labelled dataset as its training run's validation does: the events that pass the
+    model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
+    mIoU, accuracy, confusion) plus what the cuts removed, counted. `max_events`: the first N events in shard
+    order."""
+    from raysvc.inference.record import load_record
+
+    manifest = _checked(model, data)
+    shards, limits, before = manifest.shards, [], 0
+    for rec in shards:
+        limits.append(None if max_events is None else max(0, min(rec.events, max_events - before)))
+        before += rec.events
+    if max_events is not None:
+        keep = [i for i, n in enumerate(limits) if n]
+        shards, limits = [shards[i] for i in keep], [limits[i] for i in keep]
+    names = list(load_record(model).class_names)
+    matrix = np.zeros((len(names), len(names)), np.int64)
+    removed: Counter = Counter()
+    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, set())
+    for res in _results(model, data, shards, "score", *args):
+        for cm, counts in zip(res.column("cm").to_pylist(), res.column("counts").to_pylist(), strict=True):
+            matrix += np.asarray(cm, np.int64).reshape(matrix.shape)
+            removed.update(json.loads(counts))
+    counts = {k: v for k, v in report(removed).items() if k != "task_seconds"}
+    log(f"[raysvc] evaluated {counts.get('events_read', 0)} events ({counts.get('events_out', 0)} scored)")
+    return {"model": model.uri, "data": data.uri, "events": counts, **compute(matrix, names)}

@@ -1,0 +1,98 @@
+"""Batch inference as Ray Data jobs (`raysvc predict` / `raysvc evaluate` with --actors): the actor pool gives the
+predictions and metrics of the in-process path, bit for bit, to file:// and to s3:// (SeaweedFS)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysvc.data.shards import load_manifest, read_shard
+from raysvc.inference.batch import chunks, evaluate_dataset, predict_dataset
+from raysvc.inference.record import export_seeded_segmenter
+from raysvc.storage import S3Options, read_bytes, resolve
+
+quiet = lambda m: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    loc = resolve(str(tmp_path_factory.mktemp("model") / "seeded"))
+    export_seeded_segmenter(loc, seed=0)
+    return loc
+
+
+def test_chunks_cover_every_event_in_order_within_both_bounds(synthetic_dataset):
+    table = read_shard(synthetic_dataset, load_manifest(synthetic_dataset).shards[0])
+    points = table.column("num_points").to_numpy()
+    for batch_events, max_points in ((8, 10**9), (30, 5000), (4, 1)):
+        got = list(chunks(table, batch_events, max_points))
+        starts = [s for s, _ in got]
+        sizes = [c.num_rows for _, c in got]
+        assert starts == list(np.cumsum([0] + sizes[:-1])) and sum(sizes) == table.num_rows
+        for s, c in got:
+            assert c.num_rows <= batch_events
+            assert c.num_rows == 1 or points[s : s + c.num_rows].sum() <= max_points  # one big event goes alone
+            assert c.column("event_id").to_pylist() == table.column("event_id").to_pylist()[s : s + c.num_rows]
+            if s + c.num_rows < table.num_rows and c.num_rows < batch_events:  # cut early only by the points bound
+                assert points[s : s + c.num_rows + 1].sum() > max_points
+    assert max(len(list(chunks(table, 30, 5000))), 1) > 1  # the points bound does cut this shard
+
+
+def _files(out) -> pa.Table:
+    info = json.loads((out / "manifest.json").read_text())
+    return info, pa.concat_tables([pq.read_table(out / f) for f in info["files"]])
+
+
+def test_predict_and_evaluate_through_an_actor_pool_equal_the_in_process_path(
+    ray_local, synthetic_dataset, model, tmp_path
+):
+    kw = {"batch_events": 6, "max_points": 20000, "log": quiet}
+    local = predict_dataset(model, synthetic_dataset, resolve(str(tmp_path / "local")), actors=0, **kw)
+    pool = predict_dataset(
+        model, synthetic_dataset, resolve(str(tmp_path / "pool")), actors=2, cpus_per_actor=0.5, **kw
+    )
+    # the same bytes, shard for shard; every event of every shard, in input order
+    assert [s["sha256"] for s in pool["shards"]] == [s["sha256"] for s in local["shards"]]
+    info, preds = _files(tmp_path / "pool")
+    inputs = pa.concat_tables([read_shard(synthetic_dataset, r) for r in load_manifest(synthetic_dataset).shards])
+    assert info["events"] == inputs.num_rows == preds.num_rows and info["actors"] == 2
+    assert preds.column("event_id").to_pylist() == inputs.column("event_id").to_pylist()
+    assert preds.column("num_points").to_pylist() == inputs.column("num_points").to_pylist()
+    assert set(preds.column_names) >= {"event_id", "pred"}
+    for f in info["shards"]:
+        assert (tmp_path / "pool" / f["name"]).stat().st_size == f["bytes"]
+
+    ev = {"batch_events": 5, "max_points": 20000, "log": quiet}
+    a = evaluate_dataset(model, synthetic_dataset, actors=0, **ev)
+    b = evaluate_dataset(model, synthetic_dataset, actors=2, cpus_per_actor=0.5, **ev)
+    assert a["confusion"] == b["confusion"] and a["events"] == b["events"] and a["miou"] == b["miou"]
+    assert a["events"]["events_read"] == 120 and sum(map(sum, a["confusion"])) > 0
+    # --max-events: the first N events in shard order, on both paths
+    c = evaluate_dataset(model, synthetic_dataset, actors=0, max_events=40, **ev)
+    d = evaluate_dataset(model, synthetic_dataset, actors=1, cpus_per_actor=0.5, max_events=40, **ev)
+    assert c["events"]["events_read"] == d["events"]["events_read"] == 40 and c["confusion"] == d["confusion"]
+
+
+def test_predictions_from_and_to_s3_through_the_actor_pool(ray_local, s3_env, model, tmp_path):
+    """Events on SeaweedFS, read by the Ray Data read tasks (sha256 checked), predictions written back to it."""
+    from raysvc.data.synthetic import generate_dataset
+
+    s3 = S3Options(endpoint_url=s3_env.endpoint)
+    data, out = resolve("s3://batch-in/events", s3), resolve("s3://batch-out/seeded", s3)
+    generate_dataset(data, 40, seed=8, shard_events=20, workers=1, show_progress=False)
+    info = predict_dataset(model, data, out, actors=1, cpus_per_actor=0.5, log=quiet)
+    local = predict_dataset(model, data, resolve(str(tmp_path / "local")), actors=0, log=quiet)
+    manifest = json.loads(read_bytes(out.join("manifest.json")))
+    assert manifest["files"] == local["files"] == ["preds-00000.parquet", "preds-00001.parquet"]
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in local["shards"]]
+    got = pq.read_table(pa.BufferReader(read_bytes(out.join("preds-00001.parquet"))))
+    assert got.num_rows == 20 and info["events"] == 40
+
+
+def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, synthetic_dataset, model, tmp_path):
+    with pytest.raises(ValueError, match="leave no room for the read tasks"):
+        predict_dataset(model, synthetic_dataset, resolve(str(tmp_path / "p")), actors=2, cpus_per_actor=1, log=quiet)
