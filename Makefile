@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-ingest bench-ops clean
+.PHONY: demo test test-fast test-long lint bench-ingest bench-ops clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check raysvc tests
 	$(BIN)/ruff format --check raysvc tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not long"
+
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -m long
 
 lint: $(STAMP)
 	$(BIN)/ruff check raysvc tests

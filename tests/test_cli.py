@@ -119,6 +119,7 @@ def test_bench_ops_json(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_train_json(tmp_path):
     out = tmp_path / "train.json"
     r = json.loads(run("bench", "train", "--json", "--events", "24", "--steps", "5", "--out", str(out)).stdout)
@@ -130,6 +131,7 @@ def test_bench_train_json(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_heap_allocators_leave_the_training_unchanged(tmp_path):
     out = tmp_path / "heap.json"
     r = json.loads(

@@ -258,6 +258,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_disk_full_at_a_checkpoint_is_a_named_error_and_the_previous_checkpoint_resumes(
     store, straight, tmp_path, small_disk
 ):

@@ -255,6 +255,7 @@ def test_the_export_fine_tunes_and_serves_like_a_ptv3_segmenter(straight, mae_da
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_sigkilled_worker_resumes_to_the_weights_of_an_uninterrupted_run(straight, mae_data, tmp_path):
     from raysvc.train.driver import run_job
 

@@ -276,6 +276,7 @@ def test_serve_refuses_to_start_without_a_token(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_serve_reports_latency_throughput_and_ratios_from_one_run(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run(

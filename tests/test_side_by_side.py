@@ -164,6 +164,7 @@ def test_two_finetunes_at_once_end_as_each_does_alone(data, tmp_path, ray_tmp):
     assert not _crosstalk(*tmps.values(), *(tmp_path / f"{n}.log" for n in procs))
 
 
+@pytest.mark.long
 def test_pretraining_beside_an_endpoint_ends_as_alone_and_the_endpoint_keeps_answering(data, tmp_path, ray_tmp):
     from raysvc.data.generator import GeneratorConfig, generate_event
 

@@ -201,6 +201,7 @@ def test_probe_trials_take_the_recommended_overlaps_or_the_given_pairs(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cnms_sweep_scores_each_setting_by_a_short_polarmae_pretraining(tmp_path, sweep_data):
     sets = [
         f"data.uri={sweep_data / 'train'}",
@@ -253,6 +254,7 @@ def test_cnms_sweep_scores_each_setting_by_a_short_polarmae_pretraining(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sweep_data):
     radii = [2.5, 5, 10]  # 9 C-NMS trials + 2 FPS baselines: 3 or more finish before the interruption
     spec = _cnms_spec(
@@ -317,6 +319,7 @@ def backbone_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_data, backbone_dir):
     from raysvc.data.config import DataConfig
     from raysvc.data.pipeline import prepare
