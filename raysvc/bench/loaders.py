@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,7 @@ def run_loader_bench(
                     f"scaling.workers={workers}",
                     f"scaling.cpus_per_worker={1.0 if workers == 1 else 0.5}",
                 ]
+                shutil.rmtree(work / name, ignore_errors=True)  # measured anew, never resumed from a stale run
                 log(f"[raysvc]   pretraining {name}: {steps} steps")
                 t0 = time.perf_counter()
                 sampler = _pretrain(str(JOBS / "pretrain-panda-tiny.yaml"), sets, env)["sampler"]
