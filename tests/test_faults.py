@@ -195,6 +195,7 @@ def _corrupt_copy(server: SeaweedS3, name: str) -> tuple[str, dict[str, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_shards_corrupted_on_s3_are_a_named_error_or_a_counted_skip(store, tmp_path):
     uri, events = _corrupt_copy(store, "corrupt")
 

@@ -87,6 +87,7 @@ def test_bad_pretrain_configs_fail_before_any_worker_starts(tmp_path, pt_data):
     assert not (tmp_path / "ray").exists()
 
 
+@pytest.mark.long
 def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_local, pt_data, tmp_path):
     from raysvc.data.config import DataConfig
     from raysvc.data.pipeline import DirectStream
