@@ -77,8 +77,8 @@ class SessionSampler:
         return at(t1) - at(t0)
 
 
-def _pretrain(job: str, sets: list[str], env: dict, period: float = 0.25) -> dict:
-    """Run `raysvc pretrain` in its own session; its summary plus the sampled CPU and memory."""
+def _pretrain(job: str, sets: list[str], env: dict, period: float = 0.25) -> SessionSampler:
+    """Run `raysvc pretrain` in its own session; the sampled CPU and memory of all its processes."""
     cmd = [sys.executable, "-m", "raysvc.cli", "pretrain", job, *[x for s in sets for x in ("--set", s)]]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -89,7 +89,7 @@ def _pretrain(job: str, sets: list[str], env: dict, period: float = 0.25) -> dic
         if proc.returncode:
             log.seek(0)
             raise RuntimeError(f"bench pretraining failed ({proc.returncode}):\n{log.read()[-3000:]}")
-    return {"sampler": sampler}
+    return sampler
 
 
 def run_loader_bench(
@@ -192,7 +192,7 @@ def run_loader_bench(
                 shutil.rmtree(work / name, ignore_errors=True)  # measured anew, never resumed from a stale run
                 log(f"[raysvc]   pretraining {name}: {steps} steps")
                 t0 = time.perf_counter()
-                sampler = _pretrain(str(JOBS / "pretrain-panda-tiny.yaml"), sets, env)["sampler"]
+                sampler = _pretrain(str(JOBS / "pretrain-panda-tiny.yaml"), sets, env)
                 wall = time.perf_counter() - t0
                 # steady state: from the first log record (step 10: start-up, first reads behind) to the last
                 train_hist = json.loads((work / name / "summary.json").read_text())["history"]["train"]

@@ -120,11 +120,14 @@ def _read_chunks(batch: pa.Table, data: Location, batch_events: int, max_points:
     """Ray Data map task: shard records -> chunks tagged with their shard index and first row."""
     for item in batch.to_pylist():
         i = item.pop(_SHARD)
-        table = read_shard(data, ShardRecord(**item))
-        if limits[i] is not None:
-            table = table.slice(0, limits[i])
-        for start, chunk in chunks(table, batch_events, max_points):
+        for start, chunk in _shard_chunks(data, ShardRecord(**item), limits[i], batch_events, max_points):
             yield _tagged(chunk, i, start)
+
+
+def _shard_chunks(data: Location, rec: ShardRecord, limit: int | None, batch_events: int, max_points: int):
+    """`chunks` of one shard (checked as it is read), its first `limit` events only if given: both paths cut these."""
+    table = read_shard(data, rec)
+    return chunks(table if limit is None else table.slice(0, limit), batch_events, max_points)
 
 
 def _ray_results(
@@ -185,11 +188,8 @@ def _ray_results(
 
 def _local_results(seg: Segmenter, data: Location, shards, mode, batch_events, max_points, limits) -> Iterator:
     for i, rec in enumerate(shards):
-        table = read_shard(data, rec)
-        if limits[i] is not None:
-            table = table.slice(0, limits[i])
         source = data.join(rec.name).uri
-        for start, chunk in chunks(table, batch_events, max_points):
+        for start, chunk in _shard_chunks(data, rec, limits[i], batch_events, max_points):
             yield _tagged(_run_chunk(seg, mode, chunk, source), i, start)
 
 
@@ -209,7 +209,7 @@ def _results(
 
 
 def _checked(model: Location, data: Location):
-    """The dataset's manifest, refused before any read when its detector is not the model's."""
+    """(the dataset's manifest, the model's record); refused before any read when the detectors differ."""
     from raysvc.inference.record import load_record
 
     manifest = load_manifest(data)
@@ -219,7 +219,7 @@ def _checked(model: Location, data: Location):
             f"{data.uri} holds {manifest.detector} events; the model {model.uri} was trained on "
             f"{record.detector} events"
         )
-    return manifest
+    return manifest, record
 
 
 def predict_dataset(
@@ -235,7 +235,7 @@ def predict_dataset(
 ) -> dict:
     """Predict every event of `data` into `out` (see the module doc); returns the manifest written."""
     t0 = time.perf_counter()
-    manifest = _checked(model, data)
+    manifest, _ = _checked(model, data)
     shards = manifest.shards
     limits = [None] * len(shards)
     pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
@@ -321,9 +321,7 @@ def evaluate_dataset(
     model's own preprocessing cuts, every point above the energy threshold. Metrics (IoU / precision / recall / F1,
     mIoU, accuracy, confusion) plus what the cuts removed, counted. `max_events`: the first N events in shard
     order."""
-    from raysvc.inference.record import load_record
-
-    manifest = _checked(model, data)
+    manifest, record = _checked(model, data)
     shards, limits, before = manifest.shards, [], 0
     for rec in shards:
         limits.append(None if max_events is None else max(0, min(rec.events, max_events - before)))
@@ -331,7 +329,7 @@ def evaluate_dataset(
     if max_events is not None:
         keep = [i for i, n in enumerate(limits) if n]
         shards, limits = [shards[i] for i in keep], [limits[i] for i in keep]
-    names = list(load_record(model).class_names)
+    names = list(record.class_names)
     matrix = np.zeros((len(names), len(names)), np.int64)
     removed: Counter = Counter()
     args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, set())
