@@ -94,7 +94,10 @@ def cmd_bench_ingest(a: argparse.Namespace) -> None:
         from raysvc.bench.loaders import run_loader_bench
 
         result["loaders"] = run_loader_bench(
-            events=a.loader_events, steps=a.steps, log=lambda m: print(m, file=sys.stderr, flush=True)
+            events=a.loader_events,
+            steps=a.steps,
+            parts=tuple(a.loader_parts.split(",")),
+            log=lambda m: print(m, file=sys.stderr, flush=True),
         )
     if a.json:
         _print_json(result, a.out)
@@ -324,6 +327,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
 
     if (a.init is None) == (a.random is None):
         sys.exit("raysvc probe: give an export directory or --random ARCH (the baseline), not both or neither")
+    _batch_ray(1)  # the probe's events are read by Ray tasks or Ray Data either way
     events = {"train_events": a.train_events, "val_events": a.val_events}
     result = probe_backbone(
         absolute_uri(a.init) if a.init else None,
@@ -335,6 +339,8 @@ def cmd_probe(a: argparse.Namespace) -> None:
         radius_voxels=a.radius_voxels,
         seed=a.seed,
         center_events=a.center_events,
+        actors=a.actors,
+        cpus_per_actor=a.cpus_per_actor,
         log=lambda m: print(m, file=sys.stderr),
     )
     _print_json(result, a.out)
@@ -534,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bi.add_argument("--loader-events", type=int, default=1200, help="--loaders: events of the pretraining set")
     bi.add_argument("--steps", type=int, default=40, help="--loaders: pretraining steps per run")
+    bi.add_argument(
+        "--loader-parts",
+        default="delivery,choices,predict,pretrain",
+        help="--loaders: which parts to run (delivery, choices: prefetch and block size, predict, pretrain)",
+    )
     bi.set_defaults(fn=cmd_bench_ingest)
 
     bo = bsub.add_parser("ops", help="C-NMS vs FPS grouping, serialization, sparse conv vs spconv (one thread)")
@@ -588,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--val-events", type=int, default=100)
     pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")
     pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--actors", type=int, default=1, help="backbone replicas in a Ray Data actor pool (0: in process)")
+    pb.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
     pb.add_argument("--out", help="also write the JSON here")
     pb.set_defaults(fn=cmd_probe)
     cp = sub.add_parser(
@@ -768,6 +781,7 @@ ROUTED = {
     ("serve",),
     ("predict",),
     ("evaluate",),
+    ("probe",),
     ("bench", "ingest"),
     ("bench", "train"),
 }

@@ -1,5 +1,6 @@
-"""`raysvc probe`: a PTv3 token's feature is the mean over its group's real points (brute force), and the CLI's
-per-point probe of a random PTv3 is the online probe's figure for the same seeded encoder."""
+"""`raysvc probe`: a PTv3 token's feature is the mean over its group's real points (brute force); the CLI's per-point
+probe of a random PTv3 (features by a Ray Data actor) is the online probe's figure for the same seeded encoder, and
+the in-process path gives the same figures."""
 
 from __future__ import annotations
 
@@ -50,31 +51,15 @@ def test_cli_probe_of_a_random_ptv3_matches_the_online_probe(val_data, tmp_path)
     from raysvc.train.probe import ProbeConfig, run_probe
     from raysvc.train.tasks.panda import probe_batches
 
-    out = tmp_path / "probe.json"
-    p = subprocess.run(
-        [
-            RAYSVC,
-            "probe",
-            "--random",
-            "ptv3",
-            "--center-events",
-            "--data",
-            str(val_data),
-            "--train-events",
-            "5",
-            "--val-events",
-            "5",
-            "--seed",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr
-    got = json.loads(out.read_text())
+    def probe(out, *extra: str) -> dict:
+        cmd = [RAYSVC, "probe", "--random", "ptv3", "--center-events", "--data", str(val_data), "--seed", "3"]
+        cmd += ["--train-events", "5", "--val-events", "5", "--out", str(out), *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(out.read_text())
+
+    got = probe(tmp_path / "probe.json", "--actors", "1")
+
     assert got["backbone"] == {"init": None, "method": "random", "arch": "ptv3", "size": "tiny", "center_events": True}
     assert got["token"]["classes"] == ["shower", "track", "michel", "delta"]
     assert got["token"]["tokens"]["train"] > 100 and got["token"]["mean_f1"] is not None
@@ -98,6 +83,9 @@ def test_cli_probe_of_a_random_ptv3_matches_the_online_probe(val_data, tmp_path)
         seed=3,
     )
     assert got["point"]["miou"] == pytest.approx(want["miou"], abs=1e-9)
+
+    local = probe(tmp_path / "local.json", "--actors", "0")  # Ray tasks read, features in process: the same numbers
+    assert local["point"] == got["point"] and local["token"] == got["token"]
 
     p = subprocess.run([RAYSVC, "probe", "--data", str(val_data)], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--random" in p.stderr  # neither an export nor --random

@@ -136,13 +136,13 @@ def stream_tables(
     transform=None,
     transform_kwargs: dict | None = None,
 ) -> Iterator:
-    """Preprocessed tables of `shards`, in order, each read + preprocessed by a Ray task (`read_cpus` CPUs) with
-    `prefetch` tasks in flight ahead of the consumer; per-shard counts are added to `counts`. With `transform`, the
-    task returns `transform(table, **transform_kwargs)` instead. Validation and probe sets are read this way; the
-    training ranks read through `data/rank_feed.py` (either loader, resumable from a row)."""
-    from raysvc.data.rank_feed import task_pieces  # (rank_feed builds on this module)
+    """Preprocessed tables of `shards`, in order, read + preprocessed by `cfg.loader` (Ray tasks, `prefetch` shards
+    ahead of the consumer, or Ray Data map tasks); per-shard counts are added to `counts`. With `transform`, a read
+    returns `transform(table, **transform_kwargs)` instead. Validation and probe sets are read this way; the training
+    ranks read through `data/rank_feed.py` directly (resumable from a row)."""
+    from raysvc.data.rank_feed import rank_pieces  # (rank_feed builds on this module)
 
-    for piece in task_pieces(cfg, prep, shards, (0, 0), transform, transform_kwargs or {}, prefetch):
+    for piece in rank_pieces(cfg, prep, shards, (0, 0), transform, transform_kwargs or {}, prefetch):
         if counts is not None:
             counts.update(piece.counts)
         if len(piece.table):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from raysvc.storage import Location, write_bytes_atomic
 
 _SHARD, _ROW = "_shard", "_row"  # which shard and which of its rows a chunk starts at
 _NODE = "_node"  # the Ray node of the actor that ran a chunk
+ACTOR_START_S = 600  # seconds for the pool's actors to start (model load included)
 READ_CPUS = 0.25  # per read task: reading and cutting a shard is light beside the model
 
 
@@ -98,7 +100,9 @@ class _Replica:
         # that the model sees exactly the chunks the in-process path cuts.
         import ray
 
-        outs = [_tagged(_run_chunk(self.seg, self.mode, c, self.sources[i]), i, row) for i, row, c in _by_chunk(batch)]
+        outs = [
+            tag_chunk(_run_chunk(self.seg, self.mode, c, self.sources[i]), i, row) for i, row, c in split_chunks(batch)
+        ]
         out = pa.concat_tables(outs)
         return out.append_column(_NODE, pa.array([ray.get_runtime_context().get_node_id()] * out.num_rows))
 
@@ -110,7 +114,8 @@ def _run_chunk(seg: Segmenter, mode: str, chunk: pa.Table, source: str) -> pa.Ta
     return pa.table({"cm": [cm.reshape(-1).tolist()], "counts": [json.dumps(dict(counts))]})
 
 
-def _tagged(table: pa.Table, shard: int, row: int) -> pa.Table:
+def tag_chunk(table: pa.Table, shard: int, row: int) -> pa.Table:
+    """`table` with every row tagged (shard, row): the chunk it belongs to, for `split_chunks`."""
     n = table.num_rows
     table = table.append_column(_SHARD, pa.array(np.full(n, shard, np.int32)))
     return table.append_column(_ROW, pa.array(np.full(n, row, np.int64)))
@@ -121,13 +126,51 @@ def _read_chunks(batch: pa.Table, data: Location, batch_events: int, max_points:
     for item in batch.to_pylist():
         i = item.pop(_SHARD)
         for start, chunk in _shard_chunks(data, ShardRecord(**item), limits[i], batch_events, max_points):
-            yield _tagged(chunk, i, start)
+            yield tag_chunk(chunk, i, start)
 
 
 def _shard_chunks(data: Location, rec: ShardRecord, limit: int | None, batch_events: int, max_points: int):
     """`chunks` of one shard (checked as it is read), its first `limit` events only if given: both paths cut these."""
     table = read_shard(data, rec)
     return chunks(table if limit is None else table.slice(0, limit), batch_events, max_points)
+
+
+def check_room(actors: int, cpus_per_actor: float) -> None:
+    """Refuse a pool that would leave the connected Ray cluster no CPU for the read tasks."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if actors * cpus_per_actor + READ_CPUS > cpus:
+        raise ValueError(
+            f"{actors} model actor(s) x {cpus_per_actor} CPU leave no room for the read tasks ({READ_CPUS} CPU) on "
+            f"this Ray cluster of {cpus:g} CPUs: fewer --actors, or less --cpus-per-actor"
+        )
+
+
+def actor_pool(ds, cls, actors: int, cpus_per_actor: float, device: str, kwargs: dict):
+    """`ds` mapped through a pool of `actors` replicas of `cls(**kwargs, threads=...)`, one block per call, one GPU
+    each unless `device` is cpu; every replica is up before the first block. (Ray Data spreads its tasks and actors
+    over the nodes by default.)"""
+    import ray.data
+
+    ds = ds.map_batches(
+        cls,
+        batch_format="pyarrow",
+        batch_size=None,  # whole blocks: they hold tagged chunks, which the replica splits back
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=0 if device == "cpu" else 1,
+        fn_constructor_kwargs={**kwargs, "threads": max(1, int(cpus_per_actor))},
+    )
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    # all N actors up before the first chunk: Ray's default starts work on the first one ready, which on a small
+    # input leaves the others idle; a pool the cluster cannot place fails here instead of waiting forever
+    ds.context.wait_for_min_actors_s = ACTOR_START_S
+    with warnings.catch_warnings():  # deprecated for Ray Data's own choice, which sends all to the reading node
+        warnings.simplefilter("ignore")
+        ds.context.execution_options.actor_locality_enabled = False  # blocks to the least busy replica
+    return ds
 
 
 def _ray_results(
@@ -143,18 +186,12 @@ def _ray_results(
     cpus_per_actor: float,
 ) -> Iterator[pa.Table]:
     """Result tables of every chunk, as the actor pool finishes them (any order)."""
-    import ray
     import ray.data
 
     from raysvc.inference.featurize import usable_device
 
     device = str(usable_device(device))  # a missing CUDA device is an error here, before any actor starts
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if actors * cpus_per_actor + READ_CPUS > cpus:
-        raise ValueError(
-            f"{actors} model actor(s) x {cpus_per_actor} CPU leave no room for the read tasks ({READ_CPUS} CPU) on "
-            f"this Ray cluster of {cpus:g} CPUs: fewer --actors, or less --cpus-per-actor"
-        )
+    check_room(actors, cpus_per_actor)
     ds = ray.data.from_items(
         [{_SHARD: i, **asdict(r)} for i, r in enumerate(shards)], override_num_blocks=max(len(shards), 1)
     )
@@ -165,24 +202,13 @@ def _ray_results(
         num_cpus=READ_CPUS,
         fn_kwargs={"data": data, "batch_events": batch_events, "max_points": max_points, "limits": limits},
     )
-    ds = ds.map_batches(
-        _Replica,
-        batch_format="pyarrow",
-        batch_size=None,  # one chunk per call: chunks are already bounded by events and points
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        scheduling_strategy="SPREAD",  # replicas over the cluster's nodes, not packed onto the first
-        num_cpus=cpus_per_actor,
-        num_gpus=0 if device == "cpu" else 1,
-        fn_constructor_kwargs={
-            "model_uri": model.uri,
-            "device": device,
-            "mode": mode,
-            "sources": [data.join(r.name).uri for r in shards],
-            "threads": max(1, int(cpus_per_actor)),
-        },
-    )
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
+    kwargs = {
+        "model_uri": model.uri,
+        "device": device,
+        "mode": mode,
+        "sources": [data.join(r.name).uri for r in shards],
+    }
+    ds = actor_pool(ds, _Replica, actors, cpus_per_actor, device, kwargs)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
@@ -190,7 +216,7 @@ def _local_results(seg: Segmenter, data: Location, shards, mode, batch_events, m
     for i, rec in enumerate(shards):
         source = data.join(rec.name).uri
         for start, chunk in _shard_chunks(data, rec, limits[i], batch_events, max_points):
-            yield _tagged(_run_chunk(seg, mode, chunk, source), i, start)
+            yield tag_chunk(_run_chunk(seg, mode, chunk, source), i, start)
 
 
 def _results(
@@ -244,7 +270,7 @@ def predict_dataset(
     nodes: set = set()
     args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, nodes)
     for res in _results(model, data, shards, "predict", *args):
-        for i, row, part in _by_chunk(res):
+        for i, row, part in split_chunks(res):
             pending[i].append((row, part))
             got[i] += part.num_rows
             if got[i] == shards[i].events:  # the shard is complete: its file, rows in input order
@@ -272,7 +298,7 @@ def predict_dataset(
     return info
 
 
-def _by_chunk(res: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
+def split_chunks(res: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
     """(shard, first row, rows) of each chunk in a result batch (Ray Data may have merged several)."""
     tags = np.stack([res.column(_SHARD).to_numpy(), res.column(_ROW).to_numpy()], 1)
     cuts = np.flatnonzero(np.any(np.diff(tags, axis=0) != 0, axis=1)) + 1

@@ -2,6 +2,9 @@
 the per-point linear probe (train/probe.py) and PoLAr-MAE's token probe (train/token_probe.py), on the same
 held-out events and the same C-NMS tokens, so that encoders of different methods are scored alike.
 
+The features are computed in this process (`actors=0`) or, as a Ray Data job, by a pool of backbone replicas over
+the same chunks of events (`inference/batch.py`'s actor pool): the same numbers either way, fitted here.
+
 Per-point features are what a "lin" head sees: PTv3's stages up-cast to the points, or PoLAr-MAE's token features
 propagated to the points. Token features are PoLAr-MAE's encoder output per token; a PTv3 encoder has no tokens, so
 its token feature is the mean of its per-point features over the real points of the token's group.
@@ -12,17 +15,20 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from raysvc.data.collate import collate_packed
 from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import prepare, stream_tables
+from raysvc.inference.batch import actor_pool, check_room, split_chunks, tag_chunk
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.record import ModelSpec, load_backbone_weights, load_export
 from raysvc.models.polarmae import PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import resolve
 from raysvc.train.probe import ProbeConfig
 from raysvc.train.probe import fit_and_score as fit_points
-from raysvc.train.tasks.panda import probe_batches
+from raysvc.train.tasks.panda import probe_tables
 from raysvc.train.token_probe import TokenProbeConfig, scored_classes
 from raysvc.train.token_probe import fit_and_score as fit_tokens
 
@@ -56,10 +62,12 @@ def load_backbone(
 
 
 @torch.no_grad()
-def features(model, spec: ModelSpec, batches: list[dict], pre, tok_cfg: PolarMAEConfig, num_classes: int):
-    """((point features, point labels), (token features, token targets)) of every point and token of `batches`."""
+def features(model, spec: ModelSpec, chunks: list[pa.Table], pre, tok_cfg: PolarMAEConfig, num_classes: int):
+    """((point features, point labels), (token features, token targets)) of every point and token of the
+    preprocessed event `chunks` (each packed as one batch)."""
     points, labels, toks, targets = [], [], [], []
-    for batch in batches:
+    for chunk in chunks:
+        batch = collate_packed(chunk)
         x = model_inputs(batch, pre.center, pre.scale, spec.grid_voxels, torch.device("cpu"), spec.center_events)
         per_point = model.point_features(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]]
         points.append(per_point.float().numpy())
@@ -72,6 +80,60 @@ def features(model, spec: ModelSpec, batches: list[dict], pre, tok_cfg: PolarMAE
             toks.append(group_mean(per_point.float(), tokens.groups, tokens.sizes).numpy())
         targets.append(token_targets(tokens.groups, tokens.sizes, batch["semantic"], num_classes).numpy())
     return (np.concatenate(points), np.concatenate(labels)), (np.concatenate(toks), np.concatenate(targets))
+
+
+_ARRAYS = ("points", "labels", "tokens", "targets")  # the arrays `features` returns, in its order
+
+
+def _to_table(feats) -> pa.Table:
+    """`features`' arrays as one Arrow row: each array's bytes, dtype and shape."""
+    (p, lab), (t, tgt) = feats
+    cols = {}
+    for k, a in zip(_ARRAYS, (p, lab, t, tgt), strict=True):
+        cols |= {k: [a.tobytes()], f"{k}_dtype": [str(a.dtype)], f"{k}_shape": [list(a.shape)]}
+    return pa.table(cols)
+
+
+def _from_rows(rows: list[dict]) -> tuple:
+    """`features`' result from `_to_table`'s rows, concatenated in the given order."""
+    arrays = {
+        k: np.concatenate([np.frombuffer(r[k], r[f"{k}_dtype"]).reshape(r[f"{k}_shape"]) for r in rows])
+        for k in _ARRAYS
+    }
+    return (arrays["points"], arrays["labels"]), (arrays["tokens"], arrays["targets"])
+
+
+class _Featurizer:
+    """A backbone replica of the Ray Data actor pool: the same `load_backbone` as this process, then `features`
+    of each chunk it is given (split back out of merged blocks by its tags)."""
+
+    def __init__(self, backbone: dict, pre, tok_cfg: PolarMAEConfig, num_classes: int, threads: int):
+        torch.set_num_threads(threads)
+        self.model, about = load_backbone(**backbone)
+        self.spec, self.pre, self.tok_cfg, self.num_classes = about["spec"], pre, tok_cfg, num_classes
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        outs = []
+        for split, i, chunk in split_chunks(block):
+            feats = features(self.model, self.spec, [chunk], self.pre, self.tok_cfg, self.num_classes)
+            outs.append(tag_chunk(_to_table(feats), split, i))
+        return pa.concat_tables(outs)
+
+
+def _pool_features(sets, backbone: dict, pre, tok_cfg, num_classes, actors: int, cpus_per_actor: float) -> list:
+    """`features` of each list of chunks in `sets`, computed by a pool of `actors` backbone replicas."""
+    import ray.data
+
+    check_room(actors, cpus_per_actor)
+    tagged = [tag_chunk(c, s, i) for s, chunks in enumerate(sets) for i, c in enumerate(chunks)]
+    ds = ray.data.from_arrow(tagged)
+    kwargs = {"backbone": backbone, "pre": pre, "tok_cfg": tok_cfg, "num_classes": num_classes}
+    ds = actor_pool(ds, _Featurizer, actors, cpus_per_actor, "cpu", kwargs)
+    rows: dict[tuple[int, int], dict] = {}
+    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for s, i, row in split_chunks(out):
+            (rows[(s, i)],) = row.to_pylist()
+    return [_from_rows([rows[(s, i)] for i in range(len(chunks))]) for s, chunks in enumerate(sets)]
 
 
 def probe_backbone(
@@ -87,11 +149,15 @@ def probe_backbone(
     max_tokens: int = 512,
     seed: int = 0,
     center_events: bool = False,
+    actors: int = 0,
+    cpus_per_actor: float = 1.0,
     log=print,
 ) -> dict:
     """Both probes of one backbone on the first `train_events` + next `val_events` events of `data` (the online
     probes' split). The token probe uses the backbone's own tokenizer when it is a PoLAr-MAE one, else these
-    settings; `arch`, `size` and `center_events` describe the random initialisation when `init` is None.
+    settings; `arch`, `size` and `center_events` describe the random initialisation when `init` is None. `actors` >= 1
+    (Ray started by the caller): the events are read with Ray Data and the features computed by that many backbone
+    replicas; 0: read with Ray tasks, features in this process.
     Returns {"backbone", "point" (metrics.compute's dict), "token" {f1, mean_f1, tokens}, ...}."""
     point, token = point or ProbeConfig(), token or TokenProbeConfig()
     if token.train_events != point.train_events or token.val_events != point.val_events:
@@ -100,7 +166,9 @@ def probe_backbone(
     prep = prepare(data)
     names = list(prep.detector.label_classes(data.preprocess.remove_led))
     scored = scored_classes(token, prep.detector)
-    model, about = load_backbone(init, arch, size, len(names), seed, center_events)
+    backbone = {"init": init, "arch": arch, "size": size, "num_classes": len(names), "seed": seed}
+    backbone["center_events"] = center_events
+    model, about = load_backbone(**backbone)
     spec = about.pop("spec")
     scale = data.preprocess.scale
     if spec.arch == "polarmae":
@@ -108,16 +176,23 @@ def probe_backbone(
     else:
         radius = radius_voxels / scale
         tok_cfg = preset("tiny", radius=radius, overlap=overlap, max_points=max_points, max_tokens=max_tokens)
-    train, val = probe_batches(
+    if actors:
+        data = data.model_copy(update={"loader": "ray_data"})
+    train, val = probe_tables(
         stream_tables(data, prep, prep.manifest.shards), point.train_events, point.val_events, data.uri
     )
     log(
         f"[raysvc] probing {init or f'a random {arch} {size}'} on {data.uri}: "
         f"{point.train_events} + {point.val_events} events"
+        + (f", features by {actors} Ray Data actor(s)" if actors else "")
     )
-    (p_train, t_train), (p_val, t_val) = (
-        features(model, spec, b, data.preprocess, tok_cfg, len(names)) for b in (train, val)
-    )
+    if actors:
+        args = (backbone, data.preprocess, tok_cfg, len(names), actors, cpus_per_actor)
+        (p_train, t_train), (p_val, t_val) = _pool_features([train, val], *args)
+    else:
+        (p_train, t_train), (p_val, t_val) = (
+            features(model, spec, c, data.preprocess, tok_cfg, len(names)) for c in (train, val)
+        )
     pm = fit_points(p_train, p_val, point, names, seed)
     tm = fit_tokens(t_train, t_val, token, names, scored, seed)
     return {

@@ -20,8 +20,9 @@ import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
 
+from raysvc.data.collate import collate_packed
 from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import pack_tables, stream_tables
+from raysvc.data.pipeline import stream_tables
 from raysvc.data.views import ViewConfig, collate_view_table, views_table
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.record import ModelSpec
@@ -88,14 +89,15 @@ def _to(view: dict | None, device: torch.device) -> dict | None:
     return None if view is None else {k: v.to(device, non_blocking=True) for k, v in view.items()}
 
 
-def probe_batches(
+def probe_tables(
     tables: Iterable[pa.Table],
     train_events: int,
     val_events: int,
     source: str,
-) -> tuple[list[dict], list[dict]]:
-    """(probe-train batches, probe-val batches): the first `train_events` preprocessed events of `tables`, then the
-    next `val_events`, in order (the same events for every probe and every run)."""
+    batch_events: int = 4,
+) -> tuple[list[pa.Table], list[pa.Table]]:
+    """(probe-train chunks, probe-val chunks) of at most `batch_events` events: the first `train_events` preprocessed
+    events of `tables`, then the next `val_events`, in order (the same events for every probe and every run)."""
     need, got = train_events + val_events, []
     for table in tables:
         got.append(table)
@@ -106,10 +108,19 @@ def probe_batches(
         raise ValueError(
             f"{source}: the probe needs {need} events after the cuts, found {0 if events is None else events.num_rows}"
         )
-    return (
-        list(pack_tables([events.slice(0, train_events)], 4)),
-        list(pack_tables([events.slice(train_events, val_events)], 4)),
-    )
+
+    def cut(start: int, n: int) -> list[pa.Table]:
+        return [events.slice(a, min(batch_events, start + n - a)) for a in range(start, start + n, batch_events)]
+
+    return cut(0, train_events), cut(train_events, val_events)
+
+
+def probe_batches(
+    tables: Iterable[pa.Table], train_events: int, val_events: int, source: str
+) -> tuple[list[dict], list[dict]]:
+    """`probe_tables`' chunks, packed."""
+    train, val = probe_tables(tables, train_events, val_events, source)
+    return [collate_packed(t) for t in train], [collate_packed(t) for t in val]
 
 
 def step_values(cfg: PretrainConfig, step: int) -> dict:
