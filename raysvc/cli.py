@@ -59,10 +59,13 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 
 
 def cmd_show(a: argparse.Namespace) -> None:
-    from raysvc.data.display import show_event
+    from raysvc.data.display import show_event, show_instances
     from raysvc.storage import resolve
 
-    print(show_event(resolve(a.uri), a.event, a.out))
+    if a.predictions:
+        print(show_instances(resolve(a.uri), resolve(a.predictions), a.event, a.out))
+    else:
+        print(show_event(resolve(a.uri), a.event, a.out))
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
@@ -233,7 +236,11 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
     out = {"run": summary["uri"], "steps": summary["steps"]}
     if "val" in summary:
         val = summary["val"] or {}
-        out |= {"val_miou": val.get("miou"), "val_iou": val.get("iou")}
+        sem = val.get("semantic", val)  # a panoptic run nests its semantic metrics
+        out |= {"val_miou": sem.get("miou"), "val_iou": sem.get("iou")}
+        for task in ("particle", "interaction"):  # a panoptic run's instance tasks
+            if task in val:
+                out |= {f"val_{task}_pq": val[task]["pq"], f"val_{task}_ari": val[task]["ari"]}
     probe = summary.get("probe") or {}
     if "token_mean_f1" in probe:  # PoLAr-MAE's token probe
         out |= {
@@ -506,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri")
     s.add_argument("--event", type=int, required=True, help="event id")
     s.add_argument("--out", required=True)
+    s.add_argument("--predictions", help="a panoptic model's `raysvc predict` output: true vs predicted instances")
     s.set_defaults(fn=cmd_show)
     v = dsub.add_parser("verify", help="check every shard (checksum, schema, values); exit 1 if any event is bad")
     v.add_argument("uri")
@@ -536,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--loaders",
         action="store_true",
         help="also compare the training loaders (tasks, ray_data: delivery, a real pretraining's data wait, CPU and "
-        "memory) and batch inference with 0 / 1 / 2 actors (~15 min on 2 cores)",
+        "memory), prefetch and block size, and batch inference with 0 / 1 / 2 actors (~35 min on 2 cores)",
     )
     bi.add_argument("--loader-events", type=int, default=1200, help="--loaders: events of the pretraining set")
     bi.add_argument("--steps", type=int, default=40, help="--loaders: pretraining steps per run")

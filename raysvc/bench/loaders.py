@@ -28,7 +28,7 @@ from raysvc.serve.process import session_processes
 JOBS = Path(__file__).parents[2] / "jobs"
 PARTS = ("delivery", "choices", "predict", "pretrain")  # what `--loader-parts` can pick
 PREFETCH = (1, 2, 4)  # data.prefetch_shards (tasks: shards in flight; ray_data: blocks prefetched by the rank)
-BLOCK_MIB = (1, 4, 16)  # data.block_mib: Ray Data's target block size
+BLOCK_MIB = (1, 4, 16)  # data.block_mib: the ray_data loader's target block size
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -263,7 +263,7 @@ def _choices(uri: str, s3, batch_events: int, batches: int, log) -> dict:
         sampler = SessionSampler(os.getsid(0))
         sampler.sample()
         with _sampling(sampler):
-            got = _delivery(uri, s3, loader, 1, batch_events, batches, prefetch=prefetch, block_mib=block)
+            got = _delivery(uri, s3, loader, 1, batch_events, batches, prefetch_shards=prefetch, block_mib=block)
         sampler.sample()
         cpu = sampler.series[-1][1] - sampler.series[0][1]  # no Train workers here: every process counts
         key = f"{loader} prefetch={prefetch}" + (f" block_mib={block:g}" if loader == "ray_data" else "")

@@ -30,8 +30,8 @@ class DataConfig(BaseModel):
     block_mib: float = Field(
         4.0,
         gt=0,
-        description="target Ray Data block size (MiB): small enough that "
-        "streaming_split can balance workers on small datasets",
+        description="target Ray Data block size (MiB): small enough that streaming_split can balance workers on "
+        "small datasets; for the ray_data loader 4 and 16 delivered alike, 1 was slower (docs/benchmarks.md)",
     )
     read_cpus: float = Field(1.0, gt=0, description="CPUs per read+preprocess task (leave room for Train workers)")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 
 from raysvc.data.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.transforms import report
+from raysvc.inference.instance_metrics import InstanceScores
+from raysvc.inference.instances import instance_classes, instance_labels, postprocess
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic
@@ -52,8 +54,53 @@ def chunks(table: pa.Table, batch_events: int, max_points: int) -> Iterator[tupl
         start = end
 
 
+def _points_list(arrays: list[np.ndarray], dtype) -> pa.Array:
+    lengths = np.array([len(a) for a in arrays], np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = pa.array(np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+# a panoptic model's instance columns: task -> (per-point instance id column, per-point class column or None)
+INSTANCE_COLUMNS = {"particle": ("instance", "instance_class"), "interaction": ("interaction", None)}
+
+
+def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
+    """`predict_chunk`'s columns plus, per instance task, a per-point instance id (-1: none) and class (particle:
+    `instance`, `instance_class`; interaction: `interaction`), and `instances` (the particles: id, class,
+    confidence, points)."""
+    events = seg.predict_panoptic(chunk, source)
+    cols = {
+        "event_id": chunk.column("event_id"),
+        "num_points": pa.array(np.array([len(e["pred"]) for e in events], np.int32)),
+        "pred": _points_list([e["pred"] for e in events], np.int8),
+    }
+    for t in seg.instance_tasks:
+        ids, cls = INSTANCE_COLUMNS[t]
+        cols[ids] = _points_list([e[t].instance.numpy() for e in events], np.int32)
+        if cls:
+            cols[cls] = _points_list([e[t].instance_class.numpy() for e in events], np.int8)
+    first = seg.instance_tasks[0]
+    cols["instances"] = pa.array(
+        [
+            [
+                {"id": i, "class": c, "confidence": f, "points": n}
+                for i, (c, f, n) in enumerate(zip(e[first].classes, e[first].confidence, e[first].points, strict=True))
+            ]
+            for e in events
+        ],
+        pa.list_(
+            pa.struct([("id", pa.int32()), ("class", pa.int8()), ("confidence", pa.float32()), ("points", pa.int32())])
+        ),
+    )
+    return pa.table(cols)
+
+
 def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
-    """`event_id`, `num_points`, `pred` (list<int8>, aligned with the input points) of one chunk."""
+    """`event_id`, `num_points`, `pred` (list<int8>, aligned with the input points) of one chunk; a panoptic model's
+    instances beside them (`predict_panoptic_chunk`)."""
+    if seg.instance_tasks:
+        return predict_panoptic_chunk(seg, chunk, source)
     preds = seg.predict_table(chunk, source)
     lengths = np.array([len(p) for p in preds], np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -67,20 +114,32 @@ def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
     )
 
 
-def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter]:
-    """(confusion matrix, what the model's training cuts removed) of one labelled chunk."""
+def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter, dict]:
+    """(confusion matrix, what the model's training cuts removed, a panoptic model's InstanceScores per task) of one
+    labelled chunk."""
     import torch
 
     from raysvc.data.collate import collate_packed
     from raysvc.data.transforms import preprocess_table
 
     cm = ConfusionMatrix(len(seg.class_names))
+    scores = {t: InstanceScores(instance_classes(seg.detector, t)) for t in seg.instance_tasks}
     pre, counts = preprocess_table(chunk, seg.record.preprocess, source, detector=seg.detector)
     if pre.num_rows:
+        batch = collate_packed(pre)
         with torch.no_grad():
-            logits, x = seg.point_logits(collate_packed(pre))
+            logits, x = seg.point_logits(batch)
         cm.update(logits.argmax(1), x["labels"])
-    return cm.matrix, counts
+        for t, score in scores.items():
+            ids, cls, _ = instance_labels(batch, t, seg.detector.stuff_class)
+            start = 0
+            for out, end in zip(x["instances"][t], batch["offset"].tolist(), strict=True):
+                last = out["layers"][-1]
+                got = postprocess(last["class"].cpu(), last["mask"].cpu(), out["stuff"].cpu(), seg.postprocess)
+                truth = ids[start:end].numpy(), cls[start:end].numpy()
+                score.update(truth[0], got.instance.numpy(), truth[1], got.instance_class.numpy())
+                start = end
+    return cm.matrix, counts, scores
 
 
 class _Replica:
@@ -110,8 +169,14 @@ class _Replica:
 def _run_chunk(seg: Segmenter, mode: str, chunk: pa.Table, source: str) -> pa.Table:
     if mode == "predict":
         return predict_chunk(seg, chunk, source)
-    cm, counts = score_chunk(seg, chunk, source)
-    return pa.table({"cm": [cm.reshape(-1).tolist()], "counts": [json.dumps(dict(counts))]})
+    cm, counts, scores = score_chunk(seg, chunk, source)
+    return pa.table(
+        {
+            "cm": [cm.reshape(-1).tolist()],
+            "counts": [json.dumps(dict(counts))],
+            "instances": [json.dumps({t: s.state() for t, s in scores.items()})],
+        }
+    )
 
 
 def tag_chunk(table: pa.Table, shard: int, row: int) -> pa.Table:
@@ -359,10 +424,16 @@ def evaluate_dataset(
     matrix = np.zeros((len(names), len(names)), np.int64)
     removed: Counter = Counter()
     args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, set())
+    instances: dict[str, list[InstanceScores]] = {}
     for res in _results(model, data, shards, "score", *args):
-        for cm, counts in zip(res.column("cm").to_pylist(), res.column("counts").to_pylist(), strict=True):
+        cols = [res.column(c).to_pylist() for c in ("cm", "counts", "instances")]
+        for cm, counts, inst in zip(*cols, strict=True):
             matrix += np.asarray(cm, np.int64).reshape(matrix.shape)
             removed.update(json.loads(counts))
+            for t, state in json.loads(inst).items():
+                instances.setdefault(t, []).append(InstanceScores.from_state(state))
     counts = {k: v for k, v in report(removed).items() if k != "task_seconds"}
     log(f"[raysvc] evaluated {counts.get('events_read', 0)} events ({counts.get('events_out', 0)} scored)")
-    return {"model": model.uri, "data": data.uri, "events": counts, **compute(matrix, names)}
+    out = {"model": model.uri, "data": data.uri, "events": counts, **compute(matrix, names)}
+    # a panoptic model: its instance metrics per task, as its training run's validation reports them
+    return out | {t: InstanceScores.merged(parts).result() for t, parts in instances.items()}

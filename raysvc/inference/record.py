@@ -25,7 +25,7 @@ from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
 
 FORMAT_VERSION = 1
-WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors"}
+WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors", "panoptic": "model.safetensors"}
 
 
 class ModelSpec(BaseModel):
@@ -64,11 +64,15 @@ class ExportedModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_version: int = FORMAT_VERSION
-    kind: Literal["segmenter", "backbone"]
+    kind: Literal["segmenter", "backbone", "panoptic"]
     method: str = Field(description="the task or method that produced it (segmentation, panda, ...)")
     detector: str = DEFAULT_DETECTOR
     model: ModelSpec
     class_names: list[str] | None = Field(None, description="a segmenter's output classes, in order")
+    instances: dict[str, dict] | None = Field(
+        None, description="a panoptic model's instance tasks: name -> {classes, decoder (MaskDecoderConfig)}"
+    )
+    postprocess: dict | None = Field(None, description="a panoptic model's PostprocessConfig")
     preprocess: PreprocessConfig
     step: int = 0
 
@@ -97,8 +101,10 @@ class ExportedModel(BaseModel):
                 f"({FORMAT_VERSION}): upgrade raysvc"
             )
         get_detector(self.detector)
-        if self.kind == "segmenter" and (not self.class_names or self.model.head is None):
-            raise ValueError("a segmenter record needs class_names and model.head")
+        if self.kind in ("segmenter", "panoptic") and (not self.class_names or self.model.head is None):
+            raise ValueError(f"a {self.kind} record needs class_names and model.head")
+        if self.kind == "panoptic" and not self.instances:
+            raise ValueError("a panoptic record needs its instance tasks (instances)")
         return self
 
     @property
@@ -110,8 +116,15 @@ class ExportedModel(BaseModel):
         return WEIGHTS[self.kind]
 
     def build(self) -> nn.Module:
-        """The segmenter network this record describes (weights not loaded)."""
-        return self.model.build_segmenter(self.num_classes)
+        """The network this record describes (weights not loaded): a segmenter, or a panoptic model around one."""
+        seg = self.model.build_segmenter(self.num_classes)
+        if self.kind != "panoptic":
+            return seg
+        from raysvc.models.mask_decoder import MaskDecoderConfig
+        from raysvc.models.panoptic import PanopticModel
+
+        tasks = {t: len(v["classes"]) for t, v in self.instances.items()}
+        return PanopticModel(seg, tasks, {t: MaskDecoderConfig(**v["decoder"]) for t, v in self.instances.items()})
 
 
 def save_export(loc: Location, state: dict[str, torch.Tensor], record: ExportedModel) -> None:

@@ -17,6 +17,7 @@ from raysvc.data.detectors import get_detector
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.transforms import preprocess_table
 from raysvc.inference.featurize import model_inputs, usable_device
+from raysvc.inference.instances import EventInstances, PostprocessConfig, postprocess
 from raysvc.inference.record import load_export
 from raysvc.storage import Location
 
@@ -40,12 +41,59 @@ class Segmenter:
         self.class_names = list(self.record.class_names)
         self.detector = get_detector(self.record.detector)
         self.model_id = loc.uri
+        self.instance_tasks = list(self.record.instances or {})  # a panoptic model's: particle, interaction
+        self.postprocess = PostprocessConfig(**(self.record.postprocess or {}))
 
     def point_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(logits of every point of a packed batch, the model inputs): grid sampling, forward, cells -> points."""
+        """(logits of every point of a packed batch, the model inputs): grid sampling, forward, cells -> points. A
+        panoptic model's instance-head outputs go into the inputs' dict as "instances" {task: per event}."""
         pre = self.preprocess
         x = model_inputs(batch, pre.center, pre.scale, self.grid_voxels, self.device, self.center_events)
+        if self.instance_tasks:
+            logits, x["instances"] = self.model(x, batch["offset"].to(self.device))
+            return logits, x
         return self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]], x
+
+    @torch.no_grad()
+    def predict_panoptic(self, table: pa.Table, source: str = "request", probabilities: bool = False) -> list[dict]:
+        """Per event {"pred": int8 classes, task: EventInstances} of a panoptic model, aligned with the input points:
+        points at or below the energy threshold get class -1 and no instance. With `probabilities`, also "prob":
+        (n, classes) float32 softmax rows (NaN below the threshold)."""
+        if not self.instance_tasks:
+            raise ValueError(f"{self.model_id} is a {self.record.kind} model: it predicts no instances")
+        lengths = table.column("num_points").to_numpy().astype(np.int64)
+        keep = flat_values(table, "energy") > self.preprocess.energy_threshold
+        pre, _ = preprocess_table(table, self.preprocess, source, detector=self.detector)
+        kept = np.split(keep, np.cumsum(lengths)[:-1])
+        out = [{"pred": np.full(n, -1, np.int8)} for n in lengths]
+        if probabilities:
+            for o, n in zip(out, lengths, strict=True):
+                o["prob"] = np.full((n, len(self.class_names)), np.nan, np.float32)
+        if not pre.num_rows:
+            return out
+        batch = collate_packed(pre)
+        logits, x = self.point_logits(batch)
+        pred = logits.argmax(1).to(torch.int8).cpu().numpy()
+        prob = torch.softmax(logits.float(), 1).cpu().numpy() if probabilities else None
+        bounds = [0, *batch["offset"].tolist()]
+        rows = [i for i, k in enumerate(kept) if k.any()]  # events with points above the threshold, in order
+        for j, i in enumerate(rows):
+            a, b = bounds[j], bounds[j + 1]
+            out[i]["pred"][kept[i]] = pred[a:b]
+            if probabilities:
+                out[i]["prob"][kept[i]] = prob[a:b]
+            for t in self.instance_tasks:
+                res = x["instances"][t][j]["layers"][-1]
+                got = postprocess(
+                    res["class"].cpu(), res["mask"].cpu(), x["instances"][t][j]["stuff"].cpu(), self.postprocess
+                )
+                full = np.full(len(kept[i]), -1, np.int64)
+                full_cls = np.full(len(kept[i]), -1, np.int64)
+                full[kept[i]], full_cls[kept[i]] = got.instance.numpy(), got.instance_class.numpy()
+                out[i][t] = EventInstances(
+                    torch.from_numpy(full), torch.from_numpy(full_cls), got.classes, got.confidence, got.points
+                )
+        return out
 
     @torch.no_grad()
     def predict_table(
@@ -97,6 +145,12 @@ class Segmenter:
             detector=self.detector,
             volume=self.preprocess.volume,
         )
+
+    def predict_events_panoptic(
+        self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False, source: str = "request"
+    ) -> list[dict]:
+        """`predict_panoptic` on events given as (points, energies), checked as `predict_events` checks them."""
+        return self.predict_panoptic(self._events_table(events, source), source, probabilities)
 
     def predict_events(
         self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False, source: str = "request"

@@ -24,10 +24,12 @@ class SegModel(nn.Module):
         self.backbone = PTv3(cfg)
         if head == "dec":
             self.decoder = Decoder(cfg)
-            self.head = nn.Linear(self.decoder.out_channels, num_classes)
+            self.head_channels = self.decoder.out_channels
+            self.head = nn.Linear(self.head_channels, num_classes)
         else:
             self.decoder = None
-            self.head = nn.Sequential(nn.LayerNorm(sum(cfg.channels)), nn.Linear(sum(cfg.channels), num_classes))
+            self.head_channels = sum(cfg.channels)
+            self.head = nn.Sequential(nn.LayerNorm(self.head_channels), nn.Linear(self.head_channels, num_classes))
 
     def forward(
         self,
@@ -36,10 +38,17 @@ class SegModel(nn.Module):
         grid_coord: torch.Tensor,
         offset: torch.Tensor,
     ) -> torch.Tensor:
+        return self.head(self.head_input(feat, coord, grid_coord, offset))
+
+    def head_input(
+        self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """(N_level0, head_channels): what the final linear layer sees (the decoder's output, or the up-cast stages);
+        other heads (instances) read the same features."""
         levels = self.backbone(feat, coord, grid_coord, offset)
         if self.decoder is not None:
-            return self.head(self.decoder(levels, self.backbone.orders()))
-        return self.head(upcast(levels))
+            return self.decoder(levels, self.backbone.orders())
+        return upcast(levels)
 
     def point_features(
         self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor

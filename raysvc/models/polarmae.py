@@ -489,7 +489,7 @@ class PolarMAESegModel(nn.Module):
             raise ValueError(f"head must be one of {SEG_HEADS}, got {head!r}")
         self.cfg, self.head_kind = cfg, head
         self.backbone = PolarMAEEncoder(cfg)
-        w = cfg.width
+        w = self.head_channels = cfg.width
         if head == "dec":
             self.decoder = nn.Sequential(
                 nn.Linear(w + cfg.in_channels, 2 * w), nn.LayerNorm(2 * w), nn.GELU(), nn.Linear(2 * w, w), nn.GELU()
@@ -506,10 +506,16 @@ class PolarMAESegModel(nn.Module):
         self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
     ) -> torch.Tensor:
         """(N, num_classes) logits of the N input points."""
+        return self.head(self.head_input(feat, coord, grid_coord, offset))
+
+    def head_input(
+        self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, width): what the final linear layer sees; other heads (instances) read the same features."""
         per_point = self.point_features(feat, coord, grid_coord, offset)
         if self.decoder is not None:
             per_point = self.decoder(torch.cat([per_point, feat.to(per_point.dtype)], 1))
-        return self.head(per_point)
+        return per_point
 
     def point_features(
         self, feat: torch.Tensor, coord: torch.Tensor, grid_coord: torch.Tensor, offset: torch.Tensor

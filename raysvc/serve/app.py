@@ -1,8 +1,9 @@
 """The Ray Serve segmentation endpoint: a FastAPI ingress over fine-tuned models exported by `raysvc finetune`.
 
 - `POST /v1/segment`: one event (JSON, .npz or Arrow IPC; see protocol.py) -> per-point class ids (-1 below the
-  energy threshold), optional softmax probabilities, the model id and timings. The model is the one named by the
-  `X-Model-Id` header (several fine-tuned heads behind one endpoint), else the default.
+  energy threshold), optional softmax probabilities, the model id and timings; a panoptic model adds its
+  instances per task (per-point instance id and class, and the list of instances). The model is the one named by
+  the `X-Model-Id` header (several fine-tuned heads behind one endpoint), else the default.
 - `GET /v1/models`: the loaded models; `GET /healthz`: liveness (no auth); `/docs`: OpenAPI.
 - Auth: `Authorization: Bearer <token>` on every /v1 route, compared in constant time. The token is read by each
   replica from RAYSVC_SERVE_TOKEN or the file RAYSVC_SERVE_TOKEN_FILE, never passed as an argument (arguments land
@@ -139,6 +140,23 @@ api = FastAPI(
 )
 
 
+def _instances_json(seg, result: dict) -> dict:
+    """A panoptic model's instances of one event, per task, as the response gives them."""
+    out = {}
+    for task in seg.instance_tasks:
+        got, names = result[task], seg.record.instances[task]["classes"]
+        out[task] = {
+            "instance": got.instance.tolist(),
+            "instance_class": got.instance_class.tolist(),
+            "classes": names,
+            "instances": [
+                {"id": i, "class_id": c, "class_name": names[c], "confidence": f, "points": n}
+                for i, (c, f, n) in enumerate(zip(got.classes, got.confidence, got.points, strict=True))
+            ],
+        }
+    return out
+
+
 def _openapi() -> dict:
     if api.openapi_schema is None:
         api.openapi_schema = openapi.add_security(
@@ -261,9 +279,9 @@ class SegmentService:
             return _error(422, f"{REQUEST_FIELD.get(e.field, e.field)}: {e.detail}")
         t1 = time.perf_counter()
         if self.cfg.batching:
-            classes, probs = await self._infer_batch((model_id, event))
+            classes, probs, instances = await self._infer_batch((model_id, event))
         else:
-            classes, probs = await asyncio.to_thread(self._infer_one, model_id, event)
+            classes, probs, instances = await asyncio.to_thread(self._infer_one, model_id, event)
         t2 = time.perf_counter()
         out = {
             "model": model_id,
@@ -273,6 +291,8 @@ class SegmentService:
         }
         if event.probabilities:
             out["probabilities"] = _json_probs(probs)
+        if instances is not None:
+            out["instances"] = instances
         out["timing_ms"] = {
             "receive": 1e3 * (t_body - t0),
             "parse": 1e3 * (t1 - t_body),
@@ -307,15 +327,23 @@ class SegmentService:
             ) from e
         return b"".join(chunks)
 
-    def _infer_one(self, model_id: str, event: Event) -> tuple[np.ndarray, np.ndarray | None]:
+    def _infer_one(self, model_id: str, event: Event) -> tuple:
         return self._run(model_id, [event])[0]
 
-    def _run(self, model_id: str, events: list[Event]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def _run(self, model_id: str, events: list[Event]) -> list[tuple]:
+        """(classes, probabilities or None, a panoptic model's instances or None) per event."""
         seg = self.models[model_id]
         want = any(e.probabilities for e in events)
-        out = seg.predict_events([(e.points, e.energies) for e in events], probabilities=want)
+        pairs = [(e.points, e.energies) for e in events]
+        if seg.instance_tasks:
+            res = seg.predict_events_panoptic(pairs, probabilities=want)
+            return [
+                (r["pred"], r["prob"] if e.probabilities else None, _instances_json(seg, r))
+                for r, e in zip(res, events, strict=True)
+            ]
+        out = seg.predict_events(pairs, probabilities=want)
         classes, probs = out if want else (out, [None] * len(events))
-        return [(c, p if e.probabilities else None) for c, p, e in zip(classes, probs, events, strict=True)]
+        return [(c, p if e.probabilities else None, None) for c, p, e in zip(classes, probs, events, strict=True)]
 
     # ServeConfig's defaults here; each replica sets its config's values in __init__
     @serve.batch(
@@ -323,7 +351,7 @@ class SegmentService:
         batch_wait_timeout_s=ServeConfig.model_fields["batch_wait_timeout_s"].default,
         batch_size_fn=lambda items: sum(len(e.points) for _, e in items),
     )
-    async def _infer_batch(self, items: list[tuple[str, Event]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    async def _infer_batch(self, items: list[tuple[str, Event]]) -> list[tuple]:
         results: list = [None] * len(items)
         for model_id in dict.fromkeys(mid for mid, _ in items):
             idx = [i for i, (mid, _) in enumerate(items) if mid == model_id]

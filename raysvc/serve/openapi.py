@@ -33,6 +33,21 @@ class Timing(BaseModel):
     total: float
 
 
+class Instance(BaseModel):
+    id: int = Field(description="the instance's id in `instance` (0 = the highest score)")
+    class_id: int = Field(description="its class (index into `classes`)")
+    class_name: str
+    confidence: float = Field(description="class probability x mean mask probability")
+    points: int = Field(description="points assigned to it")
+
+
+class TaskInstances(BaseModel):
+    instance: list[int] = Field(description="instance id per point; -1: none (stuff, unclaimed, below threshold)")
+    instance_class: list[int] = Field(description="the class of the point's instance; -1: none")
+    classes: list[str] = Field(description="the task's instance classes")
+    instances: list[Instance]
+
+
 class SegmentResponse(BaseModel):
     model: str = Field(description="the model that answered")
     num_points: int
@@ -40,6 +55,9 @@ class SegmentResponse(BaseModel):
     class_names: list[str]
     probabilities: list[list[float] | None] | None = Field(
         None, description="per point (null below the energy threshold), when asked for"
+    )
+    instances: dict[str, TaskInstances] | None = Field(
+        None, description="a panoptic model's instances per task (particle: with its PID; interaction)"
     )
     timing_ms: Timing
 

@@ -11,6 +11,7 @@ TASKS: dict[str, str] = {
     "segmentation": "raysvc.train.tasks.segmentation:SegmentationTask",
     "panda": "raysvc.train.tasks.panda:PandaTask",
     "polarmae": "raysvc.train.tasks.polarmae:PolarMAETask",
+    "panoptic": "raysvc.train.tasks.panoptic:PanopticTask",
 }
 
 

@@ -283,9 +283,8 @@ class SegmentationTask(Task):
         import ray.train.torch
 
         super().__init__(cfg, ctx)
-        names = ctx.inputs["class_names"]
-        self.class_names = names
-        model = build_model(cfg, len(names), ctx.inputs["init_state"]).to(ctx.device)
+        self.class_names = ctx.inputs["class_names"]
+        model = self.build(cfg, ctx).to(ctx.device)
         self.raw = model
         self.model = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.world > 1 else model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -297,6 +296,7 @@ class SegmentationTask(Task):
                 cfg.train.layer_decay,
                 cfg.train.weight_decay,
                 backbone_scale=cfg.train.backbone_lr_scale,
+                prefix=self.encoder_prefix,
             )
         else:
             groups = [{"params": self.params}]
@@ -308,6 +308,12 @@ class SegmentationTask(Task):
         self.parts = {"model": model, "optimizer": opt, "scheduler": sched}
         self.eval_every = cfg.train.val_every
         self.val_batches: list[dict] | None = None
+
+    encoder_prefix = "backbone."  # where the model's encoder parameters sit (for the fft layer decay)
+
+    def build(self, cfg: FinetuneConfig, ctx: WorkerContext) -> torch.nn.Module:
+        """The model this task trains (on the CPU; the constructor moves it)."""
+        return build_model(cfg, len(ctx.inputs["class_names"]), ctx.inputs["init_state"])
 
     def step(self, batch: dict, step: int) -> dict:
         hold = self.encoder if step < self.cfg.train.encoder_frozen_steps else None

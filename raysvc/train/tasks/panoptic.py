@@ -1,0 +1,213 @@
+"""Panoptic fine-tuning (`raysvc finetune`, task `panoptic`): a segmenter (PTv3 or PoLAr-MAE encoder, lin or dec
+head, from scratch or a pretrained export, the same modes as `segmentation`) plus one query-based instance head per
+instance task: `particle` (instances = the `particle` column, classes = the detector's PID classes) and
+`interaction` (instances = the `interaction` column, one class). Points of the detector's stuff class (LArTPC: low-
+energy depositions) and points without an instance are stuff.
+
+A step: the semantic loss of `segmentation` plus, per instance task, the set-prediction loss of
+`train/instance_loss.py`. Validation: the semantic metrics and, per instance task, the post-processed instances
+(`inference/instances.py`) scored by `inference/instance_metrics.py` (PQ / SQ / RQ, ARI, detection, PID accuracy),
+pooled over the ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raysvc.inference.featurize import model_inputs
+from raysvc.inference.instance_metrics import InstanceScores
+from raysvc.inference.instances import PostprocessConfig, instance_classes, instance_labels, postprocess
+from raysvc.inference.metrics import ConfusionMatrix, compute
+from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, save_export
+from raysvc.models.mask_decoder import MaskDecoderConfig
+from raysvc.models.panoptic import PanopticModel
+from raysvc.storage import Location, write_bytes_atomic
+from raysvc.train.augment import augment_coords
+from raysvc.train.instance_loss import InstanceLossConfig, instance_loss
+from raysvc.train.plots import curves_png
+from raysvc.train.tasks.base import WorkerContext
+from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, validation_batches
+from raysvc.train.worker import autocast
+
+INSTANCE_TASKS = ("particle", "interaction")
+
+
+class InstanceSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[Literal["particle", "interaction"]] = Field(default_factory=lambda: list(INSTANCE_TASKS))
+    particle: MaskDecoderConfig = Field(default_factory=lambda: MaskDecoderConfig(queries=32))
+    interaction: MaskDecoderConfig = Field(default_factory=lambda: MaskDecoderConfig(queries=12))
+    loss: InstanceLossConfig = Field(default_factory=InstanceLossConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    semantic_weight: float = Field(1.0, ge=0, description="weight of the semantic loss beside the instance losses")
+
+    @model_validator(mode="after")
+    def _check(self) -> InstanceSection:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"instances.tasks must name each of {INSTANCE_TASKS} at most once, got {self.tasks}")
+        return self
+
+
+class PanopticConfig(FinetuneConfig):
+    task: Literal["panoptic"] = "panoptic"  # type: ignore[assignment]
+    instances: InstanceSection = Field(default_factory=InstanceSection)
+
+
+def build_panoptic(cfg: PanopticConfig, detector, num_classes: int, init_state: dict | None = None) -> PanopticModel:
+    seg = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
+    tasks = {t: len(instance_classes(detector, t)) for t in cfg.instances.tasks}
+    model = PanopticModel(seg, tasks, {t: getattr(cfg.instances, t) for t in tasks})
+    if init_state is not None and cfg.model.mode != "scratch":
+        load_backbone_weights(model, init_state, f"model.init does not match model.size {cfg.model.size!r}")
+    if cfg.model.mode in ("lin", "dec"):
+        model.freeze_backbone()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], cfg: PanopticConfig, device, world: int, names: list[str], detector) -> dict:
+    """{"semantic": metrics.compute's dict, task: InstanceScores.result()} over this rank's validation batches,
+    pooled over the ranks."""
+    model.eval()
+    cm = ConfusionMatrix(len(names))
+    scores = {t: InstanceScores(instance_classes(detector, t)) for t in cfg.instances.tasks}
+    pre = cfg.val_data.preprocess
+    for batch in batches:
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
+        with autocast(cfg.train.amp, device):
+            sem, inst = model(x, batch["offset"].to(device))
+        cm.update(sem.argmax(1), x["labels"])
+        for t, outs in inst.items():
+            ids, cls, _ = instance_labels(batch, t, detector.stuff_class)
+            start = 0
+            for out, end in zip(outs, batch["offset"].tolist(), strict=True):
+                last = out["layers"][-1]
+                got = postprocess(
+                    last["class"].cpu(), last["mask"].cpu(), out["stuff"].cpu(), cfg.instances.postprocess
+                )
+                scores[t].update(
+                    ids[start:end].numpy(), got.instance.numpy(), cls[start:end].numpy(), got.instance_class.numpy()
+                )
+                start = end
+    if world > 1:
+        cm.all_reduce_()
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, scores)
+        scores = {t: InstanceScores.merged([g[t] for g in gathered]) for t in scores}
+    model.train()
+    return {"semantic": compute(cm.matrix, names), **{t: s.result() for t, s in scores.items()}}
+
+
+class PanopticTask(SegmentationTask):
+    name = "panoptic"
+    config = PanopticConfig
+
+    @classmethod
+    def prepare(cls, cfg: PanopticConfig, log) -> dict:
+        inputs = super().prepare(cfg, log)
+        from raysvc.data.detectors import get_detector
+
+        detector = get_detector(inputs["detector"])
+        if "particle" in cfg.instances.tasks and "pid" not in detector.labels:
+            raise ValueError(f"instances.tasks has particle, but {detector.name} events have no pid labels")
+        return inputs
+
+    @classmethod
+    def finish(cls, cfg: PanopticConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
+        from raysvc.data.detectors import get_detector
+
+        history = state["history"]
+        names = inputs["class_names"]
+        detector = get_detector(inputs["detector"])
+        record = ExportedModel(
+            kind="panoptic",
+            method=cls.name,
+            detector=inputs["detector"],
+            model=ModelSpec(**cfg.model.model_dump()),
+            class_names=names,
+            preprocess=cfg.data.preprocess,
+            step=state["step"],
+            instances={
+                t: {"classes": instance_classes(detector, t), "decoder": getattr(cfg.instances, t).model_dump()}
+                for t in cfg.instances.tasks
+            },
+            postprocess=cfg.instances.postprocess.model_dump(),
+        )
+        save_export(run_loc, state["model"], record)
+        curves = {
+            "train": history["train"],
+            "val": [{**r, "metrics": r["metrics"]["semantic"]} for r in history["val"]],
+        }
+        write_bytes_atomic(run_loc.join("curves.png"), curves_png(curves, f"{cfg.run.name}: panoptic {cfg.model.mode}"))
+        last = history["val"][-1]["metrics"] if history["val"] else None
+        return {
+            "val": last,
+            "class_counts": dict(zip(names, inputs["class_counts"], strict=True)),
+            "class_weights": inputs["class_weights"],
+        }
+
+    encoder_prefix = "seg.backbone."
+
+    def build(self, cfg: PanopticConfig, ctx: WorkerContext) -> torch.nn.Module:
+        from raysvc.data.detectors import get_detector
+
+        self.detector = get_detector(ctx.inputs["detector"])
+        return build_panoptic(cfg, self.detector, len(ctx.inputs["class_names"]), ctx.inputs["init_state"])
+
+    def step(self, batch: dict, step: int) -> dict:
+        cfg, device = self.cfg, self.ctx.device
+        pre = cfg.data.preprocess
+        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
+        with autocast(cfg.train.amp, device):
+            sem, inst = self.model(x, batch["offset"].to(device))
+        losses = {"semantic": self.loss_fn(sem.float(), x["labels"]) * cfg.instances.semantic_weight}
+        for t, outs in inst.items():
+            ids, cls, stuff = (v.to(device) for v in instance_labels(batch, t, self.detector.stuff_class))
+            got = instance_loss(outs, ids, cls, stuff, batch["offset"], cfg.instances.loss)
+            losses[t] = got["loss"]
+        loss = sum(losses.values())
+        opt = self.parts["optimizer"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < cfg.train.encoder_frozen_steps:
+            for p in self.encoder:
+                p.grad = None
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
+        opt.step()
+        self.parts["scheduler"].step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def evaluate(self, step: int) -> None:
+        ctx = self.ctx
+        if self.val_batches is None:
+            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world)
+        args = (self.cfg, ctx.device, ctx.world, self.class_names, self.detector)
+        val = evaluate(self.raw, self.val_batches, *args)
+        ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})
+        flat = {"val/miou": val["semantic"]["miou"]}
+        for t in self.cfg.instances.tasks:
+            flat |= {f"val/{t}_pq": val[t]["pq"], f"val/{t}_ari": val[t]["ari"]}
+        ctx.tracker.log({k: v for k, v in flat.items() if v is not None}, step)
+        if ctx.rank == 0:
+            parts = [f"mIoU {val['semantic']['miou'] or 0:.3f}"]
+            for t in self.cfg.instances.tasks:
+                parts.append(f"{t} PQ {val[t]['pq'] or 0:.3f} ARI {val[t]['ari'] or 0:.3f}")
+            print(f"[raysvc] val step {step}: " + ", ".join(parts), flush=True)
+
+    def progress(self, rec: dict) -> str:
+        parts = " ".join(f"{t} {rec[t]:.3f}" for t in self.cfg.instances.tasks if t in rec)
+        return f"loss {rec['loss']:.4f} (semantic {rec.get('semantic', 0):.3f} {parts}) lr {rec['lr']:.2e}"
+
+    def report_metrics(self) -> dict:
+        val = self.ctx.history["val"]
+        if not val:
+            return {}
+        m = val[-1]["metrics"]
+        return {"val_miou": m["semantic"]["miou"], **{f"val_{t}_pq": m[t]["pq"] for t in self.cfg.instances.tasks}}

@@ -1,0 +1,162 @@
+"""Panoptic fine-tuning (task `panoptic`): the instance labels a batch gives each task, a 2-worker run whose
+summary.json has the particle and interaction metrics, a crashed-and-rerun run that ends with the same weights,
+`predict` on its export writing instance columns consistent with the instance list, `evaluate` reproducing the run's
+instance metrics, and the endpoint answering the same instances as `predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+import torch
+
+from raysvc.config import load_config
+from raysvc.data.detectors import LARTPC
+from raysvc.inference.instances import instance_labels
+from raysvc.seaweed import free_port
+from raysvc.serve.process import ServeProcess
+from raysvc.storage import resolve
+from raysvc.train.tasks.panoptic import PanopticConfig
+
+JOB = str(Path(__file__).parents[1] / "jobs" / "panoptic-tiny.yaml")
+TOKEN = "test-token-panoptic-0123456789"
+
+
+def test_instance_labels_make_stuff_of_led_and_of_points_without_an_instance_or_pid():
+    led = LARTPC.stuff_class
+    batch = {
+        "particle": torch.tensor([4, 4, -1, 7, 9, 9]),
+        "pid": torch.tensor([2, 2, -1, -1, 0, 0]),
+        "interaction": torch.tensor([0, 0, -1, 1, 1, 1]),
+        "semantic": torch.tensor([1, 1, led, 0, led, 0]),
+    }
+    ids, cls, stuff = instance_labels(batch, "particle", led)
+    assert ids.tolist() == [4, 4, -1, -1, -1, 9] and cls.tolist() == [2, 2, -1, -1, -1, 0]
+    assert stuff.tolist() == [False, False, True, True, True, False]
+    ids, cls, stuff = instance_labels(batch, "interaction", led)
+    assert ids.tolist() == [0, 0, -1, 1, -1, 1] and cls.tolist() == [0, 0, -1, 0, -1, 0]
+
+
+@pytest.fixture(scope="module")
+def pan_data(tmp_path_factory):
+    from raysvc.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("pandata")
+    generate_dataset(resolve(str(root / "train")), 16, seed=11, shard_events=4, show_progress=False)
+    generate_dataset(resolve(str(root / "val")), 8, seed=12, shard_events=4, show_progress=False)
+    return root
+
+
+def _cfg(data: Path, out: Path, name: str) -> PanopticConfig:
+    sets = [
+        f"data.uri={data / 'train'}",
+        f"val_data.uri={data / 'val'}",
+        f"run.storage={out}",
+        f"run.name={name}",
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "train.steps=4",
+        "train.val_every=2",
+        "train.checkpoint_every=2",
+        "train.log_every=2",
+        "train.batch_events=2",
+        "run.max_failures=0",
+        "run.wandb_mode=offline",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+        "instances.particle.queries=8",
+        "instances.interaction.queries=4",
+        "instances.particle.depth=2",
+        "instances.interaction.depth=2",
+        "instances.postprocess.min_confidence=0.0",  # an untrained head: keep what it finds, to exercise the paths
+    ]
+    return load_config(PanopticConfig, JOB, sets)
+
+
+@pytest.mark.slow
+def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts_instances(
+    ray_local, pan_data, tmp_path
+):
+    from ray.train import TrainingFailedError
+
+    from raysvc.data.config import DataConfig
+    from raysvc.data.display import show_instances
+    from raysvc.data.pipeline import DirectStream
+    from raysvc.inference.batch import evaluate_dataset, predict_dataset
+    from raysvc.inference.record import load_export
+    from raysvc.train.driver import run_job
+
+    quiet = lambda m: None  # noqa: E731
+    run_job(_cfg(pan_data, tmp_path, "straight"), log=quiet)
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    val = summary["val"]
+    assert {"pq", "sq", "rq", "ari", "pid_accuracy"} <= set(val["particle"]) and {"pq", "ari"} <= set(
+        val["interaction"]
+    )
+    assert set(val["particle"]["pid_accuracy"]) == set(LARTPC.labels["pid"].classes)
+    after_cuts = sum(t.num_rows for t in DirectStream(DataConfig(uri=str(pan_data / "val"))).tables())
+    assert val["particle"]["counts"]["events"] == after_cuts >= 6  # both ranks' validation events, pooled
+    assert val["semantic"]["miou"] is not None
+    want, record = load_export(resolve(str(tmp_path / "straight")))
+    assert record.kind == "panoptic" and set(record.instances) == {"particle", "interaction"}
+
+    # no retries: the run fails at step 3; running it again resumes from the step-2 checkpoint, same weights
+    cfg = _cfg(pan_data, tmp_path, "rerun")
+    with pytest.raises(TrainingFailedError):
+        run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})
+    run_job(cfg, log=quiet)
+    got, _ = load_export(resolve(str(tmp_path / "rerun")))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    model = tmp_path / "straight"
+    info = predict_dataset(
+        resolve(str(model)), resolve(str(pan_data / "val")), resolve(str(tmp_path / "preds")), batch_events=1
+    )
+    assert info["events"] == 8
+    table = pq.read_table(tmp_path / "preds" / info["files"][0])
+    assert {"pred", "instance", "instance_class", "interaction", "instances"} <= set(table.column_names)
+    for row in table.to_pylist():
+        inst, cls = np.array(row["instance"]), np.array(row["instance_class"])
+        assert len(inst) == len(cls) == len(row["pred"]) == row["num_points"]
+        for item in row["instances"]:  # the list and the per-point columns agree
+            assert (inst == item["id"]).sum() == item["points"] and set(cls[inst == item["id"]]) == {item["class"]}
+        assert set(inst[inst >= 0]) == {i["id"] for i in row["instances"]}
+        assert np.all(cls[inst < 0] == -1)
+
+    # the event display of true vs predicted instances draws from the dataset and these predictions
+    png = show_instances(
+        resolve(str(pan_data / "val")),
+        resolve(str(tmp_path / "preds")),
+        table["event_id"][0].as_py(),
+        str(tmp_path / "ev.png"),
+    )
+    assert Path(png).stat().st_size > 20_000
+
+    # evaluate: each validation rank packed one shard's events (after cuts) into one batch, as evaluate's chunks of
+    # 4 events are: the same instance metrics as the run's last validation
+    ev = evaluate_dataset(resolve(str(model)), resolve(str(pan_data / "val")), batch_events=4)
+    for task in ("particle", "interaction"):
+        assert ev[task]["counts"] == val[task]["counts"]
+        assert ev[task]["pq"] == pytest.approx(val[task]["pq"]) and ev[task]["ari"] == pytest.approx(val[task]["ari"])
+
+    # the endpoint answers the same instances as predict (one event per request, one per predict chunk above)
+    events = pq.read_table(pan_data / "val" / "events-00000.parquet").to_pylist()
+    with ServeProcess(["--model", f"p={model}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "s.log") as srv:
+        for ev, row in zip(events, table.to_pylist(), strict=True):
+            body = {"points": ev["coord"], "energies": ev["energy"]}
+            r = requests.post(
+                f"{srv.url}/v1/segment", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120
+            )
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["classes"] == row["pred"]
+            part = got["instances"]["particle"]
+            assert part["instance"] == row["instance"] and part["instance_class"] == row["instance_class"]
+            assert got["instances"]["interaction"]["instance"] == row["interaction"]
+            assert [(i["id"], i["class_id"], i["points"]) for i in part["instances"]] == [
+                (i["id"], i["class"], i["points"]) for i in row["instances"]
+            ]
