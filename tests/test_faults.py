@@ -118,6 +118,7 @@ def straight(store, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_object_store_restarted_mid_run_the_run_continues_with_the_same_events(store, straight, tmp_path):
     want, want_data = straight
 
