@@ -144,3 +144,16 @@ def test_head_loss_and_postprocess_learn_a_small_set_to_full_panoptic_quality():
             start = end
     r = scores.result()
     assert r["pq"] > 0.9 and r["ari"] > 0.9, r
+
+
+def test_an_event_without_instances_still_gives_every_weight_a_gradient():
+    # under DDP a weight without a gradient stops the step: the mask branch must stay in the graph
+    torch.manual_seed(0)
+    head = MaskDecoder(8, 2, MaskDecoderConfig(width=16, heads=2, depth=1, queries=4))
+    offset = torch.tensor([20])
+    none = torch.full((20,), -1)
+    out = instance_loss(
+        head(torch.randn(20, 8), offset), none, none, torch.ones(20, dtype=torch.bool), offset, InstanceLossConfig()
+    )
+    out["loss"].backward()
+    assert [n for n, p in head.named_parameters() if p.grad is None] == []

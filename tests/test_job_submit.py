@@ -22,6 +22,7 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_auth(ray_head, tmp_path):
     from raysvc.data.synthetic import generate_dataset
     from raysvc.storage import resolve

@@ -170,6 +170,7 @@ def test_pretrain_writes_the_token_probe_and_an_encoder_export(straight, mae_dat
     assert offline["tokenizer"]["max_tokens"] == 200 and 0 < offline["point"]["miou"] <= 1
 
 
+@pytest.mark.long
 def test_the_export_fine_tunes_and_serves_like_a_ptv3_segmenter(straight, mae_data, tmp_path):
     from raysvc.inference.record import load_export
     from raysvc.inference.segmenter import Segmenter

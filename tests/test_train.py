@@ -213,6 +213,8 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
         assert p.returncode != 0 and "device 'cuda'" in p.stderr and "sees no CUDA device" in p.stderr, p.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_resume_after_failures_ends_with_the_weights_of_an_uninterrupted_run(ray_local, seg_data, tmp_path):
     from ray.train import TrainingFailedError
 

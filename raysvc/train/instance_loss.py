@@ -109,6 +109,8 @@ def instance_loss(
                 lq, tq = logits[q].float(), sampled[t]
                 parts["mask"] = parts["mask"] + sigmoid_focal(lq, tq, cfg.focal_alpha, cfg.focal_gamma).sum()
                 parts["dice"] = parts["dice"] + dice_loss(lq, tq).sum()
+            else:  # no instance: a zero that keeps the mask branch in the graph (DDP wants a gradient for every weight)
+                parts["mask"] = parts["mask"] + 0.0 * logits.sum()
         target_stuff = stuff[start:end].float()
         parts["stuff"] = parts["stuff"] + F.binary_cross_entropy_with_logits(out["stuff"].float(), target_stuff)
         start = end
