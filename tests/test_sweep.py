@@ -318,19 +318,13 @@ def backbone_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.slow
-@pytest.mark.long
-def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_data, backbone_dir):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import prepare
-    from raysvc.data.shards import load_manifest
-
+def _run_finetune_sweep(tmp_path: Path, sweep_data: Path, name: str, job: str, sets: list[str], **over) -> Path:
+    """Run a finetune sweep of `job` for 2 steps per trial on the module's tiny dataset; its experiment directory."""
     spec = {
         "kind": "finetune",
-        "name": "fractions-test",
+        "name": name,
         "storage": str(tmp_path / "sweeps"),
-        "job": str(ROOT / "jobs" / "semseg-tiny.yaml"),
-        "init": str(backbone_dir),
+        "job": str(ROOT / "jobs" / job),
         "wandb_mode": "offline",
         "set": [
             f"data.uri={sweep_data / 'train'}",
@@ -339,7 +333,6 @@ def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_d
             "train.batch_events=2",
             "train.val_every=2",
             "train.checkpoint_every=2",
-            "train.log_every=1",
             "scaling.workers=1",
             "scaling.cpus_per_worker=0.5",
             "scaling.torch_threads=1",
@@ -347,19 +340,37 @@ def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_d
             "val_data.read_cpus=0.25",
             "run.max_failures=0",
             "run.wandb_mode=offline",
-            "data.preprocess.min_points=64",
-            "val_data.preprocess.min_points=64",
-        ],  # keep all 4 events
-        "events": [4, None],
-        "modes": ["lin", "fft", "scratch"],
-        "subset_seed": 3,
+            *sets,
+        ],
         "tune": {"max_concurrent_trials": 2, "cpus_per_trial": 0.01},
+        **over,
     }
-    path = tmp_path / "fractions.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     p = _run(["sweep", str(path)], tmp_path, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    exp = tmp_path / "sweeps" / "fractions-test"
+    return tmp_path / "sweeps" / name
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_data, backbone_dir):
+    from raysvc.data.config import DataConfig
+    from raysvc.data.pipeline import prepare
+    from raysvc.data.shards import load_manifest
+
+    sets = ["train.log_every=1", "data.preprocess.min_points=64", "val_data.preprocess.min_points=64"]  # all 4 events
+    exp = _run_finetune_sweep(
+        tmp_path,
+        sweep_data,
+        "fractions-test",
+        "semseg-tiny.yaml",
+        sets,
+        init=str(backbone_dir),
+        events=[4, None],
+        modes=["lin", "fft", "scratch"],
+        subset_seed=3,
+    )
     table = json.loads((exp / "table.json").read_text())
     assert table["modes"] == ["lin", "fft", "scratch"] and table["events"] == ["4", "all"]
     summary = json.loads((exp / "summary.json").read_text())
@@ -389,3 +400,125 @@ def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_d
     assert lin["model"]["center_events"] is True  # adopted from the backbone's config
     assert "| lin |" in (exp / "table.md").read_text()
     assert (exp / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _finetune_spec(**over):
+    from raysvc.sweep.spec import FinetuneSweep
+
+    spec = {
+        "kind": "finetune",
+        "name": "t",
+        "job": str(ROOT / "jobs" / "panoptic-tiny.yaml"),
+        "init": "unused",
+        "events": [4, None],
+        "modes": ["fft", "scratch"],
+    }
+    return FinetuneSweep.model_validate(spec | over)
+
+
+def test_seeded_trials_are_named_per_seed_and_train_with_that_seed(sweep_data):
+    from raysvc.sweep.label_efficiency import grid_trials, trial_config
+    from raysvc.train.driver import load_job
+    from raysvc.train.tasks.panoptic import PanopticConfig
+
+    uris = {"4": str(sweep_data / "val"), "all": str(sweep_data / "train")}
+    plain = grid_trials(_finetune_spec(), uris)
+    assert [t["name"] for t in plain] == ["fft-4", "fft-all", "scratch-4", "scratch-all"]
+    assert all("seed" not in t for t in plain)  # a sweep without seeds keeps its grid (and so can resume)
+    seeded = grid_trials(_finetune_spec(seeds=[0, 7]), uris)
+    assert [t["name"] for t in seeded][:5] == ["fft-4-s0", "fft-all-s0", "scratch-4-s0", "scratch-all-s0", "fft-4-s7"]
+    assert [t["labelled_events"] for t in seeded[:4]] == [8, 24, 8, 24]
+    base = load_job(str(ROOT / "jobs" / "panoptic-tiny.yaml"), [], "segmentation")
+    cfg = trial_config(base, seeded[4], "t", "file:///backbone", "file:///runs")
+    assert isinstance(cfg, PanopticConfig) and cfg.instances.tasks == ["particle", "interaction"]
+    assert (cfg.train.seed, cfg.model.mode, cfg.model.init, cfg.run.name) == (
+        7,
+        "fft",
+        "file:///backbone",
+        "t-fft-4-s7",
+    )
+    lin = trial_config(base, {**seeded[0], "mode": "lin"}, "t", "file:///b", "file:///r")
+    assert (lin.model.head, lin.train.seed) == ("lin", 0)
+    with pytest.raises(ValueError, match="distinct"):
+        _finetune_spec(seeds=[1, 1])
+
+
+def test_dotted_metrics_are_looked_up_and_a_missing_one_is_named():
+    from raysvc.sweep.label_efficiency import metric_value
+
+    val = {"particle": {"pq": 0.25, "pid_accuracy": {"muon": 0.5}}, "semantic": {"miou": 0.4}}
+    assert metric_value(val, "particle.pid_accuracy.muon") == 0.5 and metric_value(val, "semantic.miou") == 0.4
+    with pytest.raises(KeyError, match=r"'particle.rq'.*particle has \['pid_accuracy', 'pq'\]"):
+        metric_value(val, "particle.rq")
+
+
+def test_cells_are_the_mean_and_sample_std_over_seeds():
+    from raysvc.sweep.label_efficiency import columns_table, matrix, table_md
+
+    spec = _finetune_spec(seeds=[0, 1, 2], metric="particle.pq", columns=["particle.pq", "interaction.ari"])
+    rng = np.random.default_rng(0)
+    rows, ref = [], {}
+    for mode in spec.modes:
+        for n in spec.events:
+            seeds = spec.seeds if (mode, n) != ("scratch", None) else [0]  # a cell with one finished seed
+            for s in seeds:
+                pq, ari = rng.random(2)
+                ref.setdefault((mode, n), []).append((pq, ari))
+                trial = {"name": f"{mode}-{n}-s{s}", "mode": mode, "events": n, "seed": s}
+                rows.append(
+                    {
+                        "trial": trial,
+                        "metrics": {"particle.pq": pq, "scores": {"particle.pq": pq, "interaction.ari": ari}},
+                    }
+                )
+    table, cols = matrix(spec, rows), columns_table(spec, rows)
+    for (mode, n), vals in ref.items():
+        label = "all" if n is None else str(n)
+        v = np.array(vals)
+        assert table["cells"][mode][label] == pytest.approx(v[:, 0].mean())
+        assert table["n"][mode][label] == len(vals)
+        row = next(r for r in cols["rows"] if (r["mode"], r["events"]) == (mode, label))
+        assert row["mean"]["interaction.ari"] == pytest.approx(v[:, 1].mean())
+        if len(vals) > 1:
+            assert table["std"][mode][label] == pytest.approx(v[:, 0].std(ddof=1))
+            assert row["std"]["particle.pq"] == pytest.approx(v[:, 0].std(ddof=1))
+        else:
+            assert table["std"][mode][label] is None and row["std"]["particle.pq"] is None
+    md = table_md(table, [], cols)
+    fft4 = np.array(ref[("fft", 4)])
+    assert f"{fft4[:, 0].mean():.3f} ± {fft4[:, 0].std(ddof=1):.3f}" in md
+    assert "| mode | labelled events | seeds | particle.pq | interaction.ari |" in md
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_seeded_panoptic_sweep_tabulates_its_instance_metrics(tmp_path, sweep_data):
+    exp = _run_finetune_sweep(
+        tmp_path,
+        sweep_data,
+        "panoptic-test",
+        "panoptic-tiny.yaml",
+        [],
+        init="unused",
+        metric="particle.pq",
+        columns=["interaction.ari", "particle.pid_accuracy.muon"],
+        events=[None],
+        modes=["scratch"],
+        seeds=[0, 1],
+    )
+    summary = json.loads((exp / "summary.json").read_text())
+    assert not summary["failed"] and sorted(r["trial"]["name"] for r in summary["trials"]) == [
+        "scratch-all-s0",
+        "scratch-all-s1",
+    ]
+    pqs = []
+    for r in summary["trials"]:  # each score is the run's own summary value
+        run = json.loads((exp / "runs" / f"panoptic-test-{r['trial']['name']}" / "summary.json").read_text())
+        assert run["config"]["train"]["seed"] == r["trial"]["seed"] and run["config"]["task"] == "panoptic"
+        assert r["metrics"]["scores"]["particle.pq"] == run["val"]["particle"]["pq"]
+        assert r["metrics"]["scores"]["interaction.ari"] == run["val"]["interaction"]["ari"]
+        assert r["metrics"]["miou"] == run["val"]["semantic"]["miou"]
+        pqs.append(run["val"]["particle"]["pq"])
+    table = json.loads((exp / "table.json").read_text())
+    assert table["cells"]["scratch"]["all"] == pytest.approx(np.mean(pqs)) and table["n"]["scratch"]["all"] == 2
+    assert "| scratch | all | 2 |" in (exp / "table.md").read_text()

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from raysvc.data.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.transforms import report
 from raysvc.inference.instance_metrics import InstanceScores
-from raysvc.inference.instances import instance_classes, instance_labels, postprocess
+from raysvc.inference.instances import instance_classes, score_events
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic
@@ -63,6 +63,23 @@ def _points_list(arrays: list[np.ndarray], dtype) -> pa.Array:
 
 # a panoptic model's instance columns: task -> (per-point instance id column, per-point class column or None)
 INSTANCE_COLUMNS = {"particle": ("instance", "instance_class"), "interaction": ("interaction", None)}
+INSTANCE_ITEM = pa.struct(
+    [("id", pa.int32()), ("class", pa.int8()), ("confidence", pa.float32()), ("points", pa.int32())]
+)
+
+
+def preds_schema(instance_tasks=()) -> pa.Schema:
+    """The columns of a predictions shard: `event_id`, `num_points`, `pred`; for a panoptic model, its instance
+    columns and `instances` after them. Every shard of one output has it, empty shards included."""
+    fields = [("event_id", pa.int64()), ("num_points", pa.int32()), ("pred", pa.list_(pa.int8()))]
+    for t in instance_tasks:
+        ids, cls = INSTANCE_COLUMNS[t]
+        fields.append((ids, pa.list_(pa.int32())))
+        if cls:
+            fields.append((cls, pa.list_(pa.int8())))
+    if instance_tasks:
+        fields.append(("instances", pa.list_(INSTANCE_ITEM)))
+    return pa.schema(fields)
 
 
 def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
@@ -89,11 +106,9 @@ def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.T
             ]
             for e in events
         ],
-        pa.list_(
-            pa.struct([("id", pa.int32()), ("class", pa.int8()), ("confidence", pa.float32()), ("points", pa.int32())])
-        ),
+        pa.list_(INSTANCE_ITEM),
     )
-    return pa.table(cols)
+    return pa.table(cols).cast(preds_schema(seg.instance_tasks))
 
 
 def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
@@ -131,14 +146,7 @@ def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarra
             logits, x = seg.point_logits(batch)
         cm.update(logits.argmax(1), x["labels"])
         for t, score in scores.items():
-            ids, cls, _ = instance_labels(batch, t, seg.detector.stuff_class)
-            start = 0
-            for out, end in zip(x["instances"][t], batch["offset"].tolist(), strict=True):
-                last = out["layers"][-1]
-                got = postprocess(last["class"].cpu(), last["mask"].cpu(), out["stuff"].cpu(), seg.postprocess)
-                truth = ids[start:end].numpy(), cls[start:end].numpy()
-                score.update(truth[0], got.instance.numpy(), truth[1], got.instance_class.numpy())
-                start = end
+            score_events(score, x["instances"][t], batch, t, seg.detector.stuff_class, seg.postprocess)
     return cm.matrix, counts, scores
 
 
@@ -326,7 +334,7 @@ def predict_dataset(
 ) -> dict:
     """Predict every event of `data` into `out` (see the module doc); returns the manifest written."""
     t0 = time.perf_counter()
-    manifest, _ = _checked(model, data)
+    manifest, record = _checked(model, data)
     shards = manifest.shards
     limits = [None] * len(shards)
     pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
@@ -346,7 +354,7 @@ def predict_dataset(
     if missing:
         raise RuntimeError(f"predict: no complete predictions for {missing} (got {dict(got)} rows)")
     for i in pending:  # empty shards: an empty file each, so that the output mirrors the input
-        files[i] = _write_preds(out, i, predict_chunk_empty())
+        files[i] = _write_preds(out, i, predict_chunk_empty(tuple(record.instances or ())))
     info = {
         "model": model.uri,
         "data": data.uri,
@@ -371,14 +379,8 @@ def split_chunks(res: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
         yield int(tags[a, 0]), int(tags[a, 1]), res.slice(a, b - a).drop_columns([_SHARD, _ROW])
 
 
-def predict_chunk_empty() -> pa.Table:
-    return pa.table(
-        {
-            "event_id": pa.array([], pa.int64()),
-            "num_points": pa.array([], pa.int32()),
-            "pred": pa.array([], pa.list_(pa.int8())),
-        }
-    )
+def predict_chunk_empty(instance_tasks=()) -> pa.Table:
+    return preds_schema(instance_tasks).empty_table()
 
 
 def _write_preds(out: Location, i: int, table: pa.Table) -> dict:

@@ -101,3 +101,15 @@ def instance_labels(batch: dict, task: str, stuff_class: int | None) -> tuple[to
 
 def instance_classes(detector, task: str) -> list[str]:
     return list(detector.labels["pid"].classes) if task == "particle" else ["interaction"]
+
+
+def score_events(scores, outs: list[dict], batch: dict, task: str, stuff_class: int | None, cfg=None) -> None:
+    """Add each event of a packed batch to `scores` (an InstanceScores): the instances post-processed from the head's
+    last layer (`outs`, one per event, as the model returns them) against the batch's true instances of `task`."""
+    ids, cls, _ = instance_labels(batch, task, stuff_class)
+    ends = batch["offset"].tolist()
+    for out, start, end in zip(outs, [0, *ends[:-1]], ends, strict=True):
+        last = out["layers"][-1]
+        got = postprocess(last["class"].cpu(), last["mask"].cpu(), out["stuff"].cpu(), cfg)
+        truth_ids, truth_cls = ids[start:end].cpu().numpy(), cls[start:end].cpu().numpy()
+        scores.update(truth_ids, got.instance.numpy(), truth_cls, got.instance_class.numpy())

@@ -15,4 +15,4 @@ def run_sweep(spec, log=print) -> dict:
     from raysvc.sweep.label_efficiency import run_finetune_sweep, table_md
 
     summary = run_finetune_sweep(spec, log)
-    return summary | {"table_md": table_md(summary["table"], summary["failed"])}
+    return summary | {"table_md": table_md(summary["table"], summary["failed"], summary["columns"])}

@@ -100,17 +100,39 @@ class CNMSSweep(SweepBase):
 
 
 class FinetuneSweep(SweepBase):
-    """Label fraction x fine-tuning mode, each trial a Ray Train fine-tuning run of `job` from the backbone `init`,
-    scored on `job`'s validation events (the same for every trial)."""
+    """Label fraction x fine-tuning mode (x training seed), each trial a Ray Train fine-tuning run of `job` (any
+    fine-tuning task: segmentation, panoptic) from the backbone `init`, scored on `job`'s validation events (the same
+    for every trial)."""
 
     kind: Literal["finetune"]
-    metric: str = Field("miou", description="validation metric of the table's cells (from metrics.compute)")
+    metric: str = Field(
+        "miou",
+        description="validation metric of the mode x events table: a key of the run's summary `val`, dotted "
+        "for nested ones (segmentation: miou; panoptic: particle.pq, semantic.miou, ...)",
+    )
+    columns: list[str] = Field(
+        default_factory=list,
+        description="more validation metrics (dotted keys of `val`) for the results table: one row per mode x "
+        "labelled events, one column per metric, mean and standard deviation over the seeds",
+    )
+    seeds: list[int] | None = Field(
+        None,
+        description="training seeds (train.seed) per mode x events cell, each its own trial; null: one trial "
+        "per cell with the job's seed",
+    )
     job: str = Field(description="fine-tuning job YAML every trial starts from")
     set: list[str] = Field(default_factory=list, description="key=value overrides of `job` for every trial")
     init: str = Field(description="exported pretrained backbone (raysvc pretrain's run directory)")
     events: list[int | None] = Field(description="labelled training events per trial; null = all of them")
     modes: list[Literal["lin", "dec", "fft", "scratch"]]
     subset_seed: int = Field(0, description="seed of the nested label subsets (same seed, same events)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {v}")
+        return v
 
 
 SweepSpec = CNMSSweep | FinetuneSweep

@@ -20,15 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.instance_metrics import InstanceScores
-from raysvc.inference.instances import PostprocessConfig, instance_classes, instance_labels, postprocess
+from raysvc.inference.instances import PostprocessConfig, instance_classes, instance_labels, score_events
 from raysvc.inference.metrics import ConfusionMatrix, compute
-from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, save_export
+from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights
 from raysvc.models.mask_decoder import MaskDecoderConfig
 from raysvc.models.panoptic import PanopticModel
-from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import augment_coords
 from raysvc.train.instance_loss import InstanceLossConfig, instance_loss
-from raysvc.train.plots import curves_png
 from raysvc.train.tasks.base import WorkerContext
 from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, validation_batches
 from raysvc.train.worker import autocast
@@ -83,17 +81,7 @@ def evaluate(model, batches: list[dict], cfg: PanopticConfig, device, world: int
             sem, inst = model(x, batch["offset"].to(device))
         cm.update(sem.argmax(1), x["labels"])
         for t, outs in inst.items():
-            ids, cls, _ = instance_labels(batch, t, detector.stuff_class)
-            start = 0
-            for out, end in zip(outs, batch["offset"].tolist(), strict=True):
-                last = out["layers"][-1]
-                got = postprocess(
-                    last["class"].cpu(), last["mask"].cpu(), out["stuff"].cpu(), cfg.instances.postprocess
-                )
-                scores[t].update(
-                    ids[start:end].numpy(), got.instance.numpy(), cls[start:end].numpy(), got.instance_class.numpy()
-                )
-                start = end
+            score_events(scores[t], outs, batch, t, detector.stuff_class, cfg.instances.postprocess)
     if world > 1:
         cm.all_reduce_()
         gathered: list = [None] * world
@@ -118,38 +106,23 @@ class PanopticTask(SegmentationTask):
         return inputs
 
     @classmethod
-    def finish(cls, cfg: PanopticConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
+    def export_record(cls, cfg: PanopticConfig, state: dict, inputs: dict) -> ExportedModel:
         from raysvc.data.detectors import get_detector
 
-        history = state["history"]
-        names = inputs["class_names"]
         detector = get_detector(inputs["detector"])
-        record = ExportedModel(
-            kind="panoptic",
-            method=cls.name,
-            detector=inputs["detector"],
-            model=ModelSpec(**cfg.model.model_dump()),
-            class_names=names,
-            preprocess=cfg.data.preprocess,
-            step=state["step"],
-            instances={
-                t: {"classes": instance_classes(detector, t), "decoder": getattr(cfg.instances, t).model_dump()}
-                for t in cfg.instances.tasks
-            },
-            postprocess=cfg.instances.postprocess.model_dump(),
+        instances = {
+            t: {"classes": instance_classes(detector, t), "decoder": getattr(cfg.instances, t).model_dump()}
+            for t in cfg.instances.tasks
+        }
+        seg = super().export_record(cfg, state, inputs)
+        return ExportedModel.model_validate(
+            seg.model_dump()
+            | {"kind": "panoptic", "instances": instances, "postprocess": cfg.instances.postprocess.model_dump()}
         )
-        save_export(run_loc, state["model"], record)
-        curves = {
-            "train": history["train"],
-            "val": [{**r, "metrics": r["metrics"]["semantic"]} for r in history["val"]],
-        }
-        write_bytes_atomic(run_loc.join("curves.png"), curves_png(curves, f"{cfg.run.name}: panoptic {cfg.model.mode}"))
-        last = history["val"][-1]["metrics"] if history["val"] else None
-        return {
-            "val": last,
-            "class_counts": dict(zip(names, inputs["class_counts"], strict=True)),
-            "class_weights": inputs["class_weights"],
-        }
+
+    @classmethod
+    def curve_history(cls, history: dict) -> dict:
+        return {"train": history["train"], "val": [{**r, "metrics": r["metrics"]["semantic"]} for r in history["val"]]}
 
     encoder_prefix = "seg.backbone."
 

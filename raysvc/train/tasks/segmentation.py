@@ -261,23 +261,32 @@ class SegmentationTask(Task):
     def finish(cls, cfg: FinetuneConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
         names = inputs["class_names"]
-        record = ExportedModel(
-            kind="segmenter",
-            method=cls.name,
-            detector=inputs["detector"],
-            model=ModelSpec(**cfg.model.model_dump()),
-            class_names=names,
-            preprocess=cfg.data.preprocess,
-            step=state["step"],
-        )
-        save_export(run_loc, state["model"], record)
-        png = curves_png(history, f"{cfg.run.name}: {cfg.model.size} {cfg.model.mode}")
+        save_export(run_loc, state["model"], cls.export_record(cfg, state, inputs))
+        png = curves_png(cls.curve_history(history), f"{cfg.run.name}: {cls.name} {cfg.model.size} {cfg.model.mode}")
         write_bytes_atomic(run_loc.join("curves.png"), png)
         return {
             "val": history["val"][-1]["metrics"] if history["val"] else None,
             "class_counts": dict(zip(names, inputs["class_counts"], strict=True)),
             "class_weights": inputs["class_weights"],
         }
+
+    @classmethod
+    def export_record(cls, cfg: FinetuneConfig, state: dict, inputs: dict) -> ExportedModel:
+        """What the export's config.json says of the model: a segmenter (a task with more heads adds to it)."""
+        return ExportedModel(
+            kind="segmenter",
+            method=cls.name,
+            detector=inputs["detector"],
+            model=ModelSpec(**cfg.model.model_dump()),
+            class_names=inputs["class_names"],
+            preprocess=cfg.data.preprocess,
+            step=state["step"],
+        )
+
+    @classmethod
+    def curve_history(cls, history: dict) -> dict:
+        """The history `curves.png` draws: train losses and the validation metrics of metrics.compute."""
+        return history
 
     def __init__(self, cfg: FinetuneConfig, ctx: WorkerContext):
         import ray.train.torch
