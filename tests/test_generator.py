@@ -15,7 +15,11 @@ def test_event_is_a_pure_function_of_seed_and_index():
     cfg = GeneratorConfig()
     a, b = generate_event(cfg, 7, 12), generate_event(cfg, 7, 12)
     for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+        if k == "particles":
+            for f in a[k]:
+                np.testing.assert_array_equal(a[k][f], b[k][f])
+        else:
+            np.testing.assert_array_equal(a[k], b[k])
     c = generate_event(cfg, 8, 12)
     assert len(c["energy"]) != len(a["energy"]) or not np.array_equal(c["coord"], a["coord"])
 
@@ -130,3 +134,52 @@ def test_dataset_names_its_detector(synthetic_dataset):
         assert set(t.column("detector").to_pylist()) == {LARTPC.name}
     assert generator.LED == LARTPC.stuff_class and LARTPC.class_names[generator.MICHEL] == "michel"
     assert LARTPC.labels["pid"].classes[generator.PID["muon"]] == "muon"
+
+
+def test_particles_truth_matches_the_points_it_describes(synthetic_dataset):
+    """Every particle with points has one truth row; its pid and interaction are those of its points; it starts at its
+    vertex (its nearest voxel within ~2 voxels when the vertex is inside); a track's first points lie along its
+    direction; |p| and the rest mass give a kinetic energy in the generator's ranges."""
+    import pyarrow as pa
+
+    t = pa.concat_tables([t for _, t in iter_tables(synthetic_dataset, load_manifest(synthetic_dataset))])
+    cfg = GeneratorConfig()
+    names = ["photon", "electron", "muon", "pion", "proton"]
+    aligned = tracks = 0
+    for ev in t.to_pylist():
+        part, pid, inter = (np.array(ev[k]) for k in ("particle", "pid", "interaction"))
+        xyz = np.array(ev["coord"]) + 0.5  # voxel centres
+        truth = ev["particles"]
+        assert [p["id"] for p in truth] == sorted(set(part[part >= 0].tolist()))
+        for p in truth:
+            mine = part == p["id"]
+            assert set(pid[mine]) == {p["pid"]} and set(inter[mine]) == {p["interaction"]}
+            name = names[p["pid"]]
+            assert p["mass"] == pytest.approx(MASS.get(name, 0.0), rel=1e-6)
+            ke = np.sqrt(p["momentum"] ** 2 + p["mass"] ** 2) - p["mass"]  # T = E - m
+            if p["primary"] == 1:  # drawn from its species' range (or the crossing muons')
+                ranges = [cfg.kinetic_mev[name]] + ([cfg.kinetic_mev["crossing_muon"]] if name == "muon" else [])
+                assert any(r.low * (1 - 1e-3) <= ke <= r.high * (1 + 1e-3) for r in ranges), (name, ke)
+            v, d = np.array(p["vertex"]), np.array(p["direction"])
+            assert np.linalg.norm(d) == pytest.approx(1.0, abs=1e-5)
+            dist = np.linalg.norm(xyz[mine] - v, axis=1)
+            # photons convert after a gap; a secondary's first voxels may carry the larger deposit of its parent
+            if name != "photon" and p["primary"] == 1 and np.all((v >= 1) & (v < 767)):
+                assert dist.min() < 4, (ev["event_id"], p)
+            if name in ("muon", "proton") and p["primary"] == 1 and mine.sum() >= 20 and dist.min() < 2.5:
+                tracks += 1
+                near = xyz[mine][dist < 8]
+                aligned += float(np.dot((near - v).mean(0), d) / np.linalg.norm((near - v).mean(0))) > 0.8
+    assert tracks >= 20 and aligned / tracks > 0.9, (aligned, tracks)
+
+
+def test_momentum_is_the_relativistic_momentum_of_the_kinetic_energy():
+    ev = _Event(GeneratorConfig(), np.random.default_rng(0))
+    for pid_name, ke in (("muon", 100.0), ("proton", 50.0), ("photon", 300.0)):
+        i = ev.new_particle()
+        ev.record(i, pid_name, 0, np.array([3.0, 6.0, 9.0]), np.array([0.0, 0.0, 1.0]), ke, True)
+    got = ev.particles(np.arange(3))
+    m = np.array([105.658, 938.272, 0.0])
+    e = np.array([100.0, 50.0, 300.0]) + m
+    np.testing.assert_allclose(got["momentum"], np.sqrt(e**2 - m**2), rtol=1e-6)  # p^2 = E^2 - m^2
+    np.testing.assert_allclose(got["vertex"][0], np.array([3.0, 6.0, 9.0]) / GeneratorConfig().voxel_cm, rtol=1e-6)

@@ -25,7 +25,7 @@ def _fake_events(rng, n_events):
                 (
                     size,
                     c,
-                    -1 if c == 0 else c // 2,
+                    -1 if c == 0 else c + c % 2,  # groups {1, 2}, {3, 4}, ...: the leading cluster is not first
                     -1 if c == 0 else int(rng.integers(0, 3)),
                     sem,
                     -1 if c == 0 else int(rng.integers(0, 5)),
@@ -40,7 +40,26 @@ def _fake_events(rng, n_events):
     return out
 
 
-def write_h5(path, events, revision):
+def _extras(events, revision, seed=0):
+    """Per event, one cluster_extra row per cluster: [mass MeV, |p| GeV, vx, vy, vz(, is_primary)], some -1."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for clusters, _ in events:
+        e = np.column_stack(
+            [
+                rng.choice([0.511, 105.66, 938.27], len(clusters)),
+                rng.uniform(0.01, 2.0, len(clusters)),
+                rng.uniform(0, 768, (len(clusters), 3)),
+            ]
+        )
+        e[rng.random(len(clusters)) < 0.3, 1] = -1.0  # momentum not set
+        if revision == "v3":
+            e = np.column_stack([e, rng.integers(0, 2, len(clusters))])
+        out.append(e.astype(np.float32))
+    return out
+
+
+def write_h5(path, events, revision, extras=None):
     """Write variable-length datasets, one entry per event, as PILArNet-M stores them."""
     ncol = 5 if revision == "v1" else 6
     with h5py.File(path, "w") as f:
@@ -55,7 +74,11 @@ def write_h5(path, events, revision):
             arr = np.array([c[:ncol] if ncol == 6 else c[:5] for c in clusters], np.int64)
             cluster[i] = arr.reshape(-1)
             if extra is not None:
-                extra[i] = np.zeros(len(clusters) * (5 if revision == "v2" else 6), np.float32)
+                extra[i] = (
+                    extras[i].reshape(-1)
+                    if extras is not None
+                    else np.zeros(len(clusters) * (5 if revision == "v2" else 6), np.float32)
+                )
 
 
 @pytest.mark.parametrize("revision", ["v1", "v2", "v3"])
@@ -92,6 +115,34 @@ def test_convert_matches_written_labels(tmp_path, revision):
     assert load_manifest(out).detector == "lartpc" and set(table.column("detector").to_pylist()) == {"lartpc"}
 
 
+@pytest.mark.parametrize("revision", ["v2", "v3"])
+def test_cluster_extra_becomes_the_particles_truth_of_each_group(tmp_path, revision):
+    events = _fake_events(np.random.default_rng(5), 4)
+    extras = _extras(events, revision)
+    write_h5(tmp_path / "a.h5", events, revision, extras)
+    out = resolve(str(tmp_path / "out"))
+    m = convert(str(tmp_path / "a.h5"), out, shard_events=4, show_progress=False)
+    table = pa.concat_tables([t for _, t in iter_tables(out, m)])
+    for (clusters, _), extra, got in zip(events, extras, table.column("particles").to_pylist(), strict=True):
+        want = {}
+        for c, (size, cid, group, inter, _, pid) in enumerate(clusters):  # longhand: a group's own cluster wins
+            if group < 0 or size == 0 or (group in want and want[group][0] == group):
+                continue
+            if group not in want or cid == group:
+                want[group] = (cid, inter, pid, extra[c])
+        assert [p["id"] for p in got] == sorted(want)
+        for p in got:
+            _, inter, pid, row = want[p["id"]]
+            assert (p["interaction"], p["pid"]) == (inter, pid)
+            assert p["mass"] == pytest.approx(row[0])
+            if row[1] < 0:
+                assert np.isnan(p["momentum"])  # the -1 sentinel is unknown, not a momentum
+            else:
+                assert p["momentum"] == pytest.approx(row[1] * 1000, rel=1e-6)  # GeV -> MeV
+            assert p["vertex"] == pytest.approx(row[2:5].tolist()) and all(np.isnan(p["direction"]))
+            assert p["primary"] == (int(row[5]) if revision == "v3" else -1)
+
+
 def test_unknown_layouts_named(tmp_path):
     p = tmp_path / "x.h5"
     with h5py.File(p, "w") as f:
@@ -106,6 +157,12 @@ def test_unknown_layouts_named(tmp_path):
         for i in range(2):
             e[i] = np.zeros(len(f["cluster"][i]) // 6 * 7, np.float32)
     with pytest.raises(EventDataError, match="cluster_extra has 7 columns"):
+        list(iter_file(str(p)))
+    # v3 read right for event 0, but event 1 has one cluster_extra row too few
+    write_h5(p, _fake_events(rng, 2), "v3")
+    with h5py.File(p, "a") as f:
+        f["cluster_extra"][1] = np.zeros((len(f["cluster"][1]) // 6 - 1) * 6, np.float32)
+    with pytest.raises(EventDataError, match=r"x.h5, row 1, field 'cluster_extra'.*expected 6 per cluster \(v3\)"):
         list(iter_file(str(p)))
 
 

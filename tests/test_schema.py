@@ -123,3 +123,57 @@ def test_detector_column_checked_and_limits_from_the_detector():
     assert [(p.row, p.field, p.kind) for p in probs] == [(3, "coord", "outside")]
     probs = find_problems(table_from_events(events, source="t"))
     assert [(p.row, p.field, p.kind) for p in probs] == [(1, "semantic", "label")]
+
+
+def _truth(k: int, rng) -> dict:
+    d = rng.normal(size=(k, 3))
+    return {
+        "id": np.arange(k),
+        "interaction": np.zeros(k),
+        "pid": rng.integers(0, 5, k),
+        "mass": rng.uniform(0, 1000, k),
+        "momentum": rng.uniform(0, 2000, k),
+        "direction": d / np.linalg.norm(d, axis=1, keepdims=True),
+        "vertex": rng.uniform(0, 768, (k, 3)),
+        "primary": rng.integers(0, 2, k),
+    }
+
+
+def test_particles_truth_round_trips_through_a_shard_and_old_shards_read_as_null(tmp_path):
+    from raysvc.data.shards import read_shard, write_shard
+    from raysvc.storage import resolve
+
+    rng = np.random.default_rng(0)
+    events = [make_event(i, 20, rng) for i in range(3)]
+    events[1]["particles"] = _truth(4, rng)
+    root = resolve(str(tmp_path))
+    rec = write_shard(root, "s.parquet", table_from_events(events, "mem"))
+    got = read_shard(root, rec).column("particles").to_pylist()
+    assert got[0] is None and got[2] is None and len(got[1]) == 4
+    for f, want in events[1]["particles"].items():
+        np.testing.assert_allclose(np.array([p[f] for p in got[1]], float), np.asarray(want, float), rtol=1e-6)
+    # a table of the columns before `particles` existed is written (and read back) with a null column
+    old = table_from_events(events[:1], "mem").drop_columns(["particles"])
+    rec = write_shard(root, "old.parquet", old)
+    assert read_shard(root, rec).column("particles").to_pylist() == [None]
+
+
+@pytest.mark.parametrize("field", ["momentum", "mass", "direction"])
+def test_bad_particle_truth_is_named(field):
+    rng = np.random.default_rng(1)
+    events = [make_event(i, 20, rng) for i in range(3)]
+    for ev in events:
+        ev["particles"] = _truth(3, rng)
+    if field == "direction":
+        events[2]["particles"]["direction"][1] = [0.5, 0.5, 0.0]
+    else:
+        events[2]["particles"][field][0] = -1.0
+    with pytest.raises(EventDataError, match=rf"row 2, event_id 2, field 'particles': particle {field}"):
+        validate_table(table_from_events(events, "mem"), "mem")
+    events[2]["particles"]["momentum"][:] = np.nan  # unknown is allowed
+    events[2]["particles"]["direction"][:] = np.nan
+    events[2]["particles"]["mass"][:] = np.nan
+    validate_table(table_from_events(events, "mem"), "mem")
+    del events[0]["particles"]["vertex"]
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['vertex'\]"):
+        table_from_events(events, "mem")

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysvc.data.detectors import LARTPC
+from raysvc.data.physics import K_BETHE, ME, deflect, isotropic, perp_basis, range_table
 
 DETECTOR = LARTPC  # the detector these events are written for: its geometry, label ids and `detector` column
 
@@ -35,8 +36,6 @@ X0_CM = 14.0  # radiation length
 RHO = 1.396  # g/cm^3
 Z_OVER_A = 18.0 / 39.948
 I_MEV = 188e-6  # mean excitation energy
-K_BETHE = 0.307075  # MeV cm^2 / mol
-ME = 0.51099895
 MASS = {"muon": 105.658, "pion": 139.570, "proton": 938.272, "electron": ME}
 # Label ids from the detector's label spaces, by name: a renamed or reordered class fails here, not in a model.
 PID = {name: DETECTOR.labels["pid"].classes.index(name) for name in ("photon", "electron", "muon", "pion", "proton")}
@@ -92,38 +91,7 @@ class GeneratorConfig(BaseModel):
 @functools.lru_cache(maxsize=8)
 def _range_table(mass: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T grid, dE/dx(T), CSDA range R(T)) for a particle of this mass in LAr (Bethe-Bloch, capped at low T)."""
-    t = np.geomspace(0.05, 2e5, 4000)
-    gamma = 1.0 + t / mass
-    beta2 = 1.0 - 1.0 / gamma**2
-    bg2 = beta2 * gamma**2
-    ratio = ME / mass
-    wmax = 2 * ME * bg2 / (1 + 2 * gamma * ratio + ratio**2)
-    dedx = K_BETHE * Z_OVER_A * RHO / beta2 * (0.5 * np.log(2 * ME * bg2 * wmax / I_MEV**2) - beta2)
-    dedx = np.clip(np.where(np.isfinite(dedx) & (dedx > 0), dedx, 60.0), 1.6, 60.0)
-    # monotone below the Bethe peak: below it the formula fails, keep the peak value
-    peak = int(np.argmax(dedx))
-    dedx[:peak] = dedx[peak]
-    r = np.concatenate([[0.0], np.cumsum(np.diff(t) / (0.5 * (dedx[1:] + dedx[:-1])))])
-    return t, dedx, r
-
-
-def _perp_basis(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a = np.array([1.0, 0.0, 0.0]) if abs(d[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    u = np.cross(d, a)
-    u /= np.linalg.norm(u)
-    return u, np.cross(d, u)
-
-
-def _isotropic(rng: np.random.Generator) -> np.ndarray:
-    v = rng.normal(size=3)
-    return v / np.linalg.norm(v)
-
-
-def _deflect(rng: np.random.Generator, d: np.ndarray, theta: float) -> np.ndarray:
-    u, v = _perp_basis(d)
-    phi = rng.uniform(0, 2 * math.pi)
-    out = math.cos(theta) * d + math.sin(theta) * (math.cos(phi) * u + math.sin(phi) * v)
-    return out / np.linalg.norm(out)
+    return range_table(mass, Z_OVER_A, RHO, I_MEV, 1.6, 60.0)
 
 
 class _Event:
@@ -138,10 +106,17 @@ class _Event:
         self.labels: list[np.ndarray] = []
         self.next_particle = 0
         self.next_fragment = 0
+        self.truth: dict[int, tuple] = {}  # particle id -> (interaction, species, start, direction, kinetic, primary)
 
     def new_particle(self) -> int:
         self.next_particle += 1
         return self.next_particle - 1
+
+    def record(
+        self, particle: int, species: str, interaction: int, start: np.ndarray, d: np.ndarray, ke: float, primary: bool
+    ) -> None:
+        """The truth of a particle as it starts (no random draw here: the events stay those of earlier versions)."""
+        self.truth[particle] = (interaction, species, np.array(start, float), np.array(d, float), float(ke), primary)
 
     def new_fragment(self) -> int:
         self.next_fragment += 1
@@ -188,7 +163,7 @@ class _Event:
         x = (travel / n) / X0_CM
         theta0 = 13.6 / np.maximum(beta * p, 1e-3) * math.sqrt(x) * (1 + 0.038 * math.log(x))
         theta0 = np.minimum(theta0, 0.6)
-        u, v = _perp_basis(d)
+        u, v = perp_basis(d)
         kicks = self.rng.normal(size=(n, 2)) * theta0[:, None]
         bend = np.cumsum(kicks, axis=0)
         dirs = d[None, :] + bend[:, :1] * u[None, :] + bend[:, 1:] * v[None, :]
@@ -205,10 +180,12 @@ class _Event:
         interaction: int,
         particle: int | None = None,
         semantic: int = TRACK,
+        primary: bool = True,
     ) -> None:
         """A muon, pion or proton: track + delta rays, and the decay / capture products if it stops inside."""
         mass = MASS[species]
         particle = self.new_particle() if particle is None else particle
+        self.record(particle, species, interaction, start, d, ke, primary)
         pos, edep, t_at, d_end = self.step_charged(start, d, ke, mass)
         self.deposit(pos, edep, semantic, PID[species], particle, interaction, self.new_fragment())
         self.delta_rays(pos, t_at, mass, d, interaction)
@@ -220,11 +197,11 @@ class _Event:
             self.michel(end, interaction)
         elif species == "pion":
             if rng.random() < self.cfg.pion_decay_probability:
-                mu_d = _isotropic(rng)
-                self.track(end, mu_d, 4.12, "muon", interaction)  # pi -> mu nu at rest: 4.12 MeV muon
+                mu_d = isotropic(rng)
+                self.track(end, mu_d, 4.12, "muon", interaction, primary=False)  # pi -> mu nu at rest: 4.12 MeV
             else:
                 for _ in range(rng.integers(0, 3)):
-                    self.track(end, _isotropic(rng), rng.uniform(10, 60), "proton", interaction)
+                    self.track(end, isotropic(rng), rng.uniform(10, 60), "proton", interaction, primary=False)
 
     def delta_rays(self, pos: np.ndarray, t_at: np.ndarray, mass: float, d: np.ndarray, interaction: int) -> None:
         """Knock-on electrons above the threshold along a track (Bethe's 1/T^2 rate, forward-peaked angle)."""
@@ -245,17 +222,19 @@ class _Event:
             u = self.rng.random()
             t = 1.0 / (1 / tmin - u * (1 / tmin - 1 / wmax[i]))
             cos_t = min(math.sqrt(t / (t + 2 * ME) * (wmax[i] + 2 * ME) / wmax[i]), 1.0)
-            de = _deflect(self.rng, d, math.acos(cos_t))
-            self.em_cascade("electron", pos[i], de, t, interaction, self.new_particle(), DELTA)
+            de = deflect(self.rng, d, math.acos(cos_t))
+            particle = self.new_particle()
+            self.record(particle, "electron", interaction, pos[i], de, t, primary=False)
+            self.em_cascade("electron", pos[i], de, t, interaction, particle, DELTA)
 
     def michel(self, where: np.ndarray, interaction: int) -> None:
         while True:  # rejection sample x^2 (3 - 2x) on [0, 1]
             x, y = self.rng.random(), self.rng.random()
             if y <= x * x * (3 - 2 * x):
                 break
-        self.em_cascade(
-            "electron", where, _isotropic(self.rng), max(x * MICHEL_EMAX, 1.0), interaction, self.new_particle(), MICHEL
-        )
+        d, ke, particle = isotropic(self.rng), max(x * MICHEL_EMAX, 1.0), self.new_particle()
+        self.record(particle, "electron", interaction, where, d, ke, primary=False)
+        self.em_cascade("electron", where, d, ke, interaction, particle, MICHEL)
 
     # --- electromagnetic showers ------------------------------------------------------------------------------
     def em_cascade(
@@ -285,9 +264,9 @@ class _Event:
                 if e > cfg.pair_threshold_mev:  # pair conversion after a gap
                     p1 = p0 + d0 * rng.exponential(9.0 / 7.0 * X0_CM)
                     f = rng.uniform(0.1, 0.9)
-                    d_a = _deflect(rng, d0, rng.exponential(ME / e))
+                    d_a = deflect(rng, d0, rng.exponential(ME / e))
                     stack.append(("electron", p1, d_a, f * e, self.new_fragment()))
-                    d_b = _deflect(rng, d0, rng.exponential(ME / e))
+                    d_b = deflect(rng, d0, rng.exponential(ME / e))
                     stack.append(("electron", p1, d_b, (1 - f) * e, self.new_fragment()))
                 else:  # Compton scatter: a recoil electron, the photon goes on softer
                     p1 = p0 + d0 * rng.exponential(25.0)
@@ -295,8 +274,8 @@ class _Event:
                     if te < cfg.led_max_mev:
                         self.blip(p1, te, interaction)
                     else:
-                        stack.append(("electron", p1, _deflect(rng, d0, rng.uniform(0, 0.8)), te, self.new_fragment()))
-                    stack.append(("photon", p1, _deflect(rng, d0, rng.uniform(0.3, 2.0)), e - te, fr))
+                        stack.append(("electron", p1, deflect(rng, d0, rng.uniform(0, 0.8)), te, self.new_fragment()))
+                    stack.append(("photon", p1, deflect(rng, d0, rng.uniform(0.3, 2.0)), e - te, fr))
                 continue
             # electron: ionise until the next bremsstrahlung emission, or to the end of its range
             if e > cfg.critical_mev:
@@ -310,7 +289,7 @@ class _Event:
                     continue
                 y = math.exp(rng.uniform(math.log(0.01), 0.0))  # photon fraction, log-uniform
                 k_gamma = y * e_left
-                stack.append(("photon", pos[-1], _deflect(rng, d1, rng.exponential(ME / e_left)), k_gamma, fr))
+                stack.append(("photon", pos[-1], deflect(rng, d1, rng.exponential(ME / e_left)), k_gamma, fr))
                 stack.append(("electron", pos[-1], d1, e_left - k_gamma, fr))
             else:
                 pos, edep, _, _ = self.step_charged(p0, d0, e, ME)
@@ -320,20 +299,22 @@ class _Event:
             if not soft_origins:
                 break
             origin = soft_origins[rng.integers(len(soft_origins))]
-            p1 = origin + _isotropic(rng) * rng.exponential(25.0)
+            p1 = origin + isotropic(rng) * rng.exponential(25.0)
             if self.inside(p1):
                 self.blip(p1, rng.uniform(0.3, cfg.led_max_mev), interaction)
 
     def blip(self, where: np.ndarray, energy: float, interaction: int) -> None:
         """A low-energy deposition: a short, strongly scattered electron labelled LED (no particle / fragment)."""
-        pos, edep, _, _ = self.step_charged(where, _isotropic(self.rng), energy, ME)
+        pos, edep, _, _ = self.step_charged(where, isotropic(self.rng), energy, ME)
         self.deposit(pos, edep, LED, -1, -1, -1, -1)
 
     # --- event assembly ---------------------------------------------------------------------------------------
     def primary(self, species: str, vertex: np.ndarray, ke: float, interaction: int) -> None:
-        d = _isotropic(self.rng)
+        d = isotropic(self.rng)
         if species in ("electron", "photon"):
-            self.em_cascade(species, vertex, d, ke, interaction, self.new_particle())
+            particle = self.new_particle()
+            self.record(particle, species, interaction, vertex, d, ke, primary=True)
+            self.em_cascade(species, vertex, d, ke, interaction, particle)
         else:
             self.track(vertex, d, ke, species, interaction)
 
@@ -342,7 +323,7 @@ class _Event:
         axis = rng.integers(3)
         start = rng.uniform(0, self.size_cm, size=3)
         start[axis] = 0.0 if rng.random() < 0.5 else self.size_cm - 1e-3
-        d = _isotropic(rng)
+        d = isotropic(rng)
         inward = 1.0 if start[axis] == 0.0 else -1.0
         d[axis] = inward * abs(d[axis]) + inward * 0.3
         self.track(start, d / np.linalg.norm(d), ke, "muon", interaction)
@@ -376,6 +357,24 @@ class _Event:
             "particle": lab[:, 2],
             "interaction": lab[:, 3],
             "fragment": lab[:, 4],
+            "particles": self.particles(np.unique(lab[:, 2][lab[:, 2] >= 0])),
+        }
+
+    def particles(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The `particles` truth of the particles that kept at least one voxel: |p| = sqrt(T^2 + 2 T m) from the
+        kinetic energy T it started with, its start point in voxel units (the frame of `coord`), its direction."""
+        rows = [self.truth[int(i)] for i in ids]
+        mass = np.array([MASS.get(r[1], 0.0) for r in rows])  # photons: 0
+        ke = np.array([r[4] for r in rows])
+        return {
+            "id": ids.astype(np.int32),
+            "interaction": np.array([r[0] for r in rows], np.int32),
+            "pid": np.array([PID[r[1]] for r in rows], np.int8),
+            "mass": mass.astype(np.float32),
+            "momentum": np.sqrt(ke**2 + 2 * ke * mass).astype(np.float32),
+            "direction": np.array([r[3] for r in rows], np.float32).reshape(-1, 3),
+            "vertex": (np.array([r[2] for r in rows]).reshape(-1, 3) / self.cfg.voxel_cm).astype(np.float32),
+            "primary": np.array([int(r[5]) for r in rows], np.int8),
         }
 
 

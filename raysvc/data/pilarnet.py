@@ -7,6 +7,9 @@ Layout (one file, many events; every dataset is variable-length, one entry per e
   v1: 5 columns [size, fragment_id, group_id, interaction_id, semantic];
   v2/v3: 6 columns [size, cluster_id, group_id, interaction_id, semantic, pid].
 - `cluster_extra` (v2: 5 columns, v3: 6 columns) is present only from v2 on: its presence and width tell the revision.
+  One row per cluster: v2 [mass MeV, |p| GeV, vertex x, y, z]; v3 the same and is_primary. The converter carries it
+  into the `particles` column: one particle per group (the `particle` id), its truth from the group's leading
+  cluster (cluster_id == group_id, else the group's first), |p| in MeV, -1 sentinels as NaN, no direction (not stored).
 Event ids of the converted dataset run over the files in sorted order; `source` keeps `file#index`.
 """
 
@@ -28,6 +31,7 @@ from raysvc.storage import Location
 DETECTOR = LARTPC  # PILArNet-M is LArTPC data: the converted events, and their manifest, name it
 CLUSTER_COLUMNS = {"v1": 5, "v2": 6, "v3": 6}
 EXTRA_COLUMNS = {5: "v2", 6: "v3"}
+EXTRA_WIDTH = {rev: width for width, rev in EXTRA_COLUMNS.items()}
 
 
 def detect_revision(f: h5py.File, path: str) -> str:
@@ -62,6 +66,7 @@ def read_event(f: h5py.File, i: int, revision: str, path: str) -> dict[str, np.n
     try:
         point = np.asarray(f["point"][i], dtype=np.float32)
         cluster = np.asarray(f["cluster"][i])
+        extra = np.asarray(f["cluster_extra"][i], dtype=np.float64) if revision in EXTRA_WIDTH else None
     except (OSError, ValueError, KeyError) as e:
         raise EventDataError(path, f"cannot read event ({e}); truncated or damaged file", row=i, kind="corrupt") from e
     if point.size % 8:
@@ -87,7 +92,7 @@ def read_event(f: h5py.File, i: int, revision: str, path: str) -> dict[str, np.n
         )
     rep = lambda c: np.repeat(cluster[:, c], sizes)  # noqa: E731
     pid = rep(5) if ncol == 6 else np.full(len(point), -1)
-    return {
+    event = {
         "coord": point[:, :3],
         "energy": point[:, 3],
         "fragment": rep(1).astype(np.int32),
@@ -95,6 +100,46 @@ def read_event(f: h5py.File, i: int, revision: str, path: str) -> dict[str, np.n
         "interaction": rep(3).astype(np.int32),
         "semantic": rep(4).astype(np.int8),
         "pid": pid.astype(np.int8),
+    }
+    if extra is not None:
+        width = EXTRA_WIDTH[revision]
+        if extra.size != len(cluster) * width:
+            raise EventDataError(
+                path,
+                f"{extra.size} values for {len(cluster)} clusters, expected {width} per cluster ({revision})",
+                row=i,
+                field="cluster_extra",
+                kind="layout",
+            )
+        event["particles"] = group_truth(cluster, extra.reshape(-1, width))
+    return event
+
+
+def group_truth(cluster: np.ndarray, extra: np.ndarray) -> dict[str, np.ndarray]:
+    """The `particles` truth of one event: per group id >= 0 with points, the row of its leading cluster
+    (cluster_id == group_id, else its first cluster) of `cluster` [size, cluster_id, group_id, interaction, semantic,
+    pid] and `extra` [mass MeV, |p| GeV, vx, vy, vz(, is_primary)]."""
+    sizes, groups = cluster[:, 0], cluster[:, 2]
+    ids = np.unique(groups[(groups >= 0) & (sizes > 0)])
+    lead = []
+    for g in ids:
+        rows = np.flatnonzero((groups == g) & (sizes > 0))
+        own = rows[cluster[rows, 1] == g]
+        lead.append(own[0] if own.size else rows[0])
+    lead = np.array(lead, np.int64)
+    ex = extra[lead] if lead.size else np.zeros((0, extra.shape[1]))
+    unknown = lambda v: np.where(v < 0, np.nan, v)  # noqa: E731  (-1: not set)
+    vertex = ex[:, 2:5].copy()
+    vertex[np.all(vertex == -1, axis=1)] = np.nan
+    return {
+        "id": ids.astype(np.int32),
+        "interaction": cluster[lead, 3].astype(np.int32),
+        "pid": cluster[lead, 5].astype(np.int8),
+        "mass": unknown(ex[:, 0]).astype(np.float32),
+        "momentum": (unknown(ex[:, 1]) * 1000.0).astype(np.float32),
+        "direction": np.full((len(ids), 3), np.nan, np.float32),
+        "vertex": vertex.astype(np.float32),
+        "primary": (ex[:, 5] if ex.shape[1] > 5 else np.full(len(ids), -1)).astype(np.int8),
     }
 
 

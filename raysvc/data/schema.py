@@ -29,6 +29,23 @@ POINT_FIELDS: dict[str, pa.DataType] = {
 }
 LABEL_FIELDS = ("semantic", "pid", "particle", "interaction", "fragment")
 
+# The true particles of an event, one struct each (the column is null where the source has no such truth): `id` is the
+# particle's id in the per-point `particle` column, `pid` its class in the detector's pid labels (-1: none), `mass` in
+# MeV/c^2, `momentum` |p| in MeV/c, `direction` the unit vector it starts along, `vertex` where it starts (in the
+# coordinates of `coord`), `primary` 1 if it comes from the interaction vertex, 0 if from another particle. Floats are
+# NaN and `primary` -1 where the source does not say.
+PARTICLE_FIELDS: dict[str, pa.DataType] = {
+    "id": pa.int32(),
+    "interaction": pa.int32(),
+    "pid": pa.int8(),
+    "mass": pa.float32(),
+    "momentum": pa.float32(),
+    "direction": pa.list_(pa.float32(), 3),
+    "vertex": pa.list_(pa.float32(), 3),
+    "primary": pa.int8(),
+}
+PARTICLE_TYPE = pa.struct(list(PARTICLE_FIELDS.items()))
+
 EVENT_SCHEMA = pa.schema(
     [
         pa.field("event_id", pa.int64(), nullable=False),
@@ -36,6 +53,7 @@ EVENT_SCHEMA = pa.schema(
         pa.field("num_points", pa.int32(), nullable=False),
         pa.field("source", pa.string()),
         pa.field("detector", pa.string()),
+        pa.field("particles", pa.list_(PARTICLE_TYPE)),  # optional: absent in shards written before it existed
     ],
     metadata={b"raysvc.schema_version": str(SCHEMA_VERSION).encode()},
 )
@@ -98,7 +116,47 @@ def table_from_events(events: list[dict], source: str | list[str], detector: str
     cols["num_points"] = pa.array(counts.astype(np.int32), pa.int32())
     cols["source"] = pa.array([source] * len(events) if isinstance(source, str) else source, pa.string())
     cols["detector"] = pa.array([detector] * len(events), pa.string())
+    cols["particles"] = particles_array([e.get("particles") for e in events])
     return pa.Table.from_pydict(cols, schema=EVENT_SCHEMA)
+
+
+def particles_array(per_event: list[dict | None]) -> pa.Array:
+    """The `particles` column from, per event, None (no truth) or a dict of PARTICLE_FIELDS arrays of one length (K
+    particles; `direction` and `vertex` (K, 3))."""
+    counts, flat = [], {name: [] for name in PARTICLE_FIELDS}
+    for parts in per_event:
+        if parts is None:
+            counts.append(0)
+            continue
+        missing = sorted(set(PARTICLE_FIELDS) - set(parts))
+        if missing:
+            raise ValueError(f"particles: missing field(s) {missing}; expected {list(PARTICLE_FIELDS)}")
+        k = len(parts["id"])
+        counts.append(k)
+        for name in PARTICLE_FIELDS:
+            v = np.asarray(parts[name])
+            shape = (k, 3) if name in ("direction", "vertex") else (k,)
+            if v.shape != shape:
+                raise ValueError(f"particles: field {name!r} has shape {v.shape}, expected {shape}")
+            flat[name].append(v.reshape(-1))
+    children = []
+    for name, t in PARTICLE_FIELDS.items():
+        vals = np.concatenate(flat[name]) if flat[name] else np.zeros(0)
+        if pa.types.is_fixed_size_list(t):
+            children.append(pa.FixedSizeListArray.from_arrays(pa.array(vals.astype(np.float32), pa.float32()), 3))
+        else:
+            children.append(pa.array(vals.astype(t.to_pandas_dtype()), t))
+    values = pa.StructArray.from_arrays(children, fields=list(PARTICLE_TYPE))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    mask = pa.array([p is None for p in per_event])
+    return pa.ListArray.from_arrays(offsets, values, type=pa.list_(PARTICLE_TYPE), mask=mask)
+
+
+def with_particles(table: pa.Table) -> pa.Table:
+    """`table` with a null `particles` column where it has none (a shard written before the column existed)."""
+    if "particles" in table.column_names:
+        return table
+    return table.append_column(EVENT_SCHEMA.field("particles"), pa.nulls(table.num_rows, pa.list_(PARTICLE_TYPE)))
 
 
 def flat_values(table: pa.Table, name: str) -> np.ndarray:
@@ -154,7 +212,7 @@ def check_columns(table: pa.Table, shard: str) -> pa.Table:
                 shard, f"has type {have}, expected {field.type} ({e})", field=field.name, kind="schema"
             ) from e
         table = table.set_column(table.schema.get_field_index(field.name), field, casted)
-    return table
+    return with_particles(table)  # one schema for old and new shards of a dataset
 
 
 def find_problems(
@@ -211,7 +269,29 @@ def find_problems(
     s = s_vals.to_numpy(zero_copy_only=False)
     rows_s = np.repeat(np.arange(n), lengths)
     flag(rows_s[(s < 0) | (s >= num_classes)], "semantic", "label", f"semantic class outside [0, {num_classes})")
+    if "particles" in table.column_names:
+        for rows, message in _particle_problems(table.column("particles")):
+            flag(rows, "particles", "label", message)
     return [bad[r] for r in sorted(bad)]
+
+
+def _particle_problems(col: pa.ChunkedArray) -> list[tuple[np.ndarray, str]]:
+    """(rows, message) per broken rule of the per-particle truth: momentum and mass NaN or >= 0, direction NaN or a
+    unit vector."""
+    lengths, structs = _list_parts(col)
+    if not len(structs):
+        return []
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    field = lambda name: structs.field(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    out = []
+    for name in ("momentum", "mass"):
+        bad = field(name) < 0
+        out.append((row[bad], f"particle {name} is negative (expected >= 0, or NaN where unknown)"))
+    d = structs.field("direction").flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+    norm = np.linalg.norm(d, axis=1)
+    bad = np.isfinite(norm) & (np.abs(norm - 1) > 1e-3)
+    out.append((row[bad], "particle direction is not a unit vector (expected |d| = 1, or NaN where unknown)"))
+    return [(r, m) for r, m in out if r.size]
 
 
 def validate_table(table: pa.Table, shard: str, row_base: int | None = 0, **kw) -> pa.Table:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from raysvc import __version__
 from raysvc.data.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
-from raysvc.data.schema import EVENT_SCHEMA, SCHEMA_VERSION, EventDataError, check_columns
+from raysvc.data.schema import EVENT_SCHEMA, SCHEMA_VERSION, EventDataError, check_columns, with_particles
 from raysvc.storage import Location, StorageError, explained, read_bytes, retried, sha256_hex, write_bytes_atomic
 
 MANIFEST = "manifest.json"
@@ -72,6 +72,7 @@ class Manifest:
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
     """Serialise an event table (schema enforced) into Parquet bytes."""
+    table = with_particles(table)
     table = table.cast(EVENT_SCHEMA) if table.schema != EVENT_SCHEMA else table
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_EVENTS, write_statistics=["event_id"])
