@@ -157,3 +157,117 @@ def test_an_event_without_instances_still_gives_every_weight_a_gradient():
     )
     out["loss"].backward()
     assert [n for n, p in head.named_parameters() if p.grad is None] == []
+
+
+def _particles_batch(rng, transforms=None):
+    """A packed batch of 2 events with particle ids and truth, normalised coordinates (frame: center 10, scale 5)."""
+    coord = torch.tensor(rng.uniform(-1, 1, (30, 3)), dtype=torch.float32)
+    ids = torch.tensor(np.r_[np.repeat([0, 1, -1], [8, 6, 1]), np.repeat([4, 7], [9, 6])])
+    parts = []
+    for event_ids in ([0, 1], [4, 7]):
+        parts.append(
+            [
+                {
+                    "id": i,
+                    "momentum": float(rng.uniform(10, 2000)),
+                    "direction": _unit3(rng).tolist(),
+                    "vertex": rng.uniform(0, 20, 3).tolist(),
+                }
+                for i in event_ids
+            ]
+        )
+    parts[1][1]["momentum"] = float("nan")  # unknown truth
+    return {"coord": coord, "particle": ids, "offset": torch.tensor([15, 30]), "particles": parts}
+
+
+def _unit3(rng) -> np.ndarray:
+    v = rng.normal(size=3)
+    return v / np.linalg.norm(v)
+
+
+def test_regression_targets_and_decoding_invert_each_other():
+    from raysvc.inference.instances import EventInstances, decode_regression, regression_targets
+
+    rng = np.random.default_rng(0)
+    batch = _particles_batch(rng)
+    names, frame = ["momentum", "direction", "vertex"], (10.0, 5.0)
+    targets = regression_targets(batch, names, frame)
+    coord = batch["coord"].numpy()
+    for e, (start, end) in enumerate([(0, 15), (15, 30)]):
+        for p in batch["particles"][e]:
+            t = targets[e][p["id"]]
+            mine = batch["particle"].numpy()[start:end] == p["id"]
+            centroid = coord[start:end][mine].mean(0)
+            want_log = np.log10(p["momentum"]) if np.isfinite(p["momentum"]) else np.nan
+            np.testing.assert_allclose(t[0], want_log)
+            np.testing.assert_allclose(t[1:4], p["direction"])
+            np.testing.assert_allclose(t[4:7], (np.array(p["vertex"]) - 10.0) / 5.0 - centroid, rtol=1e-6)
+        # the head outputting exactly the targets decodes back to the truth (vertex in voxel units)
+        inst_ids = batch["particle"].numpy()[start:end]
+        order = sorted(targets[e])
+        relabel = np.array([order.index(i) if i >= 0 else -1 for i in inst_ids])
+        raw = np.stack([targets[e][i] for i in order])
+        inst = EventInstances(torch.from_numpy(relabel), torch.zeros(15), [0] * 2, [1.0] * 2, [1] * 2, [0, 1])
+        got = decode_regression(raw, inst, coord[start:end], names, frame)
+        for k, i in enumerate(order):
+            p = next(q for q in batch["particles"][e] if q["id"] == i)
+            np.testing.assert_allclose(got[k]["vertex"], p["vertex"], rtol=1e-5)
+            np.testing.assert_allclose(got[k]["direction"], p["direction"], rtol=1e-6)
+            if np.isfinite(p["momentum"]):
+                assert got[k]["momentum"] == pytest.approx(p["momentum"], rel=1e-6)
+    # an event's augmentation turns its direction and offset targets as it turns its points
+    turn = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    turn[1] = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    turned = regression_targets(batch, names, frame, turn)
+    for i in (4, 7):
+        np.testing.assert_allclose(turned[1][i][1:4], turn[1].numpy() @ targets[1][i][1:4])
+        np.testing.assert_allclose(turned[1][i][4:7], turn[1].numpy() @ targets[1][i][4:7])
+    np.testing.assert_allclose(turned[0][0], targets[0][0])
+
+
+def test_regression_loss_equals_its_closed_form_and_skips_unknown_targets():
+    from raysvc.models.mask_decoder import regress_dims
+    from raysvc.train.instance_loss import regression_loss
+
+    dims = regress_dims(["momentum", "direction"])
+    pred = torch.tensor([[2.0, 1.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0]])
+    target = torch.tensor([[2.5, 0.0, 1.0, 0.0], [float("nan"), 0.0, 1.0, 0.0]])
+    # momentum: smooth L1 (beta 0.1) of |0.5| on the first row only = 0.5 - 0.05; direction: 1 - cos = 1 and 0
+    assert float(regression_loss(pred, target, dims)) == pytest.approx(0.45 + 1.0 + 0.0)
+
+
+def test_the_regression_head_learns_each_instance_s_values():
+    from raysvc.models.mask_decoder import regress_dims
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    feats, ids, classes, stuff, offset = _toy_events(g)
+    names = ["momentum", "direction"]
+    rng = np.random.default_rng(0)
+    targets, start = [], 0
+    for end in offset.tolist():
+        targets.append({int(i): np.r_[rng.uniform(1, 3), _unit3(rng)] for i in ids[start:end].unique() if i >= 0})
+        start = end
+    head = MaskDecoder(8, 2, MaskDecoderConfig(width=32, heads=4, depth=2, queries=8, regress=names))
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    dims = regress_dims(names)
+    for _ in range(300):
+        out = instance_loss(head(feats, offset), ids, classes, stuff, offset, InstanceLossConfig(), targets, dims)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    head.eval()
+    errors, start = [], 0
+    with torch.no_grad():
+        for e, (pred, end) in enumerate(zip(head(feats, offset), offset.tolist(), strict=True)):
+            last = pred["layers"][-1]
+            got = postprocess(last["class"], last["mask"], pred["stuff"])
+            true = ids[start:end].numpy()
+            for k, q in enumerate(got.queries):  # each found instance: the true particle most of its points carry
+                owner = np.bincount(true[(got.instance.numpy() == k) & (true >= 0)]).argmax()
+                raw, want = last["regress"][q].numpy(), targets[e][int(owner)]
+                cos = raw[1:4] @ want[1:4] / np.linalg.norm(raw[1:4])
+                errors.append((abs(raw[0] - want[0]), cos))
+            start = end
+    errors = np.array(errors)
+    assert len(errors) >= 8 and errors[:, 0].max() < 0.15 and errors[:, 1].min() > 0.95, errors

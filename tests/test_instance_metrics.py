@@ -157,3 +157,41 @@ def test_a_perfect_prediction_scores_one_and_a_shuffled_one_does_not():
     assert s.result()["pq"] < 1.0
     with pytest.raises(ValueError, match="differ in length"):
         s.update(ti, ti[:-1])
+
+
+def test_regression_errors_of_matched_particles_equal_a_numpy_recount():
+    rng = np.random.default_rng(3)
+    scores, ref = InstanceScores(["a", "b"]), {"momentum": [], "rel": [], "direction": [], "vertex": []}
+    for _ in range(5):
+        true = np.repeat(np.arange(4), 10)  # 4 particles of 10 points
+        pred = true.copy()
+        pred[true == 3] = -1  # particle 3 is missed: its values are not compared
+        tv = {
+            i: {"momentum": rng.uniform(10, 1000), "direction": _unit(rng), "vertex": rng.uniform(0, 700, 3)}
+            for i in range(4)
+        }
+        tv[1]["momentum"] = np.nan  # unknown truth: skipped for that output only
+        pv = {
+            i: {"momentum": rng.uniform(10, 1000), "direction": _unit(rng), "vertex": rng.uniform(0, 700, 3)}
+            for i in range(3)
+        }
+        scores.update(true, pred, true_values=tv, pred_values=pv)
+        for i in range(3):
+            if np.isfinite(tv[i]["momentum"]):
+                ref["momentum"].append(abs(pv[i]["momentum"] - tv[i]["momentum"]))
+                ref["rel"].append(ref["momentum"][-1] / tv[i]["momentum"])
+            ref["direction"].append(np.degrees(np.arccos(np.clip(pv[i]["direction"] @ tv[i]["direction"], -1, 1))))
+            ref["vertex"].append(np.linalg.norm(pv[i]["vertex"] - tv[i]["vertex"]))
+    r = InstanceScores.from_state(InstanceScores.merged([scores]).state()).result()["regression"]
+    m = np.array(ref["momentum"])
+    assert r["momentum"]["n"] == 10 and r["momentum"]["mae"] == pytest.approx(m.mean())
+    assert r["momentum"]["rmse"] == pytest.approx(np.sqrt((m**2).mean()))
+    assert r["momentum"]["mean_relative"] == pytest.approx(np.mean(ref["rel"]))
+    assert r["direction"]["n"] == 15 and r["direction"]["mae_deg"] == pytest.approx(np.mean(ref["direction"]))
+    assert r["vertex"]["rmse"] == pytest.approx(np.sqrt(np.mean(np.square(ref["vertex"]))))
+    assert "regression" not in InstanceScores(["a"]).result()  # nothing regressed, no key
+
+
+def _unit(rng) -> np.ndarray:
+    v = rng.normal(size=3)
+    return v / np.linalg.norm(v)

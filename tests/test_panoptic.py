@@ -73,6 +73,7 @@ def _cfg(data: Path, out: Path, name: str) -> PanopticConfig:
         "instances.particle.depth=2",
         "instances.interaction.depth=2",
         "instances.postprocess.min_confidence=0.0",  # an untrained head: keep what it finds, to exercise the paths
+        "instances.particle.regress=[momentum,direction,vertex]",
     ]
     return load_config(PanopticConfig, JOB, sets)
 
@@ -101,6 +102,8 @@ def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts
     after_cuts = sum(t.num_rows for t in DirectStream(DataConfig(uri=str(pan_data / "val"))).tables())
     assert val["particle"]["counts"]["events"] == after_cuts >= 6  # both ranks' validation events, pooled
     assert val["semantic"]["miou"] is not None
+    if val["particle"]["counts"]["tp"] or val["particle"]["precision"]:  # matched particles: their regression errors
+        assert val["particle"]["regression"]["momentum"]["n"] > 0
     want, record = load_export(resolve(str(tmp_path / "straight")))
     assert record.kind == "panoptic" and set(record.instances) == {"particle", "interaction"}
 
@@ -126,6 +129,9 @@ def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts
         assert len(inst) == len(cls) == len(row["pred"]) == row["num_points"]
         for item in row["instances"]:  # the list and the per-point columns agree
             assert (inst == item["id"]).sum() == item["points"] and set(cls[inst == item["id"]]) == {item["class"]}
+            # the regression outputs, decoded: |p| > 0, a unit direction, a start point in voxel coordinates
+            assert item["momentum"] > 0 and np.linalg.norm(item["direction"]) == pytest.approx(1, abs=1e-4)
+            assert np.all(np.isfinite(item["vertex"]))
         assert set(inst[inst >= 0]) == {i["id"] for i in row["instances"]}
         assert np.all(cls[inst < 0] == -1)
 
@@ -162,3 +168,21 @@ def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts
             assert [(i["id"], i["class_id"], i["points"]) for i in part["instances"]] == [
                 (i["id"], i["class"], i["points"]) for i in row["instances"]
             ]
+            for a, b in zip(part["instances"], row["instances"], strict=True):
+                assert a["momentum"] == pytest.approx(b["momentum"], rel=1e-5)
+                np.testing.assert_allclose(a["vertex"], b["vertex"], rtol=1e-5)
+
+
+def test_regression_heads_refuse_a_dataset_without_particle_truth(tmp_path, pan_data):
+    from raysvc.data.config import DataConfig
+    from raysvc.data.pipeline import prepare
+    from raysvc.data.shards import write_manifest, write_shard
+    from raysvc.train.tasks.panoptic import check_particle_truth
+    from tests.conftest import make_table
+
+    check_particle_truth(prepare(DataConfig(uri=str(pan_data / "train"))), "data.uri")  # generated: has truth
+    old = resolve(str(tmp_path / "old"))
+    table, _ = make_table(3)
+    write_manifest(old, [write_shard(old, "events-00000.parquet", table.drop_columns(["particles"]))], {})
+    with pytest.raises(ValueError, match=r"instances.particle.regress needs .* data.uri x has none"):
+        check_particle_truth(prepare(DataConfig(uri=str(tmp_path / "old"))), "data.uri x")

@@ -64,7 +64,16 @@ def _points_list(arrays: list[np.ndarray], dtype) -> pa.Array:
 # a panoptic model's instance columns: task -> (per-point instance id column, per-point class column or None)
 INSTANCE_COLUMNS = {"particle": ("instance", "instance_class"), "interaction": ("interaction", None)}
 INSTANCE_ITEM = pa.struct(
-    [("id", pa.int32()), ("class", pa.int8()), ("confidence", pa.float32()), ("points", pa.int32())]
+    [
+        ("id", pa.int32()),
+        ("class", pa.int8()),
+        ("confidence", pa.float32()),
+        ("points", pa.int32()),
+        # a head with regression outputs: |p| (MeV/c), unit direction, start point (voxels); null otherwise
+        ("momentum", pa.float32()),
+        ("direction", pa.list_(pa.float32(), 3)),
+        ("vertex", pa.list_(pa.float32(), 3)),
+    ]
 )
 
 
@@ -82,10 +91,18 @@ def preds_schema(instance_tasks=()) -> pa.Schema:
     return pa.schema(fields)
 
 
+def _values(values: dict | None) -> dict:
+    """An instance's regression outputs as the `instances` struct holds them (None where the head has none)."""
+    values = values or {}
+    as_list = lambda k: None if k not in values else [float(x) for x in values[k]]  # noqa: E731
+    m = values.get("momentum")
+    return {"momentum": None if m is None else float(m), "direction": as_list("direction"), "vertex": as_list("vertex")}
+
+
 def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
     """`predict_chunk`'s columns plus, per instance task, a per-point instance id (-1: none) and class (particle:
     `instance`, `instance_class`; interaction: `interaction`), and `instances` (the particles: id, class,
-    confidence, points)."""
+    confidence, points, and momentum / direction / vertex from a head with regression outputs)."""
     events = seg.predict_panoptic(chunk, source)
     cols = {
         "event_id": chunk.column("event_id"),
@@ -101,7 +118,7 @@ def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.T
     cols["instances"] = pa.array(
         [
             [
-                {"id": i, "class": c, "confidence": f, "points": n}
+                {"id": i, "class": c, "confidence": f, "points": n, **_values(e[first].values.get(i))}
                 for i, (c, f, n) in enumerate(zip(e[first].classes, e[first].confidence, e[first].points, strict=True))
             ]
             for e in events

@@ -14,6 +14,10 @@ match is unique anyway):
 ARI (sklearn's `adjusted_rand_score`) compares the two partitions of the points the prediction assigns to an
 instance (true stuff points form one more cluster), per event, averaged over the events with two or more such
 points.
+
+With regression outputs (momentum, direction, start point), every class-agnostic match whose true instance has that
+truth adds its error: momentum MAE, RMSE and mean relative error (MeV/c), direction angle (degrees), start-point
+distance (in the units of the coordinates).
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class InstanceScores:
         self.pid = np.zeros((k, k), np.int64)  # matched true class x predicted class
         self.ari: list[float] = []
         self.events = 0
+        self.reg: dict[str, list[float]] = {}  # regression output -> [n, sum |err|, sum err^2, sum |err| / truth]
 
     def update(
         self,
@@ -87,9 +92,13 @@ class InstanceScores:
         pred_ids: np.ndarray,
         true_cls: np.ndarray | None = None,
         pred_cls: np.ndarray | None = None,
+        true_values: dict[int, dict] | None = None,
+        pred_values: dict[int, dict] | None = None,
     ) -> None:
         """One event: per-point true and predicted instance ids (-1 = none) and, with classes, per-point classes
-        (an instance's class is the majority of its points'; classes outside the names count as no class)."""
+        (an instance's class is the majority of its points'; classes outside the names count as no class).
+        `true_values` / `pred_values`: {instance id: {"momentum": p, "direction": (3,), "vertex": (3,)}} (any of
+        them; NaN where unknown) of the true and predicted instances, compared over the matched pairs."""
         true_ids, pred_ids = np.asarray(true_ids), np.asarray(pred_ids)
         if true_ids.shape != pred_ids.shape:
             raise ValueError(f"true and predicted instance ids differ in length: {true_ids.shape} vs {pred_ids.shape}")
@@ -123,10 +132,33 @@ class InstanceScores:
         for a, b in det:
             if 0 <= tc[a] < k and 0 <= pc[b] < k:
                 self.pid[tc[a], pc[b]] += 1
+        if true_values and pred_values:
+            t_ids, p_ids = np.unique(true_ids[true_ids >= 0]), np.unique(pred_ids[pred_ids >= 0])
+            for a, b in det:
+                self._regression(true_values.get(int(t_ids[a]), {}), pred_values.get(int(p_ids[b]), {}))
 
         assigned = pred_ids >= 0
         if assigned.sum() >= 2:
             self.ari.append(float(adjusted_rand_score(true_ids[assigned], pred_ids[assigned])))
+
+    def _regression(self, truth: dict, pred: dict) -> None:
+        for name, got in pred.items():
+            want = truth.get(name)
+            if want is None or not np.all(np.isfinite(want)) or not np.all(np.isfinite(got)):
+                continue
+            want, got = np.asarray(want, float), np.asarray(got, float)
+            if name == "momentum":
+                err, rel = abs(float(got) - float(want)), abs(float(got) - float(want)) / max(float(want), 1e-9)
+            elif name == "direction":
+                cos = float(got @ want / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-12))
+                err, rel = float(np.degrees(np.arccos(np.clip(cos, -1, 1)))), 0.0
+            else:
+                err, rel = float(np.linalg.norm(got - want)), 0.0
+            acc = self.reg.setdefault(name, [0, 0.0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += err
+            acc[2] += err * err
+            acc[3] += rel
 
     @classmethod
     def merged(cls, parts: list[InstanceScores]) -> InstanceScores:
@@ -138,12 +170,15 @@ class InstanceScores:
             out.det_tp, out.n_true, out.n_pred = out.det_tp + p.det_tp, out.n_true + p.n_true, out.n_pred + p.n_pred
             out.ari += p.ari
             out.events += p.events
+            for name, acc in p.reg.items():
+                mine = out.reg.setdefault(name, [0, 0.0, 0.0, 0.0])
+                out.reg[name] = [x + y for x, y in zip(mine, acc, strict=True)]
         return out
 
     def state(self) -> dict:
         """The accumulated counts as plain JSON values (`from_state` reads them back)."""
         arrays = {k: getattr(self, k).tolist() for k in ("tp", "fp", "fn", "iou_sum", "pid")}
-        plain = {k: getattr(self, k) for k in ("det_tp", "n_true", "n_pred", "ari", "events")}
+        plain = {k: getattr(self, k) for k in ("det_tp", "n_true", "n_pred", "ari", "events", "reg")}
         return {"names": self.names, "threshold": self.threshold, **arrays, **plain}
 
     @classmethod
@@ -153,6 +188,7 @@ class InstanceScores:
             setattr(out, k, np.asarray(state[k], getattr(out, k).dtype))
         for k in ("det_tp", "n_true", "n_pred", "ari", "events"):
             setattr(out, k, state[k])
+        out.reg = {name: list(acc) for name, acc in state.get("reg", {}).items()}
         return out
 
     def result(self) -> dict:
@@ -170,6 +206,13 @@ class InstanceScores:
         if precision is not None and recall is not None and precision + recall > 0:
             f1 = 2 * precision * recall / (precision + recall)
         matched = self.pid.sum(1)
+        regression = {}
+        for name, (n, s_abs, s_sq, s_rel) in self.reg.items():
+            unit = {"momentum": "", "direction": "_deg"}.get(name, "")
+            regression[name] = {"n": n, f"mae{unit}": s_abs / n, f"rmse{unit}": (s_sq / n) ** 0.5}
+            if name == "momentum":
+                regression[name]["mean_relative"] = s_rel / n
+        extra = {"regression": regression} if regression else {}
         return {
             **pooled,
             "per_class": per_class,
@@ -190,4 +233,5 @@ class InstanceScores:
                 "fn": int(self.fn.sum()),
                 "ari_events": len(self.ari),
             },
+            **extra,
         }

@@ -14,8 +14,10 @@ prediction (`postprocess`): per point an instance id and class, per instance its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +39,8 @@ class EventInstances:
     classes: list[int]  # per instance id
     confidence: list[float]
     points: list[int]
+    queries: list[int] = field(default_factory=list)  # the query each instance came from (its regression outputs)
+    values: dict[int, dict] = field(default_factory=dict)  # per instance id: decoded momentum / direction / vertex
 
 
 @torch.no_grad()
@@ -81,6 +85,7 @@ def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, stuff_log
         classes=classes,
         confidence=[float(score[kept[i]]) for i in alive],
         points=[int(counts[i]) for i in alive],
+        queries=[kept[i] for i in alive],
     )
 
 
@@ -103,13 +108,88 @@ def instance_classes(detector, task: str) -> list[str]:
     return list(detector.labels["pid"].classes) if task == "particle" else ["interaction"]
 
 
-def score_events(scores, outs: list[dict], batch: dict, task: str, stuff_class: int | None, cfg=None) -> None:
+def score_events(
+    scores, outs: list[dict], batch: dict, task: str, stuff_class: int | None, cfg=None, frame=None, regress=()
+) -> None:
     """Add each event of a packed batch to `scores` (an InstanceScores): the instances post-processed from the head's
-    last layer (`outs`, one per event, as the model returns them) against the batch's true instances of `task`."""
+    last layer (`outs`, one per event, as the model returns them) against the batch's true instances of `task`; with
+    `regress` (the head's regression outputs) and `frame` (center, scale of the coordinates), their momentum,
+    direction and start point against the batch's particle truth."""
     ids, cls, _ = instance_labels(batch, task, stuff_class)
     ends = batch["offset"].tolist()
-    for out, start, end in zip(outs, [0, *ends[:-1]], ends, strict=True):
+    particles = batch.get("particles") or [None] * len(ends)
+    coord = batch["coord"].cpu().numpy()
+    for e, (out, start, end) in enumerate(zip(outs, [0, *ends[:-1]], ends, strict=True)):
         last = out["layers"][-1]
         got = postprocess(last["class"].cpu(), last["mask"].cpu(), out["stuff"].cpu(), cfg)
         truth_ids, truth_cls = ids[start:end].cpu().numpy(), cls[start:end].cpu().numpy()
-        scores.update(truth_ids, got.instance.numpy(), truth_cls, got.instance_class.numpy())
+        values = {}
+        if regress and particles[e] and "regress" in last:
+            pred = decode_regression(last["regress"].float().cpu().numpy(), got, coord[start:end], regress, frame)
+            values = {"true_values": truth_values(particles[e], regress), "pred_values": pred}
+        scores.update(truth_ids, got.instance.numpy(), truth_cls, got.instance_class.numpy(), **values)
+
+
+def truth_values(particles: list[dict] | None, names) -> dict[int, dict]:
+    """{particle id: {name: its true momentum (MeV/c), direction or start point}} of one event's `particles`."""
+    out = {}
+    for p in particles or []:
+        vals = {"momentum": p["momentum"], "direction": p["direction"], "vertex": p["vertex"]}
+        out[int(p["id"])] = {n: np.asarray(vals[n] if vals[n] is not None else np.nan, float) for n in names}
+    return out
+
+
+def regression_targets(batch: dict, names, frame, transforms=None) -> list[dict[int, np.ndarray]]:
+    """Per event {particle id: the regression target (D,) in the order of `names`}: log10 |p| (MeV/c), the unit
+    direction, and the start point minus the centroid of the particle's points, both in the normalised coordinates
+    of the batch ((x - center) / scale, `frame` = (center, scale)); NaN where the truth does not say. Direction and
+    offset are turned by the event's augmentation `transforms` (B, 3, 3), as its points were."""
+    center, scale = frame
+    ends = batch["offset"].tolist()
+    particles = batch.get("particles") or [None] * len(ends)
+    ids, coord = batch["particle"].cpu().numpy(), batch["coord"].cpu().numpy()
+    out = []
+    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        m = None if transforms is None else transforms[e].cpu().numpy()
+        targets = {}
+        for p in particles[e] or []:
+            mine = ids[start:end] == p["id"]
+            if not mine.any():
+                continue
+            vec = []
+            for name in names:
+                if name == "momentum":
+                    mom = p["momentum"]
+                    ok = mom is not None and math.isfinite(mom) and mom > 0
+                    vec.append([math.log10(mom) if ok else math.nan])
+                    continue
+                if name == "direction":
+                    v = np.asarray(p["direction"], float)
+                else:
+                    v = (np.asarray(p["vertex"], float) - center) / scale - coord[start:end][mine].mean(0)
+                vec.append(v if m is None else m @ v)
+            targets[int(p["id"])] = np.concatenate(vec).astype(np.float64)
+        out.append(targets)
+    return out
+
+
+def decode_regression(raw: np.ndarray, inst: EventInstances, coord: np.ndarray, names, frame) -> dict[int, dict]:
+    """{instance id: {"momentum": MeV/c, "direction": unit (3,), "vertex": (3,) in the event's coordinates}} from the
+    regression outputs (Q, D) of the instances' queries; `coord` (n, 3) are the event's normalised coordinates."""
+    from raysvc.models.mask_decoder import regress_dims
+
+    center, scale = frame
+    dims = regress_dims(names)
+    instance = inst.instance.numpy()
+    out = {}
+    for i, q in enumerate(inst.queries):
+        v, vals = raw[q], {}
+        if "momentum" in dims:
+            vals["momentum"] = float(10.0 ** v[dims["momentum"]][0])
+        if "direction" in dims:
+            d = v[dims["direction"]]
+            vals["direction"] = d / max(float(np.linalg.norm(d)), 1e-12)
+        if "vertex" in dims:
+            vals["vertex"] = (coord[instance == i].mean(0) + v[dims["vertex"]]) * scale + center
+        out[i] = vals
+    return out

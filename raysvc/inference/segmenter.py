@@ -17,7 +17,7 @@ from raysvc.data.detectors import get_detector
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.transforms import preprocess_table
 from raysvc.inference.featurize import model_inputs, usable_device
-from raysvc.inference.instances import EventInstances, PostprocessConfig, postprocess
+from raysvc.inference.instances import EventInstances, PostprocessConfig, decode_regression, postprocess
 from raysvc.inference.record import load_export
 from raysvc.storage import Location
 
@@ -42,6 +42,8 @@ class Segmenter:
         self.detector = get_detector(self.record.detector)
         self.model_id = loc.uri
         self.instance_tasks = list(self.record.instances or {})  # a panoptic model's: particle, interaction
+        # per task, the regression outputs of its head (momentum, direction, vertex), if any
+        self.regress = {t: (v["decoder"].get("regress") or []) for t, v in (self.record.instances or {}).items()}
         self.postprocess = PostprocessConfig(**(self.record.postprocess or {}))
 
     def point_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -90,8 +92,20 @@ class Segmenter:
                 full = np.full(len(kept[i]), -1, np.int64)
                 full_cls = np.full(len(kept[i]), -1, np.int64)
                 full[kept[i]], full_cls[kept[i]] = got.instance.numpy(), got.instance_class.numpy()
+                values = {}
+                if self.regress.get(t) and "regress" in res:
+                    coord = batch["coord"][a:b].numpy()
+                    raw = res["regress"].float().cpu().numpy()
+                    frame = (self.preprocess.center, self.preprocess.scale)
+                    values = decode_regression(raw, got, coord, self.regress[t], frame)
                 out[i][t] = EventInstances(
-                    torch.from_numpy(full), torch.from_numpy(full_cls), got.classes, got.confidence, got.points
+                    torch.from_numpy(full),
+                    torch.from_numpy(full_cls),
+                    got.classes,
+                    got.confidence,
+                    got.points,
+                    got.queries,
+                    values,
                 )
         return out
 

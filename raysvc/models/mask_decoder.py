@@ -13,6 +13,8 @@ queries are shared. The point features come from the backbone (positions are alr
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -26,6 +28,23 @@ class MaskDecoderConfig(BaseModel):
     depth: int = Field(3, gt=0, description="decoder layers")
     queries: int = Field(32, gt=0, description="instance queries per event (at most this many instances)")
     mlp_ratio: float = Field(4.0, gt=0)
+    regress: list[Literal["momentum", "direction", "vertex"]] = Field(
+        default_factory=list,
+        description="per-query regression outputs (particles): log10 |p| in MeV/c, a direction (3), the start "
+        "point as an offset from the instance's centroid (3, in units of the coordinate scale)",
+    )
+
+
+REGRESS_WIDTH = {"momentum": 1, "direction": 3, "vertex": 3}
+
+
+def regress_dims(names) -> dict[str, slice]:
+    """{output: its columns in the regression head's output}, in the configured order."""
+    out, start = {}, 0
+    for name in names:
+        out[name] = slice(start, start + REGRESS_WIDTH[name])
+        start += REGRESS_WIDTH[name]
+    return out
 
 
 class _Layer(nn.Module):
@@ -48,7 +67,7 @@ class _Layer(nn.Module):
 
 class MaskDecoder(nn.Module):
     """`forward(point_feat (N, in_channels), offset (B,))` -> per event {"layers": [{"class": (Q, K + 1), "mask":
-    (Q, n)}, ...] (the learned queries' prediction first, then one per layer), "stuff": (n,)}."""
+    (Q, n)[, "regress": (Q, D)]}, ...] (the learned queries' prediction first, then one per layer), "stuff": (n,)}."""
 
     def __init__(self, in_channels: int, num_classes: int, cfg: MaskDecoderConfig | None = None):
         super().__init__()
@@ -65,10 +84,17 @@ class MaskDecoder(nn.Module):
         self.class_head = nn.Linear(w, num_classes + 1)  # the last class is "no object"
         self.mask_embed = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, w))
         self.stuff_head = nn.Linear(w, 1)
+        self.regress_dims = regress_dims(cfg.regress)
+        if cfg.regress:
+            width = self.regress_dims[cfg.regress[-1]].stop
+            self.regress_head = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, width))
 
     def _predict(self, q: torch.Tensor, points: torch.Tensor) -> dict:
         q = self.out_norm(q)
-        return {"class": self.class_head(q), "mask": self.mask_embed(q) @ points.T}
+        pred = {"class": self.class_head(q), "mask": self.mask_embed(q) @ points.T}
+        if self.cfg.regress:
+            pred["regress"] = self.regress_head(q)
+        return pred
 
     def forward(self, point_feat: torch.Tensor, offset: torch.Tensor) -> list[dict]:
         feats = self.proj(point_feat)

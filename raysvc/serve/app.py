@@ -140,6 +140,11 @@ api = FastAPI(
 )
 
 
+def _regressed(got, i: int) -> dict:
+    """An instance's momentum / direction / vertex, as JSON numbers, when its head has regression outputs."""
+    return {k: (float(v) if k == "momentum" else [float(x) for x in v]) for k, v in got.values.get(i, {}).items()}
+
+
 def _instances_json(seg, result: dict) -> dict:
     """A panoptic model's instances of one event, per task, as the response gives them."""
     out = {}
@@ -150,7 +155,7 @@ def _instances_json(seg, result: dict) -> dict:
             "instance_class": got.instance_class.tolist(),
             "classes": names,
             "instances": [
-                {"id": i, "class_id": c, "class_name": names[c], "confidence": f, "points": n}
+                {"id": i, "class_id": c, "class_name": names[c], "confidence": f, "points": n, **_regressed(got, i)}
                 for i, (c, f, n) in enumerate(zip(got.classes, got.confidence, got.points, strict=True))
             ],
         }

@@ -39,6 +39,9 @@ class Instance(BaseModel):
     class_name: str
     confidence: float = Field(description="class probability x mean mask probability")
     points: int = Field(description="points assigned to it")
+    momentum: float | None = Field(None, description="|p| in MeV/c (a head with regression outputs)")
+    direction: list[float] | None = Field(None, description="unit vector the particle starts along")
+    vertex: list[float] | None = Field(None, description="where it starts, in voxel coordinates")
 
 
 class TaskInstances(BaseModel):

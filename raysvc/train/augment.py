@@ -50,10 +50,18 @@ def event_transforms(n_events: int, cfg: AugmentConfig) -> torch.Tensor:
 
 def augment_coords(coord: torch.Tensor, offset: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     """Coordinates (N, 3) of a packed batch with each event rotated / mirrored about its own centroid."""
+    return augment_with_transforms(coord, offset, cfg)[0]
+
+
+def augment_with_transforms(
+    coord: torch.Tensor, offset: torch.Tensor, cfg: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(augmented coordinates, the (B, 3, 3) matrix applied to each event or None when off): vectors attached to an
+    event (a particle's direction) turn with the same matrix."""
     if not cfg.active or len(offset) == 0:
-        return coord
+        return coord, None
     batch = offset_to_batch(offset)
     x = coord.double()
     centre = segment_mean(x, batch, len(offset))[batch]
     m = event_transforms(len(offset), cfg).to(coord.device)
-    return (torch.einsum("nij,nj->ni", m[batch], x - centre) + centre).to(coord.dtype)
+    return (torch.einsum("nij,nj->ni", m[batch], x - centre) + centre).to(coord.dtype), m

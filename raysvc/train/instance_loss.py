@@ -4,8 +4,9 @@ Per event and per decoder layer, queries are matched one-to-one to the true inst
 (scipy's `linear_sum_assignment`) on a cost of class probability, mask binary cross entropy and mask dice, computed on
 a random subset of at most `sample_points` of the event's points. Matched queries learn their instance's class and
 mask (sigmoid focal loss + dice loss on the same points); the others learn "no object", down-weighted. A per-point
-binary cross entropy trains the stuff logit. Every layer's prediction is scored the same way (auxiliary losses), and
-the sum is normalised by the number of true instances in the batch.
+binary cross entropy trains the stuff logit. With regression outputs, matched queries also learn their particle's
+log10 |p|, direction and start-point offset where the truth is known (`regression_loss`). Every layer's prediction is
+scored the same way (auxiliary losses), and the sum is normalised by the number of true instances in the batch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class InstanceLossConfig(BaseModel):
     focal_alpha: float = Field(0.25, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     sample_points: int = Field(20000, gt=0, description="points per event for matching and mask losses")
+    regress_weight: float = Field(1.0, ge=0, description="weight of the regression losses of matched queries")
 
 
 def instance_targets(ids: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,16 +83,51 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (p * targets).sum(1) + 1) / (p.sum(1) + targets.sum(1) + 1)
 
 
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, dims: dict[str, slice]) -> torch.Tensor:
+    """Summed over the matched queries (rows) and outputs, each where its target is known (not NaN): smooth L1 on
+    log10 |p| and on the start-point offset, 1 - cos on the direction."""
+    total = pred.new_zeros(())
+    for name, sl in dims.items():
+        p, t = pred[:, sl].float(), target[:, sl]
+        known = torch.isfinite(t).all(1)
+        if not known.any():
+            total = total + 0.0 * p.sum()  # keeps the head in the graph (DDP)
+            continue
+        p, t = p[known], t[known]
+        if name == "direction":
+            total = total + (1 - F.cosine_similarity(p, t, dim=1)).sum()
+        else:
+            total = total + F.smooth_l1_loss(p, t, reduction="none", beta=0.1).sum(1).sum()
+    return total
+
+
 def instance_loss(
-    outputs: list[dict], ids: torch.Tensor, classes: torch.Tensor, stuff: torch.Tensor, offset: torch.Tensor, cfg
+    outputs: list[dict],
+    ids: torch.Tensor,
+    classes: torch.Tensor,
+    stuff: torch.Tensor,
+    offset: torch.Tensor,
+    cfg,
+    targets: list[dict] | None = None,
+    dims: dict[str, slice] | None = None,
 ) -> dict:
     """The loss of a batch: `outputs` from MaskDecoder.forward; per point `ids` (instance, -1 none), `classes` (of the
-    point's instance) and `stuff` (bool). Returns {"loss", "class", "mask", "dice", "stuff"} (the parts summed over
-    layers, each normalised by the batch's instance count)."""
-    parts = {k: outputs[0]["stuff"].new_zeros(()) for k in ("class", "mask", "dice", "stuff")}
+    point's instance) and `stuff` (bool); with regression outputs, per event {instance id: target (D,)} (`targets`,
+    see inference.instances.regression_targets) and the head's output columns (`dims`). Returns {"loss", "class",
+    "mask", "dice", "stuff"[, "regress"]} (the parts summed over layers, each normalised by the batch's instance
+    count)."""
+    regress = bool(dims) and targets is not None
+    names = ("class", "mask", "dice", "stuff") + (("regress",) if regress else ())
+    parts = {k: outputs[0]["stuff"].new_zeros(()) for k in names}
     total_instances, start = 0, 0
-    for out, end in zip(outputs, offset.tolist(), strict=True):
+    for e, (out, end) in enumerate(zip(outputs, offset.tolist(), strict=True)):
         masks, cls = instance_targets(ids[start:end], classes[start:end])
+        if regress:
+            width = max(sl.stop for sl in dims.values())
+            uniq = np.unique(ids[start:end].cpu().numpy())
+            uniq = uniq[uniq >= 0]
+            rows = [targets[e].get(int(i), np.full(width, np.nan)) for i in uniq]
+            reg_target = torch.as_tensor(np.array(rows).reshape(-1, width), dtype=torch.float32, device=ids.device)
         total_instances += len(cls)
         n = end - start
         pick = torch.randperm(n, device=ids.device)[: cfg.sample_points] if n > cfg.sample_points else None
@@ -111,6 +148,10 @@ def instance_loss(
                 parts["dice"] = parts["dice"] + dice_loss(lq, tq).sum()
             else:  # no instance: a zero that keeps the mask branch in the graph (DDP wants a gradient for every weight)
                 parts["mask"] = parts["mask"] + 0.0 * logits.sum()
+            if regress:
+                qi = torch.as_tensor(q, dtype=torch.long, device=ids.device)
+                ti = torch.as_tensor(t, dtype=torch.long, device=ids.device)
+                parts["regress"] = parts["regress"] + regression_loss(pred["regress"][qi], reg_target[ti], dims)
         target_stuff = stuff[start:end].float()
         parts["stuff"] = parts["stuff"] + F.binary_cross_entropy_with_logits(out["stuff"].float(), target_stuff)
         start = end
@@ -120,5 +161,6 @@ def instance_loss(
         "mask": parts["mask"] * cfg.focal_weight / norm,
         "dice": parts["dice"] * cfg.dice_weight / norm,
         "stuff": parts["stuff"] * cfg.stuff_weight / len(outputs),
+        **({"regress": parts["regress"] * cfg.regress_weight / norm} if regress else {}),
     }
     return {"loss": sum(parts.values()), **parts}

@@ -20,12 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.instance_metrics import InstanceScores
-from raysvc.inference.instances import PostprocessConfig, instance_classes, instance_labels, score_events
+from raysvc.inference.instances import (
+    PostprocessConfig,
+    instance_classes,
+    instance_labels,
+    regression_targets,
+    score_events,
+)
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights
-from raysvc.models.mask_decoder import MaskDecoderConfig
+from raysvc.models.mask_decoder import MaskDecoderConfig, regress_dims
 from raysvc.models.panoptic import PanopticModel
-from raysvc.train.augment import augment_coords
+from raysvc.train.augment import augment_with_transforms
 from raysvc.train.instance_loss import InstanceLossConfig, instance_loss
 from raysvc.train.tasks.base import WorkerContext
 from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, validation_batches
@@ -48,12 +54,29 @@ class InstanceSection(BaseModel):
     def _check(self) -> InstanceSection:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"instances.tasks must name each of {INSTANCE_TASKS} at most once, got {self.tasks}")
+        if self.interaction.regress:
+            raise ValueError("instances.interaction.regress: regression outputs are per particle (instances.particle)")
         return self
 
 
 class PanopticConfig(FinetuneConfig):
     task: Literal["panoptic"] = "panoptic"  # type: ignore[assignment]
     instances: InstanceSection = Field(default_factory=InstanceSection)
+
+
+def check_particle_truth(prep, where: str) -> None:
+    """Refuse a dataset whose first shard has no particle truth: the regression heads would never learn."""
+    from raysvc.data.shards import read_shard
+
+    shard = next((s for s in prep.manifest.shards if s.events), None)
+    if shard is None:
+        return
+    table = read_shard(prep.root, shard, verify_checksum=False)
+    if table.column("particles").null_count == table.num_rows:
+        raise ValueError(
+            f"instances.particle.regress needs the particles' truth (the `particles` column), but {where} has none "
+            f"(shard {shard.name}: written before the column existed, or converted from PILArNet-M v1)"
+        )
 
 
 def build_panoptic(cfg: PanopticConfig, detector, num_classes: int, init_state: dict | None = None) -> PanopticModel:
@@ -75,13 +98,15 @@ def evaluate(model, batches: list[dict], cfg: PanopticConfig, device, world: int
     cm = ConfusionMatrix(len(names))
     scores = {t: InstanceScores(instance_classes(detector, t)) for t in cfg.instances.tasks}
     pre = cfg.val_data.preprocess
+    frame = (pre.center, pre.scale)
     for batch in batches:
         x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
         with autocast(cfg.train.amp, device):
             sem, inst = model(x, batch["offset"].to(device))
         cm.update(sem.argmax(1), x["labels"])
         for t, outs in inst.items():
-            score_events(scores[t], outs, batch, t, detector.stuff_class, cfg.instances.postprocess)
+            regress = getattr(cfg.instances, t).regress
+            score_events(scores[t], outs, batch, t, detector.stuff_class, cfg.instances.postprocess, frame, regress)
     if world > 1:
         cm.all_reduce_()
         gathered: list = [None] * world
@@ -103,6 +128,9 @@ class PanopticTask(SegmentationTask):
         detector = get_detector(inputs["detector"])
         if "particle" in cfg.instances.tasks and "pid" not in detector.labels:
             raise ValueError(f"instances.tasks has particle, but {detector.name} events have no pid labels")
+        if "particle" in cfg.instances.tasks and cfg.instances.particle.regress:
+            for key, data in (("data", cfg.data), ("val_data", cfg.val_data)):
+                check_particle_truth(inputs["train_data" if key == "data" else "val_data"], f"{key}.uri {data.uri}")
         return inputs
 
     @classmethod
@@ -135,14 +163,22 @@ class PanopticTask(SegmentationTask):
     def step(self, batch: dict, step: int) -> dict:
         cfg, device = self.cfg, self.ctx.device
         pre = cfg.data.preprocess
-        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}
+        coord, turn = augment_with_transforms(batch["coord"], batch["offset"], cfg.train.augment)
+        # regression targets from the points as read (offsets from centroids), turned as the points are below
+        targets = {
+            t: regression_targets(batch, getattr(cfg.instances, t).regress, (pre.center, pre.scale), turn)
+            for t in cfg.instances.tasks
+            if getattr(cfg.instances, t).regress
+        }
+        batch = {**batch, "coord": coord}
         x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
         with autocast(cfg.train.amp, device):
             sem, inst = self.model(x, batch["offset"].to(device))
         losses = {"semantic": self.loss_fn(sem.float(), x["labels"]) * cfg.instances.semantic_weight}
         for t, outs in inst.items():
             ids, cls, stuff = (v.to(device) for v in instance_labels(batch, t, self.detector.stuff_class))
-            got = instance_loss(outs, ids, cls, stuff, batch["offset"], cfg.instances.loss)
+            dims = regress_dims(getattr(cfg.instances, t).regress)
+            got = instance_loss(outs, ids, cls, stuff, batch["offset"], cfg.instances.loss, targets.get(t), dims)
             losses[t] = got["loss"]
         loss = sum(losses.values())
         opt = self.parts["optimizer"]
