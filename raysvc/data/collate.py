@@ -12,10 +12,10 @@ import torch
 from raysvc.data.schema import LABEL_FIELDS, flat_coords, flat_values
 
 
-def collate_packed(table: pa.Table) -> dict[str, torch.Tensor]:
+def collate_packed(table: pa.Table, particles: bool = False) -> dict[str, torch.Tensor]:
     """Packed batch: coord (N,3), energy (N,1), feat (N,4) = xyz + energy, labels (N,) int64, batch (N,),
-    offset (B,) cumulative point counts (offset[-1] == N), event_id (B,); `particles` (B,) the events' particle truth
-    as Python lists (None where unknown) when the table has the column."""
+    offset (B,) cumulative point counts (offset[-1] == N), event_id (B,). With `particles` (for the tasks that learn
+    from it), also `particles`: per event its particle truth as a list of dicts, or None where unknown."""
     counts = table.column("num_points").to_numpy().astype(np.int64)
     coord = torch.from_numpy(flat_coords(table).copy())
     energy = torch.from_numpy(flat_values(table, "energy").astype(np.float32, copy=True)).unsqueeze(1)
@@ -29,8 +29,9 @@ def collate_packed(table: pa.Table) -> dict[str, torch.Tensor]:
     }
     for name in LABEL_FIELDS:
         out[name] = torch.from_numpy(flat_values(table, name).astype(np.int64))
-    if "particles" in table.column_names:  # per event: its particles' truth (list of dicts) or None
-        out["particles"] = table.column("particles").to_pylist()
+    if particles:
+        have = "particles" in table.column_names
+        out["particles"] = table.column("particles").to_pylist() if have else [None] * table.num_rows
     if out["coord"].shape[0] != int(counts.sum()):
         raise ValueError(f"collate: {out['coord'].shape[0]} points but num_points sums to {int(counts.sum())}")
     return out

@@ -167,9 +167,11 @@ def _read_task(
     return (transform(table, **transform_kwargs) if transform is not None else table), counts
 
 
-def pack_tables(tables: Iterable[pa.Table], batch_events: int, drop_last: bool = False) -> Iterator[dict]:
-    """Packed batches of exactly `batch_events` events cut across consecutive tables (the last one shorter unless
-    `drop_last`)."""
+def pack_tables(
+    tables: Iterable[pa.Table], batch_events: int, drop_last: bool = False, collate=collate_packed
+) -> Iterator[dict]:
+    """Packed batches (`collate` of each) of exactly `batch_events` events cut across consecutive tables (the last
+    one shorter unless `drop_last`)."""
     pending: pa.Table | None = None
     for block in tables:
         start = 0
@@ -179,15 +181,15 @@ def pack_tables(tables: Iterable[pa.Table], batch_events: int, drop_last: bool =
             start = min(take, block.num_rows)
             if pending.num_rows < batch_events:
                 continue
-            yield collate_packed(pending)
+            yield collate(pending)
             pending = None
         while block.num_rows - start >= batch_events:
-            yield collate_packed(block.slice(start, batch_events))
+            yield collate(block.slice(start, batch_events))
             start += batch_events
         if start < block.num_rows:
             pending = block.slice(start)
     if pending is not None and pending.num_rows and not drop_last:
-        yield collate_packed(pending)
+        yield collate(pending)
 
 
 def iter_packed(source, batch_events: int, prefetch_batches: int = 2, drop_last: bool = False) -> Iterator[dict]:

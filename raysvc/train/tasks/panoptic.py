@@ -12,12 +12,14 @@ pooled over the ranks.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raysvc.data.collate import collate_packed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.instance_metrics import InstanceScores
 from raysvc.inference.instances import (
@@ -160,6 +162,9 @@ class PanopticTask(SegmentationTask):
         self.detector = get_detector(ctx.inputs["detector"])
         return build_panoptic(cfg, self.detector, len(ctx.inputs["class_names"]), ctx.inputs["init_state"])
 
+    def collate(self, table) -> dict:
+        return collate_packed(table, particles=True)  # the regression outputs learn from the particles' truth
+
     def step(self, batch: dict, step: int) -> dict:
         cfg, device = self.cfg, self.ctx.device
         pre = cfg.data.preprocess
@@ -196,7 +201,8 @@ class PanopticTask(SegmentationTask):
     def evaluate(self, step: int) -> None:
         ctx = self.ctx
         if self.val_batches is None:
-            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world)
+            collate = functools.partial(collate_packed, particles=True)
+            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world, collate)
         args = (self.cfg, ctx.device, ctx.world, self.class_names, self.detector)
         val = evaluate(self.raw, self.val_batches, *args)
         ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from raysvc.data.collate import collate_packed
 from raysvc.data.config import DataConfig
 from raysvc.data.pipeline import Prepared, pack_tables, prepare, rank_shards, stream_tables
 from raysvc.data.reader import read_preprocessed
@@ -153,14 +154,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None =
     return model
 
 
-def validation_batches(cfg: FinetuneConfig, prep: Prepared, rank: int, world: int) -> list[dict]:
+def validation_batches(
+    cfg: FinetuneConfig, prep: Prepared, rank: int, world: int, collate=collate_packed
+) -> list[dict]:
     """This rank's share of the validation events (shard i -> rank i mod world), read once and kept."""
     shards = rank_shards(prep, rank, world, 0, 0, shuffle=False)
     if not shards:
         return []
     cap = None if cfg.train.val_events is None else -(-cfg.train.val_events // world)
     out, n = [], 0
-    for batch in pack_tables(stream_tables(cfg.val_data, prep, shards), cfg.val_data.batch_events):
+    for batch in pack_tables(stream_tables(cfg.val_data, prep, shards), cfg.val_data.batch_events, collate=collate):
         out.append(batch)
         n += len(batch["event_id"])
         if cap is not None and n >= cap:
