@@ -185,7 +185,8 @@ def decode_regression(raw: np.ndarray, inst: EventInstances, coord: np.ndarray, 
     for i, q in enumerate(inst.queries):
         v, vals = raw[q], {}
         if "momentum" in dims:
-            vals["momentum"] = float(10.0 ** v[dims["momentum"]][0])
+            # clipped to 1 keV - 1 TeV: an untrained head's output must still be a finite number in the answer
+            vals["momentum"] = float(10.0 ** np.clip(v[dims["momentum"]][0], -3.0, 6.0))
         if "direction" in dims:
             d = v[dims["direction"]]
             vals["direction"] = d / max(float(np.linalg.norm(d)), 1e-12)
