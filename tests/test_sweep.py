@@ -522,3 +522,18 @@ def test_a_seeded_panoptic_sweep_tabulates_its_instance_metrics(tmp_path, sweep_
     table = json.loads((exp / "table.json").read_text())
     assert table["cells"]["scratch"]["all"] == pytest.approx(np.mean(pqs)) and table["n"]["scratch"]["all"] == 2
     assert "| scratch | all | 2 |" in (exp / "table.md").read_text()
+
+
+def test_a_trial_stopped_mid_run_is_unfinished_not_a_cell_value():
+    from raysvc.sweep.label_efficiency import finished_rows, matrix
+
+    spec = _finetune_spec(seeds=[0, 1], metric="particle.pq")
+    final = {"particle.pq": 0.2, "scores": {"particle.pq": 0.2}, "steps": 300}
+    trials = [
+        {"trial": {"name": "fft-4-s0", "mode": "fft", "events": 4, "seed": 0}, "metrics": final},
+        {"trial": {"name": "fft-4-s1", "mode": "fft", "events": 4, "seed": 1}, "metrics": {"step": 200, "loss": 3.1}},
+    ]
+    rows, unfinished = finished_rows(spec, trials)
+    assert [r["trial"]["name"] for r in rows] == ["fft-4-s0"] and [t["name"] for t in unfinished] == ["fft-4-s1"]
+    table = matrix(spec, rows)
+    assert table["cells"]["fft"]["4"] == 0.2 and table["n"]["fft"]["4"] == 1 and table["n"]["fft"]["all"] == 0

@@ -135,6 +135,18 @@ def finetune_trial(
     )
 
 
+def finished_rows(spec: FinetuneSweep, trials: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the rows of trials that ran to the end, the params of those stopped mid-run): a trial stopped by Ctrl-C
+    leaves Tune only its Train run's progress reports (step, loss), not the final scores."""
+    keep = (spec.metric, "scores", "miou", "accuracy", "iou", "steps", "wall_s", "run_uri")
+    done = [
+        {"trial": r["trial"], "metrics": {k: r["metrics"].get(k) for k in keep}}
+        for r in trials
+        if spec.metric in r["metrics"]
+    ]
+    return done, [r["trial"] for r in trials if spec.metric not in r["metrics"]]
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """(mean, sample standard deviation) of the finished seeds' values; the std is None below 2 values."""
     vals = [float(v) for v in values if v is not None]
@@ -164,7 +176,7 @@ def matrix(spec: FinetuneSweep, rows: list[dict]) -> dict:
         "events": [_label(n) for n in spec.events],
         "cells": {m: {e: s[0] for e, s in row.items()} for m, row in stats.items()},
         "std": {m: {e: s[1] for e, s in row.items()} for m, row in stats.items()},
-        "n": {m: {e: len(v) for e, v in row.items()} for m, row in vals.items()},
+        "n": {m: {e: sum(x is not None for x in v) for e, v in row.items()} for m, row in vals.items()},
         "seeds": spec.seeds,
     }
 
@@ -275,8 +287,10 @@ def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
         metric=spec.metric,
         columns=spec.columns,
     )
-    keep = (spec.metric, "scores", "miou", "accuracy", "iou", "steps", "wall_s", "run_uri")
-    rows = [{"trial": r["trial"], "metrics": {k: r["metrics"].get(k) for k in keep}} for r in outcome.trials]
+    rows, unfinished = finished_rows(spec, outcome.trials)
+    if unfinished:
+        names = ", ".join(t["name"] for t in unfinished)
+        log(f"[raysvc] {len(unfinished)} trial(s) stopped before the end ({names}): re-run the spec to finish them")
     table = matrix(spec, rows)
     columns = columns_table(spec, rows)
     summary = {
@@ -285,6 +299,7 @@ def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
         "table": table,
         "columns": columns,
         "trials": rows,
+        "unfinished": unfinished,
         "failed": outcome.failed,
         "resumed": outcome.resumed,
         "train_events_total": total,
