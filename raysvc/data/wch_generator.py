@@ -322,7 +322,7 @@ def _draw_event(cfg: WChGeneratorConfig, rng: np.random.Generator) -> dict:
             for g_dir, g_e in pi0_decay(rng, d, ke):
                 g = add("gamma", vertex, g_dir, g_e, False)
                 lights.append((g, _photon(cfg, vertex, g_dir, g_e, rng)))
-    return _detect(cfg, rng, pmts, lights, truth, vertex)
+    return _detect(cfg, rng, pmts, normals, lights, truth, vertex)
 
 
 def _photon(cfg: WChGeneratorConfig, vertex, d, energy: float, rng) -> dict:
@@ -330,8 +330,7 @@ def _photon(cfg: WChGeneratorConfig, vertex, d, energy: float, rng) -> dict:
     return shower_steps(cfg, "gamma", vertex + conv * d, d, energy, t0=conv / C_M_PER_NS)
 
 
-def _detect(cfg, rng, pmts, lights, truth, vertex) -> dict:
-    _, normals = pmt_layout(cfg)
+def _detect(cfg, rng, pmts, normals, lights, truth, vertex) -> dict:
     n_pmt = len(pmts)
     pe = np.zeros((len(truth), n_pmt), np.int64)
     t_sum = np.zeros(n_pmt)

@@ -158,7 +158,7 @@ def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarra
     scores = {t: InstanceScores(instance_classes(seg.detector, t)) for t in seg.instance_tasks}
     pre, counts = preprocess_table(chunk, seg.record.preprocess, source, detector=seg.detector)
     if pre.num_rows:
-        batch = collate_packed(pre, particles=bool(seg.instance_tasks))
+        batch = collate_packed(pre, particles=any(seg.regress.values()))
         with torch.no_grad():
             logits, x = seg.point_logits(batch)
         cm.update(logits.argmax(1), x["labels"])

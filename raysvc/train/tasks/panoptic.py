@@ -131,8 +131,8 @@ class PanopticTask(SegmentationTask):
         if "particle" in cfg.instances.tasks and "pid" not in detector.labels:
             raise ValueError(f"instances.tasks has particle, but {detector.name} events have no pid labels")
         if "particle" in cfg.instances.tasks and cfg.instances.particle.regress:
-            for key, data in (("data", cfg.data), ("val_data", cfg.val_data)):
-                check_particle_truth(inputs["train_data" if key == "data" else "val_data"], f"{key}.uri {data.uri}")
+            check_particle_truth(inputs["train_data"], f"data.uri {cfg.data.uri}")
+            check_particle_truth(inputs["val_data"], f"val_data.uri {cfg.val_data.uri}")
         return inputs
 
     @classmethod
@@ -163,7 +163,8 @@ class PanopticTask(SegmentationTask):
         return build_panoptic(cfg, self.detector, len(ctx.inputs["class_names"]), ctx.inputs["init_state"])
 
     def collate(self, table) -> dict:
-        return collate_packed(table, particles=True)  # the regression outputs learn from the particles' truth
+        # the particles' truth only where the regression outputs learn from it (a Python list per batch otherwise)
+        return collate_packed(table, particles=bool(self.cfg.instances.particle.regress))
 
     def step(self, batch: dict, step: int) -> dict:
         cfg, device = self.cfg, self.ctx.device
@@ -201,7 +202,7 @@ class PanopticTask(SegmentationTask):
     def evaluate(self, step: int) -> None:
         ctx = self.ctx
         if self.val_batches is None:
-            collate = functools.partial(collate_packed, particles=True)
+            collate = functools.partial(collate_packed, particles=bool(self.cfg.instances.particle.regress))
             self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world, collate)
         args = (self.cfg, ctx.device, ctx.world, self.class_names, self.detector)
         val = evaluate(self.raw, self.val_batches, *args)
