@@ -23,12 +23,11 @@ def _print_json(obj: dict, path: str | None = None) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from raysvc.data.generator import GeneratorConfig
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.synthetic import generate_dataset, generator_for
     from raysvc.storage import resolve
 
-    cfg = load_config(GeneratorConfig, a.config, a.set)
-    m = generate_dataset(resolve(a.out), a.events, a.seed, a.shard_events, cfg, workers=a.workers)
+    cfg = load_config(generator_for(a.detector)[0], a.config, a.set)
+    m = generate_dataset(resolve(a.out), a.events, a.seed, a.shard_events, cfg, workers=a.workers, detector=a.detector)
     print(f"wrote {m.events} events ({m.points} points) in {len(m.shards)} shards to {a.out}")
 
 
@@ -51,11 +50,14 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     print(f"{stats['uri']}: {stats['events']} events, {stats['points']} points, {stats['shards']} shards")
     ppe = stats["points_per_event"]
     print(f"points/event: median {ppe['median']:.0f}, mean {ppe['mean']:.0f}, p5 {ppe['p5']:.0f}, p95 {ppe['p95']:.0f}")
-    ref, ref_name = stats["reference"]["class_fractions"], stats["reference"]["name"]
+    ref, ref_name = stats["reference"].get("class_fractions", {}), stats["reference"].get("name", "")
     for name, frac in stats["class_fractions"].items():
-        print(f"  {name:7s} {100 * frac:6.2f} %   ({ref_name} {100 * ref[name]:.2f} %)")
+        published = f"   ({ref_name} {100 * ref[name]:.2f} %)" if name in ref else ""
+        print(f"  {name:8s} {100 * frac:6.2f} %{published}")
     for k in ("interactions_per_event", "particles_per_event"):
         print(f"{k}: {stats[k].get('mean', 0):.2f} +- {stats[k].get('std', 0):.2f}")
+    if stats.get("rings_per_event"):
+        print("rings/event: " + ", ".join(f"{k}: {v}" for k, v in stats["rings_per_event"].items()))
 
 
 def cmd_show(a: argparse.Namespace) -> None:
@@ -489,13 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="generate, convert, inspect, show and verify event datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    g = dsub.add_parser("generate", help="synthetic LArTPC events -> shards")
+    g = dsub.add_parser("generate", help="synthetic LArTPC or water Cherenkov events -> shards")
+    g.add_argument("--detector", default="lartpc", choices=["lartpc", "wch"], help="which detector's events")
     g.add_argument("--events", type=int, required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="file:///path, a path, or s3://bucket/prefix")
     g.add_argument("--shard-events", type=int, default=500)
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes")
-    g.add_argument("--config", help="YAML with generator settings (GeneratorConfig)")
+    g.add_argument("--config", help="YAML with generator settings (GeneratorConfig, or WChGeneratorConfig for wch)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a generator setting")
     g.set_defaults(fn=cmd_generate)
     c = dsub.add_parser("convert", help="PILArNet-M HDF5 files -> shards")

@@ -13,7 +13,8 @@ from raysvc.data.schema import LABEL_FIELDS, flat_coords, flat_values
 
 
 def collate_packed(table: pa.Table, particles: bool = False) -> dict[str, torch.Tensor]:
-    """Packed batch: coord (N,3), energy (N,1), feat (N,4) = xyz + energy, labels (N,) int64, batch (N,),
+    """Packed batch: coord (N,3), energy (N,1), feat (N,4) = xyz + energy (N,5 with `time` (N,1) where the events
+    have hit times), labels (N,) int64, batch (N,),
     offset (B,) cumulative point counts (offset[-1] == N), event_id (B,). With `particles` (for the tasks that learn
     from it), also `particles`: per event its particle truth as a list of dicts, or None where unknown."""
     counts = table.column("num_points").to_numpy().astype(np.int64)
@@ -27,6 +28,10 @@ def collate_packed(table: pa.Table, particles: bool = False) -> dict[str, torch.
         "batch": torch.from_numpy(np.repeat(np.arange(len(counts)), counts)),
         "event_id": torch.from_numpy(table.column("event_id").to_numpy().astype(np.int64)),
     }
+    if "time" in table.column_names and table.num_rows and table.column("time").null_count == 0:
+        # a detector with hit times (water Cherenkov): a second feature channel after the amplitude
+        out["time"] = torch.from_numpy(flat_values(table, "time").astype(np.float32, copy=True)).unsqueeze(1)
+        out["feat"] = torch.cat([out["feat"], out["time"]], dim=1)
     for name in LABEL_FIELDS:
         out[name] = torch.from_numpy(flat_values(table, name).astype(np.int64))
     if particles:

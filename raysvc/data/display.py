@@ -1,4 +1,5 @@
-"""Event display (`raysvc data show`): a 3D scatter coloured by semantic class, and a projection by energy; with the
+"""Event display (`raysvc data show`): a 3D scatter coloured by semantic class, and a projection by energy (a
+cylindrical detector's tank unrolled instead, display_tank.py); with the
 predictions of a panoptic model (`--predictions`, what `raysvc predict` wrote), true vs predicted particles and
 interactions instead."""
 
@@ -33,6 +34,7 @@ def load_event(root: Location, event_id: int, manifest: Manifest | None = None) 
                 "particle": flat_values(row, "particle"),
                 "pid": flat_values(row, "pid"),
                 "interaction": flat_values(row, "interaction"),
+                "rings": row.column("rings")[0].as_py() if "rings" in row.column_names else None,
                 "shard": rec.name,
             }
     raise ValueError(f"{root.uri}: no event with event_id {event_id} ({manifest.events} events in the manifest)")
@@ -42,6 +44,10 @@ def show_event(root: Location, event_id: int, out: str) -> str:
     manifest = load_manifest(root)
     detector = manifest.detector_spec
     ev = load_event(root, event_id, manifest)
+    if detector.cylinder is not None:  # a tank: its surface unrolled
+        from raysvc.data.display_tank import show_tank_event
+
+        return show_tank_event(ev, detector, event_id, out, ev["rings"])
     xyz, sem, e = ev["coord"], ev["semantic"], ev["energy"]
     fig = plt.figure(figsize=(13, 6))
     ax = fig.add_subplot(1, 2, 1, projection="3d")

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysvc.data.detectors import LARTPC, Detector
-from raysvc.data.schema import EVENT_SCHEMA, EventDataError, with_particles
+from raysvc.data.schema import EVENT_SCHEMA, EventDataError, with_optional_columns
 from raysvc.data.shards import ShardRecord, read_shard
 from raysvc.data.transforms import PreprocessConfig, preprocess_table
 from raysvc.storage import Location
@@ -64,7 +64,7 @@ def read_preprocessed(
         if cfg.on_bad == "error":
             raise
         return EVENT_SCHEMA.empty_table(), Counter({"read": rec.events, f"bad:{e.kind}": rec.events}), Counter()
-    table = with_particles(table.select([c for c in READ_COLUMNS if c in table.column_names]))
+    table = with_optional_columns(table.select([c for c in READ_COLUMNS if c in table.column_names]))
     t1 = time.perf_counter()
     out, counts = preprocess_table(table, cfg, root.join(rec.name).uri, keep_ids, row_base=0, detector=detector)
     return out, counts, Counter(read=t1 - t0, preprocess=time.perf_counter() - t1)

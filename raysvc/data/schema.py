@@ -46,6 +46,14 @@ PARTICLE_FIELDS: dict[str, pa.DataType] = {
 }
 PARTICLE_TYPE = pa.struct(list(PARTICLE_FIELDS.items()))
 
+# Optional per-point columns, null for a whole event where the detector or the source has no such thing: `time` (ns;
+# a water Cherenkov PMT's hit time) and `contributors` (the ids of every particle that gave the point its signal,
+# where several overlap: a PMT on two rings).
+OPTIONAL_POINT_FIELDS: dict[str, pa.DataType] = {
+    "time": pa.float32(),
+    "contributors": pa.list_(pa.int32()),
+}
+
 EVENT_SCHEMA = pa.schema(
     [
         pa.field("event_id", pa.int64(), nullable=False),
@@ -54,6 +62,8 @@ EVENT_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("detector", pa.string()),
         pa.field("particles", pa.list_(PARTICLE_TYPE)),  # optional: absent in shards written before it existed
+        *[pa.field(name, pa.list_(t)) for name, t in OPTIONAL_POINT_FIELDS.items()],  # optional, as above
+        pa.field("rings", pa.int32()),  # optional: Cherenkov rings of the event (water Cherenkov)
     ],
     metadata={b"raysvc.schema_version": str(SCHEMA_VERSION).encode()},
 )
@@ -117,7 +127,27 @@ def table_from_events(events: list[dict], source: str | list[str], detector: str
     cols["source"] = pa.array([source] * len(events) if isinstance(source, str) else source, pa.string())
     cols["detector"] = pa.array([detector] * len(events), pa.string())
     cols["particles"] = particles_array([e.get("particles") for e in events])
+    for name, t in OPTIONAL_POINT_FIELDS.items():
+        cols[name] = _optional_points(events, name, t, counts)
+    cols["rings"] = pa.array([None if e.get("rings") is None else int(e["rings"]) for e in events], pa.int32())
     return pa.Table.from_pydict(cols, schema=EVENT_SCHEMA)
+
+
+def _optional_points(events: list[dict], name: str, t: pa.DataType, counts: np.ndarray) -> pa.Array:
+    """An optional per-point column: per event its values (one per point) or null where the event has none."""
+    have = [e.get(name) is not None for e in events]
+    for e, h, n in zip(events, have, counts, strict=True):
+        if h and len(e[name]) != n:
+            raise ValueError(f"event {e['event_id']}: {name!r} has {len(e[name])} values for {n} points")
+    lengths = np.where(have, counts, 0)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    vals = [e[name] for e, h in zip(events, have, strict=True) if h]
+    if pa.types.is_list(t):  # a list per point: ragged
+        values = pa.array([list(map(int, v)) for ev in vals for v in ev], t)
+    else:
+        flat = np.concatenate([np.asarray(v) for v in vals]) if vals else np.zeros(0)
+        values = pa.array(flat.astype(t.to_pandas_dtype()), t)
+    return pa.ListArray.from_arrays(offsets, values, type=pa.list_(t), mask=pa.array([not h for h in have]))
 
 
 def particles_array(per_event: list[dict | None]) -> pa.Array:
@@ -152,11 +182,19 @@ def particles_array(per_event: list[dict | None]) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values, type=pa.list_(PARTICLE_TYPE), mask=mask)
 
 
-def with_particles(table: pa.Table) -> pa.Table:
-    """`table` with a null `particles` column where it has none (a shard written before the column existed)."""
-    if "particles" in table.column_names:
-        return table
-    return table.append_column(EVENT_SCHEMA.field("particles"), pa.nulls(table.num_rows, pa.list_(PARTICLE_TYPE)))
+OPTIONAL_COLUMNS = ("particles", *OPTIONAL_POINT_FIELDS, "rings")
+
+
+def with_optional_columns(table: pa.Table) -> pa.Table:
+    """`table` with null optional columns (`particles`, `time`, `contributors`, `rings`) where it has none (a shard
+    written before the column existed, or a reader's table that has no such truth)."""
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            f = EVENT_SCHEMA.field(name)
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    # in the schema's order (other columns after), so that tables of old and new shards concatenate
+    order = [n for n in EVENT_SCHEMA.names if n in table.column_names]
+    return table.select(order + [n for n in table.column_names if n not in order])
 
 
 def flat_values(table: pa.Table, name: str) -> np.ndarray:
@@ -212,7 +250,7 @@ def check_columns(table: pa.Table, shard: str) -> pa.Table:
                 shard, f"has type {have}, expected {field.type} ({e})", field=field.name, kind="schema"
             ) from e
         table = table.set_column(table.schema.get_field_index(field.name), field, casted)
-    return with_particles(table)  # one schema for old and new shards of a dataset
+    return with_optional_columns(table)  # one schema for old and new shards of a dataset
 
 
 def find_problems(
@@ -222,7 +260,8 @@ def find_problems(
 
     Rules: the `detector` column, where present and not null, names `detector` (the dataset's: an event of another
     detector is checked first, since its geometry and labels mean something else); lengths of every per-point list
-    equal num_points; no empty event; coordinates finite and inside [0, volume); energy finite and >= 0; semantic in
+    (and of an optional one where not null) equal num_points; no empty event; hit times present and finite for a
+    detector with a time channel; coordinates finite and inside [0, volume); energy finite and >= 0; semantic in
     [0, num_classes). `volume` and `num_classes` default to the detector's extent and semantic classes.
     """
     volume = detector.extent if volume is None else volume
@@ -250,6 +289,22 @@ def find_problems(
         if wrong.size:
             r = wrong[0]
             flag(wrong, name, "length", f"has {lengths[r]} entries but num_points is {num_points[r]}")
+
+    for name in OPTIONAL_POINT_FIELDS:
+        if name not in table.column_names:
+            continue
+        arr = table.column(name).combine_chunks()
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        lengths, _ = _list_parts(arr)
+        wrong = np.flatnonzero(valid & (lengths != num_points))
+        if wrong.size:
+            r = wrong[0]
+            flag(wrong, name, "length", f"has {lengths[r]} entries but num_points is {num_points[r]}")
+        if name == "time" and detector.has_time:
+            flag(np.flatnonzero(~valid), "time", "missing", f"no hit times: {detector.name} events need them")
+            t = arr.flatten().to_numpy(zero_copy_only=False)
+            rows_t = np.repeat(np.arange(n), lengths)
+            flag(rows_t[~np.isfinite(t)], "time", "nonfinite", "time contains NaN or inf")
 
     lengths, coord_vals = _list_parts(table.column("coord"))
     row_of_point = np.repeat(np.arange(n), lengths)

@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 
 from raysvc import __version__
 from raysvc.data.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
-from raysvc.data.schema import EVENT_SCHEMA, SCHEMA_VERSION, EventDataError, check_columns, with_particles
+from raysvc.data.schema import (
+    EVENT_SCHEMA,
+    OPTIONAL_COLUMNS,
+    SCHEMA_VERSION,
+    EventDataError,
+    check_columns,
+    with_optional_columns,
+)
 from raysvc.storage import Location, StorageError, explained, read_bytes, retried, sha256_hex, write_bytes_atomic
 
 MANIFEST = "manifest.json"
@@ -72,7 +79,7 @@ class Manifest:
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
     """Serialise an event table (schema enforced) into Parquet bytes."""
-    table = with_particles(table)
+    table = with_optional_columns(table)
     table = table.cast(EVENT_SCHEMA) if table.schema != EVENT_SCHEMA else table
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_EVENTS, write_statistics=["event_id"])
@@ -159,7 +166,15 @@ def read_shard(
     if verify_checksum and sha256_hex(data) != rec.sha256:
         raise EventDataError(loc.uri, "sha256 does not match the manifest (corrupt shard)", kind="corrupt")
     try:
+        if columns is not None:  # optional columns a shard written before them lacks come back null
+            names = set(pq.read_schema(pa.BufferReader(data)).names)
+            missing = [c for c in columns if c not in names and c in OPTIONAL_COLUMNS]
+            columns = [c for c in columns if c not in missing]
         table = pq.read_table(pa.BufferReader(data), columns=columns)
+        if columns is not None and missing:
+            for c in missing:
+                f = EVENT_SCHEMA.field(c)
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     except (pa.ArrowInvalid, OSError) as e:
         raise EventDataError(loc.uri, f"not a readable Parquet file ({e})", kind="corrupt") from e
     if table.num_rows != rec.events:

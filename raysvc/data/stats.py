@@ -27,8 +27,10 @@ def inspect_dataset(root: Location, verify: bool = True) -> dict:
     detector = manifest.detector_spec
     names = detector.class_names
     n_points, class_counts, inter, part = [], np.zeros(len(names), np.int64), [], []
-    cols = ["num_points", "semantic", "interaction", "particle"]
+    cols = ["num_points", "semantic", "interaction", "particle", "rings"]
+    rings: list[int] = []
     for _, table in iter_tables(root, manifest, verify_checksum=verify, columns=cols):
+        rings += [r for r in table.column("rings").to_pylist() if r is not None]
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         n_points.append(lengths)
         sem = flat_values(table, "semantic")
@@ -60,6 +62,8 @@ def inspect_dataset(root: Location, verify: bool = True) -> dict:
         "class_fractions": {name: float(class_counts[i] / total) for i, name in enumerate(names)},
         "interactions_per_event": describe(inter_a),
         "particles_per_event": describe(part_a),
+        # events per number of Cherenkov rings, where the detector has rings (water Cherenkov)
+        "rings_per_event": {str(k): int(v) for k, v in zip(*np.unique(rings, return_counts=True), strict=True)},
         "reference": reference,
         # the same, under the key readers used before `reference` (LArTPC: `reference_pilarnet_m`)
         **({reference_key(reference): reference} if reference.get("name") else {}),

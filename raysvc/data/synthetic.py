@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import pyarrow as pa
+from pydantic import BaseModel
 from tqdm import tqdm
 
-from raysvc.data.generator import DETECTOR, GeneratorConfig, generate_event
+from raysvc.data.generator import GeneratorConfig, generate_event
 from raysvc.data.schema import table_from_events
 from raysvc.data.shards import Manifest, write_dataset
+from raysvc.data.wch_generator import WChGeneratorConfig, generate_wch_record
 from raysvc.storage import Location
 
+# Per detector: its generator's settings and the function that draws event `index` of a seed as an event-table row.
+GENERATORS: dict[str, tuple[type[BaseModel], Callable]] = {
+    "lartpc": (GeneratorConfig, generate_event),
+    "wch": (WChGeneratorConfig, generate_wch_record),
+}
 
-def _shard_table(i: int, *, cfg: GeneratorConfig, seed: int, events: int, shard_events: int) -> pa.Table:
+
+def generator_for(detector: str) -> tuple[type[BaseModel], Callable]:
+    try:
+        return GENERATORS[detector]
+    except KeyError:
+        raise ValueError(f"no event generator for detector {detector!r}; known: {sorted(GENERATORS)}") from None
+
+
+def _shard_table(i: int, *, cfg: BaseModel, seed: int, events: int, shard_events: int, detector: str) -> pa.Table:
     lo, hi = i * shard_events, min((i + 1) * shard_events, events)
-    events = [generate_event(cfg, seed, k) for k in range(lo, hi)]
-    return table_from_events(events, source=f"synthetic:seed={seed}", detector=DETECTOR.name)
+    draw = generator_for(detector)[1]
+    events = [draw(cfg, seed, k) for k in range(lo, hi)]
+    return table_from_events(events, source=f"synthetic:seed={seed}", detector=detector)
 
 
 def generate_dataset(
@@ -25,22 +42,30 @@ def generate_dataset(
     events: int,
     seed: int,
     shard_events: int = 500,
-    cfg: GeneratorConfig | None = None,
+    cfg: BaseModel | None = None,
     workers: int = 1,
     show_progress: bool = True,
+    detector: str = "lartpc",
 ) -> Manifest:
-    """Generate `events` events (ids 0..events-1) into shards of `shard_events`; identical for any sharding."""
+    """Generate `events` events (ids 0..events-1) of `detector` into shards of `shard_events`; identical for any
+    sharding. `cfg` is that detector's generator settings (default: its defaults)."""
     if events <= 0 or shard_events <= 0:
         raise ValueError(f"events ({events}) and shard_events ({shard_events}) must be positive")
-    cfg = cfg or GeneratorConfig()
+    config_type = generator_for(detector)[0]
+    cfg = cfg or config_type()
+    if not isinstance(cfg, config_type):
+        raise TypeError(f"detector {detector!r} takes a {config_type.__name__}, got {type(cfg).__name__}")
     n_shards = math.ceil(events / shard_events)
-    make = functools.partial(_shard_table, cfg=cfg, seed=seed, events=events, shard_events=shard_events)
+    make = functools.partial(
+        _shard_table, cfg=cfg, seed=seed, events=events, shard_events=shard_events, detector=detector
+    )
     bar = (lambda it: tqdm(it, total=n_shards, desc="shards", unit="shard")) if show_progress else None
     created_by = {
         "tool": "raysvc data generate",
         "seed": seed,
         "events": events,
         "shard_events": shard_events,
+        "detector": detector,
         "generator": cfg.model_dump(mode="json"),
     }
-    return write_dataset(root, n_shards, make, created_by, workers=workers, progress=bar, detector=DETECTOR.name)
+    return write_dataset(root, n_shards, make, created_by, workers=workers, progress=bar, detector=detector)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raysvc.data.detectors import LARTPC, Detector
 from raysvc.data.schema import (
     EVENT_SCHEMA,
+    OPTIONAL_POINT_FIELDS,
     POINT_FIELDS,
     EventDataError,
     check_columns,
@@ -43,7 +44,19 @@ class PreprocessConfig(BaseModel):
     log_m: float = Field(0.01, gt=0)
     log_emax: float = Field(20.0, gt=0)
     volume: float = Field(LARTPC.extent, gt=0, description="coordinates must lie in [0, volume)")
+    time_scale_ns: float = Field(50.0, gt=0, description="hit times: log1p(t / this) after the event's first hit")
+    time_cap_ns: float = Field(4000.0, gt=0, description="hit times later than this after the first map to 1")
     on_bad: Literal["error", "skip"] = Field("error", description="bad events: raise, or skip and count")
+
+
+def check_geometry(cfg: PreprocessConfig, detector: Detector) -> None:
+    """The preprocessing's volume is the detector's: a model would otherwise see another detector's coordinates
+    squeezed into its frame (a water Cherenkov dataset read with LArTPC's defaults). The error says what to set."""
+    if cfg.volume != detector.extent:
+        raise ValueError(
+            f"preprocess.volume is {cfg.volume:g} but detector {detector.name!r} spans [0, {detector.extent:g}); set "
+            f"preprocess: {{center: {detector.center:g}, scale: {detector.scale:g}, volume: {detector.extent:g}}}"
+        )
 
 
 def normalize_coord(xyz: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -54,6 +67,16 @@ def log_energy(e: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     m = cfg.log_m
     lo, hi = math.log10(m), math.log10(cfg.log_emax + m)
     return (2.0 * (np.log10(e + m) - lo) / (hi - lo) - 1.0).astype(np.float32)
+
+
+def log_time(t: np.ndarray, row_of_point: np.ndarray, n_rows: int, cfg: PreprocessConfig) -> np.ndarray:
+    """Hit times into [-1, 1]: after each event's first hit, log1p(dt / time_scale_ns) over that of time_cap_ns
+    (later hits are capped), so that the prompt light keeps its ns resolution and late light still registers."""
+    first = np.full(n_rows, np.inf)
+    np.minimum.at(first, row_of_point, t)
+    dt = np.clip(t - first[row_of_point], 0, cfg.time_cap_ns)
+    scaled = np.log1p(dt / cfg.time_scale_ns) / math.log1p(cfg.time_cap_ns / cfg.time_scale_ns)
+    return (2.0 * scaled - 1.0).astype(np.float32)
 
 
 def _rebuild_lists(
@@ -77,6 +100,21 @@ def _rebuild_lists(
         else:
             values = col.flatten().take(idx)
         table = table.set_column(table.schema.get_field_index(name), name, pa.ListArray.from_arrays(offsets, values))
+    for name in OPTIONAL_POINT_FIELDS:
+        if name not in table.column_names:
+            continue
+        col = table.column(name).combine_chunks()
+        if col.null_count == len(col):  # no such values in these events: the column stays null
+            continue
+        if col.null_count:  # a dataset holds the column for all of its events or for none (find_problems)
+            raise ValueError(f"{name}: null for some events only; cannot cut points of the others")
+        values = pa.array(replace[name]) if name in replace else col.flatten().take(idx)
+        field = table.schema.field(name)
+        table = table.set_column(
+            table.schema.get_field_index(name),
+            field,
+            pa.ListArray.from_arrays(offsets, values.cast(field.type.value_type)),
+        )
     return table.set_column(table.schema.get_field_index("num_points"), "num_points", pa.array(new_len))
 
 
@@ -97,6 +135,7 @@ def preprocess_table(
     """
     if cfg.remove_led and detector.stuff_class is None:
         raise ValueError(f"remove_led: detector {detector.name!r} has no stuff class to remove")
+    check_geometry(cfg, detector)
     counts: Counter = Counter(read=table.num_rows)
     if keep_ids is not None:
         sel = pc.is_in(table.column("event_id"), value_set=pa.array(keep_ids, pa.int64()))
@@ -142,6 +181,9 @@ def preprocess_table(
     xyz = flat_coords(table)
     replace["coord"] = normalize_coord(xyz[mask], cfg)
     replace["energy"] = log_energy(energy[mask], cfg)
+    if detector.has_time:
+        row_of_point = np.repeat(np.arange(len(lengths)), lengths)[mask]
+        replace["time"] = log_time(flat_values(table, "time")[mask], row_of_point, len(lengths), cfg)
     table = _rebuild_lists(table, mask, lengths, replace)
     enough = table.column("num_points").to_numpy() >= cfg.min_points
     counts["cut:min_points"] += int((~enough).sum())

@@ -37,6 +37,7 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raysvc.data.detectors import WCH
 from raysvc.data.physics import isotropic, range_table
 
 N_WATER = 1.33
@@ -47,7 +48,7 @@ MIP_MEV_PER_M = 200.0  # minimum-ionising dE/dx of water, 2 MeV/cm
 CRITICAL_MEV = 78.0  # critical energy of water (Rossi)
 MASS = {"electron": 0.51099895, "muon": 105.658, "pion": 139.570, "gamma": 0.0, "pi0": 134.977}
 # Categories of the per-hit labels and of the event's particles (index = class id).
-CATEGORIES = ("gamma", "electron", "muon", "pion", "pi0")
+CATEGORIES = WCH.labels["pid"].classes  # ("gamma", "electron", "muon", "pion", "pi0")
 CATEGORY = {name: i for i, name in enumerate(CATEGORIES)}
 
 
@@ -380,4 +381,36 @@ def _detect(cfg, rng, pmts, normals, lights, truth, vertex) -> dict:
             "primary": np.array([int(t["primary"]) for t in truth], np.int8),
         },
         "vertex": np.asarray(vertex, np.float32),
+    }
+
+
+# --- shards --------------------------------------------------------------------------------------------------
+def to_cube(p_m: np.ndarray) -> np.ndarray:
+    """Tank coordinates (m, origin at the tank's centre) -> the `wch` detector's (cm, origin at a corner of the cube
+    that holds the tank)."""
+    return (np.asarray(p_m, np.float64) * 100.0 + WCH.center).astype(np.float32)
+
+
+def generate_wch_record(cfg: WChGeneratorConfig, seed: int, index: int) -> dict:
+    """One event as a row of the event table (`detector = "wch"`): hit PMTs with charge in `energy`, `time`, the
+    owning particle's category as `semantic` (dark noise: the stuff class) and `pid`, `contributors` and `rings`."""
+    ev = generate_wch_event(cfg, seed, index)
+    owner = ev["particle"]
+    noise = owner < 0
+    category = ev["category"].astype(np.int8)
+    parts = dict(ev["particles"])
+    parts["vertex"] = to_cube(parts["vertex"])
+    return {
+        "event_id": ev["event_id"],
+        "coord": to_cube(ev["coord"]),
+        "energy": ev["charge"],
+        "time": ev["time"],
+        "semantic": np.where(noise, WCH.stuff_class, category).astype(np.int8),
+        "pid": np.where(noise, -1, category).astype(np.int8),
+        "particle": owner,
+        "interaction": np.where(noise, -1, 0).astype(np.int32),
+        "fragment": owner,
+        "contributors": ev["contributors"],
+        "rings": ev["rings"],
+        "particles": parts,
     }

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from raysvc.data.detectors.base import Detector, LabelSpace
 from raysvc.data.detectors.lartpc import LARTPC
+from raysvc.data.detectors.wch import WCH
 
-DETECTORS: dict[str, Detector] = {d.name: d for d in (LARTPC,)}
+DETECTORS: dict[str, Detector] = {d.name: d for d in (LARTPC, WCH)}
 DEFAULT_DETECTOR = LARTPC.name
 
 
@@ -21,4 +22,4 @@ def get_detector(name: str | None) -> Detector:
         raise ValueError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}") from None
 
 
-__all__ = ["DEFAULT_DETECTOR", "DETECTORS", "LARTPC", "Detector", "LabelSpace", "get_detector"]
+__all__ = ["DEFAULT_DETECTOR", "DETECTORS", "LARTPC", "WCH", "Detector", "LabelSpace", "get_detector"]

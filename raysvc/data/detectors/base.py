@@ -33,6 +33,12 @@ class Detector:
     stuff_class: int | None = None  # semantic class that is "stuff" (no instances), e.g. LArTPC's LED
     reference: dict = field(default_factory=dict)  # published statistics `raysvc data inspect` compares against
     class_colors: tuple[str, ...] = ()  # display colour per semantic class
+    feature_units: tuple[str, ...] = ()  # unit of each feature channel, for docs and displays
+    # A cylindrical detector inside the cube: (radius, half-height) about the cube's centre, z the axis, in the
+    # coordinate units; points must lie within it (plus `surface_margin`, since sensors sit on its surface).
+    cylinder: tuple[float, float] | None = None
+    surface_margin: float = 0.0
+    coord_scale: float | None = None  # normalisation scale, when not the cube's half-diagonal
 
     @property
     def semantic(self) -> LabelSpace:
@@ -63,10 +69,23 @@ class Detector:
 
     @property
     def scale(self) -> float:
-        """Coordinate scale of the normalisation: the volume's half-diagonal maps to 1 (the unit sphere)."""
-        return self.extent * math.sqrt(3) / 2
+        """Coordinate scale of the normalisation: `coord_scale`, else the volume's half-diagonal maps to 1 (the unit
+        sphere)."""
+        return self.coord_scale if self.coord_scale is not None else self.extent * math.sqrt(3) / 2
+
+    @property
+    def has_time(self) -> bool:
+        """Whether points carry a time channel (the `time` column) besides their amplitude."""
+        return "time" in self.features
 
     def inside(self, xyz: np.ndarray, extent: float | None = None) -> np.ndarray:
-        """(N,) bool: points inside the detector volume ([0, extent) per axis)."""
+        """(N,) bool: points inside the detector volume ([0, extent) per axis, and within the cylinder of a
+        cylindrical detector)."""
         hi = self.extent if extent is None else extent
-        return ((xyz >= 0) & (xyz < hi)).all(axis=1)
+        ok = ((xyz >= 0) & (xyz < hi)).all(axis=1)
+        if self.cylinder is not None:
+            radius, half_height = self.cylinder
+            rel = xyz - self.center
+            ok &= np.hypot(rel[:, 0], rel[:, 1]) <= radius + self.surface_margin
+            ok &= np.abs(rel[:, 2]) <= half_height + self.surface_margin
+        return ok
