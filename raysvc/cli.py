@@ -168,7 +168,12 @@ def cmd_bench_gpu(a: argparse.Namespace) -> None:
     from raysvc.bench.gpu import run_gpu_bench
 
     result = run_gpu_bench(
-        a.device, events=a.events, steps=a.steps, batch=a.batch_events, log=lambda m: print(m, file=sys.stderr)
+        a.device,
+        events=a.events,
+        steps=a.steps,
+        batch=a.batch_events,
+        log=lambda m: print(m, file=sys.stderr),
+        profile=a.profile,
     )
     if a.json:
         _print_json(result, a.out)
@@ -657,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--events", type=int, default=24)
     bg.add_argument("--steps", type=int, default=10, help="timed steps per variant on the device (CPU: a quarter)")
     bg.add_argument("--batch-events", type=int, default=4)
+    bg.add_argument("--profile", action="store_true", help="also profile one bf16 segmentation step per size (CUDA)")
     bg.add_argument("--json", action="store_true")
     bg.add_argument("--out", help="also write the JSON here (with --json)")
     bg.set_defaults(fn=cmd_bench_gpu)

@@ -36,7 +36,9 @@ def reference(qkv: torch.Tensor, sizes: list[int], k: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("sizes, k", [([10, 3, 25], 8), ([8, 16], 8), ([1], 4), ([40, 7, 9, 33], 16)])
+@pytest.mark.parametrize(
+    "sizes, k", [([10, 3, 25], 8), ([8, 16], 8), ([1], 4), ([40, 7, 9, 33], 16), ([3, 0, 5], 8), ([16, 32], 16)]
+)
 def test_sdpa_path_matches_reference(sizes, k):
     torch.manual_seed(sum(sizes))
     qkv = torch.randn(sum(sizes), 3, 2, 4, dtype=torch.float64)

@@ -47,6 +47,36 @@ def test_attention_check_against_float64_catches_a_wrong_scale(monkeypatch):
     assert gpu.verdicts({"attention": gpu.check_attention(CPU)}) == {"attention.sdpa_fp32_err": False}
 
 
+def test_flash_kernel_check_runs_full_patches_unmasked_and_reports_a_refusal(monkeypatch):
+    # the CPU flash kernel exists too: full patches under it match float64 to bf16 rounding
+    ok = gpu.check_sdpa_flash_kernel(CPU, torch.Generator().manual_seed(0), 4, 16, 64)
+    assert ok["sdpa_flash_kernel_runs"] and ok["sdpa_flash_kernel_bf16_err"] < 3e-2
+    assert gpu.verdicts({"attention": ok})["attention.sdpa_flash_kernel_bf16_err"]
+
+    # the CUDA flash kernel (bf16 only) refuses masks: a patch path that masks everything fails the check there
+    def refuse_masks(q, *a, attn_mask=None, **kw):
+        if attn_mask is not None and q.dtype == torch.bfloat16:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real_sdpa(q, *a, attn_mask=attn_mask, **kw)
+
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse_masks)
+    monkeypatch.setattr(gpu, "make_patches", _all_short)
+    bad = gpu.check_sdpa_flash_kernel(CPU, torch.Generator().manual_seed(0), 4, 16, 64)
+    assert bad["sdpa_flash_kernel_runs"] is False
+    assert gpu.verdicts({"attention": bad}) == {"attention.sdpa_flash_kernel_runs": False}
+
+
+def _all_short(offset, size):
+    """The patch layout with every patch sent down the masked path (as all patches were before the split)."""
+    from raysvc.ops.attention import Patches
+    from raysvc.ops.attention import make_patches as real
+
+    p = real(offset, size)
+    rows = torch.arange(len(p.index))
+    return Patches(p.index, p.lengths, p.first, size, rows[:0], rows, p.lengths)
+
+
 def test_polarmae_check_compares_device_and_cpu_losses_and_catches_a_changed_weight(monkeypatch, tmp_path):
     import copy
     from types import SimpleNamespace

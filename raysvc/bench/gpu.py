@@ -129,7 +129,90 @@ def check_attention(device: torch.device, seed: int = 0, heads: int = 4, dim: in
             out["sdpa_bf16_err"] = _err(patch_attention(qkv.bfloat16().to(device), patches, use_flash=False), ref)
         with contextlib.suppress(RuntimeError):  # flash-attn not installed
             out["flash_bf16_err"] = _err(patch_attention(qkv.bfloat16().to(device), patches, use_flash=True), ref)
+        out.update(check_sdpa_flash_kernel(device, g, heads, dim, size))
     return out
+
+
+def check_sdpa_flash_kernel(device: torch.device, g: torch.Generator, heads: int, dim: int, size: int) -> dict:
+    """Events longer than a patch give only full patches, which SDPA takes without a mask: with SDPA held to its
+    flash kernel they must still run (the kernel refuses any attn_mask) and match the float64 reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    offset = torch.tensor([2 * size, 5 * size + size // 3])
+    qkv = torch.randn(int(offset[-1]), 3, heads, dim, generator=g, dtype=torch.float64)
+    ref = patch_attention(qkv, make_patches(offset, size), use_flash=False)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            got = patch_attention(qkv.bfloat16().to(device), make_patches(offset.to(device), size), use_flash=False)
+    except RuntimeError as e:
+        return {"sdpa_flash_kernel_runs": False, "sdpa_flash_kernel_error": str(e).splitlines()[0][:200]}
+    return {"sdpa_flash_kernel_runs": True, "sdpa_flash_kernel_bf16_err": _err(got, ref)}
+
+
+def time_attention(
+    device: torch.device, steps: int, warmup: int, events: int = 16, points: int = 3000, heads: int = 8, dim: int = 32
+) -> dict:
+    """Patch attention forward + backward in bf16 on `device`, per patch size: today's path (full patches unmasked,
+    short ones masked) against the baseline that puts every patch through the length mask, as before."""
+    from raysvc.ops.attention import _masked_attention
+
+    if device.type != "cuda":
+        return {}
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(points // 2, 2 * points, (events,), generator=g)
+    offset = torch.cumsum(sizes, 0).to(device)
+    qkv = torch.randn(int(offset[-1]), 3, heads, dim, generator=g).to(device, torch.bfloat16).requires_grad_()
+    out: dict = {"points": int(offset[-1]), "heads": heads, "head_dim": dim}
+    for k in (128, 1024):
+        patches = make_patches(offset, k)
+
+        def split(i, patches=patches):
+            patch_attention(qkv, patches, use_flash=False).float().square().mean().backward()
+
+        def masked(i, patches=patches, k=k):
+            rows = qkv[patches.index]
+            y = _masked_attention(rows, patches.lengths, k, None)[patches.first]
+            y.float().square().mean().backward()
+
+        out[f"k{k}_masked_ms"] = _median_step(masked, steps, warmup, device) * 1e3
+        out[f"k{k}_split_ms"] = _median_step(split, steps, warmup, device) * 1e3
+        out[f"k{k}_speedup"] = out[f"k{k}_masked_ms"] / out[f"k{k}_split_ms"]
+    return out
+
+
+def profile_segmentation(cfg, batches: list[dict], device: torch.device, top: int = 15) -> dict:
+    """The ops that take one bf16 segmentation training step's time on `device` (torch.profiler; after 3 warm-up
+    steps): where a step that should be GPU-bound waits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": True})})
+    torch.manual_seed(0)
+    model, params, opt, loss_fn = plain_training(c)
+    model.to(device)
+    for i in range(3):
+        train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, device)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_step(model, params, opt, loss_fn, batches[0], c, device)
+        _sync(device)
+    rows = []
+    for e in prof.key_averages():
+        rows.append(
+            {
+                "op": e.key[:80],
+                "calls": e.count,
+                "cpu_self_ms": e.self_cpu_time_total / 1e3,
+                "device_self_ms": getattr(e, "self_device_time_total", 0.0) / 1e3,
+            }
+        )
+    by_cpu = sorted(rows, key=lambda r: -r["cpu_self_ms"])[:top]
+    by_dev = sorted(rows, key=lambda r: -r["device_self_ms"])[:top]
+    total = {
+        "cpu_self_ms": sum(r["cpu_self_ms"] for r in rows),
+        "device_self_ms": sum(r["device_self_ms"] for r in rows),
+        "ops_launched": sum(r["calls"] for r in rows),
+    }
+    return {"total": total, "top_cpu": by_cpu, "top_device": by_dev}
 
 
 def check_model(cfg, batch: dict, device: torch.device) -> dict:
@@ -326,6 +409,7 @@ def run_gpu_bench(
     batch: int = 4,
     sizes: tuple[str, ...] = ("tiny", "small"),
     log=print,
+    profile: bool = False,
 ) -> dict:
     dev = usable_device(device)
     env = {
@@ -342,6 +426,9 @@ def run_gpu_bench(
     out["sparse_conv"] = check_sparse_conv(dev)
     out["neighbours"] = check_neighbours_and_codes(dev)
     out["attention"] = check_attention(dev)
+    if dev.type == "cuda":
+        log("attention: unmasked full patches against all-masked, bf16 forward + backward")
+        out["attention_timing"] = time_attention(dev, steps, warmup)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         generate_bench_data(data, events, log)
@@ -355,6 +442,9 @@ def run_gpu_bench(
                 out["polarmae_tiny"] = time_polarmae(data, batches, dev, steps, warmup)
             log(f"{size}: segmentation training step")
             out[f"seg_{size}"] = time_segmentation(cfg, batches, dev, steps, warmup)
+            if profile and dev.type == "cuda":
+                log(f"{size}: profiling one bf16 segmentation step")
+                out[f"profile_seg_{size}"] = profile_segmentation(cfg, batches, dev)
         log("tiny: Panda pretraining step")
         out["panda_tiny"] = time_panda(data, dev, steps, warmup, batch)
     out["checks"] = verdicts(out)
@@ -372,12 +462,14 @@ LIMITS = {
     ("attention", "sdpa_fp32_err"): 1e-4,
     ("attention", "sdpa_bf16_err"): 3e-2,
     ("attention", "flash_bf16_err"): 3e-2,
+    ("attention", "sdpa_flash_kernel_bf16_err"): 3e-2,
     ("model", "fp32_logits_err"): 1e-3,
     ("polarmae_tiny", "fp32_loss_err"): 1e-3,
     ("polarmae_tiny", "bf16_loss_err_fp32"): 5e-2,
 }
 AT_LEAST = {("model", "fp32_argmax_agree"): 0.999, ("model", "bf16_argmax_agree_fp32"): 0.95}
 MUST_BE_TRUE = [
+    ("attention", "sdpa_flash_kernel_runs"),
     ("sparse_conv", "kernel_map_equals_cpu"),
     ("neighbours", "knn_equals_cpu"),
     ("panda_tiny", "cpu_losses_finite"),

@@ -1,10 +1,11 @@
 """Patch attention over serialized point order (PTv3).
 
-Points of each event, in serialized order, are cut into patches of K. An event with more than K points is padded
-to a multiple of K by repeating points from K positions earlier (the previous patch), as PTv3 does; an event with K
-points or fewer is one shorter patch. Attention runs inside each patch: torch SDPA with a length mask on any device,
-or flash-attn varlen on CUDA when it is importable (the same patches, as cu_seqlens). Each point's output is taken
-from its first occurrence.
+Points of each event, in serialized order, are cut into patches of K. An event with more than K points is padded to a
+multiple of K by repeating points from K positions earlier (the previous patch), as PTv3 does; an event with K points or
+fewer is one shorter patch. Attention runs inside each patch: flash-attn varlen on CUDA when it is importable (the same
+patches, as cu_seqlens), else torch SDPA. SDPA takes the full patches without a mask, so that on CUDA it may pick its
+own flash kernel (which refuses any attn_mask), and only the short patches with a length mask. Each point's output is
+taken from its first occurrence.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Patches:
     lengths: torch.Tensor  # (num_patches,) K, or the event's size when it has at most K points
     first: torch.Tensor  # (N,) for each serialized position, its first slot in `index`
     size: int  # K
+    full_rows: torch.Tensor  # rows of `index` that belong to patches of exactly K
+    short_rows: torch.Tensor  # the other rows (events of fewer than K points), patch after patch
+    short_lengths: torch.Tensor  # (n_short,) lengths of those patches
 
 
 def make_patches(offset: torch.Tensor, size: int) -> Patches:
@@ -50,11 +54,17 @@ def make_patches(offset: torch.Tensor, size: int) -> Patches:
     first = torch.full((n_total,), len(index_t), dtype=torch.long).scatter_reduce(
         0, index_t, torch.arange(len(index_t)), "amin"
     )
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    full_row = (lengths_t == size).repeat_interleave(lengths_t)
+    dev = offset.device
     return Patches(
-        index_t.to(offset.device),
-        torch.tensor(lengths, dtype=torch.long, device=offset.device),
-        first.to(offset.device),
+        index_t.to(dev),
+        lengths_t.to(dev),
+        first.to(dev),
         size,
+        full_row.nonzero().flatten().to(dev),
+        (~full_row).nonzero().flatten().to(dev),
+        lengths_t[lengths_t != size].to(dev),
     )
 
 
@@ -74,17 +84,34 @@ def patch_attention(
         out = out.to(qkv.dtype)
         return out[patches.first]
     k = patches.size
-    num = len(patches.lengths)
-    # place each patch's rows into a (num, K) grid; short patches (small events) are masked
-    row = torch.repeat_interleave(torch.arange(num, device=qkv.device), patches.lengths)
-    starts = torch.cumsum(patches.lengths, 0) - patches.lengths
-    col = torch.arange(len(row), device=qkv.device) - starts[row]
-    grid = qkv.new_zeros(num, k, 3, h, d)
-    grid[row, col] = padded
-    valid = torch.zeros(num, k, dtype=torch.bool, device=qkv.device)
+    parts = []  # (rows of `padded`, their outputs)
+    if len(patches.full_rows):  # (num_full, H, K, D) straight from the padded rows; no mask
+        q, kk, v = padded[patches.full_rows].view(-1, k, 3, h, d).permute(2, 0, 3, 1, 4)
+        full = F.scaled_dot_product_attention(q, kk, v, scale=scale)
+        parts.append((patches.full_rows, full.transpose(1, 2).reshape(-1, h, d)))
+    if len(patches.short_rows):
+        short = _masked_attention(padded[patches.short_rows], patches.short_lengths, k, scale)
+        parts.append((patches.short_rows, short))
+    if not parts:
+        return qkv.new_zeros(n, h, d)
+    out = parts[0][1].new_empty(len(padded), h, d)  # the dtype SDPA gave (bf16 under autocast)
+    for rows, values in parts:
+        out[rows] = values.to(out.dtype)
+    return out[patches.first]
+
+
+def _masked_attention(rows: torch.Tensor, lengths: torch.Tensor, k: int, scale: float | None) -> torch.Tensor:
+    """Attention within patches shorter than K (rows (R, 3, H, D), patch after patch): each patch's rows go into a
+    (num, K) grid and a length mask hides the empty slots (K, not the longest length, to avoid a device sync)."""
+    _, _, h, d = rows.shape
+    num = len(lengths)
+    row = torch.repeat_interleave(torch.arange(num, device=rows.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    col = torch.arange(len(row), device=rows.device) - starts[row]
+    grid = rows.new_zeros(num, k, 3, h, d)
+    grid[row, col] = rows
+    valid = torch.zeros(num, k, dtype=torch.bool, device=rows.device)
     valid[row, col] = True
     q, kk, v = (grid[:, :, i].transpose(1, 2) for i in range(3))  # (num, H, K, D)
-    mask = valid[:, None, None, :]  # keys that exist
-    out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=scale)  # (num, H, K, D)
-    out = out.transpose(1, 2)[row, col]  # back to padded rows (P, H, D)
-    return out[patches.first]
+    out = F.scaled_dot_product_attention(q, kk, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[row, col]
