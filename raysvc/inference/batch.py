@@ -35,6 +35,7 @@ from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic
 
 _SHARD, _ROW = "_shard", "_row"  # which shard and which of its rows a chunk starts at
+_CHUNK = "_chunk"  # a whole chunk as Arrow IPC bytes: one row per chunk between the read tasks and the actors
 _NODE = "_node"  # the Ray node of the actor that ran a chunk
 ACTOR_START_S = 600  # seconds for the pool's actors to start (model load included)
 READ_CPUS = 0.25  # per read task: reading and cutting a shard is light beside the model
@@ -180,15 +181,29 @@ class _Replica:
         self.mode, self.sources = mode, sources
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # Ray Data merges the chunks a read task yields into bigger blocks: split the batch back into its chunks, so
-        # that the model sees exactly the chunks the in-process path cuts.
+        # one row per chunk (Ray Data may hand over several): the model sees exactly the chunks the in-process path
+        # cuts, whatever the batch size Ray Data slices by
         import ray
 
         outs = [
-            tag_chunk(_run_chunk(self.seg, self.mode, c, self.sources[i]), i, row) for i, row, c in split_chunks(batch)
+            tag_chunk(_run_chunk(self.seg, self.mode, _from_ipc(c), self.sources[i]), i, row)
+            for i, row, c in zip(
+                batch.column(_SHARD).to_pylist(), batch.column(_ROW).to_pylist(), batch.column(_CHUNK), strict=True
+            )
         ]
         out = pa.concat_tables(outs)
         return out.append_column(_NODE, pa.array([ray.get_runtime_context().get_node_id()] * out.num_rows))
+
+
+def _to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(value: pa.Scalar) -> pa.Table:
+    return pa.ipc.open_stream(value.as_buffer()).read_all()
 
 
 def _run_chunk(seg: Segmenter, mode: str, chunk: pa.Table, source: str) -> pa.Table:
@@ -212,11 +227,17 @@ def tag_chunk(table: pa.Table, shard: int, row: int) -> pa.Table:
 
 
 def _read_chunks(batch: pa.Table, data: Location, batch_events: int, max_points: int, limits: list) -> Iterator:
-    """Ray Data map task: shard records -> chunks tagged with their shard index and first row."""
+    """Ray Data map task: shard records -> one row per chunk: its shard index, first row and the chunk itself."""
     for item in batch.to_pylist():
         i = item.pop(_SHARD)
         for start, chunk in _shard_chunks(data, ShardRecord(**item), limits[i], batch_events, max_points):
-            yield tag_chunk(chunk, i, start)
+            yield pa.table(
+                {
+                    _SHARD: pa.array([i], pa.int32()),
+                    _ROW: pa.array([start], pa.int64()),
+                    _CHUNK: pa.array([_to_ipc(chunk)], pa.large_binary()),
+                }
+            )
 
 
 def _shard_chunks(data: Location, rec: ShardRecord, limit: int | None, batch_events: int, max_points: int):
@@ -237,16 +258,16 @@ def check_room(actors: int, cpus_per_actor: float) -> None:
         )
 
 
-def actor_pool(ds, cls, actors: int, cpus_per_actor: float, device: str, kwargs: dict):
-    """`ds` mapped through a pool of `actors` replicas of `cls(**kwargs, threads=...)`, one block per call, one GPU
-    each unless `device` is cpu; every replica is up before the first block. (Ray Data spreads its tasks and actors
-    over the nodes by default.)"""
+def actor_pool(ds, cls, actors: int, cpus_per_actor: float, device: str, kwargs: dict, batch_size: int | None = None):
+    """`ds` mapped through a pool of `actors` replicas of `cls(**kwargs, threads=...)`, `batch_size` rows per call
+    (None: whole blocks; Ray Data needs a number for GPU actors), one GPU each unless `device` is cpu; every replica is
+    up before the first call. (Ray Data spreads its tasks and actors over the nodes by default.)"""
     import ray.data
 
     ds = ds.map_batches(
         cls,
         batch_format="pyarrow",
-        batch_size=None,  # whole blocks: they hold tagged chunks, which the replica splits back
+        batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         num_gpus=0 if device == "cpu" else 1,
@@ -298,7 +319,7 @@ def _ray_results(
         "mode": mode,
         "sources": [data.join(r.name).uri for r in shards],
     }
-    ds = actor_pool(ds, _Replica, actors, cpus_per_actor, device, kwargs)
+    ds = actor_pool(ds, _Replica, actors, cpus_per_actor, device, kwargs, batch_size=1)  # a row is a chunk
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
