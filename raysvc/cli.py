@@ -39,6 +39,17 @@ def cmd_convert(a: argparse.Namespace) -> None:
     print(f"converted {m.events} events ({m.points} points) into {len(m.shards)} shards at {a.out}")
 
 
+def cmd_convert_wand(a: argparse.Namespace) -> None:
+    from raysvc.data.wand import convert
+    from raysvc.storage import resolve
+
+    m = convert(a.pattern, resolve(a.out), a.shard_events)
+    skipped = {k: v for k, v in m.created_by.get("skipped", {}).items() if v}
+    print(f"converted {m.events} events ({m.points} hit PMTs) into {len(m.shards)} shards at {a.out}")
+    if skipped:
+        print("skipped / relabelled: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+
+
 def cmd_inspect(a: argparse.Namespace) -> None:
     from raysvc.data.stats import inspect_dataset
     from raysvc.storage import resolve
@@ -512,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-events", type=int, default=500)
     c.add_argument("--revision", default="auto", choices=["auto", "v1", "v2", "v3"])
     c.set_defaults(fn=cmd_convert)
+    cw = dsub.add_parser("convert-wand", help="WAND / LUCiD water Cherenkov HDF5 files (sensor, hits, labl) -> shards")
+    cw.add_argument("pattern", help="glob of the files, e.g. 'ROOT/**/*.h5' (quote it)")
+    cw.add_argument("--out", required=True)
+    cw.add_argument("--shard-events", type=int, default=500)
+    cw.set_defaults(fn=cmd_convert_wand)
     i = dsub.add_parser("inspect", help="statistics of a dataset vs PILArNet-M")
     i.add_argument("uri")
     i.add_argument("--json", action="store_true")

@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from raysvc.data.detectors import LARTPC
-from raysvc.data.schema import EventDataError, table_from_events, validate_table
-from raysvc.data.shards import Manifest, ShardRecord, shard_name, write_manifest, write_shard
+from raysvc.data.schema import EventDataError
+from raysvc.data.shards import EventShardWriter, Manifest
 from raysvc.storage import Location
 
 DETECTOR = LARTPC  # PILArNet-M is LArTPC data: the converted events, and their manifest, name it
@@ -169,28 +169,16 @@ def convert(
     files = sorted(_glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no HDF5 files match {pattern!r}")
-    records: list[ShardRecord] = []
-    buf: list[dict] = []
+    writer = EventShardWriter(root, shard_events, DETECTOR)
     per_file: list[dict] = []
     next_id = 0
-
-    def flush() -> None:
-        table = table_from_events(buf, source=[e["source"] for e in buf], detector=DETECTOR.name)
-        validate_table(table, f"{buf[0]['source']}..{buf[-1]['source']}", detector=DETECTOR)
-        records.append(write_shard(root, shard_name(len(records)), table))
-        buf.clear()
-
     for path in tqdm(files, desc="files", unit="file", disable=not show_progress):
         first = next_id
         for i, ev in iter_file(path, revision):
             ev["event_id"] = next_id
             ev["source"] = f"{os.path.basename(path)}#{i}"
             next_id += 1
-            buf.append(ev)
-            if len(buf) == shard_events:
-                flush()
+            writer.add(ev)
         per_file.append({"file": os.path.abspath(path), "first_event_id": first, "events": next_id - first})
-    if buf:
-        flush()
     created_by = {"tool": "raysvc data convert", "pattern": pattern, "revision": revision, "files": per_file}
-    return write_manifest(root, records, created_by, detector=DETECTOR.name)
+    return writer.close(created_by)

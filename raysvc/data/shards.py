@@ -26,6 +26,8 @@ from raysvc.data.schema import (
     SCHEMA_VERSION,
     EventDataError,
     check_columns,
+    table_from_events,
+    validate_table,
     with_optional_columns,
 )
 from raysvc.storage import Location, StorageError, explained, read_bytes, retried, sha256_hex, write_bytes_atomic
@@ -107,6 +109,33 @@ def write_manifest(
     )
     write_bytes_atomic(root.join(MANIFEST), m.to_json().encode())
     return m
+
+
+class EventShardWriter:
+    """Event records (dicts of the event table's columns, with `event_id` and `source`) -> validated shards of
+    `shard_events` under `root`, then the manifest: what a converter of another format writes with."""
+
+    def __init__(self, root: Location, shard_events: int, detector: Detector):
+        self.root, self.shard_events, self.detector = root, shard_events, detector
+        self.records: list[ShardRecord] = []
+        self._buf: list[dict] = []
+
+    def add(self, event: dict) -> None:
+        self._buf.append(event)
+        if len(self._buf) == self.shard_events:
+            self._flush()
+
+    def _flush(self) -> None:
+        buf = self._buf
+        table = table_from_events(buf, source=[e["source"] for e in buf], detector=self.detector.name)
+        validate_table(table, f"{buf[0]['source']}..{buf[-1]['source']}", detector=self.detector)
+        self.records.append(write_shard(self.root, shard_name(len(self.records)), table))
+        self._buf = []
+
+    def close(self, created_by: dict) -> Manifest:
+        if self._buf:
+            self._flush()
+        return write_manifest(self.root, self.records, created_by, detector=self.detector.name)
 
 
 def load_manifest(root: Location) -> Manifest:
