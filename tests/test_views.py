@@ -309,3 +309,56 @@ def test_config_rejects_bad_scales(field, value):
         ViewConfig(global_views=0)
     with pytest.raises(ValidationError, match="extra"):
         ViewConfig(bogus=1)
+
+
+def tank_event(seed: int, n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hit PMTs on a cylinder's wall (normalised by the half-height, as a wch job does): coord, charge, time."""
+    rng = np.random.default_rng(seed)
+    phi, z = rng.uniform(-math.pi, math.pi, n), rng.uniform(-1, 1, n)
+    coord = np.stack([0.93 * np.cos(phi), 0.93 * np.sin(phi), z], 1)
+    return coord.astype(np.float32), rng.uniform(0, 1, n).astype(np.float32), rng.uniform(-1, 1, n).astype(np.float32)
+
+
+def test_hit_times_ride_along_as_an_extra_cell_averaged_channel():
+    coord, energy, time = tank_event(0)
+    cfg = ViewConfig(grid=0.05, **NO_AUG)  # coarse: cells merge several PMTs
+    g, loc = make_views(coord, energy, cfg, np.random.default_rng(0), extra=time[:, None])
+    merged = 0
+    for v in g + loc:
+        origin = coord[v.index].astype(np.float64)
+        aug = origin - origin.mean(0)
+        # the time channel goes through the same cells as energy: brute force with time in energy's place
+        ref = brute_cells(aug, origin, time[v.index].astype(np.float64), cfg.grid)
+        merged += len(v.index) - len(v.coord)
+        for gc, x in zip(v.grid_coord, v.extra[:, 0], strict=True):
+            np.testing.assert_allclose(x, ref[tuple(gc)][2], atol=1e-6)
+    assert merged > 50
+    # and it reaches the model as a fifth channel, the same from the views and from their Arrow rows
+    table = (
+        table_of([(coord, energy)], [3])
+        .drop_columns(["time"])
+        .append_column("time", pa.array([time.tolist()], pa.list_(pa.float32())))
+    )
+    events = table_views(table, ViewConfig(local_views=2), seed=0, epoch=0)
+    batch = collate_views(events)
+    assert batch["global"]["feat"].shape[1] == 5
+    views = events[0][1]
+    np.testing.assert_array_equal(batch["global"]["feat"][:, 4].numpy(), np.concatenate([v.extra[:, 0] for v in views]))
+    assert_same_batch(collate_view_table(views_table(table, ViewConfig(local_views=2), seed=0, epoch=0)), batch)
+
+
+def test_rotations_only_about_the_tank_axis_keep_z():
+    coord, energy, _ = tank_event(1)
+    cfg = ViewConfig(rotate_p=1.0, rotate_axes=("z",), flip_p=0.5, coord_jitter=0.0, energy_jitter_p=0.0)
+    g, loc = make_views(coord, energy, cfg, np.random.default_rng(2), extra=None)
+    for v in g + loc:
+        np.testing.assert_allclose(v.coord[:, 2], v.origin[:, 2] - coord[v.index, 2].mean(), atol=1e-5)
+        # rotations and mirrors about z keep the distance from the axis (relative to the crop's centre)
+        centre = coord[v.index, :2].mean(0)
+        np.testing.assert_allclose(
+            np.linalg.norm(v.coord[:, :2], axis=1), np.linalg.norm(v.origin[:, :2] - centre, axis=1), atol=1e-5
+        )
+    tilted = make_views(coord, energy, ViewConfig(rotate_p=1.0, coord_jitter=0.0), np.random.default_rng(2))[0][0]
+    assert not np.allclose(tilted.coord[:, 2], tilted.origin[:, 2] - coord[tilted.index, 2].mean(), atol=1e-3)
+    with pytest.raises(ValidationError):
+        ViewConfig(rotate_axes=("w",))

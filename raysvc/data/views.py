@@ -44,7 +44,11 @@ class ViewConfig(BaseModel):
     voxel_scale: float = Field(LARTPC.scale, gt=0, description="normalised -> voxels, for C-NMS (the preprocess scale)")
     energy_jitter_sigma: float = Field(0.05, ge=0, description="sigma of the shared energy factor 1 + N(0, s)")
     energy_jitter_p: float = Field(0.8, ge=0, le=1, description="probability of jittering an event's energy")
-    rotate_p: float = Field(0.8, ge=0, le=1, description="probability of each rotation (z, x, y)")
+    rotate_p: float = Field(0.8, ge=0, le=1, description="probability of each rotation (about rotate_axes)")
+    rotate_axes: tuple[Literal["x", "y", "z"], ...] = Field(
+        ("z", "x", "y"),
+        description="axes of the random rotations, in order; a water Cherenkov tank only about its axis: [z]",
+    )
     flip_p: float = Field(0.5, ge=0, le=1, description="probability of mirroring x, and y, independently")
     grid: float = Field(0.001, gt=0, description="grid-sampling cell size")
     coord_jitter: float | None = Field(None, ge=0, description="coordinate jitter sigma; None -> grid / 4")
@@ -67,6 +71,7 @@ class View:
     grid_coord: np.ndarray  # (m, 3) int32
     index: np.ndarray  # (k,) int64 event points the crop took (before grid sampling)
     center: int  # event point index of the crop centre
+    extra: np.ndarray | None = None  # (m, E) float32 further point features after energy (a PMT's hit time)
 
 
 def _rotation(axis: int, a: float) -> np.ndarray:
@@ -77,8 +82,8 @@ def _rotation(axis: int, a: float) -> np.ndarray:
     return r
 
 
-def _grid_sample(coord: np.ndarray, origin: np.ndarray, energy: np.ndarray, grid: float):
-    """Cell means of coord / origin / energy, and the cells' grid coordinates (sorted by cell)."""
+def _grid_sample(coord: np.ndarray, origin: np.ndarray, energy: np.ndarray, grid: float, extra=None):
+    """Cell means of coord / origin / energy (/ extra), and the cells' grid coordinates (sorted by cell)."""
     gc = np.floor((coord - coord.min(0)) / grid).astype(np.int64)
     dims = gc.max(0) + 1
     if math.prod(int(d) for d in dims) >= 2**63:
@@ -92,14 +97,15 @@ def _grid_sample(coord: np.ndarray, origin: np.ndarray, energy: np.ndarray, grid
 
     cm = np.stack([mean(coord[:, d]) for d in range(3)], 1).astype(np.float32)
     om = np.stack([mean(origin[:, d]) for d in range(3)], 1).astype(np.float32)
-    return cm, om, mean(energy).astype(np.float32), gc[first].astype(np.int32)
+    xm = None if extra is None else np.stack([mean(extra[:, d]) for d in range(extra.shape[1])], 1).astype(np.float32)
+    return cm, om, mean(energy).astype(np.float32), gc[first].astype(np.int32), xm
 
 
 def _augment(origin: np.ndarray, cfg: ViewConfig, rng: np.random.Generator) -> np.ndarray:
-    """Centre shift, rotations about z, x, y (each with p rotate_p), x / y mirror, clipped jitter."""
+    """Centre shift, rotations about `rotate_axes` (each with p rotate_p), x / y mirror, clipped jitter."""
     x = origin - origin.mean(0)
     rot = np.eye(3)
-    for axis in (2, 0, 1):
+    for axis in ("xyz".index(a) for a in cfg.rotate_axes):
         if rng.random() < cfg.rotate_p:
             rot = _rotation(axis, rng.uniform(-math.pi, math.pi)) @ rot
     for axis in (0, 1):
@@ -113,9 +119,10 @@ def _augment(origin: np.ndarray, cfg: ViewConfig, rng: np.random.Generator) -> n
 
 
 def make_views(
-    coord: np.ndarray, energy: np.ndarray, cfg: ViewConfig, rng: np.random.Generator
+    coord: np.ndarray, energy: np.ndarray, cfg: ViewConfig, rng: np.random.Generator, extra: np.ndarray | None = None
 ) -> tuple[list[View], list[View]]:
-    """(global views, local views) of one event: coord (n, 3) normalised, energy (n,) log-scaled feature."""
+    """(global views, local views) of one event: coord (n, 3) normalised, energy (n,) log-scaled feature, `extra`
+    (n, E) further features that are cell-averaged like energy but not jittered (a PMT's hit time)."""
     pts = np.asarray(coord, np.float64)
     n = len(pts)
     if n == 0:
@@ -136,7 +143,10 @@ def make_views(
         d2 = ((pts - pts[c]) ** 2).sum(1)
         idx = np.sort(np.argpartition(d2, k - 1)[:k]) if k < n else np.arange(n)
         origin = pts[idx]
-        return View(*_grid_sample(_augment(origin, cfg, rng), origin, feat[idx], cfg.grid), index=idx, center=c)
+        cm, om, em, gc, xm = _grid_sample(
+            _augment(origin, cfg, rng), origin, feat[idx], cfg.grid, None if extra is None else extra[idx]
+        )
+        return View(cm, om, em, gc, index=idx, center=c, extra=xm)
 
     # As in Sonata: the principal global view is centred on a random point; the other global views and every local
     # view are centred inside it, so each student view overlaps the teacher view its loss is matched against. Local
@@ -166,18 +176,23 @@ def table_views(table: pa.Table, cfg: ViewConfig, seed: int, epoch: int) -> list
     """(event_id, globals, locals) for every row of a preprocessed table (event ids must be non-negative)."""
     coords = flat_coords(table)
     energy = flat_values(table, "energy").astype(np.float32, copy=False)
+    extra = None
+    if "time" in table.column_names and table.num_rows and table.column("time").null_count == 0:
+        extra = flat_values(table, "time").astype(np.float32).reshape(-1, 1)  # as `collate_packed` adds it
     bounds = np.concatenate([[0], np.cumsum(table.column("num_points").to_numpy().astype(np.int64))])
     out = []
     for r, eid in enumerate(table.column("event_id").to_numpy().tolist()):
         sl = slice(bounds[r], bounds[r + 1])
-        g, loc = make_views(coords[sl], energy[sl], cfg, np.random.default_rng([seed, epoch, eid]))
+        rng = np.random.default_rng([seed, epoch, eid])
+        g, loc = make_views(coords[sl], energy[sl], cfg, rng, None if extra is None else extra[sl])
         out.append((eid, g, loc))
     return out
 
 
 def collate_views(events: list[tuple[int, list[View], list[View]]]) -> dict:
     """Packed torch batch: event_id (B,), and for "global" / "local" (views event-major: e0v0, e0v1, e1v0, ...)
-    feat (M, 4) = xyz + energy, coord, origin (M, 3), grid_coord (M, 3) int64, offset (V,) cumulative counts.
+    feat (M, 4) = xyz + energy (+ the extra features: (M, 5) with hit times), coord, origin (M, 3), grid_coord (M, 3)
+    int64, offset (V,) cumulative counts.
     "local" is None when the events have no local views."""
     import torch
 
@@ -186,8 +201,9 @@ def collate_views(events: list[tuple[int, list[View], list[View]]]) -> dict:
             return None
         coord = torch.from_numpy(np.concatenate([v.coord for v in views]))
         energy = torch.from_numpy(np.concatenate([v.energy for v in views])).unsqueeze(1)
+        extra = [torch.from_numpy(np.concatenate([v.extra for v in views]))] if views[0].extra is not None else []
         return {
-            "feat": torch.cat([coord, energy], 1),
+            "feat": torch.cat([coord, energy, *extra], 1),
             "coord": coord,
             "origin": torch.from_numpy(np.concatenate([v.origin for v in views])),
             "grid_coord": torch.from_numpy(np.concatenate([v.grid_coord for v in views]).astype(np.int64)),
@@ -223,6 +239,12 @@ def views_table(table: pa.Table, cfg: ViewConfig, seed: int, epoch: int) -> pa.T
             offsets = np.concatenate([[0], np.cumsum(sizes * width)]).astype(np.int32)
             col = "grid" if name == "grid_coord" else name
             cols[f"{kind}_{col}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, dtype))
+        views = [v for vs in per_event for v in vs]
+        if views and views[0].extra is not None:  # one more list<float32>, E values per point
+            width = views[0].extra.shape[1]
+            flat = np.concatenate([v.extra.reshape(-1) for v in views])
+            offsets = np.concatenate([[0], np.cumsum(sizes * width)]).astype(np.int32)
+            cols[f"{kind}_extra"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
     return pa.table(cols)
 
 
@@ -242,8 +264,12 @@ def collate_view_table(table: pa.Table) -> dict:
             return None
         coord = torch.from_numpy(values(f"{kind}_coord", 3).copy())
         energy = torch.from_numpy(values(f"{kind}_energy", 1).copy())
+        extra = []
+        if f"{kind}_extra" in table.column_names:
+            flat = _list_parts(table.column(f"{kind}_extra"))[1].to_numpy(zero_copy_only=False)
+            extra = [torch.from_numpy(flat.reshape(len(coord), -1).copy())]
         return {
-            "feat": torch.cat([coord, energy], 1),
+            "feat": torch.cat([coord, energy, *extra], 1),
             "coord": coord,
             "origin": torch.from_numpy(values(f"{kind}_origin", 3).copy()),
             "grid_coord": torch.from_numpy(values(f"{kind}_grid", 3).astype(np.int64)),
