@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "panda": "raysvc.train.tasks.panda:PandaTask",
     "polarmae": "raysvc.train.tasks.polarmae:PolarMAETask",
     "panoptic": "raysvc.train.tasks.panoptic:PanopticTask",
+    "rings": "raysvc.train.tasks.rings:RingsTask",
 }
 
 

@@ -30,13 +30,13 @@ from raysvc.inference.instances import (
     score_events,
 )
 from raysvc.inference.metrics import ConfusionMatrix, compute
-from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights
+from raysvc.inference.record import ExportedModel, ModelSpec
 from raysvc.models.mask_decoder import MaskDecoderConfig, regress_dims
 from raysvc.models.panoptic import PanopticModel
 from raysvc.train.augment import augment_with_transforms
 from raysvc.train.instance_loss import InstanceLossConfig, instance_loss
 from raysvc.train.tasks.base import WorkerContext
-from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, validation_batches
+from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone, validation_batches
 from raysvc.train.worker import autocast
 
 INSTANCE_TASKS = ("particle", "interaction")
@@ -84,12 +84,7 @@ def check_particle_truth(prep, where: str) -> None:
 def build_panoptic(cfg: PanopticConfig, detector, num_classes: int, init_state: dict | None = None) -> PanopticModel:
     seg = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
     tasks = {t: len(instance_classes(detector, t)) for t in cfg.instances.tasks}
-    model = PanopticModel(seg, tasks, {t: getattr(cfg.instances, t) for t in tasks})
-    if init_state is not None and cfg.model.mode != "scratch":
-        load_backbone_weights(model, init_state, f"model.init does not match model.size {cfg.model.size!r}")
-    if cfg.model.mode in ("lin", "dec"):
-        model.freeze_backbone()
-    return model
+    return init_backbone(PanopticModel(seg, tasks, {t: getattr(cfg.instances, t) for t in tasks}), cfg, init_state)
 
 
 @torch.no_grad()
@@ -187,16 +182,7 @@ class PanopticTask(SegmentationTask):
             got = instance_loss(outs, ids, cls, stuff, batch["offset"], cfg.instances.loss, targets.get(t), dims)
             losses[t] = got["loss"]
         loss = sum(losses.values())
-        opt = self.parts["optimizer"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step < cfg.train.encoder_frozen_steps:
-            for p in self.encoder:
-                p.grad = None
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
-        opt.step()
-        self.parts["scheduler"].step()
+        self.optimise(loss, step)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
 
     def evaluate(self, step: int) -> None:

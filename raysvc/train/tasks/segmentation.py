@@ -146,7 +146,12 @@ def train_step(
 def build_model(cfg: FinetuneConfig, num_classes: int, init_state: dict | None = None) -> torch.nn.Module:
     """The segmenter of a job: backbone preset + head, the backbone loaded from `init_state` (an export's weights)
     unless the mode is scratch, frozen for lin / dec."""
-    model = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
+    return init_backbone(ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes), cfg, init_state)
+
+
+def init_backbone(model: torch.nn.Module, cfg: FinetuneConfig, init_state: dict | None) -> torch.nn.Module:
+    """`model` (anything with `backbone` and `freeze_backbone`) with its encoder loaded from `init_state` unless the
+    mode is scratch, and frozen for lin / dec."""
     if init_state is not None and cfg.model.mode != "scratch":
         load_backbone_weights(model, init_state, f"model.init does not match model.size {cfg.model.size!r}")
     if cfg.model.mode in ("lin", "dec"):
@@ -334,6 +339,20 @@ class SegmentationTask(Task):
         )
         self.parts["scheduler"].step()
         return {"loss": loss}
+
+    def optimise(self, loss: torch.Tensor, step: int) -> None:
+        """Backward, the encoder held for `encoder_frozen_steps`, clip, AdamW, lr schedule: the end of a step of a
+        task whose loss has several parts."""
+        opt = self.parts["optimizer"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < self.cfg.train.encoder_frozen_steps:
+            for p in self.encoder:
+                p.grad = None
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        opt.step()
+        self.parts["scheduler"].step()
 
     def evaluate(self, step: int) -> None:
         ctx = self.ctx

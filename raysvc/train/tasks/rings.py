@@ -1,0 +1,209 @@
+"""Water Cherenkov fine-tuning (`raysvc finetune`, task `rings`): a segmenter whose per-hit head learns each hit PMT's
+particle class (the ring it belongs to, by category; dark noise the stuff class), plus event heads
+(`models/event_heads.py`) for the number of rings (1R, 2R, >=3R) and the type of a single-particle event (electron,
+muon, pi0). The same modes as `segmentation` (lin / dec / fft from a pretrained export, scratch).
+
+Event labels come from the events themselves: `rings` gives the ring class, and an event whose only primary particle
+is an electron, a muon or a pi0 gets that PID class (other events have none and do not enter the PID loss).
+Validation: the per-hit metrics, `ring_count_confusion` and `pid` {`e_eff_at_mu_rej_999`, `e_eff_at_pi0_rej_95`}
+(`inference/event_metrics.py`), pooled over the ranks. The export is the segmenter (servable as any segmenter) and
+`event_heads.safetensors` beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from raysvc.data.collate import collate_packed
+from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES, pid_figures, ring_class, ring_confusion
+from raysvc.inference.featurize import model_inputs
+from raysvc.inference.metrics import ConfusionMatrix, compute
+from raysvc.inference.record import ModelSpec
+from raysvc.models.event_heads import EventHeads
+from raysvc.storage import Location, write_bytes_atomic
+from raysvc.train.augment import augment_coords
+from raysvc.train.tasks.base import WorkerContext
+from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone, validation_batches
+from raysvc.train.worker import autocast
+
+
+class EventSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden: int = Field(128, gt=0, description="width of the event heads' hidden layer")
+    ring_weight: float = Field(1.0, ge=0, description="weight of the ring-count loss")
+    pid_weight: float = Field(1.0, ge=0, description="weight of the PID loss")
+    semantic_weight: float = Field(1.0, ge=0, description="weight of the per-hit loss")
+
+
+class RingsConfig(FinetuneConfig):
+    task: Literal["rings"] = "rings"  # type: ignore[assignment]
+    events: EventSection = Field(default_factory=EventSection)
+
+
+def event_labels(table: pa.Table, pid_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(ring class (B,), PID class (B,)) of each event; -1 where it has none (no rings; not one primary particle of
+    type electron, muon or pi0). `pid_names`: the detector's PID classes (the `pid` of `particles`)."""
+    if "rings" not in table.column_names:
+        raise ValueError("task rings needs the `rings` column (water Cherenkov events)")
+    rings = table.column("rings").to_numpy(zero_copy_only=False)
+    rings = np.where(np.isnan(rings.astype(np.float64)), 0, rings).astype(np.int64)
+    ours = {pid_names.index(n): i for i, n in enumerate(PID_CLASSES)}
+    pid = np.full(table.num_rows, -1, np.int64)
+    for r, parts in enumerate(table.column("particles").to_pylist()):
+        primaries = [p["pid"] for p in parts or () if p["primary"] == 1]
+        if len(primaries) == 1 and primaries[0] in ours:
+            pid[r] = ours[primaries[0]]
+    return ring_class(rings), pid
+
+
+def build_rings(cfg: RingsConfig, num_classes: int, init_state: dict | None = None) -> EventHeads:
+    seg = ModelSpec(**cfg.model.model_dump()).build_segmenter(num_classes)
+    return init_backbone(EventHeads(seg, hidden=cfg.events.hidden), cfg, init_state)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], cfg: RingsConfig, device, world: int, names: list[str]) -> dict:
+    """Per-hit metrics, ring-count confusion and PID figures over this rank's batches, pooled over the ranks."""
+    model.eval()
+    cm = ConfusionMatrix(len(names))
+    rows = []  # (true ring, predicted ring, true pid, electron score) per event
+    pre = cfg.val_data.preprocess
+    for batch in batches:
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
+        with autocast(cfg.train.amp, device):
+            sem, ring, pid = model(x)
+        cm.update(sem.argmax(1), x["labels"])
+        e_score = pid.float().softmax(1)[:, 0].cpu().numpy()
+        rows += zip(
+            batch["ring_class"].tolist(),
+            ring.argmax(1).cpu().tolist(),
+            batch["pid_class"].tolist(),
+            e_score.tolist(),
+            strict=True,
+        )
+    if world > 1:
+        cm.all_reduce_()
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [r for g in gathered for r in g]
+    model.train()
+    t_ring, p_ring, t_pid, e = (np.array(c) for c in zip(*rows, strict=True)) if rows else [np.zeros(0)] * 4
+    confusion = ring_confusion(t_ring, p_ring)
+    scored = int(np.sum(confusion))
+    return {
+        **compute(cm.matrix, names),
+        "ring_count_confusion": confusion,
+        "ring_classes": list(RING_CLASSES),
+        "ring_accuracy": float(np.trace(np.array(confusion)) / scored) if scored else None,
+        "pid": pid_figures(t_pid, e),
+    }
+
+
+class RingsTask(SegmentationTask):
+    name = "rings"
+    config = RingsConfig
+
+    @classmethod
+    def prepare(cls, cfg: RingsConfig, log) -> dict:
+        inputs = super().prepare(cfg, log)
+        from raysvc.data.detectors import get_detector
+
+        detector = get_detector(inputs["detector"])
+        if "pid" not in detector.labels or not set(PID_CLASSES) <= set(detector.labels["pid"].classes):
+            raise ValueError(
+                f"task rings needs water Cherenkov events (PID classes {PID_CLASSES}); got {detector.name}"
+            )
+        inputs["pid_names"] = list(detector.labels["pid"].classes)
+        return inputs
+
+    @classmethod
+    def finish(cls, cfg: RingsConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
+        """The segmenter part as a segmenter export (any server or `raysvc predict` reads it), the event heads in
+        `event_heads.safetensors` beside it."""
+        from safetensors.torch import save as save_tensors
+
+        seg = {k.removeprefix("seg."): v for k, v in state["model"].items() if k.startswith("seg.")}
+        heads = {k: v.contiguous() for k, v in state["model"].items() if not k.startswith("seg.")}
+        out = super().finish(cfg, {**state, "model": seg}, run_loc, inputs, log)
+        write_bytes_atomic(run_loc.join("event_heads.safetensors"), save_tensors(heads))
+        return out
+
+    @classmethod
+    def curve_history(cls, history: dict) -> dict:
+        keep = ("miou", "iou", "accuracy", "mf1", "f1")
+        val = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k in keep}} for r in history["val"]]
+        return {"train": history["train"], "val": val}
+
+    encoder_prefix = "seg.backbone."
+
+    def build(self, cfg: RingsConfig, ctx: WorkerContext) -> torch.nn.Module:
+        return build_rings(cfg, len(ctx.inputs["class_names"]), ctx.inputs["init_state"])
+
+    def collate(self, table: pa.Table) -> dict:
+        batch = collate_packed(table)
+        ring, pid = event_labels(table, tuple(self.ctx.inputs["pid_names"]))
+        return {**batch, "ring_class": torch.from_numpy(ring), "pid_class": torch.from_numpy(pid)}
+
+    def step(self, batch: dict, step: int) -> dict:
+        cfg, device, ev = self.cfg, self.ctx.device, self.cfg.events
+        pre = cfg.data.preprocess
+        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}
+        x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
+        with autocast(cfg.train.amp, device):
+            sem, ring, pid = self.model(x)
+        ring_t, pid_t = batch["ring_class"].to(device), batch["pid_class"].to(device)
+        zero = sem.new_zeros(())
+        losses = {
+            "semantic": self.loss_fn(sem.float(), x["labels"]) * ev.semantic_weight,
+            "rings": F.cross_entropy(ring.float(), ring_t, ignore_index=-1) * ev.ring_weight
+            if (ring_t >= 0).any()
+            else zero,
+            "pid": F.cross_entropy(pid.float(), pid_t, ignore_index=-1) * ev.pid_weight if (pid_t >= 0).any() else zero,
+        }
+        loss = sum(losses.values())
+        self.optimise(loss, step)
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def evaluate(self, step: int) -> None:
+        ctx = self.ctx
+        if self.val_batches is None:
+            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world, self.collate)
+        val = evaluate(self.raw, self.val_batches, self.cfg, ctx.device, ctx.world, self.class_names)
+        ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})
+        pid = val["pid"]
+        flat = {
+            "val/miou": val["miou"],
+            "val/ring_accuracy": val["ring_accuracy"],
+            "val/e_eff_at_mu_rej_999": pid["e_eff_at_mu_rej_999"],
+            "val/e_eff_at_pi0_rej_95": pid["e_eff_at_pi0_rej_95"],
+        }
+        ctx.tracker.log({k: v for k, v in flat.items() if v is not None}, step)
+        if ctx.rank == 0:
+            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            print(
+                f"[raysvc] val step {step}: mIoU {fmt(val['miou'])}, rings {fmt(val['ring_accuracy'])} "
+                f"{val['ring_count_confusion']}, e eff @ 99.9 % mu rej {fmt(pid['e_eff_at_mu_rej_999'])}, "
+                f"@ 95 % pi0 rej {fmt(pid['e_eff_at_pi0_rej_95'])} (events e/mu/pi0 {list(pid['events'].values())})",
+                flush=True,
+            )
+
+    def progress(self, rec: dict) -> str:
+        return (
+            f"loss {rec['loss']:.4f} (hits {rec.get('semantic', 0):.3f} rings {rec.get('rings', 0):.3f} "
+            f"pid {rec.get('pid', 0):.3f}) lr {rec['lr']:.2e}"
+        )
+
+    def report_metrics(self) -> dict:
+        val = self.ctx.history["val"]
+        return (
+            {"val_miou": val[-1]["metrics"]["miou"], "val_ring_accuracy": val[-1]["metrics"]["ring_accuracy"]}
+            if val
+            else {}
+        )

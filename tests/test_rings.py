@@ -1,0 +1,85 @@
+"""Water Cherenkov event heads: the ring-count and PID metrics against sklearn and brute force, the event pooling
+against a loop, event labels from generated events, and (long) a short fine-tune of the `rings` task end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix, roc_curve
+
+from raysvc.data.schema import table_from_events
+from raysvc.data.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_record
+from raysvc.inference.event_metrics import efficiency_at_rejection, pid_figures, ring_class, ring_confusion
+from raysvc.models.event_heads import pool_events
+from raysvc.train.tasks.rings import event_labels
+
+
+def test_ring_classes_and_confusion_match_sklearn():
+    rng = np.random.default_rng(0)
+    rings = rng.integers(0, 6, 400)
+    true = ring_class(rings)
+    assert true[rings == 0].tolist() == [-1] * int((rings == 0).sum())
+    assert (true[rings >= 3] == 2).all() and (true[rings == 1] == 0).all() and (true[rings == 2] == 1).all()
+    pred = rng.integers(0, 3, 400)
+    keep = true >= 0
+    assert ring_confusion(true, pred) == confusion_matrix(true[keep], pred[keep], labels=[0, 1, 2]).tolist()
+
+
+def test_efficiency_at_rejection_matches_the_roc_curve():
+    rng = np.random.default_rng(1)
+    sig, bkg = rng.normal(1.0, 1.0, 3000), rng.normal(-1.0, 1.0, 20000)
+    y = np.r_[np.ones(len(sig)), np.zeros(len(bkg))]
+    fpr, tpr, thr = roc_curve(y, np.r_[sig, bkg])
+    for rejection in (0.95, 0.999):
+        got = efficiency_at_rejection(sig, bkg, rejection)
+        # the best signal efficiency with a false-positive rate within 1 - rejection (sklearn passes score >= thr)
+        best = tpr[fpr <= 1 - rejection + 1e-12].max()
+        assert got["achievable"] and abs(got["efficiency"] - best) <= 1.0 / len(sig)
+        assert np.mean(bkg > got["threshold"]) <= 1 - rejection
+    small = efficiency_at_rejection(sig, bkg[:50], 0.999)  # 50 muons cannot show 99.9 % rejection
+    assert small["achievable"] is False and small["threshold"] == bkg[:50].max()
+    assert efficiency_at_rejection(sig, [], 0.95)["efficiency"] is None
+
+
+def test_pid_figures_select_each_background():
+    t = np.array([0, 0, 0, 0, 1, 1, 2, 2, -1])
+    s = np.array([0.9, 0.8, 0.3, 0.2, 0.5, 0.1, 0.85, 0.25, 0.99])
+    f = pid_figures(t, s)
+    # 2 muons: at 99.9 % the threshold is the highest muon score, 0.5 -> electrons 0.9, 0.8 pass
+    assert f["e_eff_at_mu_rej_999"] == 0.5
+    # 2 pi0s: 5 % of 2 is 0 events -> threshold 0.85 -> only 0.9 passes
+    assert f["e_eff_at_pi0_rej_95"] == 0.25
+    assert f["events"] == {"electron": 4, "muon": 2, "pi0": 2}
+
+
+def test_pool_events_matches_a_loop():
+    torch.manual_seed(0)
+    cells = torch.randn(23, 5)
+    offset = torch.tensor([4, 4, 15, 23])  # the second event is empty
+    got = pool_events(cells, offset)
+    start = 0
+    for b, end in enumerate(offset.tolist()):
+        part = cells[start:end]
+        want = torch.cat([part.mean(0), part.max(0).values]) if len(part) else torch.zeros(10)
+        torch.testing.assert_close(got[b], want)
+        start = end
+
+
+def test_event_labels_from_generated_events():
+    cfg = WChGeneratorConfig(particles={1: 1.0, 2: 1.0}, kinetic_mev=(200.0, 800.0))
+    recs = [generate_wch_record(cfg, 3, i) for i in range(6)]
+    table = table_from_events(recs, source="t", detector="wch")
+    ring, pid = event_labels(table, CATEGORIES)
+    for r, rec, rc, pc in zip(range(6), recs, ring, pid, strict=True):
+        assert rc == min(rec["rings"], 3) - 1, r
+        prim = [CATEGORIES[p] for p, k in zip(rec["particles"]["pid"], rec["particles"]["primary"], strict=True) if k]
+        want = (
+            ("electron", "muon", "pi0").index(prim[0])
+            if len(prim) == 1 and prim[0] in ("electron", "muon", "pi0")
+            else -1
+        )
+        assert pc == want, (r, prim)
+    assert (pid >= 0).any() and (pid == -1).any()  # both kinds in this sample
+    with pytest.raises(ValueError, match="needs the `rings` column"):
+        event_labels(table.drop_columns(["rings"]), CATEGORIES)
