@@ -3,16 +3,27 @@ against a loop, event labels from generated events, and (long) a short fine-tune
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix, roc_curve
 
+from raysvc.config import load_config
 from raysvc.data.schema import table_from_events
+from raysvc.data.shards import load_manifest, read_shard
 from raysvc.data.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_record
 from raysvc.inference.event_metrics import efficiency_at_rejection, pid_figures, ring_class, ring_confusion
 from raysvc.models.event_heads import pool_events
-from raysvc.train.tasks.rings import event_labels
+from raysvc.storage import resolve
+from raysvc.train.tasks.rings import RingsConfig, event_labels
+
+
+def quiet(*_a, **_k) -> None:
+    pass
 
 
 def test_ring_classes_and_confusion_match_sklearn():
@@ -83,3 +94,51 @@ def test_event_labels_from_generated_events():
     assert (pid >= 0).any() and (pid == -1).any()  # both kinds in this sample
     with pytest.raises(ValueError, match="needs the `rings` column"):
         event_labels(table.drop_columns(["rings"]), CATEGORIES)
+
+
+JOB = str(Path(__file__).parents[1] / "jobs" / "rings-wch-tiny.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_rings_finetune_reports_ring_and_pid_figures_and_exports_a_servable_segmenter(ray_local, tmp_path):
+    """A short `rings` run on generated tank events: summary.json has the talk's keys with counts that add up, and
+    the export predicts like any segmenter."""
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.inference.batch import predict_dataset
+    from raysvc.train.driver import run_job
+
+    cfg_gen = WChGeneratorConfig(particles={1: 3.0, 2: 1.0}, species={"electron": 1.0, "muon": 1.0, "pi0": 1.0})
+    for name, n, seed in (("train", 8, 21), ("val", 8, 22)):
+        generate_dataset(resolve(str(tmp_path / name)), n, seed, 4, cfg_gen, show_progress=False, detector="wch")
+    sets = [
+        f"data.uri={tmp_path / 'train'}",
+        f"val_data.uri={tmp_path / 'val'}",
+        f"run.storage={tmp_path}",
+        "run.name=rings",
+        "train.steps=4",
+        "train.val_every=4",
+        "train.checkpoint_every=4",
+        "train.log_every=2",
+        "train.batch_events=2",
+        "run.max_failures=0",
+        "run.wandb_mode=offline",
+        "scaling.cpus_per_worker=0.5",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+    ]
+    run_job(load_config(RingsConfig, JOB, sets), log=quiet)
+    val = json.loads((tmp_path / "rings" / "summary.json").read_text())["val"]
+    table = pa.concat_tables(
+        [read_shard(resolve(str(tmp_path / "val")), r) for r in load_manifest(resolve(str(tmp_path / "val"))).shards]
+    )
+    ring, pid = event_labels(table, CATEGORIES)
+    confusion = np.array(val["ring_count_confusion"])
+    assert confusion.shape == (3, 3) and confusion.sum(1).tolist() == np.bincount(ring[ring >= 0], minlength=3).tolist()
+    assert set(val["pid"]) >= {"e_eff_at_mu_rej_999", "e_eff_at_pi0_rej_95"}
+    assert val["pid"]["events"] == {n: int((pid == i).sum()) for i, n in enumerate(("electron", "muon", "pi0"))}
+    assert val["miou"] is not None and (tmp_path / "rings" / "event_heads.safetensors").stat().st_size > 0
+    info = predict_dataset(
+        resolve(str(tmp_path / "rings")), resolve(str(tmp_path / "val")), resolve(str(tmp_path / "preds")), log=quiet
+    )
+    assert info["events"] == table.num_rows
