@@ -83,3 +83,22 @@ def test_config_is_validated_by_field():
         FinetuneConfig.model_validate(base | {"train": {"augment": {"rotate_p": 1.5}}})
     with pytest.raises(ValidationError, match="scale"):
         FinetuneConfig.model_validate(base | {"train": {"augment": {"scale": 2}}})
+
+
+def test_turns_about_the_tank_axis_keep_hits_on_the_tank():
+    """pivot detector + rotations about z only: every point keeps its height and its distance from the axis through
+    the detector's centre, while the event as a whole moves (a turn about its own centroid would take it off)."""
+    g = torch.Generator().manual_seed(5)
+    phi = torch.rand(120, generator=g) * 6.28
+    centre = 1850.0
+    coord = torch.stack([centre + 1690 * torch.cos(phi), centre + 1690 * torch.sin(phi), torch.rand(120) * 3000], 1)
+    offset = torch.tensor([50, 120])
+    torch.manual_seed(1)
+    cfg = AugmentConfig(rotate_p=1.0, flip_p=0.5, rotate_axes=("z",), pivot="detector")
+    out = augment_coords(coord, offset, cfg, centre)
+    radius = lambda x: (x[:, :2].double() - centre).norm(dim=1)  # noqa: E731
+    torch.testing.assert_close(radius(out), radius(coord), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[:, 2], coord[:, 2])
+    assert (out - coord).abs().max() > 10
+    with pytest.raises(ValueError, match="needs the detector's centre"):
+        augment_coords(coord, offset, cfg)

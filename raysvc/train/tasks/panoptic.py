@@ -164,7 +164,7 @@ class PanopticTask(SegmentationTask):
     def step(self, batch: dict, step: int) -> dict:
         cfg, device = self.cfg, self.ctx.device
         pre = cfg.data.preprocess
-        coord, turn = augment_with_transforms(batch["coord"], batch["offset"], cfg.train.augment)
+        coord, turn = augment_with_transforms(batch["coord"], batch["offset"], cfg.train.augment, pre.center)
         # regression targets from the points as read (offsets from centroids), turned as the points are below
         targets = {
             t: regression_targets(batch, getattr(cfg.instances, t).regress, (pre.center, pre.scale), turn)

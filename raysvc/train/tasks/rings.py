@@ -154,7 +154,7 @@ class RingsTask(SegmentationTask):
     def step(self, batch: dict, step: int) -> dict:
         cfg, device, ev = self.cfg, self.ctx.device, self.cfg.events
         pre = cfg.data.preprocess
-        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}
+        batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment, pre.center)}
         x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
         with autocast(cfg.train.amp, device):
             sem, ring, pid = self.model(x)

@@ -128,7 +128,10 @@ def train_step(
     parameters in `hold` lose their gradients before clipping, so AdamW skips them entirely (no update, no weight
     decay, no moment state). `raysvc bench train` times this same function without Ray."""
     pre = cfg.data.preprocess
-    batch = {**batch, "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment)}  # no-op when off
+    batch = {
+        **batch,
+        "coord": augment_coords(batch["coord"], batch["offset"], cfg.train.augment, pre.center),
+    }  # no-op when off
     x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, device, cfg.model.center_events)
     with autocast(cfg.train.amp, device):
         logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
