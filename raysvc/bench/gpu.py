@@ -185,10 +185,7 @@ def profile_segmentation(cfg, batches: list[dict], device: torch.device, top: in
     steps): where a step that should be GPU-bound waits."""
     from torch.profiler import ProfilerActivity, profile
 
-    c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": True})})
-    torch.manual_seed(0)
-    model, params, opt, loss_fn = plain_training(c)
-    model.to(device)
+    c, (model, params, opt, loss_fn) = _seg_training(cfg, True, device)
     for i in range(3):
         train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, device)
     _sync(device)
@@ -272,14 +269,19 @@ def _add_speedups(out: dict) -> None:
             out[f"{name}_speedup_vs_cpu"] = out["cpu_step_s"] / out[f"{name}_step_s"]
 
 
+def _seg_training(cfg, amp: bool, device: torch.device) -> tuple:
+    """(the job with `train.amp` set, (model on `device`, params, optimizer, loss)), seeded as every timing is."""
+    c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
+    torch.manual_seed(0)
+    model, params, opt, loss_fn = plain_training(c)
+    return c, (model.to(device), params, opt, loss_fn)
+
+
 def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int, warmup: int) -> dict:
     """Seconds per training step (the fine-tuning job's `train_step`) on the CPU, and on `device` in fp32 and bf16."""
     out: dict = {}
     for name, dev, amp in _precision_runs(device):
-        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
-        torch.manual_seed(0)
-        model, params, opt, loss_fn = plain_training(c)
-        model.to(dev)
+        c, (model, params, opt, loss_fn) = _seg_training(cfg, amp, dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         out[f"{name}_step_s"] = _median_step(

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raysvc.data.schema import LABEL_FIELDS, flat_coords, flat_values
+from raysvc.data.schema import LABEL_FIELDS, flat_coords, flat_times, flat_values
 
 
 def collate_packed(table: pa.Table, particles: bool = False) -> dict[str, torch.Tensor]:
@@ -28,9 +28,9 @@ def collate_packed(table: pa.Table, particles: bool = False) -> dict[str, torch.
         "batch": torch.from_numpy(np.repeat(np.arange(len(counts)), counts)),
         "event_id": torch.from_numpy(table.column("event_id").to_numpy().astype(np.int64)),
     }
-    if "time" in table.column_names and table.num_rows and table.column("time").null_count == 0:
-        # a detector with hit times (water Cherenkov): a second feature channel after the amplitude
-        out["time"] = torch.from_numpy(flat_values(table, "time").astype(np.float32, copy=True)).unsqueeze(1)
+    times = flat_times(table)
+    if times is not None:  # a detector with hit times (water Cherenkov): a second feature channel after the amplitude
+        out["time"] = torch.from_numpy(times).unsqueeze(1)
         out["feat"] = torch.cat([out["feat"], out["time"]], dim=1)
     for name in LABEL_FIELDS:
         out[name] = torch.from_numpy(flat_values(table, name).astype(np.int64))

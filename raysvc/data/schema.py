@@ -185,16 +185,28 @@ def particles_array(per_event: list[dict | None]) -> pa.Array:
 OPTIONAL_COLUMNS = ("particles", *OPTIONAL_POINT_FIELDS, "rings")
 
 
+def with_null_columns(table: pa.Table, names: list[str]) -> pa.Table:
+    """`table` with an all-null column of the event schema's type appended for each of `names`."""
+    for name in names:
+        f = EVENT_SCHEMA.field(name)
+        table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table
+
+
 def with_optional_columns(table: pa.Table) -> pa.Table:
     """`table` with null optional columns (`particles`, `time`, `contributors`, `rings`) where it has none (a shard
     written before the column existed, or a reader's table that has no such truth)."""
-    for name in OPTIONAL_COLUMNS:
-        if name not in table.column_names:
-            f = EVENT_SCHEMA.field(name)
-            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    table = with_null_columns(table, [n for n in OPTIONAL_COLUMNS if n not in table.column_names])
     # in the schema's order (other columns after), so that tables of old and new shards concatenate
     order = [n for n in EVENT_SCHEMA.names if n in table.column_names]
     return table.select(order + [n for n in table.column_names if n not in order])
+
+
+def flat_times(table: pa.Table) -> np.ndarray | None:
+    """Every point's hit time (float32), or None where the events have none (the column absent or null)."""
+    if "time" in table.column_names and table.num_rows and table.column("time").null_count == 0:
+        return flat_values(table, "time").astype(np.float32)
+    return None
 
 
 def flat_values(table: pa.Table, name: str) -> np.ndarray:

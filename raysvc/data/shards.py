@@ -28,6 +28,7 @@ from raysvc.data.schema import (
     check_columns,
     table_from_events,
     validate_table,
+    with_null_columns,
     with_optional_columns,
 )
 from raysvc.storage import Location, StorageError, explained, read_bytes, retried, sha256_hex, write_bytes_atomic
@@ -200,10 +201,8 @@ def read_shard(
             missing = [c for c in columns if c not in names and c in OPTIONAL_COLUMNS]
             columns = [c for c in columns if c not in missing]
         table = pq.read_table(pa.BufferReader(data), columns=columns)
-        if columns is not None and missing:
-            for c in missing:
-                f = EVENT_SCHEMA.field(c)
-                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        if columns is not None:
+            table = with_null_columns(table, missing)
     except (pa.ArrowInvalid, OSError) as e:
         raise EventDataError(loc.uri, f"not a readable Parquet file ({e})", kind="corrupt") from e
     if table.num_rows != rec.events:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raysvc.data.detectors import LARTPC
-from raysvc.data.schema import flat_coords, flat_values
+from raysvc.data.schema import flat_coords, flat_times, flat_values
 
 
 class ViewConfig(BaseModel):
@@ -176,9 +176,8 @@ def table_views(table: pa.Table, cfg: ViewConfig, seed: int, epoch: int) -> list
     """(event_id, globals, locals) for every row of a preprocessed table (event ids must be non-negative)."""
     coords = flat_coords(table)
     energy = flat_values(table, "energy").astype(np.float32, copy=False)
-    extra = None
-    if "time" in table.column_names and table.num_rows and table.column("time").null_count == 0:
-        extra = flat_values(table, "time").astype(np.float32).reshape(-1, 1)  # as `collate_packed` adds it
+    times = flat_times(table)  # the channel `collate_packed` adds after energy
+    extra = None if times is None else times.reshape(-1, 1)
     bounds = np.concatenate([[0], np.cumsum(table.column("num_points").to_numpy().astype(np.int64))])
     out = []
     for r, eid in enumerate(table.column("event_id").to_numpy().tolist()):

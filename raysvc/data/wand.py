@@ -27,15 +27,15 @@ from tqdm import tqdm
 
 from raysvc.data.detectors.wch import HALF_HEIGHT_CM, RADIUS_CM, WCH
 from raysvc.data.shards import EventShardWriter, Manifest
-from raysvc.data.wch_generator import to_cube
+from raysvc.data.wch_generator import MASS, WChGeneratorConfig, to_cube
 from raysvc.storage import Location
 
 NEEDED = ("sensor", "hits", "labl")
 FILE_NAME = re.compile(r"wc_([a-z]+)_(\d+)\.h5$")
 SPECIES = {22: "gamma", 11: "electron", 13: "muon", 211: "pion", 111: "pi0"}  # by |PDG code|
-MASS_MEV = {22: 0.0, 11: 0.51099895, 13: 105.658, 211: 139.570, 111: 134.977, 2212: 938.272, 2112: 939.565}
+MASS_MEV = {pdg: MASS[name] for pdg, name in SPECIES.items()} | {2212: 938.272, 2112: 939.565}  # + p, n
 PRIMARY_CATEGORY = 0  # per_particle/category: 0 Primary, 1 DecayElectron, 2 SecondaryPion, 3 Gamma
-RING_MIN_PE = 20.0  # PE a particle's light needs to count as a ring (as the generator counts them)
+RING_MIN_PE = WChGeneratorConfig.model_fields["ring_min_pe"].default  # a ring, as the generator counts them
 UNITS = {"m": 1.0, "cm": 0.01, "mm": 0.001}  # -> metres
 
 
@@ -65,8 +65,9 @@ def group_files(paths: list[str]) -> list[dict[str, str]]:
 
 
 def tank_frame(positions: np.ndarray, where: str) -> tuple[np.ndarray, dict]:
-    """PMT positions as written -> metres with the tank's axis along z; the units and the axis are found from the
-    positions themselves (caps at |axis| = half-height, wall at radius R), and the tank must be the `wch` one."""
+    """PMT positions as written -> (metres with the tank's axis along z, {axis, units, radius_m, half_height_m, order:
+    the file's axes in our x, y, z order}); the units and the axis are found from the positions themselves (caps at
+    |axis| = half-height, wall at radius R), and the tank must be the `wch` one."""
     pos = np.asarray(positions, np.float64)
     if pos.ndim != 2 or pos.shape[1] != 3 or not len(pos):
         raise WandFormatError(f"{where}: config/sensor_positions has shape {pos.shape}, expected (n_sensors, 3)")
@@ -86,7 +87,8 @@ def tank_frame(positions: np.ndarray, where: str) -> tuple[np.ndarray, dict]:
         r_m, h_m = radius * to_m, half * to_m
         if abs(r_m / (RADIUS_CM / 100) - 1) < 0.1 and abs(h_m / (HALF_HEIGHT_CM / 100) - 1) < 0.1:
             order = [a for a in range(3) if a != axis] + [axis]
-            return pos[:, order] * to_m, {"axis": "xyz"[axis], "units": unit, "radius_m": r_m, "half_height_m": h_m}
+            info = {"axis": "xyz"[axis], "units": unit, "radius_m": r_m, "half_height_m": h_m, "order": order}
+            return pos[:, order] * to_m, info
     raise WandFormatError(
         f"{where}: the PMTs span radius {radius:g} and half-height {half:g} (in the file's units); the wch detector is "
         f"the Super-K-like tank of radius {RADIUS_CM / 100} m and half-height {HALF_HEIGHT_CM / 100} m"
@@ -229,12 +231,7 @@ def iter_group(files: dict[str, str], skipped: Counter):
             raise WandFormatError(f"{where}: missing config/sensor_positions")
         raw = fs["config"]["sensor_positions"][()]
         pos_m, info = tank_frame(raw, where)
-        axis = "xyz".index(info["axis"])
-        frame = {
-            "positions_m": pos_m,
-            "order": [a for a in range(3) if a != axis] + [axis],
-            "to_m": UNITS[info["units"]],
-        }
+        frame = {"positions_m": pos_m, "order": info["order"], "to_m": UNITS[info["units"]]}
         names = _events(fs)
         for other, f in (("hits", fh), ("labl", fl)):
             if _events(f) != names:

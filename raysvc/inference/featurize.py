@@ -14,9 +14,8 @@ def model_inputs(
 ) -> dict:
     """Packed batch -> model inputs on `device`: grid sampling at `grid_voxels` (a cell takes the mean coordinate, the
     summed energy feature and the mean hit time (where there is one) of its points), integer grid coordinates, and
-    `inverse` from points to cells. With
-    `center_events`, each event's coordinates are shifted to its mean (as Panda's views are: a backbone pretrained
-    on them expects it)."""
+    `inverse` from points to cells. With `center_events`, each event's coordinates are shifted to its mean (as
+    Panda's views are: a backbone pretrained on them expects it)."""
     voxel = torch.round(batch["coord"].double() * scale + center)  # undo the normalisation: exact voxel indices
     timed = "time" in batch
     feat = batch["energy"].double()

@@ -8,11 +8,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raysvc.ops.packed import offset_to_batch
+
 
 def pool_events(cells: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """(M, C) cell features, (B,) cumulative cell counts -> (B, 2C): each event's mean and max (zeros if empty)."""
     counts = torch.diff(offset, prepend=offset.new_zeros(1))
-    event = torch.repeat_interleave(torch.arange(len(counts), device=cells.device), counts)
+    event = offset_to_batch(offset)
     c = cells.shape[1]
     total = cells.new_zeros(len(counts), c).index_add_(0, event, cells)
     mean = total / counts.clamp_min(1).unsqueeze(1).to(cells.dtype)
