@@ -267,6 +267,14 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
             "probe_token_f1": probe.get("token_f1"),
             "tokens": summary.get("tokens"),
         }
+    elif "exports" in summary:  # cross-experiment pretraining: one backbone and probe per detector
+        out |= {"exports": summary["exports"], "batching": summary.get("batching")}
+        for name, p in probe.items():
+            if p:
+                out |= {
+                    f"probe_{name}_pretrained_miou": p["pretrained_miou"],
+                    f"probe_{name}_random_miou": p["random_miou"],
+                }
     elif "probe" in summary:
         out |= {
             "probe_pretrained_miou": probe.get("pretrained_miou"),

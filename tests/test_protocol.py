@@ -44,6 +44,10 @@ def _columns(points=POINTS, energies=ENERGIES) -> dict:
     return {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "energy": energies}
 
 
+def _body(**extra) -> bytes:
+    return json.dumps({"points": POINTS.tolist(), "energies": ENERGIES.tolist(), **extra}).encode()
+
+
 def _refused(body: bytes, content_type: str, status: int, words: str) -> str:
     with pytest.raises(RequestError) as e:
         parse(body, content_type, LIMITS)
@@ -78,6 +82,44 @@ def test_every_encoding_parses_the_same_event_from_each_accepted_dtype():
     assert (
         parse(bodies["npz big-endian f8 + u2"][0], NPZ, LIMITS).energies.tolist() == ENERGIES.astype(np.uint16).tolist()
     )
+
+
+def test_hit_times_and_the_detector_travel_in_every_encoding():
+    """A water Cherenkov event: times as a JSON field, an .npz member or an Arrow column, the detector in the body or
+    the query string; each encoding gives the same event."""
+    times = RNG.uniform(900, 1100, 40).astype(np.float32)
+    bodies = {
+        "json": (_body(times=times.tolist(), detector="wch"), JSON, None),
+        "json + query": (_body(times=times.tolist()), JSON, "wch"),
+        "npz": (_npz(points=POINTS, energies=ENERGIES, times=times.astype(np.float64)), NPZ, "wch"),
+        "arrow": (_arrow(pa.table({**_columns(), "time": times})), ARROW, "wch"),
+    }
+    for name, (body, ctype, query) in bodies.items():
+        ev = parse(body, ctype, LIMITS, detector=query)
+        assert ev.detector == "wch", name
+        assert ev.times.dtype == np.float32 and np.array_equal(ev.times, times), name
+        assert np.array_equal(ev.points, POINTS) and np.array_equal(ev.energies, ENERGIES), name
+    plain = parse(_body(), JSON, LIMITS)
+    assert plain.times is None and plain.detector is None  # the model's own detector, no times
+
+
+@pytest.mark.parametrize(
+    "body, ctype, query, words",
+    [
+        (_body(times=[1.0] * 39), JSON, None, "points has 40 rows but times has 39 values"),
+        (_body(times=[[1.0]] * 40), JSON, None, "times: expected numbers, got an array"),
+        (_body(detector=3), JSON, None, "detector: expected the detector's name as a string"),
+        (_body(detector="wch"), JSON, "lartpc", "the body says 'wch', the query string 'lartpc'"),
+        (_npz(points=POINTS, energies=ENERGIES, times=np.ones((40, 2))), NPZ, None, "times: expected shape (n,)"),
+        (_npz(points=POINTS, energies=ENERGIES, time=np.ones(40)), NPZ, None, "unknown array(s) ['time']"),
+        (_arrow(pa.table({**_columns(), "time": ["a"] * 40})), ARROW, None, "column time: type string"),
+        (_arrow(pa.table({**_columns(), "times": np.ones(40)})), ARROW, None, "unknown column(s) ['times']"),
+    ],
+)
+def test_bad_times_or_detectors_get_a_422_naming_them(body, ctype, query, words):
+    with pytest.raises(RequestError) as e:
+        parse(body, ctype, LIMITS, detector=query)
+    assert e.value.status == 422 and words in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,8 @@ BODY_TIMEOUT_S = 5
 NPZ, ARROW = "application/x-npz", "application/vnd.apache.arrow.stream"
 
 
-def _export(d: Path, seed: int) -> Path:
-    export_seeded_segmenter(resolve(str(d)), seed)
+def _export(d: Path, seed: int, detector: str = "lartpc") -> Path:
+    export_seeded_segmenter(resolve(str(d)), seed, detector=detector)
     return d
 
 
@@ -54,8 +54,10 @@ def events():
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     a, b = _export(root / "model-a", 1), _export(root / "model-b", 2)
+    w = _export(root / "model-w", 3, "wch")  # a water Cherenkov model
+    models = ["--model", f"a={a}", "--model", f"b={b}", "--model", f"w={w}"]
     srv = ServeProcess(
-        ["--model", f"a={a}", "--model", f"b={b}", "--torch-threads", "1", "--body-timeout-s", str(BODY_TIMEOUT_S)],
+        [*models, "--torch-threads", "1", "--body-timeout-s", str(BODY_TIMEOUT_S)],
         free_port(),
         TOKEN,
         root / "serve.log",
@@ -63,7 +65,7 @@ def server(tmp_path_factory):
     srv.__enter__()
     sid = srv.proc.pid
     try:
-        yield {"url": srv.url, "port": srv.port, "a": a, "b": b, "root": root, "sid": sid}
+        yield {"url": srv.url, "port": srv.port, "a": a, "b": b, "w": w, "root": root, "sid": sid}
     finally:
         stragglers = srv.stop()
     assert not stragglers and not session_processes(sid), "serve processes left running after SIGTERM"
@@ -158,6 +160,61 @@ def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(
         assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["classes"], np.int8), want)
 
 
+@pytest.fixture(scope="module")
+def tank_events():
+    """Generated water Cherenkov events: hit PMT positions (cm), charges (PE) and times (ns)."""
+    from raysvc.data.wch_generator import WChGeneratorConfig, generate_wch_record
+
+    cfg = WChGeneratorConfig()
+    recs = [generate_wch_record(cfg, 31, i) for i in range(3)]
+    return [(r["coord"].astype(np.float32), r["energy"].astype(np.float32), r["time"].astype(np.float32)) for r in recs]
+
+
+def test_a_water_cherenkov_model_answers_tank_events_and_a_lartpc_model_refuses_them(server, tank_events):
+    """The request names its detector and carries hit times (JSON, npz, Arrow); the WCh model's answer equals the
+    exported model's own prediction in-process; a LArTPC model refuses the same event naming both detectors."""
+    from raysvc.inference.segmenter import Segmenter
+
+    url = server["url"]
+    seg = Segmenter(resolve(str(server["w"])))
+    want = seg.predict_events(tank_events)
+    for (points, energies, times), classes in zip(tank_events, want, strict=True):
+        npz = io.BytesIO()
+        np.savez(npz, points=points, energies=energies, times=times)
+        arrow = io.BytesIO()
+        cols = {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "energy": energies, "time": times}
+        with pa.ipc.new_stream(arrow, pa.table(cols).schema) as w:
+            w.write_table(pa.table(cols))
+        answers = [
+            _post(url, _json(points, energies, times=times.tolist(), detector="wch"), model="w"),
+            _post(url, npz.getvalue(), NPZ, model="w", detector="wch"),
+            _post(url, arrow.getvalue(), ARROW, model="w"),  # no detector named: the model's own
+        ]
+        for r in answers:
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["class_names"] == ["gamma", "electron", "muon", "pion", "noise"]
+            assert np.array_equal(np.asarray(got["classes"], np.int8), classes)
+    points, energies, times = tank_events[0]
+    body = _json(points, energies, times=times.tolist(), detector="wch")
+    refused = _post(url, body, model="a")
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert error.startswith("detector mismatch") and "serves lartpc events" in error and "a wch event" in error
+    no_times = _post(url, _json(points, energies, detector="wch"), model="w")
+    assert (
+        no_times.status_code == 422
+        and "times" in no_times.json()["error"]
+        and "wch events need them" in (no_times.json()["error"])
+    )
+    lar_points, lar_energies, lar_times = tank_events[1][0] / 5, tank_events[1][1], tank_events[1][2]
+    timed = _post(url, _json(lar_points, lar_energies, times=lar_times.tolist()), model="a")
+    assert timed.status_code == 422 and "lartpc events carry no hit times" in timed.json()["error"]
+    unknown = _post(url, body | {"detector": "dune"}, model="w")
+    assert unknown.status_code == 422 and "unknown detector 'dune'" in unknown.json()["error"]
+    assert _post(url, body, model="w").status_code == 200  # and the endpoint still answers
+
+
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_next_request_works(server, events):
     url = server["url"]
     points, energies = events[1]
@@ -208,10 +265,11 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_next_request_works(se
 
 def test_models_health_and_openapi(server):
     url = server["url"]
-    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok", "models": 2}  # no auth needed
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok", "models": 3}  # no auth needed
     assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
     models = requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
-    assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b"]
+    assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b", "w"]
+    assert [m["detector"] for m in models["models"]] == ["lartpc", "lartpc", "wch"]
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/segment", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert TOKEN not in (server["root"] / "serve.log").read_text()  # the secret is never logged

@@ -41,6 +41,7 @@ from raysvc.train.tasks.segmentation import train_step
 
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
 POLARMAE_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-polarmae-tiny.yaml"
+CROSS_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-cross-tiny.yaml"
 
 
 def _sync(device: torch.device) -> None:
@@ -353,6 +354,72 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     return step, losses
 
 
+def _view_batches(data: Path, view_cfg, preprocess, batch_events: int, count: int) -> list[dict]:
+    """`count` packed batches of views of `batch_events` events each from the first shard of `data`."""
+    from raysvc.data.reader import read_preprocessed
+    from raysvc.data.shards import load_manifest
+    from raysvc.data.views import collate_views, table_views
+    from raysvc.storage import resolve
+
+    loc = resolve(str(data))
+    manifest = load_manifest(loc)
+    table, _, _ = read_preprocessed(loc, manifest.shards[0], preprocess, None, True, manifest.detector_spec)
+    n = max(1, min(count, table.num_rows // batch_events))
+    return [collate_views(table_views(table.slice(i * batch_events, batch_events), view_cfg, 0, 0)) for i in range(n)]
+
+
+def time_panda_cross(data: Path, device: torch.device, steps: int, warmup: int, batch_events: int, log=print) -> dict:
+    """Seconds per cross-experiment Panda step (the cross job's own `step`: LArTPC + water Cherenkov views through
+    per-detector stems into one trunk) with `batch_events` events per step, both ways of batching: by detector (steps
+    alternate between the detectors) and mixed (each step half of each). On the CPU and on `device`; the losses must
+    stay finite."""
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.wch_generator import WChGeneratorConfig
+    from raysvc.storage import resolve
+    from raysvc.train.tasks.base import WorkerContext
+    from raysvc.train.tasks.panda_cross import CrossPandaTask, CrossPretrainConfig
+
+    wch = data / "wch"
+    if not wch.exists():
+        log(f"generating {2 * batch_events} water Cherenkov events")
+        cfg_gen = WChGeneratorConfig(particles={1: 1.0, 2: 1.0})
+        generate_dataset(
+            resolve(str(wch)), 2 * batch_events, 3, 2 * batch_events, cfg_gen, show_progress=False, detector="wch"
+        )
+    sets = [f"sources.lartpc.data.uri={data / 'train'}", f"sources.wch.data.uri={wch}", f"train.steps={steps + warmup}"]
+    sets += ["sources.lartpc.probe_data=null", "sources.wch.probe_data=null", f"train.batch_events={batch_events}"]
+    cfg = load_config(CrossPretrainConfig, str(CROSS_JOB), [*sets, "scaling.workers=1"])
+    half = max(1, batch_events // 2)
+    views = {
+        (name, n): _view_batches(Path(src.data.uri), src.views, src.data.preprocess, n, 2)
+        for name, src in cfg.sources.items()
+        for n in (batch_events, half)
+    }
+    names = list(cfg.sources)
+
+    def by_detector(i: int) -> list:
+        name = names[i % len(names)]
+        got = views[(name, batch_events)]
+        return [(name, got[(i // len(names)) % len(got)])]
+
+    def mixed(i: int) -> list:
+        return [(name, views[(name, half)][i % len(views[(name, half)])]) for name in names]
+
+    plans = {"by_detector": by_detector, "mixed": mixed}
+    out: dict = {"events_per_step": batch_events}
+    for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
+        for batching, plan in plans.items():
+            c = cfg.model_copy(update={"batching": batching})
+            torch.manual_seed(0)
+            task = CrossPandaTask(c, WorkerContext(0, 1, dev, {}, per_rank=batch_events))
+            losses: list[float] = []
+            step = lambda i, task=task, plan=plan, losses=losses: losses.append(task.step(plan(i), i)["loss"])  # noqa: E731
+            out[f"{name}_{batching}_step_s"] = _median_step(step, steps, warmup, dev)
+            out[f"{name}_{batching}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
+        out[f"{name}_mixed_vs_by_detector"] = out[f"{name}_mixed_step_s"] / out[f"{name}_by_detector_step_s"]
+    return out
+
+
 def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: int, warmup: int) -> dict:
     """The tiny PoLAr-MAE job's network on packed `batches`: its loss (one batch, one seeded mask, eval mode) on
     `device` in fp32 against the CPU and in bf16 against device fp32; then seconds per pretraining step
@@ -449,6 +516,8 @@ def run_gpu_bench(
                 out[f"profile_seg_{size}"] = profile_segmentation(cfg, batches, dev)
         log("tiny: Panda pretraining step")
         out["panda_tiny"] = time_panda(data, dev, steps, warmup, batch)
+        log("tiny: cross-experiment Panda step, by detector and mixed")
+        out["panda_cross_tiny"] = time_panda_cross(data, dev, steps, warmup, batch, log)
     out["checks"] = verdicts(out)
     out["all_passed"] = all(out["checks"].values())
     return out
@@ -476,6 +545,10 @@ MUST_BE_TRUE = [
     ("neighbours", "knn_equals_cpu"),
     ("panda_tiny", "cpu_losses_finite"),
     ("panda_tiny", "device_losses_finite"),
+    ("panda_cross_tiny", "cpu_by_detector_losses_finite"),
+    ("panda_cross_tiny", "cpu_mixed_losses_finite"),
+    ("panda_cross_tiny", "device_by_detector_losses_finite"),
+    ("panda_cross_tiny", "device_mixed_losses_finite"),
     ("polarmae_tiny", "cpu_losses_finite"),
     ("polarmae_tiny", "device_fp32_losses_finite"),
     ("polarmae_tiny", "device_bf16_losses_finite"),

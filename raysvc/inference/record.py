@@ -168,17 +168,17 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], what
         raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny") -> None:
-    """A freshly initialised (seeded) LArTPC segmenter exported as a fine-tuning run exports one: what the serving
-    benchmark and tests load when latency, not accuracy, is the question."""
+def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny", detector: str = DEFAULT_DETECTOR) -> None:
+    """A freshly initialised (seeded) segmenter of `detector`'s events exported as a fine-tuning run exports one:
+    what the serving benchmark and tests load when latency, not accuracy, is the question."""
     torch.manual_seed(seed)
-    detector = get_detector(DEFAULT_DETECTOR)
+    det = get_detector(detector)
     record = ExportedModel(
         kind="segmenter",
         method="segmentation",
-        detector=detector.name,
-        model=ModelSpec(size=size, head="dec", mode="scratch"),
-        class_names=list(detector.class_names),
-        preprocess=PreprocessConfig(),
+        detector=det.name,
+        model=ModelSpec(size=size, head="dec", mode="scratch", overrides={"in_channels": det.in_channels}),
+        class_names=list(det.class_names),
+        preprocess=PreprocessConfig(**det.preprocess_fields()),
     )
     save_export(loc, record.build().state_dict(), record)

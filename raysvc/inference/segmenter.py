@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from raysvc.data.collate import collate_packed
-from raysvc.data.detectors import get_detector
+from raysvc.data.detectors import DETECTORS, get_detector
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.transforms import preprocess_table
 from raysvc.inference.featurize import model_inputs, usable_device
@@ -132,15 +132,30 @@ class Segmenter:
         classes = np.split(out_flat, splits)
         return (classes, np.split(prob_flat, splits)) if probabilities else classes
 
-    def _events_table(self, events: list[tuple[np.ndarray, np.ndarray]], source: str) -> pa.Table:
-        return table_from_events(
-            [
-                {"event_id": i, "coord": p, "energy": e, **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
-                for i, (p, e) in enumerate(events)
-            ],
-            source,
-            self.detector.name,
-        )
+    def _events_table(self, events: list[tuple], source: str) -> pa.Table:
+        """Events given as (points, energies) or (points, energies, times or None) -> an event table of this model's
+        detector (times only where given)."""
+        recs = []
+        for i, ev in enumerate(events):
+            p, e, t = (*ev, None)[:3]
+            rec = {"event_id": i, "coord": p, "energy": e, **{f: np.zeros(len(e), np.int8) for f in LABEL_FIELDS}}
+            if t is not None:
+                rec["time"] = t
+            recs.append(rec)
+        return table_from_events(recs, source, self.detector.name)
+
+    def check_detector(self, detector: str | None, times_given: bool = False) -> None:
+        """An event said to be from `detector` (None: from this model's) with or without hit times: a ValueError
+        naming both detectors when it is another detector's, or when it brings times this detector has none of."""
+        if detector is not None and detector != self.detector.name:
+            known = ", ".join(sorted(DETECTORS))
+            what = f"a {detector} event" if detector in DETECTORS else f"an event of unknown detector {detector!r}"
+            raise ValueError(
+                f"detector mismatch: the model {self.model_id} serves {self.detector.name} events, this request is "
+                f"{what} (detectors: {known}); send it to a model trained on {detector} events"
+            )
+        if times_given and not self.detector.has_time:
+            raise ValueError(f"times: {self.detector.name} events carry no hit times; send points and energies only")
 
     def check_dataset(self, manifest, data: Location) -> None:
         """A dataset of another detector's events is an error naming both, before any event is read."""
@@ -150,10 +165,13 @@ class Segmenter:
                 f"{self.detector.name} events"
             )
 
-    def check_event(self, points: np.ndarray, energies: np.ndarray, source: str = "request") -> None:
-        """The data contract's checks on one event; EventDataError (naming the field) when it breaks one."""
+    def check_event(
+        self, points: np.ndarray, energies: np.ndarray, source: str = "request", times: np.ndarray | None = None
+    ) -> None:
+        """The data contract's checks on one event; EventDataError (naming the field) when it breaks one (a water
+        Cherenkov event without times breaks the contract's `time` rule)."""
         validate_table(
-            self._events_table([(points, energies)], source),
+            self._events_table([(points, energies, times)], source),
             source,
             row_base=None,
             detector=self.detector,
@@ -161,15 +179,14 @@ class Segmenter:
         )
 
     def predict_events_panoptic(
-        self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False, source: str = "request"
+        self, events: list[tuple], probabilities: bool = False, source: str = "request"
     ) -> list[dict]:
-        """`predict_panoptic` on events given as (points, energies), checked as `predict_events` checks them."""
+        """`predict_panoptic` on events given as `predict_events` takes them, checked as it checks them."""
         return self.predict_panoptic(self._events_table(events, source), source, probabilities)
 
-    def predict_events(
-        self, events: list[tuple[np.ndarray, np.ndarray]], probabilities: bool = False, source: str = "request"
-    ):
-        """`predict_table` on events given as (points (n, 3) voxel coordinates, energies (n,)). They pass the same
-        data-contract checks as a shard (EventDataError names the event's position and the field); the label
-        columns the contract requires are zero-filled, as inference never reads them."""
+    def predict_events(self, events: list[tuple], probabilities: bool = False, source: str = "request"):
+        """`predict_table` on events given as (points (n, 3) in the detector's units, energies (n,)) or (points,
+        energies, hit times (n,) or None). They pass the same data-contract checks as a shard (EventDataError names
+        the event's position and the field); the label columns the contract requires are zero-filled, as inference
+        never reads them."""
         return self.predict_table(self._events_table(events, source), source, probabilities)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raysvc.models.ptv3 import Level, PTv3, PTv3Config, upcast
+from raysvc.models.stems import DetectorStems
 from raysvc.ops.neighbors import knn
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean
 
@@ -166,12 +167,17 @@ class Encoded:
 class PandaStudent(nn.Module):
     """What trains: backbone, mask token and heads. One forward runs the masked globals and the locals."""
 
-    def __init__(self, backbone_cfg: PTv3Config, cfg: PandaConfig):
+    def __init__(self, backbone_cfg: PTv3Config, cfg: PandaConfig, stems: dict[str, int] | None = None):
+        """`stems`: {detector: input channels} for one stem per detector in front of the shared trunk
+        (cross-experiment pretraining, models/stems.py); None: the backbone's own single stem."""
         super().__init__()
         if cfg.up_cast_level >= len(backbone_cfg.channels):
             raise ValueError(f"up_cast_level {cfg.up_cast_level} needs more than {len(backbone_cfg.channels)} stages")
         self.cfg = cfg
         self.backbone = PTv3(backbone_cfg)
+        self.stems = dict(stems) if stems else None
+        if self.stems:
+            self.backbone.embedding = DetectorStems(self.stems, backbone_cfg.channels[0], backbone_cfg.sparse_conv)
         self.mask_token = nn.Parameter(torch.zeros(backbone_cfg.channels[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         cin = sum(backbone_cfg.channels[cfg.up_cast_level :])
@@ -201,7 +207,7 @@ class PandaStudent(nn.Module):
 
 def make_teacher(student: PandaStudent, backbone_cfg: PTv3Config) -> PandaStudent:
     """The EMA teacher: the student's copy without drop path, never trained by gradients."""
-    teacher = PandaStudent(backbone_cfg.model_copy(update={"drop_path": 0.0}), student.cfg)
+    teacher = PandaStudent(backbone_cfg.model_copy(update={"drop_path": 0.0}), student.cfg, student.stems)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)

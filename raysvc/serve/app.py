@@ -42,7 +42,12 @@ from raysvc.serve import openapi
 from raysvc.serve.binding import bind_replica_grpc_to_node_ip
 from raysvc.serve.protocol import CONTENT_TYPES, Event, Limits, RequestError, parse
 
-REQUEST_FIELD = {"coord": "points", "energy": "energies", "num_points": "points"}  # contract field -> request
+REQUEST_FIELD = {
+    "coord": "points",
+    "energy": "energies",
+    "num_points": "points",
+    "time": "times",
+}  # contract field -> request
 # Ray Serve's request path without two thread hops (user code and router on the replica's / proxy's own event loop)
 # and with gRPC from proxy to replica: three of the switches RAY_SERVE_THROUGHPUT_OPTIMIZED bundles. Measured by
 # `raysvc bench serve`: ~2.5 ms less per request on 2 cores. Read by every Serve process at start, so `raysvc serve`
@@ -240,6 +245,7 @@ class SegmentService:
                     "id": mid,
                     "uri": self.uris[mid],
                     "classes": list(seg.class_names),
+                    "detector": seg.detector.name,
                     "size": seg.record.model.size,
                     "mode": seg.record.model.mode,
                 }
@@ -253,7 +259,7 @@ class SegmentService:
         responses=openapi.SEGMENT_ERRORS,
         openapi_extra={"requestBody": openapi.SEGMENT_BODY, "security": [{openapi.BEARER: []}]},
     )
-    async def segment(self, request: Request, probabilities: bool = False):
+    async def segment(self, request: Request, probabilities: bool = False, detector: str | None = None):
         t0 = time.perf_counter()
         if (denied := self._authorised(request)) is not None:
             return denied
@@ -275,13 +281,17 @@ class SegmentService:
             return JSONResponse({"error": str(e), "status": e.status}, e.status, headers={"Connection": "close"})
         t_body = time.perf_counter()
         try:
-            event = parse(body, request.headers.get("content-type"), self.limits, probabilities)
+            event = parse(body, request.headers.get("content-type"), self.limits, probabilities, detector)
             seg = self.models[model_id]
-            seg.check_event(event.points, event.energies)  # the data contract, before the event joins a batch
+            seg.check_detector(event.detector, event.times is not None)
+            # the data contract, before the event joins a batch
+            seg.check_event(event.points, event.energies, times=event.times)
         except RequestError as e:
             return _error(e.status, str(e))
         except EventDataError as e:  # the contract's own message, with its field named as the request names it
             return _error(422, f"{REQUEST_FIELD.get(e.field, e.field)}: {e.detail}")
+        except ValueError as e:  # the event is another detector's, or brings times this one has none of
+            return _error(422, str(e))
         t1 = time.perf_counter()
         if self.cfg.batching:
             classes, probs, instances = await self._infer_batch((model_id, event))
@@ -339,7 +349,7 @@ class SegmentService:
         """(classes, probabilities or None, a panoptic model's instances or None) per event."""
         seg = self.models[model_id]
         want = any(e.probabilities for e in events)
-        pairs = [(e.points, e.energies) for e in events]
+        pairs = [(e.points, e.energies, e.times) for e in events]
         if seg.instance_tasks:
             res = seg.predict_events_panoptic(pairs, probabilities=want)
             return [

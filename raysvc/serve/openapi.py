@@ -18,9 +18,13 @@ class SegmentRequest(BaseModel):
     """One event. Numbers only: strings, booleans and nulls are refused (422), as are duplicate keys."""
 
     points: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
-        description="voxel coordinates, one [x, y, z] per point"
+        description="coordinates in the detector's units, one [x, y, z] per point (lartpc: voxels; wch: cm)"
     )
-    energies: list[float] = Field(description="deposited energy of each point in MeV (>= 0)")
+    energies: list[float] = Field(description="each point's amplitude (>= 0): lartpc MeV deposited, wch PE")
+    times: list[float] | None = Field(None, description="each point's hit time in ns (a detector with times: wch)")
+    detector: str | None = Field(
+        None, description="the detector the event comes from (lartpc, wch); default: the model's own"
+    )
     probabilities: bool = Field(False, description="also return each point's class probabilities")
 
     model_config = {"extra": "forbid"}
@@ -69,6 +73,7 @@ class ModelInfo(BaseModel):
     id: str
     uri: str
     classes: list[str]
+    detector: str = Field(description="the detector whose events the model takes (lartpc, wch)")
     size: str
     mode: str
 
@@ -102,7 +107,8 @@ SEGMENT_ERRORS = {
     415: _error("a Content-Type other than the three accepted"),
     422: _error(
         "a body that parses but breaks the contract: missing / unknown / duplicate fields, wrong types "
-        "or shapes, NaN, negative energy, outside the detector volume, no points"
+        "or shapes, NaN, negative energy, outside the detector volume, no points; an event of another detector "
+        "than the model's (`detector mismatch`), times for a detector without them, a wch event without times"
     ),
     500: _error("an error inside the endpoint (a bug: please report it with the request)"),
     503: _error(
@@ -117,13 +123,13 @@ SEGMENT_BODY = {
         JSON: {"schema": SegmentRequest.model_json_schema()},
         NPZ: {
             "schema": {"type": "string", "format": "binary"},
-            "description": f"np.savez(f, points=(n, 3), energies=(n,)) with dtypes {ACCEPTED_DTYPES}; the "
-            "probabilities query parameter asks for probabilities",
+            "description": f"np.savez(f, points=(n, 3), energies=(n,)[, times=(n,)]) with dtypes "
+            f"{ACCEPTED_DTYPES}; the probabilities and detector query parameters as for any encoding",
         },
         ARROW: {
             "schema": {"type": "string", "format": "binary"},
-            "description": "an Arrow IPC stream of one table with exactly the columns x, y, z, energy "
-            f"({ACCEPTED_DTYPES}, no nulls); compression (lz4 / zstd) allowed",
+            "description": "an Arrow IPC stream of one table with exactly the columns x, y, z, energy and, "
+            f"for a detector with hit times, time ({ACCEPTED_DTYPES}, no nulls); compression (lz4 / zstd) allowed",
         },
     },
 }

@@ -1,10 +1,17 @@
-"""Request bodies of `POST /v1/segment` -> one event (points, energies), or a RequestError with the HTTP status and
-a message naming the problem. Pure functions, so every rejection is testable without a server.
+"""Request bodies of `POST /v1/segment` -> one event (points, energies, and hit times where the detector has them),
+or a RequestError with the HTTP status and a message naming the problem. Pure functions, so every rejection is
+testable without a server.
 
 Three encodings, chosen by Content-Type:
-- `application/json`: {"points": [[x, y, z], ...], "energies": [...], "probabilities": false}
-- `application/x-npz`: a NumPy .npz with arrays `points` (n, 3) and `energies` (n,) (probabilities: query string)
-- `application/vnd.apache.arrow.stream`: an Arrow IPC stream of one table with numeric columns x, y, z, energy
+- `application/json`: {"points": [[x, y, z], ...], "energies": [...], "times": [...], "detector": "wch",
+  "probabilities": false} (times and detector optional)
+- `application/x-npz`: a NumPy .npz with arrays `points` (n, 3), `energies` (n,) and optionally `times` (n,)
+  (detector and probabilities: query string)
+- `application/vnd.apache.arrow.stream`: an Arrow IPC stream of one table with numeric columns x, y, z, energy and
+  optionally time (detector and probabilities: query string)
+
+The detector a request names (`detector`; default: the model's own) is checked against the model's by the endpoint,
+which refuses an event of another detector by name.
 
 Every encoding takes real numbers only (JSON numbers; NumPy / Arrow integer or floating types of up to 64 bits) and
 refuses everything else (strings, booleans, nulls, complex, dates) naming the field and the type. Sizes are checked
@@ -33,7 +40,9 @@ NPZ = "application/x-npz"
 ARROW = "application/vnd.apache.arrow.stream"
 CONTENT_TYPES = (JSON, NPZ, ARROW)
 FIELDS = ("points", "energies")
+OPTIONAL_FIELDS = ("times",)  # per point, where the detector has a time channel
 COLUMNS = ("x", "y", "z", "energy")
+OPTIONAL_COLUMNS = ("time",)
 ACCEPTED_DTYPES = "float16/32/64, int8-64 or uint8-64"
 JSON_NAMES = {
     bool: "true/false",
@@ -62,9 +71,11 @@ class Limits:
 
 @dataclass
 class Event:
-    points: np.ndarray  # (n, 3) float32 voxel coordinates
-    energies: np.ndarray  # (n,) float32 MeV
+    points: np.ndarray  # (n, 3) float32 coordinates in the detector's units (LArTPC voxels, WCh cm)
+    energies: np.ndarray  # (n,) float32 MeV (LArTPC) or photo-electrons (WCh)
     probabilities: bool = False
+    times: np.ndarray | None = None  # (n,) float32 ns: hit times, for a detector with a time channel
+    detector: str | None = None  # the detector the request says the event is from; None: the model's
 
 
 def _too_many(n: int, limits: Limits, what: str = "points") -> RequestError:
@@ -88,16 +99,30 @@ def _check_dtype(dtype: np.dtype, name: str) -> None:
         raise RequestError(422, f"{name}: dtype {dtype} is not accepted: expected real numbers ({ACCEPTED_DTYPES})")
 
 
-def _event(points: np.ndarray, energies: np.ndarray, probabilities, limits: Limits) -> Event:
+def _event(
+    points: np.ndarray,
+    energies: np.ndarray,
+    probabilities,
+    limits: Limits,
+    times: np.ndarray | None = None,
+    detector=None,
+) -> Event:
     if len(points) != len(energies):
         raise RequestError(
             422, f"points has {len(points)} rows but energies has {len(energies)} values: one energy per point"
         )
+    if times is not None and len(times) != len(points):
+        raise RequestError(422, f"points has {len(points)} rows but times has {len(times)} values: one time per point")
     if len(points) > limits.max_points:
         raise _too_many(len(points), limits)
     if not isinstance(probabilities, bool):
         raise RequestError(422, f"probabilities: expected true or false, got {probabilities!r}")
-    return Event(_float32(points), _float32(energies), probabilities)
+    if detector is not None and (type(detector) is not str or not detector):
+        got = JSON_NAMES.get(type(detector), type(detector).__name__)
+        raise RequestError(422, f"detector: expected the detector's name as a string (lartpc, wch), got {got}")
+    return Event(
+        _float32(points), _float32(energies), probabilities, None if times is None else _float32(times), detector
+    )
 
 
 # --- JSON -------------------------------------------------------------------------------------------------------
@@ -144,7 +169,7 @@ def _json_numbers(value, name: str) -> np.ndarray:
     return arr.reshape(-1, 3) if name == "points" else arr
 
 
-def _parse_json(body: bytes, limits: Limits, probabilities: bool) -> Event:
+def _parse_json(body: bytes, limits: Limits, probabilities: bool, detector: str | None) -> Event:
     # Python holds each parsed number as an object (~10x its text): bound the count of values by the commas, which
     # is cheap, before parsing. An event of n points has about 4n (3n coordinates and n energies).
     values = body.count(b",") + 1
@@ -161,11 +186,14 @@ def _parse_json(body: bytes, limits: Limits, probabilities: bool) -> Event:
     missing = [k for k in FIELDS if k not in doc]
     if missing:
         raise RequestError(422, f"missing field(s) {missing}: expected points (n x 3) and energies (n)")
-    unknown = sorted(set(doc) - {*FIELDS, "probabilities"})
+    unknown = sorted(set(doc) - {*FIELDS, *OPTIONAL_FIELDS, "probabilities", "detector"})
     if unknown:
-        raise RequestError(422, f"unknown field(s) {unknown}: expected points, energies, probabilities")
+        raise RequestError(
+            422, f"unknown field(s) {unknown}: expected points, energies, times, detector, probabilities"
+        )
     points, energies = _json_numbers(doc["points"], "points"), _json_numbers(doc["energies"], "energies")
-    return _event(points, energies, doc.get("probabilities", probabilities), limits)
+    times = _json_numbers(doc["times"], "times") if "times" in doc else None
+    return _event(points, energies, doc.get("probabilities", probabilities), limits, times, doc.get("detector"))
 
 
 # --- .npz -------------------------------------------------------------------------------------------------------
@@ -203,7 +231,7 @@ def _npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limits: L
     return arr
 
 
-def _parse_npz(body: bytes, limits: Limits, probabilities: bool) -> Event:
+def _parse_npz(body: bytes, limits: Limits, probabilities: bool, detector: str | None) -> Event:
     if body.startswith(b"\x93NUMPY"):
         raise RequestError(400, "a single .npy array, not an .npz archive: send np.savez(f, points=..., energies=...)")
     try:
@@ -212,10 +240,11 @@ def _parse_npz(body: bytes, limits: Limits, probabilities: bool) -> Event:
         missing = [k for k in FIELDS if k not in members]
         if missing:
             raise RequestError(422, f"npz without array(s) {missing}: expected points and energies")
-        unknown = sorted(set(members) - set(FIELDS))
+        unknown = sorted(set(members) - {*FIELDS, *OPTIONAL_FIELDS})
         if unknown:
-            raise RequestError(422, f"npz with unknown array(s) {unknown}: expected points and energies")
+            raise RequestError(422, f"npz with unknown array(s) {unknown}: expected points, energies and times")
         arrays = [_npy_member(zf, members[k], k, limits) for k in FIELDS]
+        times = _npy_member(zf, members["times"], "times", limits) if "times" in members else None
     except (
         zipfile.BadZipFile,
         zipfile.LargeZipFile,
@@ -229,7 +258,7 @@ def _parse_npz(body: bytes, limits: Limits, probabilities: bool) -> Event:
     ) as e:
         # what zipfile (bad archive, unsupported compression, encryption) and NumPy's header parser raise
         raise RequestError(400, f"malformed .npz body: {type(e).__name__}: {e}") from e
-    return _event(*arrays, probabilities, limits)
+    return _event(*arrays, probabilities, limits, times, detector)
 
 
 # --- Arrow IPC --------------------------------------------------------------------------------------------------
@@ -283,10 +312,10 @@ def _arrow_schema(schema: pa.Schema) -> None:
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise RequestError(422, f"Arrow table without column(s) {missing}: expected x, y, z, energy")
-    unknown = sorted(set(names) - set(COLUMNS))
+    unknown = sorted(set(names) - {*COLUMNS, *OPTIONAL_COLUMNS})
     if unknown or len(names) != len(set(names)):
         what = f"unknown column(s) {unknown}" if unknown else "a column given twice"
-        raise RequestError(422, f"Arrow table with {what}: expected exactly x, y, z, energy")
+        raise RequestError(422, f"Arrow table with {what}: expected x, y, z, energy and optionally time")
     for f in schema:
         if not (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)):
             raise RequestError(
@@ -294,7 +323,7 @@ def _arrow_schema(schema: pa.Schema) -> None:
             )
 
 
-def _parse_arrow(body: bytes, limits: Limits, probabilities: bool) -> Event:
+def _parse_arrow(body: bytes, limits: Limits, probabilities: bool, detector: str | None) -> Event:
     try:
         reader = pa.ipc.MessageReader.open_stream(pa.py_buffer(body))
         schema_msg = reader.read_next_message()
@@ -333,22 +362,31 @@ def _parse_arrow(body: bytes, limits: Limits, probabilities: bool) -> Event:
         table = pa.Table.from_batches(batches, schema)
     except (pa.ArrowException, ValueError, OSError, struct.error, StopIteration) as e:  # ValueError: also bad UTF-8
         raise RequestError(400, f"malformed Arrow IPC stream: {type(e).__name__}: {e}") from e
-    nulls = {c: table.column(c).null_count for c in COLUMNS if table.column(c).null_count}
+    present = [c for c in (*COLUMNS, *OPTIONAL_COLUMNS) if c in table.column_names]
+    nulls = {c: table.column(c).null_count for c in present if table.column(c).null_count}
     if nulls:
-        raise RequestError(422, f"Arrow column(s) with null values {nulls}: every point needs x, y, z and energy")
+        raise RequestError(422, f"Arrow column(s) with null values {nulls}: every point needs each column's value")
     cols = [table.column(c).to_numpy() for c in COLUMNS]
     points = np.stack(cols[:3], 1) if len(table) else np.zeros((0, 3))
-    return _event(points, cols[3], probabilities, limits)
+    times = table.column("time").to_numpy() if "time" in table.column_names else None
+    return _event(points, cols[3], probabilities, limits, times, detector)
 
 
 PARSERS = {JSON: _parse_json, NPZ: _parse_npz, ARROW: _parse_arrow}
 
 
-def parse(body: bytes, content_type: str | None, limits: Limits, probabilities: bool = False) -> Event:
-    """The event in `body`; `probabilities` is the query-string default for the binary encodings."""
+def parse(
+    body: bytes, content_type: str | None, limits: Limits, probabilities: bool = False, detector: str | None = None
+) -> Event:
+    """The event in `body`; `probabilities` and `detector` are the query string's (for JSON, the body's own fields
+    win; a body and a query naming different detectors is an error)."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"body of {len(body)} bytes: the limit is {limits.max_body_bytes}")
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind not in PARSERS:
         raise RequestError(415, f"content type {content_type!r} is not accepted: use one of {', '.join(CONTENT_TYPES)}")
-    return PARSERS[kind](body, limits, probabilities)
+    event = PARSERS[kind](body, limits, probabilities, detector)
+    if detector is not None and event.detector not in (None, detector):
+        raise RequestError(422, f"detector: the body says {event.detector!r}, the query string {detector!r}")
+    event.detector = event.detector or detector
+    return event

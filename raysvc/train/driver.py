@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import BaseModel
 
 from raysvc.config import ConfigError, load_config
 from raysvc.data.config import DataConfig
@@ -97,22 +98,35 @@ def fit(
         return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
 
 
-def data_report(state: dict, prep: Prepared) -> dict:
+def data_report(state: dict, prep: Prepared | dict[str, Prepared]) -> dict:
     """What the training ranks' read tasks read, cut and skipped over the whole run (read-ahead included), plus the
-    shards the driver's preflight left out: the count behind "nothing is dropped silently"."""
-    total: Counter = Counter(prep.skipped)
+    shards the driver's preflight left out: the count behind "nothing is dropped silently". `prep`: the training
+    data, or {source: its data} for a job that reads several."""
+    total: Counter = Counter()
+    for p in prep.values() if isinstance(prep, dict) else [prep]:
+        total.update(p.skipped)
     for c in state.get("counts", []):
         total.update(c)
     return report(total)
 
 
 def _paths(cfg: JobConfig) -> list[tuple[str, object, str]]:
-    """(field name, section, attribute) of every storage path of the job."""
+    """(field name, section, attribute) of every storage path of the job: every DataConfig's uri, at the top or
+    inside a section (a cross-experiment job's `sources`)."""
     out = [("run.storage", cfg.run, "storage")]
+
+    def walk(obj, name: str) -> None:
+        if isinstance(obj, DataConfig):
+            out.append((f"{name}.uri", obj, "uri"))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}")
+        elif isinstance(obj, BaseModel):
+            for k in type(obj).model_fields:
+                walk(getattr(obj, k), f"{name}.{k}")
+
     for name in type(cfg).model_fields:
-        section = getattr(cfg, name)
-        if isinstance(section, DataConfig):
-            out.append((f"{name}.uri", section, "uri"))
+        walk(getattr(cfg, name), name)
     model = getattr(cfg, "model", None)
     if getattr(model, "init", None):
         out.append(("model.init", model, "init"))

@@ -23,7 +23,7 @@ import torch
 from raysvc.train import heap
 from raysvc.train.tasks import WorkerContext, get_task
 from raysvc.train.tracking import Tracker
-from raysvc.train.worker import RankStream, load_checkpoint_state, restore, save, worker_setup
+from raysvc.train.worker import load_checkpoint_state, restore, save, worker_setup
 
 
 def train_loop(config: dict) -> None:
@@ -40,9 +40,7 @@ def train_loop(config: dict) -> None:
     step, ctx.history, position, resumed_counts = restore(
         load_checkpoint_state(), task.parts, rank, world, {k: [] for k in task.history_keys}
     )
-    rank_stream = RankStream(
-        cfg.data, inputs["train_data"], rank, world, cfg.train.seed, ctx.per_rank, task.collate, task.feed, position
-    )
+    rank_stream = task.stream(position)
     rank_stream.counts.update(resumed_counts)
     stream = iter(rank_stream)
     ctx.t_start = time.perf_counter()  # elapsed times count this process's steps, not Ray's startup
@@ -120,7 +118,7 @@ def _inject(fault: dict, step: int) -> None:
     raise RuntimeError(f"injected fault at step {step}")
 
 
-def _report(task, step: int, rank: int, world: int, stream: RankStream, run_dir: str | None) -> None:
+def _report(task, step: int, rank: int, world: int, stream, run_dir: str | None) -> None:
     train = task.ctx.history["train"]
     metrics = {"step": step, "loss": train[-1]["loss"] if train else None, **task.report_metrics()}
     save(task.parts, step, task.ctx.history, rank, world, stream, metrics, run_dir)

@@ -39,6 +39,13 @@ class Detector:
     cylinder: tuple[float, float] | None = None
     surface_margin: float = 0.0
     coord_scale: float | None = None  # normalisation scale, when not the cube's half-diagonal
+    # preprocess fields this detector's jobs set beyond the geometry (center / scale / volume come from the
+    # geometry): e.g. a PMT's charge needs no energy threshold and a wider log range
+    preprocess: dict = field(default_factory=dict)
+
+    def preprocess_fields(self) -> dict:
+        """The preprocess section a job on this detector's events starts from: its geometry and `preprocess`."""
+        return {"center": self.center, "scale": self.scale, "volume": self.extent, **self.preprocess}
 
     @property
     def semantic(self) -> LabelSpace:

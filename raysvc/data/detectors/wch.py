@@ -42,4 +42,5 @@ WCH = Detector(
     cylinder=(RADIUS_CM, HALF_HEIGHT_CM),
     surface_margin=100.0,  # PMT centres sit up to tens of cm off the nominal walls
     coord_scale=HALF_HEIGHT_CM,  # the tank's half-height maps to 1, as the published WAND pipeline does
+    preprocess={"energy_threshold": 0.0, "min_points": 16, "log_emax": 50.0},  # every hit PMT kept; up to ~50 PE
 )

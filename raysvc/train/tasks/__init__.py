@@ -10,6 +10,7 @@ from raysvc.train.tasks.base import Task, WorkerContext
 TASKS: dict[str, str] = {
     "segmentation": "raysvc.train.tasks.segmentation:SegmentationTask",
     "panda": "raysvc.train.tasks.panda:PandaTask",
+    "panda-cross": "raysvc.train.tasks.panda_cross:CrossPandaTask",
     "polarmae": "raysvc.train.tasks.polarmae:PolarMAETask",
     "panoptic": "raysvc.train.tasks.panoptic:PanopticTask",
     "rings": "raysvc.train.tasks.rings:RingsTask",

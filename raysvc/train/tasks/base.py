@@ -15,6 +15,7 @@ import torch
 from raysvc.data.collate import collate_packed
 from raysvc.storage import Location
 from raysvc.train.config import JobConfig
+from raysvc.train.worker import RankStream
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Task:
 
     Worker side: `__init__` builds modules, optimizer and scheduler and fills `parts` (what a checkpoint holds, by
     name); `feed` and `collate` say how the rank's rows become batches (the loop reads them); `step` is one
-    optimisation step; `after_step`, `evaluate` (every `eval_every` steps and at the end) and `start` (after a
+    optimisation step (`stream` gives this rank's batches: by default the job's `data` read through `feed` and
+    `collate`); `after_step`, `evaluate` (every `eval_every` steps and at the end) and `start` (after a
     restore, before the first step) are hooks for monitors, validation and probes."""
 
     name: ClassVar[str]
@@ -73,6 +75,23 @@ class Task:
     def collate(self, table: pa.Table) -> dict:
         """`per_rank` rows (as `feed` made them) -> the batch `step` takes."""
         return collate_packed(table)
+
+    def stream(self, position: tuple) -> RankStream:
+        """This rank's endless, resumable stream of batches, starting at `position` (what the stream's `position()`
+        gave when the checkpoint was taken; (0, 0, 0) for a fresh run). The loop iterates it, checkpoints its
+        `position()` and sums its `counts` of what the reads removed."""
+        cfg, ctx = self.cfg, self.ctx
+        return RankStream(
+            cfg.data,
+            ctx.inputs["train_data"],
+            ctx.rank,
+            ctx.world,
+            cfg.train.seed,
+            ctx.per_rank,
+            self.collate,
+            self.feed,
+            position,
+        )
 
     def start(self, step: int) -> None:
         """After the restore, before the first step (e.g. the probe of the random initialisation)."""

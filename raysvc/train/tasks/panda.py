@@ -145,6 +145,40 @@ class StepOut:
     values: dict  # step_values used (the mask ratio there is the scheduled one, not the drawn one)
 
 
+def panda_forward(ddp: torch.nn.Module, teacher: PandaStudent, batch: dict, cfg: PretrainConfig, values: dict, device):
+    """Forward half of a Panda step on a batch of views (`collate_views`): grid masks on the global views -> teacher
+    on the unmasked globals, student (`ddp`: DDP-wrapped or the student itself) on the masked globals and the
+    locals -> the three losses. Returns (losses, student outputs, teacher encoding, teacher sims, mask)."""
+    p = cfg.panda
+    g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
+    mask = grid_mask(g_view["coord"], g_view["offset"], values["mask_size"], values["mask_ratio"]).to(device)
+    masked = dict(g_view)
+    if p.mask_jitter:
+        noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
+        masked["coord"] = g_view["coord"] + noise * mask[:, None]
+    with autocast(cfg.train.amp, device):
+        t_enc, t_sims = teacher_forward(teacher, g_view)
+        s_out = ddp(masked, mask, l_view)
+        losses = panda_losses(
+            s_out, t_enc, t_sims, p, values["teacher_temp"], cfg.views.global_views, cfg.views.local_views
+        )
+    return losses, s_out, t_enc, t_sims, mask
+
+
+def set_weight_decay(opt, weight_decay: float) -> None:
+    for g in opt.param_groups:
+        g["weight_decay"] = weight_decay if g["decay"] else 0.0
+
+
+def apply_step(student, teacher, opt, sched, params: list, grad_clip: float | None, momentum: float) -> None:
+    """After the backward pass(es): clip -> AdamW -> lr scheduler -> EMA update of the teacher."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    ema_update(teacher, student, momentum)
+
+
 def pretrain_step(
     student: PandaStudent,
     ddp: torch.nn.Module,
@@ -157,31 +191,59 @@ def pretrain_step(
     step: int,
     device: torch.device,
 ) -> StepOut:
-    """One Panda step on a batch of views (`collate_views`): grid masks on the global views -> teacher on the
-    unmasked globals, student (`ddp`: DDP-wrapped or the student itself) on the masked globals and the locals ->
-    the three losses -> backward -> clip -> AdamW -> lr scheduler -> EMA update of the teacher. The loop and
+    """One Panda step on a batch of views: `panda_forward` -> backward -> `apply_step`. The loop and
     `raysvc bench gpu` both run it."""
-    p, v = cfg.panda, step_values(cfg, step)
-    for g in opt.param_groups:
-        g["weight_decay"] = v["weight_decay"] if g["decay"] else 0.0
-    g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
-    mask = grid_mask(g_view["coord"], g_view["offset"], v["mask_size"], v["mask_ratio"]).to(device)
-    masked = dict(g_view)
-    if p.mask_jitter:
-        noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
-        masked["coord"] = g_view["coord"] + noise * mask[:, None]
-    with autocast(cfg.train.amp, device):
-        t_enc, t_sims = teacher_forward(teacher, g_view)
-        s_out = ddp(masked, mask, l_view)
-        losses = panda_losses(s_out, t_enc, t_sims, p, v["teacher_temp"], cfg.views.global_views, cfg.views.local_views)
+    v = step_values(cfg, step)
+    set_weight_decay(opt, v["weight_decay"])
     opt.zero_grad(set_to_none=True)
+    losses, s_out, t_enc, t_sims, mask = panda_forward(ddp, teacher, batch, cfg, v, device)
     losses["loss"].backward()
-    if cfg.train.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-    opt.step()
-    sched.step()
-    ema_update(teacher, student, v["momentum"])
+    apply_step(student, teacher, opt, sched, params, cfg.train.grad_clip, v["momentum"])
     return StepOut(losses, s_out, t_enc, t_sims, mask, v)
+
+
+def probe_summary(probes: list[dict], class_names: list[str]) -> dict | None:
+    """summary.json's "probe" of a run's probe history: the last probe against the random initialisation's."""
+    if not probes:
+        return None
+    last = probes[-1]
+    base = probes[0] if probes[0]["step"] == 0 else None  # the random initialisation, when probed
+    keys = ("iou", "f1", "mf1", "accuracy")
+    probe = {
+        "pretrained_miou": last["miou"],
+        "pretrained": {k: last[k] for k in keys},
+        "random_miou": None,
+        "gain": None,
+        "random": None,
+        "curve": [[p["step"], p["miou"]] for p in probes],
+        "classes": class_names,
+    }
+    if base is not None:
+        probe.update(random_miou=base["miou"], gain=last["miou"] - base["miou"], random={k: base[k] for k in keys})
+    return probe
+
+
+def load_probe_sets(cfg: PretrainConfig, prep) -> tuple[list[dict], list[dict]]:
+    """The probe's (train, val) packed batches from `cfg.probe_data` (prepared as `prep`)."""
+    tables = stream_tables(cfg.probe_data, prep, prep.manifest.shards)
+    return probe_batches(tables, cfg.probe.train_events, cfg.probe.val_events, cfg.probe_data.uri)
+
+
+def probe_backbone(
+    backbone, cfg: PretrainConfig, sets, device, class_names: list[str], step: int, tag: str = ""
+) -> dict:
+    """The online linear probe of `backbone`'s frozen features on `sets`: its history record, printed."""
+    t0 = time.perf_counter()
+    pre = cfg.probe_data.preprocess
+    inputs = lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, device, True)  # noqa: E731
+    m = run_probe(backbone, *sets, inputs, device, cfg.probe, class_names, seed=cfg.train.seed)
+    f1 = " ".join(f"{k} {v:.2f}" for k, v in m["f1"].items() if v is not None)
+    print(
+        f"[raysvc] probe{tag} step {step}: mIoU {m['miou']:.4f} mF1 {m['mf1']:.4f} ({f1}) "
+        f"[{time.perf_counter() - t0:.0f} s]",
+        flush=True,
+    )
+    return {"step": step, **{k: m[k] for k in ("miou", "mf1", "iou", "f1", "accuracy")}}
 
 
 class PandaTask(Task):
@@ -208,39 +270,28 @@ class PandaTask(Task):
         )
         export_backbone(run_loc, backbone, spec, cls.name, cfg, inputs, state["step"])
         probes = history["probe"]
-        probe = None
+        probe = probe_summary(probes, inputs["class_names"])
         if probes:
-            last = probes[-1]
-            base = probes[0] if probes[0]["step"] == 0 else None  # the random initialisation, when probed
-            keys = ("iou", "f1", "mf1", "accuracy")
-            probe = {
-                "pretrained_miou": last["miou"],
-                "pretrained": {k: last[k] for k in keys},
-                "random_miou": None,
-                "gain": None,
-                "random": None,
-                "curve": [[p["step"], p["miou"]] for p in probes],
-                "classes": inputs["class_names"],
-            }
-            if base is not None:
-                probe.update(
-                    random_miou=base["miou"], gain=last["miou"] - base["miou"], random={k: base[k] for k in keys}
-                )
             png = pretrain_png(history, f"{cfg.run.name}: linear probe", probe_only=True)
             write_bytes_atomic(run_loc.join("probe.png"), png)
         write_bytes_atomic(run_loc.join("curves.png"), pretrain_png(history, f"{cfg.run.name}: {cfg.model.size} Panda"))
         return {"probe": probe, "last_monitor": history["monitor"][-1] if history["monitor"] else None}
 
     def __init__(self, cfg: PretrainConfig, ctx: WorkerContext):
-        import ray.train.torch
-
         super().__init__(cfg, ctx)
         torch.manual_seed(cfg.train.seed)  # the same initial student on every rank (DDP broadcasts it anyway)
         bcfg = preset(cfg.model.size, **cfg.model.overrides)
-        self.student = PandaStudent(bcfg, cfg.panda).to(ctx.device)
+        self.student = PandaStudent(bcfg, cfg.panda, self.stems()).to(ctx.device)
         self.teacher = make_teacher(self.student, bcfg).to(ctx.device)
-        world = ctx.world
-        self.ddp = ray.train.torch.prepare_model(self.student, move_to_device=False) if world > 1 else self.student
+        # with a stem per detector, a step leaves the other detectors' stems without gradients: DDP must expect that
+        ddp_kwargs = {"find_unused_parameters": True} if self.student.stems else None
+        self.ddp = self.student
+        if ctx.world > 1:
+            import ray.train.torch  # here, not above: one process (raysvc bench gpu) runs without Ray
+
+            self.ddp = ray.train.torch.prepare_model(
+                self.student, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs
+            )
         groups = param_groups(self.student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
         self.params = [p for g in groups for p in g["params"]]
         opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
@@ -250,6 +301,10 @@ class PandaTask(Task):
         self.eval_every = cfg.probe.every
         self.out: StepOut | None = None
         self.probe_sets = None
+
+    def stems(self) -> dict[str, int] | None:
+        """{detector: input channels} of a model with one input stem per detector; None: one stem."""
+        return None
 
     def feed(self, epoch: int):
         return views_table, {"cfg": self.cfg.views, "seed": self.cfg.train.seed, "epoch": epoch}
@@ -308,38 +363,10 @@ class PandaTask(Task):
         if ctx.rank != 0 or cfg.probe_data is None:
             return
         if self.probe_sets is None:
-            prep = ctx.inputs["probe_data"]
-            tables = stream_tables(cfg.probe_data, prep, prep.manifest.shards)
-            self.probe_sets = probe_batches(tables, cfg.probe.train_events, cfg.probe.val_events, cfg.probe_data.uri)
-        t0 = time.perf_counter()
-        pre = cfg.probe_data.preprocess
-        inputs = lambda b: model_inputs(b, pre.center, pre.scale, cfg.grid_voxels, ctx.device, True)  # noqa: E731
-        m = run_probe(
-            self.student.backbone,
-            *self.probe_sets,
-            inputs,
-            ctx.device,
-            cfg.probe,
-            ctx.inputs["class_names"],
-            seed=cfg.train.seed,
-        )
-        ctx.history["probe"].append(
-            {
-                "step": step,
-                "miou": m["miou"],
-                "mf1": m["mf1"],
-                "iou": m["iou"],
-                "f1": m["f1"],
-                "accuracy": m["accuracy"],
-            }
-        )
-        ctx.tracker.log({"probe/miou": m["miou"], "probe/mf1": m["mf1"]}, step)
-        f1 = " ".join(f"{k} {v:.2f}" for k, v in m["f1"].items() if v is not None)
-        print(
-            f"[raysvc] probe step {step}: mIoU {m['miou']:.4f} mF1 {m['mf1']:.4f} ({f1}) "
-            f"[{time.perf_counter() - t0:.0f} s]",
-            flush=True,
-        )
+            self.probe_sets = load_probe_sets(cfg, ctx.inputs["probe_data"])
+        rec = probe_backbone(self.student.backbone, cfg, self.probe_sets, ctx.device, ctx.inputs["class_names"], step)
+        ctx.history["probe"].append(rec)
+        ctx.tracker.log({"probe/miou": rec["miou"], "probe/mf1": rec["mf1"]}, step)
 
     def report_metrics(self) -> dict:
         probes = self.ctx.history["probe"]
