@@ -96,6 +96,52 @@ def test_event_labels_from_generated_events():
         event_labels(table.drop_columns(["rings"]), CATEGORIES)
 
 
+def test_an_export_with_event_heads_predicts_rings_and_pid_with_its_point_classes(tmp_path):
+    """The Segmenter of a `rings` export runs one forward for both outputs: its point classes equal the plain
+    segmenter's and its event probabilities equal the heads built straight from the weight files."""
+    from raysvc.data.collate import collate_packed
+    from raysvc.data.transforms import preprocess_table
+    from raysvc.inference.featurize import model_inputs
+    from raysvc.inference.record import export_seeded_segmenter, load_event_heads, load_export
+    from raysvc.inference.segmenter import Segmenter
+    from raysvc.models.event_heads import EventHeads
+
+    loc = resolve(str(tmp_path / "rings"))
+    export_seeded_segmenter(loc, 4, detector="wch", event_heads=True)
+    recs = [generate_wch_record(WChGeneratorConfig(), 9, i) for i in range(3)]
+    events = [(r["coord"], r["energy"], r["time"]) for r in recs]
+    seg = Segmenter(loc)
+    got = seg.predict_events_with_heads(events)
+
+    state, record = load_export(loc)
+    model = record.build()
+    model.load_state_dict(state)
+    heads = EventHeads.from_weights(model, load_event_heads(loc)).eval()
+    model.eval()
+    table = table_from_events([{**r, "event_id": i} for i, r in enumerate(recs)], "t", "wch")
+    pre, _ = preprocess_table(table, seg.preprocess, "t", detector=seg.detector)
+    batch = collate_packed(pre)
+    p = seg.preprocess
+    x = model_inputs(batch, p.center, p.scale, record.model.grid_voxels, torch.device("cpu"), False)
+    with torch.no_grad():
+        logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]]
+        _, rings, pid = heads(x)
+    bounds = [0, *batch["offset"].tolist()]
+    for j, (classes, probs, ev) in enumerate(got):
+        assert probs is None
+        assert np.array_equal(classes, logits[bounds[j] : bounds[j + 1]].argmax(1).numpy())  # threshold 0: all kept
+        assert ev["rings"]["classes"] == ["1R", "2R", ">=3R"] and ev["pid"]["classes"] == ["electron", "muon", "pi0"]
+        np.testing.assert_allclose(ev["rings"]["probabilities"], torch.softmax(rings[j], 0).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(ev["pid"]["probabilities"], torch.softmax(pid[j], 0).numpy(), rtol=1e-5)
+        assert ev["pid"]["predicted"] == ev["pid"]["classes"][int(torch.argmax(pid[j]))]
+    # without the heads' file it is a plain segmenter
+    plain = resolve(str(tmp_path / "plain"))
+    export_seeded_segmenter(plain, 4, detector="wch")
+    assert Segmenter(plain).event_heads is None
+    with pytest.raises(ValueError, match="has no event heads"):
+        Segmenter(plain).predict_events_with_heads(events)
+
+
 JOB = str(Path(__file__).parents[1] / "jobs" / "rings-wch-tiny.yaml")
 
 

@@ -54,7 +54,8 @@ def events():
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     a, b = _export(root / "model-a", 1), _export(root / "model-b", 2)
-    w = _export(root / "model-w", 3, "wch")  # a water Cherenkov model
+    w = root / "model-w"  # a water Cherenkov model with ring-count and PID heads, as a `rings` run exports
+    export_seeded_segmenter(resolve(str(w)), 3, detector="wch", event_heads=True)
     models = ["--model", f"a={a}", "--model", f"b={b}", "--model", f"w={w}"]
     srv = ServeProcess(
         [*models, "--torch-threads", "1", "--body-timeout-s", str(BODY_TIMEOUT_S)],
@@ -177,8 +178,8 @@ def test_a_water_cherenkov_model_answers_tank_events_and_a_lartpc_model_refuses_
 
     url = server["url"]
     seg = Segmenter(resolve(str(server["w"])))
-    want = seg.predict_events(tank_events)
-    for (points, energies, times), classes in zip(tank_events, want, strict=True):
+    want = seg.predict_events_with_heads(tank_events)
+    for (points, energies, times), (classes, _, event) in zip(tank_events, want, strict=True):
         npz = io.BytesIO()
         np.savez(npz, points=points, energies=energies, times=times)
         arrow = io.BytesIO()
@@ -195,6 +196,8 @@ def test_a_water_cherenkov_model_answers_tank_events_and_a_lartpc_model_refuses_
             got = r.json()
             assert got["class_names"] == ["gamma", "electron", "muon", "pion", "noise"]
             assert np.array_equal(np.asarray(got["classes"], np.int8), classes)
+            assert got["event"]["rings"]["predicted"] == event["rings"]["predicted"]
+            np.testing.assert_allclose(got["event"]["pid"]["probabilities"], event["pid"]["probabilities"], rtol=1e-5)
     points, energies, times = tank_events[0]
     body = _json(points, energies, times=times.tolist(), detector="wch")
     refused = _post(url, body, model="a")
@@ -270,6 +273,7 @@ def test_models_health_and_openapi(server):
     models = requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
     assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b", "w"]
     assert [m["detector"] for m in models["models"]] == ["lartpc", "lartpc", "wch"]
+    assert [m["event_heads"] for m in models["models"]] == [False, False, True]
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/segment", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert TOKEN not in (server["root"] / "serve.log").read_text()  # the secret is never logged

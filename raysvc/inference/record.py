@@ -159,6 +159,15 @@ def load_export(loc: Location) -> tuple[dict[str, torch.Tensor], ExportedModel]:
     return st_load(read_bytes(weights)), record
 
 
+EVENT_HEADS = "event_heads.safetensors"  # beside a `rings` segmenter: its ring-count and PID heads
+
+
+def load_event_heads(loc: Location) -> dict[str, torch.Tensor] | None:
+    """The event heads' weights an export keeps beside its segmenter, or None when it has none."""
+    path = loc.join(EVENT_HEADS)
+    return st_load(read_bytes(path)) if exists(path) else None
+
+
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """An export's encoder weights into `model.backbone` (a segmenter's `backbone.` prefix stripped, its head and
     decoder left out); weights that do not fit are an error starting with `what`."""
@@ -168,9 +177,12 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], what
         raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny", detector: str = DEFAULT_DETECTOR) -> None:
-    """A freshly initialised (seeded) segmenter of `detector`'s events exported as a fine-tuning run exports one:
-    what the serving benchmark and tests load when latency, not accuracy, is the question."""
+def export_seeded_segmenter(
+    loc: Location, seed: int, size: str = "tiny", detector: str = DEFAULT_DETECTOR, event_heads: bool = False
+) -> None:
+    """A freshly initialised (seeded) segmenter of `detector`'s events exported as a fine-tuning run exports one
+    (with `event_heads`, as a `rings` run does: ring-count and PID heads beside it): what the serving benchmark and
+    tests load when latency, not accuracy, is the question."""
     torch.manual_seed(seed)
     det = get_detector(detector)
     record = ExportedModel(
@@ -181,4 +193,10 @@ def export_seeded_segmenter(loc: Location, seed: int, size: str = "tiny", detect
         class_names=list(det.class_names),
         preprocess=PreprocessConfig(**det.preprocess_fields()),
     )
-    save_export(loc, record.build().state_dict(), record)
+    model = record.build()
+    save_export(loc, model.state_dict(), record)
+    if event_heads:
+        from raysvc.models.event_heads import EventHeads
+
+        heads = {k: v.contiguous() for k, v in EventHeads(model).state_dict().items() if not k.startswith("seg.")}
+        write_bytes_atomic(loc.join(EVENT_HEADS), st_save(heads))

@@ -16,9 +16,11 @@ from raysvc.data.collate import collate_packed
 from raysvc.data.detectors import DETECTORS, get_detector
 from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
 from raysvc.data.transforms import preprocess_table
+from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES
 from raysvc.inference.featurize import model_inputs, usable_device
 from raysvc.inference.instances import EventInstances, PostprocessConfig, decode_regression, postprocess
-from raysvc.inference.record import load_export
+from raysvc.inference.record import load_event_heads, load_export
+from raysvc.models.event_heads import EventHeads
 from raysvc.storage import Location
 
 
@@ -45,6 +47,9 @@ class Segmenter:
         # per task, the regression outputs of its head (momentum, direction, vertex), if any
         self.regress = {t: (v["decoder"].get("regress") or []) for t, v in (self.record.instances or {}).items()}
         self.postprocess = PostprocessConfig(**(self.record.postprocess or {}))
+        # a `rings` export: ring-count and PID heads on the segmenter's features (water Cherenkov)
+        heads = load_event_heads(loc)
+        self.event_heads = None if heads is None else EventHeads.from_weights(self.model, heads).eval().to(device)
 
     def point_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(logits of every point of a packed batch, the model inputs): grid sampling, forward, cells -> points. A
@@ -53,6 +58,10 @@ class Segmenter:
         x = model_inputs(batch, pre.center, pre.scale, self.grid_voxels, self.device, self.center_events)
         if self.instance_tasks:
             logits, x["instances"] = self.model(x, batch["offset"].to(self.device))
+            return logits, x
+        if self.event_heads is not None:  # one forward for the per-point classes and the event outputs
+            logits, rings, pid = self.event_heads(x)
+            x["events"] = {"rings": torch.softmax(rings.float(), 1), "pid": torch.softmax(pid.float(), 1)}
             return logits, x
         return self.model(x["feat"], x["coord"], x["grid_coord"], x["offset"])[x["inverse"]], x
 
@@ -118,19 +127,60 @@ class Segmenter:
     ) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
         """Per-event int8 class arrays aligned with the input points (-1: below the energy threshold); with
         `probabilities`, also per-event (n, classes) float32 softmax rows (NaN below the threshold)."""
+        classes, probs, _ = self._predict(table, source, probabilities)
+        return (classes, probs) if probabilities else classes
+
+    @torch.no_grad()
+    def _predict(self, table: pa.Table, source: str, probabilities: bool) -> tuple[list, list | None, list]:
+        """(classes, probabilities or None, event outputs) per event; the event outputs are {"rings", "pid"}
+        probability rows for a model with event heads (None for an event with no point above the threshold),
+        otherwise None."""
         lengths = table.column("num_points").to_numpy().astype(np.int64)
         keep = flat_values(table, "energy") > self.preprocess.energy_threshold
         pre, _ = preprocess_table(table, self.preprocess, source, detector=self.detector)
         out_flat = np.full(int(lengths.sum()), -1, np.int8)
         prob_flat = np.full((int(lengths.sum()), len(self.class_names)), np.nan, np.float32) if probabilities else None
+        events: list = [None] * len(lengths)
         if pre.num_rows:
-            logits, _ = self.point_logits(collate_packed(pre))
+            logits, x = self.point_logits(collate_packed(pre))
             out_flat[keep] = logits.argmax(1).to(torch.int8).cpu().numpy()
             if probabilities:
                 prob_flat[keep] = torch.softmax(logits.float(), 1).cpu().numpy()
+            if "events" in x:
+                has_points = np.flatnonzero([k.any() for k in np.split(keep, np.cumsum(lengths)[:-1])])
+                rings, pid = x["events"]["rings"].cpu().numpy(), x["events"]["pid"].cpu().numpy()
+                for j, i in enumerate(has_points):  # preprocessing keeps the events with points, in order
+                    events[i] = {"rings": rings[j], "pid": pid[j]}
         splits = np.cumsum(lengths)[:-1]
-        classes = np.split(out_flat, splits)
-        return (classes, np.split(prob_flat, splits)) if probabilities else classes
+        probs = np.split(prob_flat, splits) if probabilities else None
+        return np.split(out_flat, splits), probs, events
+
+    def predict_events_with_heads(
+        self, events: list[tuple], probabilities: bool = False, source: str = "request"
+    ) -> list[tuple]:
+        """(classes, probabilities or None, event outputs) per event of a model with event heads: the event
+        outputs are {"rings": {"classes", "probabilities", "predicted"}, "pid": {...}} (None for an event with no
+        point above the threshold). The ring and PID heads are trained on every event and on single-particle
+        events respectively, so "pid" means something only for an event with one particle."""
+        if self.event_heads is None:
+            raise ValueError(f"{self.model_id} has no event heads ({self.record.kind} without event_heads.safetensors)")
+        classes, probs, outs = self._predict(self._events_table(events, source), source, probabilities)
+        named = []
+        for o in outs:
+            if o is None:
+                named.append(None)
+                continue
+            named.append(
+                {
+                    task: {
+                        "classes": list(names),
+                        "probabilities": o[task].tolist(),
+                        "predicted": names[int(np.argmax(o[task]))],
+                    }
+                    for task, names in (("rings", RING_CLASSES), ("pid", PID_CLASSES))
+                }
+            )
+        return list(zip(classes, probs if probabilities else [None] * len(classes), named, strict=True))
 
     def _events_table(self, events: list[tuple], source: str) -> pa.Table:
         """Events given as (points, energies) or (points, energies, times or None) -> an event table of this model's

@@ -46,6 +46,20 @@ class EventHeads(nn.Module):
     def freeze_backbone(self) -> None:
         self.seg.freeze_backbone()
 
+    @classmethod
+    def from_weights(cls, seg: nn.Module, weights: dict[str, torch.Tensor]) -> EventHeads:
+        """Heads on `seg` sized from their saved weights (the `rings.*` / `pid.*` keys an export keeps)."""
+        heads = cls(
+            seg,
+            weights["rings.3.weight"].shape[0],
+            weights["pid.3.weight"].shape[0],
+            weights["rings.0.weight"].shape[0],
+        )
+        missing, unexpected = heads.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("seg.") for k in missing):
+            raise ValueError(f"event heads: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return heads
+
     def forward(self, x: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cells = self.seg.head_input(x["feat"], x["coord"], x["grid_coord"], x["offset"])
         pooled = pool_events(cells.float(), x["offset"])

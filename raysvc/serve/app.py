@@ -246,6 +246,7 @@ class SegmentService:
                     "uri": self.uris[mid],
                     "classes": list(seg.class_names),
                     "detector": seg.detector.name,
+                    "event_heads": seg.event_heads is not None,
                     "size": seg.record.model.size,
                     "mode": seg.record.model.mode,
                 }
@@ -294,9 +295,9 @@ class SegmentService:
             return _error(422, str(e))
         t1 = time.perf_counter()
         if self.cfg.batching:
-            classes, probs, instances = await self._infer_batch((model_id, event))
+            classes, probs, instances, event_out = await self._infer_batch((model_id, event))
         else:
-            classes, probs, instances = await asyncio.to_thread(self._infer_one, model_id, event)
+            classes, probs, instances, event_out = await asyncio.to_thread(self._infer_one, model_id, event)
         t2 = time.perf_counter()
         out = {
             "model": model_id,
@@ -308,6 +309,8 @@ class SegmentService:
             out["probabilities"] = _json_probs(probs)
         if instances is not None:
             out["instances"] = instances
+        if event_out is not None:
+            out["event"] = event_out
         out["timing_ms"] = {
             "receive": 1e3 * (t_body - t0),
             "parse": 1e3 * (t1 - t_body),
@@ -346,19 +349,23 @@ class SegmentService:
         return self._run(model_id, [event])[0]
 
     def _run(self, model_id: str, events: list[Event]) -> list[tuple]:
-        """(classes, probabilities or None, a panoptic model's instances or None) per event."""
+        """(classes, probabilities or None, a panoptic model's instances or None, the event heads' outputs or
+        None) per event."""
         seg = self.models[model_id]
         want = any(e.probabilities for e in events)
         pairs = [(e.points, e.energies, e.times) for e in events]
         if seg.instance_tasks:
             res = seg.predict_events_panoptic(pairs, probabilities=want)
             return [
-                (r["pred"], r["prob"] if e.probabilities else None, _instances_json(seg, r))
+                (r["pred"], r["prob"] if e.probabilities else None, _instances_json(seg, r), None)
                 for r, e in zip(res, events, strict=True)
             ]
+        if seg.event_heads is not None:
+            res = seg.predict_events_with_heads(pairs, probabilities=want)
+            return [(c, p if e.probabilities else None, None, ev) for (c, p, ev), e in zip(res, events, strict=True)]
         out = seg.predict_events(pairs, probabilities=want)
         classes, probs = out if want else (out, [None] * len(events))
-        return [(c, p if e.probabilities else None, None) for c, p, e in zip(classes, probs, events, strict=True)]
+        return [(c, p if e.probabilities else None, None, None) for c, p, e in zip(classes, probs, events, strict=True)]
 
     # ServeConfig's defaults here; each replica sets its config's values in __init__
     @serve.batch(

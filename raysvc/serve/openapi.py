@@ -55,6 +55,17 @@ class TaskInstances(BaseModel):
     instances: list[Instance]
 
 
+class EventTask(BaseModel):
+    classes: list[str]
+    probabilities: list[float] = Field(description="softmax over `classes`")
+    predicted: str
+
+
+class EventOutputs(BaseModel):
+    rings: EventTask = Field(description="number of rings: 1R, 2R, >=3R")
+    pid: EventTask = Field(description="particle type, meaningful for a single-particle event: electron, muon, pi0")
+
+
 class SegmentResponse(BaseModel):
     model: str = Field(description="the model that answered")
     num_points: int
@@ -66,6 +77,9 @@ class SegmentResponse(BaseModel):
     instances: dict[str, TaskInstances] | None = Field(
         None, description="a panoptic model's instances per task (particle: with its PID; interaction)"
     )
+    event: EventOutputs | None = Field(
+        None, description="a model with event heads (task rings, water Cherenkov): ring count and PID of the event"
+    )
     timing_ms: Timing
 
 
@@ -74,6 +88,7 @@ class ModelInfo(BaseModel):
     uri: str
     classes: list[str]
     detector: str = Field(description="the detector whose events the model takes (lartpc, wch)")
+    event_heads: bool = Field(description="whether answers carry `event` (ring count and PID)")
     size: str
     mode: str
 

@@ -25,7 +25,7 @@ from raysvc.data.collate import collate_packed
 from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES, pid_figures, ring_class, ring_confusion
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
-from raysvc.inference.record import ModelSpec
+from raysvc.inference.record import EVENT_HEADS, ModelSpec
 from raysvc.models.event_heads import EventHeads
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import augment_coords
@@ -132,7 +132,7 @@ class RingsTask(SegmentationTask):
         seg = {k.removeprefix("seg."): v for k, v in state["model"].items() if k.startswith("seg.")}
         heads = {k: v.contiguous() for k, v in state["model"].items() if not k.startswith("seg.")}
         out = super().finish(cfg, {**state, "model": seg}, run_loc, inputs, log)
-        write_bytes_atomic(run_loc.join("event_heads.safetensors"), save_tensors(heads))
+        write_bytes_atomic(run_loc.join(EVENT_HEADS), save_tensors(heads))
         return out
 
     @classmethod
