@@ -188,3 +188,52 @@ def test_rings_finetune_reports_ring_and_pid_figures_and_exports_a_servable_segm
         resolve(str(tmp_path / "rings")), resolve(str(tmp_path / "val")), resolve(str(tmp_path / "preds")), log=quiet
     )
     assert info["events"] == table.num_rows
+
+
+@pytest.mark.slow
+def test_rings_as_instances_from_the_panoptic_head_on_tank_events(ray_local, tmp_path):
+    """The per-hit ring segmentation as instances (`jobs/rings-instances-wch-tiny.yaml`: the panoptic task's instance
+    head on water Cherenkov events): it trains, scores every true ring of the held-out events, and its export
+    answers a tank event with an instance per hit through the Segmenter (as the endpoint does)."""
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.inference.segmenter import Segmenter
+    from raysvc.train.driver import run_job
+    from raysvc.train.tasks.panoptic import PanopticConfig
+
+    cfg_gen = WChGeneratorConfig(particles={2: 1.0, 3: 1.0})
+    for name, n, seed in (("train", 8, 31), ("val", 6, 32)):
+        generate_dataset(resolve(str(tmp_path / name)), n, seed, 4, cfg_gen, show_progress=False, detector="wch")
+    sets = [
+        f"data.uri={tmp_path / 'train'}",
+        f"val_data.uri={tmp_path / 'val'}",
+        f"run.storage={tmp_path}",
+        "run.name=ri",
+        "train.steps=2",
+        "train.val_every=2",
+        "train.checkpoint_every=2",
+        "train.batch_events=2",
+        "train.val_events=null",
+        "run.max_failures=0",
+        "run.wandb_mode=offline",
+        "scaling.cpus_per_worker=0.5",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+    ]
+    job = str(Path(__file__).parents[1] / "jobs" / "rings-instances-wch-tiny.yaml")
+    run_job(load_config(PanopticConfig, job, sets), log=quiet)
+    val = json.loads((tmp_path / "ri" / "summary.json").read_text())["val"]["particle"]
+    assert list(val["per_class"]) == ["gamma", "electron", "muon", "pion", "pi0"]
+    # the true rings, counted here from the shards: distinct particles owning a hit that is not dark noise
+    loc = resolve(str(tmp_path / "val"))
+    table = pa.concat_tables([read_shard(loc, r) for r in load_manifest(loc).shards])
+    rings = 0
+    for row in table.to_pylist():
+        if row["num_points"] >= 16:  # the job's min_points cut
+            owner, sem, pid = (np.asarray(row[k]) for k in ("particle", "semantic", "pid"))
+            rings += len(np.unique(owner[(owner >= 0) & (sem != 4) & (pid >= 0)]))
+    assert val["counts"]["true"] == rings > 0
+    seg = Segmenter(resolve(str(tmp_path / "ri")))
+    row = table.slice(0, 1).to_pylist()[0]
+    points = np.asarray(row["coord"], np.float32).reshape(-1, 3)
+    got = seg.predict_events_panoptic([(points, np.asarray(row["energy"]), np.asarray(row["time"]))])[0]
+    assert len(got["pred"]) == len(points) and len(got["particle"].instance) == len(points)
