@@ -301,10 +301,6 @@ def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int
 def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_events: int) -> dict:
     """Seconds per Panda pretraining step (`pretrain_step`, tiny, the tiny job's views) on the CPU and on `device`;
     the losses must stay finite."""
-    from raysvc.data.reader import read_preprocessed
-    from raysvc.data.shards import load_manifest
-    from raysvc.data.views import collate_views, table_views
-    from raysvc.storage import resolve
     from raysvc.train.tasks.panda import PretrainConfig
 
     cfg = load_config(
@@ -312,13 +308,7 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
         str(PRETRAIN_JOB),
         [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps + warmup}"],
     )
-    loc = resolve(str(data / "train"))
-    manifest = load_manifest(loc)
-    table, _, _ = read_preprocessed(loc, manifest.shards[0], cfg.data.preprocess, None, True, manifest.detector_spec)
-    batches = [
-        collate_views(table_views(table.slice(i * batch_events, batch_events), cfg.views, seed=0, epoch=0))
-        for i in range(max(1, min(4, table.num_rows // batch_events)))
-    ]
+    batches = _view_batches(data / "train", cfg.views, cfg.data.preprocess, batch_events, 4)
     out: dict = {"events_per_step": batch_events}
     for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
         step, losses = _panda_stepper(cfg, batches, dev)

@@ -69,6 +69,10 @@ EVENT_SCHEMA = pa.schema(
 )
 
 
+class WrongDetector(ValueError):
+    """An event that does not fit a model's detector: another detector's, or with hit times that one has none of."""
+
+
 class EventDataError(ValueError):
     """Bad event data; the message names the shard, row / event and field, and what was expected."""
 

@@ -14,7 +14,7 @@ import torch
 
 from raysvc.data.collate import collate_packed
 from raysvc.data.detectors import DETECTORS, get_detector
-from raysvc.data.schema import LABEL_FIELDS, flat_values, table_from_events, validate_table
+from raysvc.data.schema import LABEL_FIELDS, WrongDetector, flat_values, table_from_events, validate_table
 from raysvc.data.transforms import preprocess_table
 from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES
 from raysvc.inference.featurize import model_inputs, usable_device
@@ -195,17 +195,17 @@ class Segmenter:
         return table_from_events(recs, source, self.detector.name)
 
     def check_detector(self, detector: str | None, times_given: bool = False) -> None:
-        """An event said to be from `detector` (None: from this model's) with or without hit times: a ValueError
+        """An event said to be from `detector` (None: from this model's) with or without hit times: WrongDetector
         naming both detectors when it is another detector's, or when it brings times this detector has none of."""
         if detector is not None and detector != self.detector.name:
             known = ", ".join(sorted(DETECTORS))
             what = f"a {detector} event" if detector in DETECTORS else f"an event of unknown detector {detector!r}"
-            raise ValueError(
+            raise WrongDetector(
                 f"detector mismatch: the model {self.model_id} serves {self.detector.name} events, this request is "
                 f"{what} (detectors: {known}); send it to a model trained on {detector} events"
             )
         if times_given and not self.detector.has_time:
-            raise ValueError(f"times: {self.detector.name} events carry no hit times; send points and energies only")
+            raise WrongDetector(f"times: {self.detector.name} events carry no hit times; send points and energies only")
 
     def check_dataset(self, manifest, data: Location) -> None:
         """A dataset of another detector's events is an error naming both, before any event is read."""

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from raysvc.data.schema import EventDataError
+from raysvc.data.schema import EventDataError, WrongDetector
 from raysvc.serve import openapi
 from raysvc.serve.binding import bind_replica_grpc_to_node_ip
 from raysvc.serve.protocol import CONTENT_TYPES, Event, Limits, RequestError, parse
@@ -291,7 +291,7 @@ class SegmentService:
             return _error(e.status, str(e))
         except EventDataError as e:  # the contract's own message, with its field named as the request names it
             return _error(422, f"{REQUEST_FIELD.get(e.field, e.field)}: {e.detail}")
-        except ValueError as e:  # the event is another detector's, or brings times this one has none of
+        except WrongDetector as e:  # the event is another detector's, or brings times this one has none of
             return _error(422, str(e))
         t1 = time.perf_counter()
         if self.cfg.batching:

@@ -202,6 +202,11 @@ def pretrain_step(
     return StepOut(losses, s_out, t_enc, t_sims, mask, v)
 
 
+def student_backbone(state: dict) -> dict:
+    """The student's backbone weights (PTv3 names) from a checkpoint's state: what a pretraining run exports."""
+    return {k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")}
+
+
 def probe_summary(probes: list[dict], class_names: list[str]) -> dict | None:
     """summary.json's "probe" of a run's probe history: the last probe against the random initialisation's."""
     if not probes:
@@ -264,7 +269,7 @@ class PandaTask(Task):
     @classmethod
     def finish(cls, cfg: PretrainConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
-        backbone = {k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")}
+        backbone = student_backbone(state)
         spec = ModelSpec(
             size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels, center_events=True
         )

@@ -48,6 +48,7 @@ from raysvc.train.tasks.panda import (
     probe_summary,
     set_weight_decay,
     step_values,
+    student_backbone,
 )
 from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
 from raysvc.train.worker import RankStream
@@ -221,7 +222,7 @@ class CrossPandaTask(PandaTask):
     @classmethod
     def finish(cls, cfg: CrossPretrainConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
-        backbone = {k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")}
+        backbone = student_backbone(state)
         probes, exports = {}, {}
         for name in cfg.sources:
             src = cfg.source_config(name)
@@ -288,13 +289,12 @@ class CrossPandaTask(PandaTask):
         shared = step_values(next(iter(self.sources.values())), step)  # momentum and weight decay: one for all
         set_weight_decay(opt, shared["weight_decay"])
         opt.zero_grad(set_to_none=True)
-        total = sum(self.split[name] if self.split else self.ctx.per_rank for name, _ in batch)
         losses: Counter = Counter()
         for name, views in batch:
             src = self.sources[name]
             v = step_values(src, step)
             use_stem(name, self.student, self.teacher)
-            share = (self.split[name] if self.split else self.ctx.per_rank) / total
+            share = (self.split[name] if self.split else self.ctx.per_rank) / self.ctx.per_rank  # of the rank's events
             part, s_out, t_enc, t_sims, mask = panda_forward(self.ddp, self.teacher, views, src, v, self.ctx.device)
             (part["loss"] * share).backward()
             for k, val in part.items():
