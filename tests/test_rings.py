@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix, roc_curve
@@ -16,10 +17,16 @@ from raysvc.config import load_config
 from raysvc.data.schema import table_from_events
 from raysvc.data.shards import load_manifest, read_shard
 from raysvc.data.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_record
-from raysvc.inference.event_metrics import efficiency_at_rejection, pid_figures, ring_class, ring_confusion
+from raysvc.inference.event_metrics import (
+    efficiency_at_rejection,
+    event_labels,
+    pid_figures,
+    ring_class,
+    ring_confusion,
+)
 from raysvc.models.event_heads import pool_events
 from raysvc.storage import resolve
-from raysvc.train.tasks.rings import RingsConfig, event_labels
+from raysvc.train.tasks.rings import RingsConfig
 
 
 def quiet(*_a, **_k) -> None:
@@ -92,7 +99,7 @@ def test_event_labels_from_generated_events():
         )
         assert pc == want, (r, prim)
     assert (pid >= 0).any() and (pid == -1).any()  # both kinds in this sample
-    with pytest.raises(ValueError, match="needs the `rings` column"):
+    with pytest.raises(ValueError, match="need the `rings` column"):
         event_labels(table.drop_columns(["rings"]), CATEGORIES)
 
 
@@ -140,6 +147,56 @@ def test_an_export_with_event_heads_predicts_rings_and_pid_with_its_point_classe
     assert Segmenter(plain).event_heads is None
     with pytest.raises(ValueError, match="has no event heads"):
         Segmenter(plain).predict_events_with_heads(events)
+
+
+def test_predict_and_evaluate_give_a_rings_exports_event_outputs(tmp_path):
+    """`raysvc predict` on a `rings` export writes each event's ring count and PID beside its hit classes, equal to
+    the Segmenter's (what the endpoint answers); `raysvc evaluate` reports the ring-count confusion and PID figures,
+    equal to sklearn's confusion matrix and `pid_figures` recomputed from those predictions and the shards' labels
+    over the events that pass the model's cuts."""
+    from sklearn.metrics import confusion_matrix
+
+    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.transforms import preprocess_table
+    from raysvc.inference.batch import evaluate_dataset, predict_chunk_empty, predict_dataset, preds_schema
+    from raysvc.inference.record import export_seeded_segmenter
+    from raysvc.inference.segmenter import Segmenter
+
+    model, data, out = (resolve(str(tmp_path / n)) for n in ("rings", "data", "preds"))
+    export_seeded_segmenter(model, 5, detector="wch", event_heads=True)
+    cfg = WChGeneratorConfig(particles={1: 2.0, 2: 1.0}, kinetic_mev=(100.0, 600.0))
+    generate_dataset(data, 10, 41, 4, cfg, show_progress=False, detector="wch")
+    info = predict_dataset(model, data, out, batch_events=3, log=quiet)
+    assert info["event_classes"] == {"rings": ["1R", "2R", ">=3R"], "pid": ["electron", "muon", "pi0"]}
+    preds = pa.concat_tables([pq.read_table(tmp_path / "preds" / f) for f in info["files"]])
+    assert preds.schema == preds_schema(event_heads=True) == predict_chunk_empty((), True).schema
+    table = pa.concat_tables([read_shard(data, r) for r in load_manifest(data).shards])
+    assert preds.column("event_id").to_pylist() == table.column("event_id").to_pylist()
+
+    seg = Segmenter(model)
+    rows = table.to_pylist()
+    want = seg.predict_events_with_heads([(r["coord"], r["energy"], r["time"]) for r in rows])
+    for p, (classes, _, ev) in zip(preds.to_pylist(), want, strict=True):
+        assert np.array_equal(p["pred"], classes)
+        np.testing.assert_allclose(p["ring_probs"], ev["rings"]["probabilities"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(p["pid_probs"], ev["pid"]["probabilities"], rtol=1e-4, atol=1e-6)
+        assert ["1R", "2R", ">=3R"][p["rings"]] == ev["rings"]["predicted"]
+        assert ["electron", "muon", "pi0"][p["pid"]] == ev["pid"]["predicted"]
+
+    got = evaluate_dataset(model, data, batch_events=3, log=quiet)
+    kept = set(preprocess_table(table, seg.record.preprocess, "t", detector=seg.detector)[0]["event_id"].to_pylist())
+    scored = np.isin(table.column("event_id").to_numpy(), list(kept))
+    ring, pid = event_labels(table, CATEGORIES)
+    ring_pred = preds.column("rings").to_numpy()
+    sel = scored & (ring >= 0)
+    cm = confusion_matrix(ring[sel], ring_pred[sel], labels=[0, 1, 2])
+    assert got["ring_count_confusion"] == cm.tolist() and cm.sum() > 0
+    assert got["ring_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    e_score = np.array([p[0] for p in preds.column("pid_probs").to_pylist()])
+    ref = pid_figures(np.where(scored, pid, -1), e_score)
+    assert got["pid"]["events"] == ref["events"] and sum(ref["events"].values()) > 0
+    for k in ("e_eff_at_mu_rej_999", "e_eff_at_pi0_rej_95"):
+        assert got["pid"][k] == pytest.approx(ref[k])
 
 
 JOB = str(Path(__file__).parents[1] / "jobs" / "rings-wch-tiny.yaml")

@@ -9,7 +9,9 @@ the same confusion matrix.
 
 Predictions: one Parquet file per input shard (`preds-NNNNN.parquet`: `event_id`, `num_points`, `pred`, a class per
 input point, -1 at or below the energy threshold) and `manifest.json` (files with sizes and sha256, counts, model,
-data), each written atomically, the manifest last.
+data), each written atomically, the manifest last. A model with event heads (a water Cherenkov `rings` export) adds per
+event `rings` / `pid` (the predicted class, -1 for an event with no hit above the threshold) and `ring_probs` /
+`pid_probs`, and `evaluate` adds its ring-count confusion and PID figures.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 
 from raysvc.data.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.transforms import report
+from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES, event_labels, event_scores
 from raysvc.inference.instance_metrics import InstanceScores
 from raysvc.inference.instances import instance_classes, score_events
 from raysvc.inference.metrics import ConfusionMatrix, compute
@@ -78,10 +81,18 @@ INSTANCE_ITEM = pa.struct(
 )
 
 
-def preds_schema(instance_tasks=()) -> pa.Schema:
+# a model with event heads: per event, (predicted class column, probabilities column) of each head
+EVENT_COLUMNS = {"rings": ("rings", "ring_probs"), "pid": ("pid", "pid_probs")}
+EVENT_CLASSES = {"rings": RING_CLASSES, "pid": PID_CLASSES}
+
+
+def preds_schema(instance_tasks=(), event_heads: bool = False) -> pa.Schema:
     """The columns of a predictions shard: `event_id`, `num_points`, `pred`; for a panoptic model, its instance
-    columns and `instances` after them. Every shard of one output has it, empty shards included."""
+    columns and `instances` after them; for a model with event heads, `rings`, `ring_probs`, `pid`, `pid_probs`.
+    Every shard of one output has it, empty shards included."""
     fields = [("event_id", pa.int64()), ("num_points", pa.int32()), ("pred", pa.list_(pa.int8()))]
+    for cls, probs in EVENT_COLUMNS.values() if event_heads else ():
+        fields += [(cls, pa.int8()), (probs, pa.list_(pa.float32()))]
     for t in instance_tasks:
         ids, cls = INSTANCE_COLUMNS[t]
         fields.append((ids, pa.list_(pa.int32())))
@@ -131,25 +142,24 @@ def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.T
 
 def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
     """`event_id`, `num_points`, `pred` (list<int8>, aligned with the input points) of one chunk; a panoptic model's
-    instances beside them (`predict_panoptic_chunk`)."""
+    instances beside them (`predict_panoptic_chunk`), a model's event heads' outputs after them."""
     if seg.instance_tasks:
         return predict_panoptic_chunk(seg, chunk, source)
-    preds = seg.predict_table(chunk, source)
-    lengths = np.array([len(p) for p in preds], np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    flat = pa.array(np.concatenate(preds) if preds else np.zeros(0, np.int8), pa.int8())
-    return pa.table(
-        {
-            "event_id": chunk.column("event_id"),
-            "num_points": pa.array(lengths),
-            "pred": pa.ListArray.from_arrays(offsets, flat),
-        }
-    )
+    preds, _, events = seg.predict_with_events(chunk, source)
+    cols = {"event_id": chunk.column("event_id"), "num_points": pa.array(np.array([len(p) for p in preds], np.int32))}
+    cols["pred"] = _points_list(preds, np.int8)
+    heads = seg.event_heads is not None
+    for task, (cls, probs) in EVENT_COLUMNS.items() if heads else ():
+        rows = [None if e is None else e[task] for e in events]  # None: no hit above the threshold
+        cols[cls] = pa.array([-1 if r is None else int(np.argmax(r)) for r in rows], pa.int8())
+        cols[probs] = pa.array([None if r is None else r.tolist() for r in rows], pa.list_(pa.float32()))
+    return pa.table(cols).cast(preds_schema(event_heads=heads))
 
 
-def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter, dict]:
-    """(confusion matrix, what the model's training cuts removed, a panoptic model's InstanceScores per task) of one
-    labelled chunk."""
+def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter, dict, list]:
+    """(confusion matrix, what the model's training cuts removed, a panoptic model's InstanceScores per task, and for
+    a model with event heads (true ring class, predicted ring class, true PID class, electron score) per scored
+    event) of one labelled chunk."""
     import torch
 
     from raysvc.data.collate import collate_packed
@@ -158,6 +168,7 @@ def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarra
     cm = ConfusionMatrix(len(seg.class_names))
     scores = {t: InstanceScores(instance_classes(seg.detector, t)) for t in seg.instance_tasks}
     pre, counts = preprocess_table(chunk, seg.record.preprocess, source, detector=seg.detector)
+    events = []
     if pre.num_rows:
         batch = collate_packed(pre, particles=any(seg.regress.values()))
         with torch.no_grad():
@@ -165,7 +176,12 @@ def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarra
         cm.update(logits.argmax(1), x["labels"])
         for t, score in scores.items():
             score_events(score, x["instances"][t], batch, t, seg.detector.stuff_class, seg.postprocess)
-    return cm.matrix, counts, scores
+        if "events" in x:  # every event of `pre` passed the cuts: one output row each, in order
+            ring, pid = event_labels(pre, tuple(seg.detector.labels["pid"].classes))
+            ring_pred = x["events"]["rings"].argmax(1).tolist()
+            e_score = x["events"]["pid"][:, PID_CLASSES.index("electron")].tolist()
+            events = list(zip(ring.tolist(), ring_pred, pid.tolist(), e_score, strict=True))
+    return cm.matrix, counts, scores, events
 
 
 class _Replica:
@@ -209,12 +225,13 @@ def _from_ipc(value: pa.Scalar) -> pa.Table:
 def _run_chunk(seg: Segmenter, mode: str, chunk: pa.Table, source: str) -> pa.Table:
     if mode == "predict":
         return predict_chunk(seg, chunk, source)
-    cm, counts, scores = score_chunk(seg, chunk, source)
+    cm, counts, scores, events = score_chunk(seg, chunk, source)
     return pa.table(
         {
             "cm": [cm.reshape(-1).tolist()],
             "counts": [json.dumps(dict(counts))],
             "instances": [json.dumps({t: s.state() for t, s in scores.items()})],
+            "events": [json.dumps(events)],
         }
     )
 
@@ -345,6 +362,14 @@ def _results(
         yield res.drop_columns([_NODE])
 
 
+def has_event_heads(model: Location) -> bool:
+    """Whether an export keeps event heads beside its segmenter (a `rings` run's)."""
+    from raysvc.inference.record import EVENT_HEADS
+    from raysvc.storage import exists
+
+    return exists(model.join(EVENT_HEADS))
+
+
 def _checked(model: Location, data: Location):
     """(the dataset's manifest, the model's record); refused before any read when the detectors differ."""
     from raysvc.inference.record import load_record
@@ -373,6 +398,7 @@ def predict_dataset(
     """Predict every event of `data` into `out` (see the module doc); returns the manifest written."""
     t0 = time.perf_counter()
     manifest, record = _checked(model, data)
+    heads = has_event_heads(model)
     shards = manifest.shards
     limits = [None] * len(shards)
     pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
@@ -392,7 +418,7 @@ def predict_dataset(
     if missing:
         raise RuntimeError(f"predict: no complete predictions for {missing} (got {dict(got)} rows)")
     for i in pending:  # empty shards: an empty file each, so that the output mirrors the input
-        files[i] = _write_preds(out, i, predict_chunk_empty(tuple(record.instances or ())))
+        files[i] = _write_preds(out, i, predict_chunk_empty(tuple(record.instances or ()), heads))
     info = {
         "model": model.uri,
         "data": data.uri,
@@ -405,6 +431,8 @@ def predict_dataset(
         "device": device,
         "seconds": time.perf_counter() - t0,
     }
+    if heads:  # what the `rings` / `pid` columns' numbers and the probability lists' positions mean
+        info["event_classes"] = {k: list(v) for k, v in EVENT_CLASSES.items()}
     write_bytes_atomic(out.join("manifest.json"), json.dumps(info, indent=2).encode())
     return info
 
@@ -417,8 +445,8 @@ def split_chunks(res: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
         yield int(tags[a, 0]), int(tags[a, 1]), res.slice(a, b - a).drop_columns([_SHARD, _ROW])
 
 
-def predict_chunk_empty(instance_tasks=()) -> pa.Table:
-    return preds_schema(instance_tasks).empty_table()
+def predict_chunk_empty(instance_tasks=(), event_heads: bool = False) -> pa.Table:
+    return preds_schema(instance_tasks, event_heads).empty_table()
 
 
 def _write_preds(out: Location, i: int, table: pa.Table) -> dict:
@@ -465,9 +493,11 @@ def evaluate_dataset(
     removed: Counter = Counter()
     args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, set())
     instances: dict[str, list[InstanceScores]] = {}
+    events: list = []  # a model with event heads: one row per scored event
     for res in _results(model, data, shards, "score", *args):
-        cols = [res.column(c).to_pylist() for c in ("cm", "counts", "instances")]
-        for cm, counts, inst in zip(*cols, strict=True):
+        cols = [res.column(c).to_pylist() for c in ("cm", "counts", "instances", "events")]
+        for cm, counts, inst, rows in zip(*cols, strict=True):
+            events += json.loads(rows)
             matrix += np.asarray(cm, np.int64).reshape(matrix.shape)
             removed.update(json.loads(counts))
             for t, state in json.loads(inst).items():
@@ -475,5 +505,7 @@ def evaluate_dataset(
     counts = {k: v for k, v in report(removed).items() if k != "task_seconds"}
     log(f"[raysvc] evaluated {counts.get('events_read', 0)} events ({counts.get('events_out', 0)} scored)")
     out = {"model": model.uri, "data": data.uri, "events": counts, **compute(matrix, names)}
+    if has_event_heads(model):  # ring count and PID, as a `rings` run's validation reports them
+        out |= event_scores(*(np.array(c) for c in zip(*events, strict=True)) if events else [np.zeros(0)] * 4)
     # a panoptic model: its instance metrics per task, as its training run's validation reports them
     return out | {t: InstanceScores.merged(parts).result() for t, parts in instances.items()}

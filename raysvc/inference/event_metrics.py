@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 
 RING_CLASSES = ("1R", "2R", ">=3R")
 PID_CLASSES = ("electron", "muon", "pi0")
@@ -62,4 +63,34 @@ def pid_figures(pid_true: np.ndarray, e_score: np.ndarray) -> dict:
         "e_eff_at_pi0_rej_95": pi0["efficiency"],
         "events": {name: int((t == i).sum()) for i, name in enumerate(PID_CLASSES)},
         "detail": {"mu_rej_999": mu, "pi0_rej_95": pi0},
+    }
+
+
+def event_labels(table: pa.Table, pid_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(ring class (B,), PID class (B,)) of each event of a water Cherenkov table; -1 where it has none (no rings;
+    not one primary particle of type electron, muon or pi0). `pid_names`: the detector's PID classes (the `pid` of
+    `particles`)."""
+    if "rings" not in table.column_names:
+        raise ValueError("ring and PID labels need the `rings` column (water Cherenkov events)")
+    rings = table.column("rings").to_numpy(zero_copy_only=False)
+    rings = np.where(np.isnan(rings.astype(np.float64)), 0, rings).astype(np.int64)
+    ours = {pid_names.index(n): i for i, n in enumerate(PID_CLASSES)}
+    pid = np.full(table.num_rows, -1, np.int64)
+    for r, parts in enumerate(table.column("particles").to_pylist()):
+        primaries = [p["pid"] for p in parts or () if p["primary"] == 1]
+        if len(primaries) == 1 and primaries[0] in ours:
+            pid[r] = ours[primaries[0]]
+    return ring_class(rings), pid
+
+
+def event_scores(true_ring, pred_ring, true_pid, e_score) -> dict:
+    """The event heads' figures over scored events: `ring_count_confusion` (rows true 1R / 2R / >=3R),
+    `ring_classes`, `ring_accuracy` (None with no ringed event) and `pid` (`pid_figures`)."""
+    confusion = ring_confusion(true_ring, pred_ring)
+    scored = int(np.sum(confusion))
+    return {
+        "ring_count_confusion": confusion,
+        "ring_classes": list(RING_CLASSES),
+        "ring_accuracy": float(np.trace(np.array(confusion)) / scored) if scored else None,
+        "pid": pid_figures(true_pid, e_score),
     }

@@ -127,11 +127,13 @@ class Segmenter:
     ) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
         """Per-event int8 class arrays aligned with the input points (-1: below the energy threshold); with
         `probabilities`, also per-event (n, classes) float32 softmax rows (NaN below the threshold)."""
-        classes, probs, _ = self._predict(table, source, probabilities)
+        classes, probs, _ = self.predict_with_events(table, source, probabilities)
         return (classes, probs) if probabilities else classes
 
     @torch.no_grad()
-    def _predict(self, table: pa.Table, source: str, probabilities: bool) -> tuple[list, list | None, list]:
+    def predict_with_events(
+        self, table: pa.Table, source: str = "request", probabilities: bool = False
+    ) -> tuple[list, list | None, list]:
         """(classes, probabilities or None, event outputs) per event; the event outputs are {"rings", "pid"}
         probability rows for a model with event heads (None for an event with no point above the threshold),
         otherwise None."""
@@ -164,7 +166,7 @@ class Segmenter:
         events respectively, so "pid" means something only for an event with one particle."""
         if self.event_heads is None:
             raise ValueError(f"{self.model_id} has no event heads ({self.record.kind} without event_heads.safetensors)")
-        classes, probs, outs = self._predict(self._events_table(events, source), source, probabilities)
+        classes, probs, outs = self.predict_with_events(self._events_table(events, source), source, probabilities)
         named = []
         for o in outs:
             if o is None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysvc.data.collate import collate_packed
-from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES, pid_figures, ring_class, ring_confusion
+from raysvc.inference.event_metrics import PID_CLASSES, event_labels, event_scores
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import EVENT_HEADS, ModelSpec
@@ -45,22 +45,6 @@ class EventSection(BaseModel):
 class RingsConfig(FinetuneConfig):
     task: Literal["rings"] = "rings"  # type: ignore[assignment]
     events: EventSection = Field(default_factory=EventSection)
-
-
-def event_labels(table: pa.Table, pid_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(ring class (B,), PID class (B,)) of each event; -1 where it has none (no rings; not one primary particle of
-    type electron, muon or pi0). `pid_names`: the detector's PID classes (the `pid` of `particles`)."""
-    if "rings" not in table.column_names:
-        raise ValueError("task rings needs the `rings` column (water Cherenkov events)")
-    rings = table.column("rings").to_numpy(zero_copy_only=False)
-    rings = np.where(np.isnan(rings.astype(np.float64)), 0, rings).astype(np.int64)
-    ours = {pid_names.index(n): i for i, n in enumerate(PID_CLASSES)}
-    pid = np.full(table.num_rows, -1, np.int64)
-    for r, parts in enumerate(table.column("particles").to_pylist()):
-        primaries = [p["pid"] for p in parts or () if p["primary"] == 1]
-        if len(primaries) == 1 and primaries[0] in ours:
-            pid[r] = ours[primaries[0]]
-    return ring_class(rings), pid
 
 
 def build_rings(cfg: RingsConfig, num_classes: int, init_state: dict | None = None) -> EventHeads:
@@ -95,15 +79,7 @@ def evaluate(model, batches: list[dict], cfg: RingsConfig, device, world: int, n
         rows = [r for g in gathered for r in g]
     model.train()
     t_ring, p_ring, t_pid, e = (np.array(c) for c in zip(*rows, strict=True)) if rows else [np.zeros(0)] * 4
-    confusion = ring_confusion(t_ring, p_ring)
-    scored = int(np.sum(confusion))
-    return {
-        **compute(cm.matrix, names),
-        "ring_count_confusion": confusion,
-        "ring_classes": list(RING_CLASSES),
-        "ring_accuracy": float(np.trace(np.array(confusion)) / scored) if scored else None,
-        "pid": pid_figures(t_pid, e),
-    }
+    return {**compute(cm.matrix, names), **event_scores(t_ring, p_ring, t_pid, e)}
 
 
 class RingsTask(SegmentationTask):
