@@ -51,6 +51,15 @@ def ray_local():
     ray.shutdown()
 
 
+def generate_train_val(root, train: tuple[int, int, int], val: tuple[int, int, int]):
+    """Generated LArTPC events in root/train and root/val, each given as (events, seed, events per shard)."""
+    from raysvc.data.synthetic import generate_dataset
+
+    for name, (n, seed, per) in (("train", train), ("val", val)):
+        generate_dataset(resolve(str(root / name)), n, seed=seed, shard_events=per, show_progress=False)
+    return root
+
+
 def make_event(event_id: int, n: int, rng: np.random.Generator, **override) -> dict:
     """A hand-made event with n points inside the volume and energies above threshold."""
     ev = {

@@ -21,6 +21,7 @@ from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
 from raysvc.storage import resolve
 from raysvc.train.tasks.panoptic import PanopticConfig
+from tests.conftest import generate_train_val
 
 JOB = str(Path(__file__).parents[1] / "jobs" / "panoptic-tiny.yaml")
 TOKEN = "test-token-panoptic-0123456789"
@@ -43,12 +44,7 @@ def test_instance_labels_make_stuff_of_led_and_of_points_without_an_instance_or_
 
 @pytest.fixture(scope="module")
 def pan_data(tmp_path_factory):
-    from raysvc.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("pandata")
-    generate_dataset(resolve(str(root / "train")), 16, seed=11, shard_events=4, show_progress=False)
-    generate_dataset(resolve(str(root / "val")), 8, seed=12, shard_events=4, show_progress=False)
-    return root
+    return generate_train_val(tmp_path_factory.mktemp("pandata"), (16, 11, 4), (8, 12, 4))
 
 
 def _cfg(data: Path, out: Path, name: str) -> PanopticConfig:

@@ -17,7 +17,7 @@ import torch
 from raysvc.config import ConfigError, load_config
 from raysvc.storage import resolve
 from raysvc.train.tasks.polarmae import PolarMAEJob
-from tests.conftest import make_table
+from tests.conftest import generate_train_val, make_table
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 JOBS = Path(__file__).parents[1] / "jobs"
@@ -27,12 +27,7 @@ JOB = str(JOBS / "pretrain-polarmae-tiny.yaml")
 @pytest.fixture(scope="module")
 def mae_data(tmp_path_factory):
     """Training events (4 shards) and labelled held-out events for the token probe (2 shards)."""
-    from raysvc.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("maedata")
-    generate_dataset(resolve(str(root / "train")), 32, seed=7, shard_events=8, show_progress=False)
-    generate_dataset(resolve(str(root / "val")), 16, seed=8, shard_events=8, show_progress=False)
-    return root
+    return generate_train_val(tmp_path_factory.mktemp("maedata"), (32, 7, 8), (16, 8, 8))
 
 
 def _cfg(data: Path, storage: Path, name: str, *extra: str) -> PolarMAEJob:

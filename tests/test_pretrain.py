@@ -16,6 +16,7 @@ import torch
 from raysvc.config import load_config
 from raysvc.storage import resolve
 from raysvc.train.tasks.panda import PretrainConfig
+from tests.conftest import generate_train_val
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 JOB = str(Path(__file__).parents[1] / "jobs" / "pretrain-panda-tiny.yaml")
@@ -24,12 +25,7 @@ JOB = str(Path(__file__).parents[1] / "jobs" / "pretrain-panda-tiny.yaml")
 @pytest.fixture(scope="module")
 def pt_data(tmp_path_factory):
     """Unlabelled-use training events (4 shards) and labelled held-out events for the probe (2 shards)."""
-    from raysvc.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("ptdata")
-    generate_dataset(resolve(str(root / "train")), 32, seed=7, shard_events=8, show_progress=False)
-    generate_dataset(resolve(str(root / "val")), 16, seed=8, shard_events=8, show_progress=False)
-    return root
+    return generate_train_val(tmp_path_factory.mktemp("ptdata"), (32, 7, 8), (16, 8, 8))
 
 
 def _cfg(pt_data, tmp_path, name: str, *extra: str) -> PretrainConfig:

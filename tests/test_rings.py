@@ -202,27 +202,21 @@ def test_predict_and_evaluate_give_a_rings_exports_event_outputs(tmp_path):
 JOB = str(Path(__file__).parents[1] / "jobs" / "rings-wch-tiny.yaml")
 
 
-@pytest.mark.slow
-@pytest.mark.long
-def test_rings_finetune_reports_ring_and_pid_figures_and_exports_a_servable_segmenter(ray_local, tmp_path):
-    """A short `rings` run on generated tank events: summary.json has the talk's keys with counts that add up, and
-    the export predicts like any segmenter."""
+def _tank_run(tmp_path: Path, cfg_gen, train: tuple[int, int], val: tuple[int, int], name: str, steps: int) -> list:
+    """Generates tank events (events, seed) into tmp_path/train and /val; the --set list of a short 1-worker run on
+    them, validated and checkpointed at its last step."""
     from raysvc.data.synthetic import generate_dataset
-    from raysvc.inference.batch import predict_dataset
-    from raysvc.train.driver import run_job
 
-    cfg_gen = WChGeneratorConfig(particles={1: 3.0, 2: 1.0}, species={"electron": 1.0, "muon": 1.0, "pi0": 1.0})
-    for name, n, seed in (("train", 8, 21), ("val", 8, 22)):
-        generate_dataset(resolve(str(tmp_path / name)), n, seed, 4, cfg_gen, show_progress=False, detector="wch")
-    sets = [
+    for part, (n, seed) in (("train", train), ("val", val)):
+        generate_dataset(resolve(str(tmp_path / part)), n, seed, 4, cfg_gen, show_progress=False, detector="wch")
+    return [
         f"data.uri={tmp_path / 'train'}",
         f"val_data.uri={tmp_path / 'val'}",
         f"run.storage={tmp_path}",
-        "run.name=rings",
-        "train.steps=4",
-        "train.val_every=4",
-        "train.checkpoint_every=4",
-        "train.log_every=2",
+        f"run.name={name}",
+        f"train.steps={steps}",
+        f"train.val_every={steps}",
+        f"train.checkpoint_every={steps}",
         "train.batch_events=2",
         "run.max_failures=0",
         "run.wandb_mode=offline",
@@ -230,6 +224,18 @@ def test_rings_finetune_reports_ring_and_pid_figures_and_exports_a_servable_segm
         "data.read_cpus=0.25",
         "val_data.read_cpus=0.25",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_rings_finetune_reports_ring_and_pid_figures_and_exports_a_servable_segmenter(ray_local, tmp_path):
+    """A short `rings` run on generated tank events: summary.json has the talk's keys with counts that add up, and
+    the export predicts like any segmenter."""
+    from raysvc.inference.batch import predict_dataset
+    from raysvc.train.driver import run_job
+
+    cfg_gen = WChGeneratorConfig(particles={1: 3.0, 2: 1.0}, species={"electron": 1.0, "muon": 1.0, "pi0": 1.0})
+    sets = _tank_run(tmp_path, cfg_gen, (8, 21), (8, 22), "rings", 4) + ["train.log_every=2"]
     run_job(load_config(RingsConfig, JOB, sets), log=quiet)
     val = json.loads((tmp_path / "rings" / "summary.json").read_text())["val"]
     table = pa.concat_tables(
@@ -252,30 +258,12 @@ def test_rings_as_instances_from_the_panoptic_head_on_tank_events(ray_local, tmp
     """The per-hit ring segmentation as instances (`jobs/rings-instances-wch-tiny.yaml`: the panoptic task's instance
     head on water Cherenkov events): it trains, scores every true ring of the held-out events, and its export
     answers a tank event with an instance per hit through the Segmenter (as the endpoint does)."""
-    from raysvc.data.synthetic import generate_dataset
     from raysvc.inference.segmenter import Segmenter
     from raysvc.train.driver import run_job
     from raysvc.train.tasks.panoptic import PanopticConfig
 
-    cfg_gen = WChGeneratorConfig(particles={2: 1.0, 3: 1.0})
-    for name, n, seed in (("train", 8, 31), ("val", 6, 32)):
-        generate_dataset(resolve(str(tmp_path / name)), n, seed, 4, cfg_gen, show_progress=False, detector="wch")
-    sets = [
-        f"data.uri={tmp_path / 'train'}",
-        f"val_data.uri={tmp_path / 'val'}",
-        f"run.storage={tmp_path}",
-        "run.name=ri",
-        "train.steps=2",
-        "train.val_every=2",
-        "train.checkpoint_every=2",
-        "train.batch_events=2",
-        "train.val_events=null",
-        "run.max_failures=0",
-        "run.wandb_mode=offline",
-        "scaling.cpus_per_worker=0.5",
-        "data.read_cpus=0.25",
-        "val_data.read_cpus=0.25",
-    ]
+    sets = _tank_run(tmp_path, WChGeneratorConfig(particles={2: 1.0, 3: 1.0}), (8, 31), (6, 32), "ri", 2)
+    sets += ["train.val_events=null"]
     job = str(Path(__file__).parents[1] / "jobs" / "rings-instances-wch-tiny.yaml")
     run_job(load_config(PanopticConfig, job, sets), log=quiet)
     val = json.loads((tmp_path / "ri" / "summary.json").read_text())["val"]["particle"]

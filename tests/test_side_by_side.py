@@ -23,6 +23,7 @@ from raysvc.inference.record import export_seeded_segmenter, load_export
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
 from raysvc.storage import resolve
+from tests.conftest import generate_train_val
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +41,7 @@ CROSSTALK = (
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from raysvc.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("sbs")
-    generate_dataset(resolve(str(root / "train")), 16, seed=11, shard_events=8, show_progress=False)
-    generate_dataset(resolve(str(root / "val")), 8, seed=12, shard_events=8, show_progress=False)
-    return root
+    return generate_train_val(tmp_path_factory.mktemp("sbs"), (16, 11, 8), (8, 12, 8))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from raysvc.storage import resolve
+from tests.conftest import generate_train_val
 
 ROOT = Path(__file__).parents[1]
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
@@ -25,12 +26,7 @@ RAYSVC = str(Path(sys.executable).parent / "raysvc")
 
 @pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory):
-    from raysvc.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("sweepdata")
-    generate_dataset(resolve(str(root / "train")), 24, seed=11, shard_events=8, show_progress=False)
-    generate_dataset(resolve(str(root / "val")), 8, seed=12, shard_events=4, show_progress=False)
-    return root
+    return generate_train_val(tmp_path_factory.mktemp("sweepdata"), (24, 11, 8), (8, 12, 4))
 
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 600, **kw) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from raysvc.data.detectors import LARTPC
 from raysvc.data.pipeline import DirectStream
 from raysvc.storage import resolve
 from raysvc.train.tasks.segmentation import FinetuneConfig
+from tests.conftest import generate_train_val
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 CLASS_NAMES = LARTPC.class_names
@@ -28,12 +29,7 @@ JOB = str(Path(__file__).parents[1] / "jobs" / "semseg-tiny.yaml")
 @pytest.fixture(scope="module")
 def seg_data(tmp_path_factory):
     """Small train (4 shards) and validation (2 shards) sets of generated events."""
-    from raysvc.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("segdata")
-    generate_dataset(resolve(str(root / "train")), 32, seed=5, shard_events=8, show_progress=False)
-    generate_dataset(resolve(str(root / "val")), 12, seed=6, shard_events=6, show_progress=False)
-    return root
+    return generate_train_val(tmp_path_factory.mktemp("segdata"), (32, 5, 8), (12, 6, 6))
 
 
 def _cfg(seg_data, tmp_path, name: str, **train) -> FinetuneConfig:

@@ -37,7 +37,7 @@ from raysvc.train.augment import augment_with_transforms
 from raysvc.train.instance_loss import InstanceLossConfig, instance_loss
 from raysvc.train.tasks.base import WorkerContext
 from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone, validation_batches
-from raysvc.train.worker import autocast
+from raysvc.train.worker import autocast, gather
 
 INSTANCE_TASKS = ("particle", "interaction")
 
@@ -106,8 +106,7 @@ def evaluate(model, batches: list[dict], cfg: PanopticConfig, device, world: int
             score_events(scores[t], outs, batch, t, detector.stuff_class, cfg.instances.postprocess, frame, regress)
     if world > 1:
         cm.all_reduce_()
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, scores)
+        gathered = gather(scores, world)
         scores = {t: InstanceScores.merged([g[t] for g in gathered]) for t in scores}
     model.train()
     return {"semantic": compute(cm.matrix, names), **{t: s.result() for t, s in scores.items()}}

@@ -31,7 +31,7 @@ from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import augment_coords
 from raysvc.train.tasks.base import WorkerContext
 from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone, validation_batches
-from raysvc.train.worker import autocast
+from raysvc.train.worker import autocast, gather
 
 
 class EventSection(BaseModel):
@@ -74,9 +74,7 @@ def evaluate(model, batches: list[dict], cfg: RingsConfig, device, world: int, n
         )
     if world > 1:
         cm.all_reduce_()
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = [r for g in gathered for r in g]
+        rows = [r for g in gather(rows, world) for r in g]
     model.train()
     t_ring, p_ring, t_pid, e = (np.array(c) for c in zip(*rows, strict=True)) if rows else [np.zeros(0)] * 4
     return {**compute(cm.matrix, names), **event_scores(t_ring, p_ring, t_pid, e)}
