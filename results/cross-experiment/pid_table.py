@@ -1,6 +1,6 @@
 """The PID table of results/cross-experiment/README.md from the fine-tunes' summary.json: one row per run, then the
 mean and sample standard deviation over seeds per initialisation (run from the repository root:
-python results/cross-experiment/pid_table.py [RUNS])."""
+python results/cross-experiment/pid_table.py [RUNS [PREFIX]]; PREFIX pid1600 gives the longer fine-tunes' table)."""
 
 import json
 import statistics
@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 RUNS = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
-ARMS = {"scratch": "pid-scratch", "WCh-only Panda, fft": "pid-wch", "cross Panda (mixed), fft": "pid-cross"}
+PREFIX = sys.argv[2] if len(sys.argv) > 2 else "pid"
+ARMS = {"scratch": "scratch", "WCh-only Panda, fft": "wch", "cross Panda (mixed), fft": "cross"}
+ARMS = {label: f"{PREFIX}-{arm}" for label, arm in ARMS.items()}
 FIGS = {
     "per-hit mIoU": lambda v: v["miou"],
     "ring accuracy": lambda v: v["ring_accuracy"],
