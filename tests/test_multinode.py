@@ -20,11 +20,15 @@ def test_two_node_cluster_runs_finetune_spread_pretraining_and_batch_prediction_
 
     s3 = S3Options(endpoint_url=s3_env.endpoint)
     generate_dataset(resolve("s3://multinode/train", s3), 16, seed=8, shard_events=4, show_progress=False)
-    generate_dataset(resolve("s3://multinode/val", s3), 8, seed=9, shard_events=4, show_progress=False)
+    # 1 event per validation shard: 8 read tasks, so the chunks reach the pool as 8 blocks, not 2, and both actors
+    # get work (the pool hands each block to one actor)
+    generate_dataset(resolve("s3://multinode/val", s3), 8, seed=9, shard_events=1, show_progress=False)
     work = tmp_path / "driver"  # the drivers' working directory; nothing is written here
     work.mkdir()
 
-    with RayCluster(tmp_path, head_cpus=1) as cluster:
+    # 2 CPUs per node and 1.5 per model actor below: each node can hold one actor only, so the pool must use both
+    # (with 1 CPU per actor, Ray may place both on one node, and once did)
+    with RayCluster(tmp_path, head_cpus=2) as cluster:
         cluster.add_node(cpus=2)
         env = cluster.env | s3_env.env() | {"RAY_ADDRESS": cluster.gcs}
 
@@ -52,10 +56,10 @@ def test_two_node_cluster_runs_finetune_spread_pretraining_and_batch_prediction_
         assert pt["steps"] == 2 and len(set(pt["worker_nodes"])) == 2  # one worker on each node
 
         args = ["--model", "s3://multinode/runs/ft", "--data", "s3://multinode/val", "--out", "s3://multinode/preds"]
-        raysvc("predict", *args, "--actors", "2", "--cpus-per-actor", "1", "--batch-events", "1")
+        raysvc("predict", *args, "--actors", "2", "--cpus-per-actor", "1.5", "--batch-events", "1")
         manifest = json.loads(read_bytes(resolve("s3://multinode/preds/manifest.json", s3)))
-        assert manifest["events"] == 8 and manifest["actor_nodes"] == 2  # 1 CPU each: the head and the worker node
-        assert manifest["files"] == ["preds-00000.parquet", "preds-00001.parquet"]
+        assert manifest["events"] == 8 and manifest["actor_nodes"] == 2  # one actor on each node
+        assert manifest["files"] == [f"preds-{i:05d}.parquet" for i in range(8)]
 
         # a relative path names the driver's directory, which the other node does not share: refused by name
         bad = raysvc("finetune", str(REPO / "jobs" / "semseg-tiny.yaml"), "--set", "run.storage=runs", ok=False)

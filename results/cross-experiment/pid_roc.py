@@ -25,7 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 RUNS = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
 PREFIX = sys.argv[2] if len(sys.argv) > 2 else "pid"
-ARMS = {"scratch": "scratch", "WCh-only Panda": "wch", "cross Panda (mixed)": "cross"}
+ARMS = {
+    "scratch": "scratch",
+    "scratch, centred": "scratchc",  # the control: the pretrained arms' input frame
+    "WCh-only Panda": "wch",
+    "cross Panda (mixed)": "cross",
+}
 BACKGROUNDS = ((1, "muon"), (2, "pi0"))
 
 data = resolve(str(RUNS / "data" / "wch-single-val"))
@@ -56,10 +61,12 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 rows = {}
 for label, arm in ARMS.items():
     runs = sorted(p.name for p in (RUNS / "preds").glob(f"{PREFIX}-{arm}-s*"))
+    if not runs:
+        continue
     rows[label] = [figures(electron_scores(run)) for run in runs]
     for run, f in zip(runs, rows[label], strict=True):
         print(run, " ".join(f"{k} {v:.3f}" for k, v in f.items()))
-    e_score = electron_scores(f"{PREFIX}-{arm}-s0")
+    e_score = electron_scores(runs[0])
     for ax, (bkg, name) in zip(axes, BACKGROUNDS, strict=True):
         sel = (pid == 0) | (pid == bkg)
         fpr, tpr, _ = roc_curve(pid[sel] == 0, e_score[sel])

@@ -9,7 +9,12 @@ from pathlib import Path
 
 RUNS = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
 PREFIX = sys.argv[2] if len(sys.argv) > 2 else "pid"
-ARMS = {"scratch": "scratch", "WCh-only Panda, fft": "wch", "cross Panda (mixed), fft": "cross"}
+ARMS = {
+    "scratch": "scratch",
+    "scratch, centred events": "scratchc",  # the control: the pretrained arms' input frame
+    "WCh-only Panda, fft": "wch",
+    "cross Panda (mixed), fft": "cross",
+}
 ARMS = {label: f"{PREFIX}-{arm}" for label, arm in ARMS.items()}
 FIGS = {
     "per-hit mIoU": lambda v: v["miou"],
