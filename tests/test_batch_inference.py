@@ -93,6 +93,21 @@ def test_predictions_from_and_to_s3_through_the_actor_pool(ray_local, s3_env, mo
     assert got.num_rows == 20 and info["events"] == 40
 
 
+def test_the_chunks_of_one_shard_are_shared_by_every_actor_of_the_pool(ray_local, model, tmp_path):
+    """A read task's chunks would leave it as one block, which Ray Data hands whole to one actor. 2 x 0.75 CPU
+    leaves the read tasks their 0.25 and nothing more: a 1-CPU step between read and pool would wait forever."""
+    from raysvc.data.synthetic import generate_dataset
+
+    data = resolve(str(tmp_path / "one-shard"))
+    generate_dataset(data, 12, seed=5, shard_events=12, workers=1, show_progress=False)
+    kw = {"batch_events": 2, "log": quiet}
+    info = predict_dataset(model, data, resolve(str(tmp_path / "pool")), actors=2, cpus_per_actor=0.75, **kw)
+    local = predict_dataset(model, data, resolve(str(tmp_path / "local")), actors=0, **kw)
+    assert len(info["shards"]) == 1 and info["shards"][0]["sha256"] == local["shards"][0]["sha256"]
+    assert sum(info["chunks_per_actor"]) == 6 and len(info["chunks_per_actor"]) == 2, info["chunks_per_actor"]
+    assert local["chunks_per_actor"] == [] and info["actor_nodes"] == 1
+
+
 def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, synthetic_dataset, model, tmp_path):
     with pytest.raises(ValueError, match="leave no room for the read tasks"):
         predict_dataset(model, synthetic_dataset, resolve(str(tmp_path / "p")), actors=2, cpus_per_actor=1, log=quiet)

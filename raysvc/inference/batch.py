@@ -3,9 +3,9 @@
 The work per chunk of events is one function each (`predict_chunk`, `score_chunk`), run either in this process
 (`actors=0`, the baseline) or as a Ray Data job: map tasks read each shard (size, sha256 and row count checked) and
 cut it into chunks of at most `batch_events` events and `max_points` points; a pool of `actors` model replicas
-(`map_batches` with a callable class; one GPU each with a CUDA device) runs the chunks; this process gathers the
-results. Both ways cut the same chunks and run the same function on them, so they give the same predictions and
-the same confusion matrix.
+(`map_batches` with a callable class; one GPU each with a CUDA device) runs the chunks, one block each so that the
+chunks of one shard spread over the pool; this process gathers the results. Both ways cut the same chunks and run
+the same function on them, so they give the same predictions and the same confusion matrix.
 
 Predictions: one Parquet file per input shard (`preds-NNNNN.parquet`: `event_id`, `num_points`, `pred`, a class per
 input point, -1 at or below the energy threshold) and `manifest.json` (files with sizes and sha256, counts, model,
@@ -39,7 +39,9 @@ from raysvc.storage import Location, write_bytes_atomic
 
 _SHARD, _ROW = "_shard", "_row"  # which shard and which of its rows a chunk starts at
 _CHUNK = "_chunk"  # a whole chunk as Arrow IPC bytes: one row per chunk between the read tasks and the actors
+_RESULT = "_result"  # a chunk's result as Arrow IPC bytes: one row per chunk between the actors and this process
 _NODE = "_node"  # the Ray node of the actor that ran a chunk
+_ACTOR = "_actor"  # the Ray actor that ran a chunk
 ACTOR_START_S = 600  # seconds for the pool's actors to start (model load included)
 READ_CPUS = 0.25  # per read task: reading and cutting a shard is light beside the model
 
@@ -197,18 +199,24 @@ class _Replica:
         self.mode, self.sources = mode, sources
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # one row per chunk (Ray Data may hand over several): the model sees exactly the chunks the in-process path
-        # cuts, whatever the batch size Ray Data slices by
+        # one row per chunk in, one row per chunk out: the model sees exactly the chunks the in-process path cuts,
+        # and a result is never split over blocks
         import ray
 
-        outs = [
-            tag_chunk(_run_chunk(self.seg, self.mode, _from_ipc(c), self.sources[i]), i, row)
-            for i, row, c in zip(
-                batch.column(_SHARD).to_pylist(), batch.column(_ROW).to_pylist(), batch.column(_CHUNK), strict=True
-            )
+        chunk_rows = zip(batch.column(_SHARD), batch.column(_ROW), batch.column(_CHUNK), strict=True)
+        results = [
+            _to_ipc(_run_chunk(self.seg, self.mode, _from_ipc(c), self.sources[i.as_py()])) for i, _, c in chunk_rows
         ]
-        out = pa.concat_tables(outs)
-        return out.append_column(_NODE, pa.array([ray.get_runtime_context().get_node_id()] * out.num_rows))
+        ctx, n = ray.get_runtime_context(), batch.num_rows
+        return pa.table(
+            {
+                _SHARD: batch.column(_SHARD),
+                _ROW: batch.column(_ROW),
+                _RESULT: pa.array(results, pa.large_binary()),
+                _NODE: pa.array([ctx.get_node_id()] * n),
+                _ACTOR: pa.array([ctx.get_actor_id()] * n),
+            }
+        )
 
 
 def _to_ipc(table: pa.Table) -> bytes:
@@ -323,6 +331,12 @@ def _ray_results(
     ds = ray.data.from_items(
         [{_SHARD: i, **asdict(r)} for i, r in enumerate(shards)], override_num_blocks=max(len(shards), 1)
     )
+    # One row, one block: Ray Data hands a whole block to one actor, and by default a read task's chunks leave it
+    # merged into one block (up to 128 MiB), so the chunks of a shard would all go to one actor and a pool larger
+    # than the number of shards would stay partly idle. (A streaming `repartition` after the read does the same but
+    # runs as a 1-CPU task that a pool with less than a CPU to spare waits for forever.) Rows are whole chunks both
+    # ways, so no chunk is ever split.
+    ds.context.target_max_block_size = 1
     ds = ds.map_batches(
         _read_chunks,
         batch_format="pyarrow",
@@ -348,18 +362,20 @@ def _local_results(seg: Segmenter, data: Location, shards, mode, batch_events, m
 
 
 def _results(
-    model, data, shards, mode, actors, device, batch_events, max_points, limits, log, cpus_per_actor, nodes: set
+    model, data, shards, mode, actors, device, batch_events, max_points, limits, log, cpus_per_actor, ran: dict
 ):
-    """Chunk results from the actor pool (`actors` >= 1, Ray started by the caller) or this process (0); the Ray
-    nodes the actors ran on are added to `nodes`."""
+    """Chunk results from the actor pool (`actors` >= 1, Ray started by the caller) or this process (0); `ran`
+    counts the chunks each (Ray node, actor) ran."""
     if actors == 0:
         yield from _local_results(Segmenter(model, device), data, shards, mode, batch_events, max_points, limits)
         return
     log(f"[raysvc] {mode}: {len(shards)} shards through Ray Data, {actors} model actor(s) on {device}")
     args = (actors, device, batch_events, max_points, limits, cpus_per_actor)
     for res in _ray_results(model, data, shards, mode, *args):
-        nodes.update(res.column(_NODE).unique().to_pylist())
-        yield res.drop_columns([_NODE])
+        cols = [res.column(c).to_pylist() for c in (_SHARD, _ROW, _NODE, _ACTOR)]
+        for (shard, row, node, actor), result in zip(zip(*cols, strict=True), res.column(_RESULT), strict=True):
+            ran[(node, actor)] = ran.get((node, actor), 0) + 1
+            yield tag_chunk(_from_ipc(result), shard, row)
 
 
 def has_event_heads(model: Location) -> bool:
@@ -404,8 +420,8 @@ def predict_dataset(
     pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
     got = Counter()
     files: list[dict] = [{}] * len(shards)
-    nodes: set = set()
-    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, nodes)
+    ran: dict = {}
+    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, ran)
     for res in _results(model, data, shards, "predict", *args):
         for i, row, part in split_chunks(res):
             pending[i].append((row, part))
@@ -427,7 +443,8 @@ def predict_dataset(
         "events": sum(f["events"] for f in files),
         "points": sum(f["points"] for f in files),
         "actors": actors,
-        "actor_nodes": len(nodes),  # Ray nodes the model actors ran on
+        "actor_nodes": len({node for node, _ in ran}),  # Ray nodes the model actors ran on
+        "chunks_per_actor": sorted(ran.values(), reverse=True),  # how evenly the pool shared the work
         "device": device,
         "seconds": time.perf_counter() - t0,
     }
@@ -491,7 +508,7 @@ def evaluate_dataset(
     names = list(record.class_names)
     matrix = np.zeros((len(names), len(names)), np.int64)
     removed: Counter = Counter()
-    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, set())
+    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, {})
     instances: dict[str, list[InstanceScores]] = {}
     events: list = []  # a model with event heads: one row per scored event
     for res in _results(model, data, shards, "score", *args):
