@@ -152,7 +152,8 @@ def run_loader_bench(
 
 
 def _batch_inference(work: Path, s3, predict_events: int, log) -> dict:
-    """events/s of `predict_dataset` in this process and with 1 and 2 model actors, on the same events."""
+    """events/s of `predict_dataset` in this process and with 1 and 2 model actors, on the same events; and with 2
+    actors on the same events in one shard (`2_one_shard`: the pool shares a shard's chunks)."""
     from raysvc.data.synthetic import generate_dataset
     from raysvc.inference.batch import predict_dataset
     from raysvc.inference.record import export_seeded_segmenter
@@ -160,20 +161,26 @@ def _batch_inference(work: Path, s3, predict_events: int, log) -> dict:
 
     model = resolve(str(work / "model"))
     export_seeded_segmenter(model, seed=0)
-    pdata = resolve("s3://bench/predict", s3)
-    generate_dataset(pdata, predict_events, 3, 50, workers=1, show_progress=False)
+    sets = {"": resolve("s3://bench/predict", s3), "_one_shard": resolve("s3://bench/predict-one-shard", s3)}
+    generate_dataset(sets[""], predict_events, 3, 50, workers=1, show_progress=False)
+    generate_dataset(sets["_one_shard"], predict_events, 3, predict_events, workers=1, show_progress=False)
     inference = {}
-    for actors in (0, 1, 2):
+    for actors, shards in ((0, ""), (1, ""), (2, ""), (2, "_one_shard")):
         t0 = time.perf_counter()
         info = predict_dataset(
             model,
-            pdata,
-            resolve(str(work / f"preds-{actors}")),
+            sets[shards],
+            resolve(str(work / f"preds-{actors}{shards}")),
             actors=actors,
             cpus_per_actor=0.75 if actors == 2 else 1.0,
             log=lambda m: None,
         )
-        inference[str(actors)] = {"events_per_s": info["events"] / (time.perf_counter() - t0), "events": info["events"]}
+        inference[f"{actors}{shards}"] = {
+            "events_per_s": info["events"] / (time.perf_counter() - t0),
+            "events": info["events"],
+            "shards": len(info["shards"]),
+            "chunks_per_actor": info["chunks_per_actor"],
+        }
     base = inference["0"]["events_per_s"]
     for v in inference.values():
         v["vs_in_process"] = v["events_per_s"] / base
