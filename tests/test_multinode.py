@@ -20,8 +20,7 @@ def test_two_node_cluster_runs_finetune_spread_pretraining_and_batch_prediction_
 
     s3 = S3Options(endpoint_url=s3_env.endpoint)
     generate_dataset(resolve("s3://multinode/train", s3), 16, seed=8, shard_events=4, show_progress=False)
-    # 1 event per validation shard: 8 read tasks, so the chunks reach the pool as 8 blocks, not 2, and both actors
-    # get work (the pool hands each block to one actor)
+    # 1 event per validation shard: 8 read tasks and 8 prediction files
     generate_dataset(resolve("s3://multinode/val", s3), 8, seed=9, shard_events=1, show_progress=False)
     work = tmp_path / "driver"  # the drivers' working directory; nothing is written here
     work.mkdir()

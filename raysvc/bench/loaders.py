@@ -161,21 +161,22 @@ def _batch_inference(work: Path, s3, predict_events: int, log) -> dict:
 
     model = resolve(str(work / "model"))
     export_seeded_segmenter(model, seed=0)
-    sets = {"": resolve("s3://bench/predict", s3), "_one_shard": resolve("s3://bench/predict-one-shard", s3)}
-    generate_dataset(sets[""], predict_events, 3, 50, workers=1, show_progress=False)
-    generate_dataset(sets["_one_shard"], predict_events, 3, predict_events, workers=1, show_progress=False)
+    shards50, one_shard = resolve("s3://bench/predict", s3), resolve("s3://bench/predict-one-shard", s3)
+    generate_dataset(shards50, predict_events, 3, 50, workers=1, show_progress=False)
+    generate_dataset(one_shard, predict_events, 3, predict_events, workers=1, show_progress=False)  # same events
+    cases = {"0": (0, shards50), "1": (1, shards50), "2": (2, shards50), "2_one_shard": (2, one_shard)}
     inference = {}
-    for actors, shards in ((0, ""), (1, ""), (2, ""), (2, "_one_shard")):
+    for name, (actors, data) in cases.items():
         t0 = time.perf_counter()
         info = predict_dataset(
             model,
-            sets[shards],
-            resolve(str(work / f"preds-{actors}{shards}")),
+            data,
+            resolve(str(work / f"preds-{name}")),
             actors=actors,
             cpus_per_actor=0.75 if actors == 2 else 1.0,
             log=lambda m: None,
         )
-        inference[f"{actors}{shards}"] = {
+        inference[name] = {
             "events_per_s": info["events"] / (time.perf_counter() - t0),
             "events": info["events"],
             "shards": len(info["shards"]),

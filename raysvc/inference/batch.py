@@ -358,14 +358,14 @@ def _local_results(seg: Segmenter, data: Location, shards, mode, batch_events, m
     for i, rec in enumerate(shards):
         source = data.join(rec.name).uri
         for start, chunk in _shard_chunks(data, rec, limits[i], batch_events, max_points):
-            yield tag_chunk(_run_chunk(seg, mode, chunk, source), i, start)
+            yield i, start, _run_chunk(seg, mode, chunk, source)
 
 
 def _results(
-    model, data, shards, mode, actors, device, batch_events, max_points, limits, log, cpus_per_actor, ran: dict
-):
-    """Chunk results from the actor pool (`actors` >= 1, Ray started by the caller) or this process (0); `ran`
-    counts the chunks each (Ray node, actor) ran."""
+    model, data, shards, mode, actors, device, batch_events, max_points, limits, log, cpus_per_actor, ran: Counter
+) -> Iterator[tuple[int, int, pa.Table]]:
+    """(shard, first row, result) of every chunk, from the actor pool (`actors` >= 1, Ray started by the caller) or
+    this process (0); `ran` counts the chunks each (Ray node, actor) ran."""
     if actors == 0:
         yield from _local_results(Segmenter(model, device), data, shards, mode, batch_events, max_points, limits)
         return
@@ -374,8 +374,8 @@ def _results(
     for res in _ray_results(model, data, shards, mode, *args):
         cols = [res.column(c).to_pylist() for c in (_SHARD, _ROW, _NODE, _ACTOR)]
         for (shard, row, node, actor), result in zip(zip(*cols, strict=True), res.column(_RESULT), strict=True):
-            ran[(node, actor)] = ran.get((node, actor), 0) + 1
-            yield tag_chunk(_from_ipc(result), shard, row)
+            ran[(node, actor)] += 1
+            yield shard, row, _from_ipc(result)
 
 
 def has_event_heads(model: Location) -> bool:
@@ -420,16 +420,15 @@ def predict_dataset(
     pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
     got = Counter()
     files: list[dict] = [{}] * len(shards)
-    ran: dict = {}
+    ran: Counter = Counter()
     args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, ran)
-    for res in _results(model, data, shards, "predict", *args):
-        for i, row, part in split_chunks(res):
-            pending[i].append((row, part))
-            got[i] += part.num_rows
-            if got[i] == shards[i].events:  # the shard is complete: its file, rows in input order
-                table = pa.concat_tables([t for _, t in sorted(pending.pop(i), key=lambda p: p[0])])
-                files[i] = _write_preds(out, i, table)
-                log(f"[raysvc] predicted {shards[i].name}: {table.num_rows} events ({len(pending)} shards to go)")
+    for i, row, part in _results(model, data, shards, "predict", *args):
+        pending[i].append((row, part))
+        got[i] += part.num_rows
+        if got[i] == shards[i].events:  # the shard is complete: its file, rows in input order
+            table = pa.concat_tables([t for _, t in sorted(pending.pop(i), key=lambda p: p[0])])
+            files[i] = _write_preds(out, i, table)
+            log(f"[raysvc] predicted {shards[i].name}: {table.num_rows} events ({len(pending)} shards to go)")
     missing = [shards[i].name for i in pending if shards[i].events]
     if missing:
         raise RuntimeError(f"predict: no complete predictions for {missing} (got {dict(got)} rows)")
@@ -508,10 +507,10 @@ def evaluate_dataset(
     names = list(record.class_names)
     matrix = np.zeros((len(names), len(names)), np.int64)
     removed: Counter = Counter()
-    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, {})
+    args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, Counter())
     instances: dict[str, list[InstanceScores]] = {}
     events: list = []  # a model with event heads: one row per scored event
-    for res in _results(model, data, shards, "score", *args):
+    for _, _, res in _results(model, data, shards, "score", *args):
         cols = [res.column(c).to_pylist() for c in ("cm", "counts", "instances", "events")]
         for cm, counts, inst, rows in zip(*cols, strict=True):
             events += json.loads(rows)
