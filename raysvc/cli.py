@@ -23,7 +23,7 @@ def _print_json(obj: dict, path: str | None = None) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from raysvc.data.synthetic import generate_dataset, generator_for
+    from raysvc.data.sources.synthetic import generate_dataset, generator_for
     from raysvc.storage import resolve
 
     cfg = load_config(generator_for(a.detector)[0], a.config, a.set)
@@ -32,7 +32,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
-    from raysvc.data.pilarnet import convert
+    from raysvc.data.sources.pilarnet import convert
     from raysvc.storage import resolve
 
     m = convert(a.pattern, resolve(a.out), a.shard_events, a.revision)
@@ -40,7 +40,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 
 def cmd_convert_wand(a: argparse.Namespace) -> None:
-    from raysvc.data.wand import convert
+    from raysvc.data.sources.wand import convert
     from raysvc.storage import resolve
 
     m = convert(a.pattern, resolve(a.out), a.shard_events)
@@ -51,7 +51,7 @@ def cmd_convert_wand(a: argparse.Namespace) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
-    from raysvc.data.stats import inspect_dataset
+    from raysvc.data.tools.stats import inspect_dataset
     from raysvc.storage import resolve
 
     stats = inspect_dataset(resolve(a.uri), verify=not a.no_verify)
@@ -72,7 +72,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 
 
 def cmd_show(a: argparse.Namespace) -> None:
-    from raysvc.data.display import show_event, show_instances
+    from raysvc.data.tools.display import show_event, show_instances
     from raysvc.storage import resolve
 
     if a.predictions:
@@ -82,7 +82,7 @@ def cmd_show(a: argparse.Namespace) -> None:
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
-    from raysvc.data.verify import verify_dataset
+    from raysvc.data.tools.verify import verify_dataset
     from raysvc.storage import resolve
 
     result = verify_dataset(resolve(a.uri))
@@ -92,7 +92,7 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 
 def cmd_subset(a: argparse.Namespace) -> None:
-    from raysvc.data.subset import write_subsets
+    from raysvc.data.streaming.subset import write_subsets
     from raysvc.storage import absolute_uri, resolve
 
     src, dst = resolve(absolute_uri(a.uri)), resolve(absolute_uri(a.out))
@@ -352,7 +352,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_probe(a: argparse.Namespace) -> None:
-    from raysvc.data.config import DataConfig
+    from raysvc.data.streaming.config import DataConfig
     from raysvc.storage import absolute_uri
     from raysvc.train.backbone_probe import probe_backbone
     from raysvc.train.probe import ProbeConfig
@@ -856,7 +856,7 @@ def _console_log(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from raysvc.data.schema import EventDataError
+    from raysvc.data.contract.schema import EventDataError
     from raysvc.storage import StorageError
 
     try:

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from raysvc.data.detectors import get_detector  # noqa: E402
+from raysvc.data.contract.detectors import get_detector  # noqa: E402
 from raysvc.ray_init import init_ray
 
 
@@ -138,8 +138,8 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     import requests
     import torch
 
-    from raysvc.data.schema import flat_coords, flat_values
-    from raysvc.data.shards import load_manifest, read_shard
+    from raysvc.data.contract.schema import flat_coords, flat_values
+    from raysvc.data.streaming.shards import load_manifest, read_shard
     from raysvc.inference.metrics import ConfusionMatrix, compute
     from raysvc.inference.segmenter import Segmenter
     from raysvc.seaweed import free_port
@@ -207,11 +207,11 @@ def run_demo(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raysvc.data.config import DataConfig
-    from raysvc.data.display import show_event
-    from raysvc.data.pipeline import build_dataset
-    from raysvc.data.stats import inspect_dataset
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.pipeline import build_dataset
+    from raysvc.data.tools.display import show_event
+    from raysvc.data.tools.stats import inspect_dataset
     from raysvc.seaweed import SeaweedS3
     from raysvc.storage import resolve
     from raysvc.train.data_config import ExactSplitDataConfig

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from raysvc.data.schema import table_from_events
+from raysvc.data.contract.schema import table_from_events
 from raysvc.seaweed import SeaweedS3
 from raysvc.storage import S3Options, resolve
 
@@ -53,7 +53,7 @@ def ray_local():
 
 def generate_train_val(root, train: tuple[int, int, int], val: tuple[int, int, int]):
     """Generated LArTPC events in root/train and root/val, each given as (events, seed, events per shard)."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     for name, (n, seed, per) in (("train", train), ("val", val)):
         generate_dataset(resolve(str(root / name)), n, seed=seed, shard_events=per, show_progress=False)
@@ -85,7 +85,7 @@ def make_table(n_events: int, points=(1100, 3000), seed: int = 0, first_id: int 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
     """120 generated events in 4 shards on the local filesystem (generated once per session)."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     root = resolve(str(tmp_path_factory.mktemp("synthetic") / "events"))
     generate_dataset(root, 120, seed=3, shard_events=30, workers=1, show_progress=False)

@@ -50,7 +50,7 @@ def test_a_broken_rule_fails_the_check(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     (tmp_path / "raysvc" / "serve" / "shortcut.py").write_text("from raysvc.train.driver import run_job  # noqa\n")
     grid = tmp_path / "raysvc" / "ops" / "grid.py"
-    grid.write_text(grid.read_text() + "\nfrom raysvc.data.schema import flat_values  # noqa\n")
+    grid.write_text(grid.read_text() + "\nfrom raysvc.data.contract.schema import flat_values  # noqa\n")
     out = _lint(tmp_path, pythonpath=tmp_path)
     assert out.returncode != 0, out.stdout
     assert "serving and inference never import training BROKEN" in out.stdout

@@ -35,7 +35,7 @@ def test_group_mean_averages_only_the_real_points_of_each_group():
 
 @pytest.fixture(scope="module")
 def val_data(tmp_path_factory):
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("probedata")
     generate_dataset(resolve(str(root / "val")), 12, seed=3, shard_events=6, show_progress=False)
@@ -43,9 +43,9 @@ def val_data(tmp_path_factory):
 
 
 def test_cli_probe_of_a_random_ptv3_matches_the_online_probe(val_data, tmp_path):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.detectors import get_detector
-    from raysvc.data.pipeline import DirectStream
+    from raysvc.data.contract.detectors import get_detector
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.pipeline import DirectStream
     from raysvc.inference.featurize import model_inputs
     from raysvc.models.ptv3 import PTv3, preset
     from raysvc.train.probe import ProbeConfig, run_probe

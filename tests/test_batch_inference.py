@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysvc.data.shards import load_manifest, read_shard
+from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.inference.batch import chunks, evaluate_dataset, predict_dataset
 from raysvc.inference.record import export_seeded_segmenter
 from raysvc.storage import S3Options, read_bytes, resolve
@@ -79,7 +79,7 @@ def test_predict_and_evaluate_through_an_actor_pool_equal_the_in_process_path(
 
 def test_predictions_from_and_to_s3_through_the_actor_pool(ray_local, s3_env, model, tmp_path):
     """Events on SeaweedFS, read by the Ray Data read tasks (sha256 checked), predictions written back to it."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     s3 = S3Options(endpoint_url=s3_env.endpoint)
     data, out = resolve("s3://batch-in/events", s3), resolve("s3://batch-out/seeded", s3)
@@ -96,7 +96,7 @@ def test_predictions_from_and_to_s3_through_the_actor_pool(ray_local, s3_env, mo
 def test_the_chunks_of_one_shard_are_shared_by_every_actor_of_the_pool(ray_local, model, tmp_path):
     """A read task's chunks would leave it as one block, which Ray Data hands whole to one actor. 2 x 0.75 CPU
     leaves the read tasks their 0.25 and nothing more: a 1-CPU step between read and pool would wait forever."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     data = resolve(str(tmp_path / "one-shard"))
     generate_dataset(data, 12, seed=5, shard_events=12, workers=1, show_progress=False)

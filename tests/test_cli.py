@@ -198,9 +198,9 @@ def test_demo_end_to_end(tmp_path):
 
 
 def test_data_subset_writes_the_events_subset_events_selects(tmp_path):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import prepare
-    from raysvc.data.shards import load_manifest, read_shard
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.prepared import prepare
+    from raysvc.data.streaming.shards import load_manifest, read_shard
     from raysvc.storage import resolve
 
     src, dst = str(tmp_path / "gen"), str(tmp_path / "sub")

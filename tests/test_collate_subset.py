@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.subset import event_keys, select_subset
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.subset import event_keys, select_subset
 from tests.conftest import make_table
 
 
@@ -65,7 +65,7 @@ class _Blocks:
 
 @pytest.mark.parametrize("sizes, batch", [([7, 3, 10, 1, 4], 4), ([2, 2, 2], 5), ([9], 3), ([1, 1, 1, 1], 2)])
 def test_iter_packed_rebatching_keeps_every_event_in_order(sizes, batch):
-    from raysvc.data.pipeline import iter_packed
+    from raysvc.data.streaming.pipeline import iter_packed
 
     table, _ = make_table(sum(sizes), points=(3, 9), seed=7)
     blocks, at = [], 0

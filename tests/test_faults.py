@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysvc.data.shards import load_manifest, shard_name
+from raysvc.data.streaming.shards import load_manifest, shard_name
 from raysvc.inference.record import load_export
 from raysvc.seaweed import SeaweedS3
 from raysvc.storage import S3Options, resolve
@@ -28,7 +28,7 @@ JOB = str(Path(__file__).parents[1] / "jobs" / "semseg-tiny.yaml")
 def store(tmp_path_factory):
     """A SeaweedFS of this module's own (the tests stop and restart it) holding a 16-event training set in 4 shards
     and an 8-event validation set."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     server = SeaweedS3(data_dir=str(tmp_path_factory.mktemp("weed"))).start()
     try:
@@ -226,10 +226,10 @@ def test_shards_corrupted_on_s3_are_a_named_error_or_a_counted_skip(store, tmp_p
 def test_a_shard_deleted_after_the_preflight_is_missing_not_a_storage_failure(store, monkeypatch):
     """Between the driver's preflight and a worker's read, a shard disappears: under on_bad=error the read names it
     as missing; under skip its events are counted as bad:missing."""
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import prepare
-    from raysvc.data.reader import read_preprocessed
-    from raysvc.data.schema import EventDataError
+    from raysvc.data.contract.schema import EventDataError
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.prepared import prepare
+    from raysvc.data.streaming.reader import read_preprocessed
 
     uri, events = _corrupt_copy(store, "deleted-later")
     for k, v in store.env().items():

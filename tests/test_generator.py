@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysvc.data.generator import MASS, MICHEL, GeneratorConfig, _Event, _range_table, generate_event
-from raysvc.data.shards import iter_tables, load_manifest
-from raysvc.data.synthetic import generate_dataset
+from raysvc.data.sources.lartpc_generator import MASS, MICHEL, GeneratorConfig, _Event, _range_table, generate_event
+from raysvc.data.sources.synthetic import generate_dataset
+from raysvc.data.streaming.shards import iter_tables, load_manifest
 from raysvc.storage import resolve
 
 
@@ -71,7 +71,7 @@ def test_michel_spectrum_endpoint():
 
 
 def test_statistics_close_to_pilarnet(synthetic_dataset):
-    from raysvc.data.stats import inspect_dataset
+    from raysvc.data.tools.stats import inspect_dataset
 
     s = inspect_dataset(synthetic_dataset)
     ref = s["reference_pilarnet_m"]["class_fractions"]
@@ -115,7 +115,7 @@ def test_config_rejects_unknown_and_bad_values():
 
 def test_draw_with_no_deposit_inside_is_redrawn_deterministically():
     # seed 0, event 5225: the first draw leaves nothing inside the volume (found by a 10k-event run that crashed)
-    from raysvc.data.generator import _draw_event
+    from raysvc.data.sources.lartpc_generator import _draw_event
 
     cfg = GeneratorConfig()
     first = _draw_event(cfg, np.random.default_rng(np.random.SeedSequence([0, 5225])))
@@ -126,8 +126,8 @@ def test_draw_with_no_deposit_inside_is_redrawn_deterministically():
 
 
 def test_dataset_names_its_detector(synthetic_dataset):
-    from raysvc.data import generator
-    from raysvc.data.detectors import LARTPC
+    from raysvc.data.contract.detectors import LARTPC
+    from raysvc.data.sources import lartpc_generator as generator
 
     assert load_manifest(synthetic_dataset).detector == LARTPC.name
     for _, t in iter_tables(synthetic_dataset, load_manifest(synthetic_dataset), columns=["detector"]):

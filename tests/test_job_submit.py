@@ -24,7 +24,7 @@ def ray_head(tmp_path):
 @pytest.mark.slow
 @pytest.mark.long
 def test_ray_job_submit_runs_finetune_pretrain_sweep_and_serve_jobs_with_token_auth(ray_head, tmp_path):
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
     from raysvc.storage import resolve
 
     address, env = ray_head
@@ -229,7 +229,7 @@ def _segment_when_up(url: str, token: str, address: str, env: dict, timeout_s: f
     import numpy as np
     import requests
 
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     if not wait_until_healthy(url, timeout_s):
         logs = subprocess.run(

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score, precision_recall_fscore_support
 
-from raysvc.data.detectors import LARTPC
+from raysvc.data.contract.detectors import LARTPC
 from raysvc.inference.metrics import ConfusionMatrix, compute
 
 CLASS_NAMES = LARTPC.class_names

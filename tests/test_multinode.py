@@ -16,7 +16,7 @@ from tests.ray_cluster import BIN, REPO, RayCluster
 
 @pytest.mark.slow
 def test_two_node_cluster_runs_finetune_spread_pretraining_and_batch_prediction_from_s3(s3_env, tmp_path):
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     s3 = S3Options(endpoint_url=s3_env.endpoint)
     generate_dataset(resolve("s3://multinode/train", s3), 16, seed=8, shard_events=4, show_progress=False)

@@ -209,7 +209,7 @@ def test_cnms_matches_brute_force(overlap):
 
 
 def test_cnms_on_a_generated_event_and_coverage():
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     ev = generate_event(GeneratorConfig(), 0, 1)
     coord = torch.from_numpy(ev["coord"])
@@ -227,7 +227,7 @@ def test_cnms_on_a_generated_event_and_coverage():
 
 # --- CPU kernels (numba) against the torch path used on other devices -------------------------------------------
 def _generated_coords(n_events=3):
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     evs = [generate_event(GeneratorConfig(), 7, i)["coord"] for i in range(n_events)]
     coord = torch.from_numpy(np.concatenate(evs).astype(np.float64))

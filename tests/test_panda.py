@@ -164,10 +164,10 @@ def test_collapse_monitors_tell_collapse_from_spread():
 
 @pytest.fixture(scope="module")
 def view_batch(synthetic_dataset):
-    from raysvc.data.reader import read_preprocessed
-    from raysvc.data.shards import load_manifest
-    from raysvc.data.transforms import PreprocessConfig
-    from raysvc.data.views import ViewConfig, collate_views, table_views
+    from raysvc.data.streaming.reader import read_preprocessed
+    from raysvc.data.streaming.shards import load_manifest
+    from raysvc.data.streaming.transforms import PreprocessConfig
+    from raysvc.data.streaming.views import ViewConfig, collate_views, table_views
 
     rec = load_manifest(synthetic_dataset).shards[0]
     table, _, _ = read_preprocessed(synthetic_dataset, rec, PreprocessConfig(), None, True)
@@ -214,8 +214,8 @@ def test_panda_loss_falls_on_a_fixed_batch(view_batch):
 
 
 def test_centred_model_inputs_shift_each_event_to_its_mean(synthetic_dataset):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import DirectStream
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.pipeline import DirectStream
     from raysvc.inference.featurize import model_inputs
 
     batch = next(DirectStream(DataConfig(uri=synthetic_dataset.uri)).iter_packed(3))

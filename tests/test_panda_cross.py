@@ -123,8 +123,8 @@ def test_bad_cross_configs_fail_by_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def cross_data(tmp_path_factory):
-    from raysvc.data.synthetic import generate_dataset
-    from raysvc.data.wch_generator import WChGeneratorConfig
+    from raysvc.data.sources.synthetic import generate_dataset
+    from raysvc.data.sources.wch_generator import WChGeneratorConfig
 
     root = tmp_path_factory.mktemp("crossdata")
     generate_dataset(resolve(str(root / "lar")), 16, seed=7, shard_events=4, show_progress=False)

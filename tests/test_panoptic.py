@@ -15,7 +15,7 @@ import requests
 import torch
 
 from raysvc.config import load_config
-from raysvc.data.detectors import LARTPC
+from raysvc.data.contract.detectors import LARTPC
 from raysvc.inference.instances import instance_labels
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
@@ -80,9 +80,9 @@ def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts
 ):
     from ray.train import TrainingFailedError
 
-    from raysvc.data.config import DataConfig
-    from raysvc.data.display import show_instances
-    from raysvc.data.pipeline import DirectStream
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.pipeline import DirectStream
+    from raysvc.data.tools.display import show_instances
     from raysvc.inference.batch import evaluate_dataset, predict_chunk_empty, predict_dataset, preds_schema
     from raysvc.inference.record import load_export
     from raysvc.train.driver import run_job
@@ -170,9 +170,9 @@ def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts
 
 
 def test_regression_heads_refuse_a_dataset_without_particle_truth(tmp_path, pan_data):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import prepare
-    from raysvc.data.shards import write_manifest, write_shard
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.prepared import prepare
+    from raysvc.data.streaming.shards import write_manifest, write_shard
     from raysvc.train.tasks.panoptic import check_particle_truth
     from tests.conftest import make_table
 

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysvc.data.pilarnet import convert, iter_file
-from raysvc.data.schema import EventDataError
-from raysvc.data.shards import iter_tables, load_manifest
+from raysvc.data.contract.schema import EventDataError
+from raysvc.data.sources.pilarnet import convert, iter_file
+from raysvc.data.streaming.shards import iter_tables, load_manifest
 from raysvc.storage import resolve
 
 

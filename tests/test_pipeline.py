@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import DirectStream, build_dataset, iter_packed
-from raysvc.data.schema import EventDataError, table_from_events
-from raysvc.data.shards import shard_name, write_manifest, write_shard
+from raysvc.data.contract.schema import EventDataError, table_from_events
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import DirectStream, build_dataset, iter_packed
+from raysvc.data.streaming.shards import shard_name, write_manifest, write_shard
 from raysvc.storage import resolve
 from tests.conftest import make_event
 
@@ -51,7 +51,7 @@ def test_subset_through_ray(ray_local, synthetic_dataset):
 
 
 def test_s3_dataset_through_ray(ray_local, s3_env, tmp_path):
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     uri = f"s3://pipeline-test/{tmp_path.name}"
     generate_dataset(resolve(uri), 24, seed=9, shard_events=8, show_progress=False)

@@ -100,8 +100,8 @@ def test_bad_polarmae_configs_fail_before_any_worker_starts(tmp_path, mae_data):
 
 
 def test_pretrain_writes_the_token_probe_and_an_encoder_export(straight, mae_data):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import DirectStream
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.pipeline import DirectStream
     from raysvc.inference.record import load_export
     from raysvc.models.polarmae import PolarMAE
     from raysvc.train.tasks.panda import probe_batches
@@ -235,7 +235,7 @@ def test_the_export_fine_tunes_and_serves_like_a_ptv3_segmenter(straight, mae_da
     assert [len(p) for p in pred] == [len(ev["energy"]) for ev in events]
     assert all(p.min() >= 0 and p.max() < 4 for p in pred)
     # evaluation under the training cuts scores exactly the non-LED points above the threshold, class by class
-    from raysvc.data.shards import iter_tables, load_manifest
+    from raysvc.data.streaming.shards import iter_tables, load_manifest
     from raysvc.inference.batch import evaluate_dataset
 
     val = resolve(str(mae_data / "val"))

@@ -85,8 +85,8 @@ def test_bad_pretrain_configs_fail_before_any_worker_starts(tmp_path, pt_data):
 
 @pytest.mark.long
 def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_local, pt_data, tmp_path):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import DirectStream
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.pipeline import DirectStream
     from raysvc.inference.featurize import model_inputs
     from raysvc.inference.record import load_export
     from raysvc.models.ptv3 import PTv3, preset

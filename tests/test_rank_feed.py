@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import DirectStream, prepare, rank_shards
-from raysvc.data.views import ViewConfig, collate_view_table, views_table
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import DirectStream
+from raysvc.data.streaming.prepared import prepare, rank_shards
+from raysvc.data.streaming.views import ViewConfig, collate_view_table, views_table
 from raysvc.train.worker import RankStream
 
 LOADERS = ("tasks", "ray_data")

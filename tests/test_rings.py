@@ -14,9 +14,9 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_curve
 
 from raysvc.config import load_config
-from raysvc.data.schema import table_from_events
-from raysvc.data.shards import load_manifest, read_shard
-from raysvc.data.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_record
+from raysvc.data.contract.schema import table_from_events
+from raysvc.data.sources.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_record
+from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.inference.event_metrics import (
     efficiency_at_rejection,
     event_labels,
@@ -106,8 +106,8 @@ def test_event_labels_from_generated_events():
 def test_an_export_with_event_heads_predicts_rings_and_pid_with_its_point_classes(tmp_path):
     """The Segmenter of a `rings` export runs one forward for both outputs: its point classes equal the plain
     segmenter's and its event probabilities equal the heads built straight from the weight files."""
-    from raysvc.data.collate import collate_packed
-    from raysvc.data.transforms import preprocess_table
+    from raysvc.data.streaming.collate import collate_packed
+    from raysvc.data.streaming.transforms import preprocess_table
     from raysvc.inference.featurize import model_inputs
     from raysvc.inference.record import export_seeded_segmenter, load_event_heads, load_export
     from raysvc.inference.segmenter import Segmenter
@@ -156,8 +156,8 @@ def test_predict_and_evaluate_give_a_rings_exports_event_outputs(tmp_path):
     over the events that pass the model's cuts."""
     from sklearn.metrics import confusion_matrix
 
-    from raysvc.data.synthetic import generate_dataset
-    from raysvc.data.transforms import preprocess_table
+    from raysvc.data.sources.synthetic import generate_dataset
+    from raysvc.data.streaming.transforms import preprocess_table
     from raysvc.inference.batch import evaluate_dataset, predict_chunk_empty, predict_dataset, preds_schema
     from raysvc.inference.record import export_seeded_segmenter
     from raysvc.inference.segmenter import Segmenter
@@ -205,7 +205,7 @@ JOB = str(Path(__file__).parents[1] / "jobs" / "rings-wch-tiny.yaml")
 def _tank_run(tmp_path: Path, cfg_gen, train: tuple[int, int], val: tuple[int, int], name: str, steps: int) -> list:
     """Generates tank events (events, seed) into tmp_path/train and /val; the --set list of a short 1-worker run on
     them, validated and checkpointed at its last step."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     for part, (n, seed) in (("train", train), ("val", val)):
         generate_dataset(resolve(str(tmp_path / part)), n, seed, 4, cfg_gen, show_progress=False, detector="wch")

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysvc.data.schema import EVENT_SCHEMA, EventDataError, check_columns, table_from_events, validate_table
+from raysvc.data.contract.schema import EVENT_SCHEMA, EventDataError, check_columns, table_from_events, validate_table
 from tests.conftest import make_event, make_table
 
 
@@ -101,8 +101,8 @@ def test_error_survives_pickling():
 def test_detector_column_checked_and_limits_from_the_detector():
     from dataclasses import replace
 
-    from raysvc.data.detectors import LARTPC, LabelSpace
-    from raysvc.data.schema import find_problems
+    from raysvc.data.contract.detectors import LARTPC, LabelSpace
+    from raysvc.data.contract.schema import find_problems
 
     rng = np.random.default_rng(2)
     events = [make_event(i, 30, rng) for i in range(4)]
@@ -140,7 +140,7 @@ def _truth(k: int, rng) -> dict:
 
 
 def test_particles_truth_round_trips_through_a_shard_and_old_shards_read_as_null(tmp_path):
-    from raysvc.data.shards import read_shard, write_shard
+    from raysvc.data.streaming.shards import read_shard, write_shard
     from raysvc.storage import resolve
 
     rng = np.random.default_rng(0)

@@ -41,7 +41,7 @@ def _export(d: Path, seed: int, detector: str = "lartpc") -> Path:
 @pytest.fixture(scope="module")
 def events():
     """Generated events (voxel coordinates, energies) including points below the energy threshold."""
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     cfg = GeneratorConfig()
     return [
@@ -95,8 +95,8 @@ def _json(points: np.ndarray, energies: np.ndarray, **kw) -> dict:
 
 def _offline(model_dir: Path, events, tmp_path: Path) -> list[np.ndarray]:
     """`raysvc predict` on the events written as a dataset shard."""
-    from raysvc.data.schema import LABEL_FIELDS, table_from_events
-    from raysvc.data.shards import shard_name, write_manifest, write_shard
+    from raysvc.data.contract.schema import LABEL_FIELDS, table_from_events
+    from raysvc.data.streaming.shards import shard_name, write_manifest, write_shard
 
     data = resolve(str(tmp_path / f"data-{model_dir.name}"))
     table = table_from_events(
@@ -164,7 +164,7 @@ def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(
 @pytest.fixture(scope="module")
 def tank_events():
     """Generated water Cherenkov events: hit PMT positions (cm), charges (PE) and times (ns)."""
-    from raysvc.data.wch_generator import WChGeneratorConfig, generate_wch_record
+    from raysvc.data.sources.wch_generator import WChGeneratorConfig, generate_wch_record
 
     cfg = WChGeneratorConfig()
     recs = [generate_wch_record(cfg, 31, i) for i in range(3)]

@@ -8,8 +8,8 @@ import re
 import pyarrow as pa
 import pytest
 
-from raysvc.data.schema import EventDataError
-from raysvc.data.shards import (
+from raysvc.data.contract.schema import EventDataError
+from raysvc.data.streaming.shards import (
     MANIFEST,
     iter_tables,
     load_manifest,
@@ -19,7 +19,7 @@ from raysvc.data.shards import (
     write_manifest,
     write_shard,
 )
-from raysvc.data.verify import verify_dataset
+from raysvc.data.tools.verify import verify_dataset
 from raysvc.storage import read_bytes, sha256_hex, write_bytes_atomic
 from tests.conftest import make_table, s3_location
 
@@ -101,7 +101,7 @@ def test_bad_manifest_named(tmp_path):
 def test_verify_lists_bad_events_by_shard_row_and_field(tmp_path):
     import numpy as np
 
-    from raysvc.data.schema import table_from_events
+    from raysvc.data.contract.schema import table_from_events
     from raysvc.storage import resolve
     from tests.conftest import make_event
 
@@ -123,7 +123,7 @@ def toy(monkeypatch):
     defaulted to LArTPC."""
     from dataclasses import replace
 
-    from raysvc.data.detectors import DETECTORS, LARTPC, LabelSpace
+    from raysvc.data.contract.detectors import DETECTORS, LARTPC, LabelSpace
 
     classes = ("a", "b", "c", "d", "e", "f")
     reference = {"name": "Toy-Ref 2", "class_fractions": dict.fromkeys(classes, 1 / 6)}
@@ -156,13 +156,13 @@ def test_manifest_round_trips_its_detector(tmp_path, toy):
     assert m.detector == "toy" and m.detector_spec is toy
     default = _file_root(tmp_path, "default")
     _write_with(default, "lartpc")
-    from raysvc.data.detectors import LARTPC
+    from raysvc.data.contract.detectors import LARTPC
 
     assert load_manifest(default).detector_spec is LARTPC
 
 
 def test_manifest_without_detector_loads_as_lartpc(tmp_path):
-    from raysvc.data.detectors import LARTPC
+    from raysvc.data.contract.detectors import LARTPC
 
     root = _file_root(tmp_path)
     _write_with(root, "lartpc")
@@ -204,8 +204,8 @@ def test_detector_column_disagreeing_with_manifest_flagged(tmp_path, toy):
 
 
 def test_inspect_reports_detector_and_its_classes(tmp_path, toy):
-    from raysvc.data.detectors import LARTPC
-    from raysvc.data.stats import inspect_dataset
+    from raysvc.data.contract.detectors import LARTPC
+    from raysvc.data.tools.stats import inspect_dataset
 
     root = _file_root(tmp_path)
     _write_with(root, "lartpc")
@@ -224,7 +224,7 @@ def test_inspect_reports_detector_and_its_classes(tmp_path, toy):
 
 
 def test_subset_keeps_the_detector(tmp_path, toy):
-    from raysvc.data.subset import write_subsets
+    from raysvc.data.streaming.subset import write_subsets
 
     root = _file_root(tmp_path)
     _write_with(root, "toy", ["toy"] * 5)

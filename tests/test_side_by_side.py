@@ -162,7 +162,7 @@ def test_two_finetunes_at_once_end_as_each_does_alone(data, tmp_path, ray_tmp):
 
 @pytest.mark.long
 def test_pretraining_beside_an_endpoint_ends_as_alone_and_the_endpoint_keeps_answering(data, tmp_path, ray_tmp):
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     _finish(
         _start(_job("pretrain", data, tmp_path, "alone"), tmp_path / "alone.log", ray_tmp()), tmp_path / "alone.log"

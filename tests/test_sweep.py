@@ -301,7 +301,7 @@ def test_an_interrupted_sweep_resumes_with_its_finished_trials_kept(tmp_path, sw
 def backbone_dir(tmp_path_factory):
     """A Panda-format export (backbone.safetensors + config.json) of a seeded tiny PTv3, as `raysvc pretrain`
     writes it: what the sweep's lin / dec / fft trials start from."""
-    from raysvc.data.transforms import PreprocessConfig
+    from raysvc.data.streaming.transforms import PreprocessConfig
     from raysvc.inference.record import ExportedModel, ModelSpec, save_export
     from raysvc.models.ptv3 import PTv3, preset
 
@@ -351,9 +351,9 @@ def _run_finetune_sweep(tmp_path: Path, sweep_data: Path, name: str, job: str, s
 @pytest.mark.slow
 @pytest.mark.long
 def test_label_efficiency_sweep_fills_the_mode_by_events_table(tmp_path, sweep_data, backbone_dir):
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import prepare
-    from raysvc.data.shards import load_manifest
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.prepared import prepare
+    from raysvc.data.streaming.shards import load_manifest
 
     sets = ["train.log_every=1", "data.preprocess.min_points=64", "val_data.preprocess.min_points=64"]  # all 4 events
     exp = _run_finetune_sweep(

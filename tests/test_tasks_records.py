@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from raysvc.config import ConfigError, load_config
-from raysvc.data.detectors import DETECTORS, LARTPC
-from raysvc.data.synthetic import generate_dataset
-from raysvc.data.transforms import PreprocessConfig
+from raysvc.data.contract.detectors import DETECTORS, LARTPC
+from raysvc.data.sources.synthetic import generate_dataset
+from raysvc.data.streaming.transforms import PreprocessConfig
 from raysvc.inference.batch import evaluate_dataset
 from raysvc.inference.record import ExportedModel, ModelSpec, export_seeded_segmenter, load_export, save_export
 from raysvc.inference.segmenter import Segmenter

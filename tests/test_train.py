@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from raysvc.config import ConfigError, load_config
-from raysvc.data.config import DataConfig
-from raysvc.data.detectors import LARTPC
-from raysvc.data.pipeline import DirectStream
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import DirectStream
 from raysvc.storage import resolve
 from raysvc.train.tasks.segmentation import FinetuneConfig
 from tests.conftest import generate_train_val
@@ -155,8 +155,8 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raysvc.data.schema import flat_values
-    from raysvc.data.shards import load_manifest, read_shard
+    from raysvc.data.contract.schema import flat_values
+    from raysvc.data.streaming.shards import load_manifest, read_shard
 
     val = resolve(str(seg_data / "val"))
     inputs = pa.concat_tables([read_shard(val, r) for r in load_manifest(val).shards])

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysvc.data.schema import EventDataError, table_from_events
-from raysvc.data.transforms import PreprocessConfig, log_energy, preprocess_table, report
+from raysvc.data.contract.schema import EventDataError, table_from_events
+from raysvc.data.streaming.transforms import PreprocessConfig, log_energy, preprocess_table, report
 from tests.conftest import make_event
 
 
@@ -108,7 +108,7 @@ def test_subset_filter_counted():
 def test_detector_drives_checks_and_led_removal():
     from dataclasses import replace
 
-    from raysvc.data.detectors import LARTPC
+    from raysvc.data.contract.detectors import LARTPC
 
     default = PreprocessConfig()
     assert (default.center, default.scale, default.volume) == (LARTPC.center, LARTPC.scale, LARTPC.extent)

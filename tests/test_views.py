@@ -10,8 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from raysvc.data.schema import table_from_events
-from raysvc.data.views import (
+from raysvc.data.contract.schema import table_from_events
+from raysvc.data.streaming.views import (
     View,
     ViewConfig,
     collate_view_table,

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysvc.data.shards import load_manifest, read_shard
-from raysvc.data.wand import WandFormatError, convert, tank_frame
-from raysvc.data.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_event, pmt_layout, to_cube
+from raysvc.data.sources.wand import WandFormatError, convert, tank_frame
+from raysvc.data.sources.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_event, pmt_layout, to_cube
+from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.storage import resolve
 
 PDG = {"gamma": 22, "electron": 11, "muon": 13, "pion": 211, "pi0": 111}

@@ -14,13 +14,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysvc.data.detectors import LARTPC, WCH
-from raysvc.data.display_tank import unroll
-from raysvc.data.schema import EVENT_SCHEMA, check_columns, find_problems, flat_coords, flat_values, table_from_events
-from raysvc.data.shards import iter_tables, load_manifest, read_shard
-from raysvc.data.synthetic import generate_dataset
-from raysvc.data.transforms import PreprocessConfig, log_time, preprocess_table
-from raysvc.data.wch_generator import WChGeneratorConfig, generate_wch_record, to_cube
+from raysvc.data.contract.detectors import LARTPC, WCH
+from raysvc.data.contract.schema import (
+    EVENT_SCHEMA,
+    check_columns,
+    find_problems,
+    flat_coords,
+    flat_values,
+    table_from_events,
+)
+from raysvc.data.sources.synthetic import generate_dataset
+from raysvc.data.sources.wch_generator import WChGeneratorConfig, generate_wch_record, to_cube
+from raysvc.data.streaming.shards import iter_tables, load_manifest, read_shard
+from raysvc.data.streaming.transforms import PreprocessConfig, log_time, preprocess_table
+from raysvc.data.tools.display_tank import unroll
 from raysvc.inference.featurize import model_inputs
 from raysvc.storage import resolve
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from raysvc.data.wch_generator import (
+from raysvc.data.sources.wch_generator import (
     CATEGORIES,
     MASS,
     N_WATER,

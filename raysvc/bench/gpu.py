@@ -346,9 +346,9 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
 
 def _view_batches(data: Path, view_cfg, preprocess, batch_events: int, count: int) -> list[dict]:
     """`count` packed batches of views of `batch_events` events each from the first shard of `data`."""
-    from raysvc.data.reader import read_preprocessed
-    from raysvc.data.shards import load_manifest
-    from raysvc.data.views import collate_views, table_views
+    from raysvc.data.streaming.reader import read_preprocessed
+    from raysvc.data.streaming.shards import load_manifest
+    from raysvc.data.streaming.views import collate_views, table_views
     from raysvc.storage import resolve
 
     loc = resolve(str(data))
@@ -363,8 +363,8 @@ def time_panda_cross(data: Path, device: torch.device, steps: int, warmup: int, 
     per-detector stems into one trunk) with `batch_events` events per step, both ways of batching: by detector (steps
     alternate between the detectors) and mixed (each step half of each). On the CPU and on `device`; the losses must
     stay finite."""
-    from raysvc.data.synthetic import generate_dataset
-    from raysvc.data.wch_generator import WChGeneratorConfig
+    from raysvc.data.sources.synthetic import generate_dataset
+    from raysvc.data.sources.wch_generator import WChGeneratorConfig
     from raysvc.storage import resolve
     from raysvc.train.tasks.base import WorkerContext
     from raysvc.train.tasks.panda_cross import CrossPandaTask, CrossPretrainConfig

@@ -71,9 +71,9 @@ def _segmentation_stepper(data: Path, steps: int, batch: int, threads: int) -> t
 def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
     from raysvc.bench.gpu import _panda_stepper as stepper
     from raysvc.config import load_config
-    from raysvc.data.reader import read_preprocessed
-    from raysvc.data.shards import load_manifest
-    from raysvc.data.views import collate_views, table_views
+    from raysvc.data.streaming.reader import read_preprocessed
+    from raysvc.data.streaming.shards import load_manifest
+    from raysvc.data.streaming.views import collate_views, table_views
     from raysvc.storage import resolve
     from raysvc.train.tasks.panda import PretrainConfig
 

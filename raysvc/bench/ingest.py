@@ -13,8 +13,9 @@ import os
 import platform
 import time
 
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import DirectStream, build_dataset, iter_packed, prepare
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import DirectStream, build_dataset, iter_packed
+from raysvc.data.streaming.prepared import prepare
 from raysvc.ray_init import init_ray
 
 
@@ -37,7 +38,7 @@ def run_ingest_bench(
 ) -> dict:
     import ray
 
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
     from raysvc.seaweed import SeaweedS3
     from raysvc.storage import S3Options, resolve
 

@@ -107,7 +107,7 @@ def run_loader_bench(
 ) -> dict:
     import ray
 
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
     from raysvc.ray_init import init_ray
     from raysvc.seaweed import SeaweedS3
     from raysvc.storage import S3Options, resolve
@@ -154,7 +154,7 @@ def run_loader_bench(
 def _batch_inference(work: Path, s3, predict_events: int, log) -> dict:
     """events/s of `predict_dataset` in this process and with 1 and 2 model actors, on the same events; and with 2
     actors on the same events in one shard (`2_one_shard`: the pool shares a shard's chunks)."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
     from raysvc.inference.batch import predict_dataset
     from raysvc.inference.record import export_seeded_segmenter
     from raysvc.storage import resolve
@@ -261,7 +261,7 @@ def _choices(uri: str, s3, batch_events: int, batches: int, log) -> dict:
     """Delivery to one rank per loader setting: `prefetch_shards` for both loaders, `block_mib` for ray_data. Each
     setting: events/s and the CPU-seconds per delivered event of every process of this session (the rank, read
     tasks, Ray Data's executor, SeaweedFS, Ray's daemons); each against the default setting's run."""
-    from raysvc.data.config import DataConfig
+    from raysvc.data.streaming.config import DataConfig
 
     default = DataConfig(uri=uri)
     settings = [("tasks", p, default.block_mib) for p in PREFETCH]
@@ -332,9 +332,9 @@ def _delivery(uri: str, s3, loader: str, world: int, batch_events: int, batches:
 def _consume_rank(
     uri: str, endpoint: str, loader: str, rank: int, world: int, per_rank: int, batches: int, data: dict
 ) -> dict:
-    from raysvc.data.config import DataConfig
-    from raysvc.data.pipeline import prepare
-    from raysvc.data.views import ViewConfig, collate_view_table, views_table
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.data.streaming.prepared import prepare
+    from raysvc.data.streaming.views import ViewConfig, collate_view_table, views_table
     from raysvc.train.worker import RankStream
 
     cfg = DataConfig(uri=uri, loader=loader, s3_endpoint_url=endpoint, read_cpus=0.5, **data)

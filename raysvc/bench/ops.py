@@ -40,7 +40,7 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 def generated_events(events: int, seed: int, min_points: int = 1024, energy_cut: float = 0.13) -> list[np.ndarray]:
     """Voxel coordinates of generated events after the Panda energy cut, keeping events with >= min_points points."""
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     cfg, out, i = GeneratorConfig(), [], 0
     while len(out) < events:

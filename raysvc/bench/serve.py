@@ -29,7 +29,7 @@ import numpy as np
 
 def bench_events(events: int, seed: int, max_points: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Generated events (voxel coordinates, energies), each cut to at most `max_points` points."""
-    from raysvc.data.generator import GeneratorConfig, generate_event
+    from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
 
     cfg = GeneratorConfig()
     out = []

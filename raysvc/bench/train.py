@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from raysvc.config import load_config
-from raysvc.data.detectors import LARTPC
-from raysvc.data.pipeline import pack_tables, prepare, rank_shards
-from raysvc.data.reader import read_preprocessed
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.streaming.pipeline import pack_tables
+from raysvc.data.streaming.prepared import prepare, rank_shards
+from raysvc.data.streaming.reader import read_preprocessed
 from raysvc.ray_init import init_ray
 from raysvc.storage import resolve
 from raysvc.train.losses import SegLoss
@@ -55,7 +56,7 @@ def _job(data: Path, runs: Path, size: str, steps: int, batch: int, threads: int
 
 def generate_bench_data(data: Path, events: int, log=print) -> None:
     """The benchmarks' labelled events: `events` for training in 4 shards, 8 for validation (fixed seeds)."""
-    from raysvc.data.synthetic import generate_dataset
+    from raysvc.data.sources.synthetic import generate_dataset
 
     log(f"generating {events} + 8 events")
     generate_dataset(

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysvc.data.shards import ShardRecord, load_manifest, read_shard
-from raysvc.data.transforms import report
+from raysvc.data.streaming.shards import ShardRecord, load_manifest, read_shard
+from raysvc.data.streaming.transforms import report
 from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES, event_labels, event_scores
 from raysvc.inference.instance_metrics import InstanceScores
 from raysvc.inference.instances import instance_classes, score_events
@@ -164,8 +164,8 @@ def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarra
     event) of one labelled chunk."""
     import torch
 
-    from raysvc.data.collate import collate_packed
-    from raysvc.data.transforms import preprocess_table
+    from raysvc.data.streaming.collate import collate_packed
+    from raysvc.data.streaming.transforms import preprocess_table
 
     cm = ConfusionMatrix(len(seg.class_names))
     scores = {t: InstanceScores(instance_classes(seg.detector, t)) for t in seg.instance_tasks}

@@ -19,8 +19,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from raysvc.data.detectors import DEFAULT_DETECTOR, get_detector
-from raysvc.data.transforms import PreprocessConfig
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, get_detector
+from raysvc.data.streaming.transforms import PreprocessConfig
 from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
 

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.detectors import DETECTORS, get_detector
-from raysvc.data.schema import LABEL_FIELDS, WrongDetector, flat_values, table_from_events, validate_table
-from raysvc.data.transforms import preprocess_table
+from raysvc.data.contract.detectors import DETECTORS, get_detector
+from raysvc.data.contract.schema import LABEL_FIELDS, WrongDetector, flat_values, table_from_events, validate_table
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.transforms import preprocess_table
 from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES
 from raysvc.inference.featurize import model_inputs, usable_device
 from raysvc.inference.instances import EventInstances, PostprocessConfig, decode_regression, postprocess

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from raysvc.data.schema import EventDataError, WrongDetector
+from raysvc.data.contract.schema import EventDataError, WrongDetector
 from raysvc.serve import openapi
 from raysvc.serve.binding import bind_replica_grpc_to_node_ip
 from raysvc.serve.protocol import CONTENT_TYPES, Event, Limits, RequestError, parse

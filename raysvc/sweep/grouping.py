@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from raysvc.data.pipeline import DirectStream
+from raysvc.data.streaming.pipeline import DirectStream
 from raysvc.ops import cnms, coverage
 from raysvc.ops.neighbors import ball_query, fps, knn
 from raysvc.storage import resolve, write_bytes_atomic

@@ -22,8 +22,8 @@ import json
 import math
 import time
 
-from raysvc.data.shards import load_manifest
-from raysvc.data.subset import write_subsets
+from raysvc.data.streaming.shards import load_manifest
+from raysvc.data.streaming.subset import write_subsets
 from raysvc.storage import Location, absolute_uri, resolve, write_bytes_atomic
 from raysvc.sweep.runner import run_grid
 from raysvc.sweep.spec import FinetuneSweep

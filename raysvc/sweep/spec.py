@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raysvc.config import ConfigError, load_config
-from raysvc.data.config import DataConfig
+from raysvc.data.streaming.config import DataConfig
 
 
 class TuneSection(BaseModel):

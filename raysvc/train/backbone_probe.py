@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import prepare, stream_tables
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import stream_tables
+from raysvc.data.streaming.prepared import prepare
 from raysvc.inference.batch import actor_pool, check_room, split_chunks, tag_chunk
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.record import ModelSpec, load_backbone_weights, load_export

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raysvc.data.config import DataConfig
+from raysvc.data.streaming.config import DataConfig
 from raysvc.models.ptv3 import PRESETS
 
 

@@ -20,9 +20,9 @@ import yaml
 from pydantic import BaseModel
 
 from raysvc.config import ConfigError, load_config
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import Prepared
-from raysvc.data.transforms import report
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.prepared import Prepared
+from raysvc.data.streaming.transforms import report
 from raysvc.ray_init import init_ray
 from raysvc.storage import Location, absolute_uri, ensure_dir, resolve, write_bytes_atomic
 from raysvc.train import heap

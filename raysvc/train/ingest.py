@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raysvc.data.pipeline import iter_packed
+from raysvc.data.streaming.pipeline import iter_packed
 
 
 def ingest_loop(config: dict) -> None:

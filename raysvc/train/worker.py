@@ -17,9 +17,9 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import Prepared, rank_shards
-from raysvc.data.rank_feed import pack_pieces, rank_pieces
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.prepared import Prepared, rank_shards
+from raysvc.data.streaming.rank_feed import pack_pieces, rank_pieces
 
 
 def worker_setup(seed: int, scaling) -> tuple[int, int, torch.device]:
@@ -66,7 +66,8 @@ def autocast(amp: bool, device: torch.device):
 
 class RankStream:
     """This rank's endless, resumable stream of batches over its shards (shard i -> rank i mod world), epoch after
-    epoch in a seeded order, read with the job's loader (`data.loader`: Ray tasks or Ray Data, `data/rank_feed.py`).
+    epoch in a seeded order, read with the job's loader
+    (`data.loader`: Ray tasks or Ray Data, `data/streaming/rank_feed.py`).
 
     `transform(epoch)` gives the function (and its kwargs) the read tasks apply to each shard's preprocessed rows
     (e.g. Panda's views), `collate` turns `per_rank` rows into a batch; an epoch's remainder is dropped. The position

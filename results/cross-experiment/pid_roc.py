@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from raysvc.data.shards import load_manifest, read_shard
-from raysvc.data.wch_generator import CATEGORIES
+from raysvc.data.streaming.shards import load_manifest, read_shard
+from raysvc.data.sources.wch_generator import CATEGORIES
 from raysvc.inference.event_metrics import efficiency_at_rejection, event_labels
 from raysvc.storage import resolve
 

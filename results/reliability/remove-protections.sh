@@ -12,8 +12,8 @@ mkdir -p "$out"
 # name | file | the protecting line(s) | what replaces them | the tests that must fail
 mutations=(
   "no-retry|raysvc/storage.py|    if not loc.is_s3:\n        return fn()|    if True:\n        return fn()|restarted or gone_past"
-  "no-preflight|raysvc/data/shards.py|    for rec in manifest.shards:\n        loc = root.join(rec.name)\n        with explained|    for rec in []:\n        loc = root.join(rec.name)\n        with explained|corrupted_on_s3"
-  "no-checksum|raysvc/data/shards.py|    if verify_checksum and sha256_hex(data) != rec.sha256:|    if False and sha256_hex(data) != rec.sha256:|corrupted_on_s3"
+  "no-preflight|raysvc/data/streaming/shards.py|    for rec in manifest.shards:\n        loc = root.join(rec.name)\n        with explained|    for rec in []:\n        loc = root.join(rec.name)\n        with explained|corrupted_on_s3"
+  "no-checksum|raysvc/data/streaming/shards.py|    if verify_checksum and sha256_hex(data) != rec.sha256:|    if False and sha256_hex(data) != rec.sha256:|corrupted_on_s3"
   "no-space-check|raysvc/train/worker.py|            if free < size + SPACE_MARGIN_BYTES:|            if False:|disk_full"
   # a replica that starts once only (a marker file), so Serve cannot bring the killed one back
   "no-replica-restart|raysvc/serve/app.py|        self.cfg = ServeConfig.model_validate(config)\n|        self.cfg = ServeConfig.model_validate(config)\n        import pathlib\n        if pathlib.Path(\"$PWD/$out/replica-started\").exists():\n            raise RuntimeError(\"mutation: a restarted replica cannot start\")\n        pathlib.Path(\"$PWD/$out/replica-started\").touch()\n|replica_killed"

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import torch
 
-from raysvc.data.collate import collate_packed
+from raysvc.data.streaming.collate import collate_packed
 from raysvc.storage import Location
 from raysvc.train.config import JobConfig
 from raysvc.train.worker import RankStream

@@ -20,10 +20,10 @@ import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import stream_tables
-from raysvc.data.views import ViewConfig, collate_view_table, views_table
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import stream_tables
+from raysvc.data.streaming.views import ViewConfig, collate_view_table, views_table
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.record import ModelSpec
 from raysvc.models.panda import (

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from raysvc.data.config import DataConfig
-from raysvc.data.detectors import get_detector
-from raysvc.data.views import ViewConfig, collate_view_table, views_table
+from raysvc.data.contract.detectors import get_detector
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.views import ViewConfig, collate_view_table, views_table
 from raysvc.inference.record import ModelSpec
 from raysvc.models.panda import PandaConfig
 from raysvc.models.stems import split_stem, use_stem

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raysvc.data.collate import collate_packed
+from raysvc.data.streaming.collate import collate_packed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.instance_metrics import InstanceScores
 from raysvc.inference.instances import (
@@ -68,7 +68,7 @@ class PanopticConfig(FinetuneConfig):
 
 def check_particle_truth(prep, where: str) -> None:
     """Refuse a dataset whose first shard has no particle truth: the regression heads would never learn."""
-    from raysvc.data.shards import read_shard
+    from raysvc.data.streaming.shards import read_shard
 
     shard = next((s for s in prep.manifest.shards if s.events), None)
     if shard is None:
@@ -119,7 +119,7 @@ class PanopticTask(SegmentationTask):
     @classmethod
     def prepare(cls, cfg: PanopticConfig, log) -> dict:
         inputs = super().prepare(cfg, log)
-        from raysvc.data.detectors import get_detector
+        from raysvc.data.contract.detectors import get_detector
 
         detector = get_detector(inputs["detector"])
         if "particle" in cfg.instances.tasks and "pid" not in detector.labels:
@@ -131,7 +131,7 @@ class PanopticTask(SegmentationTask):
 
     @classmethod
     def export_record(cls, cfg: PanopticConfig, state: dict, inputs: dict) -> ExportedModel:
-        from raysvc.data.detectors import get_detector
+        from raysvc.data.contract.detectors import get_detector
 
         detector = get_detector(inputs["detector"])
         instances = {
@@ -151,7 +151,7 @@ class PanopticTask(SegmentationTask):
     encoder_prefix = "seg.backbone."
 
     def build(self, cfg: PanopticConfig, ctx: WorkerContext) -> torch.nn.Module:
-        from raysvc.data.detectors import get_detector
+        from raysvc.data.contract.detectors import get_detector
 
         self.detector = get_detector(ctx.inputs["detector"])
         return build_panoptic(cfg, self.detector, len(ctx.inputs["class_names"]), ctx.inputs["init_state"])

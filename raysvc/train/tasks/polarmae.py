@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import stream_tables
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import stream_tables
 from raysvc.inference.record import ModelSpec
 from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import Location, write_bytes_atomic

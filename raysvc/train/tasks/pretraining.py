@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from raysvc.data.pipeline import prepare
+from raysvc.data.streaming.prepared import prepare
 from raysvc.inference.record import ExportedModel, ModelSpec, save_export
 from raysvc.storage import Location
 from raysvc.train.config import JobConfig

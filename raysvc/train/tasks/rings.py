@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from raysvc.data.collate import collate_packed
+from raysvc.data.streaming.collate import collate_packed
 from raysvc.inference.event_metrics import PID_CLASSES, event_labels, event_scores
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
@@ -87,7 +87,7 @@ class RingsTask(SegmentationTask):
     @classmethod
     def prepare(cls, cfg: RingsConfig, log) -> dict:
         inputs = super().prepare(cfg, log)
-        from raysvc.data.detectors import get_detector
+        from raysvc.data.contract.detectors import get_detector
 
         detector = get_detector(inputs["detector"])
         if "pid" not in detector.labels or not set(PID_CLASSES) <= set(detector.labels["pid"].classes):

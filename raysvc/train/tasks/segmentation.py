@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import Prepared, pack_tables, prepare, rank_shards, stream_tables
-from raysvc.data.reader import read_preprocessed
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.pipeline import pack_tables, stream_tables
+from raysvc.data.streaming.prepared import Prepared, prepare, rank_shards
+from raysvc.data.streaming.reader import read_preprocessed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, load_export, save_export

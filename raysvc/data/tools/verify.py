@@ -3,8 +3,8 @@ includes naming the manifest's detector in its `detector` column."""
 
 from __future__ import annotations
 
-from raysvc.data.schema import EventDataError, check_columns, find_problems
-from raysvc.data.shards import load_manifest, read_shard
+from raysvc.data.contract.schema import EventDataError, check_columns, find_problems
+from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.storage import Location
 
 MAX_LISTED = 50

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from raysvc.data.schema import flat_coords, flat_values  # noqa: E402
-from raysvc.data.shards import Manifest, load_manifest  # noqa: E402
+from raysvc.data.contract.schema import flat_coords, flat_values  # noqa: E402
+from raysvc.data.streaming.shards import Manifest, load_manifest  # noqa: E402
 from raysvc.storage import Location, explained  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def show_event(root: Location, event_id: int, out: str) -> str:
     detector = manifest.detector_spec
     ev = load_event(root, event_id, manifest)
     if detector.cylinder is not None:  # a tank: its surface unrolled
-        from raysvc.data.display_tank import show_tank_event
+        from raysvc.data.tools.display_tank import show_tank_event
 
         return show_tank_event(ev, detector, event_id, out, ev["rings"])
     xyz, sem, e = ev["coord"], ev["semantic"], ev["energy"]

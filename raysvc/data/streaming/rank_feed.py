@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from raysvc.data.config import DataConfig
-from raysvc.data.pipeline import Prepared, _read_task
-from raysvc.data.shards import ShardRecord
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.prepared import Prepared, read_task
+from raysvc.data.streaming.shards import ShardRecord
 
 LOADERS = ("tasks", "ray_data")
 _POS, _ROW = "_shard_pos", "_shard_row"  # columns the ray_data map tasks add so that rows know where they came from
@@ -59,7 +59,7 @@ def task_pieces(cfg, prep, shards, start, transform, kwargs, prefetch) -> Iterat
 
     # "DEFAULT": never inside the caller's placement group. A Train worker started from a Tune trial inherits
     # Tune's capture_child_tasks, and its reads would then wait forever for CPUs inside the worker's own bundle.
-    task = ray.remote(num_cpus=cfg.read_cpus, max_retries=3, scheduling_strategy="DEFAULT")(_read_task)
+    task = ray.remote(num_cpus=cfg.read_cpus, max_retries=3, scheduling_strategy="DEFAULT")(read_task)
     pos0, row0 = start
     todo = iter(enumerate(shards[pos0:], pos0))
     pending: deque = deque()
@@ -112,7 +112,7 @@ def _read_rows_udf(batch: pa.Table, prep: Prepared, cfg: DataConfig, transform, 
         pos, skip = item.pop("pos"), item.pop("skip")
         rec = ShardRecord(**item)
         args = (cfg.preprocess, prep.keep_ids, cfg.verify_checksums, transform, kwargs, prep.detector, skip)
-        table, counts = _read_task(prep.root, rec, *args)
+        table, counts = read_task(prep.root, rec, *args)
         ray.get(ledger.add.remote(pos, dict(counts)))  # before its rows can reach the consumer
         if table.num_rows:
             n = table.num_rows

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from raysvc.data.detectors.base import Detector, LabelSpace
+from raysvc.data.contract.detectors.base import Detector, LabelSpace
 
 # Whole-dataset point counts per semantic class of PILArNet-M (shower, track, michel, delta, led).
 _PILARNET_CLASS_COUNTS = (1926651899, 2038240940, 34083197, 92015482, 1145363125)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysvc.data.shards import Manifest, load_manifest, read_shard, shard_name, write_manifest, write_shard
+from raysvc.data.streaming.shards import Manifest, load_manifest, read_shard, shard_name, write_manifest, write_shard
 from raysvc.storage import Location, exists, explained
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

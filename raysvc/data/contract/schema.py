@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysvc.data.detectors import DEFAULT_DETECTOR, LARTPC, Detector
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, LARTPC, Detector
 
 SCHEMA_VERSION = 1
 

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from raysvc.data.detectors import LARTPC
-from raysvc.data.schema import flat_coords, flat_times, flat_values
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.contract.schema import flat_coords, flat_times, flat_values
 
 
 class ViewConfig(BaseModel):
@@ -252,7 +252,7 @@ def collate_view_table(table: pa.Table) -> dict:
     of several): identical tensors."""
     import torch
 
-    from raysvc.data.schema import _list_parts
+    from raysvc.data.contract.schema import _list_parts
 
     def values(col: str, width: int) -> np.ndarray:
         return _list_parts(table.column(col))[1].to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -10,10 +10,10 @@ import pyarrow as pa
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from raysvc.data.generator import GeneratorConfig, generate_event
-from raysvc.data.schema import table_from_events
-from raysvc.data.shards import Manifest, write_dataset
-from raysvc.data.wch_generator import WChGeneratorConfig, generate_wch_record
+from raysvc.data.contract.schema import table_from_events
+from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
+from raysvc.data.sources.wch_generator import WChGeneratorConfig, generate_wch_record
+from raysvc.data.streaming.shards import Manifest, write_dataset
 from raysvc.storage import Location
 
 # Per detector: its generator's settings and the function that draws event `index` of a seed as an event-table row.

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from raysvc.data.detectors import Detector  # noqa: E402
+from raysvc.data.contract.detectors import Detector  # noqa: E402
 
 
 def unroll(xyz: np.ndarray, detector: Detector) -> tuple[np.ndarray, np.ndarray]:

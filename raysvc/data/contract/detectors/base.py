@@ -57,7 +57,7 @@ class Detector:
 
     def label_classes(self, remove_stuff: bool = False) -> tuple[str, ...]:
         """The semantic classes a model learns: all of them, or all but the stuff class when preprocessing removes it
-        (`preprocess.remove_led`; the labels above it then move down by one, see data/transforms.py)."""
+        (`preprocess.remove_led`; the labels above it then move down by one, see data/streaming/transforms.py)."""
         if not remove_stuff:
             return self.class_names
         if self.stuff_class is None:

@@ -23,9 +23,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from raysvc.data.detectors import LARTPC
-from raysvc.data.schema import EventDataError
-from raysvc.data.shards import EventShardWriter, Manifest
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.contract.schema import EventDataError
+from raysvc.data.streaming.shards import EventShardWriter, Manifest
 from raysvc.storage import Location
 
 DETECTOR = LARTPC  # PILArNet-M is LArTPC data: the converted events, and their manifest, name it

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raysvc.data.transforms import PreprocessConfig
+from raysvc.data.streaming.transforms import PreprocessConfig
 from raysvc.storage import Location, S3Options, resolve
 
 

@@ -37,8 +37,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raysvc.data.detectors import WCH
-from raysvc.data.physics import isotropic, range_table
+from raysvc.data.contract.detectors import WCH
+from raysvc.data.sources.physics import isotropic, range_table
 
 N_WATER = 1.33
 C_M_PER_NS = 0.299792458

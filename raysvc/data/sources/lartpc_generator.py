@@ -26,8 +26,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from raysvc.data.detectors import LARTPC
-from raysvc.data.physics import K_BETHE, ME, deflect, isotropic, perp_basis, range_table
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.sources.physics import K_BETHE, ME, deflect, isotropic, perp_basis, range_table
 
 DETECTOR = LARTPC  # the detector these events are written for: its geometry, label ids and `detector` column
 

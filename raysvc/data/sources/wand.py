@@ -25,9 +25,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from raysvc.data.detectors.wch import HALF_HEIGHT_CM, RADIUS_CM, WCH
-from raysvc.data.shards import EventShardWriter, Manifest
-from raysvc.data.wch_generator import MASS, WChGeneratorConfig, to_cube
+from raysvc.data.contract.detectors.wch import HALF_HEIGHT_CM, RADIUS_CM, WCH
+from raysvc.data.sources.wch_generator import MASS, WChGeneratorConfig, to_cube
+from raysvc.data.streaming.shards import EventShardWriter, Manifest
 from raysvc.storage import Location
 
 NEEDED = ("sensor", "hits", "labl")

@@ -4,9 +4,9 @@ else in the tree names a detector's constants."""
 
 from __future__ import annotations
 
-from raysvc.data.detectors.base import Detector, LabelSpace
-from raysvc.data.detectors.lartpc import LARTPC
-from raysvc.data.detectors.wch import WCH
+from raysvc.data.contract.detectors.base import Detector, LabelSpace
+from raysvc.data.contract.detectors.lartpc import LARTPC
+from raysvc.data.contract.detectors.wch import WCH
 
 DETECTORS: dict[str, Detector] = {d.name: d for d in (LARTPC, WCH)}
 DEFAULT_DETECTOR = LARTPC.name

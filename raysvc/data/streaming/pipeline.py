@@ -11,56 +11,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import pyarrow as pa
 
-from raysvc.data.collate import collate_packed
-from raysvc.data.config import DataConfig
-from raysvc.data.detectors import LARTPC, Detector
-from raysvc.data.reader import make_ledger, read_preprocessed, read_shards_udf
-from raysvc.data.shards import Manifest, load_manifest, preflight
-from raysvc.data.subset import all_event_ids, select_subset
-from raysvc.data.transforms import PreprocessConfig, report
-from raysvc.storage import Location
-
-
-@dataclass
-class Prepared:
-    """What both paths need before reading: the root, its checked manifest (bad shards removed under on_bad=skip),
-    the selected event ids, and the counts of events in shards skipped by the preflight."""
-
-    root: Location
-    manifest: Manifest
-    keep_ids: np.ndarray | None
-    skipped: Counter
-
-    @property
-    def detector(self) -> Detector:
-        """The dataset's detector (its manifest's): the read tasks check each event's `detector` column against it."""
-        return self.manifest.detector_spec
-
-
-def prepare(cfg: DataConfig) -> Prepared:
-    """Resolve, load and preflight the manifest, pick the subset. Fails fast, on the driver, naming the problem."""
-    root = cfg.location()
-    manifest = load_manifest(root)
-    if not manifest.shards:
-        raise ValueError(f"{root.uri}: the manifest lists no shards")
-    problems = preflight(root, manifest)
-    skipped: Counter = Counter()
-    if problems:
-        if cfg.preprocess.on_bad == "error":
-            raise problems[0][1]
-        for rec, err in problems:
-            skipped.update({"read": rec.events, f"bad:{err.kind}": rec.events})
-        bad = {rec.name for rec, _ in problems}
-        manifest = replace(manifest, shards=[r for r in manifest.shards if r.name not in bad])
-    keep = None
-    if cfg.subset_events is not None or cfg.subset_fraction is not None:
-        keep = select_subset(all_event_ids(root, manifest), cfg.subset_seed, cfg.subset_events, cfg.subset_fraction)
-    return Prepared(root, manifest, keep, skipped)
+from raysvc.data.streaming.collate import collate_packed
+from raysvc.data.streaming.config import DataConfig
+from raysvc.data.streaming.prepared import Prepared, prepare
+from raysvc.data.streaming.rank_feed import rank_pieces
+from raysvc.data.streaming.reader import make_ledger, read_preprocessed, read_shards_udf
+from raysvc.data.streaming.transforms import report
 
 
 # --- distributed path -------------------------------------------------------------------------------------------
@@ -116,17 +76,6 @@ def _read_dataset(cfg: DataConfig, prep: Prepared, shards: list, ledger):
     return ds
 
 
-def rank_shards(prep: Prepared, rank: int, world: int, epoch: int, seed: int, shuffle: bool) -> list:
-    """The shards rank `rank` of `world` reads in `epoch`: shard i belongs to rank i mod world (fixed for the run),
-    visited in an order drawn from (seed, epoch, rank) when shuffling. Deterministic, so a resumed run sees the same
-    stream; every rank loops over its own shards, so ranks never wait on each other for data."""
-    mine = prep.manifest.shards[rank::world]
-    if shuffle and mine:
-        perm = np.random.default_rng([seed, epoch, rank]).permutation(len(mine))
-        mine = [mine[i] for i in perm]
-    return mine
-
-
 def stream_tables(
     cfg: DataConfig,
     prep: Prepared,
@@ -139,32 +88,12 @@ def stream_tables(
     """Preprocessed tables of `shards`, in order, read + preprocessed by `cfg.loader` (Ray tasks, `prefetch` shards
     ahead of the consumer, or Ray Data map tasks); per-shard counts are added to `counts`. With `transform`, a read
     returns `transform(table, **transform_kwargs)` instead. Validation and probe sets are read this way; the training
-    ranks read through `data/rank_feed.py` directly (resumable from a row)."""
-    from raysvc.data.rank_feed import rank_pieces  # (rank_feed builds on this module)
-
+    ranks read through `data/streaming/rank_feed.py` directly (resumable from a row)."""
     for piece in rank_pieces(cfg, prep, shards, (0, 0), transform, transform_kwargs or {}, prefetch):
         if counts is not None:
             counts.update(piece.counts)
         if len(piece.table):
             yield piece.table
-
-
-def _read_task(
-    root: Location,
-    rec,
-    cfg: PreprocessConfig,
-    keep_ids,
-    verify: bool,
-    transform=None,
-    transform_kwargs: dict | None = None,
-    detector: Detector = LARTPC,
-    skip: int = 0,
-) -> tuple[object, Counter]:
-    """Read + cut one shard; drop its first `skip` rows (a resumed rank's position), then apply `transform`. The counts
-    are the whole shard's."""
-    table, counts, _ = read_preprocessed(root, rec, cfg, keep_ids, verify, detector)
-    table = table.slice(skip) if skip else table
-    return (transform(table, **transform_kwargs) if transform is not None else table), counts
 
 
 def pack_tables(

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raysvc.data.schema import LABEL_FIELDS, flat_coords, flat_times, flat_values
+from raysvc.data.contract.schema import LABEL_FIELDS, flat_coords, flat_times, flat_values
 
 
 def collate_packed(table: pa.Table, particles: bool = False) -> dict[str, torch.Tensor]:

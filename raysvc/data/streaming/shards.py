@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysvc import __version__
-from raysvc.data.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
-from raysvc.data.schema import (
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
+from raysvc.data.contract.schema import (
     EVENT_SCHEMA,
     OPTIONAL_COLUMNS,
     SCHEMA_VERSION,
@@ -59,7 +59,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
     created_at: str = ""
-    detector: str = DEFAULT_DETECTOR  # registered name (raysvc.data.detectors); manifests from before it: LArTPC
+    detector: str = DEFAULT_DETECTOR  # a registered detector name; manifests from before it: LArTPC
 
     @property
     def detector_spec(self) -> Detector:

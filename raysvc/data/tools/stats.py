@@ -8,8 +8,8 @@ import re
 
 import numpy as np
 
-from raysvc.data.schema import flat_values
-from raysvc.data.shards import iter_tables, load_manifest
+from raysvc.data.contract.schema import flat_values
+from raysvc.data.streaming.shards import iter_tables, load_manifest
 from raysvc.storage import Location
 
 

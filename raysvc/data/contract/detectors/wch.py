@@ -9,7 +9,7 @@ particle that gave it light (`contributors`). Event labels: the particles' truth
 
 from __future__ import annotations
 
-from raysvc.data.detectors.base import Detector, LabelSpace
+from raysvc.data.contract.detectors.base import Detector, LabelSpace
 
 RADIUS_CM, HALF_HEIGHT_CM = 1690.0, 1810.0
 EXTENT_CM = 3700.0  # the cube that holds the tank, 37 m a side

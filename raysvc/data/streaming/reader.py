@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from raysvc.data.detectors import LARTPC, Detector
-from raysvc.data.schema import EVENT_SCHEMA, EventDataError, with_optional_columns
-from raysvc.data.shards import ShardRecord, read_shard
-from raysvc.data.transforms import PreprocessConfig, preprocess_table
+from raysvc.data.contract.detectors import LARTPC, Detector
+from raysvc.data.contract.schema import EVENT_SCHEMA, EventDataError, with_optional_columns
+from raysvc.data.streaming.shards import ShardRecord, read_shard
+from raysvc.data.streaming.transforms import PreprocessConfig, preprocess_table
 from raysvc.storage import Location
 
 READ_COLUMNS = [f.name for f in EVENT_SCHEMA]

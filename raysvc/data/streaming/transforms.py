@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from raysvc.data.detectors import LARTPC, Detector
-from raysvc.data.schema import (
+from raysvc.data.contract.detectors import LARTPC, Detector
+from raysvc.data.contract.schema import (
     EVENT_SCHEMA,
     OPTIONAL_POINT_FIELDS,
     POINT_FIELDS,

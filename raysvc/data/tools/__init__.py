@@ -1,0 +1,1 @@
+"""Tools over datasets: statistics against the published ones, verification, event displays."""
