@@ -111,8 +111,39 @@ def test_convert_matches_written_labels(tmp_path, revision):
                 want["pid"].append(pid if revision != "v1" else -1)
         for k, v in want.items():
             assert r.column(k)[0].as_py() == v, (k, row)
-    assert load_manifest(out).created_by["files"][0]["file"].endswith("a.h5")
+    made = load_manifest(out).created_by
+    assert [f["file"] for f in made["files"]] == ["a.h5", "b.h5"]  # relative to the folder holding them
+    assert made["revision"] == revision and made["revision_requested"] == "auto"  # detected, not "auto"
+    assert {f["revision"] for f in made["files"]} == {revision}
+    assert load_manifest(out).units["coord"] == "voxel (3 mm)"  # units travel with the data
     assert load_manifest(out).detector == "lartpc" and set(table.column("detector").to_pylist()) == {"lartpc"}
+
+
+def test_six_column_clusters_without_cluster_extra_are_v2(tmp_path):
+    """The cluster rows' width alone tells v1 from v2: a v2 file without `cluster_extra` keeps its PID labels."""
+    events = _fake_events(np.random.default_rng(8), 3)
+    write_h5(tmp_path / "a.h5", events, "v2")
+    with h5py.File(tmp_path / "a.h5", "a") as f:
+        del f["cluster_extra"]
+    out = resolve(str(tmp_path / "out"))
+    m = convert(str(tmp_path / "a.h5"), out, show_progress=False)
+    assert m.created_by["revision"] == "v2"
+    table = pa.concat_tables([t for _, t in iter_tables(out, m)])
+    for (clusters, _), got in zip(events, table.column("pid").to_pylist(), strict=True):
+        assert got == [c[5] for c in clusters for _ in range(c[0])]
+    assert table.column("particles").null_count == table.num_rows  # no truth without cluster_extra
+
+
+def test_events_from_two_folders_keep_distinct_sources(tmp_path):
+    """Files of the same name in two folders (train/, val/) stay apart: sources are paths under the common folder."""
+    rng = np.random.default_rng(9)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        write_h5(tmp_path / split / "a.h5", _fake_events(rng, 2), "v1")
+    out = resolve(str(tmp_path / "out"))
+    m = convert(str(tmp_path / "*" / "a.h5"), out, show_progress=False)
+    table = pa.concat_tables([t for _, t in iter_tables(out, m)])
+    assert table.column("source").to_pylist() == ["train/a.h5#0", "train/a.h5#1", "val/a.h5#0", "val/a.h5#1"]
 
 
 @pytest.mark.parametrize("revision", ["v2", "v3"])
@@ -147,7 +178,7 @@ def test_unknown_layouts_named(tmp_path):
     p = tmp_path / "x.h5"
     with h5py.File(p, "w") as f:
         f.create_dataset("points", data=np.zeros(3))
-    with pytest.raises(EventDataError, match=r"x.h5.*unknown layout.*missing dataset.*'point'"):
+    with pytest.raises(EventDataError, match=r"^file .*x.h5.*unknown layout.*missing dataset.*'point'"):
         list(iter_file(str(p)))
     rng = np.random.default_rng(0)
     write_h5(p, _fake_events(rng, 2), "v2")
@@ -182,8 +213,13 @@ def test_truncated_file_named(tmp_path):
     write_h5(p, _fake_events(rng, 20), "v2")
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(EventDataError, match=r"z.h5.*(truncated|damaged)"):
+    with pytest.raises(EventDataError, match=r"^file .*z.h5.*(truncated|damaged)"):
         list(iter_file(str(p)))
+    out = tmp_path / "out"
+    with pytest.raises(EventDataError, match=r"z.h5"):  # the good file converts, then z.h5 fails: nothing published
+        write_h5(tmp_path / "a.h5", _fake_events(rng, 4), "v2")
+        convert(str(tmp_path / "*.h5"), resolve(str(out)), shard_events=1, show_progress=False)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_no_files_matched(tmp_path):

@@ -74,7 +74,8 @@ class WrongDetector(ValueError):
 
 
 class EventDataError(ValueError):
-    """Bad event data; the message names the shard, row / event and field, and what was expected."""
+    """Bad event data; the message names the shard (or, for a source format, the file: `what="file"`), the row /
+    event and field, and what was expected."""
 
     def __init__(
         self,
@@ -85,8 +86,9 @@ class EventDataError(ValueError):
         event_id: int | None = None,
         field: str | None = None,
         kind: str = "invalid",
+        what: str = "shard",
     ):
-        where = [f"shard {shard}"]
+        where = [f"{what} {shard}"]
         if row is not None:
             where.append(f"row {row}")
         if event_id is not None:
@@ -95,15 +97,16 @@ class EventDataError(ValueError):
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {message}")
         self.shard, self.row, self.event_id, self.field, self.kind = shard, row, event_id, field, kind
-        self.detail = message
+        self.detail, self.what = message, what
 
     def __reduce__(self):
         # Picklable with its fields, so that Ray re-raises it as an EventDataError on the driver.
-        return (_rebuild_event_error, (self.shard, self.detail, self.row, self.event_id, self.field, self.kind))
+        args = (self.shard, self.detail, self.row, self.event_id, self.field, self.kind, self.what)
+        return (_rebuild_event_error, args)
 
 
-def _rebuild_event_error(shard, detail, row, event_id, field, kind) -> EventDataError:
-    return EventDataError(shard, detail, row=row, event_id=event_id, field=field, kind=kind)
+def _rebuild_event_error(shard, detail, row, event_id, field, kind, what="shard") -> EventDataError:
+    return EventDataError(shard, detail, row=row, event_id=event_id, field=field, kind=kind, what=what)
 
 
 def table_from_events(events: list[dict], source: str | list[str], detector: str = DEFAULT_DETECTOR) -> pa.Table:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -31,7 +33,16 @@ from raysvc.data.contract.schema import (
     with_null_columns,
     with_optional_columns,
 )
-from raysvc.storage import Location, StorageError, explained, read_bytes, retried, sha256_hex, write_bytes_atomic
+from raysvc.storage import (
+    Location,
+    StorageError,
+    explained,
+    read_bytes,
+    resolve,
+    retried,
+    sha256_hex,
+    write_bytes_atomic,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "raysvc.events"
@@ -60,6 +71,7 @@ class Manifest:
     format: str = FORMAT
     created_at: str = ""
     detector: str = DEFAULT_DETECTOR  # a registered detector name; manifests from before it: LArTPC
+    units: dict = field(default_factory=dict)  # column -> unit, from the detector (empty in older manifests)
 
     @property
     def detector_spec(self) -> Detector:
@@ -107,6 +119,7 @@ def write_manifest(
         created_by=created_by,
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         detector=detector,
+        units=get_detector(detector).units,
     )
     write_bytes_atomic(root.join(MANIFEST), m.to_json().encode())
     return m
@@ -114,12 +127,24 @@ def write_manifest(
 
 class EventShardWriter:
     """Event records (dicts of the event table's columns, with `event_id` and `source`) -> validated shards of
-    `shard_events` under `root`, then the manifest: what a converter of another format writes with."""
+    `shard_events` under `root`, then the manifest: what a converter of another format writes with.
+
+    Shards are staged in a local temporary folder and published to `root` (shards, then the manifest) only by
+    `close()`, so a conversion that fails leaves `root` as it was, on S3 too. Use it as a context manager: leaving
+    the block, by an error or not, removes the staging folder."""
 
     def __init__(self, root: Location, shard_events: int, detector: Detector):
         self.root, self.shard_events, self.detector = root, shard_events, detector
         self.records: list[ShardRecord] = []
         self._buf: list[dict] = []
+        self._staging = tempfile.mkdtemp(prefix="raysvc-convert-")
+        self._stage = resolve(self._staging)
+
+    def __enter__(self) -> EventShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
 
     def add(self, event: dict) -> None:
         self._buf.append(event)
@@ -130,12 +155,15 @@ class EventShardWriter:
         buf = self._buf
         table = table_from_events(buf, source=[e["source"] for e in buf], detector=self.detector.name)
         validate_table(table, f"{buf[0]['source']}..{buf[-1]['source']}", detector=self.detector)
-        self.records.append(write_shard(self.root, shard_name(len(self.records)), table))
+        self.records.append(write_shard(self._stage, shard_name(len(self.records)), table))
         self._buf = []
 
     def close(self, created_by: dict) -> Manifest:
+        """Write the last shard, publish every shard to `root`, then the manifest that makes them a dataset."""
         if self._buf:
             self._flush()
+        for rec in self.records:
+            write_bytes_atomic(self.root.join(rec.name), read_bytes(self._stage.join(rec.name)))
         return write_manifest(self.root, self.records, created_by, detector=self.detector.name)
 
 
@@ -169,7 +197,8 @@ def load_manifest(root: Location) -> Manifest:
     except (KeyError, TypeError) as e:
         raise EventDataError(where.uri, f"bad shard list ({e})", field="shards", kind="manifest") from e
     created_by, created_at = d.get("created_by", {}), d.get("created_at", "")
-    return Manifest(shards=shards, created_by=created_by, created_at=created_at, detector=detector)
+    units = d.get("units", {})
+    return Manifest(shards=shards, created_by=created_by, created_at=created_at, detector=detector, units=units)
 
 
 def read_shard(

@@ -81,6 +81,24 @@ class Detector:
         return self.coord_scale if self.coord_scale is not None else self.extent * math.sqrt(3) / 2
 
     @property
+    def length_unit(self) -> str:
+        """The unit of `coord` (and of particle vertices): cm, mm or a voxel pitch."""
+        return {10.0: "cm", 1.0: "mm", 1000.0: "m"}.get(self.unit_mm, f"voxel ({self.unit_mm:g} mm)")
+
+    @property
+    def units(self) -> dict[str, str]:
+        """The unit of every physical column of this detector's events, as each dataset manifest states it."""
+        length = self.length_unit
+        return {
+            "coord": length,
+            **dict(zip(self.features, self.feature_units, strict=True)),
+            "particles.mass": "MeV/c^2",
+            "particles.momentum": "MeV/c",
+            "particles.vertex": length,
+            "particles.direction": "unit vector",
+        }
+
+    @property
     def has_time(self) -> bool:
         """Whether points carry a time channel (the `time` column) besides their amplitude."""
         return "time" in self.features

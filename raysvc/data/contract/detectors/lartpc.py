@@ -16,6 +16,7 @@ LARTPC = Detector(
     extent=768.0,
     unit_mm=3.0,
     features=("energy",),
+    feature_units=("MeV (voxel value)",),
     labels={
         "semantic": LabelSpace("semantic", _SEMANTIC),
         "pid": LabelSpace("pid", ("photon", "electron", "muon", "pion", "proton")),
