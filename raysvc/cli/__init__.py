@@ -1,0 +1,130 @@
+"""`raysvc` command line: data | bench | pretrain | finetune | sweep | evaluate | compare | predict | serve | demo."""
+
+# The docstring above is `raysvc --help`'s description. One module per command group, each with its cmd_* functions
+# and an add_parser(sub) that registers them; this module routes the console, runs the command and maps failures to
+# exit codes (2: bad input, 1: a failed training run).
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from raysvc.cli import bench, data, demo, evaluate, inference, train
+from raysvc.cli.common import release_s3
+from raysvc.config import ConfigError
+
+# In `raysvc --help` order.
+GROUPS = (data, bench, train, evaluate, inference, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysvc", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.add_parser(sub)
+    for leaf in _leaves(p):
+        leaf.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Ray's own output (start-up notes, its "
+            "workers' logs, warnings) on the console too; it always goes to the log file",
+        )
+    return p
+
+
+def _leaves(parser: argparse.ArgumentParser):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in action.choices.values():
+            yield from _leaves(child)
+
+
+# Commands that start or join Ray: their console shows raysvc's own lines, Ray's go to a log file (raysvc.console).
+ROUTED = {
+    ("finetune",),
+    ("pretrain",),
+    ("sweep",),
+    ("demo",),
+    ("serve",),
+    ("predict",),
+    ("evaluate",),
+    ("probe",),
+    ("bench", "ingest"),
+    ("bench", "train"),
+}
+
+
+def _command(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(x for x in (args.command, getattr(args, "bench_command", None)) if x)
+
+
+def _console_log(args: argparse.Namespace) -> Path:
+    """Where a routed command's full output goes: under the run directory of a training job with local storage,
+    under the demo's workdir, else under runs/logs/."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.command in ("finetune", "pretrain"):
+        from raysvc.storage import resolve
+
+        try:
+            from raysvc.train.driver import load_job
+
+            cfg = load_job(args.config, args.set, "segmentation" if args.command == "finetune" else "panda")
+            run = resolve(cfg.run.storage).join(cfg.run.name)
+            if not run.is_s3:
+                return Path(run.path) / "logs" / f"console-{stamp}.log"
+            return Path("runs") / "logs" / f"{cfg.run.name}-{stamp}.log"
+        except Exception:  # a bad config is reported by the command itself
+            pass
+    if args.command == "demo":
+        return Path(args.workdir) / "logs" / f"console-{stamp}.log"
+    return Path("runs") / "logs" / f"{'-'.join(_command(args))}-{stamp}.log"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from raysvc.data.contract.schema import EventDataError
+    from raysvc.storage import StorageError
+
+    try:
+        with contextlib.ExitStack() as stack:
+            if _command(args) in ROUTED:
+                from raysvc.console import routed
+
+                log = stack.enter_context(routed(_console_log(args), args.verbose))
+                print(
+                    f"[raysvc] Ray's own output: {log}" + ("" if args.verbose else " (--verbose shows it here)"),
+                    file=sys.stderr,
+                )
+            args.fn(args)
+    except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError) as e:
+        print(f"raysvc: error: {e}", file=sys.stderr)
+        release_s3()
+        sys.exit(2)
+    except Exception as e:
+        verdict = _training_failure(e)
+        if verdict is None:
+            raise
+        print(f"raysvc: error: {verdict}", file=sys.stderr)
+        release_s3()
+        sys.exit(1)
+    release_s3()
+
+
+def _training_failure(e: BaseException) -> str | None:
+    """One line for a failed Ray Train run (the worker's own error, unwrapped from Ray's task errors, with its rank),
+    or None if `e` is something else. Ray has printed the traceback by then; this is the verdict under it."""
+    failures = getattr(e, "worker_failures", None)
+    if failures is None or not type(e).__module__.startswith("ray."):
+        return None
+    if not failures:
+        return f"training failed: {str(e).splitlines()[0]}"
+    rank, err = min(failures.items())
+    while getattr(err, "cause", None) is not None and err.cause is not err:  # RayTaskError -> the task's exception
+        err = err.cause
+    message = " ".join(str(err).split())[:1000]
+    return f"training failed on rank {rank} ({len(failures)} worker(s) failed): {type(err).__name__}: {message}"

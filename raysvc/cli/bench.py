@@ -1,0 +1,269 @@
+"""`raysvc bench ...`: every benchmark is one row of BENCHES (options, run function, summary) and runs through
+`cmd_bench`, which prints its JSON (--json, also to --out) or its summary."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from raysvc.cli.common import log, print_json
+
+Option = tuple[str, dict]  # one add_argument call: the flag and its keywords
+
+
+def _opt(flag: str, **kw) -> Option:
+    return flag, kw
+
+
+def _json_opts(out_help: str) -> tuple[Option, Option]:
+    return _opt("--json", action="store_true"), _opt("--out", help=out_help)
+
+
+@dataclass(frozen=True)
+class Bench:
+    help: str
+    run: str  # "module:function", imported only when the benchmark runs (it loads torch, Ray)
+    options: tuple[Option, ...]  # in the order --help lists them
+    kwargs: Callable[[argparse.Namespace], dict]  # the run function's keywords, its progress callback aside
+    summary: Callable[[dict], None]  # what is printed without --json
+    progress: str | None = "log"  # the run function's keyword for progress lines (to stderr); None: it has none
+    extend: Callable[[argparse.Namespace, dict], None] | None = None  # adds to the result before it is printed
+    passed: Callable[[dict], bool] = lambda result: True  # False: exit 1, after printing (the GPU checks)
+
+
+def _loaders(a: argparse.Namespace, result: dict) -> None:
+    if a.loaders:
+        from raysvc.bench.loaders import run_loader_bench
+
+        result["loaders"] = run_loader_bench(
+            events=a.loader_events, steps=a.steps, parts=tuple(a.loader_parts.split(",")), log=log
+        )
+
+
+def _ingest_summary(result: dict) -> None:
+    print(
+        f"ray data {result['ray_data_events_per_s']:.1f} ev/s, direct {result['direct_events_per_s']:.1f} "
+        f"ev/s, ratio {result['ratio']:.2f}"
+    )
+
+
+def _ops_summary(result: dict) -> None:
+    g, s, c = result["grouping"], result["serialization"], result["sparse_conv"]
+    print(
+        f"C-NMS + ball {g['cnms_ball_events_per_s']:.0f} ev/s, FPS + ball {g['fps_ball_events_per_s']:.0f} ev/s, "
+        f"FPS + kNN {g['fps_knn_events_per_s']:.0f} ev/s; C-NMS vs FPS + ball {g['cnms_vs_fps_ball']:.2f}x"
+    )
+    t = result["tokenizer"]
+    print(
+        f"PoLAr-MAE tokens (grouping + patches + {t['embed']}): C-NMS + ball {t['cnms_ball_tokens_events_per_s']:.0f} "
+        f"ev/s, FPS + ball {t['fps_ball_tokens_events_per_s']:.0f}, FPS + kNN {t['fps_knn_tokens_events_per_s']:.0f}"
+    )
+    print(
+        f"serialization (1 thread): z {s['z_mpts_per_s']:.1f} Mpts/s ({s['z_vs_torch']:.1f}x torch), "
+        f"hilbert {s['hilbert_mpts_per_s']:.1f} Mpts/s ({s['hilbert_vs_torch']:.1f}x torch)"
+    )
+    print(
+        f"sparse conv fwd+bwd (1 thread, {c['points']} points): ours {c['ours_fwd_bwd_s'] * 1e3:.1f} ms, "
+        f"spconv CPU {c.get('spconv_cpu_fwd_bwd_s', float('nan')) * 1e3:.1f} ms"
+    )
+
+
+def _train_summary(result: dict) -> None:
+    for size in ("tiny", "small"):
+        print(f"{size}: {result[f'{size}_fwd_bwd_s_per_event'] * 1e3:.0f} ms/event forward+backward")
+    print(
+        f"step: plain torch {result['plain_step_s'] * 1e3:.0f} ms, Ray Train {result['ray_train_step_s'] * 1e3:.0f}"
+        f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %"
+    )
+
+
+def _gpu_summary(result: dict) -> None:
+    for name, ok in result["checks"].items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    for key in ("seg_tiny", "seg_small", "panda_tiny"):
+        r = result.get(key, {})
+        times = ", ".join(f"{k[:-7]} {v * 1e3:.0f} ms" for k, v in r.items() if k.endswith("_step_s"))
+        ratios = ", ".join(f"{k[:-15]} x{v:.1f}" for k, v in r.items() if k.endswith("_speedup_vs_cpu"))
+        print(f"{key} step ({r.get('events_per_step')} events): {times}" + (f"; vs CPU {ratios}" if ratios else ""))
+
+
+def _heap_summary(result: dict) -> None:
+    for k, v in result["variants"].items():
+        print(
+            f"{k:>10}: {v['step_s'] * 1e3:5.0f} ms/step (x{v['step_time_vs_glibc']:.2f}), private memory max "
+            f"{v['private_mb_max']:5.0f} MB (x{v['private_mb_max_vs_glibc']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} "
+            f"MB (x{v['peak_rss_vs_glibc']:.2f}), same losses: {v['same_losses_as_glibc']}"
+        )
+
+
+def _serve_summary(result: dict) -> None:
+    split = ", ".join(f"{k} {v:+.1f}" for k, v in result["overhead_split_ms"].items())
+    print(
+        f"overhead over in-process forward: {result['overhead_p50_ms']:+.1f} ms (p50: {split}); batching "
+        f"throughput ratio {result['batching_throughput_ratio']}; errors {result['errors']}"
+    )
+
+
+BENCHES: dict[str, Bench] = {
+    "ingest": Bench(
+        help="Ray Data streaming from SeaweedFS vs direct pyarrow reading",
+        run="raysvc.bench.ingest:run_ingest_bench",
+        options=(
+            *_json_opts("also write the JSON here"),
+            _opt("--events", type=int, default=1000),
+            _opt("--shard-events", type=int, default=100),
+            _opt("--uri", help="use this dataset instead of generating one into a local SeaweedFS"),
+            _opt("--batch-events", type=int, default=8),
+            _opt("--repeats", type=int, default=3),
+            _opt(
+                "--loaders",
+                action="store_true",
+                help="also compare the training loaders (tasks, ray_data: delivery, a real pretraining's data wait, "
+                "CPU and memory), prefetch and block size, and batch inference with 0 / 1 / 2 actors (~35 min on 2 "
+                "cores)",
+            ),
+            _opt("--loader-events", type=int, default=1200, help="--loaders: events of the pretraining set"),
+            _opt("--steps", type=int, default=40, help="--loaders: pretraining steps per run"),
+            _opt(
+                "--loader-parts",
+                default="delivery,choices,predict,pretrain",
+                help="--loaders: which parts to run (delivery, choices: prefetch and block size, predict, pretrain)",
+            ),
+        ),
+        kwargs=lambda a: dict(
+            events=a.events, uri=a.uri, batch_events=a.batch_events, repeats=a.repeats, shard_events=a.shard_events
+        ),
+        summary=_ingest_summary,
+        progress=None,
+        extend=_loaders,
+    ),
+    "ops": Bench(
+        help="C-NMS vs FPS grouping, serialization, sparse conv vs spconv (one thread)",
+        run="raysvc.bench.ops:run_ops_bench",
+        options=(
+            *_json_opts("also write the JSON here"),
+            _opt("--events", type=int, default=48),
+            _opt("--seed", type=int, default=0),
+            _opt("--radius", type=float, default=5.0, help="group radius in voxels (PoLAr-MAE: 5)"),
+            _opt("--overlap", type=float, default=0.73, help="C-NMS overlap factor (PoLAr-MAE: 0.73)"),
+            _opt("--repeats", type=int, default=3),
+        ),
+        kwargs=lambda a: dict(events=a.events, seed=a.seed, radius=a.radius, overlap=a.overlap, repeats=a.repeats),
+        summary=_ops_summary,
+        progress="progress",
+    ),
+    "train": Bench(
+        help="fwd+bwd per event (tiny, small) and Ray Train step overhead vs plain torch",
+        run="raysvc.bench.train:run_train_bench",
+        options=(
+            *_json_opts("also write the JSON here"),
+            _opt("--events", type=int, default=40),
+            _opt("--steps", type=int, default=12),
+            _opt("--batch-events", type=int, default=2),
+            _opt("--threads", type=int, default=1),
+        ),
+        kwargs=lambda a: dict(events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads),
+        summary=_train_summary,
+    ),
+    "gpu": Bench(
+        help="the CUDA path against references (sparse conv vs dense conv3d, kNN / codes / "
+        "attention / model vs CPU, bf16 vs fp32) and training steps timed against this machine's CPU",
+        run="raysvc.bench.gpu:run_gpu_bench",
+        options=(
+            _opt("--device", default="cuda"),
+            _opt("--events", type=int, default=24),
+            _opt("--steps", type=int, default=10, help="timed steps per variant on the device (CPU: a quarter)"),
+            _opt("--batch-events", type=int, default=4),
+            _opt("--profile", action="store_true", help="also profile one bf16 segmentation step per size (CUDA)"),
+            *_json_opts("also write the JSON here (with --json)"),
+        ),
+        kwargs=lambda a: dict(device=a.device, events=a.events, steps=a.steps, batch=a.batch_events, profile=a.profile),
+        summary=_gpu_summary,
+        passed=lambda result: result["all_passed"],
+    ),
+    "heap": Bench(
+        help="a training step under each allocator setting (glibc, trimmed, arenas, fixed "
+        "mmap threshold, jemalloc; fresh process each): time, private memory, peak RSS",
+        run="raysvc.bench.heap:run_heap_bench",
+        options=(
+            _opt("--task", choices=["panda", "segmentation"], default="panda"),
+            _opt("--events", type=int, default=40),
+            _opt("--steps", type=int, default=40),
+            _opt("--batch-events", type=int, default=4),
+            _opt("--threads", type=int, default=1),
+            _opt(
+                "--variants",
+                nargs="+",
+                help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 arena-2 mmap-256k jemalloc "
+                "jemalloc-bg; trim-K for any K trims every K steps",
+            ),
+            *_json_opts("also write the JSON here (with --json)"),
+        ),
+        kwargs=lambda a: dict(
+            task=a.task,
+            events=a.events,
+            steps=a.steps,
+            batch=a.batch_events,
+            threads=a.threads,
+            only=tuple(a.variants) if a.variants else None,
+        ),
+        summary=_heap_summary,
+    ),
+    "serve": Bench(
+        help="the endpoint under HTTP load: p50/p99, throughput, batching on vs off, "
+        "overhead over an in-process forward",
+        run="raysvc.bench.serve:run_serve_bench",
+        options=(
+            *_json_opts("also write the JSON here"),
+            _opt("--requests", type=int, default=200, help="requests per concurrency level"),
+            _opt("--concurrency", type=int, nargs="+", default=[1, 8, 16]),
+            _opt("--events", type=int, default=16, help="distinct events the requests cycle over"),
+            _opt("--max-points", type=int, default=4000, help="points per event (cut)"),
+            _opt("--threads", type=int, default=1, help="torch threads, in process and in the replica"),
+            _opt("--model", help="exported model directory (default: a seeded tiny model)"),
+            _opt(
+                "--kill-replica",
+                action="store_true",
+                help="also SIGKILL the replica under load and report "
+                "the error budget (failed requests, time until Serve answers again)",
+            ),
+        ),
+        kwargs=lambda a: dict(
+            requests_n=a.requests,
+            concurrency=a.concurrency,
+            events=a.events,
+            max_points=a.max_points,
+            threads=a.threads,
+            model=a.model,
+            kill_replica=a.kill_replica,
+        ),
+        summary=_serve_summary,
+    ),
+}
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    bench = BENCHES[a.bench_command]
+    module, _, name = bench.run.partition(":")
+    run = getattr(importlib.import_module(module), name)
+    result = run(**bench.kwargs(a), **({bench.progress: log} if bench.progress else {}))
+    if bench.extend:
+        bench.extend(a, result)
+    if a.json:
+        print_json(result, a.out)
+    else:
+        bench.summary(result)
+    if not bench.passed(result):
+        raise SystemExit(1)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print ratios against a baseline from the same run")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, spec in BENCHES.items():
+        p = bsub.add_parser(name, help=spec.help)
+        for flag, kw in spec.options:
+            p.add_argument(flag, **kw)
+        p.set_defaults(fn=cmd_bench)

@@ -1,0 +1,60 @@
+"""Helpers the command groups share: JSON output, Ray for batch inference, the S3 shutdown before exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def print_json(obj: dict, path: str | None = None) -> None:
+    text = json.dumps(obj, indent=2)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def log(message: str) -> None:
+    """Progress lines go to stderr, so that stdout holds only the result (--json output stays parseable)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def batch_ray(actors: int) -> None:
+    """Start (or join) Ray for a batch-inference command that runs an actor pool; its chatter goes to the log."""
+    if actors > 0:
+        import ray
+
+        from raysvc.ray_init import init_ray
+
+        if not ray.is_initialized():
+            init_ray(logging_level="WARNING", include_dashboard=False)
+
+
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=1,
+        help="model replicas of the Ray Data job (one GPU each with --device cuda); 0: in this process, no Ray",
+    )
+    p.add_argument("--max-points", type=int, default=400_000, help="at most this many points per model call")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+
+
+def release_s3() -> None:
+    """Shut the AWS SDK down before interpreter exit. Left to static destructors, it aborted a `data inspect` of an
+    s3:// dataset once ("terminate called without an active exception", exit -6) after printing its result
+    (apache/arrow#41087, #36346: S3 must be finalised after the last S3FileSystem is gone)."""
+    if "pyarrow.fs" not in sys.modules:
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return  # Ray's driver may still hold filesystems (run storage); it shuts down at exit itself
+    import gc
+
+    import pyarrow.fs
+
+    gc.collect()  # the filesystems of finished commands
+    pyarrow.fs.finalize_s3()

@@ -1,0 +1,34 @@
+"""`raysvc demo`: the main job end to end (raysvc.demo)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from raysvc.demo import run_demo
+
+    run_demo(
+        workdir=a.workdir,
+        events=a.events,
+        storage=a.storage,
+        workers=a.workers,
+        pretrain_steps=a.pretrain_steps,
+        finetune_steps=a.finetune_steps,
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="the main job end to end on embedded defaults")
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--events", type=int, default=2000)
+    d.add_argument("--storage", choices=["seaweedfs", "file"], default="seaweedfs")
+    d.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ingest check")
+    d.add_argument("--pretrain-steps", type=int, default=150, help="tiny Panda pretraining steps (0: skip)")
+    d.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=100,
+        help="fine-tuning steps of the pretrained backbone on 100 labelled events, then serving it (0: skip both)",
+    )
+    d.set_defaults(fn=cmd_demo)

@@ -1,0 +1,118 @@
+"""`raysvc evaluate | probe | compare`: an exported model's metrics, a backbone's probes, training arms compared."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from raysvc.cli.common import add_batch_args, batch_ray, log, print_json
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from raysvc.inference.batch import evaluate_dataset
+    from raysvc.storage import absolute_uri, resolve
+
+    batch_ray(a.actors)
+    result = evaluate_dataset(
+        resolve(absolute_uri(a.model)),
+        resolve(absolute_uri(a.data)),
+        a.batch_events,
+        a.device,
+        max_events=a.max_events,
+        actors=a.actors,
+        max_points=a.max_points,
+        cpus_per_actor=a.cpus_per_actor,
+        log=log,
+    )
+    print_json(result, a.out)
+
+
+def cmd_probe(a: argparse.Namespace) -> None:
+    from raysvc.data.streaming.config import DataConfig
+    from raysvc.storage import absolute_uri
+    from raysvc.train.backbone_probe import probe_backbone
+    from raysvc.train.probe import ProbeConfig
+    from raysvc.train.token_probe import TokenProbeConfig
+
+    if (a.init is None) == (a.random is None):
+        sys.exit("raysvc probe: give an export directory or --random ARCH (the baseline), not both or neither")
+    batch_ray(1)  # the probe's events are read by Ray tasks or Ray Data either way
+    events = {"train_events": a.train_events, "val_events": a.val_events}
+    result = probe_backbone(
+        absolute_uri(a.init) if a.init else None,
+        DataConfig(uri=absolute_uri(a.data)),
+        arch=a.random or "ptv3",
+        size=a.size,
+        point=ProbeConfig(**events),
+        token=TokenProbeConfig(**events),
+        radius_voxels=a.radius_voxels,
+        seed=a.seed,
+        center_events=a.center_events,
+        actors=a.actors,
+        cpus_per_actor=a.cpus_per_actor,
+        log=log,
+    )
+    print_json(result, a.out)
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from raysvc.compare import compare, format_table, load_arms, plot
+
+    arms: dict[str, list[str]] = {}
+    for spec in a.arm:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or name in arms:
+            raise ValueError(f"--arm {spec!r}: expected a new NAME=EVAL.json[,EVAL.json ...]")
+        arms[name] = [q for q in paths.split(",") if q]
+    result = compare(load_arms(arms))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "compare.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.join(a.out, "compare.png"))
+    print(format_table(result))
+    print(f"wrote {a.out}/compare.json and compare.png")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("evaluate", help="metrics of an exported model on a labelled dataset (its training cuts)")
+    ev.add_argument("--model", required=True, help="exported model directory (raysvc finetune's run)")
+    ev.add_argument("--data", required=True, help="labelled dataset URI")
+    ev.add_argument("--batch-events", type=int, default=4)
+    ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
+    ev.add_argument("--out", help="also write the JSON here")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    add_batch_args(ev)
+    ev.set_defaults(fn=cmd_evaluate)
+    pb = sub.add_parser(
+        "probe",
+        help="a backbone's per-point linear probe and token probe on held-out labelled events (any method)",
+    )
+    pb.add_argument("init", nargs="?", help="exported backbone or segmenter directory (raysvc pretrain's run)")
+    pb.add_argument("--random", metavar="ARCH", help="probe a random initialisation of ARCH instead (ptv3, polarmae)")
+    pb.add_argument("--size", default="tiny", help="preset of --random")
+    pb.add_argument("--center-events", action="store_true", help="--random: centre each event (as Panda's views)")
+    pb.add_argument("--data", required=True, help="labelled dataset URI (the first train + val events are used)")
+    pb.add_argument("--train-events", type=int, default=100)
+    pb.add_argument("--val-events", type=int, default=100)
+    pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--actors", type=int, default=1, help="backbone replicas in a Ray Data actor pool (0: in process)")
+    pb.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+    pb.add_argument("--out", help="also write the JSON here")
+    pb.set_defaults(fn=cmd_probe)
+    cp = sub.add_parser(
+        "compare",
+        help="training arms across seeds from `raysvc evaluate` JSONs: mean / sd, each arm "
+        "vs the first (Welch t-test, 95 %% interval), a PNG",
+    )
+    cp.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        metavar="NAME=EVAL.json[,EVAL.json ...]",
+        help="one arm, one evaluate JSON per training seed; the first --arm is the baseline",
+    )
+    cp.add_argument("--out", required=True, help="directory for compare.json and compare.png")
+    cp.set_defaults(fn=cmd_compare)
