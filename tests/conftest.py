@@ -96,3 +96,9 @@ def s3_location(server: SeaweedS3, uri: str):
     return resolve(
         uri, S3Options(endpoint_url=server.endpoint, access_key=server.access_key, secret_key=server.secret_key)
     )
+
+
+def with_heads(seg, events: list[tuple]) -> list[tuple]:
+    """(classes, probabilities or None, the event heads' answer as the endpoint gives it) per event."""
+    (heads,) = [o for o in seg.outputs if o.name == "event_heads"]
+    return [(r["pred"], r.get("prob"), heads.to_json(r["event_heads"])) for r in seg.predict_events_full(events)]

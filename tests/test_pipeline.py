@@ -125,8 +125,7 @@ def test_train_workers_receive_every_event_once(ray_local, synthetic_dataset, tm
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raysvc.train.data_config import ExactSplitDataConfig
-    from raysvc.train.ingest import ingest_loop
+    from raysvc.demo.ingest import ExactSplitDataConfig, ingest_loop
 
     cfg = DataConfig(uri=synthetic_dataset.uri, block_mib=0.5)
     stream = build_dataset(cfg)

@@ -27,6 +27,7 @@ from raysvc.inference.event_metrics import (
 from raysvc.models.event_heads import pool_events
 from raysvc.storage import resolve
 from raysvc.train.tasks.rings import RingsConfig
+from tests.conftest import with_heads
 
 
 def quiet(*_a, **_k) -> None:
@@ -118,7 +119,7 @@ def test_an_export_with_event_heads_predicts_rings_and_pid_with_its_point_classe
     recs = [generate_wch_record(WChGeneratorConfig(), 9, i) for i in range(3)]
     events = [(r["coord"], r["energy"], r["time"]) for r in recs]
     seg = Segmenter(loc)
-    got = seg.predict_events_with_heads(events)
+    got = with_heads(seg, events)
 
     state, record = load_export(loc)
     model = record.build()
@@ -141,12 +142,13 @@ def test_an_export_with_event_heads_predicts_rings_and_pid_with_its_point_classe
         np.testing.assert_allclose(ev["rings"]["probabilities"], torch.softmax(rings[j], 0).numpy(), rtol=1e-5)
         np.testing.assert_allclose(ev["pid"]["probabilities"], torch.softmax(pid[j], 0).numpy(), rtol=1e-5)
         assert ev["pid"]["predicted"] == ev["pid"]["classes"][int(torch.argmax(pid[j]))]
-    # without the heads' file it is a plain segmenter
+    # without the heads it is a plain segmenter; a record naming heads whose file is gone is an error naming it
     plain = resolve(str(tmp_path / "plain"))
     export_seeded_segmenter(plain, 4, detector="wch")
-    assert Segmenter(plain).event_heads is None
-    with pytest.raises(ValueError, match="has no event heads"):
-        Segmenter(plain).predict_events_with_heads(events)
+    assert Segmenter(plain).outputs == [] and set(Segmenter(plain).predict_events_full(events)[0]) == {"pred"}
+    (tmp_path / "rings" / "event_heads.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="event_heads.safetensors is missing"):
+        Segmenter(loc)
 
 
 def test_predict_and_evaluate_give_a_rings_exports_event_outputs(tmp_path):
@@ -158,8 +160,8 @@ def test_predict_and_evaluate_give_a_rings_exports_event_outputs(tmp_path):
 
     from raysvc.data.sources.synthetic import generate_dataset
     from raysvc.data.streaming.transforms import preprocess_table
-    from raysvc.inference.batch import evaluate_dataset, predict_chunk_empty, predict_dataset, preds_schema
-    from raysvc.inference.record import export_seeded_segmenter
+    from raysvc.inference.batch import evaluate_dataset, predict_dataset, preds_schema
+    from raysvc.inference.record import export_seeded_segmenter, load_record
     from raysvc.inference.segmenter import Segmenter
 
     model, data, out = (resolve(str(tmp_path / n)) for n in ("rings", "data", "preds"))
@@ -169,13 +171,13 @@ def test_predict_and_evaluate_give_a_rings_exports_event_outputs(tmp_path):
     info = predict_dataset(model, data, out, batch_events=3, log=quiet)
     assert info["event_classes"] == {"rings": ["1R", "2R", ">=3R"], "pid": ["electron", "muon", "pi0"]}
     preds = pa.concat_tables([pq.read_table(tmp_path / "preds" / f) for f in info["files"]])
-    assert preds.schema == preds_schema(event_heads=True) == predict_chunk_empty((), True).schema
+    assert preds.schema == preds_schema(load_record(model), ["event_heads"])
     table = pa.concat_tables([read_shard(data, r) for r in load_manifest(data).shards])
     assert preds.column("event_id").to_pylist() == table.column("event_id").to_pylist()
 
     seg = Segmenter(model)
     rows = table.to_pylist()
-    want = seg.predict_events_with_heads([(r["coord"], r["energy"], r["time"]) for r in rows])
+    want = with_heads(seg, [(r["coord"], r["energy"], r["time"]) for r in rows])
     for p, (classes, _, ev) in zip(preds.to_pylist(), want, strict=True):
         assert np.array_equal(p["pred"], classes)
         np.testing.assert_allclose(p["ring_probs"], ev["rings"]["probabilities"], rtol=1e-4, atol=1e-6)
@@ -280,5 +282,5 @@ def test_rings_as_instances_from_the_panoptic_head_on_tank_events(ray_local, tmp
     seg = Segmenter(resolve(str(tmp_path / "ri")))
     row = table.slice(0, 1).to_pylist()[0]
     points = np.asarray(row["coord"], np.float32).reshape(-1, 3)
-    got = seg.predict_events_panoptic([(points, np.asarray(row["energy"]), np.asarray(row["time"]))])[0]
-    assert len(got["pred"]) == len(points) and len(got["particle"].instance) == len(points)
+    got = seg.predict_events_full([(points, np.asarray(row["energy"]), np.asarray(row["time"]))])[0]
+    assert len(got["pred"]) == len(points) and len(got["instances"]["particle"].instance) == len(points)

@@ -26,6 +26,7 @@ from raysvc.inference.record import export_seeded_segmenter
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess, session_processes, wait_until_healthy
 from raysvc.storage import resolve
+from tests.conftest import with_heads
 
 BIN = Path(sys.executable).parent
 TOKEN = "test-token-0123456789abcdef"
@@ -178,7 +179,7 @@ def test_a_water_cherenkov_model_answers_tank_events_and_a_lartpc_model_refuses_
 
     url = server["url"]
     seg = Segmenter(resolve(str(server["w"])))
-    want = seg.predict_events_with_heads(tank_events)
+    want = with_heads(seg, tank_events)
     for (points, energies, times), (classes, _, event) in zip(tank_events, want, strict=True):
         npz = io.BytesIO()
         np.savez(npz, points=points, energies=energies, times=times)

@@ -107,8 +107,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--shard-events", type=int, default=500)
     c.add_argument("--revision", default="auto", choices=["auto", "v1", "v2", "v3"])
     c.set_defaults(fn=cmd_convert)
-    cw = dsub.add_parser("convert-wand", help="WAND / LUCiD water Cherenkov HDF5 files (sensor, hits, labl) -> shards")
-    cw.add_argument("pattern", help="glob of the files, e.g. 'ROOT/**/*.h5' (quote it)")
+    cw = dsub.add_parser(
+        "convert-wand",
+        help="a WAND / LUCiD water Cherenkov tree (sensor, hits, labl, edep per configuration) -> shards",
+    )
+    cw.add_argument("pattern", metavar="ROOT", help="the tree's folder, or a glob of its files, e.g. 'ROOT/**/*.h5'")
     cw.add_argument("--out", required=True)
     cw.add_argument("--shard-events", type=int, default=500)
     cw.set_defaults(fn=cmd_convert_wand)

@@ -10,41 +10,14 @@ from raysvc.cli.common import release_s3
 
 
 def _run_job(a: argparse.Namespace, default_task: str) -> None:
-    """Load the job YAML (its `task:` key names the task; `default_task` otherwise), run it, print the outcome."""
+    """Load the job YAML (its `task:` key names the task; `default_task` otherwise), run it, print what its task says
+    of the outcome."""
     from raysvc.train.driver import load_job, run_job
+    from raysvc.train.tasks import get_task
 
-    summary = run_job(load_job(a.config, a.set, default_task))
-    out = {"run": summary["uri"], "steps": summary["steps"]}
-    if "val" in summary:
-        val = summary["val"] or {}
-        sem = val.get("semantic", val)  # a panoptic run nests its semantic metrics
-        out |= {"val_miou": sem.get("miou"), "val_iou": sem.get("iou")}
-        for task in ("particle", "interaction"):  # a panoptic run's instance tasks
-            if task in val:
-                out |= {f"val_{task}_pq": val[task]["pq"], f"val_{task}_ari": val[task]["ari"]}
-    probe = summary.get("probe") or {}
-    if "token_mean_f1" in probe:  # PoLAr-MAE's token probe
-        out |= {
-            "probe_token_mean_f1": probe["token_mean_f1"],
-            "probe_random_token_mean_f1": probe.get("random_token_mean_f1"),
-            "probe_token_f1": probe.get("token_f1"),
-            "tokens": summary.get("tokens"),
-        }
-    elif "exports" in summary:  # cross-experiment pretraining: one backbone and probe per detector
-        out |= {"exports": summary["exports"], "batching": summary.get("batching")}
-        for name, p in probe.items():
-            if p:
-                out |= {
-                    f"probe_{name}_pretrained_miou": p["pretrained_miou"],
-                    f"probe_{name}_random_miou": p["random_miou"],
-                }
-    elif "probe" in summary:
-        out |= {
-            "probe_pretrained_miou": probe.get("pretrained_miou"),
-            "probe_random_miou": probe.get("random_miou"),
-            "monitor": summary.get("last_monitor"),
-        }
-    print(json.dumps(out, indent=2))
+    job = load_job(a.config, a.set, default_task)
+    summary = run_job(job)
+    print(json.dumps(get_task(job.task).outcome(summary), indent=2))
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:

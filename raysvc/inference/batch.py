@@ -9,9 +9,8 @@ the same function on them, so they give the same predictions and the same confus
 
 Predictions: one Parquet file per input shard (`preds-NNNNN.parquet`: `event_id`, `num_points`, `pred`, a class per
 input point, -1 at or below the energy threshold) and `manifest.json` (files with sizes and sha256, counts, model,
-data), each written atomically, the manifest last. A model with event heads (a water Cherenkov `rings` export) adds per
-event `rings` / `pid` (the predicted class, -1 for an event with no hit above the threshold) and `ring_probs` /
-`pid_probs`, and `evaluate` adds its ring-count confusion and PID figures.
+data), each written atomically, the manifest last. What a model predicts beyond a class per point comes from its
+output adapters (inference/outputs): each adds its predict columns, its manifest keys and its `evaluate` figures.
 """
 
 from __future__ import annotations
@@ -30,10 +29,10 @@ import pyarrow.parquet as pq
 
 from raysvc.data.streaming.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.streaming.transforms import report
-from raysvc.inference.event_metrics import PID_CLASSES, RING_CLASSES, event_labels, event_scores
-from raysvc.inference.instance_metrics import InstanceScores
-from raysvc.inference.instances import instance_classes, score_events
 from raysvc.inference.metrics import ConfusionMatrix, compute
+from raysvc.inference.outputs import get_output
+from raysvc.inference.outputs.base import points_list
+from raysvc.inference.record import ExportedModel, load_record, output_names
 from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic
 
@@ -60,130 +59,48 @@ def chunks(table: pa.Table, batch_events: int, max_points: int) -> Iterator[tupl
         start = end
 
 
-def _points_list(arrays: list[np.ndarray], dtype) -> pa.Array:
-    lengths = np.array([len(a) for a in arrays], np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    flat = pa.array(np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype))
-    return pa.ListArray.from_arrays(offsets, flat)
-
-
-# a panoptic model's instance columns: task -> (per-point instance id column, per-point class column or None)
-INSTANCE_COLUMNS = {"particle": ("instance", "instance_class"), "interaction": ("interaction", None)}
-INSTANCE_ITEM = pa.struct(
-    [
-        ("id", pa.int32()),
-        ("class", pa.int8()),
-        ("confidence", pa.float32()),
-        ("points", pa.int32()),
-        # a head with regression outputs: |p| (MeV/c), unit direction, start point (voxels); null otherwise
-        ("momentum", pa.float32()),
-        ("direction", pa.list_(pa.float32(), 3)),
-        ("vertex", pa.list_(pa.float32(), 3)),
-    ]
-)
-
-
-# a model with event heads: per event, (predicted class column, probabilities column) of each head
-EVENT_COLUMNS = {"rings": ("rings", "ring_probs"), "pid": ("pid", "pid_probs")}
-EVENT_CLASSES = {"rings": RING_CLASSES, "pid": PID_CLASSES}
-
-
-def preds_schema(instance_tasks=(), event_heads: bool = False) -> pa.Schema:
-    """The columns of a predictions shard: `event_id`, `num_points`, `pred`; for a panoptic model, its instance
-    columns and `instances` after them; for a model with event heads, `rings`, `ring_probs`, `pid`, `pid_probs`.
-    Every shard of one output has it, empty shards included."""
+def preds_schema(record: ExportedModel, outputs: list[str]) -> pa.Schema:
+    """The columns of a predictions shard: `event_id`, `num_points`, `pred`, then each output's (a panoptic model's
+    instance columns and `instances`; event heads' `rings`, `ring_probs`, `pid`, `pid_probs`). Every shard of one
+    output has it, empty shards included."""
     fields = [("event_id", pa.int64()), ("num_points", pa.int32()), ("pred", pa.list_(pa.int8()))]
-    for cls, probs in EVENT_COLUMNS.values() if event_heads else ():
-        fields += [(cls, pa.int8()), (probs, pa.list_(pa.float32()))]
-    for t in instance_tasks:
-        ids, cls = INSTANCE_COLUMNS[t]
-        fields.append((ids, pa.list_(pa.int32())))
-        if cls:
-            fields.append((cls, pa.list_(pa.int8())))
-    if instance_tasks:
-        fields.append(("instances", pa.list_(INSTANCE_ITEM)))
+    for name in outputs:
+        fields += get_output(name).fields(record)
     return pa.schema(fields)
 
 
-def _values(values: dict | None) -> dict:
-    """An instance's regression outputs as the `instances` struct holds them (None where the head has none)."""
-    values = values or {}
-    as_list = lambda k: None if k not in values else [float(x) for x in values[k]]  # noqa: E731
-    m = values.get("momentum")
-    return {"momentum": None if m is None else float(m), "direction": as_list("direction"), "vertex": as_list("vertex")}
-
-
-def predict_panoptic_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
-    """`predict_chunk`'s columns plus, per instance task, a per-point instance id (-1: none) and class (particle:
-    `instance`, `instance_class`; interaction: `interaction`), and `instances` (the particles: id, class,
-    confidence, points, and momentum / direction / vertex from a head with regression outputs)."""
-    events = seg.predict_panoptic(chunk, source)
+def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
+    """`event_id`, `num_points`, `pred` (list<int8>, aligned with the input points) of one chunk, and each output's
+    columns after them."""
+    events = seg.predict(chunk, source)
     cols = {
         "event_id": chunk.column("event_id"),
         "num_points": pa.array(np.array([len(e["pred"]) for e in events], np.int32)),
-        "pred": _points_list([e["pred"] for e in events], np.int8),
+        "pred": points_list([e["pred"] for e in events], np.int8),
     }
-    for t in seg.instance_tasks:
-        ids, cls = INSTANCE_COLUMNS[t]
-        cols[ids] = _points_list([e[t].instance.numpy() for e in events], np.int32)
-        if cls:
-            cols[cls] = _points_list([e[t].instance_class.numpy() for e in events], np.int8)
-    first = seg.instance_tasks[0]
-    cols["instances"] = pa.array(
-        [
-            [
-                {"id": i, "class": c, "confidence": f, "points": n, **_values(e[first].values.get(i))}
-                for i, (c, f, n) in enumerate(zip(e[first].classes, e[first].confidence, e[first].points, strict=True))
-            ]
-            for e in events
-        ],
-        pa.list_(INSTANCE_ITEM),
-    )
-    return pa.table(cols).cast(preds_schema(seg.instance_tasks))
+    for o in seg.outputs:
+        cols |= o.columns([e[o.name] for e in events])
+    return pa.table(cols).cast(preds_schema(seg.record, [o.name for o in seg.outputs]))
 
 
-def predict_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> pa.Table:
-    """`event_id`, `num_points`, `pred` (list<int8>, aligned with the input points) of one chunk; a panoptic model's
-    instances beside them (`predict_panoptic_chunk`), a model's event heads' outputs after them."""
-    if seg.instance_tasks:
-        return predict_panoptic_chunk(seg, chunk, source)
-    preds, _, events = seg.predict_with_events(chunk, source)
-    cols = {"event_id": chunk.column("event_id"), "num_points": pa.array(np.array([len(p) for p in preds], np.int32))}
-    cols["pred"] = _points_list(preds, np.int8)
-    heads = seg.event_heads is not None
-    for task, (cls, probs) in EVENT_COLUMNS.items() if heads else ():
-        rows = [None if e is None else e[task] for e in events]  # None: no hit above the threshold
-        cols[cls] = pa.array([-1 if r is None else int(np.argmax(r)) for r in rows], pa.int8())
-        cols[probs] = pa.array([None if r is None else r.tolist() for r in rows], pa.list_(pa.float32()))
-    return pa.table(cols).cast(preds_schema(event_heads=heads))
-
-
-def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter, dict, list]:
-    """(confusion matrix, what the model's training cuts removed, a panoptic model's InstanceScores per task, and for
-    a model with event heads (true ring class, predicted ring class, true PID class, electron score) per scored
-    event) of one labelled chunk."""
+def score_chunk(seg: Segmenter, chunk: pa.Table, source: str) -> tuple[np.ndarray, Counter, dict]:
+    """(confusion matrix, what the model's training cuts removed, each output's evaluation state) of one labelled
+    chunk."""
     import torch
 
     from raysvc.data.streaming.collate import collate_packed
     from raysvc.data.streaming.transforms import preprocess_table
 
     cm = ConfusionMatrix(len(seg.class_names))
-    scores = {t: InstanceScores(instance_classes(seg.detector, t)) for t in seg.instance_tasks}
     pre, counts = preprocess_table(chunk, seg.record.preprocess, source, detector=seg.detector)
-    events = []
+    states = {}
     if pre.num_rows:
-        batch = collate_packed(pre, particles=any(seg.regress.values()))
+        batch = collate_packed(pre, particles=any(o.needs_particles for o in seg.outputs))
         with torch.no_grad():
             logits, x = seg.point_logits(batch)
         cm.update(logits.argmax(1), x["labels"])
-        for t, score in scores.items():
-            score_events(score, x["instances"][t], batch, t, seg.detector.stuff_class, seg.postprocess)
-        if "events" in x:  # every event of `pre` passed the cuts: one output row each, in order
-            ring, pid = event_labels(pre, tuple(seg.detector.labels["pid"].classes))
-            ring_pred = x["events"]["rings"].argmax(1).tolist()
-            e_score = x["events"]["pid"][:, PID_CLASSES.index("electron")].tolist()
-            events = list(zip(ring.tolist(), ring_pred, pid.tolist(), e_score, strict=True))
-    return cm.matrix, counts, scores, events
+        states = {o.name: o.score(x["outputs"].get(o.name), x, batch, pre) for o in seg.outputs}
+    return cm.matrix, counts, states
 
 
 class _Replica:
@@ -233,14 +150,9 @@ def _from_ipc(value: pa.Scalar) -> pa.Table:
 def _run_chunk(seg: Segmenter, mode: str, chunk: pa.Table, source: str) -> pa.Table:
     if mode == "predict":
         return predict_chunk(seg, chunk, source)
-    cm, counts, scores, events = score_chunk(seg, chunk, source)
+    cm, counts, states = score_chunk(seg, chunk, source)
     return pa.table(
-        {
-            "cm": [cm.reshape(-1).tolist()],
-            "counts": [json.dumps(dict(counts))],
-            "instances": [json.dumps({t: s.state() for t, s in scores.items()})],
-            "events": [json.dumps(events)],
-        }
+        {"cm": [cm.reshape(-1).tolist()], "counts": [json.dumps(dict(counts))], "outputs": [json.dumps(states)]}
     )
 
 
@@ -378,18 +290,8 @@ def _results(
             yield shard, row, _from_ipc(result)
 
 
-def has_event_heads(model: Location) -> bool:
-    """Whether an export keeps event heads beside its segmenter (a `rings` run's)."""
-    from raysvc.inference.record import EVENT_HEADS
-    from raysvc.storage import exists
-
-    return exists(model.join(EVENT_HEADS))
-
-
 def _checked(model: Location, data: Location):
     """(the dataset's manifest, the model's record); refused before any read when the detectors differ."""
-    from raysvc.inference.record import load_record
-
     manifest = load_manifest(data)
     record = load_record(model)
     if manifest.detector != record.detector:
@@ -414,7 +316,7 @@ def predict_dataset(
     """Predict every event of `data` into `out` (see the module doc); returns the manifest written."""
     t0 = time.perf_counter()
     manifest, record = _checked(model, data)
-    heads = has_event_heads(model)
+    outputs = output_names(record, model)
     shards = manifest.shards
     limits = [None] * len(shards)
     pending: dict[int, list[tuple[int, pa.Table]]] = {i: [] for i in range(len(shards))}
@@ -433,7 +335,7 @@ def predict_dataset(
     if missing:
         raise RuntimeError(f"predict: no complete predictions for {missing} (got {dict(got)} rows)")
     for i in pending:  # empty shards: an empty file each, so that the output mirrors the input
-        files[i] = _write_preds(out, i, predict_chunk_empty(tuple(record.instances or ()), heads))
+        files[i] = _write_preds(out, i, preds_schema(record, outputs).empty_table())
     info = {
         "model": model.uri,
         "data": data.uri,
@@ -447,8 +349,8 @@ def predict_dataset(
         "device": device,
         "seconds": time.perf_counter() - t0,
     }
-    if heads:  # what the `rings` / `pid` columns' numbers and the probability lists' positions mean
-        info["event_classes"] = {k: list(v) for k, v in EVENT_CLASSES.items()}
+    for name in outputs:  # what an output's columns mean (event heads: `event_classes`)
+        info |= get_output(name).manifest(record)
     write_bytes_atomic(out.join("manifest.json"), json.dumps(info, indent=2).encode())
     return info
 
@@ -459,10 +361,6 @@ def split_chunks(res: pa.Table) -> Iterator[tuple[int, int, pa.Table]]:
     cuts = np.flatnonzero(np.any(np.diff(tags, axis=0) != 0, axis=1)) + 1
     for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(tags)]]), strict=True):
         yield int(tags[a, 0]), int(tags[a, 1]), res.slice(a, b - a).drop_columns([_SHARD, _ROW])
-
-
-def predict_chunk_empty(instance_tasks=(), event_heads: bool = False) -> pa.Table:
-    return preds_schema(instance_tasks, event_heads).empty_table()
 
 
 def _write_preds(out: Location, i: int, table: pa.Table) -> dict:
@@ -508,20 +406,18 @@ def evaluate_dataset(
     matrix = np.zeros((len(names), len(names)), np.int64)
     removed: Counter = Counter()
     args = (actors, device, batch_events, max_points, limits, log, cpus_per_actor, Counter())
-    instances: dict[str, list[InstanceScores]] = {}
-    events: list = []  # a model with event heads: one row per scored event
+    outputs = output_names(record, model)
+    states: dict[str, list] = {name: [] for name in outputs}  # each output's evaluation state per chunk
     for _, _, res in _results(model, data, shards, "score", *args):
-        cols = [res.column(c).to_pylist() for c in ("cm", "counts", "instances", "events")]
-        for cm, counts, inst, rows in zip(*cols, strict=True):
-            events += json.loads(rows)
+        cols = [res.column(c).to_pylist() for c in ("cm", "counts", "outputs")]
+        for cm, counts, chunk_states in zip(*cols, strict=True):
             matrix += np.asarray(cm, np.int64).reshape(matrix.shape)
             removed.update(json.loads(counts))
-            for t, state in json.loads(inst).items():
-                instances.setdefault(t, []).append(InstanceScores.from_state(state))
+            for name, state in json.loads(chunk_states).items():
+                states[name].append(state)
     counts = {k: v for k, v in report(removed).items() if k != "task_seconds"}
     log(f"[raysvc] evaluated {counts.get('events_read', 0)} events ({counts.get('events_out', 0)} scored)")
     out = {"model": model.uri, "data": data.uri, "events": counts, **compute(matrix, names)}
-    if has_event_heads(model):  # ring count and PID, as a `rings` run's validation reports them
-        out |= event_scores(*(np.array(c) for c in zip(*events, strict=True)) if events else [np.zeros(0)] * 4)
-    # a panoptic model: its instance metrics per task, as its training run's validation reports them
-    return out | {t: InstanceScores.merged(parts).result() for t, parts in instances.items()}
+    for name in outputs:  # each output's figures, as its training run's validation reports them
+        out |= get_output(name).merge(record, states[name])
+    return out

@@ -73,6 +73,10 @@ class ExportedModel(BaseModel):
         None, description="a panoptic model's instance tasks: name -> {classes, decoder (MaskDecoderConfig)}"
     )
     postprocess: dict | None = Field(None, description="a panoptic model's PostprocessConfig")
+    outputs: list[str] | None = Field(
+        None, description="the output adapters (inference/outputs) of what it predicts beyond a class per point"
+    )
+    heads: dict[str, dict] = Field(default_factory=dict, description="an output's own settings, by output name")
     preprocess: PreprocessConfig
     step: int = 0
 
@@ -148,6 +152,15 @@ def load_record(loc: Location) -> ExportedModel:
         raise ValueError(f"{where}: not a valid export record: {e}") from e
 
 
+def output_names(record: ExportedModel, loc: Location) -> list[str]:
+    """The outputs an export carries: its record's `outputs`; for an export written before records named them, a
+    panoptic model's instances and the event heads found beside a segmenter."""
+    if record.outputs is not None:
+        return list(record.outputs)
+    legacy = ["instances"] if record.kind == "panoptic" else []
+    return legacy + (["event_heads"] if exists(loc.join(EVENT_HEADS)) else [])
+
+
 def load_export(loc: Location) -> tuple[dict[str, torch.Tensor], ExportedModel]:
     """(state dict, record) of an export."""
     record = load_record(loc)
@@ -191,6 +204,7 @@ def export_seeded_segmenter(
         detector=det.name,
         model=ModelSpec(size=size, head="dec", mode="scratch", overrides={"in_channels": det.in_channels}),
         class_names=list(det.class_names),
+        outputs=["event_heads"] if event_heads else [],
         preprocess=PreprocessConfig(**det.preprocess_fields()),
     )
     model = record.build()

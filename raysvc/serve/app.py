@@ -1,9 +1,9 @@
 """The Ray Serve segmentation endpoint: a FastAPI ingress over fine-tuned models exported by `raysvc finetune`.
 
 - `POST /v1/segment`: one event (JSON, .npz or Arrow IPC; see protocol.py) -> per-point class ids (-1 below the
-  energy threshold), optional softmax probabilities, the model id and timings; a panoptic model adds its
-  instances per task (per-point instance id and class, and the list of instances). The model is the one named by
-  the `X-Model-Id` header (several fine-tuned heads behind one endpoint), else the default.
+  energy threshold), optional softmax probabilities, the model id and timings, and a field per output adapter of
+  the model (inference/outputs: a panoptic model's `instances`, event heads' `event`, a plug-in's own). The model
+  is the one named by the `X-Model-Id` header (several fine-tuned heads behind one endpoint), else the default.
 - `GET /v1/models`: the loaded models; `GET /healthz`: liveness (no auth); `/docs`: OpenAPI.
 - Auth: `Authorization: Bearer <token>` on every /v1 route, compared in constant time. The token is read by each
   replica from RAYSVC_SERVE_TOKEN or the file RAYSVC_SERVE_TOKEN_FILE, never passed as an argument (arguments land
@@ -145,28 +145,6 @@ api = FastAPI(
 )
 
 
-def _regressed(got, i: int) -> dict:
-    """An instance's momentum / direction / vertex, as JSON numbers, when its head has regression outputs."""
-    return {k: (float(v) if k == "momentum" else [float(x) for x in v]) for k, v in got.values.get(i, {}).items()}
-
-
-def _instances_json(seg, result: dict) -> dict:
-    """A panoptic model's instances of one event, per task, as the response gives them."""
-    out = {}
-    for task in seg.instance_tasks:
-        got, names = result[task], seg.record.instances[task]["classes"]
-        out[task] = {
-            "instance": got.instance.tolist(),
-            "instance_class": got.instance_class.tolist(),
-            "classes": names,
-            "instances": [
-                {"id": i, "class_id": c, "class_name": names[c], "confidence": f, "points": n, **_regressed(got, i)}
-                for i, (c, f, n) in enumerate(zip(got.classes, got.confidence, got.points, strict=True))
-            ],
-        }
-    return out
-
-
 def _openapi() -> dict:
     if api.openapi_schema is None:
         api.openapi_schema = openapi.add_security(
@@ -246,10 +224,11 @@ class SegmentService:
                     "uri": self.uris[mid],
                     "classes": list(seg.class_names),
                     "detector": seg.detector.name,
-                    "event_heads": seg.event_heads is not None,
+                    "outputs": [o.name for o in seg.outputs],
                     "size": seg.record.model.size,
                     "mode": seg.record.model.mode,
                 }
+                | {k: v for o in seg.outputs for k, v in o.model_info().items()}
                 for mid, seg in self.models.items()
             ],
         }
@@ -295,9 +274,9 @@ class SegmentService:
             return _error(422, str(e))
         t1 = time.perf_counter()
         if self.cfg.batching:
-            classes, probs, instances, event_out = await self._infer_batch((model_id, event))
+            classes, probs, extra = await self._infer_batch((model_id, event))
         else:
-            classes, probs, instances, event_out = await asyncio.to_thread(self._infer_one, model_id, event)
+            classes, probs, extra = await asyncio.to_thread(self._infer_one, model_id, event)
         t2 = time.perf_counter()
         out = {
             "model": model_id,
@@ -307,10 +286,7 @@ class SegmentService:
         }
         if event.probabilities:
             out["probabilities"] = _json_probs(probs)
-        if instances is not None:
-            out["instances"] = instances
-        if event_out is not None:
-            out["event"] = event_out
+        out |= extra  # the outputs' fields (a panoptic model's `instances`, event heads' `event`, ...)
         out["timing_ms"] = {
             "receive": 1e3 * (t_body - t0),
             "parse": 1e3 * (t1 - t_body),
@@ -349,23 +325,16 @@ class SegmentService:
         return self._run(model_id, [event])[0]
 
     def _run(self, model_id: str, events: list[Event]) -> list[tuple]:
-        """(classes, probabilities or None, a panoptic model's instances or None, the event heads' outputs or
-        None) per event."""
+        """(classes, probabilities or None, {response field: value} of the model's outputs) per event."""
         seg = self.models[model_id]
         want = any(e.probabilities for e in events)
-        pairs = [(e.points, e.energies, e.times) for e in events]
-        if seg.instance_tasks:
-            res = seg.predict_events_panoptic(pairs, probabilities=want)
-            return [
-                (r["pred"], r["prob"] if e.probabilities else None, _instances_json(seg, r), None)
-                for r, e in zip(res, events, strict=True)
-            ]
-        if seg.event_heads is not None:
-            res = seg.predict_events_with_heads(pairs, probabilities=want)
-            return [(c, p if e.probabilities else None, None, ev) for (c, p, ev), e in zip(res, events, strict=True)]
-        out = seg.predict_events(pairs, probabilities=want)
-        classes, probs = out if want else (out, [None] * len(events))
-        return [(c, p if e.probabilities else None, None, None) for c, p, e in zip(classes, probs, events, strict=True)]
+        res = seg.predict_events_full([(e.points, e.energies, e.times) for e in events], probabilities=want)
+        answers = []
+        for r, e in zip(res, events, strict=True):
+            extra = {o.field: o.to_json(r[o.name]) for o in seg.outputs}
+            extra = {k: v for k, v in extra.items() if v is not None}
+            answers.append((r["pred"], r["prob"] if e.probabilities else None, extra))
+        return answers
 
     # ServeConfig's defaults here; each replica sets its config's values in __init__
     @serve.batch(

@@ -5,10 +5,11 @@ binary encodings and for parse errors in the endpoint's own words), so FastAPI c
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
+from raysvc.inference.outputs import all_outputs
 from raysvc.serve.protocol import ACCEPTED_DTYPES, ARROW, JSON, NPZ
 
 BEARER = "bearer"
@@ -37,36 +38,7 @@ class Timing(BaseModel):
     total: float
 
 
-class Instance(BaseModel):
-    id: int = Field(description="the instance's id in `instance` (0 = the highest score)")
-    class_id: int = Field(description="its class (index into `classes`)")
-    class_name: str
-    confidence: float = Field(description="class probability x mean mask probability")
-    points: int = Field(description="points assigned to it")
-    momentum: float | None = Field(None, description="|p| in MeV/c (a head with regression outputs)")
-    direction: list[float] | None = Field(None, description="unit vector the particle starts along")
-    vertex: list[float] | None = Field(None, description="where it starts, in voxel coordinates")
-
-
-class TaskInstances(BaseModel):
-    instance: list[int] = Field(description="instance id per point; -1: none (stuff, unclaimed, below threshold)")
-    instance_class: list[int] = Field(description="the class of the point's instance; -1: none")
-    classes: list[str] = Field(description="the task's instance classes")
-    instances: list[Instance]
-
-
-class EventTask(BaseModel):
-    classes: list[str]
-    probabilities: list[float] = Field(description="softmax over `classes`")
-    predicted: str
-
-
-class EventOutputs(BaseModel):
-    rings: EventTask = Field(description="number of rings: 1R, 2R, >=3R")
-    pid: EventTask = Field(description="particle type, meaningful for a single-particle event: electron, muon, pi0")
-
-
-class SegmentResponse(BaseModel):
+class SegmentResponseBase(BaseModel):
     model: str = Field(description="the model that answered")
     num_points: int
     classes: list[int] = Field(description="class id per point; -1 below the model's energy threshold")
@@ -74,13 +46,22 @@ class SegmentResponse(BaseModel):
     probabilities: list[list[float] | None] | None = Field(
         None, description="per point (null below the energy threshold), when asked for"
     )
-    instances: dict[str, TaskInstances] | None = Field(
-        None, description="a panoptic model's instances per task (particle: with its PID; interaction)"
-    )
-    event: EventOutputs | None = Field(
-        None, description="a model with event heads (task rings, water Cherenkov): ring count and PID of the event"
-    )
-    timing_ms: Timing
+
+
+def segment_response() -> type[BaseModel]:
+    """The answer's schema: the fields every model gives, then one optional field per registered output adapter
+    (plug-ins included), each with its own schema, then the timings."""
+    extra = {
+        o.field: (
+            (o.response_model if o.response_model is not None else Any) | None,
+            Field(None, description=o.description),
+        )
+        for o in all_outputs()
+    }
+    return create_model("SegmentResponse", __base__=SegmentResponseBase, **extra, timing_ms=(Timing, ...))
+
+
+SegmentResponse = segment_response()
 
 
 class ModelInfo(BaseModel):
@@ -88,7 +69,8 @@ class ModelInfo(BaseModel):
     uri: str
     classes: list[str]
     detector: str = Field(description="the detector whose events the model takes (lartpc, wch)")
-    event_heads: bool = Field(description="whether answers carry `event` (ring count and PID)")
+    outputs: list[str] = Field(description="its output adapters: what its answers carry beyond a class per point")
+    event_heads: bool = Field(False, description="whether answers carry `event` (ring count and PID)")
     size: str
     mode: str
 

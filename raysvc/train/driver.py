@@ -27,7 +27,7 @@ from raysvc.ray_init import init_ray
 from raysvc.storage import Location, absolute_uri, ensure_dir, resolve, write_bytes_atomic
 from raysvc.train import heap
 from raysvc.train.config import JobConfig, RunSection, ScalingSection
-from raysvc.train.tasks import TASKS, get_task
+from raysvc.train.tasks import get_task, task_names
 
 
 def load_job(path: str | None, sets: list[str] | None, default_task: str) -> JobConfig:
@@ -42,8 +42,8 @@ def load_job(path: str | None, sets: list[str] | None, default_task: str) -> Job
             raise ConfigError(f"{path}: cannot read config ({e})") from e
         task = raw.get("task", task) if isinstance(raw, dict) else task
     task = next((s.split("=", 1)[1].strip() for s in sets or [] if s.startswith("task=")), task)
-    if task not in TASKS:
-        raise ConfigError(f"{path or 'job'}: task {task!r} is not one of {sorted(TASKS)}")
+    if task not in task_names():
+        raise ConfigError(f"{path or 'job'}: task {task!r} is not one of {task_names()}")
     cls, expected = get_task(task), get_task(default_task).kind
     if cls.kind != expected:
         raise ConfigError(

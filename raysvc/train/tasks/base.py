@@ -116,3 +116,9 @@ class Task:
     def report_metrics(self) -> dict:
         """Metrics attached to each checkpoint report (besides step and loss)."""
         return {}
+
+    @classmethod
+    def outcome(cls, summary: dict) -> dict:
+        """What `raysvc pretrain` / `finetune` print of a finished run's summary.json: the run and its steps, and
+        the task's headline figures (subclasses add theirs)."""
+        return {"run": summary["uri"], "steps": summary["steps"]}

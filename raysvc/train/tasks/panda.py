@@ -258,6 +258,17 @@ class PandaTask(Task):
     history_keys = ("train", "monitor", "probe")
 
     @classmethod
+    def outcome(cls, summary: dict) -> dict:
+        if "probe" not in summary:
+            return super().outcome(summary)
+        probe = summary.get("probe") or {}
+        return super().outcome(summary) | {
+            "probe_pretrained_miou": probe.get("pretrained_miou"),
+            "probe_random_miou": probe.get("random_miou"),
+            "monitor": summary.get("last_monitor"),
+        }
+
+    @classmethod
     def prepare(cls, cfg: PretrainConfig, log) -> dict:
         inputs = prepare_pretraining(cfg)
         log(

@@ -35,7 +35,7 @@ from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.config import BackboneSection, JobConfig, RunSection
 from raysvc.train.plots import pretrain_png
 from raysvc.train.probe import ProbeConfig
-from raysvc.train.tasks.base import WorkerContext
+from raysvc.train.tasks.base import Task, WorkerContext
 from raysvc.train.tasks.panda import (
     PandaTask,
     PretrainConfig,
@@ -197,6 +197,18 @@ class CrossPandaTask(PandaTask):
     name = "panda-cross"
     kind = "pretrain"
     config = CrossPretrainConfig
+
+    @classmethod
+    def outcome(cls, summary: dict) -> dict:
+        """One backbone and probe per detector."""
+        out = Task.outcome(summary) | {"exports": summary["exports"], "batching": summary.get("batching")}
+        for name, p in (summary.get("probe") or {}).items():
+            if p:
+                out |= {
+                    f"probe_{name}_pretrained_miou": p["pretrained_miou"],
+                    f"probe_{name}_random_miou": p["random_miou"],
+                }
+        return out
 
     @classmethod
     def prepare(cls, cfg: CrossPretrainConfig, log) -> dict:

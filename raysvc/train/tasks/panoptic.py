@@ -115,6 +115,7 @@ def evaluate(model, batches: list[dict], cfg: PanopticConfig, device, world: int
 class PanopticTask(SegmentationTask):
     name = "panoptic"
     config = PanopticConfig
+    outputs = ("instances",)
 
     @classmethod
     def prepare(cls, cfg: PanopticConfig, log) -> dict:
@@ -143,6 +144,14 @@ class PanopticTask(SegmentationTask):
             seg.model_dump()
             | {"kind": "panoptic", "instances": instances, "postprocess": cfg.instances.postprocess.model_dump()}
         )
+
+    @classmethod
+    def outcome(cls, summary: dict) -> dict:
+        val = summary.get("val") or {}
+        tasks = [t for t in INSTANCE_TASKS if t in val]
+        return super().outcome(summary) | {
+            k: v for t in tasks for k, v in ((f"val_{t}_pq", val[t]["pq"]), (f"val_{t}_ari", val[t]["ari"]))
+        }
 
     @classmethod
     def curve_history(cls, history: dict) -> dict:

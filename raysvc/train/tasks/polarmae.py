@@ -152,6 +152,19 @@ class PolarMAETask(Task):
     history_keys = ("train", "probe")
 
     @classmethod
+    def outcome(cls, summary: dict) -> dict:
+        """The token probe's figures."""
+        probe = summary.get("probe") or {}
+        if "token_mean_f1" not in probe:
+            return super().outcome(summary)
+        return super().outcome(summary) | {
+            "probe_token_mean_f1": probe["token_mean_f1"],
+            "probe_random_token_mean_f1": probe.get("random_token_mean_f1"),
+            "probe_token_f1": probe.get("token_f1"),
+            "tokens": summary.get("tokens"),
+        }
+
+    @classmethod
     def prepare(cls, cfg: PolarMAEJob, log) -> dict:
         inputs = prepare_pretraining(cfg)
         train, probe = inputs["train_data"], inputs["probe_data"]

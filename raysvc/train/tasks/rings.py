@@ -83,6 +83,7 @@ def evaluate(model, batches: list[dict], cfg: RingsConfig, device, world: int, n
 class RingsTask(SegmentationTask):
     name = "rings"
     config = RingsConfig
+    outputs = ("event_heads",)
 
     @classmethod
     def prepare(cls, cfg: RingsConfig, log) -> dict:

@@ -216,6 +216,7 @@ class SegmentationTask(Task):
     kind = "finetune"
     config = FinetuneConfig
     history_keys = ("train", "val")
+    outputs: tuple[str, ...] = ()  # output adapters (inference/outputs) of what the export predicts beyond classes
 
     @classmethod
     def prepare(cls, cfg: FinetuneConfig, log) -> dict:
@@ -284,16 +285,24 @@ class SegmentationTask(Task):
 
     @classmethod
     def export_record(cls, cfg: FinetuneConfig, state: dict, inputs: dict) -> ExportedModel:
-        """What the export's config.json says of the model: a segmenter (a task with more heads adds to it)."""
+        """What the export's config.json says of the model: a segmenter with the task's output adapters (a task with
+        more heads adds to it)."""
         return ExportedModel(
             kind="segmenter",
             method=cls.name,
             detector=inputs["detector"],
             model=ModelSpec(**cfg.model.model_dump()),
             class_names=inputs["class_names"],
+            outputs=list(cls.outputs),
             preprocess=cfg.data.preprocess,
             step=state["step"],
         )
+
+    @classmethod
+    def outcome(cls, summary: dict) -> dict:
+        val = summary.get("val") or {}
+        sem = val.get("semantic", val)  # a panoptic run nests its semantic metrics
+        return super().outcome(summary) | {"val_miou": sem.get("miou"), "val_iou": sem.get("iou")}
 
     @classmethod
     def curve_history(cls, history: dict) -> dict:

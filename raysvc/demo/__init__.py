@@ -69,7 +69,7 @@ def _fresh(run_dir: Path) -> None:
 
 def _job(name: str) -> Path:
     """A job spec of the checkout the demo runs from (the demo runs the same jobs a user would)."""
-    job = Path(__file__).resolve().parents[1] / "jobs" / name
+    job = Path(__file__).resolve().parents[2] / "jobs" / name
     if not job.exists():
         raise FileNotFoundError(f"{job}: the demo runs this job spec; run the demo from a raysvc checkout")
     return job
@@ -212,10 +212,9 @@ def run_demo(
     from raysvc.data.streaming.pipeline import build_dataset
     from raysvc.data.tools.display import show_event
     from raysvc.data.tools.stats import inspect_dataset
+    from raysvc.demo.ingest import ExactSplitDataConfig, ingest_loop
     from raysvc.seaweed import SeaweedS3
     from raysvc.storage import resolve
-    from raysvc.train.data_config import ExactSplitDataConfig
-    from raysvc.train.ingest import ingest_loop
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

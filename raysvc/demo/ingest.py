@@ -1,7 +1,10 @@
-"""The simplest Ray Train loop: each worker streams its split of the events and counts what it saw.
+"""The demo's ingest check, the simplest Ray Train loop: each worker streams its split of the events and counts what
+it saw, proving the data plane end to end (Ray Data -> streaming_split -> Train workers -> DDP collectives). Rank 0
+reports the gathered totals.
 
-Proves the data plane end to end (Ray Data -> streaming_split -> Train workers -> DDP collectives) before any model
-exists, and is the demo's stage for now. Rank 0 reports the gathered totals.
+Ray Train's default DataConfig splits with `streaming_split(equal=True)`, which silently drops up to world_size - 1
+rows per pass to make the splits equal. `ExactSplitDataConfig` splits with equal=False instead, so that the check
+can see every event arrive exactly once.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray.train
 import torch
 import torch.distributed as dist
 
@@ -18,8 +22,6 @@ from raysvc.data.streaming.pipeline import iter_packed
 
 
 def ingest_loop(config: dict) -> None:
-    import ray.train
-
     shard = ray.train.get_dataset_shard("train")
     ctx = ray.train.get_context()
     ids: list[int] = []
@@ -69,3 +71,22 @@ def ingest_loop(config: dict) -> None:
         ray.train.report(
             {k: v for k, v in summary.items() if k != "event_ids"}, checkpoint=ray.train.Checkpoint.from_directory(d)
         )
+
+
+class ExactSplitDataConfig(ray.train.DataConfig):
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        to_split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in to_split:
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = split
+            else:
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
+        return output
