@@ -240,13 +240,13 @@ def semseg_tables(runs: Path) -> dict[str, str]:
         return [val["miou"], *(val["iou"][c] for c in SEMSEG_CLASSES)]
 
     means, rows, miou = [], [], {}
-    arms = {**{label: [f"{p}-s{s}" for s in SEEDS] for label, p in SEMSEG_ARMS.items()}, SEMSEG_EARLIER[0]: None}
-    for label, seeded in arms.items():
-        per_run = [figs(r) for r in seeded] if seeded else [figs(SEMSEG_EARLIER[1])]
-        if seeded:
-            rows += [[label, str(s), *(f"{v:.3f}" for v in f)] for s, f in zip(SEEDS, per_run, strict=True)]
-            miou[label] = [f[0] for f in per_run]
-        means.append([label, str(len(per_run)), *(_mean_sd(list(col)) for col in zip(*per_run, strict=True))])
+    for label, prefix in SEMSEG_ARMS.items():
+        per_run = [figs(f"{prefix}-s{s}") for s in SEEDS]
+        rows += [[label, str(s), *(f"{v:.3f}" for v in f)] for s, f in zip(SEEDS, per_run, strict=True)]
+        miou[label] = [f[0] for f in per_run]
+        means.append([label, str(len(SEEDS)), *(_mean_sd(list(col)) for col in zip(*per_run, strict=True))])
+    label, run = SEMSEG_EARLIER  # one seed: in the means table only
+    means.append([label, "1", *(f"{v:.3f}" for v in figs(run))])
     head = ["val mIoU", *SEMSEG_CLASSES.values()]
     (a, xa), (b, xb) = miou.items()
     t = ttest_ind(xb, xa, equal_var=False)
