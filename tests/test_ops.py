@@ -1,4 +1,4 @@
-"""Point-cloud ops against brute-force references (issue #3, first part)."""
+"""Point-cloud ops against brute-force references."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Two raysvc jobs on one machine, each with its own private Ray, as a user runs them: two fine-tunes at once, and a
 pretraining beside a serving endpoint. Each ends with the weights it gets alone, no placement group is removed, and
-no process of either Ray finds "multiple active Ray instances" (before the fix, Ray Train's PlacementGroupCleaner of
-one run asked the other Ray's State API about its controller, was told it was gone, and removed the healthy run's
-placement group)."""
+no process of either Ray finds "multiple active Ray instances" (a process that sees both lets one run's Ray Train
+PlacementGroupCleaner ask the other Ray's State API about its controller, hear that it is gone, and remove the
+healthy run's placement group)."""
 
 from __future__ import annotations
 

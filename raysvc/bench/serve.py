@@ -12,7 +12,7 @@ on the same events, all in one run.
    Batching gain = throughput with batching / without, at each concurrency.
 4. With --kill-replica: the replica is SIGKILLed under load at the highest concurrency; the error budget (failed
    requests by status, wrong answers, time until Serve answers again) is reported beside the figures above.
-Aims (issue #7): overhead <= 5 ms, batching >= 1.5x at concurrency 8, no errors.
+Aims: overhead <= 5 ms, batching >= 1.5x at concurrency 8, no errors.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 # Each fault test of tests/test_faults.py run with the protection it covers taken out of the code: every one must
 # fail. Run from the repository root with the venv active (`make test` builds it), one mutation at a time; each file
 # is restored from a copy afterwards, and a file that is not restored is reported. Takes ~25 min on 2 cores.
-#   bash results/reliability/remove-protections.sh [NAME ...]      # default: every mutation below
+#   bash tests/remove-protections.sh [NAME ...]      # default: every mutation below
 # Output: one line per mutation (pytest's verdict), logs in runs/remove-protections/.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 out=runs/remove-protections
 mkdir -p "$out"
 
