@@ -33,3 +33,41 @@ def load_plugins() -> None:
         except Exception as e:  # any failure in someone else's module: say which plug-in, keep the cause
             _loaded.discard(key)
             raise ImportError(f"raysvc plug-in {key!r} (from {where}) failed to import: {e}") from e
+
+
+class Registry:
+    """Named classes or values of one kind (tasks, output adapters, detectors): raysvc's own as "module:attr"
+    strings, imported when first asked for, and those plug-ins register. An unknown name loads the plug-ins once
+    more before it is an error listing the known names."""
+
+    def __init__(self, kind: str, entries: dict[str, object]):
+        self.kind, self.entries = kind, dict(entries)
+
+    def register(self, name: str, value: object) -> None:
+        """Add `value` as `name`; a name another value holds already is an error."""
+        known = self.entries.get(name)
+        path = f"{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}"
+        if known is not None and known is not value and known != path:
+            raise ValueError(f"{self.kind} {name!r} is registered already ({known})")
+        self.entries[name] = value
+
+    def get(self, name: str):
+        if name not in self.entries:
+            load_plugins()
+        if name not in self.entries:
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; known: {sorted(self.entries)} (a plug-in's: is it in {ENV}?)"
+            )
+        entry = self.entries[name]
+        if isinstance(entry, str):
+            module, attr = entry.split(":")
+            entry = self.entries[name] = getattr(importlib.import_module(module), attr)
+        return entry
+
+    def names(self) -> list[str]:
+        """Every registered name, plug-ins included."""
+        load_plugins()
+        return sorted(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
