@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysvc.data.contract.detectors import LARTPC, WCH
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.contract.detectors.wch import WCH
 from raysvc.data.contract.schema import (
     EVENT_SCHEMA,
     check_columns,

@@ -89,16 +89,23 @@ def cmd_subset(a: argparse.Namespace) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from raysvc.data.contract.detectors import DEFAULT_DETECTOR, DETECTORS
+
     data = sub.add_parser("data", help="generate, convert, inspect, show and verify event datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    g = dsub.add_parser("generate", help="synthetic LArTPC or water Cherenkov events -> shards")
-    g.add_argument("--detector", default="lartpc", choices=["lartpc", "wch"], help="which detector's events")
+    g = dsub.add_parser("generate", help="synthetic events of a detector (LArTPC, water Cherenkov, ...) -> shards")
+    g.add_argument(
+        "--detector",
+        default=DEFAULT_DETECTOR,
+        choices=sorted(name for name, d in DETECTORS.items() if d.generator is not None),  # those with a generator
+        help="which detector's events",
+    )
     g.add_argument("--events", type=int, required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="file:///path, a path, or s3://bucket/prefix")
     g.add_argument("--shard-events", type=int, default=500)
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes")
-    g.add_argument("--config", help="YAML with generator settings (GeneratorConfig, or WChGeneratorConfig for wch)")
+    g.add_argument("--config", help="YAML with the detector's generator settings (lartpc: GeneratorConfig)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a generator setting")
     g.set_defaults(fn=cmd_generate)
     c = dsub.add_parser("convert", help="PILArNet-M HDF5 files -> shards")

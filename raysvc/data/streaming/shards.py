@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysvc import __version__
-from raysvc.data.contract.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, DETECTORS, PLUGINS_ENV, Detector, get_detector
 from raysvc.data.contract.schema import (
     EVENT_SCHEMA,
     OPTIONAL_COLUMNS,
@@ -190,7 +190,11 @@ def load_manifest(root: Location) -> Manifest:
     if not isinstance(detector, str) or detector not in DETECTORS:
         known = sorted(DETECTORS)
         raise EventDataError(
-            where.uri, f"unknown detector {detector!r}; known detectors: {known}", field="detector", kind="manifest"
+            where.uri,
+            f"unknown detector {detector!r}; known detectors: {known} (a detector of another package: install it, "
+            f"or name its module in {PLUGINS_ENV})",
+            field="detector",
+            kind="manifest",
         )
     try:
         shards = [ShardRecord(**s) for s in d["shards"]]

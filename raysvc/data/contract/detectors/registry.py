@@ -1,0 +1,70 @@
+"""The detector registry: name -> Detector. Every process fills it the same way when it first imports the detectors
+package (`load_detectors`), so that a dataset or model naming a detector reads the same in the CLI, its
+subprocesses, Ray's read tasks and Train workers, and a Serve replica."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from importlib.metadata import entry_points
+
+from raysvc.data.contract.detectors.base import Detector
+
+DETECTORS: dict[str, Detector] = {}
+DEFAULT_DETECTOR = "lartpc"  # what manifests and exports written before they named a detector hold
+
+# Installed packages register detectors under this entry-point group, naming a Detector value ("pkg.mod:TOY") or a
+# module that calls register_detector when imported.
+ENTRY_POINT_GROUP = "raysvc.detectors"
+# Comma-separated modules imported at registry load (each calls register_detector): detectors that are not installed
+# as a package (a test's, a notebook's). Ray's local workers and CLI subprocesses inherit it with the environment.
+PLUGINS_ENV = "RAYSVC_PLUGINS"
+
+_BUILTIN = "raysvc.data.contract.detectors"
+
+
+def register_detector(detector: Detector) -> Detector:
+    """Make `detector` known by its name (returns it, so a module can write `X = register_detector(Detector(...))`).
+    Registering the same record again is a no-op; another record under a taken name is an error."""
+    if not isinstance(detector, Detector):
+        raise TypeError(f"register_detector takes a Detector, got {type(detector).__name__}")
+    known = DETECTORS.get(detector.name)
+    if known is not None and known != detector:
+        raise ValueError(f"another detector is registered as {detector.name!r} already")
+    DETECTORS[detector.name] = detector
+    return detector
+
+
+def get_detector(name: str | None) -> Detector:
+    """The registered Detector called `name` (None: the default, LArTPC); an unknown name is an error listing the
+    known ones."""
+    name = name or DEFAULT_DETECTOR
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown detector {name!r}; known: {sorted(DETECTORS)} (a detector of another package: install it, or "
+            f"name its module in {PLUGINS_ENV})"
+        ) from None
+
+
+def load_detectors() -> None:
+    """Register raysvc's own detectors (each module of this package registers its record when imported), then those
+    of the `raysvc.detectors` entry points, then the modules named in RAYSVC_PLUGINS."""
+    for mod in pkgutil.iter_modules(importlib.import_module(_BUILTIN).__path__):
+        if mod.name not in ("base", "registry"):
+            importlib.import_module(f"{_BUILTIN}.{mod.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:
+            raise ImportError(f"entry point {ep.name} = {ep.value!r} ({ENTRY_POINT_GROUP}): {e}") from e
+        if isinstance(obj, Detector):
+            register_detector(obj)
+    for name in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if name:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise ImportError(f"{PLUGINS_ENV}: cannot import {name!r}: {e}") from e
