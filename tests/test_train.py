@@ -269,6 +269,7 @@ def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, t
             "train.backbone_lr_scale=1.0",
         ],
     )
+    cfg.data.resolve_preprocess()  # the dataset's frame, as a run's prepare sets it
     torch.manual_seed(0)
     init = SegModel(preset("tiny"), len(CLASS_NAMES)).state_dict()
     model = build_model(cfg, len(CLASS_NAMES), init)
