@@ -1,0 +1,1 @@
+"""Detectors defined outside raysvc, for the plug-in tests (RAYSVC_PLUGINS=tests.plugins.<module>)."""
