@@ -122,7 +122,7 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     model.load_state_dict(state)
     model.eval()
     cm = ConfusionMatrix(len(CLASS_NAMES))
-    pre = cfg.val_data.preprocess
+    pre = record.preprocess  # the run's, as its export states it
     with torch.no_grad():
         for batch in DirectStream(DataConfig(uri=str(seg_data / "val"))).iter_packed(4):
             x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
