@@ -102,6 +102,7 @@ def test_a_plugin_detector_decides_its_preprocessing_and_generator(registry):
 
 
 def test_generate_inspect_show_verify_through_the_cli(tmp_path):
+    assert "lartpc, toy, wch" in raysvc("data", "generate", "--help").stdout  # the choices are the registry's
     out = str(tmp_path / "toy")
     raysvc("data", "generate", "--detector", "toy", "--events", "6", "--seed", "1", "--out", out, "--shard-events", "3")
     assert json.loads((tmp_path / "toy" / "manifest.json").read_text())["detector"] == "toy"

@@ -10,7 +10,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from raysvc.data.contract.detectors import DETECTORS, get_detector, load_ref
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, DETECTORS, get_detector, load_ref
 from raysvc.data.contract.schema import table_from_events
 from raysvc.data.streaming.shards import Manifest, write_dataset
 from raysvc.storage import Location
@@ -45,7 +45,7 @@ def generate_dataset(
     cfg: BaseModel | None = None,
     workers: int = 1,
     show_progress: bool = True,
-    detector: str = "lartpc",
+    detector: str = DEFAULT_DETECTOR,
 ) -> Manifest:
     """Generate `events` events (ids 0..events-1) of `detector` into shards of `shard_events`; identical for any
     sharding. `cfg` is that detector's generator settings (default: its defaults)."""

@@ -248,6 +248,7 @@ class SegmentationTask(Task):
                     f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
                     f"{init.model.grid_voxels} voxels that {cfg.model.init} was trained on"
                 )
+        # the encoder takes what the data carries (xyz + the detector's features) unless the job says otherwise
         cfg.model.overrides = with_input_channels(
             cfg.model.arch, cfg.model.size, cfg.model.overrides, detector.in_channels
         )
