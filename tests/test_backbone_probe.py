@@ -68,8 +68,8 @@ def test_cli_probe_of_a_random_ptv3_matches_the_online_probe(val_data, tmp_path)
     torch.manual_seed(3)
     backbone = PTv3(preset("tiny"))
     cfg = DataConfig(uri=str(val_data))
-    pre = cfg.preprocess
     train, val = probe_batches(DirectStream(cfg).tables(), 5, 5, "val")
+    pre = cfg.preprocess  # as the stream resolved it against the dataset's detector
     cpu = torch.device("cpu")
     names = list(get_detector("lartpc").class_names)
     want = run_probe(

@@ -134,6 +134,7 @@ def test_pretrain_writes_the_token_probe_and_an_encoder_export(straight, mae_dat
 
     # the token probe, redone here on the exported encoder and the same held-out events, gives the reported figure
     cfg = _cfg(mae_data, root, "straight")
+    cfg.data.resolve_preprocess()  # the dataset's frame (the tokens' radius is in its units), as the run's prepare
     model = PolarMAE(cfg.network)
     model.encoder.load_state_dict(state)
     probe_train, probe_val = probe_batches(DirectStream(DataConfig(uri=str(mae_data / "val"))).tables(), 4, 4, "v")

@@ -122,7 +122,7 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     model.load_state_dict(state)
     model.eval()
     cm = ConfusionMatrix(len(CLASS_NAMES))
-    pre = cfg.val_data.preprocess
+    pre = record.preprocess  # the run's, as its export states it
     with torch.no_grad():
         for batch in DirectStream(DataConfig(uri=str(seg_data / "val"))).iter_packed(4):
             x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
@@ -269,6 +269,7 @@ def test_held_encoder_gets_no_update_no_decay_and_no_optimizer_state(seg_data, t
             "train.backbone_lr_scale=1.0",
         ],
     )
+    cfg.data.resolve_preprocess()  # the dataset's frame, as a run's prepare sets it
     torch.manual_seed(0)
     init = SegModel(preset("tiny"), len(CLASS_NAMES)).state_dict()
     model = build_model(cfg, len(CLASS_NAMES), init)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raysvc.data.contract.detectors import LARTPC
 from raysvc.data.contract.schema import EventDataError, table_from_events
 from raysvc.data.streaming.transforms import PreprocessConfig, log_energy, preprocess_table, report
 from tests.conftest import make_event
@@ -61,7 +62,7 @@ def test_matches_reference(seed, min_points, remove_led, threshold):
 
 
 def test_log_energy_endpoints():
-    cfg = PreprocessConfig()
+    cfg = PreprocessConfig().resolved(LARTPC)
     np.testing.assert_allclose(log_energy(np.array([0.0, 20.0]), cfg), [-1.0, 1.0], atol=1e-6)
 
 
@@ -108,9 +109,7 @@ def test_subset_filter_counted():
 def test_detector_drives_checks_and_led_removal():
     from dataclasses import replace
 
-    from raysvc.data.contract.detectors import LARTPC
-
-    default = PreprocessConfig()
+    default = PreprocessConfig().resolved(LARTPC)
     assert (default.center, default.scale, default.volume) == (LARTPC.center, LARTPC.scale, LARTPC.extent)
     rng = np.random.default_rng(3)
     events = [make_event(i, 40, rng) for i in range(3)]
@@ -137,3 +136,28 @@ def test_detector_drives_checks_and_led_removal():
     assert LARTPC.label_classes(True) == LARTPC.class_names[:4] and LARTPC.label_classes() == LARTPC.class_names
     with pytest.raises(ValueError, match="detector 'none' has no stuff class"):
         preprocess_table(other, cfg, "shard", detector=replace(toy, name="none", stuff_class=None))
+
+
+def test_unset_fields_resolve_to_the_detector_and_set_ones_win():
+    """LArTPC's resolved values are the defaults preprocessing had before they moved to the detector; the water
+    Cherenkov tank's are what its jobs used to state by hand; a job's own value wins over the detector's."""
+    from raysvc.data.contract.detectors.wch import WCH
+
+    fields = ("energy_threshold", "min_points", "center", "scale", "log_emax", "volume")
+    assert all(getattr(PreprocessConfig(), k) is None for k in fields)
+    lartpc = PreprocessConfig().resolved(LARTPC)
+    assert {k: getattr(lartpc, k) for k in fields} == {
+        "energy_threshold": 0.13,
+        "min_points": 1024,
+        "center": 384.0,
+        "scale": 768 * math.sqrt(3) / 2,
+        "log_emax": 20.0,
+        "volume": 768.0,
+    }
+    assert (lartpc.log_m, lartpc.time_scale_ns, lartpc.time_cap_ns, lartpc.remove_led) == (0.01, 50.0, 4000.0, False)
+    # the block the WCh jobs repeated before the detector stated it
+    block = {"center": 1850, "scale": 1810, "volume": 3700, "energy_threshold": 0.0, "min_points": 16, "log_emax": 50}
+    assert PreprocessConfig().resolved(WCH) == PreprocessConfig(**block)
+    mine = PreprocessConfig(min_points=4, center=10.0).resolved(WCH)
+    assert (mine.min_points, mine.center, mine.scale) == (4, 10.0, 1810.0)
+    assert mine.resolved(LARTPC) is mine  # nothing left to fill: resolved once, for good

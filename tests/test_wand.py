@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysvc.data.contract.detectors import WCH
+from raysvc.data.contract.detectors.wch import WCH
 from raysvc.data.sources.wand import WandFormatError, convert, tank_frame
 from raysvc.data.sources.wch_generator import CATEGORIES, WChGeneratorConfig, generate_wch_event, pmt_layout, to_cube
 from raysvc.data.streaming.shards import load_manifest, read_shard

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysvc.data.contract.detectors import LARTPC, WCH
+from raysvc.data.contract.detectors import LARTPC
+from raysvc.data.contract.detectors.wch import WCH
 from raysvc.data.contract.schema import (
     EVENT_SCHEMA,
     check_columns,
@@ -113,12 +114,14 @@ def test_log_time_matches_a_hand_calculation():
     assert got.min() == -1.0 and got.max() == 1.0  # first hit -> -1, capped late hit -> +1
 
 
-def test_preprocessing_a_tank_with_lartpc_settings_names_what_to_set(wch_data):
+def test_a_tank_takes_its_own_frame_and_lartpc_settings_given_by_hand_name_what_to_set(wch_data):
     table = read_shard(wch_data, load_manifest(wch_data).shards[0])
-    with pytest.raises(ValueError, match=r"volume is 768 .* 'wch' .*volume: 3700"):
-        preprocess_table(table, PreprocessConfig(), "shard", detector=WCH)
+    with pytest.raises(ValueError, match=r"volume is 768 .* 'wch' .*leave preprocess.center, scale and volume unset"):
+        preprocess_table(table, PreprocessConfig(**LARTPC.preprocess_fields()), "shard", detector=WCH)
     out, counts = preprocess_table(table, WCH_PRE, "shard", detector=WCH)
     assert counts["out"] == 2 and out.num_rows == 2
+    # left unset, the frame and the cuts are the tank's (WCH_PRE states them by hand)
+    assert preprocess_table(table, PreprocessConfig(min_points=1), "shard", detector=WCH)[0].equals(out)
     norm = flat_values(out, "time")
     raw = flat_values(table, "time")
     np.testing.assert_allclose(

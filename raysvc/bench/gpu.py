@@ -424,6 +424,7 @@ def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: 
         str(POLARMAE_JOB),
         [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps + warmup}"],
     )
+    cfg.data.resolve_preprocess()  # the network's radius is in the data's normalised units
     net, cpu = cfg.network, torch.device("cpu")
     torch.manual_seed(0)
     model = PolarMAE(net).eval()

@@ -94,7 +94,7 @@ class ExportedModel(BaseModel):
             method="panda" if backbone else "segmentation",
         )
         data.pop("num_classes", None)
-        data.setdefault("preprocess", {})  # the defaults, which every export made before had
+        data.setdefault("preprocess", {})  # the defaults every export made before had: LArTPC's, resolved below
         return data
 
     @model_validator(mode="after")
@@ -104,7 +104,9 @@ class ExportedModel(BaseModel):
                 f"format_version {self.format_version} is newer than this raysvc reads "
                 f"({FORMAT_VERSION}): upgrade raysvc"
             )
-        get_detector(self.detector)
+        # the preprocessing is stated in full: a field a job left to the detector is recorded with the detector's
+        # value, so predict, evaluate and the endpoint prepare events as training did, whatever the defaults become
+        self.preprocess = self.preprocess.resolved(get_detector(self.detector))
         if self.kind in ("segmenter", "panoptic") and (not self.class_names or self.model.head is None):
             raise ValueError(f"a {self.kind} record needs class_names and model.head")
         if self.kind == "panoptic" and not self.instances:
@@ -205,7 +207,7 @@ def export_seeded_segmenter(
         model=ModelSpec(size=size, head="dec", mode="scratch", overrides={"in_channels": det.in_channels}),
         class_names=list(det.class_names),
         outputs=["event_heads"] if event_heads else [],
-        preprocess=PreprocessConfig(**det.preprocess_fields()),
+        preprocess=PreprocessConfig(),  # the detector's
     )
     model = record.build()
     save_export(loc, model.state_dict(), record)

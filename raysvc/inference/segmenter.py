@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raysvc.data.contract.detectors import DETECTORS, get_detector
+from raysvc.data.contract.detectors import detector_names, get_detector
 from raysvc.data.contract.schema import LABEL_FIELDS, WrongDetector, flat_values, table_from_events, validate_table
 from raysvc.data.streaming.collate import collate_packed
 from raysvc.data.streaming.transforms import preprocess_table
@@ -118,11 +118,11 @@ class Segmenter:
         """An event said to be from `detector` (None: from this model's) with or without hit times: WrongDetector
         naming both detectors when it is another detector's, or when it brings times this detector has none of."""
         if detector is not None and detector != self.detector.name:
-            known = ", ".join(sorted(DETECTORS))
-            what = f"a {detector} event" if detector in DETECTORS else f"an event of unknown detector {detector!r}"
+            names = detector_names()
+            what = f"a {detector} event" if detector in names else f"an event of unknown detector {detector!r}"
             raise WrongDetector(
                 f"detector mismatch: the model {self.model_id} serves {self.detector.name} events, this request is "
-                f"{what} (detectors: {known}); send it to a model trained on {detector} events"
+                f"{what} (detectors: {', '.join(names)}); send it to a model trained on {detector} events"
             )
         if times_given and not self.detector.has_time:
             raise WrongDetector(f"times: {self.detector.name} events carry no hit times; send points and energies only")

@@ -31,3 +31,12 @@ def check_size(arch: str, size: str) -> None:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     if size not in ARCHS[arch].presets:
         raise ValueError(f"size of a {arch} model must be one of {sorted(ARCHS[arch].presets)}, got {size!r}")
+
+
+def with_input_channels(arch: str, size: str, overrides: dict, channels: int) -> dict:
+    """`overrides` with `in_channels` = `channels` (the data's: xyz + the detector's feature channels) where they
+    leave it unset and the preset's differs, so that a job need not repeat its detector's channels and the records
+    of jobs that matched the preset stay as they were. An `in_channels` the job sets stays."""
+    if "in_channels" in overrides or ARCHS[arch].config(size, **overrides).in_channels == channels:
+        return overrides
+    return {**overrides, "in_channels": channels}

@@ -1,1 +1,2 @@
-"""Plug-ins that tests register through RAYSVC_PLUGINS: a head and a detector defined outside raysvc/."""
+"""Plug-ins that tests register through RAYSVC_PLUGINS=tests.plugins.<module>: a head and a detector defined
+outside raysvc/."""

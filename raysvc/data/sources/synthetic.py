@@ -10,24 +10,24 @@ import pyarrow as pa
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, detector_names, get_detector, load_ref
 from raysvc.data.contract.schema import table_from_events
-from raysvc.data.sources.lartpc_generator import GeneratorConfig, generate_event
-from raysvc.data.sources.wch_generator import WChGeneratorConfig, generate_wch_record
 from raysvc.data.streaming.shards import Manifest, write_dataset
 from raysvc.storage import Location
 
-# Per detector: its generator's settings and the function that draws event `index` of a seed as an event-table row.
-GENERATORS: dict[str, tuple[type[BaseModel], Callable]] = {
-    "lartpc": (GeneratorConfig, generate_event),
-    "wch": (WChGeneratorConfig, generate_wch_record),
-}
+
+def generating_detectors() -> list[str]:
+    """The registered detectors that have an event generator."""
+    return [name for name in detector_names() if get_detector(name).generator is not None]
 
 
 def generator_for(detector: str) -> tuple[type[BaseModel], Callable]:
-    try:
-        return GENERATORS[detector]
-    except KeyError:
-        raise ValueError(f"no event generator for detector {detector!r}; known: {sorted(GENERATORS)}") from None
+    """(settings class, draw function) of `detector`'s generator, as its Detector record names them: the function
+    draws event `index` of a seed as an event-table row."""
+    gen = get_detector(detector).generator
+    if gen is None:
+        raise ValueError(f"no event generator for detector {detector!r}; detectors with one: {generating_detectors()}")
+    return load_ref(gen.config), load_ref(gen.draw)
 
 
 def _shard_table(i: int, *, cfg: BaseModel, seed: int, events: int, shard_events: int, detector: str) -> pa.Table:
@@ -45,7 +45,7 @@ def generate_dataset(
     cfg: BaseModel | None = None,
     workers: int = 1,
     show_progress: bool = True,
-    detector: str = "lartpc",
+    detector: str = DEFAULT_DETECTOR,
 ) -> Manifest:
     """Generate `events` events (ids 0..events-1) of `detector` into shards of `shard_events`; identical for any
     sharding. `cfg` is that detector's generator settings (default: its defaults)."""

@@ -37,7 +37,7 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raysvc.data.contract.detectors import WCH
+from raysvc.data.contract.detectors.wch import WCH
 from raysvc.data.sources.physics import isotropic, range_table
 
 N_WATER = 1.33

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raysvc.data.contract.detectors import Detector
+from raysvc.data.streaming.shards import load_manifest
 from raysvc.data.streaming.transforms import PreprocessConfig
 from raysvc.storage import Location, S3Options, resolve
 
@@ -45,3 +47,13 @@ class DataConfig(BaseModel):
 
     def location(self) -> Location:
         return resolve(self.uri, S3Options(endpoint_url=self.s3_endpoint_url))
+
+    def resolve_preprocess(self, detector: Detector | None = None) -> Detector:
+        """Fill the `preprocess` fields this config leaves unset with `detector`'s values, by default those of the
+        dataset's detector (its manifest's), in place; returns that detector. `prepared.prepare` does it before any
+        read, so code that takes the values from a job config after it (a task's workers, its export) sees the
+        values the events are prepared with."""
+        if detector is None:
+            detector = load_manifest(self.location()).detector_spec
+        self.preprocess = self.preprocess.resolved(detector)
+        return detector

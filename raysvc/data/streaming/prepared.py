@@ -35,9 +35,13 @@ class Prepared:
 
 
 def prepare(cfg: DataConfig) -> Prepared:
-    """Resolve, load and preflight the manifest, pick the subset. Fails fast, on the driver, naming the problem."""
+    """Resolve, load and preflight the manifest, pick the subset. Fails fast, on the driver, naming the problem.
+
+    `cfg.preprocess` is resolved here, in place, against the manifest's detector (`DataConfig.resolve_preprocess`):
+    the job config the workers get, summary.json and an export's record then hold the values used."""
     root = cfg.location()
     manifest = load_manifest(root)
+    cfg.resolve_preprocess(manifest.detector_spec)
     if not manifest.shards:
         raise ValueError(f"{root.uri}: the manifest lists no shards")
     problems = preflight(root, manifest)

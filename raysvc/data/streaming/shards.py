@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysvc import __version__
-from raysvc.data.contract.detectors import DEFAULT_DETECTOR, DETECTORS, Detector, get_detector
+from raysvc.data.contract.detectors import DEFAULT_DETECTOR, PLUGINS_ENV, Detector, detector_names, get_detector
 from raysvc.data.contract.schema import (
     EVENT_SCHEMA,
     OPTIONAL_COLUMNS,
@@ -187,10 +187,14 @@ def load_manifest(root: Location) -> Manifest:
             kind="manifest",
         )
     detector = d.get("detector", DEFAULT_DETECTOR)  # absent: written before manifests named their detector
-    if not isinstance(detector, str) or detector not in DETECTORS:
-        known = sorted(DETECTORS)
+    if not isinstance(detector, str) or detector not in detector_names():
+        known = detector_names()
         raise EventDataError(
-            where.uri, f"unknown detector {detector!r}; known detectors: {known}", field="detector", kind="manifest"
+            where.uri,
+            f"unknown detector {detector!r}; known detectors: {known} (a detector of another package: install it, "
+            f"or name its module in {PLUGINS_ENV})",
+            field="detector",
+            kind="manifest",
         )
     try:
         shards = [ShardRecord(**s) for s in d["shards"]]

@@ -1,9 +1,11 @@
 """Reference preprocessing on Arrow event tables, vectorised over flat list values (no per-event Python loop).
 
-Same code for training (inside Ray Data tasks), the direct reader and, later, serving. Constants are Panda's
-(docs/methods.md, "Data"): energy threshold 0.13, min 1024 points, log-energy with m = 0.01, Emax = 20 into [-1, 1]
-(not clipped above Emax, so the rare very dense voxel keeps its information); centre, scale and volume default to
-LArTPC's (centre 384, scale 768*sqrt(3)/2, volume 768), from its Detector record.
+Same code for training (inside Ray Data tasks), the direct reader and serving. The coordinate frame (centre, scale,
+volume) and the cuts (energy threshold, minimum points, Emax of the log scale) are the dataset's detector's unless a
+job sets them: a PreprocessConfig leaves them None until `resolved` against the detector that the manifest (or an
+export's record) names. LArTPC's are Panda's (docs/methods.md, "Data"): threshold 0.13, min 1024 points, log-energy
+with m = 0.01 and Emax = 20 into [-1, 1] (not clipped above Emax, so the rare very dense voxel keeps its information),
+centre 384, scale 768*sqrt(3)/2, volume 768.
 """
 
 from __future__ import annotations
@@ -31,31 +33,46 @@ from raysvc.data.contract.schema import (
 
 
 class PreprocessConfig(BaseModel):
-    """Cuts and normalisation applied to every event before it reaches a model."""
+    """Cuts and normalisation applied to every event before it reaches a model. The fields left None take the
+    dataset's detector's values (`resolved`); a value set here wins."""
 
     model_config = ConfigDict(extra="forbid")
-    energy_threshold: float = Field(0.13, ge=0, description="drop points with energy <= this (MeV)")
-    min_points: int = Field(1024, ge=1, description="drop events with fewer points after the cuts")
+    energy_threshold: float | None = Field(
+        None, ge=0, description="drop points with energy <= this (the detector's energy unit); None: the detector's"
+    )
+    min_points: int | None = Field(
+        None, ge=1, description="drop events with fewer points after the cuts; None: the detector's"
+    )
     remove_led: bool = Field(
         False, description="drop the detector's stuff class, LArTPC's class-4 low-energy depositions (PoLAr-MAE does)"
     )
-    center: float = Field(LARTPC.center, description="coordinate centre (voxels)")
-    scale: float = Field(LARTPC.scale, gt=0, description="coordinate scale: unit sphere")
+    center: float | None = Field(None, description="coordinate centre (the detector's units); None: the volume's")
+    scale: float | None = Field(None, gt=0, description="coordinate scale; None: the detector's (LArTPC: unit sphere)")
     log_m: float = Field(0.01, gt=0)
-    log_emax: float = Field(20.0, gt=0)
-    volume: float = Field(LARTPC.extent, gt=0, description="coordinates must lie in [0, volume)")
+    log_emax: float | None = Field(None, gt=0, description="energy mapped to 1 by the log scale; None: the detector's")
+    volume: float | None = Field(
+        None, gt=0, description="coordinates must lie in [0, volume); None: the detector's extent"
+    )
     time_scale_ns: float = Field(50.0, gt=0, description="hit times: log1p(t / this) after the event's first hit")
     time_cap_ns: float = Field(4000.0, gt=0, description="hit times later than this after the first map to 1")
     on_bad: Literal["error", "skip"] = Field("error", description="bad events: raise, or skip and count")
 
+    def resolved(self, detector: Detector) -> PreprocessConfig:
+        """This config with every field left None set to `detector`'s value (Detector.preprocess_fields); itself when
+        nothing is left to fill, so resolving twice is free."""
+        fill = {k: v for k, v in detector.preprocess_fields().items() if getattr(self, k) is None}
+        return self.model_validate({**self.model_dump(), **fill}) if fill else self
+
 
 def check_geometry(cfg: PreprocessConfig, detector: Detector) -> None:
     """The preprocessing's volume is the detector's: a model would otherwise see another detector's coordinates
-    squeezed into its frame (a water Cherenkov dataset read with LArTPC's defaults). The error says what to set."""
-    if cfg.volume != detector.extent:
+    squeezed into its frame (a water Cherenkov dataset read with LArTPC's volume). The error says what to set."""
+    volume = cfg.resolved(detector).volume
+    if volume != detector.extent:
         raise ValueError(
-            f"preprocess.volume is {cfg.volume:g} but detector {detector.name!r} spans [0, {detector.extent:g}); set "
-            f"preprocess: {{center: {detector.center:g}, scale: {detector.scale:g}, volume: {detector.extent:g}}}"
+            f"preprocess.volume is {volume:g} but detector {detector.name!r} spans [0, {detector.extent:g}); leave "
+            f"preprocess.center, scale and volume unset (the detector's: {detector.center:g}, {detector.scale:g}, "
+            f"{detector.extent:g}) or set them for this detector"
         )
 
 
@@ -128,13 +145,15 @@ def preprocess_table(
 ) -> tuple[pa.Table, Counter]:
     """Validate, cut, normalise. Returns the model-ready table and a Counter of what was removed and why.
 
-    `detector` is the dataset's (its manifest's): events whose `detector` column names another are bad input, and
-    `remove_led` drops its stuff class (and renumbers the semantic labels into `detector.label_classes(True)`).
+    `detector` is the dataset's (its manifest's): it fills the fields `cfg` leaves unset, events whose `detector`
+    column names another are bad input, and `remove_led` drops its stuff class (and renumbers the semantic labels
+    into `detector.label_classes(True)`).
     Counter keys: `selected_out` (not in the label subset), `bad:<kind>` (bad input skipped under on_bad=skip),
     `cut:min_points` (too few points after the cuts: a physics cut, not an error).
     """
     if cfg.remove_led and detector.stuff_class is None:
         raise ValueError(f"remove_led: detector {detector.name!r} has no stuff class to remove")
+    cfg = cfg.resolved(detector)
     check_geometry(cfg, detector)
     counts: Counter = Counter(read=table.num_rows)
     if keep_ids is not None:

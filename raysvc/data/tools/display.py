@@ -1,7 +1,6 @@
-"""Event display (`raysvc data show`): a 3D scatter coloured by semantic class, and a projection by energy (a
-cylindrical detector's tank unrolled instead, display_tank.py); with the
-predictions of a panoptic model (`--predictions`, what `raysvc predict` wrote), true vs predicted particles and
-interactions instead."""
+"""Event display (`raysvc data show`): a 3D scatter coloured by semantic class, and a projection by energy (or the
+display the detector's record names: a tank unrolled, display_tank.py); with the predictions of a panoptic model
+(`--predictions`, what `raysvc predict` wrote), true vs predicted particles and interactions instead."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from raysvc.data.contract.detectors import load_ref  # noqa: E402
 from raysvc.data.contract.schema import flat_coords, flat_values  # noqa: E402
 from raysvc.data.streaming.shards import Manifest, load_manifest  # noqa: E402
 from raysvc.storage import Location, explained  # noqa: E402
@@ -44,10 +44,8 @@ def show_event(root: Location, event_id: int, out: str) -> str:
     manifest = load_manifest(root)
     detector = manifest.detector_spec
     ev = load_event(root, event_id, manifest)
-    if detector.cylinder is not None:  # a tank: its surface unrolled
-        from raysvc.data.tools.display_tank import show_tank_event
-
-        return show_tank_event(ev, detector, event_id, out, ev["rings"])
+    if detector.display is not None:  # the detector's own display (a tank: its surface unrolled)
+        return load_ref(detector.display)(ev, detector, event_id, out)
     xyz, sem, e = ev["coord"], ev["semantic"], ev["energy"]
     fig = plt.figure(figsize=(13, 6))
     ax = fig.add_subplot(1, 2, 1, projection="3d")

@@ -40,8 +40,10 @@ def _outline(ax, detector: Detector, scale: float) -> None:
         ax.plot(radius * np.cos(t), cy + radius * np.sin(t), c="0.6", lw=0.8)
 
 
-def show_tank_event(ev: dict, detector: Detector, event_id: int, out: str, rings: int | None = None) -> str:
-    """Two unrolled views of one event: by charge, and by owning particle (grey: dark noise)."""
+def show_tank_event(ev: dict, detector: Detector, event_id: int, out: str) -> str:
+    """Two unrolled views of one event: by charge, and by owning particle (grey: dark noise); the event's ring count
+    in the title where it has one. The water Cherenkov detector's display (`Detector.display`)."""
+    rings = ev.get("rings")
     to_m = detector.unit_mm / 1000
     flat, _ = unroll(ev["coord"], detector)
     flat = flat * to_m

@@ -20,12 +20,14 @@ import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
 
+from raysvc.data.contract.detectors import get_detector
 from raysvc.data.streaming.collate import collate_packed
 from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.pipeline import stream_tables
 from raysvc.data.streaming.views import ViewConfig, collate_view_table, views_table
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.record import ModelSpec
+from raysvc.models.archs import with_input_channels
 from raysvc.models.panda import (
     Encoded,
     PandaConfig,
@@ -271,6 +273,8 @@ class PandaTask(Task):
     @classmethod
     def prepare(cls, cfg: PretrainConfig, log) -> dict:
         inputs = prepare_pretraining(cfg)
+        channels = get_detector(inputs["detector"]).in_channels
+        cfg.model.overrides = with_input_channels("ptv3", cfg.model.size, cfg.model.overrides, channels)
         log(
             f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({inputs['train_data'].manifest.events} "
             f"events), {cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)"

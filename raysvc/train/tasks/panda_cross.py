@@ -214,6 +214,7 @@ class CrossPandaTask(PandaTask):
     def prepare(cls, cfg: CrossPretrainConfig, log) -> dict:
         inputs: dict = {"train_data": {}, "probe_data": {}, "class_names": {}}
         for name in cfg.sources:
+            # source_config shares this source's DataConfigs, so their preprocess is resolved here for the workers too
             got = prepare_pretraining(cfg.source_config(name))
             if got["detector"] != name:
                 raise ValueError(

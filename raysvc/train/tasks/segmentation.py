@@ -26,7 +26,7 @@ from raysvc.data.streaming.reader import read_preprocessed
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, load_export, save_export
-from raysvc.models.archs import ARCHS, check_size
+from raysvc.models.archs import ARCHS, check_size, with_input_channels
 from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import BackboneSection, JobConfig, LoopSection
@@ -249,6 +249,10 @@ class SegmentationTask(Task):
                     f"model.grid_voxels {cfg.model.grid_voxels} differs from the grid of "
                     f"{init.model.grid_voxels} voxels that {cfg.model.init} was trained on"
                 )
+        # the encoder takes what the data carries (xyz + the detector's features) unless the job says otherwise
+        cfg.model.overrides = with_input_channels(
+            cfg.model.arch, cfg.model.size, cfg.model.overrides, detector.in_channels
+        )
         names = list(detector.label_classes(cfg.data.preprocess.remove_led))
         counts = estimate_class_counts(cfg, train, len(names))
         weights = (

@@ -1,13 +1,38 @@
 """The Detector record: geometry, per-point feature channels and their normalisation, label spaces, reference
-statistics and display colours of one detector technology. Plain frozen data, so that it pickles into Ray tasks and
-serialises into manifests and exported models by name."""
+statistics, display and event generator of one detector technology. Plain frozen data, so that it pickles into Ray
+tasks and serialises into manifests and exported models by name."""
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# The preprocess fields a detector must state beyond its geometry (center / scale / volume follow from that); a job's
+# `preprocess` leaves them unset (None) to take the dataset's detector's values (data/streaming/transforms.py).
+DETECTOR_CUTS = ("energy_threshold", "min_points", "log_emax")
+
+
+def load_ref(ref: str):
+    """The object a "module:attribute" reference names, imported on first use: the contract names its generators and
+    displays this way, so it never imports the layers above it (and a detector's generator only loads where events
+    are generated)."""
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"cannot load {ref!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class EventGenerator:
+    """A detector's synthetic-event generator (`raysvc data generate --detector NAME`), as "module:attribute"
+    references (see `load_ref`)."""
+
+    config: str  # its settings: a pydantic model class, every field with a default (`--set` / `--config` change them)
+    draw: str  # (settings, seed, index) -> event `index` of that seed, one event-table row (schema.table_from_events)
 
 
 @dataclass(frozen=True)
@@ -39,12 +64,28 @@ class Detector:
     cylinder: tuple[float, float] | None = None
     surface_margin: float = 0.0
     coord_scale: float | None = None  # normalisation scale, when not the cube's half-diagonal
-    # preprocess fields this detector's jobs set beyond the geometry (center / scale / volume come from the
-    # geometry): e.g. a PMT's charge needs no energy threshold and a wider log range
+    # the cuts of DETECTOR_CUTS in this detector's units: e.g. a PMT's charge needs no energy threshold and a wider
+    # log range than a LArTPC voxel's energy
     preprocess: dict = field(default_factory=dict)
+    generator: EventGenerator | None = None  # its synthetic events, if it has a generator
+    # its event display for `raysvc data show`, "module:function" called as (event arrays, detector, event id, out
+    # path) -> out path; None: the 3D scatter by class and x-z projection by energy (data/tools/display.py)
+    display: str | None = None
+
+    def __post_init__(self) -> None:
+        missing = [k for k in DETECTOR_CUTS if k not in self.preprocess]
+        other = sorted(set(self.preprocess) - set(DETECTOR_CUTS))
+        if missing or other:
+            raise ValueError(
+                f"detector {self.name!r}: preprocess must give exactly {list(DETECTOR_CUTS)} (missing {missing}, "
+                f"unknown {other})"
+            )
+        if "semantic" not in self.labels:
+            raise ValueError(f"detector {self.name!r}: labels need a 'semantic' label space")
 
     def preprocess_fields(self) -> dict:
-        """The preprocess section a job on this detector's events starts from: its geometry and `preprocess`."""
+        """The values a job's `preprocess` takes on this detector's events where it leaves a field unset: the
+        coordinate frame of its geometry and its cuts."""
         return {"center": self.center, "scale": self.scale, "volume": self.extent, **self.preprocess}
 
     @property

@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from raysvc.data.contract.detectors.base import Detector, LabelSpace
+from raysvc.data.contract.detectors.base import Detector, EventGenerator, LabelSpace
+from raysvc.data.contract.detectors.registry import register_detector
 
 # Whole-dataset point counts per semantic class of PILArNet-M (shower, track, michel, delta, led).
 _PILARNET_CLASS_COUNTS = (1926651899, 2038240940, 34083197, 92015482, 1145363125)
@@ -32,4 +33,11 @@ LARTPC = Detector(
         "particles_per_event": {"mean": 11, "std": 8},
     },
     class_colors=("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f"),
+    # Panda's cuts (docs/methods.md, "Data"): E > 0.13 MeV, at least 1024 points, log energy up to 20 MeV
+    preprocess={"energy_threshold": 0.13, "min_points": 1024, "log_emax": 20.0},
+    generator=EventGenerator(
+        config="raysvc.data.sources.lartpc_generator:GeneratorConfig",
+        draw="raysvc.data.sources.lartpc_generator:generate_event",
+    ),
 )
+register_detector(LARTPC)

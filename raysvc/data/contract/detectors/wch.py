@@ -9,7 +9,8 @@ particle that gave it light (`contributors`). Event labels: the particles' truth
 
 from __future__ import annotations
 
-from raysvc.data.contract.detectors.base import Detector, LabelSpace
+from raysvc.data.contract.detectors.base import Detector, EventGenerator, LabelSpace
+from raysvc.data.contract.detectors.registry import register_detector
 
 RADIUS_CM, HALF_HEIGHT_CM = 1690.0, 1810.0
 EXTENT_CM = 3700.0  # the cube that holds the tank, 37 m a side
@@ -43,4 +44,10 @@ WCH = Detector(
     surface_margin=100.0,  # PMT centres sit up to tens of cm off the nominal walls
     coord_scale=HALF_HEIGHT_CM,  # the tank's half-height maps to 1, as the published WAND pipeline does
     preprocess={"energy_threshold": 0.0, "min_points": 16, "log_emax": 50.0},  # every hit PMT kept; up to ~50 PE
+    generator=EventGenerator(
+        config="raysvc.data.sources.wch_generator:WChGeneratorConfig",
+        draw="raysvc.data.sources.wch_generator:generate_wch_record",
+    ),
+    display="raysvc.data.tools.display_tank:show_tank_event",  # the tank's surface unrolled
 )
+register_detector(WCH)
