@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from scipy.stats import ttest_ind
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from raysvc.data.contract.detectors import WCH
+from raysvc.data.contract.detectors.wch import WCH
 from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.inference.event_metrics import efficiency_at_rejection, event_labels
 from raysvc.storage import resolve
