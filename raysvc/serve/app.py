@@ -5,6 +5,8 @@
   the model (inference/outputs: a panoptic model's `instances`, event heads' `event`, a plug-in's own). The model
   is the one named by the `X-Model-Id` header (several fine-tuned heads behind one endpoint), else the default.
 - `GET /v1/models`: the loaded models; `GET /healthz`: liveness (no auth); `/docs`: OpenAPI.
+- `GET /viewer` (and its `/viewer/plotly.js`): a browser page that sends one event file to /v1/segment with the
+  token typed into it and draws the answer in 3D. No auth: it is static and holds no data; its requests need the token.
 - Auth: `Authorization: Bearer <token>` on every /v1 route, compared in constant time. The token is read by each
   replica from RAYSVC_SERVE_TOKEN or the file RAYSVC_SERVE_TOKEN_FILE, never passed as an argument (arguments land
   in Serve's config and logs).
@@ -26,13 +28,15 @@ import json
 import math
 import os
 import time
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -133,6 +137,29 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
+# The viewer runs plotly.js (which compiles WebGL shaders at run time, hence 'unsafe-eval') and talks to this origin
+# only, so a token typed into it cannot be sent anywhere else.
+VIEWER_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@cache
+def _viewer_file(name: str) -> bytes:
+    if name == "plotly.js":  # the bundle of the plotly package installed here, no CDN
+        from plotly.offline import get_plotlyjs
+
+        return get_plotlyjs().encode()
+    if name == "plotly.js.gz":
+        import gzip
+
+        return gzip.compress(_viewer_file("plotly.js"), mtime=0)
+    return files("raysvc.serve").joinpath(name).read_bytes()
+
+
 def _json_probs(p: np.ndarray) -> list:
     return [None if math.isnan(row[0]) else [round(float(v), 6) for v in row] for row in p]
 
@@ -206,6 +233,23 @@ class SegmentService:
     @api.get("/healthz", response_model=openapi.Health)
     def healthz(self) -> dict:
         return {"status": "ok", "models": len(self.models)}
+
+    @api.get("/viewer", include_in_schema=False)
+    def viewer(self) -> Response:
+        return Response(_viewer_file("viewer.html"), media_type="text/html; charset=utf-8", headers=VIEWER_HEADERS)
+
+    @api.get("/viewer/plotly.js", include_in_schema=False)
+    def viewer_plotly(self, request: Request) -> Response:
+        # 4.8 MB, over the 4 MiB a gRPC message from replica to proxy may hold: gzipped (1.4 MB) for every browser,
+        # in 1 MiB chunks for a client that takes no gzip
+        headers = VIEWER_HEADERS | {"Cache-Control": "public, max-age=86400", "Vary": "Accept-Encoding"}
+        media = "text/javascript; charset=utf-8"
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            return Response(_viewer_file("plotly.js.gz"), media_type=media, headers=headers)
+        js = _viewer_file("plotly.js")
+        chunks = (js[i : i + 2**20] for i in range(0, len(js), 2**20))
+        return StreamingResponse(chunks, media_type=media, headers=headers)
 
     @api.get(
         "/v1/models",
