@@ -8,7 +8,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raysvc.cli.common import log, print_json
+from raysvc.cli.common import keywords, log, print_json
 
 Option = tuple[str, dict]  # one add_argument call: the flag and its keywords
 
@@ -26,7 +26,7 @@ class Bench:
     help: str
     run: str  # "module:function", imported only when the benchmark runs (it loads torch, Ray)
     options: tuple[Option, ...]  # in the order --help lists them
-    kwargs: Callable[[argparse.Namespace], dict]  # the run function's keywords, its progress callback aside
+    kwargs: tuple[str, ...]  # the run function's keywords, its progress callback aside: dests, or "keyword=dest"
     summary: Callable[[dict], None]  # what is printed without --json
     progress: str | None = "log"  # the run function's keyword for progress lines (to stderr); None: it has none
     extend: Callable[[argparse.Namespace, dict], None] | None = None  # adds to the result before it is printed
@@ -132,9 +132,7 @@ BENCHES: dict[str, Bench] = {
                 help="--loaders: which parts to run (delivery, choices: prefetch and block size, predict, pretrain)",
             ),
         ),
-        kwargs=lambda a: dict(
-            events=a.events, uri=a.uri, batch_events=a.batch_events, repeats=a.repeats, shard_events=a.shard_events
-        ),
+        kwargs=("events", "uri", "batch_events", "repeats", "shard_events"),
         summary=_ingest_summary,
         progress=None,
         extend=_loaders,
@@ -150,7 +148,7 @@ BENCHES: dict[str, Bench] = {
             _opt("--overlap", type=float, default=0.73, help="C-NMS overlap factor (PoLAr-MAE: 0.73)"),
             _opt("--repeats", type=int, default=3),
         ),
-        kwargs=lambda a: dict(events=a.events, seed=a.seed, radius=a.radius, overlap=a.overlap, repeats=a.repeats),
+        kwargs=("events", "seed", "radius", "overlap", "repeats"),
         summary=_ops_summary,
         progress="progress",
     ),
@@ -164,7 +162,7 @@ BENCHES: dict[str, Bench] = {
             _opt("--batch-events", type=int, default=2),
             _opt("--threads", type=int, default=1),
         ),
-        kwargs=lambda a: dict(events=a.events, steps=a.steps, batch=a.batch_events, threads=a.threads),
+        kwargs=("events", "steps", "batch=batch_events", "threads"),
         summary=_train_summary,
     ),
     "gpu": Bench(
@@ -179,7 +177,7 @@ BENCHES: dict[str, Bench] = {
             _opt("--profile", action="store_true", help="also profile one bf16 segmentation step per size (CUDA)"),
             *_json_opts("also write the JSON here (with --json)"),
         ),
-        kwargs=lambda a: dict(device=a.device, events=a.events, steps=a.steps, batch=a.batch_events, profile=a.profile),
+        kwargs=("device", "events", "steps", "batch=batch_events", "profile"),
         summary=_gpu_summary,
         passed=lambda result: result["all_passed"],
     ),
@@ -201,14 +199,7 @@ BENCHES: dict[str, Bench] = {
             ),
             *_json_opts("also write the JSON here (with --json)"),
         ),
-        kwargs=lambda a: dict(
-            task=a.task,
-            events=a.events,
-            steps=a.steps,
-            batch=a.batch_events,
-            threads=a.threads,
-            only=tuple(a.variants) if a.variants else None,
-        ),
+        kwargs=("task", "events", "steps", "batch=batch_events", "threads", "only=variants"),
         summary=_heap_summary,
     ),
     "serve": Bench(
@@ -230,15 +221,7 @@ BENCHES: dict[str, Bench] = {
                 "the error budget (failed requests, time until Serve answers again)",
             ),
         ),
-        kwargs=lambda a: dict(
-            requests_n=a.requests,
-            concurrency=a.concurrency,
-            events=a.events,
-            max_points=a.max_points,
-            threads=a.threads,
-            model=a.model,
-            kill_replica=a.kill_replica,
-        ),
+        kwargs=("requests_n=requests", "concurrency", "events", "max_points", "threads", "model", "kill_replica"),
         summary=_serve_summary,
     ),
 }
@@ -248,7 +231,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     bench = BENCHES[a.bench_command]
     module, _, name = bench.run.partition(":")
     run = getattr(importlib.import_module(module), name)
-    result = run(**bench.kwargs(a), **({bench.progress: log} if bench.progress else {}))
+    result = run(**keywords(a, bench.kwargs), **({bench.progress: log} if bench.progress else {}))
     if bench.extend:
         bench.extend(a, result)
     if a.json:

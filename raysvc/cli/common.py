@@ -6,6 +6,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raysvc.storage import Location
 
 
 def print_json(obj: dict, path: str | None = None) -> None:
@@ -20,6 +25,23 @@ def print_json(obj: dict, path: str | None = None) -> None:
 def log(message: str) -> None:
     """Progress lines go to stderr, so that stdout holds only the result (--json output stays parseable)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def keywords(a: argparse.Namespace, names: Iterable[str]) -> dict:
+    """A function's keyword arguments from parsed options: each name is an option's dest, passed under that name, or
+    "keyword=dest" where the function calls it otherwise."""
+    out = {}
+    for name in names:
+        key, _, dest = name.partition("=")
+        out[key] = getattr(a, dest or key)
+    return out
+
+
+def resolved(uri: str) -> Location:
+    """A command-line URI or path, made absolute, as a Location (filesystem and path)."""
+    from raysvc.storage import absolute_uri, resolve
+
+    return resolve(absolute_uri(uri))
 
 
 def batch_ray(actors: int) -> None:
@@ -42,6 +64,11 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-points", type=int, default=400_000, help="at most this many points per model call")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+
+
+def batch_kwargs(a: argparse.Namespace) -> dict:
+    """The batch-inference keywords of the options add_batch_args adds, with progress lines to the log."""
+    return {**keywords(a, ("actors", "max_points", "cpus_per_actor")), "log": log}
 
 
 def release_s3() -> None:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from raysvc.cli.common import keywords
+
 
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
-    run_demo(
-        workdir=a.workdir,
-        events=a.events,
-        storage=a.storage,
-        workers=a.workers,
-        pretrain_steps=a.pretrain_steps,
-        finetune_steps=a.finetune_steps,
-    )
+    run_demo(**keywords(a, ("workdir", "events", "storage", "workers", "pretrain_steps", "finetune_steps")))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

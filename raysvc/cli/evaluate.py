@@ -7,24 +7,15 @@ import json
 import os
 import sys
 
-from raysvc.cli.common import add_batch_args, batch_ray, log, print_json
+from raysvc.cli.common import add_batch_args, batch_kwargs, batch_ray, keywords, log, print_json, resolved
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from raysvc.inference.batch import evaluate_dataset
-    from raysvc.storage import absolute_uri, resolve
 
     batch_ray(a.actors)
     result = evaluate_dataset(
-        resolve(absolute_uri(a.model)),
-        resolve(absolute_uri(a.data)),
-        a.batch_events,
-        a.device,
-        max_events=a.max_events,
-        actors=a.actors,
-        max_points=a.max_points,
-        cpus_per_actor=a.cpus_per_actor,
-        log=log,
+        resolved(a.model), resolved(a.data), a.batch_events, a.device, max_events=a.max_events, **batch_kwargs(a)
     )
     print_json(result, a.out)
 
@@ -47,11 +38,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
         size=a.size,
         point=ProbeConfig(**events),
         token=TokenProbeConfig(**events),
-        radius_voxels=a.radius_voxels,
-        seed=a.seed,
-        center_events=a.center_events,
-        actors=a.actors,
-        cpus_per_actor=a.cpus_per_actor,
+        **keywords(a, ("radius_voxels", "seed", "center_events", "actors", "cpus_per_actor")),
         log=log,
     )
     print_json(result, a.out)

@@ -7,24 +7,15 @@ import json
 import os
 import sys
 
-from raysvc.cli.common import add_batch_args, batch_ray, log
+from raysvc.cli.common import add_batch_args, batch_kwargs, batch_ray, resolved
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
     from raysvc.inference.batch import predict_dataset
-    from raysvc.storage import absolute_uri, resolve
 
     batch_ray(a.actors)
     info = predict_dataset(
-        resolve(absolute_uri(a.model)),
-        resolve(absolute_uri(a.data)),
-        resolve(absolute_uri(a.out)),
-        a.batch_events,
-        a.device,
-        actors=a.actors,
-        max_points=a.max_points,
-        cpus_per_actor=a.cpus_per_actor,
-        log=log,
+        resolved(a.model), resolved(a.data), resolved(a.out), a.batch_events, a.device, **batch_kwargs(a)
     )
     print(json.dumps({k: v for k, v in info.items() if k != "shards"}, indent=2))
 

@@ -14,6 +14,7 @@ those seeds, and two arms are compared with Welch's t-test (their spreads need n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from scipy.stats import ttest_ind
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from raysvc.data.contract.detectors.wch import WCH
+from raysvc.data.contract.detectors import get_detector
 from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.inference.event_metrics import efficiency_at_rejection, event_labels
 from raysvc.storage import resolve
@@ -169,7 +170,7 @@ def pid_labels(runs: Path) -> tuple[list[int], np.ndarray]:
     table = pa.concat_tables(
         [read_shard(data, r).select(["event_id", "rings", "particles"]) for r in load_manifest(data).shards]
     )
-    return table.column("event_id").to_pylist(), event_labels(table, WCH.labels["pid"].classes)[1]
+    return table.column("event_id").to_pylist(), event_labels(table, get_detector("wch").labels["pid"].classes)[1]
 
 
 def electron_scores(runs: Path, run: str, event_ids: list[int]) -> np.ndarray:
@@ -261,50 +262,52 @@ def semseg_tables(runs: Path) -> dict[str, str]:
 # --- plots -------------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+@contextlib.contextmanager
+def _two_panels(png: Path):
+    """A figure of two panels side by side (Agg), its axes for the block, written to `png` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+        yield axes
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def probes_plot(runs: Path, png: Path) -> None:
     """One panel per detector: each backbone's linear-probe mIoU over its pretraining steps."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (det, arms) in zip(axes, PROBES.items(), strict=True):
-        for legend, run, key in arms:
-            probe = json.loads((runs / run / "summary.json").read_text())["probe"]
-            steps, miou = zip(*(probe[key] if key else probe)["curve"], strict=True)
-            ax.plot(steps, miou, "-o", label=legend)
-        ax.set_title(f"linear probe on {det} (held-out events)")
-        ax.set_xlabel("pretraining step (4 events each)")
-        ax.set_ylabel("probe mIoU")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    with _two_panels(png) as axes:
+        for ax, (det, arms) in zip(axes, PROBES.items(), strict=True):
+            for legend, run, key in arms:
+                probe = json.loads((runs / run / "summary.json").read_text())["probe"]
+                steps, miou = zip(*(probe[key] if key else probe)["curve"], strict=True)
+                ax.plot(steps, miou, "-o", label=legend)
+            ax.set_title(f"linear probe on {det} (held-out events)")
+            ax.set_xlabel("pretraining step (4 events each)")
+            ax.set_ylabel("probe mIoU")
+            ax.legend(fontsize=8)
 
 
 def roc_plot(pid: np.ndarray, scores: dict[str, np.ndarray], png: Path) -> None:
     """Electron efficiency against the background passing, against muons and against pi0s, one curve per arm."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, e_score in scores.items():
-        for ax, (bkg, name) in zip(axes, PID_BACKGROUNDS, strict=True):
-            sel = (pid == 0) | (pid == bkg)
-            fpr, tpr, _ = roc_curve(pid[sel] == 0, e_score[sel])
-            auc = roc_auc_score(pid[sel] == 0, e_score[sel])
-            ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=f"{label} (AUC {auc:.2f})")
-            ax.set_title(f"electron vs {name} ({int((pid == 0).sum())} e, {int((pid == bkg).sum())} {name}), seed 0")
-    for ax, (x, name) in zip(axes, ((1e-3, "99.9 % muon rejection"), (5e-2, "95 % pi0 rejection")), strict=True):
-        ax.axvline(x, color="grey", ls=":", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("background passing (1 - rejection)")
-        ax.set_ylabel("electron efficiency")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    with _two_panels(png) as axes:
+        for label, e_score in scores.items():
+            for ax, (bkg, name) in zip(axes, PID_BACKGROUNDS, strict=True):
+                sel = (pid == 0) | (pid == bkg)
+                fpr, tpr, _ = roc_curve(pid[sel] == 0, e_score[sel])
+                auc = roc_auc_score(pid[sel] == 0, e_score[sel])
+                ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=f"{label} (AUC {auc:.2f})")
+                ax.set_title(
+                    f"electron vs {name} ({int((pid == 0).sum())} e, {int((pid == bkg).sum())} {name}), seed 0"
+                )
+        for ax, (x, name) in zip(axes, ((1e-3, "99.9 % muon rejection"), (5e-2, "95 % pi0 rejection")), strict=True):
+            ax.axvline(x, color="grey", ls=":", label=name)
+            ax.set_xscale("log")
+            ax.set_xlabel("background passing (1 - rejection)")
+            ax.set_ylabel("electron efficiency")
+            ax.legend(fontsize=8)

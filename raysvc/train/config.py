@@ -11,6 +11,16 @@ from raysvc.data.streaming.config import DataConfig
 from raysvc.models.ptv3 import PRESETS
 
 
+class HeldOutProbeSection(BaseModel):
+    """What the probes of a backbone share (the linear probe, the token probe): when they run during pretraining, and
+    on how many held-out labelled events."""
+
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(250, gt=0, description="probe every N steps (and at step 0 and the end)")
+    train_events: int = Field(100, gt=0, description="held-out labelled events the probe is fitted on")
+    val_events: int = Field(100, gt=0, description="further held-out events it is scored on")
+
+
 class BackboneSection(BaseModel):
     """The PTv3 backbone: a named preset and the fields that replace the preset's."""
 

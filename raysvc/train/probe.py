@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.models.ptv3 import PTv3, upcast
+from raysvc.train.config import HeldOutProbeSection
 
 
-class ProbeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    every: int = Field(250, gt=0, description="probe every N steps (and at step 0 and the end)")
-    train_events: int = Field(100, gt=0, description="held-out labelled events the classifier is fitted on")
-    val_events: int = Field(100, gt=0, description="further held-out events it is scored on")
+class ProbeConfig(HeldOutProbeSection):
     points_per_class: int = Field(4000, gt=0, description="cap on fitting points per class (balances the fit)")
     C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic regression")
     max_iter: int = Field(300, gt=0)

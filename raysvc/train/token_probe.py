@@ -9,17 +9,15 @@ C = 0.005 in the paper); the score is the F1 of each class on the probe-validati
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from sklearn.decomposition import PCA
 from sklearn.metrics import f1_score
 from sklearn.svm import LinearSVC
 
+from raysvc.train.config import HeldOutProbeSection
 
-class TokenProbeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    every: int = Field(250, gt=0, description="probe every N steps (and at step 0 and the end)")
-    train_events: int = Field(100, gt=0, description="held-out labelled events the SVMs are fitted on")
-    val_events: int = Field(100, gt=0, description="further held-out events they are scored on")
+
+class TokenProbeConfig(HeldOutProbeSection):
     pca_dims: int = Field(128, gt=0, description="PCA components (fewer when features or tokens are fewer)")
     C: float = Field(0.005, gt=0, description="inverse regularisation strength of each linear SVM")
     max_iter: int = Field(5000, gt=0)

@@ -209,6 +209,14 @@ def student_backbone(state: dict) -> dict:
     return {k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")}
 
 
+def backbone_spec(cfg: PretrainConfig) -> ModelSpec:
+    """The exported backbone's model: the job's PTv3 size and overrides on its grid, for centred events (as the
+    views are)."""
+    return ModelSpec(
+        size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels, center_events=True
+    )
+
+
 def probe_summary(probes: list[dict], class_names: list[str]) -> dict | None:
     """summary.json's "probe" of a run's probe history: the last probe against the random initialisation's."""
     if not probes:
@@ -228,6 +236,13 @@ def probe_summary(probes: list[dict], class_names: list[str]) -> dict | None:
     if base is not None:
         probe.update(random_miou=base["miou"], gain=last["miou"] - base["miou"], random={k: base[k] for k in keys})
     return probe
+
+
+def probe_report(run_loc: Location, png: str, probes: list[dict], class_names: list[str], title: str) -> dict | None:
+    """probe_summary of a backbone's probes; their curve written to `png` in the run, where there are any."""
+    if probes:
+        write_bytes_atomic(run_loc.join(png), pretrain_png({"probe": probes}, title, probe_only=True))
+    return probe_summary(probes, class_names)
 
 
 def load_probe_sets(cfg: PretrainConfig, prep) -> tuple[list[dict], list[dict]]:
@@ -284,16 +299,9 @@ class PandaTask(Task):
     @classmethod
     def finish(cls, cfg: PretrainConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         history = state["history"]
-        backbone = student_backbone(state)
-        spec = ModelSpec(
-            size=cfg.model.size, overrides=cfg.model.overrides, grid_voxels=cfg.grid_voxels, center_events=True
-        )
-        export_backbone(run_loc, backbone, spec, cls.name, cfg, inputs, state["step"])
-        probes = history["probe"]
-        probe = probe_summary(probes, inputs["class_names"])
-        if probes:
-            png = pretrain_png(history, f"{cfg.run.name}: linear probe", probe_only=True)
-            write_bytes_atomic(run_loc.join("probe.png"), png)
+        export_backbone(run_loc, student_backbone(state), backbone_spec(cfg), cls.name, cfg, inputs, state["step"])
+        title = f"{cfg.run.name}: linear probe"
+        probe = probe_report(run_loc, "probe.png", history["probe"], inputs["class_names"], title)
         write_bytes_atomic(run_loc.join("curves.png"), pretrain_png(history, f"{cfg.run.name}: {cfg.model.size} Panda"))
         return {"probe": probe, "last_monitor": history["monitor"][-1] if history["monitor"] else None}
 

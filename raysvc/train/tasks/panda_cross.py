@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from raysvc.data.contract.detectors import get_detector
 from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.views import ViewConfig, collate_view_table, views_table
-from raysvc.inference.record import ModelSpec
 from raysvc.models.panda import PandaConfig
 from raysvc.models.stems import split_stem, use_stem
 from raysvc.storage import Location, write_bytes_atomic
@@ -42,10 +41,11 @@ from raysvc.train.tasks.panda import (
     PretrainTrain,
     StepOut,
     apply_step,
+    backbone_spec,
     load_probe_sets,
     panda_forward,
     probe_backbone,
-    probe_summary,
+    probe_report,
     set_weight_decay,
     step_values,
     student_backbone,
@@ -239,17 +239,13 @@ class CrossPandaTask(PandaTask):
         probes, exports = {}, {}
         for name in cfg.sources:
             src = cfg.source_config(name)
-            spec = ModelSpec(
-                size=src.model.size, overrides=src.model.overrides, grid_voxels=src.grid_voxels, center_events=True
-            )
             loc = run_loc.join(name)
+            spec = backbone_spec(src)
             export_backbone(loc, split_stem(backbone, name), spec, cls.name, src, {"detector": name}, state["step"])
             exports[name] = loc.uri
             mine = [p for p in history["probe"] if p["detector"] == name]
-            probes[name] = probe_summary(mine, inputs["class_names"][name])
-            if mine:
-                png = pretrain_png({"probe": mine}, f"{cfg.run.name}: linear probe on {name}", probe_only=True)
-                write_bytes_atomic(run_loc.join(f"probe-{name}.png"), png)
+            title = f"{cfg.run.name}: linear probe on {name}"
+            probes[name] = probe_report(run_loc, f"probe-{name}.png", mine, inputs["class_names"][name], title)
         write_bytes_atomic(run_loc.join("curves.png"), pretrain_png(history, f"{cfg.run.name}: {cfg.model.size} Panda"))
         steps = Counter(d for rec in history["monitor"] for d in rec.get("detectors", []))
         log(f"[raysvc] exported one backbone per detector: {', '.join(exports.values())}")

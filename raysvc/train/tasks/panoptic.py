@@ -13,7 +13,6 @@ pooled over the ranks.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Literal
 
 import torch
@@ -36,7 +35,7 @@ from raysvc.models.panoptic import PanopticModel
 from raysvc.train.augment import augment_with_transforms
 from raysvc.train.instance_loss import InstanceLossConfig, instance_loss
 from raysvc.train.tasks.base import WorkerContext
-from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone, validation_batches
+from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone
 from raysvc.train.worker import autocast, gather
 
 INSTANCE_TASKS = ("particle", "interaction")
@@ -118,19 +117,6 @@ class PanopticTask(SegmentationTask):
     outputs = ("instances",)
 
     @classmethod
-    def prepare(cls, cfg: PanopticConfig, log) -> dict:
-        inputs = super().prepare(cfg, log)
-        from raysvc.data.contract.detectors import get_detector
-
-        detector = get_detector(inputs["detector"])
-        if "particle" in cfg.instances.tasks and "pid" not in detector.labels:
-            raise ValueError(f"instances.tasks has particle, but {detector.name} events have no pid labels")
-        if "particle" in cfg.instances.tasks and cfg.instances.particle.regress:
-            check_particle_truth(inputs["train_data"], f"data.uri {cfg.data.uri}")
-            check_particle_truth(inputs["val_data"], f"val_data.uri {cfg.val_data.uri}")
-        return inputs
-
-    @classmethod
     def export_record(cls, cfg: PanopticConfig, state: dict, inputs: dict) -> ExportedModel:
         from raysvc.data.contract.detectors import get_detector
 
@@ -144,6 +130,15 @@ class PanopticTask(SegmentationTask):
             seg.model_dump()
             | {"kind": "panoptic", "instances": instances, "postprocess": cfg.instances.postprocess.model_dump()}
         )
+
+    @classmethod
+    def detector_inputs(cls, cfg: PanopticConfig, detector, inputs: dict) -> dict:
+        if "particle" in cfg.instances.tasks and "pid" not in detector.labels:
+            raise ValueError(f"instances.tasks has particle, but {detector.name} events have no pid labels")
+        if "particle" in cfg.instances.tasks and cfg.instances.particle.regress:
+            check_particle_truth(inputs["train_data"], f"data.uri {cfg.data.uri}")
+            check_particle_truth(inputs["val_data"], f"val_data.uri {cfg.val_data.uri}")
+        return {}
 
     @classmethod
     def outcome(cls, summary: dict) -> dict:
@@ -189,18 +184,12 @@ class PanopticTask(SegmentationTask):
             dims = regress_dims(getattr(cfg.instances, t).regress)
             got = instance_loss(outs, ids, cls, stuff, batch["offset"], cfg.instances.loss, targets.get(t), dims)
             losses[t] = got["loss"]
-        loss = sum(losses.values())
-        self.optimise(loss, step)
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+        return self.optimise_parts(losses, step)
 
     def evaluate(self, step: int) -> None:
+        collate = functools.partial(collate_packed, particles=bool(self.cfg.instances.particle.regress))
+        val = self.validate(step, evaluate, self.detector, collate=collate)
         ctx = self.ctx
-        if self.val_batches is None:
-            collate = functools.partial(collate_packed, particles=bool(self.cfg.instances.particle.regress))
-            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world, collate)
-        args = (self.cfg, ctx.device, ctx.world, self.class_names, self.detector)
-        val = evaluate(self.raw, self.val_batches, *args)
-        ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})
         flat = {"val/miou": val["semantic"]["miou"]}
         for t in self.cfg.instances.tasks:
             flat |= {f"val/{t}_pq": val[t]["pq"], f"val/{t}_ari": val[t]["ari"]}

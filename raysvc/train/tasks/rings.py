@@ -12,7 +12,6 @@ Validation: the per-hit metrics, `ring_count_confusion` and `pid` {`e_eff_at_mu_
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import numpy as np
@@ -30,7 +29,7 @@ from raysvc.models.event_heads import EventHeads
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import augment_coords
 from raysvc.train.tasks.base import WorkerContext
-from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone, validation_batches
+from raysvc.train.tasks.segmentation import FinetuneConfig, SegmentationTask, init_backbone
 from raysvc.train.worker import autocast, gather
 
 
@@ -86,19 +85,6 @@ class RingsTask(SegmentationTask):
     outputs = ("event_heads",)
 
     @classmethod
-    def prepare(cls, cfg: RingsConfig, log) -> dict:
-        inputs = super().prepare(cfg, log)
-        from raysvc.data.contract.detectors import get_detector
-
-        detector = get_detector(inputs["detector"])
-        if "pid" not in detector.labels or not set(PID_CLASSES) <= set(detector.labels["pid"].classes):
-            raise ValueError(
-                f"task rings needs water Cherenkov events (PID classes {PID_CLASSES}); got {detector.name}"
-            )
-        inputs["pid_names"] = list(detector.labels["pid"].classes)
-        return inputs
-
-    @classmethod
     def finish(cls, cfg: RingsConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
         """The segmenter part as a segmenter export (any server or `raysvc predict` reads it), the event heads in
         `event_heads.safetensors` beside it."""
@@ -109,6 +95,14 @@ class RingsTask(SegmentationTask):
         out = super().finish(cfg, {**state, "model": seg}, run_loc, inputs, log)
         write_bytes_atomic(run_loc.join(EVENT_HEADS), save_tensors(heads))
         return out
+
+    @classmethod
+    def detector_inputs(cls, cfg: RingsConfig, detector, inputs: dict) -> dict:
+        if "pid" not in detector.labels or not set(PID_CLASSES) <= set(detector.labels["pid"].classes):
+            raise ValueError(
+                f"task rings needs water Cherenkov events (PID classes {PID_CLASSES}); got {detector.name}"
+            )
+        return {"pid_names": list(detector.labels["pid"].classes)}
 
     @classmethod
     def curve_history(cls, history: dict) -> dict:
@@ -142,16 +136,11 @@ class RingsTask(SegmentationTask):
             else zero,
             "pid": F.cross_entropy(pid.float(), pid_t, ignore_index=-1) * ev.pid_weight if (pid_t >= 0).any() else zero,
         }
-        loss = sum(losses.values())
-        self.optimise(loss, step)
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+        return self.optimise_parts(losses, step)
 
     def evaluate(self, step: int) -> None:
+        val = self.validate(step, evaluate, collate=self.collate)
         ctx = self.ctx
-        if self.val_batches is None:
-            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world, self.collate)
-        val = evaluate(self.raw, self.val_batches, self.cfg, ctx.device, ctx.world, self.class_names)
-        ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})
         pid = val["pid"]
         flat = {
             "val/miou": val["miou"],

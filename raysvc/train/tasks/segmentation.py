@@ -264,7 +264,7 @@ class SegmentationTask(Task):
             f"[raysvc] class counts (first shards) {dict(zip(names, counts, strict=True))}; "
             f"loss weights {[round(w, 3) for w in weights]}"
         )
-        return {
+        inputs = {
             "train_data": train,
             "val_data": val,
             "init_state": init_state,
@@ -273,6 +273,13 @@ class SegmentationTask(Task):
             "class_weights": weights,
             "detector": detector.name,
         }
+        return inputs | cls.detector_inputs(cfg, detector, inputs)
+
+    @classmethod
+    def detector_inputs(cls, cfg: FinetuneConfig, detector, inputs: dict) -> dict:
+        """A task's own checks of the data's detector (a Detector) against the job, raising ValueError, and what it
+        adds to the prepared inputs."""
+        return {}
 
     @classmethod
     def finish(cls, cfg: FinetuneConfig, state: dict, run_loc: Location, inputs: dict, log) -> dict:
@@ -371,12 +378,25 @@ class SegmentationTask(Task):
         opt.step()
         self.parts["scheduler"].step()
 
-    def evaluate(self, step: int) -> None:
+    def optimise_parts(self, losses: dict[str, torch.Tensor], step: int) -> dict:
+        """`optimise` the sum of the loss's parts; the step's record: the loss and each part, detached."""
+        loss = sum(losses.values())
+        self.optimise(loss, step)
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def validate(self, step: int, evaluate_fn=evaluate, *args, collate=collate_packed) -> dict:
+        """`evaluate_fn(model, batches, cfg, device, world, class_names, *args)` on this rank's validation batches
+        (read at the first call and kept), appended to the history; its metrics."""
         ctx = self.ctx
         if self.val_batches is None:
-            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world)
-        val = evaluate(self.raw, self.val_batches, self.cfg, ctx.device, ctx.world, self.class_names)
+            self.val_batches = validation_batches(self.cfg, ctx.inputs["val_data"], ctx.rank, ctx.world, collate)
+        val = evaluate_fn(self.raw, self.val_batches, self.cfg, ctx.device, ctx.world, self.class_names, *args)
         ctx.history["val"].append({"step": step, "elapsed_s": time.perf_counter() - ctx.t_start, "metrics": val})
+        return val
+
+    def evaluate(self, step: int) -> None:
+        val = self.validate(step)
+        ctx = self.ctx
         ctx.tracker.log(
             {"val/miou": val["miou"], **{f"val/iou_{k}": v for k, v in val["iou"].items() if v is not None}}, step
         )
