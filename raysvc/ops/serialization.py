@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from raysvc.ops import cpu_kernels
+from raysvc.ops.paths import numba_path
 
 ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 
@@ -98,7 +99,7 @@ def encode(
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     c = _check(grid_coord, depth)
-    if c.device.type == "cpu":
+    if numba_path(c):
         kernel = cpu_kernels.encode_z if order.startswith("z") else cpu_kernels.encode_hilbert
         code = torch.from_numpy(kernel(c.contiguous().numpy(), depth, order.endswith("-trans")))
     else:

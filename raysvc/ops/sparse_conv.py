@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from raysvc.ops import cpu_kernels
+from raysvc.ops.paths import numba_path
 
 OFFSETS = torch.tensor([(a - 1, b - 1, c - 1) for a in range(3) for b in range(3) for c in range(3)])
 _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets of -1 stay non-negative
@@ -34,7 +35,7 @@ def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         return (((b.long() << _BITS | c[..., 0]) << _BITS | c[..., 1]) << _BITS) | c[..., 2]
 
     keys = key(g, batch)
-    if keys.device.type == "cpu":
+    if numba_path(keys):
         return torch.from_numpy(cpu_kernels.kernel_map(keys.contiguous().numpy(), _BITS))
     sorted_keys, perm = torch.sort(keys)
     query = key(g[:, None, :] + OFFSETS.to(g.device)[None], batch[:, None].expand(-1, 27))
