@@ -329,7 +329,7 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     optimizer)) for a fresh Panda of the job's size."""
     from raysvc.models.panda import PandaStudent, make_teacher
     from raysvc.models.ptv3 import preset
-    from raysvc.train.optim import param_groups
+    from raysvc.train.optim import adamw, param_groups
     from raysvc.train.schedule import one_cycle_scheduler
     from raysvc.train.tasks.panda import pretrain_step
 
@@ -339,7 +339,7 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     teacher = make_teacher(student, bcfg).to(dev)
     groups = param_groups(student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    opt = adamw(groups, cfg.train.lr)
     sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
     losses: list[float] = []
 
@@ -462,6 +462,7 @@ def _polarmae_stepper(cfg, batches: list[dict], dev: torch.device, amp: bool = F
     """(step(i) running `mae_step` on batch i mod len, the list its losses land in, (model, optimizer)) for a fresh
     PoLAr-MAE of the job, seeded."""
     from raysvc.models.polarmae import PolarMAE
+    from raysvc.train.optim import adamw
     from raysvc.train.schedule import one_cycle_scheduler
     from raysvc.train.tasks.polarmae import mae_step
 
@@ -469,7 +470,7 @@ def _polarmae_stepper(cfg, batches: list[dict], dev: torch.device, amp: bool = F
     torch.manual_seed(0)
     m = PolarMAE(c.network).to(dev)
     params = list(m.parameters())
-    opt = torch.optim.AdamW(params, lr=c.train.lr, weight_decay=c.train.weight_decay)
+    opt = adamw(params, c.train.lr, weight_decay=c.train.weight_decay)
     sched = one_cycle_scheduler(opt, c.train.steps, c.train.warmup_frac, c.train.final_lr_frac)
     losses: list[float] = []
 
