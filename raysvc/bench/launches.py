@@ -2,8 +2,9 @@
 
 A GPU step of the tiny models is launch-bound: its time is the number of kernels it launches and the number of
 times the host waits for the device, not the arithmetic. Both are counted here without a GPU, by replaying the
-device code path (`ops.paths.device_path`: no numba kernels) on CPU tensors under a TorchDispatchMode, which sees
-every aten op after autograd, backward included, once per backend call (composite ops arrive decomposed).
+device code path (`ops.paths.device_path`: no numba kernels, the gather-GEMM convolution) on CPU tensors under a
+TorchDispatchMode, which sees every aten op after autograd, backward included, once per backend call (composite ops
+arrive decomposed).
 
 - A tensor is a *device tensor* if it is on a non-CPU device, or (in the CPU replay) if it is a parameter, buffer or
   optimizer state of the step's models, was moved with `.to(device)` in the step, or is the output of a device op.
@@ -39,7 +40,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from raysvc.ops.paths import device_path
 
 PHASES = ("inputs", "forward", "backward", "optimizer")
-_FREE = {"empty", "empty_like", "empty_strided", "resize_", "lift_fresh", "set_", "_has_compatible_shallow_copy_type"}
+_FREE = {"empty", "empty_like", "empty_strided", "resize_", "lift_fresh", "set_", "_unsafe_view"}  # no kernel
 _SYNC_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
 _MASK_INDEXED = {"index", "index_put_", "index_put", "_index_put_impl_"}  # sync only with a boolean mask
 

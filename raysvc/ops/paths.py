@@ -1,7 +1,8 @@
-"""Which path an op takes: the numba kernels on CPU tensors, whole-array torch code on other devices.
+"""Which path an op takes: on CPU tensors the fastest code for a CPU (numba kernels, the per-offset sparse
+convolution), on other devices whole-array torch code in few, fixed ops (a GPU step is launch-bound).
 
 `device_path()` makes CPU tensors take the device path too, so that `raysvc bench launches` can count on a CPU the
-ops a GPU step would launch (the numba kernels would hide them in one call)."""
+ops a GPU step would launch."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 _replay = False
 
 
-def numba_path(t: torch.Tensor) -> bool:
-    """True where `t` should go through the numba kernels: a CPU tensor outside `device_path()`."""
+def cpu_path(t: torch.Tensor) -> bool:
+    """True where `t` should take the CPU path: a CPU tensor outside `device_path()`."""
     return t.device.type == "cpu" and not _replay
 
 
