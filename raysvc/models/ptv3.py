@@ -35,7 +35,7 @@ from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
 from raysvc.ops.paths import cpu_path
-from raysvc.ops.serialization import ORDERS, event_depths, serialize_by_event
+from raysvc.ops.serialization import ORDERS, event_depths, point_depths, serialize_by_event
 from raysvc.ops.sparse_conv import KernelPairs, NeighbourMap, SubMConv3d, kernel_map, subm_conv3d
 
 
@@ -133,7 +133,7 @@ class Level:
     @property
     def batch(self) -> torch.Tensor:
         if "batch" not in self._cache:
-            self._cache["batch"] = offset_to_batch(self.offset)
+            self._cache["batch"] = offset_to_batch(self.offset, len(self.feat))
         return self._cache["batch"]
 
     def conv_map(self, pairs: bool) -> NeighbourMap | KernelPairs:
@@ -152,7 +152,8 @@ class Level:
         key = "order:" + name
         if key not in self._cache:
             if "depths" not in self._cache:  # one depth per event, shared by the level's orders
-                self._cache["depths"] = event_depths(self.grid_coord, self.batch)
+                depths = event_depths if cpu_path(self.grid_coord) else point_depths  # on a device: no read-back
+                self._cache["depths"] = depths(self.grid_coord, self.batch)
             _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache["depths"])
             self._cache[key] = (perm, inv)
         return self._cache[key]

@@ -33,7 +33,9 @@ _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets
 def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """(N, 27) index of the active neighbour at each kernel offset, -1 where the site is empty."""
     g = grid_coord.long() + 1
-    if g.numel() and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
+    if g.numel() and not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
+        torch._assert_async((g.min() >= 1) & (g.max() < (1 << _BITS) - 1), "grid coordinates out of range")
+    elif g.numel() and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
         raise ValueError(f"grid coordinates must lie in [0, {(1 << _BITS) - 2})")
 
     def key(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
