@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,24 @@ def test_training_mode_drops_paths_and_backward_reaches_every_trainable_paramete
     model.freeze_backbone()
     assert all(not p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.decoder.parameters())
+
+
+def test_the_device_path_gives_the_cpu_paths_outputs_and_gradients():
+    """The gather-GEMM convolution and the whole-array serialization (what a GPU runs; here on CPU tensors) against
+    the per-offset convolution and the numba serialization, on the same weights, batch and orders."""
+    from raysvc.ops.paths import device_path
+
+    torch.manual_seed(2)
+    model = SegModel(preset("tiny", shuffle_orders=False), 5, "dec").train()
+    feat, coord, grid, offset = _batch()
+    got = []
+    for ctx in (contextlib.nullcontext, device_path):
+        torch.manual_seed(3)  # the same drop-path draws
+        model.zero_grad()
+        with ctx():
+            out = model(feat, coord, grid, offset)
+            out.square().mean().backward()
+        got.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(got[1][0], got[0][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(got[1][1], got[0][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)

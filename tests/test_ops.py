@@ -244,6 +244,42 @@ def test_cpu_encoders_match_torch_path(order):
         assert torch.equal(encode(g, depth=depth, order=order), _encode_torch(g, depth, order))
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_device_path_encoder_matches_the_reference_at_every_depth_and_mixed_depths(order):
+    """The level-by-level state machine of the device path against the transform written out (`_encode_torch`), at
+    one depth and with every point at its own depth in one call."""
+    from raysvc.ops.serialization import _encode_levels, _encode_torch
+
+    g = torch.Generator().manual_seed(1)
+    for depth in (1, 2, 5, 11, 16):
+        c = torch.randint(0, 1 << depth, (3000, 3), generator=g)
+        c[:3] = torch.tensor([[0, 0, 0], [(1 << depth) - 1] * 3, [0, (1 << depth) - 1, 0]])  # corners
+        assert torch.equal(_encode_levels(c, depth, depth, order), _encode_torch(c, depth, order))
+        assert torch.equal(_encode_levels(c, depth, 16, order), _encode_torch(c, depth, order))  # levels unused
+    depths = torch.randint(1, 13, (600,), generator=g)
+    c = (torch.rand(600, 3, generator=g) * 2.0 ** depths[:, None]).long()
+    want = torch.cat([_encode_torch(c[i : i + 1], int(depths[i]), order) for i in range(600)])
+    assert torch.equal(_encode_levels(c, depths, 16, order), want)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_serialize_by_event_on_the_device_path_equals_the_cpu_path(order):
+    """All events at their own depths in a fixed number of ops (no per-depth loop, no read-back of the depths)."""
+    from raysvc.ops.paths import device_path
+    from raysvc.ops.serialization import point_depths
+
+    g = torch.Generator().manual_seed(2)
+    sizes, tops = [300, 1, 400, 50], [40, 3, 1500, 9000]
+    grid = torch.cat([torch.randint(0, t, (n, 3), generator=g) for n, t in zip(sizes, tops, strict=True)])
+    batch = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    want = serialize_by_event(grid, batch, order)
+    with device_path():
+        assert point_depths(grid, batch).unique_consecutive().tolist() == event_depths(grid, batch)
+        for got in (serialize_by_event(grid, batch, order), serialize_by_event(grid, batch, order, [7, 3, 12, 15])):
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b)
+
+
 def test_cpu_neighbour_kernels_match_torch_path_on_generated_events():
     from raysvc.ops.neighbors import _ball_query_torch, _fps_torch, _knn_torch
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from raysvc.bench.launches import LaunchCounter
 from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
 from raysvc.config import load_config
 from raysvc.inference.featurize import model_inputs, usable_device
@@ -183,7 +184,8 @@ def time_attention(
 
 def profile_segmentation(cfg, batches: list[dict], device: torch.device, top: int = 15) -> dict:
     """The ops that take one bf16 segmentation training step's time on `device` (torch.profiler; after 3 warm-up
-    steps): where a step that should be GPU-bound waits."""
+    steps): where a step that should be GPU-bound waits; then the device ops and syncs of one more step, counted as
+    `raysvc bench launches` counts them."""
     from torch.profiler import ProfilerActivity, profile
 
     c, (model, params, opt, loss_fn) = _seg_training(cfg, True, device)
@@ -208,9 +210,12 @@ def profile_segmentation(cfg, batches: list[dict], device: torch.device, top: in
     total = {
         "cpu_self_ms": sum(r["cpu_self_ms"] for r in rows),
         "device_self_ms": sum(r["device_self_ms"] for r in rows),
-        "ops_launched": sum(r["calls"] for r in rows),
     }
-    return {"total": total, "top_cpu": by_cpu, "top_device": by_dev}
+    counter = LaunchCounter()  # the same counting as `raysvc bench launches`, here on real device tensors
+    with counter:
+        train_step(model, params, opt, loss_fn, batches[0], c, device)
+        _sync(device)
+    return {"total": total, "launches": counter.summary(), "top_cpu": by_cpu, "top_device": by_dev}
 
 
 def check_model(cfg, batch: dict, device: torch.device) -> dict:
@@ -311,7 +316,7 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
     batches = _view_batches(data / "train", cfg.views, cfg.data.preprocess, batch_events, 4)
     out: dict = {"events_per_step": batch_events}
     for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
-        step, losses = _panda_stepper(cfg, batches, dev)
+        step, losses, _ = _panda_stepper(cfg, batches, dev)
         out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
         out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
     if "device_step_s" in out:
@@ -320,10 +325,11 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
 
 
 def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
-    """(step(i) running `pretrain_step` on batch i mod len, the list its losses land in) for a fresh tiny Panda."""
+    """(step(i) running `pretrain_step` on batch i mod len, the list its losses land in, (student, teacher,
+    optimizer)) for a fresh Panda of the job's size."""
     from raysvc.models.panda import PandaStudent, make_teacher
     from raysvc.models.ptv3 import preset
-    from raysvc.train.optim import param_groups
+    from raysvc.train.optim import adamw, param_groups
     from raysvc.train.schedule import one_cycle_scheduler
     from raysvc.train.tasks.panda import pretrain_step
 
@@ -333,7 +339,7 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
     teacher = make_teacher(student, bcfg).to(dev)
     groups = param_groups(student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    opt = adamw(groups, cfg.train.lr)
     sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
     losses: list[float] = []
 
@@ -341,7 +347,7 @@ def _panda_stepper(cfg, batches: list[dict], dev: torch.device):
         r = pretrain_step(student, student, teacher, opt, sched, params, batches[i % len(batches)], cfg, i, dev)
         losses.append(float(r.losses["loss"].detach()))
 
-    return step, losses
+    return step, losses, (student, teacher, opt)
 
 
 def _view_batches(data: Path, view_cfg, preprocess, batch_events: int, count: int) -> list[dict]:
@@ -416,15 +422,9 @@ def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: 
     (`mae_step`: tokens, forward, backward, AdamW) on the CPU and on the device in fp32 and bf16. The losses must
     stay finite."""
     from raysvc.models.polarmae import PolarMAE
-    from raysvc.train.schedule import one_cycle_scheduler
-    from raysvc.train.tasks.polarmae import PolarMAEJob, batch_tokens, mae_step
+    from raysvc.train.tasks.polarmae import batch_tokens
 
-    cfg = load_config(
-        PolarMAEJob,
-        str(POLARMAE_JOB),
-        [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps + warmup}"],
-    )
-    cfg.data.resolve_preprocess()  # the network's radius is in the data's normalised units
+    cfg = polarmae_job(data, steps + warmup)
     net, cpu = cfg.network, torch.device("cpu")
     torch.manual_seed(0)
     model = PolarMAE(net).eval()
@@ -443,22 +443,44 @@ def time_polarmae(data: Path, batches: list[dict], device: torch.device, steps: 
     if device.type == "cuda":
         out["bf16_loss_err_fp32"] = _err(loss(dev_model, device, bf16=True), fp32)
     for name, dev, amp in _precision_runs(device):
-        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
-        torch.manual_seed(0)
-        m = PolarMAE(net).to(dev)
-        params = list(m.parameters())
-        opt = torch.optim.AdamW(params, lr=c.train.lr, weight_decay=c.train.weight_decay)
-        sched = one_cycle_scheduler(opt, c.train.steps, c.train.warmup_frac, c.train.final_lr_frac)
-        losses: list[float] = []
-
-        def step(i: int, m=m, params=params, opt=opt, sched=sched, c=c, dev=dev, losses=losses) -> None:
-            o, _ = mae_step(m, params, opt, sched, batches[i % len(batches)], c, i, 0, dev)
-            losses.append(float(o["loss"].detach()))
-
+        step, losses, _ = _polarmae_stepper(cfg, batches, dev, amp)
         out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
         out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
     _add_speedups(out)
     return out
+
+
+def polarmae_job(data: Path, steps: int, size: str = "tiny"):
+    """The tiny PoLAr-MAE job (another model size on request) on the bench data, without probes."""
+    from raysvc.train.tasks.polarmae import PolarMAEJob
+
+    sets = [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps}", f"model.size={size}"]
+    cfg = load_config(PolarMAEJob, str(POLARMAE_JOB), sets)
+    cfg.data.resolve_preprocess()  # the network's radius is in the data's normalised units
+    return cfg
+
+
+def _polarmae_stepper(cfg, batches: list[dict], dev: torch.device, amp: bool = False):
+    """(step(i) running `mae_step` on batch i mod len, the list its losses land in, (model, optimizer)) for a fresh
+    PoLAr-MAE of the job, seeded."""
+    from raysvc.models.polarmae import PolarMAE
+    from raysvc.train.optim import adamw
+    from raysvc.train.schedule import one_cycle_scheduler
+    from raysvc.train.tasks.polarmae import mae_step
+
+    c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
+    torch.manual_seed(0)
+    m = PolarMAE(c.network).to(dev)
+    params = list(m.parameters())
+    opt = adamw(params, c.train.lr, weight_decay=c.train.weight_decay)
+    sched = one_cycle_scheduler(opt, c.train.steps, c.train.warmup_frac, c.train.final_lr_frac)
+    losses: list[float] = []
+
+    def step(i: int) -> None:
+        o, _ = mae_step(m, params, opt, sched, batches[i % len(batches)], c, i, 0, dev)
+        losses.append(float(o["loss"].detach()))
+
+    return step, losses, (m, opt)
 
 
 def run_gpu_bench(

@@ -26,6 +26,7 @@ from raysvc.data.streaming.reader import read_preprocessed
 from raysvc.ray_init import init_ray
 from raysvc.storage import resolve
 from raysvc.train.losses import SegLoss
+from raysvc.train.optim import adamw
 from raysvc.train.tasks.segmentation import FinetuneConfig, build_model, train_step
 
 JOB = Path(__file__).parents[2] / "jobs" / "semseg-tiny.yaml"
@@ -78,7 +79,7 @@ def plain_training(cfg: FinetuneConfig) -> tuple:
     """(model, trainable params, AdamW, unweighted loss) of the benchmarks' loop without Ray; the caller seeds first."""
     model = build_model(cfg, len(LARTPC.class_names))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = adamw(params, cfg.train.lr, weight_decay=cfg.train.weight_decay)
     return model, params, opt, SegLoss(None)
 
 

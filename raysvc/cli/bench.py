@@ -89,6 +89,13 @@ def _gpu_summary(result: dict) -> None:
         print(f"{key} step ({r.get('events_per_step')} events): {times}" + (f"; vs CPU {ratios}" if ratios else ""))
 
 
+def _launches_summary(result: dict) -> None:
+    for key, r in result.items():
+        if isinstance(r, dict) and "device_ops_by_phase" in r:
+            phases = ", ".join(f"{p} {n}" for p, n in r["device_ops_by_phase"].items())
+            print(f"{key}: {r['device_ops']} device ops ({phases}), {r['syncs']} syncs, {r['host_ops']} host ops")
+
+
 def _heap_summary(result: dict) -> None:
     for k, v in result["variants"].items():
         print(
@@ -180,6 +187,25 @@ BENCHES: dict[str, Bench] = {
         kwargs=("device", "events", "steps", "batch=batch_events", "profile"),
         summary=_gpu_summary,
         passed=lambda result: result["all_passed"],
+    ),
+    "launches": Bench(
+        help="device ops and syncs per training step (segmentation, Panda, PoLAr-MAE), counted on the CPU by "
+        "replaying the device path, by phase and against a larger batch",
+        run="raysvc.bench.launches:run_launches_bench",
+        options=(
+            *_json_opts("also write the JSON here"),
+            _opt("--tasks", default="seg,panda,polarmae", help="comma-separated: seg, panda, polarmae"),
+            _opt("--sizes", default="tiny", help="comma-separated model sizes: tiny, small"),
+            _opt("--batch-events", default="2,4", help="comma-separated events per step; the first is the headline"),
+            _opt("--events", type=int, default=16),
+        ),
+        kwargs=lambda a: dict(
+            tasks=tuple(a.tasks.split(",")),
+            sizes=tuple(a.sizes.split(",")),
+            batches=tuple(int(b) for b in a.batch_events.split(",")),
+            events=a.events,
+        ),
+        summary=_launches_summary,
     ),
     "heap": Bench(
         help="a training step under each allocator setting (glibc, trimmed, arenas, fixed "

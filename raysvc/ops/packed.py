@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import torch
 
+from raysvc.ops.paths import cpu_path
 
-def offset_to_batch(offset: torch.Tensor) -> torch.Tensor:
-    """(N,) event index of every point."""
+
+def offset_to_batch(offset: torch.Tensor, num_points: int | None = None) -> torch.Tensor:
+    """(N,) event index of every point; given N (`num_points`), without reading the offsets back from a device."""
     counts = torch.diff(offset, prepend=offset.new_zeros(1))
-    return torch.repeat_interleave(torch.arange(len(offset), device=offset.device), counts)
+    return torch.repeat_interleave(torch.arange(len(offset), device=offset.device), counts, output_size=num_points)
+
+
+def counts(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64 occurrences of each value of `index` in [0, n): bincount with a size known on the host, so that
+    nothing is read back from a device (bincount's output size depends on the data)."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 def batch_to_offset(batch: torch.Tensor, num_events: int | None = None) -> torch.Tensor:
     n = int(batch.max()) + 1 if num_events is None and len(batch) else (num_events or 0)
-    return torch.cumsum(torch.bincount(batch, minlength=n), 0)
+    return torch.cumsum(counts(batch.long(), n), 0)
 
 
 def segment_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     """(n, C) mean of the rows of `values` (N, C) per segment `index` (N,) in [0, n): per-event or per-cell means."""
     sums = torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, index, values)
-    return sums / torch.bincount(index, minlength=n).to(values.dtype)[:, None]
+    return sums / counts(index.long(), n).to(values.dtype)[:, None]
 
 
 def event_slices(offset: torch.Tensor) -> list[slice]:
@@ -32,7 +40,9 @@ def unique_cells(batch: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor,
     One int64 key per point (16 bits per axis, the rest for the event) instead of torch.unique(dim=0), which
     sorts rows lexicographically and was measured ~10x slower."""
     g = grid.long()
-    if g.numel() and (g.min() < 0 or g.max() >= 1 << 16):
+    if g.numel() and not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
+        torch._assert_async((g.min() >= 0) & (g.max() < 1 << 16), "cell coordinates must lie in [0, 65536)")
+    elif g.numel() and (g.min() < 0 or g.max() >= 1 << 16):
         raise ValueError(f"cell coordinates must lie in [0, 65536), got [{int(g.min())}, {int(g.max())}]")
     key = (batch.long() << 48) | (g[:, 0] << 32) | (g[:, 1] << 16) | g[:, 2]
     cells, inverse = torch.unique(key, return_inverse=True)

@@ -7,8 +7,10 @@ Bit conventions match the public PTv3 implementation, so that a model trained el
 - "-trans" orders swap x and y before encoding.
 - With a batch index, code = batch << (3 * depth) | code, so events never interleave. `serialize_by_event` gives
   each event its own depth, so that its order does not depend on the other events in the batch.
-On CPU, encoding runs the numba kernels of `cpu_kernels` (one pass per point); elsewhere it is vectorised integer
-bit operations on int64 tensors, which the CPU kernels are tested against.
+On CPU, encoding runs the numba kernels of `cpu_kernels` (one pass per point). Elsewhere (`_encode_levels`) it is a
+state machine over bit levels, a fixed number of ops per level for every point at its own depth, with Skilling's
+transform and the Gray decoding folded into two 48-state tables; `_encode_torch`, the transform written out as
+vectorised bit operations, is the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from raysvc.ops import cpu_kernels
+from raysvc.ops.paths import cpu_path
 
 ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 
@@ -77,13 +80,86 @@ def _gray_to_binary(g: torch.Tensor, bits: int) -> torch.Tensor:
     return g
 
 
+def _hilbert_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Skilling's transform plus the Gray decoding as a state machine over bit levels, from the most significant:
+    (next state * 8, 3-bit code digit), each indexed by state * 8 + the level's octant (bit of x, y, z -> 4, 2, 1).
+    A state is what the levels above did to the axes of the lower bits (a permutation and a flip mask: Skilling's
+    steps only invert x0 or swap the lower bits of x0 and x1 / x2) and the parity of the Gray bits above (the Gray
+    decoding is a prefix XOR from the top)."""
+    states = [((0, 1, 2), 0, 0)]  # (axis permutation, flip mask bit per axis, Gray parity)
+    index, nxt, digit = {states[0]: 0}, {}, {}
+    while len(nxt) < len(states) * 8:
+        for s in list(states):
+            perm, flip, parity = s
+            for octant in range(8):
+                if (index[s], octant) in nxt:
+                    continue
+                bits = [(octant >> (2 - a)) & 1 for a in range(3)]
+                v = [bits[perm[a]] ^ ((flip >> a) & 1) for a in range(3)]  # the transformed bits at this level
+                p, f = list(perm), [(flip >> a) & 1 for a in range(3)]
+                for d in range(3):
+                    if v[d]:
+                        f[0] ^= 1  # invert the lower bits of x0
+                    elif d:
+                        p[0], p[d], f[0], f[d] = p[d], p[0], f[d], f[0]  # swap the lower bits of x0 and xd
+                b2 = parity ^ v[0]
+                b1 = b2 ^ v[1]
+                b0 = b1 ^ v[2]
+                new = (tuple(p), f[0] | f[1] << 1 | f[2] << 2, b0)
+                if new not in index:
+                    index[new] = len(states)
+                    states.append(new)
+                nxt[index[s], octant] = index[new]
+                digit[index[s], octant] = b2 << 2 | b1 << 1 | b0
+    n = len(states)
+    next8 = torch.tensor([nxt[i // 8, i % 8] * 8 for i in range(n * 8)])
+    return next8, torch.tensor([digit[i // 8, i % 8] for i in range(n * 8)])
+
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _octants(c: torch.Tensor, levels: int) -> torch.Tensor:
+    """(N, levels) octant of each bit level, least significant first: bit b of x, y, z -> 4, 2, 1."""
+    shifts = torch.arange(levels, device=c.device)
+    bits = (c[:, :, None] >> shifts) & 1  # (N, 3, levels)
+    return (bits * torch.tensor([[4], [2], [1]], device=c.device)).sum(1)
+
+
+def _encode_levels(c: torch.Tensor, depth: torch.Tensor | int, levels: int, order: str) -> torch.Tensor:
+    """The device path's encoder: a fixed number of ops per bit level, each point at its own `depth` (an int, or
+    (N,) per point), for any mix of depths up to `levels`. Equal to `_encode_torch` at each point's depth."""
+    if order.endswith("-trans"):
+        c = c[:, [1, 0, 2]]
+    octs = _octants(c, levels)
+    shifts = 3 * torch.arange(levels, device=c.device)
+    if order.startswith("z"):  # bits above a point's depth are zero: its depth changes nothing
+        return (octs << shifts).sum(1)
+    if c.device not in _TABLES:
+        _TABLES[c.device] = tuple(t.to(c.device) for t in _hilbert_tables())
+    next8, digit_of = _TABLES[c.device]
+    depth = torch.as_tensor(depth, device=c.device)
+    active = (depth[..., None] > torch.arange(levels - 1, -1, -1, device=c.device)).expand(len(c), levels)
+    state = torch.zeros(len(c), dtype=torch.long, device=c.device)
+    digits = []
+    for i, b in enumerate(range(levels - 1, -1, -1)):  # from the top; a point starts at its own top level
+        idx = state + octs[:, b]
+        digits.append(digit_of[idx])
+        state = torch.where(active[:, i], next8[idx], state)
+    return ((torch.stack(digits, 1) * active) << shifts.flip(0)).sum(1)
+
+
 def _check(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
     if not 1 <= depth <= 16:
         raise ValueError(f"depth must be in [1, 16] (3*depth code bits + batch bits fit in int64), got {depth}")
     if grid_coord.ndim != 2 or grid_coord.shape[1] != 3:
         raise ValueError(f"grid_coord must be (N, 3), got {tuple(grid_coord.shape)}")
     c = grid_coord.long()
-    if c.numel() and (c.min() < 0 or c.max() >= (1 << depth)):
+    if not c.numel():
+        return c
+    if not cpu_path(c):  # checked on the device: reading the bounds back would stall the host
+        torch._assert_async((c.min() >= 0) & (c.max() < (1 << depth)), "grid coordinates out of [0, 2^depth)")
+    elif c.min() < 0 or c.max() >= (1 << depth):
         raise ValueError(f"grid coordinates must lie in [0, 2^{depth}); got [{int(c.min())}, {int(c.max())}]")
     return c
 
@@ -98,11 +174,11 @@ def encode(
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     c = _check(grid_coord, depth)
-    if c.device.type == "cpu":
+    if cpu_path(c):
         kernel = cpu_kernels.encode_z if order.startswith("z") else cpu_kernels.encode_hilbert
         code = torch.from_numpy(kernel(c.contiguous().numpy(), depth, order.endswith("-trans")))
     else:
-        code = _encode_torch(c, depth, order)
+        code = _encode_levels(c, depth, depth, order)
     if batch is not None:
         code = (batch.long() << (3 * depth)) | code
     return code
@@ -148,6 +224,16 @@ def serialize(
     return _sorted(encode(grid_coord, batch, depth, order))
 
 
+def point_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """(N,) the depth of each point's event (`event_depths`), computed on the device without reading it back."""
+    c = grid_coord.long()
+    b = batch.long()
+    top = torch.zeros(len(c), dtype=torch.long, device=c.device)  # at least as many rows as events
+    top.scatter_reduce_(0, b, c.max(1).values, "amax")
+    powers = 1 << torch.arange(16, device=c.device)
+    return (top[b, None] >= powers).sum(1) + 1  # bit length + 1
+
+
 def event_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> list[int]:
     """Each event's depth: the bit length of its largest grid coordinate + 1 (PTv3's rule, applied per event)."""
     if not len(grid_coord):
@@ -163,11 +249,19 @@ def serialize_by_event(
     grid_coord: torch.Tensor,
     batch: torch.Tensor,
     order: str,
-    depths: list[int] | None = None,
+    depths: list[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`serialize` with each event at its own depth (`event_depths`, computed unless given), batch index above 3*16
-    bits. PTv3 takes one depth from the whole batch; a Hilbert curve of another depth orders the same points
-    differently, so an event's order, and the model's answer, would depend on the events batched with it."""
+    """`serialize` with each event at its own depth (`event_depths`, or per point `point_depths`, computed unless
+    given), batch index above 3*16 bits. PTv3 takes one depth from the whole batch; a Hilbert curve of another depth
+    orders the same points differently, so an event's order, and the model's answer, would depend on the events
+    batched with it. The device path encodes every depth at once in a fixed number of ops per bit level."""
+    if not cpu_path(grid_coord):
+        if depths is None:
+            depths = point_depths(grid_coord, batch)
+        elif isinstance(depths, list):
+            depths = torch.tensor(depths, device=grid_coord.device)[batch.long()]
+        code = _encode_levels(_check(grid_coord, 16), depths, 16, order)
+        return _sorted((batch.long() << (3 * 16)) | code)
     if depths is None:
         depths = event_depths(grid_coord, batch)
     if len(set(depths)) <= 1:

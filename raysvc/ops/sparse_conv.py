@@ -1,10 +1,14 @@
 """Submanifold sparse 3x3x3 convolution (the xCPE kernel of PTv3), CPU-safe, any device.
 
-Gather-GEMM-add: a neighbour table (N, 27) is built once per coordinate set (sorted keys + searchsorted) and turned
-into per-offset (output, input) pair lists; a layer then does one GEMM per offset on the gathered inputs and adds
-the rows into the output with torch's index_add_. spconv's CPU scatter-add returns wrong sums with more than one
-OpenMP thread (DESIGN.md); torch's index_add_ is exact on any thread count (tested against dense conv3d on 2
-threads), and the backward pass is torch's own.
+Gather-GEMM: a neighbour table (N, 27) is built once per coordinate set (sorted keys + searchsorted; numba on CPU)
+and shared by every convolution on it (`NeighbourMap`: missing neighbours point at a zero row appended to the
+features). A layer is then one gather of the (N, 27 * Cin) neighbourhoods and one GEMM with the (27 * Cin, Cout)
+weight, a fixed number of ops whatever the data: on a GPU the step is launch-bound, and the per-offset loop it
+replaces (`KernelPairs`, kept for comparison) issued ~235 ops per convolution with its backward and one `nonzero`
+sync per offset. The backward pass is the same shape (`_SubMConv`): the input gradient is the convolution of the
+output gradient with the flipped, transposed kernel (the neighbour of i at offset k has i at offset 26 - k), a gather
+and a GEMM again, so every sum runs in a fixed order with no scatter-add: exact on any thread count (tested against
+dense conv3d on 2 threads; spconv's CPU scatter-add is not, DESIGN.md).
 
 Weights use spconv 2.x's layout (Cout, kx, ky, kz, Cin), so that published checkpoints map onto them directly;
 kernel index (a, b, c) reads the neighbour at offset (a-1, b-1, c-1), as dense conv3d with padding 1 does.
@@ -16,9 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raysvc.ops import cpu_kernels
+from raysvc.ops.paths import cpu_path
 
 OFFSETS = torch.tensor([(a - 1, b - 1, c - 1) for a in range(3) for b in range(3) for c in range(3)])
 _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets of -1 stay non-negative
@@ -27,14 +33,16 @@ _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets
 def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """(N, 27) index of the active neighbour at each kernel offset, -1 where the site is empty."""
     g = grid_coord.long() + 1
-    if g.numel() and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
+    if g.numel() and not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
+        torch._assert_async((g.min() >= 1) & (g.max() < (1 << _BITS) - 1), "grid coordinates out of range")
+    elif g.numel() and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
         raise ValueError(f"grid coordinates must lie in [0, {(1 << _BITS) - 2})")
 
     def key(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (((b.long() << _BITS | c[..., 0]) << _BITS | c[..., 1]) << _BITS) | c[..., 2]
 
     keys = key(g, batch)
-    if keys.device.type == "cpu":
+    if cpu_path(keys):
         return torch.from_numpy(cpu_kernels.kernel_map(keys.contiguous().numpy(), _BITS))
     sorted_keys, perm = torch.sort(keys)
     query = key(g[:, None, :] + OFFSETS.to(g.device)[None], batch[:, None].expand(-1, 27))
@@ -44,9 +52,59 @@ def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class NeighbourMap:
+    """The (N, 27) neighbour table of one coordinate set with missing neighbours at index N (the zero row appended
+    to the features): built once per batch and level and shared by every convolution on it."""
+
+    num_sites: int
+    index: torch.Tensor  # (N * 27,) int64, site-major
+
+    @classmethod
+    def from_map(cls, nbr: torch.Tensor) -> NeighbourMap:
+        n = len(nbr)
+        return cls(n, torch.where(nbr >= 0, nbr, n).reshape(-1))
+
+
+def _gather(x: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
+    """(N, 27 * C): row i holds x at site i's 27 neighbours, zeros where there is none."""
+    return F.pad(x, (0, 0, 0, 1)).index_select(0, nmap.index).view(nmap.num_sites, -1)
+
+
+class _SubMConv(torch.autograd.Function):
+    """out = gather(feat) @ W + b with a backward of the same shape. Saves the features, not the (N, 27 * Cin)
+    gathered rows (27x larger): the backward gathers them again."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, feat, weight, bias, nmap):
+        ctx.save_for_backward(feat, weight)
+        ctx.nmap, ctx.has_bias = nmap, bias is not None
+        w = weight.reshape(weight.shape[0], -1)  # (Cout, 27 * Cin), offset-major like the gathered rows
+        return F.linear(_gather(feat, nmap), w, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        feat, weight = ctx.saved_tensors
+        nmap = ctx.nmap
+        cout, cin = weight.shape[0], weight.shape[-1]
+        grad_feat = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # site j receives grad_out[i] . W[:, k] from each i that has j at offset k, i.e. j's neighbour at 26 - k
+            w_t = weight.reshape(cout, 27, cin).flip(1).transpose(0, 1).reshape(27 * cout, cin)
+            grad_feat = (_gather(grad_out, nmap) @ w_t.to(grad_out.dtype)).to(feat.dtype)
+        if ctx.needs_input_grad[1]:
+            gathered = _gather(feat.to(grad_out.dtype), nmap)
+            grad_w = (grad_out.t() @ gathered).view(weight.shape).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0).to(weight.dtype)
+        return grad_feat, grad_w, grad_b, None
+
+
+@dataclass
 class KernelPairs:
-    """Per kernel offset k, the (output site, input site) pairs that exist: built once per coordinate set and shared
-    by every convolution on it. Each output site appears at most once per offset."""
+    """Per kernel offset k, the (output site, input site) pairs that exist: the earlier per-offset path, kept to
+    compare against (`raysvc bench ops`). Each output site appears at most once per offset."""
 
     num_sites: int
     pairs: list[tuple[torch.Tensor, torch.Tensor]]  # 27 x (out_idx, in_idx); offset 13 (the centre) is the identity
@@ -60,14 +118,9 @@ class KernelPairs:
         return cls(len(nbr), pairs)
 
 
-def subm_conv3d(
-    feat: torch.Tensor, kmap: torch.Tensor | KernelPairs, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """out[i] = bias + sum_k weight[:, k] . feat[nbr[i, k]] over the existing neighbours; weight (Cout,3,3,3,Cin).
-    One GEMM per offset on the pairs that exist (sites have ~4 of 27 neighbours in LArTPC data, so this does ~1/6
-    of the work of gathering all 27), added into the output with index_add_, which is exact on any thread count
-    because each output row occurs once per offset."""
-    kp = kmap if isinstance(kmap, KernelPairs) else KernelPairs.from_map(kmap)
+def _subm_conv3d_pairs(feat: torch.Tensor, kp: KernelPairs, weight: torch.Tensor, bias: torch.Tensor | None):
+    """One GEMM per offset on the pairs that exist, added into the output with index_add_ (exact on any thread
+    count: each output row occurs once per offset)."""
     cout, cin = weight.shape[0], weight.shape[-1]
     # unbind, not w[k]: 27 selects would each build a zero-filled full-size gradient in backward
     w = weight.reshape(cout, 27, cin).permute(1, 2, 0).unbind(0)  # 27 x (Cin, Cout)
@@ -76,6 +129,21 @@ def subm_conv3d(
         if k != 13 and len(out_idx):
             out.index_add_(0, out_idx, feat.index_select(0, in_idx) @ w[k])
     return out + bias if bias is not None else out
+
+
+def subm_conv3d(
+    feat: torch.Tensor,
+    kmap: torch.Tensor | NeighbourMap | KernelPairs,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[i] = bias + sum_k weight[:, k] . feat[nbr[i, k]] over the existing neighbours; weight (Cout,3,3,3,Cin).
+    `kmap`: the (N, 27) table of `kernel_map`, or what a level built from it once (`NeighbourMap`, or `KernelPairs`
+    for the per-offset path)."""
+    if isinstance(kmap, KernelPairs):
+        return _subm_conv3d_pairs(feat, kmap, weight, bias)
+    nmap = kmap if isinstance(kmap, NeighbourMap) else NeighbourMap.from_map(kmap)
+    return _SubMConv.apply(feat, weight, bias, nmap)
 
 
 class SubMConv3d(nn.Module):
@@ -87,5 +155,5 @@ class SubMConv3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight.view(out_channels, -1), a=math.sqrt(5))
 
-    def forward(self, feat: torch.Tensor, kmap: torch.Tensor | KernelPairs) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, kmap: torch.Tensor | NeighbourMap | KernelPairs) -> torch.Tensor:
         return subm_conv3d(feat, kmap, self.weight, self.bias)

@@ -9,7 +9,9 @@ schedule updates); norms, biases and tokens are spared.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 
 def encoder_depths(cfg) -> tuple[int, ...]:
@@ -53,3 +55,13 @@ def param_groups(
         )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
+    """AdamW that updates each parameter group in one fused kernel (CUDA and CPU), else with foreach kernels: a fixed
+    number of ops per group instead of ~10 per parameter, and no `item()` of each parameter's step counter (the
+    unfused path reads them on the host every step)."""
+    groups = list(params)
+    first = groups[0]["params"][0] if isinstance(groups[0], dict) else groups[0]
+    fused = first.device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(groups, lr=lr, fused=fused, foreach=None if fused else True, **kwargs)

@@ -44,7 +44,7 @@ from raysvc.models.panda import (
 from raysvc.models.ptv3 import preset
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.config import BackboneSection, JobConfig, LoopSection, RunSection
-from raysvc.train.optim import param_groups
+from raysvc.train.optim import adamw, param_groups
 from raysvc.train.plots import pretrain_png
 from raysvc.train.probe import ProbeConfig, run_probe
 from raysvc.train.schedule import one_cycle_scheduler
@@ -322,7 +322,7 @@ class PandaTask(Task):
             )
         groups = param_groups(self.student, bcfg.depths, cfg.train.lr, cfg.train.layer_decay, cfg.train.weight_decay[0])
         self.params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+        opt = adamw(groups, cfg.train.lr)
         sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
         seed_everything(cfg.train.seed * 1000 + ctx.rank)
         self.parts = {"student": self.student, "teacher": self.teacher, "optimizer": opt, "scheduler": sched}

@@ -28,7 +28,7 @@ from raysvc.models.polarmae import PRESETS, PolarMAE, PolarMAEConfig, preset, to
 from raysvc.storage import Location, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import JobConfig, LoopSection, RunSection
-from raysvc.train.optim import encoder_depths, param_groups
+from raysvc.train.optim import adamw, encoder_depths, param_groups
 from raysvc.train.plots import mae_png
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
@@ -224,7 +224,7 @@ class PolarMAETask(Task):
         # weight decay on matrices only; no layer-wise decay in pretraining (decay 1.0: one lr everywhere)
         depths = encoder_depths(self.net)
         groups = param_groups(self.model, depths, cfg.train.lr, 1.0, cfg.train.weight_decay, prefix="encoder.")
-        opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+        opt = adamw(groups, cfg.train.lr)
         sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
         self.params = list(self.model.parameters())
         self.parts = {"model": self.model, "optimizer": opt, "scheduler": sched}

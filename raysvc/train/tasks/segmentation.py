@@ -31,7 +31,7 @@ from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
 from raysvc.train.config import BackboneSection, JobConfig, LoopSection
 from raysvc.train.losses import SegLoss, class_weights
-from raysvc.train.optim import encoder_depths, param_groups
+from raysvc.train.optim import adamw, encoder_depths, param_groups
 from raysvc.train.plots import curves_png
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
@@ -341,7 +341,7 @@ class SegmentationTask(Task):
             )
         else:
             groups = [{"params": self.params}]
-        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        opt = adamw(groups, cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.encoder = [p for p in model.backbone.parameters() if p.requires_grad]  # held for encoder_frozen_steps
         sched = one_cycle_scheduler(opt, cfg.train.steps, cfg.train.warmup_frac, cfg.train.final_lr_frac)
         weights = torch.tensor(ctx.inputs["class_weights"], dtype=torch.float32, device=ctx.device)
