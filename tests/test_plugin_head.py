@@ -111,3 +111,19 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
         assert "deposited_energy" in props and "instances" in props and "event" in props
         models = requests.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert models.json()["models"][0]["outputs"] == ["energy"]
+
+
+def test_a_taken_task_name_is_an_error_naming_its_holder():
+    """Plug-ins share one registry class: re-registering raysvc's own task class is a no-op; another class under its
+    name is an error naming the class that holds it."""
+    from raysvc.train.tasks import get_task, register_task
+
+    seg = get_task("segmentation")
+    assert register_task(seg) is seg
+
+    class Impostor(seg):
+        pass
+
+    with pytest.raises(ValueError, match=r"another task is registered as 'segmentation' already \(raysvc\.train"):
+        register_task(Impostor)
+    assert get_task("segmentation") is seg
