@@ -5,7 +5,6 @@ binary encodings and for parse errors in the endpoint's own words), so FastAPI c
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, create_model
@@ -49,7 +48,6 @@ class SegmentResponseBase(BaseModel):
     )
 
 
-@cache
 def segment_response() -> type[BaseModel]:
     """The answer's schema: the fields every model gives, then one optional field per registered output adapter
     (plug-ins included), each with its own schema, then the timings."""
