@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 ENV = "RAYSVC_PLUGINS"
@@ -37,27 +38,33 @@ def load_plugins() -> None:
 
 class Registry:
     """Named classes or values of one kind (tasks, output adapters, detectors): raysvc's own as "module:attr"
-    strings, imported when first asked for, and those plug-ins register. An unknown name loads the plug-ins once
-    more before it is an error listing the known names."""
+    strings, imported when first asked for, or as values, and those plug-ins register. An unknown name runs `load`
+    (the plug-ins; a kind may name more places to look) once more before it is an error listing the known names and
+    `hint`, where such a plug-in is named."""
 
-    def __init__(self, kind: str, entries: dict[str, object]):
-        self.kind, self.entries = kind, dict(entries)
+    def __init__(
+        self,
+        kind: str,
+        entries: dict[str, object],
+        load: Callable[[], None] = load_plugins,
+        hint: str = f"a plug-in's: is it in {ENV}?",
+    ):
+        self.kind, self.entries, self.load, self.hint = kind, dict(entries), load, hint
 
     def register(self, name: str, value: object) -> None:
-        """Add `value` as `name`; a name another value holds already is an error."""
+        """Add `value` as `name`. The same value again (or one equal to it, or the class a "module:attr" entry
+        names) is a no-op; another value under a taken name is an error."""
         known = self.entries.get(name)
         path = f"{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}"
-        if known is not None and known is not value and known != path:
-            raise ValueError(f"{self.kind} {name!r} is registered already ({known})")
+        if known is not None and known not in (value, path):
+            raise ValueError(f"another {self.kind} is registered as {name!r} already{_holder(known)}")
         self.entries[name] = value
 
     def get(self, name: str):
         if name not in self.entries:
-            load_plugins()
+            self.load()
         if name not in self.entries:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; known: {sorted(self.entries)} (a plug-in's: is it in {ENV}?)"
-            )
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {sorted(self.entries)} ({self.hint})")
         entry = self.entries[name]
         if isinstance(entry, str):
             module, attr = entry.split(":")
@@ -66,8 +73,16 @@ class Registry:
 
     def names(self) -> list[str]:
         """Every registered name, plug-ins included."""
-        load_plugins()
+        self.load()
         return sorted(self.entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self.names()
+
+
+def _holder(entry: object) -> str:
+    """What holds a taken name, for the error: a class or "module:attr" as its path; a record (a detector's, long)
+    is not repeated."""
+    if isinstance(entry, type):
+        return f" ({entry.__module__}:{entry.__qualname__})"
+    return f" ({entry})" if isinstance(entry, str) else ""

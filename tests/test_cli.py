@@ -217,3 +217,16 @@ def test_data_subset_writes_the_events_subset_events_selects(tmp_path):
     assert (tmp_path / "sub" / "manifest.json").read_text() == first
     bad = run("data", "subset", src, "--events", "41", "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode != 0 and "has 40" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["ingest", "ops", "train", "gpu", "launches", "heap", "serve"])
+def test_a_bench_row_gives_its_run_function_every_setting(name):
+    """A benchmark's defaults stand only in its row of the bench table: `raysvc bench <name>` with no options must
+    still bind every argument its run function takes."""
+    import inspect
+
+    from raysvc.cli import build_parser
+    from raysvc.cli.bench import BENCHES, run_function, run_keywords
+
+    bench = BENCHES[name]
+    inspect.signature(run_function(bench)).bind(**run_keywords(bench, build_parser().parse_args(["bench", name])))

@@ -97,6 +97,7 @@ def test_a_plugin_detector_decides_its_preprocessing_and_generator(registry):
     assert TOY.in_channels == 4 and list(TOY.class_names) == TOY_CLASSES
     assert generator_for("toy") == (ToyConfig, draw)
     assert register_detector(TOY) is TOY  # the same record again: a no-op
+    assert register_detector(replace(TOY)) == TOY  # an equal record (a module imported twice): a no-op too
     with pytest.raises(ValueError, match="another detector is registered as 'toy'"):
         register_detector(replace(TOY, extent=200.0))
     with pytest.raises(ValueError, match="preprocess must give exactly"):

@@ -52,6 +52,25 @@ def test_unknown_plugin_is_an_error_naming_it():
     assert p.returncode != 0 and "tests.plugins.no_such_head" in p.stderr and "RAYSVC_PLUGINS" in p.stderr
 
 
+def test_the_endpoint_loads_plugins_when_its_schema_is_asked_for_not_at_import():
+    """Importing the Serve application loads no plug-in (a plug-in may import any part of raysvc); the first
+    /openapi.json does, and the answer's schema then has the plug-in's field beside the built-in ones."""
+    code = (
+        "import json, raysvc.plugins as p\n"
+        "from raysvc.serve.app import api\n"
+        "before = sorted(p._loaded)\n"
+        "props = api.openapi()['components']['schemas']['SegmentResponse']['properties']\n"
+        "print(json.dumps([before, sorted(p._loaded), list(props)]))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    before, after, fields = json.loads(p.stdout.strip().splitlines()[-1])
+    assert before == [] and after == [PLUGIN]
+    assert {"deposited_energy", "instances", "event"} <= set(fields) and fields[-1] == "timing_ms"
+
+
 @pytest.mark.slow
 def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
     train, val = tmp_path / "train", tmp_path / "val"
@@ -111,3 +130,19 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
         assert "deposited_energy" in props and "instances" in props and "event" in props
         models = requests.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert models.json()["models"][0]["outputs"] == ["energy"]
+
+
+def test_a_taken_task_name_is_an_error_naming_its_holder():
+    """Plug-ins share one registry class: re-registering raysvc's own task class is a no-op; another class under its
+    name is an error naming the class that holds it."""
+    from raysvc.train.tasks import get_task, register_task
+
+    seg = get_task("segmentation")
+    assert register_task(seg) is seg
+
+    class Impostor(seg):
+        pass
+
+    with pytest.raises(ValueError, match=r"another task is registered as 'segmentation' already \(raysvc\.train"):
+        register_task(Impostor)
+    assert get_task("segmentation") is seg

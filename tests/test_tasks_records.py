@@ -193,3 +193,30 @@ def test_segmentation_prepare_takes_class_names_from_the_data(events):
     assert inputs["class_names"] == list(LARTPC.class_names) and inputs["detector"] == "lartpc"
     assert len(inputs["class_weights"]) == len(inputs["class_counts"]) == len(LARTPC.class_names)
     assert sum(inputs["class_counts"]) > 0
+
+
+def test_pretraining_outcomes_print_their_probe_figures():
+    """What `raysvc pretrain` prints of a finished run: the run, its steps and the method's probe figures (None for
+    one the record lacks); a run without a probe prints only the first two."""
+    base = {"uri": "file:///runs/p", "steps": 8}
+    probe = {"pretrained_miou": 0.5, "random_miou": 0.25, "extra": 1}
+    panda = get_task("panda").outcome(base | {"probe": probe, "last_monitor": {"rank_me": 3.0}})
+    assert panda == {
+        "run": "file:///runs/p",
+        "steps": 8,
+        "probe_pretrained_miou": 0.5,
+        "probe_random_miou": 0.25,
+        "monitor": {"rank_me": 3.0},
+    }
+    assert get_task("panda").outcome(base) == {"run": "file:///runs/p", "steps": 8}
+    tokens = {"token_mean_f1": 0.7, "token_f1": [0.6, 0.8]}
+    polarmae = get_task("polarmae").outcome(base | {"probe": tokens, "tokens": 12})
+    assert list(polarmae.items()) == [
+        ("run", "file:///runs/p"),
+        ("steps", 8),
+        ("probe_token_mean_f1", 0.7),
+        ("probe_random_token_mean_f1", None),
+        ("probe_token_f1", [0.6, 0.8]),
+        ("tokens", 12),
+    ]
+    assert get_task("polarmae").outcome(base | {"probe": {}}) == {"run": "file:///runs/p", "steps": 8}

@@ -191,3 +191,16 @@ def test_cli_generates_water_cherenkov_shards_and_inspect_counts_rings(tmp_path)
     assert p.returncode == 0, p.stderr
     assert "rings/event:" in p.stdout and "noise" in p.stdout
     assert load_manifest(resolve(out)).detector == "wch"
+
+
+def test_data_show_draws_a_tank_event_unrolled(wch_data, tmp_path):
+    """`raysvc data show` on water Cherenkov events takes the detector's display: a PNG of the unrolled tank, and
+    the figure closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    from raysvc.data.tools.display import show_event
+
+    png = tmp_path / "tank.png"
+    assert show_event(wch_data, 1, str(png)) == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plt.get_fignums() == []

@@ -484,14 +484,14 @@ def _polarmae_stepper(cfg, batches: list[dict], dev: torch.device, amp: bool = F
 
 
 def run_gpu_bench(
-    device: str = "cuda",
-    events: int = 24,
-    steps: int = 10,
+    device: str,
+    events: int,
+    steps: int,
+    batch: int,
+    profile: bool,
     warmup: int = 2,
-    batch: int = 4,
     sizes: tuple[str, ...] = ("tiny", "small"),
     log=print,
-    profile: bool = False,
 ) -> dict:
     dev = usable_device(device)
     env = {

@@ -125,13 +125,13 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
 
 
 def run_heap_bench(
-    task: str = "panda",
-    events: int = 40,
-    steps: int = 40,
-    batch: int = 4,
-    threads: int = 1,
+    task: str,
+    events: int,
+    steps: int,
+    batch: int,
+    threads: int,
+    only: tuple[str, ...] | None,
     warmup: int = 5,
-    only: tuple[str, ...] | None = None,
     log=print,
 ) -> dict:
     table = variants()

@@ -29,12 +29,7 @@ def _consume(batches) -> tuple[int, int]:
 
 
 def run_ingest_bench(
-    events: int = 1000,
-    uri: str | None = None,
-    batch_events: int = 8,
-    repeats: int = 3,
-    shard_events: int = 100,
-    seed: int = 0,
+    events: int, uri: str | None, batch_events: int, repeats: int, shard_events: int, seed: int = 0
 ) -> dict:
     import ray
 

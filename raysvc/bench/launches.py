@@ -262,11 +262,7 @@ def _sizes(task: str) -> set[str]:
 
 
 def run_launches_bench(
-    tasks: tuple[str, ...] = ("seg", "panda", "polarmae"),
-    sizes: tuple[str, ...] = ("tiny",),
-    batches: tuple[int, ...] = (2, 4),
-    events: int = 16,
-    log=print,
+    tasks: tuple[str, ...], sizes: tuple[str, ...], batches: tuple[int, ...], events: int, log=print
 ) -> dict:
     """`<task>_<size>_device_ops` and `_syncs` at the first of `batches` (events per step), the phase split, and the
     growth of both at each larger batch (`..._b<B>_vs_b<first>`); sizes a task has no preset for are left out."""

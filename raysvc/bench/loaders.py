@@ -96,13 +96,13 @@ def _pretrain(job: str, sets: list[str], env: dict, period: float = 0.25) -> Ses
 
 
 def run_loader_bench(
-    events: int = 1200,
+    events: int,
+    steps: int,
+    parts: tuple[str, ...],
     shard_events: int = 100,
-    steps: int = 40,
     batch_events: int = 4,
     predict_events: int = 300,
     workdir: str = "runs/bench-loaders",
-    parts: tuple[str, ...] = PARTS,
     log=print,
 ) -> dict:
     import ray

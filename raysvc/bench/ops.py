@@ -57,12 +57,21 @@ def _packed(evs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return coord, torch.cumsum(torch.tensor([len(e) for e in evs]), 0)
 
 
+GROUPINGS = ("cnms_ball", "fps_ball", "fps_knn")  # C-NMS + ball query, and the FPS baselines at its token budget
+
+
+def _rates(seconds: dict[str, float], events: int, what: str) -> dict:
+    """`<grouping><what>_events_per_s` of each grouping from its best time over `events` events, then how many times
+    faster C-NMS is than each FPS baseline (`cnms_vs_fps_ball`, `cnms_vs_fps_knn`)."""
+    rates = {f"{g}{what}_events_per_s": events / seconds[g] for g in GROUPINGS}
+    return rates | {f"cnms_vs_{g}": seconds[g] / seconds["cnms_ball"] for g in GROUPINGS[1:]}
+
+
 def bench_grouping(evs: list[np.ndarray], radius: float, overlap: float, max_points: int, repeats: int) -> dict:
     coord, offset = _packed(evs)
     res = cnms(coord, offset, radius, overlap, max_points)
     counts = torch.diff(res.center_offset, prepend=torch.zeros(1, dtype=torch.long))
     centres, c_off = fps(coord, offset, counts)
-    n = len(evs)
 
     def cnms_ball():
         cnms(coord, offset, radius, overlap, max_points)
@@ -75,24 +84,13 @@ def bench_grouping(evs: list[np.ndarray], radius: float, overlap: float, max_poi
         idx, off = fps(coord, offset, counts)
         knn(coord[idx], off, coord, offset, max_points)
 
-    t = {
-        name: _best(fn, repeats)
-        for name, fn in [("cnms_ball", cnms_ball), ("fps_ball", fps_ball), ("fps_knn", fps_knn)]
-    }
+    t = {name: _best(fn, repeats) for name, fn in zip(GROUPINGS, (cnms_ball, fps_ball, fps_knn), strict=True)}
     cov = {
         "cnms_ball": coverage(len(coord), res.groups),
         "fps_ball": coverage(len(coord), ball_query(coord[centres], c_off, coord, offset, radius, max_points)),
         "fps_knn": coverage(len(coord), knn(coord[centres], c_off, coord, offset, max_points)[0]),
     }
-    return {
-        "cnms_ball_events_per_s": n / t["cnms_ball"],
-        "fps_ball_events_per_s": n / t["fps_ball"],
-        "fps_knn_events_per_s": n / t["fps_knn"],
-        "cnms_vs_fps_ball": t["fps_ball"] / t["cnms_ball"],
-        "cnms_vs_fps_knn": t["fps_knn"] / t["cnms_ball"],
-        "groups_per_event": float(counts.float().mean()),
-        "coverage": cov,
-    }
+    return _rates(t, len(evs), "") | {"groups_per_event": float(counts.float().mean()), "coverage": cov}
 
 
 def bench_tokenizer(evs: list[np.ndarray], radius: float, overlap: float, max_points: int, repeats: int) -> dict:
@@ -121,16 +119,9 @@ def bench_tokenizer(evs: list[np.ndarray], radius: float, overlap: float, max_po
                 groups = knn(coord[centre], off, coord, offset, max_points)[0]
         embed(group_patches(coord, energy, centre, groups, radius)[2])
 
-    t = {g: _best(lambda g=g: tokens(g), repeats) for g in ("cnms_ball", "fps_ball", "fps_knn")}
-    n = len(evs)
-    return {
-        "cnms_ball_tokens_events_per_s": n / t["cnms_ball"],
-        "fps_ball_tokens_events_per_s": n / t["fps_ball"],
-        "fps_knn_tokens_events_per_s": n / t["fps_knn"],
-        "cnms_vs_fps_ball": t["fps_ball"] / t["cnms_ball"],
-        "cnms_vs_fps_knn": t["fps_knn"] / t["cnms_ball"],
-        "embed": f"tiny mini-PointNet ({cfg.pointnet_channels[0]}, {cfg.pointnet_channels[1]}) -> {cfg.width}",
-    }
+    t = {g: _best(lambda g=g: tokens(g), repeats) for g in GROUPINGS}
+    embed = f"tiny mini-PointNet ({cfg.pointnet_channels[0]}, {cfg.pointnet_channels[1]}) -> {cfg.width}"
+    return _rates(t, len(evs), "_tokens") | {"embed": embed}
 
 
 def bench_serialization(evs: list[np.ndarray], min_points: int, repeats: int) -> dict:
@@ -187,18 +178,19 @@ def bench_sparse_conv(evs: list[np.ndarray], channels: int, repeats: int) -> dic
 
 
 def run_ops_bench(
-    events: int = 48,
-    seed: int = 0,
-    radius: float = 5.0,
-    overlap: float = 0.73,
+    events: int,
+    seed: int,
+    radius: float,
+    overlap: float,
+    repeats: int,
     max_points: int = 32,
     serial_points: int = 2_000_000,
     conv_events: int = 8,
     channels: int = 32,
-    repeats: int = 3,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """All three parts on one thread; returns the JSON-ready result with the interface keys at the top level."""
+    """All three parts on one thread; returns the JSON-ready result with the interface keys at the top level. The
+    settings `raysvc bench ops` exposes have their defaults in its table (cli/bench.py) only."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -202,14 +202,14 @@ def floor_p50_ms(url: str, n: int = 200) -> float:
 
 
 def run_serve_bench(
-    requests_n: int = 200,
-    concurrency: list[int] | None = None,
-    events: int = 16,
-    max_points: int = 4000,
-    threads: int = 1,
-    model: str | None = None,
+    requests_n: int,
+    concurrency: list[int],
+    events: int,
+    max_points: int,
+    threads: int,
+    model: str | None,
+    kill_replica: bool,
     log=print,
-    kill_replica: bool = False,
 ) -> dict:
     import json
 
@@ -221,7 +221,6 @@ def run_serve_bench(
     from raysvc.serve.process import ServeProcess
     from raysvc.storage import resolve
 
-    concurrency = concurrency or [1, 8, 16]
     evs = bench_events(events, 31, max_points)
     bodies = [json.dumps({"points": p.tolist(), "energies": e.tolist()}).encode() for p, e in evs]
     with tempfile.TemporaryDirectory() as tmp:

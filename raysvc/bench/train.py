@@ -100,10 +100,10 @@ def plain_step_times(cfg: FinetuneConfig, steps: int) -> list[float]:
 
 
 def run_train_bench(
-    events: int = 40,
-    steps: int = 12,
-    batch: int = 2,
-    threads: int = 1,
+    events: int,
+    steps: int,
+    batch: int,
+    threads: int,
     warmup: int = 3,
     sizes: tuple[str, ...] = ("tiny", "small"),
     log=print,

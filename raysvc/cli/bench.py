@@ -1,5 +1,6 @@
 """`raysvc bench ...`: every benchmark is one row of BENCHES (options, run function, summary) and runs through
-`cmd_bench`, which prints its JSON (--json, also to --out) or its summary."""
+`cmd_bench`, which prints its JSON (--json, also to --out) or its summary. The defaults of a benchmark's settings
+stand in its options here, once: its run function takes them as arguments."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def _opt(flag: str, **kw) -> Option:
     return flag, kw
 
 
+def _ints(**defaults: int) -> tuple[Option, ...]:
+    """Integer options in this order, each with its default: `batch_events=8` is `--batch-events` (default 8)."""
+    return tuple(_opt(f"--{name.replace('_', '-')}", type=int, default=v) for name, v in defaults.items())
+
+
 def _json_opts(out_help: str) -> tuple[Option, Option]:
     return _opt("--json", action="store_true"), _opt("--out", help=out_help)
 
@@ -26,7 +32,9 @@ class Bench:
     help: str
     run: str  # "module:function", imported only when the benchmark runs (it loads torch, Ray)
     options: tuple[Option, ...]  # in the order --help lists them
-    kwargs: tuple[str, ...]  # the run function's keywords, its progress callback aside: dests, or "keyword=dest"
+    # the run function's keywords, its progress callback aside: dests, or "keyword=dest", or a function of the
+    # parsed options that returns them
+    kwargs: tuple[str, ...] | Callable[[argparse.Namespace], dict]
     summary: Callable[[dict], None]  # what is printed without --json
     progress: str | None = "log"  # the run function's keyword for progress lines (to stderr); None: it has none
     extend: Callable[[argparse.Namespace, dict], None] | None = None  # adds to the result before it is printed
@@ -119,11 +127,9 @@ BENCHES: dict[str, Bench] = {
         run="raysvc.bench.ingest:run_ingest_bench",
         options=(
             *_json_opts("also write the JSON here"),
-            _opt("--events", type=int, default=1000),
-            _opt("--shard-events", type=int, default=100),
+            *_ints(events=1000, shard_events=100),
             _opt("--uri", help="use this dataset instead of generating one into a local SeaweedFS"),
-            _opt("--batch-events", type=int, default=8),
-            _opt("--repeats", type=int, default=3),
+            *_ints(batch_events=8, repeats=3),
             _opt(
                 "--loaders",
                 action="store_true",
@@ -149,11 +155,10 @@ BENCHES: dict[str, Bench] = {
         run="raysvc.bench.ops:run_ops_bench",
         options=(
             *_json_opts("also write the JSON here"),
-            _opt("--events", type=int, default=48),
-            _opt("--seed", type=int, default=0),
+            *_ints(events=48, seed=0),
             _opt("--radius", type=float, default=5.0, help="group radius in voxels (PoLAr-MAE: 5)"),
             _opt("--overlap", type=float, default=0.73, help="C-NMS overlap factor (PoLAr-MAE: 0.73)"),
-            _opt("--repeats", type=int, default=3),
+            *_ints(repeats=3),
         ),
         kwargs=("events", "seed", "radius", "overlap", "repeats"),
         summary=_ops_summary,
@@ -164,10 +169,7 @@ BENCHES: dict[str, Bench] = {
         run="raysvc.bench.train:run_train_bench",
         options=(
             *_json_opts("also write the JSON here"),
-            _opt("--events", type=int, default=40),
-            _opt("--steps", type=int, default=12),
-            _opt("--batch-events", type=int, default=2),
-            _opt("--threads", type=int, default=1),
+            *_ints(events=40, steps=12, batch_events=2, threads=1),
         ),
         kwargs=("events", "steps", "batch=batch_events", "threads"),
         summary=_train_summary,
@@ -178,9 +180,9 @@ BENCHES: dict[str, Bench] = {
         run="raysvc.bench.gpu:run_gpu_bench",
         options=(
             _opt("--device", default="cuda"),
-            _opt("--events", type=int, default=24),
+            *_ints(events=24),
             _opt("--steps", type=int, default=10, help="timed steps per variant on the device (CPU: a quarter)"),
-            _opt("--batch-events", type=int, default=4),
+            *_ints(batch_events=4),
             _opt("--profile", action="store_true", help="also profile one bf16 segmentation step per size (CUDA)"),
             *_json_opts("also write the JSON here (with --json)"),
         ),
@@ -197,7 +199,7 @@ BENCHES: dict[str, Bench] = {
             _opt("--tasks", default="seg,panda,polarmae", help="comma-separated: seg, panda, polarmae"),
             _opt("--sizes", default="tiny", help="comma-separated model sizes: tiny, small"),
             _opt("--batch-events", default="2,4", help="comma-separated events per step; the first is the headline"),
-            _opt("--events", type=int, default=16),
+            *_ints(events=16),
         ),
         kwargs=lambda a: dict(
             tasks=tuple(a.tasks.split(",")),
@@ -213,10 +215,7 @@ BENCHES: dict[str, Bench] = {
         run="raysvc.bench.heap:run_heap_bench",
         options=(
             _opt("--task", choices=["panda", "segmentation"], default="panda"),
-            _opt("--events", type=int, default=40),
-            _opt("--steps", type=int, default=40),
-            _opt("--batch-events", type=int, default=4),
-            _opt("--threads", type=int, default=1),
+            *_ints(events=40, steps=40, batch_events=4, threads=1),
             _opt(
                 "--variants",
                 nargs="+",
@@ -253,11 +252,21 @@ BENCHES: dict[str, Bench] = {
 }
 
 
+def run_function(bench: Bench) -> Callable[..., dict]:
+    module, _, name = bench.run.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_keywords(bench: Bench, a: argparse.Namespace) -> dict:
+    """Everything the run function is called with: the settings parsed from the command line (the only place their
+    defaults stand) and the progress callback."""
+    kwargs = bench.kwargs(a) if callable(bench.kwargs) else keywords(a, bench.kwargs)
+    return kwargs | ({bench.progress: log} if bench.progress else {})
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     bench = BENCHES[a.bench_command]
-    module, _, name = bench.run.partition(":")
-    run = getattr(importlib.import_module(module), name)
-    result = run(**keywords(a, bench.kwargs), **({bench.progress: log} if bench.progress else {}))
+    result = run_function(bench)(**run_keywords(bench, a))
     if bench.extend:
         bench.extend(a, result)
     if a.json:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from raysvc.models.presets import build_preset
 from raysvc.ops.grouping import cnms
 from raysvc.ops.neighbors import ball_query, fps, knn
 from raysvc.ops.packed import offset_to_batch
@@ -87,9 +88,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> PolarMAEConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(PRESETS)}")
-    return PolarMAEConfig(**{**PRESETS[name], **overrides})
+    return build_preset(PolarMAEConfig, PRESETS, name, overrides)
 
 
 # ---- tokens -------------------------------------------------------------------------------------------------

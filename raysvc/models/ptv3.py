@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from raysvc.models.presets import build_preset
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
@@ -111,9 +112,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> PTv3Config:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(PRESETS)}")
-    return PTv3Config(**{**PRESETS[name], **overrides})
+    return build_preset(PTv3Config, PRESETS, name, overrides)
 
 
 # ---- the point set at one resolution ------------------------------------------------------------------------

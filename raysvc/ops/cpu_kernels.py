@@ -36,6 +36,16 @@ def encode_z(c, depth, trans):
     return out
 
 
+@njit(cache=True, inline="always")
+def _skilling_step(x0, xd, b, lower):
+    """Skilling's transform for axis d > 0 at bit b: where xd has the bit, invert x0's lower bits; else exchange the
+    lower bits of x0 and xd. Returns the new (x0, xd)."""
+    if (xd >> b) & 1:
+        return x0 ^ lower, xd
+    t = (x0 ^ xd) & lower
+    return x0 ^ t, xd ^ t
+
+
 @njit(cache=True)
 def encode_hilbert(c, depth, trans):
     """Hilbert codes: Skilling's transform per point, interleave, Gray decode (same steps as serialization.py)."""
@@ -47,23 +57,10 @@ def encode_hilbert(c, depth, trans):
         x0, x1, x2 = c[i, ix], c[i, iy], c[i, 2]
         for b in range(depth - 1, -1, -1):
             lower = (1 << b) - 1
-            # d = 0
-            if (x0 >> b) & 1:
+            if (x0 >> b) & 1:  # d = 0 (exchanging x0 with itself would change nothing)
                 x0 ^= lower
-            # d = 1
-            if (x1 >> b) & 1:
-                x0 ^= lower
-            else:
-                t = (x0 ^ x1) & lower
-                x0 ^= t
-                x1 ^= t
-            # d = 2
-            if (x2 >> b) & 1:
-                x0 ^= lower
-            else:
-                t = (x0 ^ x2) & lower
-                x0 ^= t
-                x2 ^= t
+            x0, x1 = _skilling_step(x0, x1, b, lower)
+            x0, x2 = _skilling_step(x0, x2, b, lower)
         g = (_spread3(x0) << 2) | (_spread3(x1) << 1) | _spread3(x2)
         shift = 1
         while shift < bits:

@@ -174,9 +174,8 @@ api = FastAPI(
 
 def _openapi() -> dict:
     if api.openapi_schema is None:
-        api.openapi_schema = openapi.add_security(
-            get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        )
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        api.openapi_schema = openapi.add_security(openapi.add_outputs(schema))
     return api.openapi_schema
 
 

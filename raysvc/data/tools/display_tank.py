@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from raysvc.data.contract.detectors import Detector  # noqa: E402
+from raysvc.data.tools.display import save_figure  # noqa: E402
 
 
 def unroll(xyz: np.ndarray, detector: Detector) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +73,4 @@ def show_tank_event(ev: dict, detector: Detector, event_id: int, out: str) -> st
         ax.set_aspect("equal")
         ax.set_xlabel("phi R [m] (caps: x [m])")
         ax.set_ylabel("z [m] (caps: y [m], offset)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

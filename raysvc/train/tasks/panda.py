@@ -49,7 +49,7 @@ from raysvc.train.plots import pretrain_png
 from raysvc.train.probe import ProbeConfig, run_probe
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
-from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
+from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining, probe_figures, training_plan
 from raysvc.train.worker import autocast, seed_everything
 
 
@@ -279,21 +279,16 @@ class PandaTask(Task):
         if "probe" not in summary:
             return super().outcome(summary)
         probe = summary.get("probe") or {}
-        return super().outcome(summary) | {
-            "probe_pretrained_miou": probe.get("pretrained_miou"),
-            "probe_random_miou": probe.get("random_miou"),
-            "monitor": summary.get("last_monitor"),
-        }
+        figures = probe_figures(probe, ("pretrained_miou", "random_miou"))
+        return super().outcome(summary) | figures | {"monitor": summary.get("last_monitor")}
 
     @classmethod
     def prepare(cls, cfg: PretrainConfig, log) -> dict:
         inputs = prepare_pretraining(cfg)
         channels = get_detector(inputs["detector"]).in_channels
         cfg.model.overrides = with_input_channels("ptv3", cfg.model.size, cfg.model.overrides, channels)
-        log(
-            f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({inputs['train_data'].manifest.events} "
-            f"events), {cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)"
-        )
+        events = inputs["train_data"].manifest.events
+        log(f"[raysvc] pretraining {cfg.model.size} Panda on {cfg.data.uri} ({events} events), {training_plan(cfg)}")
         return inputs
 
     @classmethod

@@ -50,7 +50,7 @@ from raysvc.train.tasks.panda import (
     step_values,
     student_backbone,
 )
-from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
+from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining, training_plan
 from raysvc.train.worker import RankStream
 
 # The Panda fields that are lengths in a detector's normalised units, so each source sets its own; the rest of the
@@ -227,8 +227,7 @@ class CrossPandaTask(PandaTask):
         )
         log(
             f"[raysvc] cross-experiment pretraining of a {cfg.model.size} Panda on {shares}, batching "
-            f"{cfg.batching}, {cfg.train.steps} steps x {cfg.train.batch_events} events, "
-            f"{cfg.scaling.workers} worker(s)"
+            f"{cfg.batching}, {training_plan(cfg)}"
         )
         return inputs
 

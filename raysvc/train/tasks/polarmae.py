@@ -33,7 +33,7 @@ from raysvc.train.plots import mae_png
 from raysvc.train.schedule import one_cycle_scheduler
 from raysvc.train.tasks.base import Task, WorkerContext
 from raysvc.train.tasks.panda import probe_batches
-from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining
+from raysvc.train.tasks.pretraining import export_backbone, prepare_pretraining, probe_figures, training_plan
 from raysvc.train.token_probe import TokenProbeConfig, fit_and_score, scored_classes
 from raysvc.train.worker import autocast
 
@@ -157,12 +157,8 @@ class PolarMAETask(Task):
         probe = summary.get("probe") or {}
         if "token_mean_f1" not in probe:
             return super().outcome(summary)
-        return super().outcome(summary) | {
-            "probe_token_mean_f1": probe["token_mean_f1"],
-            "probe_random_token_mean_f1": probe.get("random_token_mean_f1"),
-            "probe_token_f1": probe.get("token_f1"),
-            "tokens": summary.get("tokens"),
-        }
+        figures = probe_figures(probe, ("token_mean_f1", "random_token_mean_f1", "token_f1"))
+        return super().outcome(summary) | figures | {"tokens": summary.get("tokens")}
 
     @classmethod
     def prepare(cls, cfg: PolarMAEJob, log) -> dict:
@@ -171,7 +167,7 @@ class PolarMAETask(Task):
         net = cfg.network
         log(
             f"[raysvc] pretraining {cfg.model.size} PoLAr-MAE on {cfg.data.uri} ({train.manifest.events} events), "
-            f"{cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s); tokens: "
+            f"{training_plan(cfg)}; tokens: "
             f"C-NMS r = {cfg.model.radius_voxels} voxels, overlap {net.overlap}, <= {net.max_points} points, "
             f"<= {net.max_tokens} per event, {net.mask_ratio:.0%} masked"
         )

@@ -1,5 +1,6 @@
 """What every self-supervised method does on the driver: prepare its training data and its labelled probe data
-(same detector), and export its encoder as a `backbone` record that fine-tuning's `model.init` takes."""
+(same detector), say how it trains, export its encoder as a `backbone` record that fine-tuning's `model.init` takes,
+and pick its probe's figures for the printed outcome."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def prepare_pretraining(cfg: JobConfig) -> dict:
         )
     names = list(probe.detector.label_classes(cfg.probe_data.preprocess.remove_led)) if probe is not None else []
     return {"train_data": train, "probe_data": probe, "detector": detector.name, "class_names": names}
+
+
+def training_plan(cfg: JobConfig) -> str:
+    """How a pretraining runs, for its start line: steps, events per step, workers."""
+    return f"{cfg.train.steps} steps x {cfg.train.batch_events} events, {cfg.scaling.workers} worker(s)"
+
+
+def probe_figures(probe: dict, keys: tuple[str, ...], prefix: str = "probe_") -> dict:
+    """Figures of a finished run's probe record (summary.json's `probe`) as its outcome prints them: each key with
+    `prefix`, None where the record lacks it."""
+    return {prefix + k: probe.get(k) for k in keys}
 
 
 def export_backbone(
