@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from raysvc.models.layers import MLP, DropPath
 from raysvc.models.presets import build_preset
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
@@ -230,20 +231,6 @@ class SparseConv(SubMConv3d):
         return subm_conv3d(feat, level.conv_map(pairs), self.weight, self.bias)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per point (as PTv3 applies it to (N, C) features)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
@@ -280,16 +267,6 @@ class SerializedAttention(nn.Module):
         qkv = self.qkv(x[perm]).view(n, 3, self.heads, c // self.heads)  # [q | k | v], heads contiguous
         out = patch_attention(qkv, level.patches(self.patch_size), self.scale).reshape(n, c)
         return self.proj(out[inverse])
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * ratio))
-        self.fc2 = nn.Linear(int(dim * ratio), dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
