@@ -230,3 +230,30 @@ def test_centred_model_inputs_shift_each_event_to_its_mean(synthetic_dataset):
         assert centred["coord"][s:e].double().mean(0).abs().max() < 1e-6
     assert torch.equal(centred["feat"][:, :3], centred["coord"])
     assert torch.equal(centred["feat"][:, 3], plain["feat"][:, 3])
+
+
+def test_view_swap_equals_the_view_by_view_concatenation():
+    from types import SimpleNamespace
+
+    from raysvc.models.panda import _swap_views
+
+    sizes = [3, 0, 5, 2, 4, 4, 1, 6]  # 4 events x 2 global views, one view empty
+    offset = torch.cumsum(torch.tensor(sizes), 0)
+    rows, offs = _swap_views(SimpleNamespace(offset=offset, feat=torch.zeros(sum(sizes), 1)), 2)
+    starts = [0, *offset.tolist()[:-1]]
+    swapped = [v ^ 1 for v in range(len(sizes))]  # view 0 <-> view 1 of each event
+    assert rows.tolist() == [r for v in swapped for r in range(starts[v], starts[v] + sizes[v])]
+    assert offs.tolist() == np.cumsum([sizes[v] for v in swapped]).tolist()
+
+
+def test_view_averaged_cross_entropy_skips_views_without_points():
+    from raysvc.models.panda import _ce
+
+    g = torch.Generator().manual_seed(0)
+    sims, target = torch.randn(7, 5, generator=g), torch.softmax(torch.randn(7, 5, generator=g), 1)
+    batch = torch.tensor([0, 0, 2, 2, 2, 3, 3])  # view 1 has no points
+    per_point = -(target * torch.log_softmax(sims / 0.1, 1)).sum(1)
+    want = torch.stack([per_point[batch == v].mean() for v in (0, 2, 3)]).mean()
+    torch.testing.assert_close(_ce(target, sims, 0.1, batch, 4), want)
+    empty = _ce(target[:0], sims[:0].requires_grad_(), 0.1, batch[:0], 4)
+    assert empty.item() == 0 and empty.requires_grad
