@@ -191,7 +191,9 @@ class PandaStudent(nn.Module):
         if mask is not None:
             feat = feat.masked_fill(mask[:, None], 0.0)  # the stem must not see masked energies either
             token = self.mask_token
-        levels = self.backbone(feat, view["coord"], view["grid_coord"], view["offset"], mask, token)
+        levels = self.backbone(
+            feat, view["coord"], view["grid_coord"], view["offset"], mask, token, view.get("geometry")
+        )
         return Encoded(levels, self.cfg.up_cast_level, view["origin"])
 
     def forward(self, masked_global: dict, mask: torch.Tensor, local: dict | None):

@@ -298,15 +298,17 @@ class GridPool(nn.Module):
         self.norm = nn.LayerNorm(cout)
 
     def forward(self, level: Level) -> Level:
-        cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord // self.stride)
-        m = len(cell_batch)
+        key = f"pool:{self.stride}"
+        if key not in level._cache:  # the cells depend on the grid alone: shared by every pass over the same grid
+            cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord // self.stride)
+            level._cache[key] = (cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse, {})
+        cell_grid, offset, inverse, cache = level._cache[key]
+        m = len(cell_grid)
         f = self.proj(level.feat)
         idx = inverse[:, None].expand(-1, f.shape[1])
         pooled = f.new_full((m, f.shape[1]), float("-inf")).scatter_reduce(0, idx, f, "amax", include_self=True)
-        coord = segment_mean(level.coord, inverse, m)
-        return Level(
-            F.gelu(self.norm(pooled)), coord, cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse
-        )
+        coord = segment_mean(level.coord, inverse, m)  # per pass: a pass may jitter the coordinates
+        return Level(F.gelu(self.norm(pooled)), coord, cell_grid, offset, inverse, cache)
 
 
 class Stage(nn.Module):
@@ -393,11 +395,19 @@ class PTv3(nn.Module):
         offset: torch.Tensor,
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        geometry: dict | None = None,
     ) -> list[Level]:
         """`mask` (N,) bool with `mask_token` (C0,): masked points' embeddings are replaced by the token (Panda's
         masked global views); the stem still sees their coordinates, as every point keeps its place in the grid.
-        Without `mask_token`, the embedding's own token (config `mask_token`) is used."""
-        level = self.embedding(Level(feat, coord, grid_coord.long(), offset))
+        Without `mask_token`, the embedding's own token (config `mask_token`) is used.
+        `geometry`: a dict shared by the forwards over one `grid_coord` tensor and its offsets (Panda's teacher and
+        masked student): the kernel maps, orders, patches and pooling cells of every level are built by the first
+        and reused by the others (they depend on the grid alone)."""
+        if geometry is None:
+            geometry = {}
+        elif geometry.setdefault("grid_coord", grid_coord) is not grid_coord:
+            raise ValueError("geometry was built on another grid_coord tensor; pass one dict per coordinate set")
+        level = self.embedding(Level(feat, coord, grid_coord.long(), offset, None, geometry.setdefault("levels", {})))
         if mask is not None:
             if mask_token is None:
                 mask_token = getattr(self.embedding, "mask_token", None)
