@@ -43,6 +43,7 @@ from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import known_in, mark_range
 from raysvc.ops.serialization import ORDERS, batch_depths, event_depths, point_depths, serialize_by_event
 from raysvc.ops.sparse_conv import KernelPairs, NeighbourMap, SubMConv3d, kernel_map, subm_conv3d
 
@@ -300,7 +301,10 @@ class GridPool(nn.Module):
     def forward(self, level: Level) -> Level:
         key = f"pool:{self.stride}"
         if key not in level._cache:  # the cells depend on the grid alone: shared by every pass over the same grid
-            cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord // self.stride)
+            cells = level.grid_coord // self.stride
+            if known_in(level.grid_coord, 0, 1 << 16):  # so are the cells: no second range check on the device
+                mark_range(cells, 0, 1 << 16)
+            cell_batch, cell_grid, inverse = unique_cells(level.batch, cells)
             level._cache[key] = (cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse, {})
         cell_grid, offset, inverse, cache = level._cache[key]
         m = len(cell_grid)

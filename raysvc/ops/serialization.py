@@ -19,6 +19,7 @@ import torch
 
 from raysvc.ops import cpu_kernels
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import assert_range_async
 
 ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 
@@ -186,7 +187,7 @@ def _check(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
     if not c.numel():
         return c
     if not cpu_path(c):  # checked on the device: reading the bounds back would stall the host
-        torch._assert_async((c.min() >= 0) & (c.max() < (1 << depth)), "grid coordinates out of [0, 2^depth)")
+        assert_range_async(c, 0, 1 << depth, "grid coordinates out of [0, 2^depth)")
     elif c.min() < 0 or c.max() >= (1 << depth):
         raise ValueError(f"grid coordinates must lie in [0, 2^{depth}); got [{int(c.min())}, {int(c.max())}]")
     return c

@@ -25,6 +25,7 @@ from torch import nn
 
 from raysvc.ops import cpu_kernels
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import assert_range_async
 
 OFFSETS = torch.tensor([(a - 1, b - 1, c - 1) for a in range(3) for b in range(3) for c in range(3)])
 _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets of -1 stay non-negative
@@ -32,10 +33,10 @@ _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets
 
 def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """(N, 27) index of the active neighbour at each kernel offset, -1 where the site is empty."""
+    if not cpu_path(grid_coord):  # checked on the device: reading the bounds back would stall the host
+        assert_range_async(grid_coord.long(), 0, (1 << _BITS) - 2, "grid coordinates out of range")
     g = grid_coord.long() + 1
-    if g.numel() and not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
-        torch._assert_async((g.min() >= 1) & (g.max() < (1 << _BITS) - 1), "grid coordinates out of range")
-    elif g.numel() and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
+    if g.numel() and cpu_path(g) and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
         raise ValueError(f"grid coordinates must lie in [0, {(1 << _BITS) - 2})")
 
     def key(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
