@@ -83,15 +83,19 @@ def patch_attention(
         return out[patches.first]
     k = patches.size
     parts = []  # (rows of `padded`, their outputs)
+    one_kind = not len(patches.full_rows) or not len(patches.short_rows)  # then its rows are all rows, in order
     if len(patches.full_rows):  # (num_full, H, K, D) straight from the padded rows; no mask
-        q, kk, v = padded[patches.full_rows].view(-1, k, 3, h, d).permute(2, 0, 3, 1, 4)
+        rows = padded if one_kind else padded[patches.full_rows]
+        q, kk, v = rows.view(-1, k, 3, h, d).permute(2, 0, 3, 1, 4)
         full = F.scaled_dot_product_attention(q, kk, v, scale=scale)
         parts.append((patches.full_rows, full.transpose(1, 2).reshape(-1, h, d)))
     if len(patches.short_rows):
-        short = _masked_attention(padded[patches.short_rows], patches.short_lengths, k, scale)
-        parts.append((patches.short_rows, short))
+        rows = padded if one_kind else padded[patches.short_rows]
+        parts.append((patches.short_rows, _masked_attention(rows, patches.short_lengths, k, scale)))
     if not parts:
         return qkv.new_zeros(n, h, d)
+    if one_kind:
+        return parts[0][1][patches.first]
     out = parts[0][1].new_empty(len(padded), h, d)  # the dtype SDPA gave (bf16 under autocast)
     for rows, values in parts:
         out[rows] = values.to(out.dtype)

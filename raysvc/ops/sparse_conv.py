@@ -46,10 +46,22 @@ def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     if cpu_path(keys):
         return torch.from_numpy(cpu_kernels.kernel_map(keys.contiguous().numpy(), _BITS))
     sorted_keys, perm = torch.sort(keys)
-    query = key(g[:, None, :] + OFFSETS.to(g.device)[None], batch[:, None].expand(-1, 27))
+    # every field stays in [0, 2^20) under an offset of +-1, so a neighbour's key is the site's plus a constant
+    query = keys[:, None] + _offset_keys(g.device)[None]
     pos = torch.searchsorted(sorted_keys, query).clamp(max=len(keys) - 1)
     found = sorted_keys[pos] == query
     return torch.where(found, perm[pos], torch.full_like(pos, -1))
+
+
+_OFFSET_KEYS: dict[torch.device, torch.Tensor] = {}
+
+
+def _offset_keys(device: torch.device) -> torch.Tensor:
+    """(27,) what each kernel offset adds to a site's key."""
+    if device not in _OFFSET_KEYS:
+        _OFFSET_KEYS[device] = ((OFFSETS[:, 0] << _BITS) + OFFSETS[:, 1] << _BITS) + OFFSETS[:, 2]
+        _OFFSET_KEYS[device] = _OFFSET_KEYS[device].to(device)
+    return _OFFSET_KEYS[device]
 
 
 @dataclass
