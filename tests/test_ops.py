@@ -330,3 +330,20 @@ def test_device_range_checks_run_once_per_tensor_and_again_after_an_in_place_cha
     with pytest.raises(RuntimeError, match="out of range"):
         ranges.assert_range_async(t, 0, 10, "out of range")
     assert len(calls) == 3
+
+
+def test_permute_rows_gives_indexing_values_and_gradients():
+    from raysvc.ops.packed import permute_rows
+
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(50, generator=g)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(50)
+    x = torch.randn(50, 4, generator=g, requires_grad=True)
+    w = torch.randn(50, 4, generator=g)
+    got = permute_rows(x, perm, inverse)
+    (got * w).sum().backward()
+    got_grad, x.grad = x.grad, None
+    want = x[perm]
+    (want * w).sum().backward()
+    assert torch.equal(got, want) and torch.equal(got_grad, x.grad)

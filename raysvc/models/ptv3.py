@@ -41,7 +41,7 @@ from raysvc.models.layers import MLP, DropPath
 from raysvc.models.presets import build_preset
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
-from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, permute_rows, segment_mean, unique_cells
 from raysvc.ops.paths import cpu_path
 from raysvc.ops.ranges import known_in, mark_range
 from raysvc.ops.serialization import ORDERS, batch_depths, event_depths, point_depths, serialize_by_event
@@ -265,9 +265,9 @@ class SerializedAttention(nn.Module):
     def forward(self, x: torch.Tensor, level: Level, order: str) -> torch.Tensor:
         perm, inverse = level.order(order, self.batch_depth)
         n, c = x.shape
-        qkv = self.qkv(x[perm]).view(n, 3, self.heads, c // self.heads)  # [q | k | v], heads contiguous
+        qkv = self.qkv(permute_rows(x, perm, inverse)).view(n, 3, self.heads, c // self.heads)  # [q | k | v]
         out = patch_attention(qkv, level.patches(self.patch_size), self.scale).reshape(n, c)
-        return self.proj(out[inverse])
+        return self.proj(permute_rows(out, inverse, perm))
 
 
 class Block(nn.Module):

@@ -51,3 +51,21 @@ def unique_cells(batch: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor,
     grid_out = torch.stack([(cells >> 32) & mask, (cells >> 16) & mask, cells & mask], 1)
     mark_range(grid_out, 0, 1 << 16)  # 16-bit fields: the next level's checks need no launch
     return cells >> 48, grid_out, inverse
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm] for a permutation `perm` with its `inverse`: the gradient is gathered back through the inverse (one
+    launch) instead of scattered into zeros (two, and a sort-based kernel on CUDA)."""
+    return _PermuteRows.apply(x, perm, inverse)
