@@ -95,6 +95,9 @@ def test_patch_layout_matches_the_event_loop(k):
         assert p.short_rows.tolist() == (rows != k).nonzero().flatten().tolist()
         assert p.short_lengths.tolist() == [n for n in lengths if n != k]
         assert p.max_length == max(lengths, default=0)
+        short = [n for n in lengths if n != k]
+        assert p.short_patch.tolist() == [i for i, n in enumerate(short) for _ in range(n)]
+        assert p.short_col.tolist() == [c for n in short for c in range(n)]
 
 
 def test_decreasing_offsets_are_a_clear_error():

@@ -33,6 +33,8 @@ class Patches:
     short_rows: torch.Tensor  # the other rows (events of fewer than K points), patch after patch
     short_lengths: torch.Tensor  # (n_short,) lengths of those patches
     max_length: int | None = None  # the longest patch, known on the host (flash-attn's max_seqlen)
+    short_patch: torch.Tensor | None = None  # (n_short_rows,) each short row's patch among the short ones
+    short_col: torch.Tensor | None = None  # (n_short_rows,) its place in that patch
 
 
 def make_patches(offset: torch.Tensor, size: int) -> Patches:
@@ -57,12 +59,15 @@ def make_patches(offset: torch.Tensor, size: int) -> Patches:
     lengths = np.repeat(patch_len, np.where(n > 0, slots // np.maximum(patch_len, 1), 0))
     full_row = patch_len[event] == size
     short_lengths = patch_len[(n > 0) & (n < size)]
+    short_patch = np.repeat(np.arange(len(short_lengths)), short_lengths)
+    short_col = np.arange(len(short_patch)) - (np.cumsum(short_lengths) - short_lengths)[short_patch]
     parts = [index, lengths, first, np.flatnonzero(full_row), np.flatnonzero(~full_row), short_lengths]
+    parts += [short_patch, short_col]
     packed = torch.from_numpy(np.concatenate(parts)).to(offset.device)
     bounds = np.cumsum([0, *(len(a) for a in parts)]).tolist()
     views = [packed[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     max_length = int(lengths.max()) if len(lengths) else 0
-    return Patches(*views[:3], size, *views[3:], max_length)
+    return Patches(*views[:3], size, *views[3:6], max_length, *views[6:])
 
 
 def patch_attention(
@@ -91,7 +96,8 @@ def patch_attention(
         parts.append((patches.full_rows, full.transpose(1, 2).reshape(-1, h, d)))
     if len(patches.short_rows):
         rows = padded if one_kind else padded[patches.short_rows]
-        parts.append((patches.short_rows, _masked_attention(rows, patches.short_lengths, k, scale)))
+        where = (patches.short_patch, patches.short_col) if patches.short_patch is not None else None
+        parts.append((patches.short_rows, _masked_attention(rows, patches.short_lengths, k, scale, where)))
     if not parts:
         return qkv.new_zeros(n, h, d)
     if one_kind:
@@ -102,14 +108,24 @@ def patch_attention(
     return out[patches.first]
 
 
-def _masked_attention(rows: torch.Tensor, lengths: torch.Tensor, k: int, scale: float | None) -> torch.Tensor:
+def _masked_attention(
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    scale: float | None,
+    where: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Attention within patches shorter than K (rows (R, 3, H, D), patch after patch): each patch's rows go into a
-    (num, K) grid and a length mask hides the empty slots (K, not the longest length, to avoid a device sync)."""
+    (num, K) grid and a length mask hides the empty slots (K, not the longest length, to avoid a device sync).
+    `where`: each row's (patch, column) in that grid, as `make_patches` computed them on the host."""
     _, _, h, d = rows.shape
     num = len(lengths)
-    row = torch.repeat_interleave(torch.arange(num, device=rows.device), lengths, output_size=len(rows))
-    starts = torch.cumsum(lengths, 0) - lengths
-    col = torch.arange(len(row), device=rows.device) - starts[row]
+    if where is None:
+        row = torch.repeat_interleave(torch.arange(num, device=rows.device), lengths, output_size=len(rows))
+        starts = torch.cumsum(lengths, 0) - lengths
+        col = torch.arange(len(row), device=rows.device) - starts[row]
+    else:
+        row, col = where
     grid = rows.new_zeros(num, k, 3, h, d)
     grid[row, col] = rows
     valid = torch.zeros(num, k, dtype=torch.bool, device=rows.device)
