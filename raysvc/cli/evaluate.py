@@ -14,9 +14,19 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from raysvc.inference.batch import evaluate_dataset
 
     batch_ray(a.actors)
-    result = evaluate_dataset(
-        resolved(a.model), resolved(a.data), a.batch_events, a.device, max_events=a.max_events, **batch_kwargs(a)
-    )
+
+    def evaluate():
+        return evaluate_dataset(
+            resolved(a.model), resolved(a.data), a.batch_events, a.device, max_events=a.max_events, **batch_kwargs(a)
+        )
+
+    if a.run_record:
+        from raysvc.data.streaming.config import DataConfig
+        from raysvc.train.experiment import evaluate_with_record
+
+        result = evaluate_with_record(a.model, DataConfig(uri=a.data), a.run_record, evaluate)
+    else:
+        result = evaluate()
     print_json(result, a.out)
 
 
@@ -70,6 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    ev.add_argument(
+        "--run-record",
+        metavar="PATH",
+        help="score --data as the test set and write the run record here (docs/results.md); refuses a test set "
+        "that shares events with the model's training or validation set (from its run's summary.json)",
+    )
     add_batch_args(ev)
     ev.set_defaults(fn=cmd_evaluate)
     pb = sub.add_parser(
