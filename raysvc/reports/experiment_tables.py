@@ -12,6 +12,7 @@ line per arm with sd error bars.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -119,10 +120,10 @@ def build_table(spec: dict, t: dict, recs: list[dict]) -> str:
     test_rows = []
     for lead, arm, a, b in tests:
         diff = statistics.mean(a) - statistics.mean(b) if a else None
-        if len(a) < 2:
-            cells, verdict = ["n/a", "n/a", "n/a"], "level (under 2 pairs)"
+        res = ttest_rel(a, b) if len(a) > 1 else None
+        if res is None or math.isnan(res.pvalue):  # under 2 pairs, or every difference 0
+            cells, verdict = ["n/a", "n/a", "n/a"], "level (under 2 pairs)" if res is None else "level"
         else:
-            res = ttest_rel(a, b)
             p_adj = min(1.0, res.pvalue * m)
             verdict = "level" if not p_adj < ALPHA else ("better" if diff > 0 else "worse")
             cells = [f"{res.statistic:.2f}", f"{res.pvalue:.3f}", f"{p_adj:.3f}"]
@@ -150,13 +151,33 @@ def build(folder: Path, runs: Path, plots: Path | None) -> dict[str, str]:
     return tables
 
 
+def _loss_curves(spec: dict, recs: list[dict], ax) -> None:
+    """Each arm's training loss against the step: the mean over its runs (records' `metrics.train_loss`)."""
+    for arm in spec["arms"]:
+        curves = [dict(map(tuple, r["metrics"]["train_loss"])) for r in _select(recs, {}, arm, None)]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], label=f"{arm} ({len(curves)} runs)")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("training loss (mean over runs)")
+
+
 def plot(spec: dict, p: dict, recs: list[dict], png: Path) -> None:
-    """One panel per metric against the factor `x`, a line per arm: the mean over its runs with sd error bars."""
+    """One panel per metric against the factor `x`, a line per arm: the mean over its runs with sd error bars; or,
+    `kind: loss`, each arm's mean training loss curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if p.get("kind") == "loss":
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        _loss_curves(spec, recs, ax)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        return
     metrics: dict[str, str] = p["metrics"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     t = {"rows": p["x"]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,6 +50,13 @@ class JobSpec(_Strict):
     set: list[str] = Field(default_factory=list)
 
 
+class PretrainSpec(JobSpec):
+    run_name: str = Field(
+        "{experiment}-pretrain-{backbone}-p{pretrain_seed}",
+        description="the pretraining run's name: experiments that name the same run share the backbone",
+    )
+
+
 class ArmSpec(_Strict):
     backbone: str | None = Field(None, description="a key of `pretrain`: fine-tune from its export")
     set: list[str] = Field(default_factory=list)
@@ -74,7 +82,7 @@ class ExperimentSpec(_Strict):
     storage: str = Field("runs", description="where the training runs live (not committed)")
     data: dict[str, DatasetSpec]
     split: dict[str, str] = Field(description="train / validation / test -> a key of `data`")
-    pretrain: dict[str, JobSpec] = Field(default_factory=dict)
+    pretrain: dict[str, PretrainSpec] = Field(default_factory=dict)
     finetune: JobSpec
     arms: dict[str, ArmSpec] = Field(min_length=1)
     factors: dict[str, FactorSpec] = Field(default_factory=dict)
@@ -125,7 +133,7 @@ def plan(spec: ExperimentSpec) -> list[dict]:
     backbones: dict[tuple[str, int], str] = {}
     for bb, job in spec.pretrain.items():
         for ps in spec.seeds.pretrain:
-            name = f"{spec.name}-pretrain-{bb}-p{ps}"
+            name = job.run_name.format(experiment=spec.name, backbone=bb, pretrain_seed=ps)
             sets = _fill(job.set, base | {"pretrain_seed": ps})
             sets += [f"train.seed={ps}", f"run.name={name}", f"run.storage={spec.storage}"]
             runs.append({"name": name, "kind": "pretrain", "job": job.job, "set": sets})
@@ -169,11 +177,37 @@ def _generate(spec: ExperimentSpec, log) -> None:
         generate_dataset(loc, d.events, d.seed, d.shard_events, cfg, show_progress=False, detector=d.detector)
 
 
+def _materialise_subset(job, storage: str, log) -> dict:
+    """A job that picks a label subset of its training data reads it as a dataset of its own (`raysvc data subset`,
+    under `storage`/data/): a 10-event subset then reads 10 events an epoch, not the whole set. The same events (the
+    subset keeps its source's identity for the split guard); returns the subset seed for the record."""
+    from raysvc.data.streaming.subset import write_subsets
+
+    data = job.data
+    if data.subset_events is None:
+        return {}
+    name = f"{Path(data.uri.rstrip('/')).name}-{data.subset_events}-s{data.subset_seed}"
+    target = f"{storage}/data/{name}"
+    write_subsets(
+        data.location(), {data.subset_events: resolve(target)}, data.subset_seed, job.scaling.workers, log=log
+    )
+    seeds = {"subset": data.subset_seed}
+    job.data = data.model_copy(update={"uri": target, "subset_events": None})
+    return seeds
+
+
 def finetune_with_record(
-    job, path: str | Path, test: DataConfig | None = None, about: dict | None = None, batch_events: int = 4, log=print
+    job,
+    path: str | Path,
+    test: DataConfig | None = None,
+    about: dict | None = None,
+    batch_events: int = 4,
+    log=print,
+    seeds: dict | None = None,
 ) -> dict:
     """Run a fine-tuning job (its split checked first), then score its export on `test` when given; write the run
-    record to `path`. Returns the job's summary."""
+    record to `path` (`about`: the run's place in its experiment; `seeds`: seeds the job config no longer shows).
+    Returns the job's summary."""
     from raysvc.inference.batch import evaluate_dataset
     from raysvc.train.driver import run_job
 
@@ -181,7 +215,8 @@ def finetune_with_record(
     config = job.model_dump(mode="json")
     split = guarded_split(job_split(config, test))  # refuses before any training
     summary = run_job(job, log=log)
-    metrics = {"validation": summary.get("val")}
+    losses = [[h["step"], h["loss"]] for h in summary["history"].get("train", []) if "loss" in h]
+    metrics = {"validation": summary.get("val"), "train_loss": losses}
     if test is not None:
         metrics["test"] = evaluate_dataset(resolve(summary["uri"]), test.location(), batch_events, actors=0, log=log)
     cfg = {"job": summary["config"], "run": summary["uri"], "steps": summary["steps"]}
@@ -189,7 +224,8 @@ def finetune_with_record(
         cfg = {"experiment": about} | cfg
     if test is not None:
         cfg["test"] = {"data": test.uri, "batch_events": batch_events}
-    write_record(path, record(cfg, job_seeds(summary["config"]), split, metrics, time.time() - t0, load_start))
+    seeds = job_seeds(summary["config"]) | (seeds or {})
+    write_record(path, record(cfg, seeds, split, metrics, time.time() - t0, load_start))
     return summary
 
 
@@ -223,6 +259,8 @@ def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list
     for r in runs:  # a fine-tune is done when its record exists, a pretraining run when its summary does
         done = out / f"{r['name']}.json" if r["kind"] == "finetune" else Path(spec.storage, r["name"], "summary.json")
         r["done"] = done.is_file()
+    for r in runs:  # every job validates (names, types, values) before anything runs, dry or not
+        load_job(r["job"], r["set"], "panda" if r["kind"] == "pretrain" else "segmentation")
     if dry_run:
         return runs
     _generate(spec, log)
@@ -236,14 +274,15 @@ def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list
             run_job(load_job(r["job"], r["set"], "panda"), log=log)
             continue
         job = load_job(r["job"], r["set"], "segmentation")
+        seeds = _materialise_subset(job, spec.storage, log)
         about = {"name": spec.name, "run": r["name"], **{k: r[k] for k in ("arm", "factors", "seed", "pretrain_seed")}}
-        finetune_with_record(job, out / f"{r['name']}.json", test, about, spec.test.batch_events, log)
+        finetune_with_record(job, out / f"{r['name']}.json", test, about, spec.test.batch_events, log, seeds)
     return runs
 
 
 def describe_plan(runs: list[dict]) -> str:
     return "\n".join(
-        f"{'done ' if r['done'] else 'to do'}  {r['kind']:8s} {r['name']}: raysvc {r['kind']} {r['job']} "
-        + " ".join(f"--set {s}" for s in r["set"])
+        f"{'done ' if r['done'] else 'to-do'}  {r['kind']:8s} {r['name']}: raysvc {r['kind']} {r['job']} "
+        + " ".join(f"--set {shlex.quote(s)}" for s in r["set"])
         for r in runs
     )
