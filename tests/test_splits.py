@@ -120,3 +120,31 @@ def test_a_finetune_with_overlapping_validation_never_starts(sets, tmp_path, mon
     job = load_job(None, [f"data.uri={sets / 'train'}", f"val_data.uri={sets / 'train-12'}"], "segmentation")
     with pytest.raises(SplitOverlapError, match="validation set"):
         experiment.finetune_with_record(job, tmp_path / "r.json")
+
+
+def test_a_probe_record_names_the_events_it_fitted_and_scored(sets, tmp_path, monkeypatch):
+    """`raysvc probe --run-record`: the first events fit the probes (train), the next ones score them (test), by id."""
+    from raysvc.train.backbone_probe import probe_backbone
+    from raysvc.train.probe import ProbeConfig
+    from raysvc.train.token_probe import TokenProbeConfig
+
+    monkeypatch.chdir(tmp_path)
+    ids: dict = {}
+    n = {"train_events": 3, "val_events": 3}
+    result = probe_backbone(
+        None,
+        DataConfig(uri=str(sets / "val")),
+        point=ProbeConfig(**n, points_per_class=100),
+        token=TokenProbeConfig(**n),
+        log=lambda _: None,
+        split_ids=ids,
+    )
+    assert len(ids["train"]) == 3 and len(ids["test"]) == 3 and not set(ids["train"]) & set(ids["test"])
+    args = {"data": str(sets / "val"), "init": None, "seed": 0, "train_events": 3, "val_events": 3}
+    experiment.probe_record(args, result, ids, tmp_path / "p.json", 1.0, [0.0, 0.0, 0.0])
+    rec = json.loads((tmp_path / "p.json").read_text())
+    assert tuple(rec) == ("config", "seeds", "split", "metrics", "git_commit", "wall_s")
+    got = {r: [i for a, b in rec["split"][r]["origins"][0]["ids"] for i in range(a, b + 1)] for r in ("train", "test")}
+    assert got == {"train": sorted(ids["train"]), "test": sorted(ids["test"])}
+    assert rec["split"]["test"]["origins"][0]["origin"] == "generated lartpc seed 1"
+    assert rec["metrics"]["test"]["point"]["miou"] == result["point"]["miou"]

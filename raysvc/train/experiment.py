@@ -27,7 +27,15 @@ from raysvc.config import ConfigError
 from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.shards import MANIFEST
 from raysvc.storage import exists, read_bytes, resolve
-from raysvc.train.run_record import guarded_split, job_seeds, job_split, load_avg, record, write_record
+from raysvc.train.run_record import (
+    guarded_split,
+    job_seeds,
+    job_split,
+    load_avg,
+    record,
+    run_seed,
+    write_record,
+)
 
 SPEC = "experiment.yaml"
 
@@ -246,6 +254,19 @@ def evaluate_with_record(model: str, test: DataConfig, path: str | Path, evaluat
     metrics = {"validation": summary.get("val"), "test": result}
     write_record(path, record(cfg, job_seeds(summary["config"]), split, metrics, time.time() - t0, load_start))
     return result
+
+
+def probe_record(
+    args: dict, result: dict, split_ids: dict, path: str | Path, wall_s: float, load_start: list[float]
+) -> None:
+    """The run record of a `raysvc probe` (its options `args`, its `result`): the first events of its data fit the
+    probes (train), the next ones score them (test; nothing is chosen on them: C is fixed)."""
+    data = DataConfig(uri=args["data"])
+    split = guarded_split({"train": data, "test": data}, split_ids)
+    config = {k: v for k, v in args.items() if k not in ("fn", "run_record", "out", "verbose")}
+    seeds = {"probe": args["seed"]} | ({"pretrain": run_seed(args["init"])} if args.get("init") else {})
+    metrics = {"test": {"point": result["point"], "token": result["token"]}}
+    write_record(path, record(config, seeds, split, metrics, wall_s, load_start))
 
 
 def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list[dict]:

@@ -64,9 +64,11 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def guarded_split(data: dict[str, DataConfig]) -> dict:
-    """The split of a run ({role: its data section}) as a record stores it, after the overlap guard passed."""
-    sets = {role: event_set(d, portable(d.uri)) for role, d in data.items()}
+def guarded_split(data: dict[str, DataConfig], ids: dict[str, list[int]] | None = None) -> dict:
+    """The split of a run ({role: its data section}; `ids`: {role: only these events of it}) as a record stores it,
+    after the overlap guard passed."""
+    ids = ids or {}
+    sets = {role: event_set(d, portable(d.uri), ids.get(role)) for role, d in data.items()}
     check_disjoint(sets)
     return describe(sets)
 
@@ -88,11 +90,11 @@ def job_seeds(config: dict) -> dict:
         seeds["subset"] = data["subset_seed"]
     init = (config.get("model") or {}).get("init")
     if init and config["model"].get("mode") != "scratch":
-        seeds["pretrain"] = _run_seed(init)
+        seeds["pretrain"] = run_seed(init)
     return seeds
 
 
-def _run_seed(run_uri: str) -> int | None:
+def run_seed(run_uri: str) -> int | None:
     try:
         summary = json.loads(read_bytes(resolve(run_uri).join("summary.json")))
     except Exception:  # an export without its run's summary (copied, downloaded): the seed is unknown

@@ -83,15 +83,17 @@ def _origins(root: Location, manifest: Manifest, ids: np.ndarray, depth: int = 0
     return {Origin(("dataset", root.uri), f"dataset {name} (no provenance: only itself)"): np.sort(ids)}
 
 
-def event_set(data: DataConfig, uri: str | None = None) -> EventSet:
-    """The events a data section selects (its label subset applied), by origin. `uri`: how to name the dataset
-    (default: the config's uri as given)."""
+def event_set(data: DataConfig, uri: str | None = None, ids: list[int] | None = None) -> EventSet:
+    """The events a data section selects (its label subset applied), or only `ids` of it, by origin. `uri`: how to
+    name the dataset (default: the config's uri as given)."""
     root = data.location()
     manifest = load_manifest(root)
-    ids = all_event_ids(root, manifest)
+    if ids is not None:
+        return EventSet(uri or data.uri, _origins(root, manifest, np.asarray(ids, np.int64)))
+    every = all_event_ids(root, manifest)
     if data.subset_events is not None or data.subset_fraction is not None:
-        ids = select_subset(ids, data.subset_seed, data.subset_events, data.subset_fraction)
-    return EventSet(uri or data.uri, _origins(root, manifest, ids))
+        every = select_subset(every, data.subset_seed, data.subset_events, data.subset_fraction)
+    return EventSet(uri or data.uri, _origins(root, manifest, every))
 
 
 def _ranges(idx: np.ndarray) -> list[list[int]]:
