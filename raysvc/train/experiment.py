@@ -278,8 +278,10 @@ def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list
     runs = plan(spec)
     out = folder / "runs"
     for r in runs:  # a fine-tune is done when its record exists, a pretraining run when its summary does
-        done = out / f"{r['name']}.json" if r["kind"] == "finetune" else Path(spec.storage, r["name"], "summary.json")
-        r["done"] = done.is_file()
+        if r["kind"] == "finetune":
+            r["done"] = (out / f"{r['name']}.json").is_file()
+        else:
+            r["done"] = exists(resolve(spec.storage).join(r["name"]).join("summary.json"))
     for r in runs:  # every job validates (names, types, values) before anything runs, dry or not
         load_job(r["job"], r["set"], "panda" if r["kind"] == "pretrain" else "segmentation")
     if dry_run:
