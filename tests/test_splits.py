@@ -148,3 +148,36 @@ def test_a_probe_record_names_the_events_it_fitted_and_scored(sets, tmp_path, mo
     assert got == {"train": sorted(ids["train"]), "test": sorted(ids["test"])}
     assert rec["split"]["test"]["origins"][0]["origin"] == "generated lartpc seed 1"
     assert rec["metrics"]["test"]["point"]["miou"] == result["point"]["miou"]
+
+
+def test_the_command_line_refuses_overlapping_splits_before_running(sets, tmp_path):
+    """`raysvc finetune --run-record` with validation drawn from training, and `raysvc evaluate --run-record` on a test
+    set of the training seed: exit 2 with the overlap named, no record written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def raysvc(*args):
+        cmd = [sys.executable, "-m", "raysvc.cli", *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    ft = raysvc(
+        "finetune",
+        str(root / "jobs" / "semseg-tiny.yaml"),
+        *("--set", f"data.uri={sets / 'train'}", "--set", f"val_data.uri={sets / 'train-12'}"),
+        *("--run-record", "r.json"),
+    )
+    assert ft.returncode == 2 and "split overlap: the validation set" in ft.stderr, ft.stderr
+    job = load_job(None, [f"data.uri={sets / 'train'}", f"val_data.uri={sets / 'val'}"], "segmentation")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "summary.json").write_text(json.dumps({"config": job.model_dump(mode="json"), "steps": 1}))
+    ev = raysvc(
+        *("evaluate", "--model", "model", "--data", str(sets / "test-leaky"), "--actors", "0"),
+        *("--run-record", "e.json"),
+    )
+    assert ev.returncode == 2 and "shares 10 events with the train set" in ev.stderr, ev.stderr
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "e.json").exists()
