@@ -33,7 +33,7 @@ def test_every_experiment_spec_plans_valid_jobs(folder):
     from raysvc.train.experiment import run_experiment
 
     runs = run_experiment(folder, dry_run=True)  # loads and validates every job config
-    assert runs and {r["kind"] for r in runs} <= {"pretrain", "finetune"}
+    assert runs and {r["kind"] for r in runs} <= {"pretrain", "finetune", "probe"}
 
 
 def test_results_hold_data_plots_and_readmes_only():
@@ -149,3 +149,19 @@ def test_an_experiment_without_runs_says_they_are_pending(tmp_path):
         "_Runs pending: no run records under runs/ yet (`raysvc results run results/fab`"
         in (folder / "README.md").read_text()
     )
+
+
+def test_a_table_of_its_own_arms_without_a_control_compares_nothing(tmp_path):
+    folder = tmp_path / "fab"
+    _write(folder)
+    spec = yaml.safe_load((folder / "experiment.yaml").read_text())
+    spec["tables"] = [{"name": "fab", "rows": "labels", "arms": ["good"], "metrics": {"mIoU": "test.miou"}}]
+    (folder / "experiment.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    rebuild(folder, folder / "runs")
+    table = (folder / "README.md").read_text().split("<!-- table:fab -->\n")[1].split("<!-- /table:fab -->")[0]
+    assert table.splitlines() == [
+        "| labels | arm | runs | mIoU |",
+        "|---|---|---|---|",
+        f"| 10 | good | 3 | {np.mean(MIOU['good'][10]):.3f} ± {np.std(MIOU['good'][10], ddof=1):.3f} |",
+        f"| 100 | good | 3 | {np.mean(MIOU['good'][100]):.3f} ± {np.std(MIOU['good'][100], ddof=1):.3f} |",
+    ]

@@ -37,7 +37,7 @@ SPEC = {
         "pretrain": {"uri": "runs/data/pretrain", "events": 8, "seed": 43, "shard_events": 4},
         "train": {"uri": "runs/data/train", "events": 16, "seed": 40, "shard_events": 8},
         "val": {"uri": "runs/data/val", "events": 6, "seed": 41, "shard_events": 3},
-        "test": {"uri": "runs/data/test", "events": 6, "seed": 42, "shard_events": 3},
+        "test": {"uri": "runs/data/test", "events": 8, "seed": 42, "shard_events": 4},
     },
     "split": {"train": "train", "validation": "val", "test": "test"},
     "pretrain": {
@@ -79,13 +79,15 @@ SPEC = {
     "factors": {"labels": {"values": [8], "set": ["data.subset_events={labels}", "data.subset_seed={seed}"]}},
     "seeds": {"finetune": [0, 1], "pretrain": [0]},
     "test": {"data": "test", "batch_events": 2},
+    "probes": {"data": "test", "train_events": 2, "val_events": 2, "points_per_class": 100},
     "tables": [
         {
             "name": "mini",
             "rows": "labels",
             "control": "scratch",
             "metrics": {"test mIoU": "test.miou", "val mIoU": "validation.miou"},
-        }
+        },
+        {"name": "mini-probe", "arms": ["probe-panda"], "metrics": {"token F1": "test.token.mean_f1"}},
     ],
     "plots": [{"file": "mini.png", "x": "labels", "metrics": {"test mIoU": "test.miou"}}],
 }
@@ -94,6 +96,9 @@ README = """# mini
 
 <!-- table:mini -->
 <!-- /table:mini -->
+
+<!-- table:mini-probe -->
+<!-- /table:mini-probe -->
 """
 
 
@@ -127,12 +132,21 @@ def test_results_run_runs_a_miniature_experiment_end_to_end(ray_local, tmp_path,
         "scratch-labels8-s1",
         "panda-labels8-p0-s0",
         "panda-labels8-p0-s1",
+        "probe-panda-p0",
     ]
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
     run_experiment(exp, log=lambda _: None)
     recs = {p.stem: json.loads(p.read_text()) for p in sorted((exp / "runs").glob("*.json"))}
+    probe = recs.pop("probe-panda-p0")
     assert sorted(recs) == ["panda-labels8-p0-s0", "panda-labels8-p0-s1", "scratch-labels8-s0", "scratch-labels8-s1"]
+    assert list(probe) == KEYS and probe["config"]["init"] == "runs/mini-pretrain-panda-p0"
+    assert probe["split"]["train"]["events"] == 2 and probe["split"]["test"]["events"] == 2
+    assert probe["seeds"] == {
+        "probe": 0,
+        "pretrain": 0,
+        "data": {"train": ["generated lartpc seed 42"]} | {"test": ["generated lartpc seed 42"]},
+    }
     for name, rec in recs.items():
         assert list(rec) == KEYS
         assert set(rec["split"]) == {"train", "validation", "test"}
@@ -157,6 +171,7 @@ def test_results_run_runs_a_miniature_experiment_end_to_end(ray_local, tmp_path,
     assert f"| 8 | scratch | 2 | {mean:.3f} ± " in text
     assert "1 comparisons" in text and "| 8 | panda - scratch | 2 |" in text
     assert (exp / "mini.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"| probe-panda | 1 | {probe['metrics']['test']['token']['mean_f1']:.3f} |" in text
     assert _cli("table", "results/mini", "--check", cwd=tmp_path).returncode == 0
 
     (exp / "README.md").write_text(text.replace(f"{mean:.3f} ± ", f"{mean + 0.1:.3f} ± ", 1))

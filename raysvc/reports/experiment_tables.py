@@ -1,7 +1,8 @@
 """The tables and plots of an experiment that declares them in its `experiment.yaml` (docs/results.md), rebuilt from
 its run records (`runs/*.json`): no Python per experiment.
 
-A table (`tables:` entry) has one row per value of a factor (`rows`, e.g. labels) and arm: the runs, and the mean +-
+A table (`tables:` entry) has one row per value of a factor (`rows`, e.g. labels) and arm (its `arms`, default the
+experiment's): the runs, and the mean +-
 sample sd over them of each metric (a path inside the record's `metrics`, e.g. test.miou or test.iou.michel). Under it,
 each arm against the `control` arm on the compared metric: a paired t-test over fine-tune seeds (the runs of one arm
 and seed are first averaged over pretraining seeds), the comparison count m, and a verdict: "better" or "worse" only
@@ -28,12 +29,18 @@ def load(folder: Path) -> dict:
     path = folder / SPEC
     spec = yaml.safe_load(path.read_text()) or {}
     for i, t in enumerate(spec.get("tables") or []):
-        missing = [k for k in ("name", "control", "metrics") if k not in t]
+        missing = [k for k in ("name", "metrics") if k not in t]
         if missing:
             raise ValueError(f"{path}: tables[{i}] lacks {', '.join(missing)}")
-        if t["control"] not in spec.get("arms", {}):
+        if t.get("control") is not None and t["control"] not in _arms(spec, t):
             raise ValueError(f"{path}: tables[{i}].control {t['control']!r} is not one of its arms")
     return spec
+
+
+def _arms(spec: dict, t: dict) -> list[str]:
+    """The arms of a table, in row order: its own `arms`, else the experiment's (probe records' arms are
+    "probe-<backbone>")."""
+    return list(t.get("arms") or spec.get("arms") or [])
 
 
 def records(runs: Path) -> list[dict]:
@@ -101,7 +108,7 @@ def build_table(spec: dict, t: dict, recs: list[dict]) -> str:
     compared = t.get("compare", next(iter(metrics)))
     head = [t["rows"]] if t.get("rows") else []
     rows, tests = [], []
-    groups, arms = _groups(spec, t, recs), list(spec["arms"])
+    groups, arms = _groups(spec, t, recs), _arms(spec, t)
     for g in groups:
         lead = [str(g)] if g is not None else []
         for arm in arms:
@@ -109,6 +116,8 @@ def build_table(spec: dict, t: dict, recs: list[dict]) -> str:
             if sel:
                 cells = [_mean_sd([metric(r, p) for r in sel]) for p in metrics.values()]
                 rows.append([*lead, arm, str(len(sel)), *cells])
+        if t.get("control") is None:
+            continue  # a table without a control compares nothing
         control = _by_seed(_select(recs, t, t["control"], g), metrics[compared])
         for arm in arms:
             if arm == t["control"] or not _select(recs, t, arm, g):
@@ -153,7 +162,7 @@ def build(folder: Path, runs: Path, plots: Path | None) -> dict[str, str]:
 
 def _loss_curves(spec: dict, recs: list[dict], ax) -> None:
     """Each arm's training loss against the step: the mean over its runs (records' `metrics.train_loss`)."""
-    for arm in spec["arms"]:
+    for arm in _arms(spec, {}):
         curves = [dict(map(tuple, r["metrics"]["train_loss"])) for r in _select(recs, {}, arm, None)]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if steps:
@@ -182,7 +191,7 @@ def plot(spec: dict, p: dict, recs: list[dict], png: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     t = {"rows": p["x"]}
     for ax, (label, path) in zip(axes[0], metrics.items(), strict=True):
-        for arm in spec["arms"]:
+        for arm in _arms(spec, p):
             xs, ys, es = [], [], []
             for g in _groups(spec, t, recs):
                 vals = [v for r in _select(recs, t, arm, g) if (v := metric(r, path)) is not None]

@@ -85,6 +85,17 @@ class TestSpec(_Strict):
     batch_events: int = Field(4, gt=0)
 
 
+class ProbeSpec(_Strict):
+    """Both probes (per-point linear, token SVM) of each backbone x pretraining seed, on one dataset: its first
+    `train_events` events fit them, the next `val_events` are scored (nothing is chosen on them)."""
+
+    data: str = Field(description="a key of `data`")
+    backbones: list[str] | None = Field(None, description="keys of `pretrain` (default: all)")
+    train_events: int = Field(100, gt=0)
+    val_events: int = Field(100, gt=0)
+    points_per_class: int = Field(4000, gt=0)
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     storage: str = Field("runs", description="where the training runs live (not committed)")
@@ -96,6 +107,7 @@ class ExperimentSpec(_Strict):
     factors: dict[str, FactorSpec] = Field(default_factory=dict)
     seeds: SeedSpec
     test: TestSpec
+    probes: ProbeSpec | None = None
     tables: list = Field(default_factory=list, description="read by `raysvc results table` (raysvc.reports)")
     plots: list = Field(default_factory=list, description="read by `raysvc results table` (raysvc.reports)")
 
@@ -111,6 +123,12 @@ class ExperimentSpec(_Strict):
         for name, arm in self.arms.items():
             if arm.backbone is not None and arm.backbone not in self.pretrain:
                 raise ValueError(f"arms.{name}.backbone: {arm.backbone!r} is not a key of pretrain")
+        if self.probes is not None:
+            if self.probes.data not in self.data:
+                raise ValueError(f"probes.data: {self.probes.data!r} is not a key of data ({sorted(self.data)})")
+            unknown = [b for b in self.probes.backbones or [] if b not in self.pretrain]
+            if unknown:
+                raise ValueError(f"probes.backbones: {unknown} are not keys of pretrain")
         return self
 
 
@@ -166,6 +184,17 @@ def plan(spec: ExperimentSpec) -> list[dict]:
                     sets += [f"train.seed={seed}", f"run.name={spec.name}-{name}", f"run.storage={spec.storage}"]
                     about = {"arm": arm_name, "factors": factors, "seed": seed, "pretrain_seed": ps}
                     runs.append({"name": name, "kind": "finetune", "job": spec.finetune.job, "set": sets, **about})
+    if spec.probes is not None:
+        for bb in spec.probes.backbones or list(spec.pretrain):
+            for ps in spec.seeds.pretrain:
+                name = f"probe-{bb}-p{ps}"
+                p = spec.probes
+                command = (
+                    f"raysvc probe {backbones[(bb, ps)]} --data {spec.data[p.data].uri} --train-events "
+                    f"{p.train_events} --val-events {p.val_events} --seed {ps}"
+                )
+                about = {"arm": f"probe-{bb}", "factors": {}, "seed": ps, "pretrain_seed": ps}
+                runs.append({"name": name, "kind": "probe", "job": backbones[(bb, ps)], "command": command, **about})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment {spec.name}: two runs share a name; make arm names distinct")
@@ -264,9 +293,34 @@ def probe_record(
     data = DataConfig(uri=args["data"])
     split = guarded_split({"train": data, "test": data}, split_ids)
     config = {k: v for k, v in args.items() if k not in ("fn", "run_record", "out", "verbose")}
+    config.pop("command", None)
     seeds = {"probe": args["seed"]} | ({"pretrain": run_seed(args["init"])} if args.get("init") else {})
     metrics = {"test": {"point": result["point"], "token": result["token"]}}
     write_record(path, record(config, seeds, split, metrics, wall_s, load_start))
+
+
+def _probe(spec: ExperimentSpec, r: dict, path: Path, log) -> None:
+    """Both probes of one pretraining run's backbone (`r["job"]`), in this process, and their record."""
+    from raysvc.train.backbone_probe import probe_backbone
+    from raysvc.train.probe import ProbeConfig
+    from raysvc.train.token_probe import TokenProbeConfig
+
+    p = spec.probes
+    events = {"train_events": p.train_events, "val_events": p.val_events}
+    t0, load_start, ids = time.time(), load_avg(), {}
+    data = spec.data[p.data].uri
+    result = probe_backbone(
+        r["job"],
+        DataConfig(uri=data),
+        point=ProbeConfig(**events, points_per_class=p.points_per_class),
+        token=TokenProbeConfig(**events),
+        seed=r["seed"],
+        log=log,
+        split_ids=ids,
+    )
+    about = {"name": spec.name, "run": r["name"], **{k: r[k] for k in ("arm", "factors", "seed", "pretrain_seed")}}
+    args = {"experiment": about, "init": r["job"], "data": data, "seed": r["seed"], **events}
+    probe_record(args, result, ids, path, time.time() - t0, load_start)
 
 
 def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list[dict]:
@@ -278,12 +332,13 @@ def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list
     runs = plan(spec)
     out = folder / "runs"
     for r in runs:  # a fine-tune is done when its record exists, a pretraining run when its summary does
-        if r["kind"] == "finetune":
+        if r["kind"] in ("finetune", "probe"):
             r["done"] = (out / f"{r['name']}.json").is_file()
         else:
             r["done"] = exists(resolve(spec.storage).join(r["name"]).join("summary.json"))
     for r in runs:  # every job validates (names, types, values) before anything runs, dry or not
-        load_job(r["job"], r["set"], "panda" if r["kind"] == "pretrain" else "segmentation")
+        if r["kind"] != "probe":
+            load_job(r["job"], r["set"], "panda" if r["kind"] == "pretrain" else "segmentation")
     if dry_run:
         return runs
     _generate(spec, log)
@@ -292,9 +347,12 @@ def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list
         if r["done"]:
             log(f"[raysvc] {r['name']}: done, skipped")
             continue
-        log(f"[raysvc] {r['name']}: {r['kind']} {r['job']} {' '.join(r['set'])}")
+        log(f"[raysvc] {r['name']}: {_command(r)}")
         if r["kind"] == "pretrain":
             run_job(load_job(r["job"], r["set"], "panda"), log=log)
+            continue
+        if r["kind"] == "probe":
+            _probe(spec, r, out / f"{r['name']}.json", log)
             continue
         job = load_job(r["job"], r["set"], "segmentation")
         seeds = _materialise_subset(job, spec.storage, log)
@@ -304,8 +362,13 @@ def run_experiment(folder: str | Path, dry_run: bool = False, log=print) -> list
 
 
 def describe_plan(runs: list[dict]) -> str:
-    return "\n".join(
-        f"{'done ' if r['done'] else 'to-do'}  {r['kind']:8s} {r['name']}: raysvc {r['kind']} {r['job']} "
-        + " ".join(f"--set {shlex.quote(s)}" for s in r["set"])
-        for r in runs
-    )
+    return "\n".join(f"{'done ' if r['done'] else 'to-do'}  {r['kind']:8s} {r['name']}: {_command(r)}" for r in runs)
+
+
+def _command(r: dict) -> str:
+    """The command line a planned run amounts to."""
+    if "command" in r:
+        return r["command"]
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in r["set"])
+    then = " (then raysvc evaluate on the test set)" if r["kind"] == "finetune" else ""
+    return f"raysvc {r['kind']} {r['job']} {sets}{then}"
