@@ -181,3 +181,31 @@ def test_the_command_line_refuses_overlapping_splits_before_running(sets, tmp_pa
     )
     assert ev.returncode == 2 and "shares 10 events with the train set" in ev.stderr, ev.stderr
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_results_run_refuses_a_dataset_that_is_not_what_its_spec_says(sets, tmp_path):
+    """A spec naming an existing dataset with another seed would record a false split: refused, naming both."""
+    from pathlib import Path
+
+    import yaml
+
+    from raysvc.config import ConfigError
+
+    root = Path(__file__).resolve().parents[1]
+    spec = {
+        "name": "x",
+        "data": {
+            "train": {"uri": str(sets / "train"), "events": 30, "seed": 9, "shard_events": 10},
+            "val": {"uri": str(sets / "val"), "events": 12, "seed": 1, "shard_events": 6},
+            "test": {"uri": str(sets / "test"), "events": 10, "seed": 2, "shard_events": 10},
+        },
+        "split": {"train": "train", "validation": "val", "test": "test"},
+        "finetune": {"job": str(root / "jobs" / "semseg-tiny.yaml"), "set": ["data.uri={data.train}"]},
+        "arms": {"scratch": {}},
+        "seeds": {"finetune": [0]},
+        "test": {"data": "test"},
+    }
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="data.train: .* exists but was not generated as the spec says .*'seed': 0"):
+        experiment.run_experiment(tmp_path, log=lambda _: None)
+    assert not (tmp_path / "runs").exists()

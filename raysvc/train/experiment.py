@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysvc.config import ConfigError
 from raysvc.data.streaming.config import DataConfig
-from raysvc.data.streaming.shards import MANIFEST
+from raysvc.data.streaming.shards import MANIFEST, load_manifest
 from raysvc.storage import exists, read_bytes, resolve
 from raysvc.train.run_record import (
     guarded_split,
@@ -184,20 +184,27 @@ def plan(spec: ExperimentSpec) -> list[dict]:
                     sets += [f"train.seed={seed}", f"run.name={spec.name}-{name}", f"run.storage={spec.storage}"]
                     about = {"arm": arm_name, "factors": factors, "seed": seed, "pretrain_seed": ps}
                     runs.append({"name": name, "kind": "finetune", "job": spec.finetune.job, "set": sets, **about})
-    if spec.probes is not None:
-        for bb in spec.probes.backbones or list(spec.pretrain):
-            for ps in spec.seeds.pretrain:
-                name = f"probe-{bb}-p{ps}"
-                p = spec.probes
-                command = (
-                    f"raysvc probe {backbones[(bb, ps)]} --data {spec.data[p.data].uri} --train-events "
-                    f"{p.train_events} --val-events {p.val_events} --seed {ps}"
-                )
-                about = {"arm": f"probe-{bb}", "factors": {}, "seed": ps, "pretrain_seed": ps}
-                runs.append({"name": name, "kind": "probe", "job": backbones[(bb, ps)], "command": command, **about})
+    runs += _probe_runs(spec, backbones)
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment {spec.name}: two runs share a name; make arm names distinct")
+    return runs
+
+
+def _probe_runs(spec: ExperimentSpec, backbones: dict[tuple[str, int], str]) -> list[dict]:
+    """One probe run per probed backbone x pretraining seed; its `job` is the backbone's export."""
+    p, runs = spec.probes, []
+    if p is None:
+        return runs
+    for bb in p.backbones or list(spec.pretrain):
+        for ps in spec.seeds.pretrain:
+            init = backbones[(bb, ps)]
+            command = (
+                f"raysvc probe {init} --data {spec.data[p.data].uri} --train-events {p.train_events} "
+                f"--val-events {p.val_events} --seed {ps}"
+            )
+            about = {"arm": f"probe-{bb}", "factors": {}, "seed": ps, "pretrain_seed": ps}
+            runs.append({"name": f"probe-{bb}-p{ps}", "kind": "probe", "job": init, "command": command, **about})
     return runs
 
 
@@ -207,7 +214,15 @@ def _generate(spec: ExperimentSpec, log) -> None:
 
     for key, d in spec.data.items():
         loc = resolve(d.uri)
-        if exists(loc.join(MANIFEST)):
+        if exists(loc.join(MANIFEST)):  # made before: it must be what the spec says, or the split would lie
+            made = load_manifest(loc).created_by
+            want = {"tool": "raysvc data generate", "seed": d.seed, "events": d.events, "detector": d.detector}
+            got = {k: made.get(k) for k in want}
+            if got != want:
+                raise ConfigError(
+                    f"data.{key}: {d.uri} exists but was not generated as the spec says (manifest {got}, spec "
+                    f"{want}); move it away or point data.{key}.uri elsewhere"
+                )
             continue
         log(f"[raysvc] generating data.{key}: {d.events} {d.detector} events, seed {d.seed} -> {d.uri}")
         cfg = load_config(generator_for(d.detector)[0], None, d.set)
