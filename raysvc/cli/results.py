@@ -1,4 +1,6 @@
-"""`raysvc results table`: a results/ experiment's README tables and plots, rebuilt from its runs (raysvc.reports)."""
+"""`raysvc results table | run`: a results/ experiment's README tables and plots, rebuilt from its runs
+(raysvc.reports), and the one command that runs a whole experiment from its experiment.yaml
+(raysvc.train.experiment)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "table",
         help="rebuild DIR's tables (into DIR/README.md, between `<!-- table:NAME -->` markers) and plots",
     )
-    t.add_argument("dir", help="the experiment's folder, e.g. results/cross-experiment (its name picks the builder)")
+    t.add_argument(
+        "dir",
+        help="the experiment's folder, e.g. results/label-efficiency (its experiment.yaml declares the tables; "
+        "without one, its name picks a builder: results/cross-experiment)",
+    )
     t.add_argument(
         "--runs",
         help="where the experiment's runs are (default: DIR/runs/ for an experiment with an experiment.yaml, else "
