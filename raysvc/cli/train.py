@@ -16,7 +16,12 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
     from raysvc.train.tasks import get_task
 
     job = load_job(a.config, a.set, default_task)
-    summary = run_job(job)
+    if getattr(a, "run_record", None):
+        from raysvc.train.experiment import finetune_with_record
+
+        summary = finetune_with_record(job, a.run_record)
+    else:
+        summary = run_job(job)
     print(json.dumps(get_task(job.task).outcome(summary), indent=2))
 
 
@@ -61,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune", help="train a segmentation model with Ray Train (locally or under ray job submit)")
     ft.add_argument("config", help="job YAML, e.g. jobs/semseg-tiny.yaml")
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
+    ft.add_argument(
+        "--run-record",
+        metavar="PATH",
+        help="also write the run record (config, seeds, split, validation metrics, commit, wall time: "
+        "docs/results.md) here; refuses a validation set that shares events with the training set",
+    )
     ft.set_defaults(fn=cmd_finetune)
 
     pt = sub.add_parser(

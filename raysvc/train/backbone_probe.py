@@ -153,12 +153,14 @@ def probe_backbone(
     actors: int = 0,
     cpus_per_actor: float = 1.0,
     log=print,
+    split_ids: dict | None = None,
 ) -> dict:
     """Both probes of one backbone on the first `train_events` + next `val_events` events of `data` (the online
     probes' split). The token probe uses the backbone's own tokenizer when it is a PoLAr-MAE one, else these
     settings; `arch`, `size` and `center_events` describe the random initialisation when `init` is None. `actors` >= 1
     (Ray started by the caller): the events are read with Ray Data and the features computed by that many backbone
     replicas; 0: read with Ray tasks, features in this process.
+    `split_ids`, when given, gets the event ids of the fitting ("train") and scored ("test") events.
     Returns {"backbone", "point" (metrics.compute's dict), "token" {f1, mean_f1, tokens}, ...}."""
     point, token = point or ProbeConfig(), token or TokenProbeConfig()
     if token.train_events != point.train_events or token.val_events != point.val_events:
@@ -182,6 +184,9 @@ def probe_backbone(
     train, val = probe_tables(
         stream_tables(data, prep, prep.manifest.shards), point.train_events, point.val_events, data.uri
     )
+    if split_ids is not None:  # the events each half holds, for a run record's split
+        for role, chunks in (("train", train), ("test", val)):
+            split_ids[role] = [i for c in chunks for i in c.column("event_id").to_pylist()]
     log(
         f"[raysvc] probing {init or f'a random {arch} {size}'} on {data.uri}: "
         f"{point.train_events} + {point.val_events} events"
