@@ -12,6 +12,11 @@ stderr: every line goes to the log file, and the console shows
 
 With `--verbose` the console gets everything, as without the filter. Python warnings of this process (Ray's
 deprecation notes, mostly) go to the log file only.
+
+On a terminal a progress line (ours, or a worker's `[raysvc] step i/n` line) is redrawn in place; anywhere else
+(a file, a pipe, CI) every line is plain text: colours and cursor moves removed, a redrawn line reduced to its last
+drawing. `Progress` is the one progress line of a long stage, and `ResourceWatch` says on the console when the
+work waits for CPUs or GPUs that the cluster does not have free.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import io
 import logging
 import re
 import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 TAG = "[raysvc]"
@@ -31,6 +38,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "(TrainController pid=1, ip=10.0.0.2) ..." (colours removed first).
 _RAY_PREFIX = re.compile(r"^\s*\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)\s?")
 # A record of Ray's own logger in this process: "2026-12-01 08:10:21,751\tWARNING file.py:85 -- ...".
+# A worker's progress line, drawn in place on a terminal.
+_STEP = re.compile(r"^\[raysvc\] step \d+/\d+ ")
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
 # Ray's words for events that change what the run does: shown whatever their source. ("[FailurePolicy] RETRY" is
 # Ray Train's decision to restart the worker group after a failure, "RAISE" to give up.)
@@ -58,30 +67,74 @@ def shown(line: str) -> str | None:
     return line
 
 
-class _Filter(io.TextIOBase):
-    """A text stream that writes whole lines to `log` and the `shown` part of each to `console`."""
+def plain(text: str) -> str:
+    """`text` as a file shows it: colours and cursor moves removed, a line redrawn with carriage returns reduced to
+    its last drawing."""
+    return "\n".join(_ANSI.sub("", line.rsplit("\r", 1)[-1]) for line in text.split("\n"))
 
-    def __init__(self, console, log, verbose: bool):
-        self.console, self.log, self.verbose = console, log, verbose
+
+class _Screen:
+    """Whether the terminal's cursor sits after a line drawn in place (shared by the stdout and stderr filters: both
+    write to one terminal), so that the next whole line starts on a line of its own."""
+
+    open = False
+
+
+class _Filter(io.TextIOBase):
+    """A text stream that writes whole lines to `log` (uncoloured) and the `shown` part of each to `console`: in place
+    or plain, as the console is a terminal or not."""
+
+    def __init__(self, console, log, verbose: bool, screen: _Screen):
+        self.console, self.log, self.verbose, self.screen = console, log, verbose, screen
+        self.tty = console.isatty()
         self.pending = ""
+        self.lock = threading.Lock()  # ResourceWatch writes from its own thread
 
     def writable(self) -> bool:
         return True
 
     def write(self, s: str) -> int:
-        self.log.write(s)
+        with self.lock:
+            return self._write(s)
+
+    def _write(self, s: str) -> int:
+        self.log.write(_ANSI.sub("", s))
         if self.verbose:
-            return self.console.write(s)
+            return self.console.write(s if self.tty else plain(s))
+        if not self.pending and s.endswith("\n") and _RAY_LOG.match(_ANSI.sub("", s)):
+            # a logging handler writes a whole record at once: its traceback lines are part of it
+            first = shown(s.split("\n", 1)[0])
+            if first is not None:
+                self._line(first)
+            return len(s)
         self.pending += s
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
             out = shown(line)
             if out is not None:
-                self.console.write(out + "\n")
-        if "\r" in self.pending and shown(self.pending) == self.pending:
-            self.console.write(self.pending)  # our progress bar redrawing its line: pass it on now
-            self.pending = ""
+                self._line(out)
+        if "\r" in self.pending:
+            last = self.pending.rsplit("\r", 1)[-1]
+            if self.tty and shown(self.pending) == self.pending:
+                self._redraw(last)  # our progress bar redrawing its line: pass it on now
+                self.pending = ""
+            else:
+                self.pending = "\r" + last  # only the last drawing can still show
         return len(s)
+
+    def _line(self, text: str) -> None:
+        if not self.tty:
+            self.console.write(plain(text) + "\n")
+        elif "\r" in text or _STEP.match(text):
+            self._redraw(text.rsplit("\r", 1)[-1])
+        else:
+            self.console.write(("\n" if self.screen.open else "") + text + "\n")
+            self.screen.open = False
+
+    def _redraw(self, text: str) -> None:
+        self.console.write("\r" + text.rstrip() + "\x1b[K")
+        self.console.flush()
+        self.screen.open = True
 
     def flush(self) -> None:
         self.log.flush()
@@ -101,9 +154,10 @@ def routed(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
     path = Path(log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = sys.stdout, sys.stderr, warnings.showwarning
-    with open(path, "a", buffering=1) as log:
-        sys.stdout = _Filter(saved[0], log, verbose)
-        sys.stderr = _Filter(saved[1], log, verbose)
+    screen = _Screen()
+    with open(path, "a", buffering=1) as log, ResourceWatch():
+        sys.stdout = _Filter(saved[0], log, verbose, screen)
+        sys.stderr = _Filter(saved[1], log, verbose, screen)
         if not verbose:
             warnings.showwarning = lambda msg, cat, fn, ln, file=None, line=None: log.write(
                 warnings.formatwarning(msg, cat, fn, ln, line)
@@ -115,13 +169,154 @@ def routed(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
             for stream in (sys.stdout, sys.stderr):
                 if stream.pending:
                     stream.write("\n")
+            if screen.open:
+                saved[1].write("\n")
             _point_ray_logger(sys.stderr, saved[1])
             sys.stdout, sys.stderr, warnings.showwarning = saved
 
 
 def _point_ray_logger(old, new) -> None:
-    """Move the stream handlers of Ray's logger that write to `old` over to `new` (ray imported or not yet: a handler
-    made while the filter is on holds the filter, and is moved back on the way out)."""
-    for h in logging.getLogger("ray").handlers:
-        if isinstance(h, logging.StreamHandler) and h.stream is old:
-            h.setStream(new)
+    """Move the stream handlers of Ray's loggers (`ray`, `ray.data`, ...) that write to `old` over to `new` (ray
+    imported or not yet: a handler made while the filter is on holds the filter, and is moved back on the way out)."""
+    names = ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    for name in names:
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is old:
+                h.setStream(new)
+
+
+class Progress:
+    """The one progress line of a long stage: `desc done/total (pct) rate, note`. On a terminal it is redrawn in place
+    (at most ten times a second); elsewhere a plain line is printed at each quarter of `total` (or every `every_s`
+    seconds without a total), so a log holds a handful of lines per stage. Written to stderr: stdout keeps only a
+    command's result."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "", every_s: float = 30.0, stream=None):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.stream = stream
+        self.done, self.note = 0, ""
+        self.t0 = self.t_drawn = time.monotonic()
+        self.quarter = 0
+        self.closed = False
+
+    def _out(self):
+        return self.stream or sys.stderr
+
+    def text(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        if self.total:
+            count = f"{self.done}/{self.total}{unit} ({100 * self.done / self.total:.0f}%)"
+        else:
+            count = f"{self.done}{unit}"
+        dt = time.monotonic() - self.t0
+        rate = f", {self.done / dt:.2f}{unit}/s" if self.done and dt > 0 and self.unit else ""
+        return f"[raysvc] {self.desc}: {count}{rate}, {dt:.0f} s" + (f"; {self.note}" if self.note else "")
+
+    def update(self, n: int = 1, note: str | None = None) -> None:
+        self.done += n
+        if note is not None:
+            self.note = note
+        now, out = time.monotonic(), self._out()
+        if out.isatty():
+            if now - self.t_drawn >= 0.1 or (self.total and self.done >= self.total):
+                out.write("\r" + self.text() + "\x1b[K")
+                out.flush()
+                self.t_drawn = now
+            return
+        quarter = 4 * self.done // self.total if self.total else 0
+        if (self.total and quarter > self.quarter and self.done < self.total) or (
+            not self.total and now - self.t_drawn >= self.every_s
+        ):
+            print(self.text(), file=out, flush=True)
+            self.quarter, self.t_drawn = quarter, now
+
+    def close(self, note: str | None = None) -> None:
+        """The final line, always printed (on a terminal: the line drawn in place, finished)."""
+        if self.closed:
+            return
+        self.closed = True
+        if note is not None:
+            self.note = note
+        out = self._out()
+        print(("\r" if out.isatty() else "") + self.text() + ("\x1b[K" if out.isatty() else ""), file=out, flush=True)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(items: Iterable, desc: str, total: int | None = None, unit: str = "") -> Iterator:
+    """`items`, with a `Progress` line that counts them."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    with Progress(desc, total, unit) as bar:
+        for item in items:
+            yield item
+            bar.update()
+
+
+class ResourceWatch:
+    """While a command runs, a thread asks the Ray cluster this process is connected to (if any, every `poll_s`
+    seconds) what its work waits for: resource requests of tasks and actors, and groups of bundles (a Ray Train worker
+    group, a Tune trial's placement group) that cannot be placed. A demand that lasts `after_s` seconds is said on the
+    console with what the cluster has free, once, then every minute while it lasts, and its end is said too. (Ray
+    says it in its own log only, which a person waiting at the console does not see.)"""
+
+    def __init__(self, poll_s: float = 2.0, after_s: float = 4.0, again_s: float = 60.0, stream=None):
+        self.poll_s, self.after_s, self.again_s, self.stream = poll_s, after_s, again_s, stream
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="raysvc-resource-watch", daemon=True)
+
+    def __enter__(self) -> ResourceWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream or sys.stderr, flush=True)
+
+    def _run(self) -> None:
+        since, said = None, None  # when the current wait began; when it was last said
+        while not self.stop.wait(self.poll_s):
+            try:
+                waits = self.waiting()
+            except Exception:  # Ray starting, stopping or not there: nothing to say
+                waits = None
+            now = time.monotonic()
+            if not waits:
+                if said is not None and waits == "":
+                    self._say(f"[raysvc] resources free: the work that waited {now - since:.0f} s runs")
+                since, said = None, None
+                continue
+            since = since or now
+            if now - since >= self.after_s and (said is None or now - said >= self.again_s):
+                self._say(f"[raysvc] waiting {now - since:.0f} s for resources: {waits}")
+                said = now
+
+    def waiting(self) -> str | None:
+        """What the connected cluster's work waits for, in words: "" for nothing, None when Ray is not running here."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return None
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=max(1, int(self.poll_s)))
+        demands = status.resource_demands
+        parts = [f"{b.count} x {_bundle(b.bundle)}" for d in demands.ray_task_actor_demand for b in d.bundles_by_count]
+        for g in demands.placement_group_demand:
+            bundles = ", ".join(f"{b.count} x {_bundle(b.bundle)}" for b in g.bundles_by_count)
+            parts.append(f"a placement group of {bundles} (a Train worker group or a Tune trial)")
+        if not parts:
+            return ""
+        total, free = status.total_resources(), status.available_resources()
+        have = ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if total.get(k))
+        return f"{'; '.join(parts)}; the cluster has {have or 'no CPU or GPU'} free"
+
+
+def _bundle(resources) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:")) + "}"

@@ -82,3 +82,79 @@ def test_verbose_shows_everything(tmp_path):
     assert "(RayTrainWorker pid=3) Setting up process group" in out
     assert "(RayTrainWorker pid=3) [raysvc] step 1/2" in err and "something deprecated" in err
     assert "(RayTrainWorker pid=3) Setting up process group" in log
+
+
+# What a command prints while routed, through a pipe or into a file (not a terminal): Ray Data's redrawn bar, a Ray
+# log record with its traceback (as a logging handler writes it: one write), worker step lines and our own bar.
+BUSY = textwrap.dedent("""
+    import sys
+    from raysvc.console import Progress, routed
+    with routed(sys.argv[1]):
+        print("==> stage one")
+        sys.stderr.write("\\x1b[32mshards\\x1b[0m 1/4\\rshards 2/4\\rshards 4/4\\n")
+        sys.stderr.write("\\x1b[A\\x1b[2m(pid=3)\\x1b[0m - split(2): 10%\\r(pid=3) - split(2): 100%\\n")
+        sys.stderr.write("2026-12-01 08:10:21,751\\tERROR tune_controller.py:1 -- Trial task failed\\n"
+                         "Traceback (most recent call last):\\n  File \\"x.py\\", line 1\\nValueError: boom\\n")
+        for step in (1, 2, 3, 4):
+            print(f"(RayTrainWorker pid=3) [raysvc] step {step}/4 loss 1.0", file=sys.stderr, flush=True)
+        with Progress("predict", 100, "events") as bar:
+            for _ in range(100):
+                bar.update()
+        print("result")
+""")
+
+
+def _busy(tmp_path, stderr) -> tuple[subprocess.CompletedProcess, str]:
+    log = tmp_path / "busy.log"
+    p = subprocess.run(
+        [sys.executable, "-c", BUSY, str(log)], stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    return p, log.read_text()
+
+
+def test_a_pipe_or_file_gets_plain_lines_and_the_log_gets_everything_uncoloured(tmp_path):
+    p, log = _busy(tmp_path, subprocess.PIPE)
+    console = p.stdout + p.stderr
+    assert "\x1b" not in console and "\r" not in console
+    assert p.stdout == "==> stage one\nresult\n"
+    err = p.stderr.splitlines()
+    assert err[0] == "shards 4/4"  # the last drawing of a redrawn line only
+    assert err[1:5] == [f"[raysvc] step {s}/4 loss 1.0" for s in (1, 2, 3, 4)]
+    bar = err[5:]  # our bar: a line at 25, 50 and 75 %, then the final one
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in bar] == [
+        "25/100 events",
+        "50/100 events",
+        "75/100 events",
+        "100/100 events",
+    ]
+    assert "Traceback" not in p.stderr and "split(2)" not in p.stderr  # Ray's record and bar: log only
+    assert "\x1b" not in log
+    for line in ("ValueError: boom", "Traceback (most recent call last):", "(pid=3) - split(2): 100%", "result"):
+        assert line in log
+
+
+def test_a_terminal_gets_the_progress_lines_redrawn_in_place(tmp_path):
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        p, _ = _busy(tmp_path, slave)
+    finally:
+        os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other end is closed: all read
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    text = out.decode()
+    # each step line replaces the one before on the same terminal line; the next whole line starts on its own
+    assert "\r[raysvc] step 1/4 loss 1.0\x1b[K\r[raysvc] step 2/4 loss 1.0\x1b[K" in text
+    assert "\r[raysvc] predict: 100/100 events (100%)" in text
+    assert "Traceback" not in text
