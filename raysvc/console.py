@@ -38,6 +38,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "(TrainController pid=1, ip=10.0.0.2) ..." (colours removed first).
 _RAY_PREFIX = re.compile(r"^\s*\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)\s?")
 # A record of Ray's own logger in this process: "2026-12-01 08:10:21,751\tWARNING file.py:85 -- ...".
+_IDS = re.compile(r"[0-9a-f]{16,}")  # Ray's actor, worker and placement group ids
 # A worker's progress line, drawn in place on a terminal.
 _STEP = re.compile(r"^\[raysvc\] step \d+/\d+ ")
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
@@ -78,6 +79,7 @@ class _Screen:
     write to one terminal), so that the next whole line starts on a line of its own."""
 
     open = False
+    last_ray = ""  # the last [ray] line shown
 
 
 class _Filter(io.TextIOBase):
@@ -88,6 +90,7 @@ class _Filter(io.TextIOBase):
         self.console, self.log, self.verbose, self.screen = console, log, verbose, screen
         self.tty = console.isatty()
         self.pending = ""
+        self.mute = False  # this process's own lines to the log only (see `own_output_to_log`)
         self.lock = threading.Lock()  # ResourceWatch writes from its own thread
 
     def writable(self) -> bool:
@@ -111,7 +114,7 @@ class _Filter(io.TextIOBase):
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
             out = shown(line)
-            if out is not None:
+            if out is not None and not (self.mute and out == line):
                 self._line(out)
         if "\r" in self.pending:
             last = self.pending.rsplit("\r", 1)[-1]
@@ -123,6 +126,13 @@ class _Filter(io.TextIOBase):
         return len(s)
 
     def _line(self, text: str) -> None:
+        if text.strip() == "" and text != "" or plain(text).strip() == "" and plain(text) != text:
+            return  # blanks and cursor moves that erase a progress bar drawn elsewhere
+        if text.startswith("[ray] "):
+            key = _IDS.sub("", text)
+            if key == self.screen.last_ray:
+                return  # one Ray event said by each of its processes (five workers destroyed, ids aside): once
+            self.screen.last_ray = key
         if not self.tty:
             self.console.write(plain(text) + "\n")
         elif "\r" in text or _STEP.match(text):
@@ -173,6 +183,22 @@ def routed(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
                 saved[1].write("\n")
             _point_ray_logger(sys.stderr, saved[1])
             sys.stdout, sys.stderr, warnings.showwarning = saved
+
+
+@contextlib.contextmanager
+def own_output_to_log() -> Iterator[None]:
+    """For the duration, what this process itself prints to stdout goes to the log file only (a library's tables: Ray
+    Tune prints its experiment and status tables whatever its verbosity); lines forwarded from Ray's workers are
+    judged as always. Nothing changes when the output is not routed, or routed with --verbose."""
+    out = sys.stdout
+    if not isinstance(out, _Filter) or out.verbose:
+        yield
+        return
+    out.mute = True
+    try:
+        yield
+    finally:
+        out.mute = False
 
 
 def _point_ray_logger(old, new) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ray import tune
 
-from raysvc.console import Progress
+from raysvc.console import Progress, own_output_to_log
 from raysvc.ray_init import init_ray
 from raysvc.storage import Location, ensure_dir, exists, read_bytes, write_bytes_atomic
 from raysvc.sweep.spec import TuneSection
@@ -119,11 +119,12 @@ def run_grid(fn, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=p
                 storage_path=storage_root,
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=tune_cfg.max_failures),
-                verbose=0,  # Tune's tables and trial results stay off the console: TrialProgress says it in a line
+                verbose=0,
                 callbacks=[TrialProgress(f"sweep {name}")],
             ),
         )
-    grid = tuner.fit()
+    with own_output_to_log():  # Tune's tables: TrialProgress says what they say in one line
+        grid = tuner.fit()
     out = TrialOutcome(resumed=resumed)
     by_name = {t["name"]: t for t in trials}
     for result in grid:
