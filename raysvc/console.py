@@ -40,7 +40,7 @@ _RAY_PREFIX = re.compile(r"^\s*\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)\s?")
 # A record of Ray's own logger in this process: "2026-12-01 08:10:21,751\tWARNING file.py:85 -- ...".
 _IDS = re.compile(r"[0-9a-f]{16,}")  # Ray's actor, worker and placement group ids
 # A worker's progress line, drawn in place on a terminal.
-_STEP = re.compile(r"^\[raysvc\] step \d+/\d+ ")
+_STEP = re.compile(r"^\[raysvc\] (step \d+/\d+|ingest:) ")
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
 # Ray's words for events that change what the run does: shown whatever their source. ("[FailurePolicy] RETRY" is
 # Ray Train's decision to restart the worker group after a failure, "RAISE" to give up.)
