@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 import threading
@@ -41,7 +42,11 @@ _RAY_PREFIX = re.compile(r"^\s*\((?:[\w.:<>-]+ )?pid=\d+(?:, ip=[^)]*)?\)\s?")
 _IDS = re.compile(r"[0-9a-f]{16,}")  # Ray's actor, worker and placement group ids
 # A worker's progress line, drawn in place on a terminal.
 _STEP = re.compile(r"^\[raysvc\] (step \d+/\d+|ingest:) ")
-_RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
+_RAY_LOG = re.compile(
+    r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"
+    # or of Ray's C++ core in this process, written to file descriptor 2: "[2026-12-07 01:19:13,713 E 7819 7819] ..."
+    r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] )"
+)
 # Ray's words for events that change what the run does: shown whatever their source. ("[FailurePolicy] RETRY" is
 # Ray Train's decision to restart the worker group after a failure, "RAISE" to give up.)
 IMPORTANT = (
@@ -104,7 +109,7 @@ class _Filter(io.TextIOBase):
         self.log.write(_ANSI.sub("", s))
         if self.verbose:
             return self.console.write(s if self.tty else plain(s))
-        if not self.pending and s.endswith("\n") and _RAY_LOG.match(_ANSI.sub("", s)):
+        if not self.pending and s.endswith("\n") and _RAY_LOG.match(_ANSI.sub("", s)) and s[0] != "[":
             # a logging handler writes a whole record at once: its traceback lines are part of it
             first = shown(s.split("\n", 1)[0])
             if first is not None:
@@ -165,9 +170,11 @@ def routed(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = sys.stdout, sys.stderr, warnings.showwarning
     screen = _Screen()
-    with open(path, "a", buffering=1) as log, ResourceWatch():
+    with open(path, "a", buffering=1) as log, ResourceWatch(), contextlib.ExitStack() as stack:
+        err_console = saved[1] if verbose else stack.enter_context(_ErrorDescriptor(saved[1]))
         sys.stdout = _Filter(saved[0], log, verbose, screen)
-        sys.stderr = _Filter(saved[1], log, verbose, screen)
+        sys.stderr = _Filter(err_console, log, verbose, screen)
+        pump = _DescriptorPump(sys.stderr).__enter__() if err_console is not saved[1] else None
         if not verbose:
             warnings.showwarning = lambda msg, cat, fn, ln, file=None, line=None: log.write(
                 warnings.formatwarning(msg, cat, fn, ln, line)
@@ -176,13 +183,93 @@ def routed(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
         try:
             yield path
         finally:
+            if pump is not None:
+                pump.__exit__()  # file descriptor 2 back to the terminal, and what the pipe still held filtered
             for stream in (sys.stdout, sys.stderr):
                 if stream.pending:
                     stream.write("\n")
             if screen.open:
-                saved[1].write("\n")
+                err_console.write("\n")
             _point_ray_logger(sys.stderr, saved[1])
             sys.stdout, sys.stderr, warnings.showwarning = saved
+            saved[1].flush()
+
+
+class _ErrorDescriptor:
+    """The console's stderr as a stream of its own (a duplicate of file descriptor 2), for the filter to write to
+    while descriptor 2 itself points at `_DescriptorPump`'s pipe. The original stream is used as it is where it has
+    no descriptor (a test's captured stream)."""
+
+    def __init__(self, original):
+        self.original, self.stream = original, original
+
+    def __enter__(self):
+        try:
+            self.original.flush()
+            fd = self.original.fileno()
+        except (AttributeError, OSError, ValueError):
+            return self.original
+        if fd != 2:
+            return self.original
+        enc = getattr(self.original, "encoding", None) or "utf-8"
+        self.stream = open(os.dup(2), "w", buffering=1, encoding=enc, errors="replace")
+        return self.stream
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not self.original:
+            self.stream.close()
+
+
+class _DescriptorPump:
+    """What C and C++ code in this process writes to file descriptor 2 (Ray's core worker logs its errors there,
+    past sys.stderr) goes through `filt` like any other line: the descriptor points at a pipe that a thread reads.
+    Afterwards the descriptor is restored; the thread drains what is left, then passes on anything a child process
+    that inherited the pipe still writes, unfiltered, to the console."""
+
+    def __init__(self, filt: _Filter):
+        self.filt = filt
+        self.done, self.drained = threading.Event(), threading.Event()
+        self.saved_copy: int | None = None
+
+    def __enter__(self) -> _DescriptorPump:
+        self.saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.read = read
+        self.thread = threading.Thread(target=self._pump, name="raysvc-fd2", daemon=True)
+        self.thread.start()
+        return self
+
+    def _pump(self) -> None:
+        import codecs
+        import select
+
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            while not self.done.is_set() or select.select([self.read], [], [], 0)[0]:
+                if not select.select([self.read], [], [], 0.2)[0]:
+                    continue
+                chunk = os.read(self.read, 65536)
+                if not chunk:
+                    return  # every writer gone: the command's end
+                self.filt.write(decode.decode(chunk))
+            self.drained.set()
+            while chunk := os.read(self.read, 65536):  # after the command: a child's late output, as it is
+                os.write(self.saved_copy, chunk)
+        finally:
+            self.drained.set()
+            os.close(self.read)
+            if self.saved_copy is not None:
+                os.close(self.saved_copy)
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        self.saved_copy = os.dup(self.saved)
+        os.dup2(self.saved, 2)  # the pipe's write end closes here, unless a child process holds it too
+        os.close(self.saved)
+        self.done.set()
+        self.drained.wait(timeout=5)
 
 
 @contextlib.contextmanager

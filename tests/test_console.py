@@ -17,6 +17,7 @@ RAY_LINES = [
     # a Ray Data progress bar redrawn in a worker: cursor moves, two colour codes, carriage returns
     "\x1b[A\x1b[A\r   \x1b[A\x1b[2m\x1b[36m(pid=32037) \x1b[0m- split(2, equal=False): Tasks: 0; 100%|##| 1.66k/1.66k",
     "(TrainController pid=4) Attempting to start training worker group of size 2",
+    "[2026-12-07 01:19:13,713 E 7819 7819] core_worker.cc:2465: Actor with class name: 'MapWorker' and ID: '64'",
 ]
 
 
@@ -100,6 +101,9 @@ BUSY = textwrap.dedent("""
         print("          \x1b[A   ")  # what erasing a bar drawn elsewhere leaves
         for step in (1, 2, 3, 4):
             print(f"(RayTrainWorker pid=3) [raysvc] step {step}/4 loss 1.0", file=sys.stderr, flush=True)
+        import os
+        os.write(2, b"[2026-12-07 01:19:13,713 E 7 7] core_worker.cc:2465: from C++, past sys.stderr\\n")
+        os.write(2, b"a C library's own note\\n")
         with Progress("predict", 100, "events") as bar:
             for _ in range(100):
                 bar.update()
@@ -125,6 +129,9 @@ def test_a_pipe_or_file_gets_plain_lines_and_the_log_gets_everything_uncoloured(
     err = p.stderr.splitlines()
     assert err[0] == "shards 4/4"  # the last drawing of a redrawn line only
     assert err[1:5] == [f"[raysvc] step {s}/4 loss 1.0" for s in (1, 2, 3, 4)]
+    # written to file descriptor 2 directly: Ray's C++ line to the log only, anything else shown
+    assert "a C library's own note" in err and "core_worker.cc" not in p.stderr and "core_worker.cc" in log
+    err.remove("a C library's own note")  # read by a thread: its place among the lines may vary
     bar = err[5:]  # our bar: a line at 25, 50 and 75 %, then the final one
     assert [line.split(": ", 1)[1].split(" (")[0] for line in bar] == [
         "25/100 events",
