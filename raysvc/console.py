@@ -412,15 +412,28 @@ class ResourceWatch:
                 said = now
 
     def waiting(self) -> str | None:
-        """What the connected cluster's work waits for, in words: "" for nothing, None when Ray is not running here."""
+        """What the connected cluster's work waits for, in words: "" for nothing, None when Ray is not running here.
+        Tasks alone waiting is not a wait worth saying: read-ahead queues tasks on purpose (a training rank keeps
+        `prefetch` reads in flight); a placement group, or an actor, that cannot be placed is."""
         ray = sys.modules.get("ray")
         if ray is None or not ray.is_initialized():
             return None
+        from ray._private.state import state as global_state
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=max(1, int(self.poll_s)))
         demands = status.resource_demands
-        parts = [f"{b.count} x {_bundle(b.bundle)}" for d in demands.ray_task_actor_demand for b in d.bundles_by_count]
+        parts = []
+        if demands.ray_task_actor_demand:
+            actors = global_state.actor_table(None, actor_state_name="PENDING_CREATION").values()
+            names = sorted({a["ActorClassName"] for a in actors})
+            if names:
+                shapes = [
+                    f"{b.count} x {_bundle(b.bundle)}"
+                    for d in demands.ray_task_actor_demand
+                    for b in d.bundles_by_count
+                ]
+                parts.append(f"{', '.join(shapes)} (actors {', '.join(names)} and tasks)")
         for g in demands.placement_group_demand:
             bundles = ", ".join(f"{b.count} x {_bundle(b.bundle)}" for b in g.bundles_by_count)
             parts.append(f"a placement group of {bundles} (a Train worker group or a Tune trial)")
