@@ -206,6 +206,29 @@ def test_a_sweep_over_a_missing_dataset_fails_in_seconds_naming_it(tmp_path, swe
         assert time.monotonic() - t0 < 10 and not (tmp_path / "sweeps").exists()  # before Ray, before any trial
 
 
+def test_a_label_efficiency_sweep_checks_its_jobs_datasets_before_any_subset_or_trial(tmp_path, sweep_data, capsys):
+    from raysvc.cli import main
+
+    missing = tmp_path / "no-such-val"
+    spec = {
+        "kind": "finetune",
+        "name": "inputs",
+        "storage": str(tmp_path / "sweeps"),
+        "job": str(ROOT / "jobs" / "semseg-tiny.yaml"),
+        "set": [f"data.uri={sweep_data / 'train'}", f"val_data.uri={missing}"],
+        "init": str(tmp_path / "no-backbone"),
+        "events": [4],
+        "modes": ["fft"],
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"val_data.uri={missing}: no readable dataset" in err, err[-2000:]
+    assert not (tmp_path / "sweeps").exists()  # no subset written, no trial
+
+
 def test_the_token_probe_stage_reads_the_sweeps_data_unless_told_otherwise(tmp_path, sweep_data):
     from raysvc.storage import absolute_uri
     from raysvc.sweep.grouping import probe_job

@@ -186,12 +186,14 @@ def _shard_chunks(data: Location, rec: ShardRecord, limit: int | None, batch_eve
 
 def check_room(actors: int, cpus_per_actor: float | None) -> float:
     """The CPUs of each of `actors` pool actors on the connected Ray cluster: `cpus_per_actor` if given (refused when
-    it leaves no CPU for the read tasks), else an equal share of what the read tasks leave (to 0.01 CPU)."""
+    it leaves no CPU for the read tasks), else an equal share of what the read tasks leave (to 0.01 CPU), at most a
+    node's CPUs (an actor runs on one node)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus_per_actor is None:
-        share = math.floor(100 * (cpus - READ_CPUS) / actors) / 100
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        share = math.floor(100 * min((cpus - READ_CPUS) / actors, node_cpus)) / 100
         if share < 0.01:
             raise ValueError(
                 f"{actors} model actor(s) do not fit beside the read tasks ({READ_CPUS} CPU) on this Ray cluster of "
