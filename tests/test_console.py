@@ -169,3 +169,45 @@ def test_a_terminal_gets_the_progress_lines_redrawn_in_place(tmp_path):
     assert "\r[raysvc] step 1/4 loss 1.0\x1b[K\r[raysvc] step 2/4 loss 1.0\x1b[K" in text
     assert "\r[raysvc] predict: 100/100 events (100%)" in text
     assert "Traceback" not in text
+
+
+def test_the_resource_watch_names_a_placement_group_that_waits_but_not_queued_tasks(ray_local):
+    """On the suite's 2-CPU Ray with both CPUs held: tasks queued alone are normal (read-ahead), a placement group
+    that cannot be placed (what a Train worker group or a Tune trial asks for) is said, with what is free."""
+    import io
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raysvc.console import ResourceWatch
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    @ray.remote(num_cpus=1)
+    def task() -> int:
+        return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    said = io.StringIO()
+    watch, pg = ResourceWatch(poll_s=0.5, after_s=1.0, stream=said), None
+    try:
+        refs = [task.remote() for _ in range(2)]
+        time.sleep(2)
+        assert watch.waiting() == ""
+        pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+        with watch:
+            deadline = time.monotonic() + 10
+            while "waiting" not in said.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        line = said.getvalue()
+        assert "a placement group of 2 x {CPU: 1}" in line and "0 of 2 CPU free" in line, line
+    finally:
+        if pg is not None:
+            remove_placement_group(pg)
+        ray.kill(hog)
+    ray.get(refs)
