@@ -89,6 +89,7 @@ def _console_log(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from raysvc.data.contract.schema import EventDataError
+    from raysvc.ray_init import RayStartError
     from raysvc.storage import StorageError
 
     try:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                 )
             args.fn(args)
-    except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError, RayStartError) as e:
         print(f"raysvc: error: {e}", file=sys.stderr)
         release_s3()
         sys.exit(2)

@@ -63,7 +63,13 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
         help="model replicas of the Ray Data job (one GPU each with --device cuda); 0: in this process, no Ray",
     )
     p.add_argument("--max-points", type=int, default=400_000, help="at most this many points per model call")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="Ray CPUs (and torch threads) of each actor; default: an equal share of what the cluster leaves after "
+        "the read tasks",
+    )
 
 
 def batch_kwargs(a: argparse.Namespace) -> dict:

@@ -109,7 +109,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--actors", type=int, default=1, help="backbone replicas in a Ray Data actor pool (0: in process)")
-    pb.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+    pb.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="Ray CPUs (and torch threads) of each actor; default: an equal share of what the cluster leaves after "
+        "the read tasks",
+    )
     pb.add_argument("--out", help="also write the JSON here")
     pb.add_argument(
         "--run-record",

@@ -25,6 +25,7 @@ import time
 from raysvc.data.streaming.shards import load_manifest
 from raysvc.data.streaming.subset import write_subsets
 from raysvc.storage import Location, absolute_uri, resolve, write_bytes_atomic
+from raysvc.sweep.inputs import check_datasets
 from raysvc.sweep.runner import run_grid
 from raysvc.sweep.spec import FinetuneSweep
 from raysvc.train.driver import load_job
@@ -261,6 +262,7 @@ def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
     t0 = time.time()
     base = load_job(spec.job, spec.set, "segmentation")
     base.data.uri, base.val_data.uri = absolute_uri(base.data.uri), absolute_uri(base.val_data.uri)
+    check_datasets({f"{spec.job}: data.uri": base.data.uri, f"{spec.job}: val_data.uri": base.val_data.uri})
     init = absolute_uri(spec.init)
     if any(m != "scratch" for m in spec.modes):
         load_export(resolve(init))  # fails here, naming the directory, rather than in every trial

@@ -121,11 +121,11 @@ class _Featurizer:
         return pa.concat_tables(outs)
 
 
-def _pool_features(sets, backbone: dict, pre, tok_cfg, num_classes, actors: int, cpus_per_actor: float) -> list:
+def _pool_features(sets, backbone: dict, pre, tok_cfg, num_classes, actors: int, cpus_per_actor: float | None) -> list:
     """`features` of each list of chunks in `sets`, computed by a pool of `actors` backbone replicas."""
     import ray.data
 
-    check_room(actors, cpus_per_actor)
+    cpus_per_actor = check_room(actors, cpus_per_actor)
     tagged = [tag_chunk(c, s, i) for s, chunks in enumerate(sets) for i, c in enumerate(chunks)]
     ds = ray.data.from_arrow(tagged)
     kwargs = {"backbone": backbone, "pre": pre, "tok_cfg": tok_cfg, "num_classes": num_classes}
@@ -151,7 +151,7 @@ def probe_backbone(
     seed: int = 0,
     center_events: bool = False,
     actors: int = 0,
-    cpus_per_actor: float = 1.0,
+    cpus_per_actor: float | None = None,
     log=print,
     split_ids: dict | None = None,
 ) -> dict:
