@@ -57,11 +57,13 @@ ROUTED = {
     ("probe",),
     ("bench", "ingest"),
     ("bench", "train"),
+    ("results", "run"),
 }
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(x for x in (args.command, getattr(args, "bench_command", None)) if x)
+    sub = getattr(args, "bench_command", None) or getattr(args, "results_command", None)
+    return tuple(x for x in (args.command, sub) if x)
 
 
 def _console_log(args: argparse.Namespace) -> Path:
