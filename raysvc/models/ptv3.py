@@ -24,6 +24,7 @@ Our stem is a 3x3x3 convolution (pimm's is 5x5x5); everything else has the refer
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
 from raysvc.ops.paths import cpu_path
-from raysvc.ops.serialization import ORDERS, event_depths, point_depths, serialize_by_event
+from raysvc.ops.serialization import ORDERS, batch_depths, event_depths, point_depths, serialize_by_event
 from raysvc.ops.sparse_conv import KernelPairs, NeighbourMap, SubMConv3d, kernel_map, subm_conv3d
 
 
@@ -56,6 +57,23 @@ class PTv3Config(BaseModel):
     dec_depths: tuple[int, ...] = (2, 2, 2, 2)
     dec_channels: tuple[int, ...] = (64, 96, 192, 384)
     dec_heads: tuple[int, ...] = (4, 6, 12, 24)
+    stem: str = Field(
+        "conv",
+        pattern="^(conv|linear)$",
+        description="conv: 3x3x3 submanifold conv -> LN -> GELU; linear: Linear -> LN -> GELU (PT-v3m2's)",
+    )
+    mask_token: bool = Field(
+        False, description="the embedding owns a learned mask token (PT-v3m2's embedding.mask_token)"
+    )
+    stride: tuple[int, ...] | None = Field(None, description="grid pooling stride per pooled stage; None: 2 each")
+    qkv_bias: bool = True
+    qk_scale: float | None = Field(None, description="attention logit scale; None: head_dim^-0.5")
+    serialization_depth: str = Field(
+        "event",
+        pattern="^(event|batch)$",
+        description="event: each event's own curve depth (its answer does not depend on its batch); batch: one depth "
+        "for the whole batch (the reference implementation's)",
+    )
     sparse_conv: str = Field(
         "auto",
         pattern="^(auto|torch|spconv|gather|pairs)$",
@@ -77,6 +95,8 @@ class PTv3Config(BaseModel):
         ]:
             if c % h:
                 raise ValueError(f"channels {c} not divisible by heads {h}")
+        if self.stride is not None and (len(self.stride) != n - 1 or min(self.stride, default=2) < 1):
+            raise ValueError(f"stride needs {n - 1} positive entries (one per pooled stage), got {self.stride}")
         bad = [o for o in self.orders if o not in ORDERS]
         if bad or not self.orders:
             raise ValueError(f"orders must be a non-empty subset of {ORDERS}, got {self.orders}")
@@ -105,8 +125,20 @@ PRESETS: dict[str, dict] = {
         dec_heads=(3, 4, 8, 16),
         drop_path=0.2,
     ),
-    # Panda-Base (docs/methods.md, "Panda"), ~90 M parameters in the encoder
-    "base": dict(),
+    # Panda-Base: pimm's published PT-v3m2 backbone (linear stem, layer scale 1e-5, patch 256, four orders):
+    # 90,758,784 parameters (published: 90.8M); its embedding.mask_token (48 more) lives in the Panda pretraining
+    # model here, and an import of Panda-Base turns it on (hub.reference). Serialization depth stays per event.
+    "base": dict(stem="linear"),
+    # Sonata's released encoder (facebookresearch/sonata; xyz + colour + normal in): 108,461,376 parameters
+    "sonata": dict(
+        in_channels=9,
+        depths=(3, 3, 3, 12, 3),
+        patch_size=1024,
+        orders=("z", "z-trans", "hilbert", "hilbert-trans"),
+        layer_scale=None,
+        stem="linear",
+        mask_token=True,
+    ),
 }
 
 
@@ -147,14 +179,19 @@ class Level:
             self._cache[key] = KernelPairs.from_map(nbr) if pairs else NeighbourMap.from_map(nbr)
         return self._cache[key]
 
-    def order(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(perm, inverse) of the serialized order `name`."""
-        key = "order:" + name
+    def order(self, name: str, batch_depth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, inverse) of the serialized order `name`; with `batch_depth`, at one curve depth for the whole
+        level (the reference's rule) instead of each event's own."""
+        key = f"order:{name}:{batch_depth}"
         if key not in self._cache:
-            if "depths" not in self._cache:  # one depth per event, shared by the level's orders
-                depths = event_depths if cpu_path(self.grid_coord) else point_depths  # on a device: no read-back
-                self._cache["depths"] = depths(self.grid_coord, self.batch)
-            _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache["depths"])
+            dkey = f"depths:{batch_depth}"
+            if dkey not in self._cache:  # shared by the level's orders
+                if batch_depth:
+                    depths = batch_depths
+                else:  # on a device per point: no read-back
+                    depths = event_depths if cpu_path(self.grid_coord) else point_depths
+                self._cache[dkey] = depths(self.grid_coord, self.batch)
+            _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache[dkey])
             self._cache[key] = (perm, inv)
         return self._cache[key]
 
@@ -226,17 +263,18 @@ class CPE(nn.Module):
 
 
 class SerializedAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, patch_size: int):
+    def __init__(self, dim: int, heads: int, cfg: PTv3Config):
         super().__init__()
-        self.heads, self.patch_size = heads, patch_size
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads, self.patch_size, self.scale = heads, cfg.patch_size, cfg.qk_scale
+        self.batch_depth = cfg.serialization_depth == "batch"
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, level: Level, order: str) -> torch.Tensor:
-        perm, inverse = level.order(order)
+        perm, inverse = level.order(order, self.batch_depth)
         n, c = x.shape
-        qkv = self.qkv(x[perm]).view(n, 3, self.heads, c // self.heads)
-        out = patch_attention(qkv, level.patches(self.patch_size)).reshape(n, c)
+        qkv = self.qkv(x[perm]).view(n, 3, self.heads, c // self.heads)  # [q | k | v], heads contiguous
+        out = patch_attention(qkv, level.patches(self.patch_size), self.scale).reshape(n, c)
         return self.proj(out[inverse])
 
 
@@ -255,7 +293,7 @@ class Block(nn.Module):
         super().__init__()
         self.cpe = CPE(dim, cfg.sparse_conv)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SerializedAttention(dim, heads, cfg.patch_size)
+        self.attn = SerializedAttention(dim, heads, cfg)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, cfg.mlp_ratio)
         self.ls1 = LayerScale(dim, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
@@ -269,15 +307,17 @@ class Block(nn.Module):
 
 
 class GridPool(nn.Module):
-    """Stride-2 grid pooling: linear, then per coarse cell the max of features and the mean of coordinates."""
+    """Grid pooling: cells of `stride` grid units (grid_coord // stride, no re-centring), linear, then per cell the max
+    of features and the mean of coordinates, LN, GELU; cells sorted by (event, x, y, z), as the reference does."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, stride: int = 2):
         super().__init__()
+        self.stride = stride
         self.proj = nn.Linear(cin, cout)
         self.norm = nn.LayerNorm(cout)
 
     def forward(self, level: Level) -> Level:
-        cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord >> 1)
+        cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord // self.stride)
         m = len(cell_batch)
         f = self.proj(level.feat)
         idx = inverse[:, None].expand(-1, f.shape[1])
@@ -314,13 +354,30 @@ def _drop_rates(depths: tuple[int, ...], max_rate: float) -> list[list[float]]:
 
 
 class Embedding(nn.Module):
-    def __init__(self, cin: int, cout: int, mode: str):
+    """Our stem: 3x3x3 submanifold conv -> LN -> GELU (each point sees its neighbours before the first block)."""
+
+    def __init__(self, cin: int, cout: int, mode: str, mask_token: bool = False):
         super().__init__()
         self.stem = SparseConv(cin, cout, mode)
         self.norm = nn.LayerNorm(cout)
+        self.mask_token = nn.Parameter(torch.zeros(1, cout)) if mask_token else None
 
     def forward(self, level: Level) -> Level:
         return level.with_feat(F.gelu(self.norm(self.stem(level.feat, level))))
+
+
+class LinearEmbedding(nn.Module):
+    """PT-v3m2's stem: per point Linear -> LN -> GELU (exact erf); parameter names as the reference's."""
+
+    def __init__(self, cin: int, cout: int, mask_token: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(
+            OrderedDict(linear=nn.Linear(cin, cout), norm=nn.LayerNorm(cout), act=nn.GELU(approximate="none"))
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, cout)) if mask_token else None
+
+    def forward(self, level: Level) -> Level:
+        return level.with_feat(self.stem(level.feat))
 
 
 class PTv3(nn.Module):
@@ -329,11 +386,15 @@ class PTv3(nn.Module):
     def __init__(self, cfg: PTv3Config):
         super().__init__()
         self.cfg = cfg
-        self.embedding = Embedding(cfg.in_channels, cfg.channels[0], cfg.sparse_conv)
+        if cfg.stem == "linear":
+            self.embedding = LinearEmbedding(cfg.in_channels, cfg.channels[0], cfg.mask_token)
+        else:
+            self.embedding = Embedding(cfg.in_channels, cfg.channels[0], cfg.sparse_conv, cfg.mask_token)
         rates = _drop_rates(cfg.depths, cfg.drop_path)
+        strides = cfg.stride or (2,) * (len(cfg.depths) - 1)
         stages = []
         for s, (depth, dim, heads) in enumerate(zip(cfg.depths, cfg.channels, cfg.heads, strict=True)):
-            down = GridPool(cfg.channels[s - 1], dim) if s > 0 else None
+            down = GridPool(cfg.channels[s - 1], dim, strides[s - 1]) if s > 0 else None
             stages.append(Stage([Block(dim, heads, cfg, rates[s][i]) for i in range(depth)], down))
         self.enc = nn.ModuleList(stages)
 
@@ -353,9 +414,14 @@ class PTv3(nn.Module):
         mask_token: torch.Tensor | None = None,
     ) -> list[Level]:
         """`mask` (N,) bool with `mask_token` (C0,): masked points' embeddings are replaced by the token (Panda's
-        masked global views); the stem still sees their coordinates, as every point keeps its place in the grid."""
+        masked global views); the stem still sees their coordinates, as every point keeps its place in the grid.
+        Without `mask_token`, the embedding's own token (config `mask_token`) is used."""
         level = self.embedding(Level(feat, coord, grid_coord.long(), offset))
         if mask is not None:
+            if mask_token is None:
+                mask_token = getattr(self.embedding, "mask_token", None)
+                if mask_token is None:
+                    raise ValueError("a mask needs a mask_token: pass one, or build the model with mask_token=True")
             level = level.with_feat(torch.where(mask[:, None], mask_token.to(level.feat.dtype), level.feat))
         orders = self.orders()
         levels = []

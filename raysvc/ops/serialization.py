@@ -245,6 +245,18 @@ def event_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> list[int]:
     return [max(int(m).bit_length() + 1, 1) for m in top.tolist()]
 
 
+def batch_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> list[int] | torch.Tensor:
+    """One depth for every event of the batch, the reference implementation's rule: bit_length(max grid_coord + 1)
+    over the whole batch. On the CPU a list per event; on a device (N,) per point, without reading it back."""
+    c = grid_coord.long()
+    if not len(c):
+        return []
+    if cpu_path(c):
+        return [max(int(c.max() + 1).bit_length(), 1)] * (int(batch.max()) + 1)
+    powers = 1 << torch.arange(17, device=c.device)
+    return ((c.max() + 1) >= powers).sum().expand(len(c))
+
+
 def serialize_by_event(
     grid_coord: torch.Tensor,
     batch: torch.Tensor,
