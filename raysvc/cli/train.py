@@ -21,6 +21,10 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
+    if a.init:  # the same as --set model.init=PATH, made absolute: Ray's workers run elsewhere
+        from raysvc.storage import absolute_uri
+
+        a.set = [*(a.set or []), f"model.init={absolute_uri(a.init)}"]
     _run_job(a, "segmentation")
 
 
@@ -61,6 +65,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune", help="train a segmentation model with Ray Train (locally or under ray job submit)")
     ft.add_argument("config", help="job YAML, e.g. jobs/semseg-tiny.yaml")
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
+    ft.add_argument(
+        "--init",
+        metavar="PATH",
+        help="model.init: a raysvc export, a Sonata / Pointcept checkpoint file or a pimm export directory",
+    )
     ft.set_defaults(fn=cmd_finetune)
 
     pt = sub.add_parser(

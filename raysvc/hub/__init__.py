@@ -15,6 +15,7 @@ from torch import nn
 
 from raysvc.hub.answers import Answers, require_stated
 from raysvc.hub.formats import FORMATS, Source, detect, network, read
+from raysvc.inference.record import ExportedModel
 from raysvc.storage import Location, absolute_uri, resolve
 
 __all__ = ["FORMATS", "Answers", "Source", "detect", "load", "read", "read_model"]
@@ -34,9 +35,14 @@ def load(path: str, **answers) -> nn.Module:
     return model
 
 
-def read_model(loc: Location, **answers) -> tuple[dict, object]:
-    """(weights, record) of a model in any format, for the commands that run one (predict, evaluate, serve): its
-    record must state everything (a foreign source needs `raysvc weights import` or the answers first)."""
+# what running a model needs stated (its licence, if unknown, stays unknown)
+RUN_NEEDS = ("detector", "grid_voxels", "center_events")
+
+
+def read_model(loc: Location, **answers) -> tuple[dict, ExportedModel]:
+    """(weights, record) of a model in any format, for the commands that run one (predict, evaluate, serve,
+    fine-tuning's init): its record must state how its inputs are made (a foreign source needs `raysvc weights
+    import`, or the answers, first)."""
     got = read(loc, Answers(**answers))
-    require_stated(got.record, loc.uri)
+    require_stated(got.record, loc.uri, RUN_NEEDS)
     return got.state, got.record

@@ -27,15 +27,16 @@ class Answers(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: Literal["auto", "raysvc", "sonata", "pimm"] = Field("auto", description="the format; auto: detected")
     config: dict | None = Field(
-        None, description="the model's reference config (PointTransformerV3 kwargs or pimm registry config) for a "
-        "checkpoint that carries none"
+        None,
+        description="the model's reference config (PointTransformerV3 kwargs or pimm registry config) for a "
+        "checkpoint that carries none",
     )
     prefix: str | None = Field(None, description="read only the keys under this prefix (e.g. student.backbone.)")
     detector: str | None = None
     grid_voxels: float | None = Field(None, gt=0, description="grid sampling cell side in voxels")
     center_events: bool | None = None
     licence: str | None = None
-    preprocess: dict = Field(default_factory=dict, description="PreprocessConfig fields that differ from the detector's")
+    preprocess: dict = Field(default_factory=dict, description="PreprocessConfig fields unlike the detector's")
     head: Literal["lin", "dec"] | None = Field(None, description="build a segmenter with this head (fresh weights)")
     allow_missing: list[Literal["heads"]] = Field(
         default_factory=list, description="heads: model keys of the head and decoder may start without a weight"
@@ -83,11 +84,13 @@ def foreign_record(
     )
 
 
-def require_stated(record: ExportedModel, where: str) -> None:
-    """A record with placeholders is an error saying which options of `raysvc weights import` state them."""
-    if record.unstated:
-        wanted = ", ".join(OPTIONS[k] for k in record.unstated)
+def require_stated(record: ExportedModel, where: str, fields: tuple[str, ...] = tuple(OPTIONS)) -> None:
+    """A record with placeholders among `fields` is an error saying which options of `raysvc weights import`
+    state them."""
+    open_ = [k for k in record.unstated if k in fields]
+    if open_:
+        wanted = ", ".join(OPTIONS[k] for k in open_)
         raise ValueError(
-            f"{where} does not state {', '.join(record.unstated)}: give {wanted} (raysvc weights import writes an "
+            f"{where} does not state {', '.join(open_)}: give {wanted} (raysvc weights import writes an "
             "export that states them)"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 
 import torch
@@ -41,12 +42,15 @@ def load_file(loc: Location) -> object:
                 raise
             return torch.load(loc.path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(
-            f"{loc.uri}: not a checkpoint: it needs arbitrary code to unpickle, which raysvc refuses ({first})"
-        ) from e
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ValueError(
+                f"{loc.uri}: not a checkpoint: it needs arbitrary code to unpickle ({found.group(1)}), which raysvc "
+                "refuses"
+            ) from e
+        raise ValueError(f"{loc.uri}: not a readable torch checkpoint (truncated or another format)") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"{loc.uri}: not a readable torch checkpoint (truncated or another format): {first}") from e
 
 

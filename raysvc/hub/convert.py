@@ -46,8 +46,11 @@ def _contradictions(got: Source, answers: Answers, where: str) -> None:
     }
     for key, value in stated.items():
         told = getattr(answers, key)
-        if key not in rec.unstated and told is not None and told != value and not (
-            key == "licence" and str(value).lower() == str(told).lower()
+        if (
+            key not in rec.unstated
+            and told is not None
+            and told != value
+            and not (key == "licence" and str(value).lower() == str(told).lower())
         ):
             raise ValueError(f"{where} states {key} {value!r}; the option says {told!r}")
 
@@ -72,8 +75,17 @@ def export_pimm(src: Location, out: Location, encoder_only: bool = False) -> Exp
             )
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         spec = record.model.model_copy(update={"head": None})
-        record = record.model_copy(update={"kind": "backbone", "model": spec, "class_names": None, "outputs": None,
-                                           "instances": None, "postprocess": None, "heads": {}})
+        record = record.model_copy(
+            update={
+                "kind": "backbone",
+                "model": spec,
+                "class_names": None,
+                "outputs": None,
+                "instances": None,
+                "postprocess": None,
+                "heads": {},
+            }
+        )
     cfg = record.model.backbone_config()
     config = {"type": ENCODER_TYPE, **config_to_reference(cfg)}
     # no machine paths travel: the record names where it came from by its last path part only

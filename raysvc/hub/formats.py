@@ -92,7 +92,7 @@ def read(loc: Location, answers: Answers | None = None) -> Source:
 
 def _mapped(raw: dict, config: dict, where: str) -> tuple[dict, dict]:
     """(overrides of the base preset, state in raysvc's names) of reference weights and config."""
-    from raysvc.hub.reference import KeyMismatch, config_from_reference, state_from_reference
+    from raysvc.hub.reference import KeyMismatch, config_from_reference, reference_key, state_from_reference
 
     try:
         cfg = preset("base", **config_from_reference(config))
@@ -101,10 +101,12 @@ def _mapped(raw: dict, config: dict, where: str) -> tuple[dict, dict]:
     try:
         state = state_from_reference(raw, cfg)
     except KeyMismatch as e:
-        raise ValueError(
-            f"{where}: the weights do not fit the config's PTv3: keys that map to nothing {_few(e.unmapped)}; "
-            f"model keys without a weight {_few(e.missing)}"
-        ) from e
+        parts = [f"keys that map to nothing {_few(e.unmapped)}"] if e.unmapped else []
+        if e.missing:
+            parts.append(f"keys the model needs and the file lacks {_few([reference_key(k) or k for k in e.missing])}")
+        raise ValueError(f"{where}: the weights do not fit the config's PTv3: {'; '.join(parts)}") from e
+    except ValueError as e:  # a tensor of the wrong shape, named by the reference mapping
+        raise ValueError(f"{where}: {e}") from e
     base = preset("base").model_dump(mode="json")
     overrides = {k: v for k, v in cfg.model_dump(mode="json").items() if base[k] != v}
     return overrides, state
@@ -144,12 +146,20 @@ def complete(state: dict, record: ExportedModel, where: str, answers: Answers) -
             "would have no weight: give --allow-missing heads to start them fresh, or no --head for a backbone export"
         )
     missing = [k for k in missing if k not in allowed]
-    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k])})" for k in state if k in expected and
-              state[k].shape != expected[k]]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (model {tuple(expected[k])})"
+        for k in state
+        if k in expected and state[k].shape != expected[k]
+    ]
     if extra or missing or shapes:
+        parts = [
+            (f"keys the model lacks {_few(extra)}", extra),
+            (f"model keys without a weight {_few(missing)}", missing),
+            (f"wrong shapes {_few(shapes)}", shapes),
+        ]
         raise ValueError(
-            f"{where}: the weights do not fit the network its config describes: keys the model lacks {_few(extra)}; "
-            f"model keys without a weight {_few(missing)}; wrong shapes {_few(shapes)}"
+            f"{where}: the weights do not fit the network its config describes: "
+            + "; ".join(text for text, keys in parts if keys)
         )
     if allowed:
         torch.manual_seed(0)

@@ -10,7 +10,16 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
-from raysvc.storage import Location, StorageError, exists, explained, list_files, read_bytes, resolve, write_bytes_atomic
+from raysvc.storage import (
+    Location,
+    StorageError,
+    exists,
+    explained,
+    list_files,
+    read_bytes,
+    resolve,
+    write_bytes_atomic,
+)
 
 
 def check_free(out: Location) -> None:

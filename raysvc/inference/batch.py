@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 
 from raysvc.data.streaming.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.streaming.transforms import report
+from raysvc.hub import read_model
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.outputs import get_output
 from raysvc.inference.outputs.base import points_list
-from raysvc.hub import read_model
 from raysvc.inference.record import ExportedModel, output_names
 from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic

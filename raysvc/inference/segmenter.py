@@ -16,9 +16,9 @@ from raysvc.data.contract.detectors import detector_names, get_detector
 from raysvc.data.contract.schema import LABEL_FIELDS, WrongDetector, flat_values, table_from_events, validate_table
 from raysvc.data.streaming.collate import collate_packed
 from raysvc.data.streaming.transforms import preprocess_table
+from raysvc.hub import read_model
 from raysvc.inference.featurize import model_inputs, usable_device
 from raysvc.inference.outputs import Output, get_output
-from raysvc.hub import read_model
 from raysvc.inference.record import output_names
 from raysvc.storage import Location
 

@@ -256,14 +256,14 @@ def efficiency_png(table: dict, total_events: int | None) -> bytes:
 
 
 def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
-    from raysvc.inference.record import load_export
+    from raysvc.hub import read
 
     t0 = time.time()
     base = load_job(spec.job, spec.set, "segmentation")
     base.data.uri, base.val_data.uri = absolute_uri(base.data.uri), absolute_uri(base.val_data.uri)
     init = absolute_uri(spec.init)
     if any(m != "scratch" for m in spec.modes):
-        load_export(resolve(init))  # fails here, naming the directory, rather than in every trial
+        read(resolve(init))  # any format; fails here, naming the file, rather than in every trial
     exp = resolve(absolute_uri(spec.storage)).join(spec.name)
     uris = materialise_subsets(base, spec.events, spec.subset_seed, exp, base.scaling.workers, log)
     trials = grid_trials(spec, uris)
