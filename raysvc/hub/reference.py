@@ -147,7 +147,7 @@ def config_from_reference(kwargs: dict) -> dict:
         drop_path=float(kw["drop_path"]),
         stem="linear",
         mask_token=bool(kw["mask_token"]),
-        stride=tuple(int(v) for v in kw["stride"]),
+        stride=None if all(int(v) == 2 for v in kw["stride"]) else tuple(int(v) for v in kw["stride"]),
         qkv_bias=bool(kw["qkv_bias"]),
         qk_scale=None if kw["qk_scale"] is None else float(kw["qk_scale"]),
         serialization_depth="batch",
