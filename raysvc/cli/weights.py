@@ -28,6 +28,7 @@ def cmd_import(a: argparse.Namespace) -> None:
         grid_voxels=a.grid_voxels,
         center_events=a.center_events,
         licence=a.licence,
+        class_names=a.class_names.split(",") if a.class_names else None,
         preprocess=parse_overrides(a.preprocess),
         head=a.head,
         allow_missing=a.allow_missing or [],
@@ -84,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="whether each event was shifted to its mean (Panda's views are)",
     )
     im.add_argument("--licence", help="the weights' licence, where the source does not state it (e.g. MIT)")
+    im.add_argument("--class-names", help="a segmenter's classes in output order, comma-separated (pimm states none)")
     im.add_argument(
         "--preprocess", action="append", metavar="KEY=VALUE", help="a preprocessing field unlike the detector's"
     )

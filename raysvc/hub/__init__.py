@@ -14,11 +14,12 @@ from __future__ import annotations
 from torch import nn
 
 from raysvc.hub.answers import Answers, require_stated
+from raysvc.hub.encode import encode
 from raysvc.hub.formats import FORMATS, Source, detect, network, read
 from raysvc.inference.record import ExportedModel
 from raysvc.storage import Location, absolute_uri, resolve
 
-__all__ = ["FORMATS", "Answers", "Source", "detect", "load", "read", "read_model"]
+__all__ = ["FORMATS", "Answers", "Source", "detect", "encode", "load", "read", "read_model"]
 
 
 def load(path: str, **answers) -> nn.Module:
@@ -36,13 +37,13 @@ def load(path: str, **answers) -> nn.Module:
 
 
 # what running a model needs stated (its licence, if unknown, stays unknown)
-RUN_NEEDS = ("detector", "grid_voxels", "center_events")
+RUN_NEEDS = ("detector", "grid_voxels", "center_events", "class_names")
 
 
-def read_model(loc: Location, **answers) -> tuple[dict, ExportedModel]:
+def read_model(loc: Location, needs: tuple[str, ...] = RUN_NEEDS, **answers) -> tuple[dict, ExportedModel]:
     """(weights, record) of a model in any format, for the commands that run one (predict, evaluate, serve,
-    fine-tuning's init): its record must state how its inputs are made (a foreign source needs `raysvc weights
-    import`, or the answers, first)."""
+    fine-tuning's init): its record must state `needs`, how its inputs are made and what its outputs are (a foreign
+    source needs `raysvc weights import`, or the answers, first)."""
     got = read(loc, Answers(**answers))
-    require_stated(got.record, loc.uri, RUN_NEEDS)
+    require_stated(got.record, loc.uri, needs)
     return got.state, got.record

@@ -18,6 +18,7 @@ OPTIONS = {
     "grid_voxels": "--grid-voxels X",
     "center_events": "--center-events or --no-center-events",
     "licence": "--licence TEXT",
+    "class_names": "--class-names A,B,...",
 }
 
 
@@ -36,6 +37,7 @@ class Answers(BaseModel):
     grid_voxels: float | None = Field(None, gt=0, description="grid sampling cell side in voxels")
     center_events: bool | None = None
     licence: str | None = None
+    class_names: list[str] | None = Field(None, description="a segmenter's classes, in the order of its outputs")
     preprocess: dict = Field(default_factory=dict, description="PreprocessConfig fields unlike the detector's")
     head: Literal["lin", "dec"] | None = Field(None, description="build a segmenter with this head (fresh weights)")
     allow_missing: list[Literal["heads"]] = Field(
@@ -44,11 +46,17 @@ class Answers(BaseModel):
 
 
 def foreign_record(
-    overrides: dict, answers: Answers, source: dict, licence: str | None, record: ExportedModel | None = None
+    overrides: dict,
+    answers: Answers,
+    source: dict,
+    licence: str | None,
+    record: ExportedModel | None = None,
+    num_classes: int | None = None,
 ) -> ExportedModel:
-    """The record of weights from another format: the PTv3 config `overrides` (of the `base` preset) and what the
-    user answered; a field neither states is a placeholder named in `unstated`. A raysvc `record` that travelled with
-    the weights (a pimm directory raysvc wrote) states everything itself."""
+    """The record of weights from another format: the PTv3 config `overrides` (of the `base` preset), a trained
+    "dec" head of `num_classes` outputs if the source has one, and what the user answered; a field neither states is
+    a placeholder named in `unstated`. A raysvc `record` that travelled with the weights (a pimm directory raysvc
+    wrote) states everything itself."""
     if record is not None:
         return record.model_copy(update={"source": {**(record.source or {}), **source}})
     unstated = [k for k in ("detector", "grid_voxels", "center_events") if getattr(answers, k) is None]
@@ -57,11 +65,24 @@ def foreign_record(
         unstated.append("licence")
     detector = get_detector(answers.detector or DEFAULT_DETECTOR)
     preprocess = PreprocessConfig(**answers.preprocess)
+    head = answers.head
+    class_names = answers.class_names or (list(detector.label_classes(preprocess.remove_led)) if head else None)
+    if num_classes is not None:  # the source's own head: its classes are the source's, never the detector's guess
+        if head not in (None, "dec"):
+            raise ValueError(f"{source.get('file')}: its head is a linear layer on the decoder (dec), not {head!r}")
+        head = "dec"
+        class_names = answers.class_names or [f"class{i}" for i in range(num_classes)]
+        if answers.class_names is None:
+            unstated.append("class_names")
+        elif len(class_names) != num_classes:
+            raise ValueError(
+                f"{source.get('file')}: its head has {num_classes} classes, --class-names names {len(class_names)}"
+            )
     spec = ModelSpec(
         arch="ptv3",
         size="base",
         overrides=overrides,
-        head=answers.head,
+        head=head,
         grid_voxels=answers.grid_voxels or 1.0,
         center_events=bool(answers.center_events),
     )
@@ -72,11 +93,11 @@ def foreign_record(
             f"{detector.in_channels} (xyz + {', '.join(detector.features)})"
         )
     return ExportedModel(
-        kind="segmenter" if answers.head else "backbone",
+        kind="segmenter" if head else "backbone",
         method="imported",
         detector=detector.name,
         model=spec,
-        class_names=list(detector.label_classes(preprocess.remove_led)) if answers.head else None,
+        class_names=class_names,
         preprocess=preprocess,
         licence=licence,
         source=source,

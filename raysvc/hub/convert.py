@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from raysvc.hub.answers import Answers, require_stated
 from raysvc.hub.formats import Source, read
-from raysvc.hub.pimm import ENCODER_TYPE, write_pimm
+from raysvc.hub.pimm import ENCODER_TYPE, HEAD_KEYS, SEGMENTOR_TYPE, segmentor_config, write_pimm
 from raysvc.hub.publish import check_free, staged
 from raysvc.inference.record import EVENT_HEADS, ExportedModel
 from raysvc.storage import Location, exists
@@ -56,45 +56,50 @@ def _contradictions(got: Source, answers: Answers, where: str) -> None:
 
 
 def export_pimm(src: Location, out: Location, encoder_only: bool = False) -> ExportedModel:
-    """A raysvc export (or any format raysvc reads) written in pimm's layout: the PTv3 encoder as pimm's
-    PT-v3m2 (config and weights in the reference's names) with raysvc's record beside it. A segmenter's head has no
-    pimm counterpart here: exporting one needs `encoder_only`, which writes its encoder as a backbone."""
-    from raysvc.hub.reference import config_to_reference, state_to_reference
-
+    """A raysvc export (or any format raysvc reads) written in pimm's layout, config and weights in the reference's
+    names, raysvc's record beside them: a backbone as pimm's PT-v3m2; a "dec" segmenter as a DefaultSegmentorV2
+    (PT-v3m2 with its decoder + a linear seg_head). What pimm has no counterpart for (a "lin" head, panoptic
+    decoders, event heads) is an error unless `encoder_only`, which writes the encoder alone as a backbone."""
     check_free(out)
     got = read(src)
-    record = got.record
+    record, state = got.record, got.state
     if record.model.arch != "ptv3":
         raise ValueError(f"{src.uri}: a {record.model.arch} model; pimm's layout is written for PTv3 ({ENCODER_TYPE})")
-    state = got.state
-    if record.kind != "backbone":
+    plain = record.kind == "segmenter" and record.model.head == "dec" and not record.outputs
+    plain = plain and not exists(src.join(EVENT_HEADS))
+    if record.kind != "backbone" and (encoder_only or not plain):
         if not encoder_only:
             raise ValueError(
-                f"{src.uri}: a {record.kind} (encoder + {record.model.head} head); pimm's {ENCODER_TYPE} layout holds "
-                "the encoder: give --encoder-only to export it as a backbone"
+                f"{src.uri}: a {record.kind} with a {record.model.head} head and outputs {record.outputs or []}: "
+                f"pimm's layout holds an encoder ({ENCODER_TYPE}) or a {SEGMENTOR_TYPE} (a 'dec' head, nothing "
+                "more); give --encoder-only to export the encoder as a backbone"
             )
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         spec = record.model.model_copy(update={"head": None})
-        record = record.model_copy(
-            update={
-                "kind": "backbone",
-                "model": spec,
-                "class_names": None,
-                "outputs": None,
-                "instances": None,
-                "postprocess": None,
-                "heads": {},
-            }
-        )
-    cfg = record.model.backbone_config()
-    config = {"type": ENCODER_TYPE, **config_to_reference(cfg)}
+        update = {"kind": "backbone", "model": spec, "class_names": None, "outputs": None, "heads": {}}
+        record = record.model_copy(update={**update, "instances": None, "postprocess": None})
+    config, weights = _reference_layout(record, state)
     # no machine paths travel: the record names where it came from by its last path part only
     init = record.model.init
     if init:
         record = record.model_copy(update={"model": record.model.model_copy(update={"init": _last_part(init)})})
     with staged(out) as folder:
-        write_pimm(folder, state_to_reference(state, cfg), config, record)
+        write_pimm(folder, weights, config, record)
     return record
+
+
+def _reference_layout(record: ExportedModel, state: dict) -> tuple[dict, dict]:
+    """(model_config.json, weights in the reference's names) of a backbone or a "dec" segmenter."""
+    from raysvc.hub.reference import config_to_reference, state_to_reference
+
+    cfg = record.model.backbone_config()
+    if record.kind == "backbone":
+        return config_to_reference(cfg), state_to_reference(state, cfg)
+    inner = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
+    weights = {f"backbone.{k}": v for k, v in state_to_reference(inner, cfg).items()}
+    weights.update({ref: state[ours] for ref, ours in HEAD_KEYS.items()})
+    config = segmentor_config(config_to_reference(cfg, decoder=True), record.num_classes, cfg.dec_channels[0])
+    return config, weights
 
 
 def _last_part(uri: str) -> str:

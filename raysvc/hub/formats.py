@@ -19,7 +19,17 @@ from torch import nn
 
 from raysvc.hub.answers import Answers, foreign_record
 from raysvc.hub.checkpoint import encoder_state, load_file, split_checkpoint
-from raysvc.hub.pimm import ENCODER_TYPE, MANIFEST, MODEL_CONFIG, RECORD, is_pimm_manifest, read_json, read_pimm
+from raysvc.hub.pimm import (
+    ENCODER_TYPE,
+    MANIFEST,
+    MODEL_CONFIG,
+    RECORD,
+    SEGMENTOR_TYPE,
+    is_pimm_manifest,
+    read_json,
+    read_pimm,
+    split_segmentor,
+)
 from raysvc.inference.record import ExportedModel, load_export
 from raysvc.models.ptv3 import preset
 from raysvc.storage import Location, exists, explained, list_files
@@ -65,10 +75,13 @@ def read(loc: Location, answers: Answers | None = None) -> Source:
     if fmt == "raysvc":
         state, record = load_export(loc)
         return Source(state, record, fmt)
+    head, num_classes = {}, None
     if fmt == "pimm":
         got = read_pimm(loc)
-        config = answers.config or got.model_config
-        raw, skipped = encoder_state(got.state, loc.join(got.weights).uri, answers.prefix)
+        config, raw = answers.config or got.model_config, got.state
+        if got.model_type == SEGMENTOR_TYPE:  # a segmenter: its backbone maps as an encoder, its seg_head as ours
+            config, raw, head, num_classes = split_segmentor(got, loc.join(MODEL_CONFIG).uri)
+        raw, skipped = encoder_state(raw, loc.join(got.weights).uri, answers.prefix)
         stated = {"model_type": got.model_type}
         licence, carried = got.licence, got.record
     else:
@@ -86,7 +99,8 @@ def read(loc: Location, answers: Answers | None = None) -> Source:
     overrides, state = _mapped(raw, config, loc.uri)
     if carried is not None:
         _same_network(carried, overrides, loc.uri)
-    record = foreign_record(overrides, answers, source, licence, carried)
+    record = foreign_record(overrides, answers, source, licence, carried, num_classes)
+    state.update(head)
     return Source(complete(state, record, loc.uri, answers), record, fmt, skipped)
 
 
@@ -135,7 +149,8 @@ def complete(state: dict, record: ExportedModel, where: str, answers: Answers) -
     with torch.device("meta"):
         expected = {k: v.shape for k, v in network(record).state_dict().items()}
     if record.kind != "backbone" and not any(k.startswith("backbone.") for k in state):
-        state = {f"backbone.{k}": v for k, v in state.items()}  # an encoder's weights inside a segmenter
+        # an encoder's weights (and a reference decoder's) inside a segmenter
+        state = {k if k.startswith(HEAD_PREFIXES) else f"backbone.{k}": v for k, v in state.items()}
     extra = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     heads = [k for k in missing if k.startswith(HEAD_PREFIXES)]
@@ -151,6 +166,11 @@ def complete(state: dict, record: ExportedModel, where: str, answers: Answers) -
         for k in state
         if k in expected and state[k].shape != expected[k]
     ]
+    if record.kind == "backbone" and extra and all(k.startswith("decoder.") for k in extra):
+        raise ValueError(
+            f"{where}: holds a decoder beside the encoder ({len(extra)} keys, {_few(extra, 3)}): give --head dec to "
+            "import it as a segmenter (its linear head, which the source lacks, then needs --allow-missing heads)"
+        )
     if extra or missing or shapes:
         parts = [
             (f"keys the model lacks {_few(extra)}", extra),

@@ -1,7 +1,8 @@
 """pimm's export directory (what `pimm.export.save_pretrained` writes and `load_model` reads), read and written here.
 
     config.json        manifest: library_name "pimm", format_version 1, model_type, weights, model_config
-    model_config.json  the registry config, `type` first-class (the PTv3 encoder is "PT-v3m2")
+    model_config.json  the registry config, `type` first-class: the PTv3 encoder is "PT-v3m2"; a segmenter is
+                       "DefaultSegmentorV2" around a PT-v3m2 with its decoder (`backbone.*`) and a linear `seg_head`
     model.safetensors  the weights (or pytorch_model.bin, a torch.save of the state dict)
     README.md          optional model card; its front matter may state the licence (`license: mit`)
 
@@ -28,6 +29,9 @@ RECORD = "raysvc_record.json"
 CARD = "README.md"
 PIMM_FORMAT_VERSION = 1  # the manifest version pimm writes and this reads
 ENCODER_TYPE = "PT-v3m2"
+SEGMENTOR_TYPE = "DefaultSegmentorV2"  # backbone (PT-v3m2 with decoder) + seg_head Linear: raysvc's "dec" segmenter
+# seg_head of a DefaultSegmentorV2 <-> the linear layer of raysvc's "dec" head
+HEAD_KEYS = {"seg_head.weight": "head.weight", "seg_head.bias": "head.bias"}
 
 
 def is_pimm_manifest(manifest: object) -> bool:
@@ -110,6 +114,30 @@ def _card_licence(loc: Location) -> str | None:
     return None
 
 
+def split_segmentor(got: PimmDir, where: str) -> tuple[dict, dict, dict[str, torch.Tensor], int]:
+    """(the PT-v3m2 config, its weights in the reference's names, the linear head in raysvc's names, the class
+    count) of a DefaultSegmentorV2; any other head (an MLP head) or key is left for the caller to report."""
+    cfg = got.model_config
+    backbone = cfg.get("backbone")
+    if not isinstance(backbone, dict) or backbone.get("type") != ENCODER_TYPE:
+        raise ValueError(f"{where}: a {SEGMENTOR_TYPE} whose backbone is not {ENCODER_TYPE}: {backbone!r:.200}")
+    if cfg.get("mlp_head"):
+        raise ValueError(f"{where}: a {SEGMENTOR_TYPE} with an MLP head; raysvc maps the linear seg_head only")
+    head = {ours: got.state[k] for k, ours in HEAD_KEYS.items() if k in got.state}
+    rest = {k: v for k, v in got.state.items() if k not in HEAD_KEYS}
+    return backbone, rest, head, int(cfg.get("num_classes", 0))
+
+
+def segmentor_config(backbone: dict, num_classes: int, out_channels: int) -> dict:
+    """model_config.json of a DefaultSegmentorV2 over the PT-v3m2 config `backbone`."""
+    return {
+        "type": SEGMENTOR_TYPE,
+        "num_classes": num_classes,
+        "backbone_out_channels": out_channels,
+        "backbone": backbone,
+    }
+
+
 def write_pimm(
     folder: str, state: dict[str, torch.Tensor], model_config: dict, record: ExportedModel | None = None
 ) -> None:
@@ -133,8 +161,9 @@ def write_pimm(
 
 
 def _card_text(record: ExportedModel) -> str:
+    what = f"A PTv3 encoder ({ENCODER_TYPE})" if record.kind == "backbone" else f"A segmenter ({SEGMENTOR_TYPE})"
     return (
-        f"A PTv3 encoder ({ENCODER_TYPE}) exported by raysvc for {record.detector} events.\n\n"
+        f"{what} exported by raysvc for {record.detector} events.\n\n"
         f"Preprocessing (grid {record.model.grid_voxels} voxels, events centred: {record.model.center_events}) "
         f"is recorded in {RECORD}.\n"
     )

@@ -235,6 +235,7 @@ class SegmentationTask(Task):
             # any format raysvc reads; what a foreign checkpoint does not state is the job's
             init_state, init = read_model(
                 resolve(cfg.model.init),
+                needs=(),  # an encoder is all fine-tuning takes from it
                 detector=detector.name,
                 grid_voxels=cfg.model.grid_voxels,
                 center_events=cfg.model.center_events,
