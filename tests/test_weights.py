@@ -392,3 +392,57 @@ def stage_inputs(seed: int = 3):
     coord = grid.float() / 40
     feat = torch.cat([coord, torch.rand(len(grid), 1, generator=g)], 1)
     return feat, coord, grid, torch.tensor([300, 500])
+
+
+IMPORT_IN_A_CHILD = """
+import json, sys, time
+from raysvc.hub import Answers
+from raysvc.hub.convert import import_model
+from raysvc.storage import resolve
+
+
+def peak_kib():  # this process's peak resident set (getrusage's maxrss would carry the parent's over the fork)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
+
+before = peak_kib()  # the interpreter, torch and raysvc loaded
+t0 = time.perf_counter()
+answers = Answers(detector="lartpc", grid_voxels=0.665, center_events=True, licence="MIT")
+import_model(resolve(sys.argv[1]), resolve(sys.argv[2]), answers)
+print(json.dumps({"seconds": time.perf_counter() - t0, "before_kib": before, "peak_kib": peak_kib()}))
+"""
+
+
+def test_a_base_size_checkpoint_imports_in_under_a_minute_and_three_times_its_size(tmp_path):
+    """A Panda-Base-size checkpoint (the `base` preset, ~90.8 M parameters, random weights, in Sonata's file
+    layout) imports in a fresh process in under 60 s, its peak resident memory growing by less than 3x the file's
+    size over the process's footprint before the import; the weights arrive unchanged."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    cfg = preset("base")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in PTv3(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    assert sum(v.numel() for v in state.values()) > 90_000_000
+    pth = tmp_path / "base.pth"
+    torch.save({"config": config_to_reference(cfg), "state_dict": state_to_reference(state, cfg)}, pth)
+    size_kib = pth.stat().st_size / 1024
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_IN_A_CHILD, str(pth), str(tmp_path / "imported")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"base import: {got['seconds']:.1f} s, +{(got['peak_kib'] - got['before_kib']) / size_kib:.2f}x the file")
+    assert got["seconds"] < 60
+    assert got["peak_kib"] - got["before_kib"] < 3 * size_kib
+    with safe_open(str(tmp_path / "imported" / "backbone.safetensors"), "pt") as f:
+        for key in ("embedding.stem.linear.weight", "enc.3.blocks.8.attn.qkv.weight", "enc.4.blocks.2.ls2.gamma"):
+            assert torch.equal(f.get_tensor(key), state[key]), key
