@@ -25,6 +25,7 @@ from raysvc.models.ptv3 import PTv3, preset
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
 from raysvc.storage import resolve
+from tests.conftest import tiny_finetune_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
@@ -76,12 +77,7 @@ def test_a_panda_shaped_pimm_encoder_fine_tunes_predicts_and_serves(tmp_path):
         "finetune",
         str(ROOT / "jobs" / "semseg-tiny.yaml"),
         *("--init", str(tmp_path / "panda"), "--set", "model.mode=fft"),
-        *("--set", f"data.uri={train}", "--set", f"val_data.uri={val}"),
-        *("--set", f"run.storage={tmp_path}", "--set", "run.name=ft"),
-        *("--set", "train.steps=3", "--set", "train.val_every=3", "--set", "train.checkpoint_every=3"),
-        *("--set", "train.batch_events=2", "--set", "run.wandb_mode=offline", "--set", "run.max_failures=0"),
-        *("--set", "scaling.workers=1", "--set", "scaling.cpus_per_worker=0.5"),
-        *("--set", "data.read_cpus=0.25", "--set", "val_data.read_cpus=0.25"),
+        *tiny_finetune_sets(train, val, tmp_path, "ft", 3),
     )
     run = tmp_path / "ft"
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
