@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 
+import pytest
 import torch
 
 import raysvc.hub as hub
@@ -446,3 +447,30 @@ def test_a_base_size_checkpoint_imports_in_under_a_minute_and_three_times_its_si
     with safe_open(str(tmp_path / "imported" / "backbone.safetensors"), "pt") as f:
         for key in ("embedding.stem.linear.weight", "enc.3.blocks.8.attn.qkv.weight", "enc.4.blocks.2.ls2.gamma"):
             assert torch.equal(f.get_tensor(key), state[key]), key
+
+
+def test_object_storage_in_and_out(s3_env, tmp_path):
+    """A checkpoint imported to s3://, exported from there to pimm's layout on s3://, and loaded back from it: the
+    same weights; an existing output is refused and a failed import leaves no object behind. (In process: the
+    command line's exit finalises the process's S3 client.)"""
+    from raysvc.hub.convert import export_pimm, import_model
+    from raysvc.storage import list_files
+
+    answers = hub.Answers(detector="lartpc", grid_voxels=0.665, center_events=True, licence="MIT")
+    state = sonata_checkpoint(tmp_path / "sonata.pth")
+    src, ours, pimm = (
+        resolve(str(tmp_path / "sonata.pth")),
+        resolve("s3://weights-test/ours"),
+        resolve("s3://weights-test/pimm"),
+    )
+    import_model(src, ours, answers)
+    assert list_files(ours) == ["backbone.safetensors", "config.json"]
+    export_pimm(ours, pimm)
+    assert "raysvc_record.json" in list_files(pimm)
+    assert_same(hub.load("s3://weights-test/pimm").state_dict(), state)
+    with pytest.raises(ValueError, match="s3://weights-test/ours: already exists"):
+        import_model(src, ours, answers)
+    (tmp_path / "bad.pth").write_bytes((tmp_path / "sonata.pth").read_bytes()[:3000])
+    with pytest.raises(ValueError, match="bad.pth: not a readable torch checkpoint"):
+        import_model(resolve(str(tmp_path / "bad.pth")), resolve("s3://weights-test/bad"), answers)
+    assert list_files(resolve("s3://weights-test/bad")) == []
