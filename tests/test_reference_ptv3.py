@@ -20,6 +20,7 @@ from raysvc.hub.reference import (
 )
 from raysvc.models.heads import SegModel
 from raysvc.models.ptv3 import PTv3, PTv3Config, count_parameters, preset
+from raysvc.ops.paths import device_path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 FIELDS = ("coord", "grid_coord", "feat", "offset")
@@ -58,6 +59,16 @@ def test_every_encoder_stage_equals_the_reference(golden, b):
         np.testing.assert_array_equal(st["grid_coord"], golden[f"b{b}_s{s}_grid_coord"], err_msg=f"stage {s}")
         np.testing.assert_array_equal(st["offset"], golden[f"b{b}_s{s}_offset"], err_msg=f"stage {s}")
         assert _close(st["feat"], golden[f"b{b}_s{s}_feat"]) < RTOL, f"stage {s}"
+
+
+def test_the_device_path_equals_the_reference_too(golden):
+    """What a GPU runs (serialization depths as tensors, gather-GEMM conv), replayed on the CPU."""
+    model = _model(_checkpoint())
+    with device_path():
+        stages = encode(model, {k: golden[f"b0_{k}"] for k in FIELDS})
+    for s, st in enumerate(stages):
+        np.testing.assert_array_equal(st["grid_coord"], golden[f"b0_s{s}_grid_coord"], err_msg=f"stage {s}")
+        assert _close(st["feat"], golden[f"b0_s{s}_feat"]) < RTOL, f"stage {s}"
 
 
 def test_encode_takes_a_model_holding_the_backbone_and_leaves_its_mode(golden):

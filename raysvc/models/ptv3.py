@@ -1,24 +1,29 @@
-"""Point Transformer V3 as Panda uses it (PT-v3m2, docs/methods.md, "Panda"), with tiny / small / base presets.
+"""Point Transformer V3 as Panda uses it (PT-v3m2, docs/methods.md, "Panda"), with tiny / small / base / sonata
+presets, and a reference mode that computes what the published implementation does (docs/reference-ptv3.md).
 
 Data flow (packed batches: concatenated points + cumulative per-event `offset`):
 
-    stem (3x3x3 submanifold conv + LN + GELU)
-    -> stage 0 blocks -> [grid pool x2 -> stage s blocks] for s = 1..4      (the encoder; `forward` returns all levels)
+    stem: conv (3x3x3 submanifold conv + LN + GELU) or linear (Linear + LN + GELU, the reference's)
+    [-> masked points' embeddings replaced by a mask token]
+    -> stage 0 blocks -> [grid pool (grid // stride) -> stage s blocks] for s = 1..4   (`forward` returns all levels)
     block = xCPE (subm conv 3x3x3 -> linear -> LN, residual)
             -> x + drop_path(ls1 * attn(LN(x)))   attention inside patches of K points in one serialized order
             -> x + drop_path(ls2 * mlp(LN(x)))
     block i of a stage uses order i mod 4 of the (per forward, in training, shuffled) order list.
+    Serialization depth: per event by default (an event's answer does not depend on its batch), or one depth per
+    batch as the reference takes it (`serialization_depth`).
 
 `Decoder` (the "dec" protocol head) unpools level by level (proj(coarse)[inverse] + proj_skip(skip)) with its own
 blocks; `upcast` concatenates every level's features down to level 0 (the "lin" protocol's input).
 
-Parameter names (for mapping published Panda / pimm PT-v3m2 checkpoints later; spconv kernels are (Cout,3,3,3,Cin)):
-    embedding.stem.weight/.bias, embedding.norm.*          stem conv and its LayerNorm
+Parameter names (hub.reference maps them to the reference's; spconv kernels are (Cout,3,3,3,Cin) on both sides):
+    embedding.stem.weight/.bias, embedding.norm.*          conv stem and its LayerNorm
+    embedding.stem.linear.*, embedding.stem.norm.*         linear stem (the reference's names)
+    embedding.mask_token                                   (1, C0), with `mask_token`
     enc.{s}.down.proj.*, enc.{s}.down.norm.*               grid pooling of stage s >= 1 (Linear, LayerNorm)
     enc.{s}.blocks.{i}.cpe.conv.*, .cpe.linear.*, .cpe.norm.*
     enc.{s}.blocks.{i}.norm1.*, .attn.qkv.*, .attn.proj.*, .norm2.*, .mlp.fc1.*, .mlp.fc2.*, .ls1.gamma, .ls2.gamma
     dec.{s}.up.proj.*, dec.{s}.up.proj_skip.*, dec.{s}.blocks.{i}.*   (decoder, s = 3..0)
-Our stem is a 3x3x3 convolution (pimm's is 5x5x5); everything else has the reference shapes.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ multiple of K by repeating points from K positions earlier (the previous patch),
 fewer is one shorter patch. Attention runs inside each patch: flash-attn varlen on CUDA when it is importable (the same
 patches, as cu_seqlens), else torch SDPA. SDPA takes the full patches without a mask, so that on CUDA it may pick its
 own flash kernel (which refuses any attn_mask), and only the short patches with a length mask. Each point's output is
-taken from its first occurrence.
+taken from its first occurrence. This is the reference implementation's flash-path patching (fixed K; its non-flash
+path shrinks K to the batch's smallest event instead), so that published checkpoints give their numbers here.
 """
 
 from __future__ import annotations
