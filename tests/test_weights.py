@@ -57,6 +57,15 @@ def sonata_checkpoint(path, seed: int = 0, **extra) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.fixture(autouse=True)
+def _keep_s3(monkeypatch):
+    """The command line finalises the process's S3 client as it exits; run in this process, it must not (later
+    tests use S3)."""
+    import raysvc.cli
+
+    monkeypatch.setattr(raysvc.cli, "release_s3", lambda: None)
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `raysvc ...` in this process."""
     code = 0
@@ -474,3 +483,19 @@ def test_object_storage_in_and_out(s3_env, tmp_path):
     with pytest.raises(ValueError, match="bad.pth: not a readable torch checkpoint"):
         import_model(resolve(str(tmp_path / "bad.pth")), resolve("s3://weights-test/bad"), answers)
     assert list_files(resolve("s3://weights-test/bad")) == []
+
+
+def test_a_version_1_base_record_keeps_its_conv_stem(tmp_path):
+    """Exports written before `base` took the reference's linear stem (format_version 1) still load: their record
+    reads as the conv-stem network they hold; a version-2 record of `base` is the linear-stem one."""
+    from raysvc.inference.record import load_record_json
+
+    old = {"format_version": 1, "kind": "backbone", "method": "panda", "model": {"size": "base"}, "preprocess": {}}
+    record = load_record_json(json.dumps(old).encode(), "old/config.json")
+    assert record.model.backbone_config().stem == "conv" and record.model.overrides == {"stem": "conv"}
+    new = load_record_json(json.dumps({**old, "format_version": 2}).encode(), "new/config.json")
+    assert new.model.backbone_config().stem == "linear"
+    tiny = load_record_json(json.dumps({**old, "model": {"size": "tiny"}}).encode(), "tiny/config.json")
+    assert tiny.model.overrides == {}
+    with torch.device("meta"):
+        assert "embedding.stem.weight" in record.model.build_backbone().state_dict()

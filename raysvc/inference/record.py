@@ -6,8 +6,9 @@ network (`ModelSpec`), the detector and class names it speaks, the preprocessing
 producing method and step, and for weights brought in from elsewhere (raysvc.hub) their licence and source.
 `raysvc predict` / `evaluate`, the Serve endpoint, the probe and fine-tuning's `model.init` all read it through
 `load_export` (or raysvc.hub, which reads the other formats into this record). No optimizer state, no secrets.
-Records written before the format was versioned (no `format_version`) are read as version 1; a record with a
-licence or a source is version 2, so that a raysvc too old to know those fields says so instead of misreading it.
+Records written before the format was versioned (no `format_version`) are read as version 1. Version 2 added
+`licence` and `source`, and came with the PTv3 `base` preset taking the reference's linear stem: a version-1 record
+of a `base` PTv3 is read with the convolutional stem it was trained with (`overrides.stem: conv`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from raysvc.data.streaming.transforms import PreprocessConfig
 from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
 
-FORMAT_VERSION = 2  # the newest this reads; 2 added `licence` and `source`
+FORMAT_VERSION = 2  # the newest this reads and what it writes
 WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors", "panoptic": "model.safetensors"}
 
 
@@ -69,7 +70,7 @@ class ExportedModel(BaseModel):
     """config.json of an export (versioned)."""
 
     model_config = ConfigDict(extra="forbid")
-    format_version: int = 1
+    format_version: int = FORMAT_VERSION
     kind: Literal["segmenter", "backbone", "panoptic"]
     method: str = Field(description="the task or method that produced it (segmentation, panda, ...)")
     detector: str = DEFAULT_DETECTOR
@@ -112,6 +113,18 @@ class ExportedModel(BaseModel):
         data.setdefault("preprocess", {})  # the defaults every export made before had: LArTPC's, resolved below
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _conv_stem_base(cls, data):
+        """A version-1 `base` PTv3 was built with the 3x3x3 conv stem, which the preset no longer has."""
+        if not isinstance(data, dict) or data.get("format_version", 1) >= 2 or not isinstance(data.get("model"), dict):
+            return data
+        model = data["model"]
+        overrides = model.get("overrides") or {}
+        if model.get("arch", "ptv3") == "ptv3" and model.get("size", "tiny") == "base" and "stem" not in overrides:
+            data = {**data, "model": {**model, "overrides": {**overrides, "stem": "conv"}}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ExportedModel:
         if self.format_version > FORMAT_VERSION:
@@ -122,8 +135,6 @@ class ExportedModel(BaseModel):
         # the preprocessing is stated in full: a field a job left to the detector is recorded with the detector's
         # value, so predict, evaluate and the endpoint prepare events as training did, whatever the defaults become
         self.preprocess = self.preprocess.resolved(get_detector(self.detector))
-        if (self.licence is not None or self.source is not None) and self.format_version < 2:
-            self.format_version = 2
         if self.kind in ("segmenter", "panoptic") and (not self.class_names or self.model.head is None):
             raise ValueError(f"a {self.kind} record needs class_names and model.head")
         if self.kind == "panoptic" and not self.instances:
