@@ -11,6 +11,7 @@ from raysvc.hub.answers import Answers, require_stated
 from raysvc.hub.formats import Source, read
 from raysvc.hub.pimm import ENCODER_TYPE, HEAD_KEYS, SEGMENTOR_TYPE, segmentor_config, write_pimm
 from raysvc.hub.publish import check_free, staged
+from raysvc.hub.reference import config_to_reference, state_to_reference
 from raysvc.inference.record import EVENT_HEADS, ExportedModel
 from raysvc.storage import Location, exists
 
@@ -90,8 +91,6 @@ def export_pimm(src: Location, out: Location, encoder_only: bool = False) -> Exp
 
 def _reference_layout(record: ExportedModel, state: dict) -> tuple[dict, dict]:
     """(model_config.json, weights in the reference's names) of a backbone or a "dec" segmenter."""
-    from raysvc.hub.reference import config_to_reference, state_to_reference
-
     cfg = record.model.backbone_config()
     if record.kind == "backbone":
         return config_to_reference(cfg), state_to_reference(state, cfg)

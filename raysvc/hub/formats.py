@@ -30,6 +30,13 @@ from raysvc.hub.pimm import (
     read_pimm,
     split_segmentor,
 )
+from raysvc.hub.reference import (
+    KeyMismatch,
+    config_from_reference,
+    config_to_reference,
+    reference_key,
+    state_from_reference,
+)
 from raysvc.inference.record import ExportedModel, load_export
 from raysvc.models.ptv3 import preset
 from raysvc.storage import Location, exists, explained, list_files
@@ -106,8 +113,6 @@ def read(loc: Location, answers: Answers | None = None) -> Source:
 
 def _mapped(raw: dict, config: dict, where: str) -> tuple[dict, dict]:
     """(overrides of the base preset, state in raysvc's names) of reference weights and config."""
-    from raysvc.hub.reference import KeyMismatch, config_from_reference, reference_key, state_from_reference
-
     try:
         cfg = preset("base", **config_from_reference(config))
     except (ValueError, TypeError, KeyError) as e:
@@ -129,8 +134,6 @@ def _mapped(raw: dict, config: dict, where: str) -> tuple[dict, dict]:
 def _same_network(carried: ExportedModel, overrides: dict, where: str) -> None:
     """The record raysvc left in a pimm directory must describe the network of its model_config.json (compared in
     the reference's terms, the only ones model_config.json has)."""
-    from raysvc.hub.reference import config_from_reference, config_to_reference
-
     ours = preset("base", **config_from_reference(config_to_reference(carried.model.backbone_config())))
     if carried.model.arch != "ptv3" or ours != preset("base", **overrides):
         raise ValueError(f"{where}: {MODEL_CONFIG} and raysvc's record ({RECORD}) describe different networks")
