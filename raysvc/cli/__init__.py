@@ -1,5 +1,5 @@
 """`raysvc` command line: data | display | bench | pretrain | finetune | sweep | evaluate | compare | predict | serve |
-demo | results."""
+weights | demo | results."""
 
 # The docstring above is `raysvc --help`'s description. One module per command group, each with its cmd_* functions
 # and an add_parser(sub) that registers them; this module routes the console, runs the command and maps failures to
@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from raysvc.cli import bench, data, demo, display, evaluate, inference, results, train
+from raysvc.cli import bench, data, demo, display, evaluate, inference, results, train, weights
 from raysvc.cli.common import release_s3
 from raysvc.config import ConfigError
 
 # In `raysvc --help` order.
-GROUPS = (data, display, bench, train, evaluate, inference, demo, results)
+GROUPS = (data, display, bench, train, evaluate, inference, weights, demo, results)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,10 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
+    if a.init:  # the same as --set model.init=PATH, made absolute: Ray's workers run elsewhere
+        from raysvc.storage import absolute_uri
+
+        a.set = [*(a.set or []), f"model.init={absolute_uri(a.init)}"]
     _run_job(a, "segmentation")
 
 
@@ -71,6 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="also write the run record (config, seeds, split, validation metrics, commit, wall time: "
         "docs/results.md) here; refuses a validation set that shares events with the training set",
+    )
+    ft.add_argument(
+        "--init",
+        metavar="PATH",
+        help="model.init: a raysvc export, a Sonata / Pointcept checkpoint file or a pimm export directory",
     )
     ft.set_defaults(fn=cmd_finetune)
 

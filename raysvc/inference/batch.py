@@ -30,10 +30,11 @@ import pyarrow.parquet as pq
 
 from raysvc.data.streaming.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.streaming.transforms import report
+from raysvc.hub import read_model
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.outputs import get_output
 from raysvc.inference.outputs.base import points_list
-from raysvc.inference.record import ExportedModel, load_record, output_names
+from raysvc.inference.record import ExportedModel, output_names
 from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic
 
@@ -328,7 +329,7 @@ def _events_in(mode: str, result: pa.Table) -> int:
 def _checked(model: Location, data: Location):
     """(the dataset's manifest, the model's record); refused before any read when the detectors differ."""
     manifest = load_manifest(data)
-    record = load_record(model)
+    _, record = read_model(model)
     if manifest.detector != record.detector:
         raise ValueError(
             f"{data.uri} holds {manifest.detector} events; the model {model.uri} was trained on "

@@ -257,7 +257,7 @@ def efficiency_png(table: dict, total_events: int | None) -> bytes:
 
 
 def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
-    from raysvc.inference.record import load_export
+    from raysvc.hub import read
 
     t0 = time.time()
     base = load_job(spec.job, spec.set, "segmentation")
@@ -265,7 +265,7 @@ def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
     check_datasets({f"{spec.job}: data.uri": base.data.uri, f"{spec.job}: val_data.uri": base.val_data.uri})
     init = absolute_uri(spec.init)
     if any(m != "scratch" for m in spec.modes):
-        load_export(resolve(init))  # fails here, naming the directory, rather than in every trial
+        read(resolve(init))  # any format; fails here, naming the file, rather than in every trial
     exp = resolve(absolute_uri(spec.storage)).join(spec.name)
     uris = materialise_subsets(base, spec.events, spec.subset_seed, exp, base.scaling.workers, log)
     trials = grid_trials(spec, uris)

@@ -22,9 +22,10 @@ from raysvc.data.streaming.collate import collate_packed
 from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.pipeline import stream_tables
 from raysvc.data.streaming.prepared import prepare
+from raysvc.hub import read_model
 from raysvc.inference.batch import actor_pool, check_room, split_chunks, tag_chunk
 from raysvc.inference.featurize import model_inputs
-from raysvc.inference.record import ModelSpec, load_backbone_weights, load_export
+from raysvc.inference.record import ModelSpec, load_backbone_weights
 from raysvc.models.polarmae import PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import resolve
 from raysvc.train.probe import ProbeConfig
@@ -45,15 +46,17 @@ def group_mean(point_feat: torch.Tensor, groups: torch.Tensor, sizes: torch.Tens
 def load_backbone(
     init: str | None, arch: str, size: str, num_classes: int, seed: int, center_events: bool = False
 ) -> tuple[torch.nn.Module, dict]:
-    """(a "lin" segmenter holding the backbone, what it is). `init`: an export directory (backbone or segmenter);
-    None: the architecture's random initialisation under `seed`, fed centred events when `center_events`."""
+    """(a "lin" segmenter holding the backbone, what it is). `init`: a model in any format raysvc reads (backbone or
+    segmenter); None: the architecture's random initialisation under `seed`, fed centred events when
+    `center_events`."""
     torch.manual_seed(seed)
     if init is None:
         spec = ModelSpec(arch=arch, size=size, head="lin", center_events=center_events)
         about = {"init": None, "method": "random"}
         model = spec.build_segmenter(num_classes)
     else:
-        state, record = load_export(resolve(init))
+        # any format; its inputs must be stated (a foreign checkpoint: raysvc weights import first)
+        state, record = read_model(resolve(init), needs=("detector", "grid_voxels", "center_events"))
         spec = record.model.model_copy(update={"head": "lin"})
         model = spec.build_segmenter(num_classes)
         load_backbone_weights(model, state, f"{init}: weights do not match its record")
