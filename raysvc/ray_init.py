@@ -118,14 +118,14 @@ def _start_local(ray, kwargs: dict, env: dict) -> None:
     saved_const = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        with _environ(inherit):
+        with environ(inherit):
             ray.init(address="local", **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_const
 
 
 @contextlib.contextmanager
-def _environ(values: dict):
+def environ(values: dict):
     """`values` in os.environ for the duration, the previous values (or their absence) restored afterwards."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)

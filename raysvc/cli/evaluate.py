@@ -8,7 +8,17 @@ import os
 import sys
 import time
 
-from raysvc.cli.common import add_batch_args, batch_kwargs, batch_ray, keywords, log, print_json, resolved
+from raysvc.cli.common import (
+    add_batch_args,
+    add_cpus_per_actor,
+    add_run_record,
+    batch_kwargs,
+    batch_ray,
+    keywords,
+    log,
+    print_json,
+    resolved,
+)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -87,11 +97,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
-    ev.add_argument(
-        "--run-record",
-        metavar="PATH",
-        help="score --data as the test set and write the run record here (docs/results.md); refuses a test set "
-        "that shares events with the model's training or validation set (from its run's summary.json)",
+    add_run_record(
+        ev,
+        "--data scored as the test set; refuses a test set that shares events with the model's training or "
+        "validation set (from its run's summary.json)",
     )
     add_batch_args(ev)
     ev.set_defaults(fn=cmd_evaluate)
@@ -109,19 +118,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--actors", type=int, default=1, help="backbone replicas in a Ray Data actor pool (0: in process)")
-    pb.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        default=None,
-        help="Ray CPUs (and torch threads) of each actor; default: an equal share of what the cluster leaves after "
-        "the read tasks",
-    )
+    add_cpus_per_actor(pb)
     pb.add_argument("--out", help="also write the JSON here")
-    pb.add_argument(
-        "--run-record",
-        metavar="PATH",
-        help="also write the run record here (docs/results.md): the fitting events as train, the scored ones as test",
-    )
+    add_run_record(pb, "the fitting events as train, the scored ones as test")
     pb.set_defaults(fn=cmd_probe)
     cp = sub.add_parser(
         "compare",

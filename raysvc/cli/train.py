@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from raysvc.cli.common import release_s3
+from raysvc.cli.common import add_run_record, release_s3
 
 
 def _run_job(a: argparse.Namespace, default_task: str) -> None:
@@ -70,11 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune", help="train a segmentation model with Ray Train (locally or under ray job submit)")
     ft.add_argument("config", help="job YAML, e.g. jobs/semseg-tiny.yaml")
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
-    ft.add_argument(
-        "--run-record",
-        metavar="PATH",
-        help="also write the run record (config, seeds, split, validation metrics, commit, wall time: "
-        "docs/results.md) here; refuses a validation set that shares events with the training set",
+    add_run_record(
+        ft,
+        "config, seeds, split, validation metrics, commit, wall time; refuses a validation set that shares "
+        "events with the training set",
     )
     ft.add_argument(
         "--init",
