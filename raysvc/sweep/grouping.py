@@ -333,23 +333,11 @@ def grouping_png(summary: dict) -> bytes:
     for i, rad in enumerate(radii):
         pts = sorted((r for r in cn if r["trial"]["radius"] == rad), key=lambda r: r["trial"]["overlap"])
         c = cmap(i / max(len(radii) - 1, 1))
-        ax.plot(
-            [p["metrics"]["duplicated_ratio"] for p in pts],
-            [p["metrics"]["missed_ratio"] for p in pts],
-            "o-",
-            color=c,
-            ms=3,
-            lw=1.2,
-            label=f"C-NMS r={rad:g}",
-        )
-        ax2.plot(
-            [p["trial"]["overlap"] for p in pts],
-            [p["metrics"]["groups_per_event"] for p in pts],
-            "o-",
-            color=c,
-            ms=3,
-            label=f"r={rad:g}",
-        )
+        dots = dict(color=c, ms=3)  # one radius: one colour on both panels
+        x = [p["metrics"]["duplicated_ratio"] for p in pts]
+        ax.plot(x, [p["metrics"]["missed_ratio"] for p in pts], "o-", lw=1.2, label=f"C-NMS r={rad:g}", **dots)
+        x = [p["trial"]["overlap"] for p in pts]
+        ax2.plot(x, [p["metrics"]["groups_per_event"] for p in pts], "o-", label=f"r={rad:g}", **dots)
         rec = summary["recommended"].get(_num(rad))
         if rec:
             ax.plot(rec["duplicated_ratio"], rec["missed_ratio"], "*", color=c, ms=14, mec="k")
