@@ -102,3 +102,24 @@ def with_heads(seg, events: list[tuple]) -> list[tuple]:
     """(classes, probabilities or None, the event heads' answer as the endpoint gives it) per event."""
     (heads,) = [o for o in seg.outputs if o.name == "event_heads"]
     return [(r["pred"], r.get("prob"), heads.to_json(r["event_heads"])) for r in seg.predict_events_full(events)]
+
+
+def tiny_finetune_sets(train, val, storage, name: str, steps: int) -> list[str]:
+    """`--set` options of a few-step, one-worker fine-tune of jobs/semseg-tiny.yaml on 2 cores (CLI tests)."""
+    sets = [
+        f"data.uri={train}",
+        f"val_data.uri={val}",
+        f"run.storage={storage}",
+        f"run.name={name}",
+        f"train.steps={steps}",
+        f"train.val_every={steps}",
+        f"train.checkpoint_every={steps}",
+        "train.batch_events=2",
+        "run.wandb_mode=offline",
+        "run.max_failures=0",
+        "scaling.workers=1",
+        "scaling.cpus_per_worker=0.5",
+        "data.read_cpus=0.25",
+        "val_data.read_cpus=0.25",
+    ]
+    return [arg for s in sets for arg in ("--set", s)]

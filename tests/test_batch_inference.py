@@ -111,3 +111,63 @@ def test_the_chunks_of_one_shard_are_shared_by_every_actor_of_the_pool(ray_local
 def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, synthetic_dataset, model, tmp_path):
     with pytest.raises(ValueError, match="leave no room for the read tasks"):
         predict_dataset(model, synthetic_dataset, resolve(str(tmp_path / "p")), actors=2, cpus_per_actor=1, log=quiet)
+
+
+def test_a_predict_waiting_for_cpus_says_so_then_runs_with_the_cpus_the_reads_leave(
+    ray_local, model, tmp_path, monkeypatch, capfd
+):
+    """`raysvc predict --actors 1` (no --cpus-per-actor) while an actor holds both CPUs of the 2-CPU Ray: within
+    seconds the console says what the work waits for; once the CPUs are free the predict runs, its actor on the
+    1.75 CPUs that the read tasks (0.25) leave, and its predictions equal the in-process path's."""
+    import threading
+    import time
+
+    import ray
+
+    from raysvc.cli import main
+    from raysvc.data.sources.synthetic import generate_dataset
+
+    data = resolve(str(tmp_path / "events"))
+    generate_dataset(data, 8, seed=6, shard_events=8, workers=1, show_progress=False)
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    monkeypatch.chdir(tmp_path)  # the command's log file goes under runs/logs/ here
+    out = tmp_path / "preds"
+    args = ["predict", "--model", model.path, "--data", data.path, "--out", str(out), "--actors", "1"]
+    failed = []
+    t0 = time.monotonic()
+    run = threading.Thread(target=lambda: failed.extend(_raised(main, args)))
+    run.start()
+    said = None
+    while said is None and time.monotonic() - t0 < 30:
+        time.sleep(0.5)
+        logs = list((tmp_path / "runs" / "logs").glob("predict-*.log"))
+        if logs and "waiting" in logs[0].read_text():
+            said = time.monotonic() - t0
+    ray.kill(hog)
+    run.join(timeout=300)
+    assert not run.is_alive() and not failed, failed
+    console = capfd.readouterr().err
+    assert said is not None and said < 12, f"no waiting line within 12 s: {console}"
+    print(f"the waiting line came {said:.1f} s after the command started")
+    line = next(x for x in console.splitlines() if "waiting" in x)
+    assert "1 x {CPU: 1.75}" in line and "0 of 2 CPU free" in line, line
+    assert "1 model actor(s) on cpu, 1.75 CPU each" in console and "resources free" in console
+    assert "\x1b" not in console
+    local = predict_dataset(model, data, resolve(str(tmp_path / "local")), actors=0, log=quiet)
+    info = json.loads((out / "manifest.json").read_text())
+    assert [s["sha256"] for s in info["shards"]] == [s["sha256"] for s in local["shards"]]
+
+
+def _raised(fn, *args) -> list:
+    try:
+        fn(*args)
+    except BaseException as e:  # SystemExit included: the thread reports it to the test
+        return [e]
+    return []

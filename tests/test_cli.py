@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_demo_end_to_end(tmp_path):
     for stale in ("pretrain-2", "finetune-4"):  # an earlier demo's runs: measured anew, not resumed
         (work / stale).mkdir(parents=True)
         (work / stale / "stale").write_text("x")
-    run(
+    p = run(
         "demo",
         "--workdir",
         str(work),
@@ -182,6 +183,10 @@ def test_demo_end_to_end(tmp_path):
         timeout=1100,
     )
     summary = json.loads((work / "summary.json").read_text())
+    # the console through pipes: plain lines, a bounded number, naming the interactive page it wrote
+    console = p.stdout + p.stderr
+    assert "\x1b" not in console and "\r" not in console and len(console.splitlines()) < 120, console
+    assert summary["display"] == str(work / "predictions.html") and "predictions.html" in p.stdout
     # fine-tuned from the pretrained backbone, then served: every held-out event answered as in process
     ft, served = summary["finetune"], summary["serve"]
     assert ft["steps"] == 4 and ft["label_events"] == 100 and 0 < ft["val"]["miou"] <= 1
@@ -195,6 +200,26 @@ def test_demo_end_to_end(tmp_path):
     for png in ("summary.png", "event0.png"):
         assert (work / png).stat().st_size > 20_000
     assert not (work / "pretrain-2" / "stale").exists() and not (work / "finetune-4" / "stale").exists()
+
+
+def test_the_demo_draws_its_models_predictions_in_an_interactive_page(tmp_path):
+    """The demo's display step on an exported segmenter: a self-contained page of the model's predictions on new
+    labelled events, the same classes its predict output holds."""
+    import pyarrow.parquet as pq
+
+    from raysvc.demo import _display
+    from raysvc.inference.record import export_seeded_segmenter
+    from raysvc.storage import resolve
+
+    model = tmp_path / "model"
+    export_seeded_segmenter(resolve(str(model)), seed=0)
+    page = _display(str(model), tmp_path, seed=0, events=3)
+    html = page.read_text()
+    assert page == tmp_path / "predictions.html" and "<script" in html and "https://" not in html.split("<body", 1)[1]
+    preds = pq.read_table(tmp_path / "display-predictions" / "preds-00000.parquet").to_pylist()
+    drawn = json.loads(re.search(r"const EVENTS = (\[.*?\]);\n", html).group(1))
+    assert [e["id"] for e in drawn] == [p["event_id"] for p in preds] and len(drawn) == 3
+    assert all(e["pred"] == p["pred"] for e, p in zip(drawn, preds, strict=True))  # every point's class, as predicted
 
 
 def test_data_subset_writes_the_events_subset_events_selects(tmp_path):

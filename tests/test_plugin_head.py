@@ -21,6 +21,7 @@ from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
 from raysvc.storage import resolve
+from tests.conftest import tiny_finetune_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
@@ -80,12 +81,7 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
         "finetune",
         str(ROOT / "jobs" / "semseg-tiny.yaml"),
         *("--set", "task=energy"),
-        *("--set", f"data.uri={train}", "--set", f"val_data.uri={val}"),
-        *("--set", f"run.storage={tmp_path}", "--set", "run.name=energy"),
-        *("--set", "train.steps=4", "--set", "train.val_every=4", "--set", "train.checkpoint_every=4"),
-        *("--set", "train.batch_events=2", "--set", "run.wandb_mode=offline", "--set", "run.max_failures=0"),
-        *("--set", "scaling.workers=1", "--set", "scaling.cpus_per_worker=0.5"),
-        *("--set", "data.read_cpus=0.25", "--set", "val_data.read_cpus=0.25"),
+        *tiny_finetune_sets(train, val, tmp_path, "energy", 4),
     )
     model = tmp_path / "energy"
     assert json.loads((model / "summary.json").read_text())["steps"] == 4

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # Runs in its own process: it starts (and stops) its own private Ray, and lists the TCP sockets in LISTEN state held
 # by itself and every process it spawned (GCS, raylet, workers, agents), read from /proc.
 SCRIPT = textwrap.dedent("""
@@ -96,3 +98,57 @@ def test_worker_env_keeps_a_print_patch_choice_already_made(monkeypatch):
     assert given["runtime_env"]["env_vars"] == {"OTHER": "1"}  # the caller's dict is not changed
     monkeypatch.setenv(PRINT_PATCH_ENV, "1")  # e.g. a job submitted with it in its runtime env
     assert _worker_env(given) == given
+
+
+# The first start fails for real: its GCS port (the seam: ray_init.free_port) is held by another socket, so Ray's GCS
+# cannot bind it and ray.init raises. The retry takes a fresh port and a longer wait, and this Ray then runs tasks.
+RETRY = textwrap.dedent("""
+    import json, os, socket
+    import ray
+    import raysvc.ray_init as ri
+    from raysvc.seaweed import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    ri.free_port = lambda: ports.pop() if ports else free_port()
+    ri.init_ray(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    wait = ray.get(ray.remote(lambda: os.environ.get(ri.GCS_WAIT_ENV)).remote())
+    ray.shutdown()
+    print("RESULT " + json.dumps({"worker_wait": wait, "left": os.environ.get(ri.GCS_WAIT_ENV)}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ~60 s (Ray's GCS takes ~40 s to give up on a port it cannot bind); the next test covers the flow
+def test_a_private_ray_that_fails_to_start_is_started_once_more_with_a_longer_wait():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_gcs_server_port_wait_time_s")}
+    p = subprocess.run([sys.executable, "-c", RETRY], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.split("RESULT ", 1)[1])
+    assert "[raysvc] the local Ray did not start (RuntimeError: Failed to start GCS." in p.stderr
+    assert "trying once more, waiting up to 120 s" in p.stderr
+    assert result == {"worker_wait": "120", "left": None}  # the second Ray got the longer wait; the shell keeps its own
+
+
+def test_a_private_ray_that_fails_twice_ends_with_one_clear_error(monkeypatch, capsys):
+    import raysvc.ray_init as ri
+
+    waits = []
+
+    def fail(ray, kwargs, env):
+        waits.append(env.get(ri.GCS_WAIT_ENV))
+        raise RuntimeError(f"Failed to start GCS.\n(attempt {len(waits)})")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(ri.GCS_WAIT_ENV, "40")  # a user's own wait: the retry waits four times as long
+    monkeypatch.setattr(ri, "_start_local", fail)
+    with pytest.raises(ri.RayStartError) as e:
+        ri.init_ray(num_cpus=1)
+    assert waits == [None, "160"]
+    assert str(e.value).startswith(
+        "could not start a local Ray on 127.0.0.1, tried twice (first: RuntimeError: Failed to start GCS.; then, "
+        "waiting up to 160 s: RuntimeError: Failed to start GCS.)"
+    )
+    assert "trying once more, waiting up to 160 s" in capsys.readouterr().err

@@ -164,6 +164,12 @@ def test_cnms_sweep_reports_failures_and_resumes_without_rerunning(tmp_path, swe
     assert (exp / "grouping.png").read_bytes()[:4] == b"\x89PNG"
     assert "C-NMS + ball (recommended)" in (exp / "table.md").read_text()
     assert list((tmp_path / "wandb").rglob("offline-run-*")), "trials log to wandb (offline)"
+    # the console (two pipes here): our lines and one progress line, plain; Tune's tables and tracebacks: log only
+    console = p.stdout + p.stderr
+    assert "\x1b" not in console and "\r" not in console
+    assert "Trial status" not in console and "Traceback" not in console and "+---" not in console
+    assert "[raysvc] sweep cnms-test: 8/8 trials (100%)" in p.stderr and "2 failed" in p.stderr
+    assert len(p.stderr.splitlines()) <= 12, p.stderr
 
     # the same spec again: Tuner.restore keeps every finished trial (timings identical: not re-run) and the failed
     # ones stay failed
@@ -179,6 +185,64 @@ def test_cnms_sweep_reports_failures_and_resumes_without_rerunning(tmp_path, swe
     other.write_text(yaml.safe_dump(spec_text))
     refused = _run(["sweep", str(other)], tmp_path)
     assert refused.returncode == 2 and "another grid" in refused.stderr
+
+
+def test_a_sweep_over_a_missing_dataset_fails_in_seconds_naming_it(tmp_path, sweep_data, capsys):
+    from raysvc.cli import main
+
+    job = str(ROOT / "jobs" / "pretrain-polarmae-tiny.yaml")
+    spec = _cnms_spec(tmp_path, sweep_data, pretrain={"job": job})
+    missing = tmp_path / "no-such-data"
+    for sets, named in (
+        ([f"data.uri={missing}"], f"data.uri={missing}"),  # the first stage's
+        ([f"pretrain.data={missing}"], f"pretrain: the pretraining data={missing}"),  # the second's, checked first
+        ([f"pretrain.set=[probe_data.uri={missing}]"], f"pretrain: the probe data={missing}"),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", str(spec), *[a for s in sets for a in ("--set", s)]])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and named in err and "no readable dataset" in err, err[-2000:]
+        assert time.monotonic() - t0 < 10 and not (tmp_path / "sweeps").exists()  # before Ray, before any trial
+
+
+def test_a_label_efficiency_sweep_checks_its_jobs_datasets_before_any_subset_or_trial(tmp_path, sweep_data, capsys):
+    from raysvc.cli import main
+
+    missing = tmp_path / "no-such-val"
+    spec = {
+        "kind": "finetune",
+        "name": "inputs",
+        "storage": str(tmp_path / "sweeps"),
+        "job": str(ROOT / "jobs" / "semseg-tiny.yaml"),
+        "set": [f"data.uri={sweep_data / 'train'}", f"val_data.uri={missing}"],
+        "init": str(tmp_path / "no-backbone"),
+        "events": [4],
+        "modes": ["fft"],
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"val_data.uri={missing}: no readable dataset" in err, err[-2000:]
+    assert not (tmp_path / "sweeps").exists()  # no subset written, no trial
+
+
+def test_the_token_probe_stage_reads_the_sweeps_data_unless_told_otherwise(tmp_path, sweep_data):
+    from raysvc.storage import absolute_uri
+    from raysvc.sweep.grouping import probe_job
+    from raysvc.sweep.spec import load_spec
+
+    job = str(ROOT / "jobs" / "pretrain-polarmae-tiny.yaml")  # reads runs/data/pretrain and runs/data/val
+    spec_path = str(_cnms_spec(tmp_path, sweep_data, pretrain={"job": job}))
+    train, val = str(sweep_data / "train"), str(sweep_data / "val")
+    base = probe_job(load_spec(spec_path, [f"data.uri={train}"]))
+    assert base.data.uri == base.probe_data.uri == absolute_uri(train)  # both follow --set data.uri
+    base = probe_job(load_spec(spec_path, [f"pretrain.data={train}"]))
+    assert (base.data.uri, base.probe_data.uri) == (absolute_uri(train), absolute_uri(val))
+    base = probe_job(load_spec(spec_path, [f"pretrain.set=[data.uri={val}, probe_data.uri={train}]"]))
+    assert (base.data.uri, base.probe_data.uri) == (absolute_uri(val), absolute_uri(train))
 
 
 def test_probe_trials_take_the_recommended_overlaps_or_the_given_pairs(tmp_path, sweep_data):

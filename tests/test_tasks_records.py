@@ -73,7 +73,7 @@ def test_record_round_trip_rebuilds_the_same_network(tmp_path):
     export_seeded_segmenter(loc, seed=5)
     state, record = load_export(loc)
     assert (record.format_version, record.kind, record.method, record.detector) == (
-        1,
+        2,
         "segmenter",
         "segmentation",
         "lartpc",

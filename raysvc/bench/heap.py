@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
+from raysvc.ray_init import environ
 from raysvc.train import heap
 from raysvc.train.worker import seed_everything
 
@@ -162,18 +163,10 @@ def run_heap_bench(
         for name in names:
             env, every = table[name]
             log(f"[raysvc] {name}: {steps} {task} steps in a fresh process")
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)  # a spawned process starts from this environment (LD_PRELOAD needs it at exec)
-            try:
-                with spawn.Pool(1) as pool:
-                    args = (task, str(data), steps, batch, every, threads, warmup)
-                    out["variants"][name] = pool.apply(_measure, args)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            # a spawned process starts from this environment (LD_PRELOAD needs it at exec)
+            with environ(env), spawn.Pool(1) as pool:
+                args = (task, str(data), steps, batch, every, threads, warmup)
+                out["variants"][name] = pool.apply(_measure, args)
     base = out["variants"]["glibc"]
     for v in out["variants"].values():
         v["step_time_vs_glibc"] = v["total_s"] / base["total_s"]

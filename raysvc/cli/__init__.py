@@ -1,5 +1,5 @@
 """`raysvc` command line: data | display | bench | pretrain | finetune | sweep | evaluate | compare | predict | serve |
-demo | results."""
+weights | demo | results."""
 
 # The docstring above is `raysvc --help`'s description. One module per command group, each with its cmd_* functions
 # and an add_parser(sub) that registers them; this module routes the console, runs the command and maps failures to
@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from raysvc.cli import bench, data, demo, display, evaluate, inference, results, train
+from raysvc.cli import bench, data, demo, display, evaluate, inference, results, train, weights
 from raysvc.cli.common import release_s3
 from raysvc.config import ConfigError
 
 # In `raysvc --help` order.
-GROUPS = (data, display, bench, train, evaluate, inference, demo, results)
+GROUPS = (data, display, bench, train, evaluate, inference, weights, demo, results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,11 +57,13 @@ ROUTED = {
     ("probe",),
     ("bench", "ingest"),
     ("bench", "train"),
+    ("results", "run"),
 }
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(x for x in (args.command, getattr(args, "bench_command", None)) if x)
+    sub = getattr(args, "bench_command", None) or getattr(args, "results_command", None)
+    return tuple(x for x in (args.command, sub) if x)
 
 
 def _console_log(args: argparse.Namespace) -> Path:
@@ -89,6 +91,7 @@ def _console_log(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from raysvc.data.contract.schema import EventDataError
+    from raysvc.ray_init import RayStartError
     from raysvc.storage import StorageError
 
     try:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                 )
             args.fn(args)
-    except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError, RayStartError) as e:
         print(f"raysvc: error: {e}", file=sys.stderr)
         release_s3()
         sys.exit(2)

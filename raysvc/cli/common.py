@@ -63,7 +63,7 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
         help="model replicas of the Ray Data job (one GPU each with --device cuda); 0: in this process, no Ray",
     )
     p.add_argument("--max-points", type=int, default=400_000, help="at most this many points per model call")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+    add_cpus_per_actor(p)
 
 
 def batch_kwargs(a: argparse.Namespace) -> dict:
@@ -85,3 +85,18 @@ def release_s3() -> None:
 
     gc.collect()  # the filesystems of finished commands
     pyarrow.fs.finalize_s3()
+
+
+def add_cpus_per_actor(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="Ray CPUs (and torch threads) of each actor; default: an equal share of what the cluster leaves after "
+        "the read tasks",
+    )
+
+
+def add_run_record(p: argparse.ArgumentParser, what: str) -> None:
+    """`--run-record PATH`: the run record of docs/results.md; `what` says which sets it records and refuses."""
+    p.add_argument("--run-record", metavar="PATH", help=f"write the run record here (docs/results.md): {what}")

@@ -6,17 +6,38 @@ import argparse
 import json
 import os
 import sys
+import time
 
-from raysvc.cli.common import add_batch_args, batch_kwargs, batch_ray, keywords, log, print_json, resolved
+from raysvc.cli.common import (
+    add_batch_args,
+    add_cpus_per_actor,
+    add_run_record,
+    batch_kwargs,
+    batch_ray,
+    keywords,
+    log,
+    print_json,
+    resolved,
+)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from raysvc.inference.batch import evaluate_dataset
 
     batch_ray(a.actors)
-    result = evaluate_dataset(
-        resolved(a.model), resolved(a.data), a.batch_events, a.device, max_events=a.max_events, **batch_kwargs(a)
-    )
+
+    def evaluate():
+        return evaluate_dataset(
+            resolved(a.model), resolved(a.data), a.batch_events, a.device, max_events=a.max_events, **batch_kwargs(a)
+        )
+
+    if a.run_record:
+        from raysvc.data.streaming.config import DataConfig
+        from raysvc.train.experiment import evaluate_with_record
+
+        result = evaluate_with_record(a.model, DataConfig(uri=a.data), a.run_record, evaluate)
+    else:
+        result = evaluate()
     print_json(result, a.out)
 
 
@@ -31,6 +52,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
         sys.exit("raysvc probe: give an export directory or --random ARCH (the baseline), not both or neither")
     batch_ray(1)  # the probe's events are read by Ray tasks or Ray Data either way
     events = {"train_events": a.train_events, "val_events": a.val_events}
+    t0, split_ids, load = time.time(), {}, os.getloadavg()
     result = probe_backbone(
         absolute_uri(a.init) if a.init else None,
         DataConfig(uri=absolute_uri(a.data)),
@@ -40,7 +62,12 @@ def cmd_probe(a: argparse.Namespace) -> None:
         token=TokenProbeConfig(**events),
         **keywords(a, ("radius_voxels", "seed", "center_events", "actors", "cpus_per_actor")),
         log=log,
+        split_ids=split_ids,
     )
+    if a.run_record:
+        from raysvc.train.experiment import probe_record
+
+        probe_record(vars(a), result, split_ids, a.run_record, time.time() - t0, [round(x, 2) for x in load])
     print_json(result, a.out)
 
 
@@ -70,6 +97,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-events", type=int, help="score only the first N events (in shard order)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    add_run_record(
+        ev,
+        "--data scored as the test set; refuses a test set that shares events with the model's training or "
+        "validation set (from its run's summary.json)",
+    )
     add_batch_args(ev)
     ev.set_defaults(fn=cmd_evaluate)
     pb = sub.add_parser(
@@ -86,8 +118,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--actors", type=int, default=1, help="backbone replicas in a Ray Data actor pool (0: in process)")
-    pb.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) of each actor")
+    add_cpus_per_actor(pb)
     pb.add_argument("--out", help="also write the JSON here")
+    add_run_record(pb, "the fitting events as train, the scored ones as test")
     pb.set_defaults(fn=cmd_probe)
     cp = sub.add_parser(
         "compare",

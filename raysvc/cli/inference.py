@@ -28,20 +28,23 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import signal
     import time
 
-    from raysvc.inference.record import load_export
+    from raysvc.hub import read_model
     from raysvc.ray_init import init_ray
     from raysvc.serve.app import FAST_PATH_ENV, HOW_TO_SET_TOKEN, ServeConfig, build_app, read_token
     from raysvc.storage import absolute_uri, resolve
 
-    models = {}
+    models, licences = {}, {}
     for item in ([a.checkpoint] if a.checkpoint else []) + (a.model or []):
         mid, _, uri = item.partition("=") if "=" in item else (None, "", item)  # ids have no "="; URIs may
         uri = absolute_uri(uri)
         mid = mid or uri.rstrip("/").rsplit("/", 1)[-1]
         if mid in models:
             raise ValueError(f"model id {mid!r} given twice; name them: --model ID=URI")
-        load_export(resolve(uri))  # fails here, naming the directory, rather than in a replica
+        _, record = read_model(resolve(uri))  # fails here, naming the directory, rather than in a replica
         models[mid] = uri
+        if record.licence:
+            print(f"[raysvc] model {mid}: licence {record.licence}", file=sys.stderr, flush=True)
+        licences[mid] = record.licence
     batching = {
         k: v
         for k, v in (
@@ -88,6 +91,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                     "default": cfg.default_model,
                     "auth": cfg.auth,
                     "batching": cfg.batching,
+                    "licences": licences,
                 }
             ),
             flush=True,

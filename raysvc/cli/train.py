@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from raysvc.cli.common import release_s3
+from raysvc.cli.common import add_run_record, release_s3
 
 
 def _run_job(a: argparse.Namespace, default_task: str) -> None:
@@ -16,11 +16,20 @@ def _run_job(a: argparse.Namespace, default_task: str) -> None:
     from raysvc.train.tasks import get_task
 
     job = load_job(a.config, a.set, default_task)
-    summary = run_job(job)
+    if getattr(a, "run_record", None):
+        from raysvc.train.experiment import finetune_with_record
+
+        summary = finetune_with_record(job, a.run_record)
+    else:
+        summary = run_job(job)
     print(json.dumps(get_task(job.task).outcome(summary), indent=2))
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
+    if a.init:  # the same as --set model.init=PATH, made absolute: Ray's workers run elsewhere
+        from raysvc.storage import absolute_uri
+
+        a.set = [*(a.set or []), f"model.init={absolute_uri(a.init)}"]
     _run_job(a, "segmentation")
 
 
@@ -61,6 +70,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune", help="train a segmentation model with Ray Train (locally or under ray job submit)")
     ft.add_argument("config", help="job YAML, e.g. jobs/semseg-tiny.yaml")
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.steps=100")
+    add_run_record(
+        ft,
+        "config, seeds, split, validation metrics, commit, wall time; refuses a validation set that shares "
+        "events with the training set",
+    )
+    ft.add_argument(
+        "--init",
+        metavar="PATH",
+        help="model.init: a raysvc export, a Sonata / Pointcept checkpoint file or a pimm export directory",
+    )
     ft.set_defaults(fn=cmd_finetune)
 
     pt = sub.add_parser(

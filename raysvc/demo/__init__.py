@@ -192,6 +192,23 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     }
 
 
+def _display(model_dir: str, work: Path, seed: int, events: int = 6) -> Path:
+    """`raysvc display` of the fine-tuned model's predictions on a few new labelled events: the interactive page a
+    physicist opens to look at its segmentation (truth, prediction, errors per point)."""
+    from raysvc.data.sources.synthetic import generate_dataset
+    from raysvc.data.tools.display_html import build_display
+    from raysvc.inference.batch import predict_dataset
+    from raysvc.storage import resolve
+
+    data, preds, out = work / "display-events", work / "display-predictions", work / "predictions.html"
+    for old in (data, preds):
+        shutil.rmtree(old, ignore_errors=True)
+    generate_dataset(resolve(str(data)), events, seed + 2000, events, workers=1, show_progress=False)
+    predict_dataset(resolve(model_dir), resolve(str(data)), resolve(str(preds)), log=lambda m: None)
+    build_display(resolve(str(data)), resolve(str(out)), events, resolve(str(preds)))
+    return out
+
+
 def run_demo(
     workdir: str = "runs/demo",
     events: int = 2000,
@@ -280,7 +297,7 @@ def run_demo(
             "on frozen features vs the random initialisation"
         )
         pretrain = _pretrain(uri, heldout, work, pretrain_steps) if pretrain_steps else None
-        finetune = serving = None
+        finetune = serving = view = None
         if pretrain is not None and finetune_steps:
             _stage(
                 f"fine-tuning the pretrained backbone (fft) on {label_events} labelled events for {finetune_steps}"
@@ -289,6 +306,9 @@ def run_demo(
             finetune = _finetune(uri, heldout, pretrain["uri"], work, finetune_steps, label_events)
             _stage("serving the fine-tuned model over HTTP (raysvc serve: Ray Serve, bearer token, 127.0.0.1)")
             serving = _serve_check(finetune["uri"], heldout, work)
+            _stage("an interactive event display of the fine-tuned model's predictions (raysvc display)")
+            view = _display(finetune["uri"], work, seed)
+            print(f"    wrote {view}: open it in a browser (truth, prediction, errors per point; offline)")
 
     ok = ingest["events"] == ingest["unique_events"] == ledger["events_out"]
     summary = {
@@ -337,6 +357,7 @@ def run_demo(
             "wall_s": round(finetune["wall_s"], 1),
         },
         "serve": serving,
+        "display": None if view is None else str(view),
         "total_s": round(time.time() - t_start, 1),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -379,7 +400,8 @@ def run_demo(
             f"exactly as in process, mIoU {serving['miou']:.3f}, p50 {serving['latency_p50_ms']:.0f} ms per "
             f"event"
         )
-    print(f"    wrote {work / 'summary.json'}, {work / 'summary.png'}, {work / 'event0.png'}")
+    wrote = [work / "summary.json", work / "summary.png", work / "event0.png", *([view] if view else [])]
+    print(f"    wrote {', '.join(map(str, wrote))}")
     print(f"    total {summary['total_s']}s -> {'OK' if ok else 'MISMATCH'}")
     if not ok:
         raise RuntimeError(f"demo: delivered {ingest['events']} events, expected {ledger['events_out']}")

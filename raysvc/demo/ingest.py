@@ -36,6 +36,8 @@ def ingest_loop(config: dict) -> None:
         classes += np.bincount(batch["semantic"].numpy(), minlength=num_classes)[:num_classes]
         checksum += float(batch["feat"].double().sum())
         batches += 1
+        if ctx.get_world_rank() == 0 and batches % 25 == 0:  # the stage's progress line on the driver's console
+            print(f"[raysvc] ingest: rank 0 has received {len(ids)} events", flush=True)
     mine = {
         "rank": ctx.get_world_rank(),
         "event_ids": ids,

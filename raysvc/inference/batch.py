@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections import Counter
@@ -29,10 +30,11 @@ import pyarrow.parquet as pq
 
 from raysvc.data.streaming.shards import ShardRecord, load_manifest, read_shard
 from raysvc.data.streaming.transforms import report
+from raysvc.hub import read_model
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.inference.outputs import get_output
 from raysvc.inference.outputs.base import points_list
-from raysvc.inference.record import ExportedModel, load_record, output_names
+from raysvc.inference.record import ExportedModel, output_names
 from raysvc.inference.segmenter import Segmenter
 from raysvc.storage import Location, write_bytes_atomic
 
@@ -183,16 +185,29 @@ def _shard_chunks(data: Location, rec: ShardRecord, limit: int | None, batch_eve
     return chunks(table if limit is None else table.slice(0, limit), batch_events, max_points)
 
 
-def check_room(actors: int, cpus_per_actor: float) -> None:
-    """Refuse a pool that would leave the connected Ray cluster no CPU for the read tasks."""
+def check_room(actors: int, cpus_per_actor: float | None) -> float:
+    """The CPUs of each of `actors` pool actors on the connected Ray cluster: `cpus_per_actor` if given (refused when
+    it leaves no CPU for the read tasks), else an equal share of what the read tasks leave (to 0.01 CPU), at most a
+    node's CPUs (an actor runs on one node)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus_per_actor is None:
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        share = math.floor(100 * min((cpus - READ_CPUS) / actors, node_cpus)) / 100
+        if share < 0.01:
+            raise ValueError(
+                f"{actors} model actor(s) do not fit beside the read tasks ({READ_CPUS} CPU) on this Ray cluster of "
+                f"{cpus:g} CPUs: fewer --actors"
+            )
+        return share
     if actors * cpus_per_actor + READ_CPUS > cpus:
         raise ValueError(
             f"{actors} model actor(s) x {cpus_per_actor} CPU leave no room for the read tasks ({READ_CPUS} CPU) on "
-            f"this Ray cluster of {cpus:g} CPUs: fewer --actors, or less --cpus-per-actor"
+            f"this Ray cluster of {cpus:g} CPUs: fewer --actors, or less --cpus-per-actor (or leave it out: an "
+            "equal share of what the read tasks leave)"
         )
+    return cpus_per_actor
 
 
 def actor_pool(ds, cls, actors: int, cpus_per_actor: float, device: str, kwargs: dict, batch_size: int | None = None):
@@ -239,7 +254,6 @@ def _ray_results(
     from raysvc.inference.featurize import usable_device
 
     device = str(usable_device(device))  # a missing CUDA device is an error here, before any actor starts
-    check_room(actors, cpus_per_actor)
     ds = ray.data.from_items(
         [{_SHARD: i, **asdict(r)} for i, r in enumerate(shards)], override_num_blocks=max(len(shards), 1)
     )
@@ -277,23 +291,45 @@ def _results(
     model, data, shards, mode, actors, device, batch_events, max_points, limits, log, cpus_per_actor, ran: Counter
 ) -> Iterator[tuple[int, int, pa.Table]]:
     """(shard, first row, result) of every chunk, from the actor pool (`actors` >= 1, Ray started by the caller) or
-    this process (0); `ran` counts the chunks each (Ray node, actor) ran."""
+    this process (0); `ran` counts the chunks each (Ray node, actor) ran. A progress line counts the events done."""
+    from raysvc.console import Progress
+
+    total = sum(r.events if n is None else n for r, n in zip(shards, limits, strict=True))
     if actors == 0:
-        yield from _local_results(Segmenter(model, device), data, shards, mode, batch_events, max_points, limits)
-        return
-    log(f"[raysvc] {mode}: {len(shards)} shards through Ray Data, {actors} model actor(s) on {device}")
-    args = (actors, device, batch_events, max_points, limits, cpus_per_actor)
-    for res in _ray_results(model, data, shards, mode, *args):
+        results = _local_results(Segmenter(model, device), data, shards, mode, batch_events, max_points, limits)
+    else:
+        cpus_per_actor = check_room(actors, cpus_per_actor)
+        log(
+            f"[raysvc] {mode}: {len(shards)} shards through Ray Data, {actors} model actor(s) on {device}, "
+            f"{cpus_per_actor:g} CPU each"
+        )
+        args = (actors, device, batch_events, max_points, limits, cpus_per_actor)
+        results = _pool_results(_ray_results(model, data, shards, mode, *args), ran)
+    with Progress(mode, total, "events") as bar:
+        for shard, row, result in results:
+            yield shard, row, result
+            bar.update(_events_in(mode, result))
+
+
+def _pool_results(batches: Iterator[pa.Table], ran: Counter) -> Iterator[tuple[int, int, pa.Table]]:
+    for res in batches:
         cols = [res.column(c).to_pylist() for c in (_SHARD, _ROW, _NODE, _ACTOR)]
         for (shard, row, node, actor), result in zip(zip(*cols, strict=True), res.column(_RESULT), strict=True):
             ran[(node, actor)] += 1
             yield shard, row, _from_ipc(result)
 
 
+def _events_in(mode: str, result: pa.Table) -> int:
+    """The input events a chunk's result covers: a prediction per event, or the events a score read."""
+    if mode == "predict":
+        return result.num_rows
+    return sum(json.loads(c).get("read", 0) for c in result.column("counts").to_pylist())
+
+
 def _checked(model: Location, data: Location):
     """(the dataset's manifest, the model's record); refused before any read when the detectors differ."""
     manifest = load_manifest(data)
-    record = load_record(model)
+    _, record = read_model(model)
     if manifest.detector != record.detector:
         raise ValueError(
             f"{data.uri} holds {manifest.detector} events; the model {model.uri} was trained on "
@@ -310,7 +346,7 @@ def predict_dataset(
     device: str = "cpu",
     actors: int = 0,
     max_points: int = 400_000,
-    cpus_per_actor: float = 1.0,
+    cpus_per_actor: float | None = None,
     log=print,
 ) -> dict:
     """Predict every event of `data` into `out` (see the module doc); returns the manifest written."""
@@ -330,7 +366,6 @@ def predict_dataset(
         if got[i] == shards[i].events:  # the shard is complete: its file, rows in input order
             table = pa.concat_tables([t for _, t in sorted(pending.pop(i), key=lambda p: p[0])])
             files[i] = _write_preds(out, i, table)
-            log(f"[raysvc] predicted {shards[i].name}: {table.num_rows} events ({len(pending)} shards to go)")
     missing = [shards[i].name for i in pending if shards[i].events]
     if missing:
         raise RuntimeError(f"predict: no complete predictions for {missing} (got {dict(got)} rows)")
@@ -387,7 +422,7 @@ def evaluate_dataset(
     max_events: int | None = None,
     actors: int = 0,
     max_points: int = 400_000,
-    cpus_per_actor: float = 1.0,
+    cpus_per_actor: float | None = None,
     log=print,
 ) -> dict:
     """Score an exported model on a labelled dataset as its training run's validation does: the events that pass the

@@ -3,9 +3,12 @@
 An export is a directory (file:// or s3://) holding `model.safetensors` (a segmenter: backbone + head) or
 `backbone.safetensors` (a pretrained encoder), and `config.json`, the `ExportedModel` record: what rebuilds the
 network (`ModelSpec`), the detector and class names it speaks, the preprocessing it was trained under, and the
-producing method and step. `raysvc predict` / `evaluate`, the Serve endpoint, the probe and fine-tuning's
-`model.init` all read it through `load_export`. No optimizer state, no secrets. Records written before the format
-was versioned (no `format_version`) are read as version 1.
+producing method and step, and for weights brought in from elsewhere (raysvc.hub) their licence and source.
+`raysvc predict` / `evaluate`, the Serve endpoint, the probe and fine-tuning's `model.init` all read it through
+`load_export` (or raysvc.hub, which reads the other formats into this record). No optimizer state, no secrets.
+Records written before the format was versioned (no `format_version`) are read as version 1. Version 2 added
+`licence` and `source`, and came with the PTv3 `base` preset taking the reference's linear stem: a version-1 record
+of a `base` PTv3 is read with the convolutional stem it was trained with (`overrides.stem: conv`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from raysvc.data.streaming.transforms import PreprocessConfig
 from raysvc.models.archs import ARCHS, check_size
 from raysvc.storage import Location, exists, read_bytes, write_bytes_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads and what it writes
 WEIGHTS = {"segmenter": "model.safetensors", "backbone": "backbone.safetensors", "panoptic": "model.safetensors"}
 
 
@@ -50,6 +53,10 @@ class ModelSpec(BaseModel):
     def backbone_config(self):
         """The encoder's config (PTv3Config, PolarMAEConfig, ...)."""
         return ARCHS[self.arch].config(self.size, **self.overrides)
+
+    def build_backbone(self) -> nn.Module:
+        """The encoder alone, freshly initialised (what a backbone export's weights load into, unprefixed)."""
+        return ARCHS[self.arch].segmenter(self.backbone_config(), 1, "lin").backbone
 
     def build_segmenter(self, num_classes: int) -> nn.Module:
         """The segmentation network (backbone + head) this spec describes, freshly initialised: the one place a
@@ -79,6 +86,15 @@ class ExportedModel(BaseModel):
     heads: dict[str, dict] = Field(default_factory=dict, description="an output's own settings, by output name")
     preprocess: PreprocessConfig
     step: int = 0
+    licence: str | None = Field(None, description="the weights' licence as their source states it (imported weights)")
+    source: dict | None = Field(
+        None, description="where imported weights came from: format, file name, model type, sha256 (no paths)"
+    )
+    unstated: list[str] = Field(
+        default_factory=list,
+        description="fields that a foreign source did not state and that hold placeholders until `raysvc weights "
+        "import` is told them; a record with any is never written and never predicts",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +113,18 @@ class ExportedModel(BaseModel):
         data.setdefault("preprocess", {})  # the defaults every export made before had: LArTPC's, resolved below
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _conv_stem_base(cls, data):
+        """A version-1 `base` PTv3 was built with the 3x3x3 conv stem, which the preset no longer has."""
+        if not isinstance(data, dict) or data.get("format_version", 1) >= 2 or not isinstance(data.get("model"), dict):
+            return data
+        model = data["model"]
+        overrides = model.get("overrides") or {}
+        if model.get("arch", "ptv3") == "ptv3" and model.get("size", "tiny") == "base" and "stem" not in overrides:
+            data = {**data, "model": {**model, "overrides": {**overrides, "stem": "conv"}}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ExportedModel:
         if self.format_version > FORMAT_VERSION:
@@ -112,6 +140,12 @@ class ExportedModel(BaseModel):
         if self.kind == "panoptic" and not self.instances:
             raise ValueError("a panoptic record needs its instance tasks (instances)")
         return self
+
+    def to_json(self) -> bytes:
+        """config.json's bytes; the fields a version-1 record lacks are left out when unset, so that such a record
+        reads as before."""
+        unset = {k for k in ("licence", "source") if getattr(self, k) is None} | {"unstated"}
+        return self.model_dump_json(indent=2, exclude=unset).encode()
 
     @property
     def num_classes(self) -> int:
@@ -135,18 +169,24 @@ class ExportedModel(BaseModel):
 
 def save_export(loc: Location, state: dict[str, torch.Tensor], record: ExportedModel) -> None:
     """Write the weights, then config.json (readers go by config.json, so they never see half an export)."""
+    if record.unstated:
+        raise ValueError(f"the model's source does not state {record.unstated}: an export states everything")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     write_bytes_atomic(loc.join(record.weights_name), st_save(tensors, metadata={"format": "pt"}))
-    write_bytes_atomic(loc.join("config.json"), record.model_dump_json(indent=2).encode())
+    write_bytes_atomic(loc.join("config.json"), record.to_json())
 
 
 def load_record(loc: Location) -> ExportedModel:
     """The record of an export; errors name the directory."""
     if not exists(loc.join("config.json")):
         raise FileNotFoundError(f"{loc.uri}: no config.json: not an exported model directory")
-    where = loc.join("config.json").uri
+    return load_record_json(read_bytes(loc.join("config.json")), loc.join("config.json").uri)
+
+
+def load_record_json(data: bytes, where: str) -> ExportedModel:
+    """A record from its JSON bytes; errors name `where`."""
     try:
-        return ExportedModel.model_validate(json.loads(read_bytes(loc.join("config.json"))))
+        return ExportedModel.model_validate(json.loads(data))
     except ValidationError as e:
         errors = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors())
         raise ValueError(f"{where}: not a valid export record: {errors}") from e

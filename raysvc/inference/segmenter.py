@@ -16,9 +16,10 @@ from raysvc.data.contract.detectors import detector_names, get_detector
 from raysvc.data.contract.schema import LABEL_FIELDS, WrongDetector, flat_values, table_from_events, validate_table
 from raysvc.data.streaming.collate import collate_packed
 from raysvc.data.streaming.transforms import preprocess_table
+from raysvc.hub import read_model
 from raysvc.inference.featurize import model_inputs, usable_device
 from raysvc.inference.outputs import Output, get_output
-from raysvc.inference.record import load_export, output_names
+from raysvc.inference.record import output_names
 from raysvc.storage import Location
 
 
@@ -28,7 +29,7 @@ class Segmenter:
 
     def __init__(self, loc: Location, device: str | torch.device = "cpu"):
         device = usable_device(device)
-        state, self.record = load_export(loc)
+        state, self.record = read_model(loc)  # a raysvc export, or a pimm / Sonata model that states its preprocessing
         self.model = self.record.build()
         self.model.load_state_dict(state)
         self.model.eval().to(device)

@@ -158,18 +158,32 @@ def pretrain_trial(config: dict, base: dict, sweep: str, runs_uri: str) -> None:
     )
 
 
-def run_probe_objective(spec: CNMSSweep, rows: list[dict], recommended: dict, events, exp, log=print) -> dict:
-    """The representation objective: one short PoLAr-MAE pretraining per setting (a grid of its own under
-    `<experiment>/token-probe`), each row joined with the coverage of the same setting on the sweep's events."""
+def probe_job(spec: CNMSSweep):
+    """The token-probe objective's base job: `pretrain.job` reading the sweep's data (the probe's labelled events,
+    and the pretraining events unless `pretrain.data` names others), then `pretrain.set`. Its job file, probe
+    section and datasets are checked here, before the sweep's first trial."""
     from raysvc.config import load_config
     from raysvc.storage import absolute_uri
+    from raysvc.sweep.inputs import check_datasets
     from raysvc.train.tasks.polarmae import PolarMAEJob
 
     obj = spec.pretrain
-    base = load_config(PolarMAEJob, obj.job, obj.set)
+    follow = [f"data.uri={obj.data or spec.data.uri}", f"probe_data.uri={spec.data.uri}"]
+    base = load_config(PolarMAEJob, obj.job, [*follow, *obj.set])
     if base.probe_data is None:
         raise ValueError(f"pretrain.job {obj.job}: the token-probe objective needs probe_data (labelled events)")
     base.data.uri, base.probe_data.uri = absolute_uri(base.data.uri), absolute_uri(base.probe_data.uri)
+    check_datasets({"pretrain: the pretraining data": base.data.uri, "pretrain: the probe data": base.probe_data.uri})
+    return base
+
+
+def run_probe_objective(spec: CNMSSweep, rows: list[dict], recommended: dict, events, exp, log=print) -> dict:
+    """The representation objective: one short PoLAr-MAE pretraining per setting (a grid of its own under
+    `<experiment>/token-probe`), each row joined with the coverage of the same setting on the sweep's events."""
+    from raysvc.storage import absolute_uri
+
+    obj = spec.pretrain
+    base = probe_job(spec)
     trials = probe_trials(spec, recommended)
     log(
         f"[raysvc] token-probe objective: {len(trials)} PoLAr-MAE pretrainings of {base.train.steps} steps "
@@ -319,23 +333,11 @@ def grouping_png(summary: dict) -> bytes:
     for i, rad in enumerate(radii):
         pts = sorted((r for r in cn if r["trial"]["radius"] == rad), key=lambda r: r["trial"]["overlap"])
         c = cmap(i / max(len(radii) - 1, 1))
-        ax.plot(
-            [p["metrics"]["duplicated_ratio"] for p in pts],
-            [p["metrics"]["missed_ratio"] for p in pts],
-            "o-",
-            color=c,
-            ms=3,
-            lw=1.2,
-            label=f"C-NMS r={rad:g}",
-        )
-        ax2.plot(
-            [p["trial"]["overlap"] for p in pts],
-            [p["metrics"]["groups_per_event"] for p in pts],
-            "o-",
-            color=c,
-            ms=3,
-            label=f"r={rad:g}",
-        )
+        dots = dict(color=c, ms=3)  # one radius: one colour on both panels
+        x = [p["metrics"]["duplicated_ratio"] for p in pts]
+        ax.plot(x, [p["metrics"]["missed_ratio"] for p in pts], "o-", lw=1.2, label=f"C-NMS r={rad:g}", **dots)
+        x = [p["trial"]["overlap"] for p in pts]
+        ax2.plot(x, [p["metrics"]["groups_per_event"] for p in pts], "o-", label=f"r={rad:g}", **dots)
         rec = summary["recommended"].get(_num(rad))
         if rec:
             ax.plot(rec["duplicated_ratio"], rec["missed_ratio"], "*", color=c, ms=14, mec="k")
@@ -375,7 +377,12 @@ def grouping_png(summary: dict) -> bytes:
 
 
 def run_cnms_sweep(spec: CNMSSweep, log=print) -> dict:
+    from raysvc.sweep.inputs import check_datasets
+
     t0 = time.time()
+    check_datasets({"data.uri": spec.data.uri})
+    if spec.pretrain is not None:
+        probe_job(spec)  # the second stage's job file and datasets, before the first stage runs
     events = load_events(spec)
     trials = grid_trials(spec)
     exp = resolve(spec.storage).join(spec.name)

@@ -25,6 +25,7 @@ import time
 from raysvc.data.streaming.shards import load_manifest
 from raysvc.data.streaming.subset import write_subsets
 from raysvc.storage import Location, absolute_uri, resolve, write_bytes_atomic
+from raysvc.sweep.inputs import check_datasets
 from raysvc.sweep.runner import run_grid
 from raysvc.sweep.spec import FinetuneSweep
 from raysvc.train.driver import load_job
@@ -256,14 +257,15 @@ def efficiency_png(table: dict, total_events: int | None) -> bytes:
 
 
 def run_finetune_sweep(spec: FinetuneSweep, log=print) -> dict:
-    from raysvc.inference.record import load_export
+    from raysvc.hub import read
 
     t0 = time.time()
     base = load_job(spec.job, spec.set, "segmentation")
     base.data.uri, base.val_data.uri = absolute_uri(base.data.uri), absolute_uri(base.val_data.uri)
+    check_datasets({f"{spec.job}: data.uri": base.data.uri, f"{spec.job}: val_data.uri": base.val_data.uri})
     init = absolute_uri(spec.init)
     if any(m != "scratch" for m in spec.modes):
-        load_export(resolve(init))  # fails here, naming the directory, rather than in every trial
+        read(resolve(init))  # any format; fails here, naming the file, rather than in every trial
     exp = resolve(absolute_uri(spec.storage)).join(spec.name)
     uris = materialise_subsets(base, spec.events, spec.subset_seed, exp, base.scaling.workers, log)
     trials = grid_trials(spec, uris)

@@ -12,6 +12,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ray import tune
+
+from raysvc.console import Progress, own_output_to_log
 from raysvc.ray_init import init_ray
 from raysvc.storage import Location, ensure_dir, exists, read_bytes, write_bytes_atomic
 from raysvc.sweep.spec import TuneSection
@@ -24,6 +27,38 @@ class TrialOutcome:
     trials: list[dict] = field(default_factory=list)  # {"trial": params, "metrics": {...}} of finished trials
     failed: list[dict] = field(default_factory=list)  # {"trial": params, "error": "...", "traceback": "..."}
     resumed: bool = False
+
+
+class TrialProgress(tune.Callback):
+    """The sweep's progress line (trials done / failed / running) in place of Tune's status tables. Its state is made
+    in `setup`, at the start of each fit: Tune pickles its callbacks with the experiment and restores them on
+    resume."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+
+    def setup(self, total_num_samples: int = 0, **info) -> None:
+        self.bar = Progress(self.desc, total_num_samples or None, "trials")
+        self.running, self.failed = set(), 0
+
+    def _note(self) -> str:
+        return f"{len(self.running)} running" + (f", {self.failed} failed" if self.failed else "")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.running.add(trial.trial_id)
+        self.bar.update(0, self._note())
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+        self.bar.update(1, self._note())
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        self.bar.update(1, self._note())
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.bar.close()
 
 
 def _trial_name(trial) -> str:
@@ -40,7 +75,6 @@ def run_grid(fn, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=p
     """Run (or resume) the function trainable `fn(config, **shared)` once per dict of `trials` under the experiment
     directory `exp`; `shared` objects go to every trial through Ray's object store (`tune.with_parameters`)."""
     import ray
-    from ray import tune
 
     names = [t["name"] for t in trials]
     if len(set(names)) != len(names):
@@ -85,10 +119,12 @@ def run_grid(fn, trials: list[dict], tune_cfg: TuneSection, exp: Location, log=p
                 storage_path=storage_root,
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=tune_cfg.max_failures),
-                verbose=1,
+                verbose=0,
+                callbacks=[TrialProgress(f"sweep {name}")],
             ),
         )
-    grid = tuner.fit()
+    with own_output_to_log():  # Tune's tables: TrialProgress says what they say in one line
+        grid = tuner.fit()
     out = TrialOutcome(resumed=resumed)
     by_name = {t["name"]: t for t in trials}
     for result in grid:

@@ -57,10 +57,15 @@ class FPSGrid(BaseModel):
 
 class TokenProbeObjective(BaseModel):
     """The C-NMS sweep's second objective, as PoLAr-MAE's paper scores tokenisations: a short PoLAr-MAE pretraining
-    per (radius, overlap) setting, each scored by its token probe on the job's held-out probe events."""
+    per (radius, overlap) setting, each scored by its token probe on held-out labelled events (the sweep's own)."""
 
     model_config = ConfigDict(extra="forbid")
     job: str = Field(description="PoLAr-MAE pretraining job YAML every setting starts from")
+    data: str | None = Field(
+        None,
+        description="the pretraining events (a dataset URI); null: the sweep's own `data`. The token probe reads "
+        "the sweep's `data` too; `set` (data.uri=..., probe_data.uri=...) overrides either",
+    )
     set: list[str] = Field(default_factory=list, description="key=value overrides of `job` for every setting")
     settings: Literal["recommended"] | list[tuple[float, float]] = Field(
         "recommended",

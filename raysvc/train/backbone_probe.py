@@ -22,9 +22,10 @@ from raysvc.data.streaming.collate import collate_packed
 from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.pipeline import stream_tables
 from raysvc.data.streaming.prepared import prepare
+from raysvc.hub import read_model
 from raysvc.inference.batch import actor_pool, check_room, split_chunks, tag_chunk
 from raysvc.inference.featurize import model_inputs
-from raysvc.inference.record import ModelSpec, load_backbone_weights, load_export
+from raysvc.inference.record import ModelSpec, load_backbone_weights
 from raysvc.models.polarmae import PolarMAEConfig, preset, token_targets, tokenize
 from raysvc.storage import resolve
 from raysvc.train.probe import ProbeConfig
@@ -45,15 +46,17 @@ def group_mean(point_feat: torch.Tensor, groups: torch.Tensor, sizes: torch.Tens
 def load_backbone(
     init: str | None, arch: str, size: str, num_classes: int, seed: int, center_events: bool = False
 ) -> tuple[torch.nn.Module, dict]:
-    """(a "lin" segmenter holding the backbone, what it is). `init`: an export directory (backbone or segmenter);
-    None: the architecture's random initialisation under `seed`, fed centred events when `center_events`."""
+    """(a "lin" segmenter holding the backbone, what it is). `init`: a model in any format raysvc reads (backbone or
+    segmenter); None: the architecture's random initialisation under `seed`, fed centred events when
+    `center_events`."""
     torch.manual_seed(seed)
     if init is None:
         spec = ModelSpec(arch=arch, size=size, head="lin", center_events=center_events)
         about = {"init": None, "method": "random"}
         model = spec.build_segmenter(num_classes)
     else:
-        state, record = load_export(resolve(init))
+        # any format; its inputs must be stated (a foreign checkpoint: raysvc weights import first)
+        state, record = read_model(resolve(init), needs=("detector", "grid_voxels", "center_events"))
         spec = record.model.model_copy(update={"head": "lin"})
         model = spec.build_segmenter(num_classes)
         load_backbone_weights(model, state, f"{init}: weights do not match its record")
@@ -121,11 +124,11 @@ class _Featurizer:
         return pa.concat_tables(outs)
 
 
-def _pool_features(sets, backbone: dict, pre, tok_cfg, num_classes, actors: int, cpus_per_actor: float) -> list:
+def _pool_features(sets, backbone: dict, pre, tok_cfg, num_classes, actors: int, cpus_per_actor: float | None) -> list:
     """`features` of each list of chunks in `sets`, computed by a pool of `actors` backbone replicas."""
     import ray.data
 
-    check_room(actors, cpus_per_actor)
+    cpus_per_actor = check_room(actors, cpus_per_actor)
     tagged = [tag_chunk(c, s, i) for s, chunks in enumerate(sets) for i, c in enumerate(chunks)]
     ds = ray.data.from_arrow(tagged)
     kwargs = {"backbone": backbone, "pre": pre, "tok_cfg": tok_cfg, "num_classes": num_classes}
@@ -151,14 +154,16 @@ def probe_backbone(
     seed: int = 0,
     center_events: bool = False,
     actors: int = 0,
-    cpus_per_actor: float = 1.0,
+    cpus_per_actor: float | None = None,
     log=print,
+    split_ids: dict | None = None,
 ) -> dict:
     """Both probes of one backbone on the first `train_events` + next `val_events` events of `data` (the online
     probes' split). The token probe uses the backbone's own tokenizer when it is a PoLAr-MAE one, else these
     settings; `arch`, `size` and `center_events` describe the random initialisation when `init` is None. `actors` >= 1
     (Ray started by the caller): the events are read with Ray Data and the features computed by that many backbone
     replicas; 0: read with Ray tasks, features in this process.
+    `split_ids`, when given, gets the event ids of the fitting ("train") and scored ("test") events.
     Returns {"backbone", "point" (metrics.compute's dict), "token" {f1, mean_f1, tokens}, ...}."""
     point, token = point or ProbeConfig(), token or TokenProbeConfig()
     if token.train_events != point.train_events or token.val_events != point.val_events:
@@ -182,6 +187,9 @@ def probe_backbone(
     train, val = probe_tables(
         stream_tables(data, prep, prep.manifest.shards), point.train_events, point.val_events, data.uri
     )
+    if split_ids is not None:  # the events each half holds, for a run record's split
+        for role, chunks in (("train", train), ("test", val)):
+            split_ids[role] = [i for c in chunks for i in c.column("event_id").to_pylist()]
     log(
         f"[raysvc] probing {init or f'a random {arch} {size}'} on {data.uri}: "
         f"{point.train_events} + {point.val_events} events"

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pyarrow as pa
 from pydantic import BaseModel
-from tqdm import tqdm
 
+from raysvc.console import progress
 from raysvc.data.contract.detectors import DEFAULT_DETECTOR, detector_names, get_detector, load_ref
 from raysvc.data.contract.schema import table_from_events
 from raysvc.data.streaming.shards import Manifest, write_dataset
@@ -59,7 +59,7 @@ def generate_dataset(
     make = functools.partial(
         _shard_table, cfg=cfg, seed=seed, events=events, shard_events=shard_events, detector=detector
     )
-    bar = (lambda it: tqdm(it, total=n_shards, desc="shards", unit="shard")) if show_progress else None
+    bar = (lambda it: progress(it, f"generating {events} events", n_shards, "shards")) if show_progress else None
     created_by = {
         "tool": "raysvc data generate",
         "seed": seed,

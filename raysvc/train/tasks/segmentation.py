@@ -23,9 +23,10 @@ from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.pipeline import pack_tables, stream_tables
 from raysvc.data.streaming.prepared import Prepared, prepare, rank_shards
 from raysvc.data.streaming.reader import read_preprocessed
+from raysvc.hub import read_model
 from raysvc.inference.featurize import model_inputs
 from raysvc.inference.metrics import ConfusionMatrix, compute
-from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, load_export, save_export
+from raysvc.inference.record import ExportedModel, ModelSpec, load_backbone_weights, save_export
 from raysvc.models.archs import ARCHS, check_size, with_input_channels
 from raysvc.storage import Location, resolve, write_bytes_atomic
 from raysvc.train.augment import AugmentConfig, augment_coords
@@ -46,8 +47,8 @@ class ModelSection(BackboneSection):
     )
     init: str | None = Field(
         None,
-        description="directory (file:// or s3://) with backbone.safetensors or "
-        "model.safetensors + config.json to start from",
+        description="the model to start from: a raysvc export directory (file:// or s3://), a Sonata / Pointcept "
+        "checkpoint file or a pimm export directory (what they do not state is this job's)",
     )
     grid_voxels: float = Field(1.0, gt=0, description="grid sampling cell side in voxels (1: every voxel a site)")
     center_events: bool = Field(
@@ -229,9 +230,17 @@ class SegmentationTask(Task):
                 f"val_data {cfg.val_data.uri} holds {val.detector.name} events, data "
                 f"{cfg.data.uri} holds {detector.name} events"
             )
-        init_state = None
+        init_state, licence = None, None
         if cfg.model.init and cfg.model.mode != "scratch":
-            init_state, init = load_export(resolve(cfg.model.init))
+            # any format raysvc reads; what a foreign checkpoint does not state is the job's
+            init_state, init = read_model(
+                resolve(cfg.model.init),
+                needs=(),  # an encoder is all fine-tuning takes from it
+                detector=detector.name,
+                grid_voxels=cfg.model.grid_voxels,
+                center_events=cfg.model.center_events,
+            )
+            licence = init.licence  # the weights' licence travels to what is fine-tuned from them
             if init.detector != detector.name:
                 raise ValueError(
                     f"model.init {cfg.model.init} was trained on {init.detector} events, the data holds "
@@ -239,7 +248,7 @@ class SegmentationTask(Task):
                 )
             if init.model.center_events and not cfg.model.center_events:
                 cfg.model.center_events = True  # the backbone only knows centred events
-            if init.model.arch != cfg.model.arch or init.model.arch != "ptv3":
+            if init.model.arch != cfg.model.arch or init.model.arch != "ptv3" or init.source is not None:
                 # the encoder is the export's, whatever the job file's PTv3 defaults say
                 cfg.model.arch, cfg.model.size = init.model.arch, init.model.size
                 cfg.model.overrides = dict(init.model.overrides)
@@ -268,6 +277,7 @@ class SegmentationTask(Task):
             "train_data": train,
             "val_data": val,
             "init_state": init_state,
+            "init_licence": licence,
             "class_names": names,
             "class_counts": counts,
             "class_weights": weights,
@@ -307,6 +317,7 @@ class SegmentationTask(Task):
             outputs=list(cls.outputs),
             preprocess=cfg.data.preprocess,
             step=state["step"],
+            licence=inputs.get("init_licence"),
         )
 
     @classmethod
