@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,44 @@ def test_flash_requested_without_flash_attn_is_a_clear_error():
         pytest.skip("flash-attn installed")
     with pytest.raises(RuntimeError, match="flash_attn is not installed"):
         patch_attention(torch.randn(4, 3, 1, 2), make_patches(torch.tensor([4]), 4), use_flash=True)
+
+
+def _patches_by_loop(offset: list[int], k: int) -> tuple[list[int], list[int], list[int]]:
+    """The layout event by event, as the module's docstring states it: (index, lengths, first)."""
+    index, lengths, start = [], [], 0
+    for end in offset:
+        n = end - start
+        if 0 < n <= k:
+            index += range(start, end)
+            lengths.append(n)
+        elif n > k:
+            n_pad = -(-n // k) * k
+            index += [start + j if j < n else start + j - k for j in range(n_pad)]
+            lengths += [k] * (n_pad // k)
+        start = end
+    first = [index.index(p) for p in range(offset[-1] if offset else 0)]
+    return index, lengths, first
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_patch_layout_matches_the_event_loop(k):
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        sizes = rng.integers(0, 4 * k + 3, size=rng.integers(0, 6)).tolist()
+        offset = np.cumsum(sizes).tolist()
+        p = make_patches(torch.tensor(offset, dtype=torch.long), k)
+        index, lengths, first = _patches_by_loop(offset, k)
+        assert (p.index.tolist(), p.lengths.tolist(), p.first.tolist()) == (index, lengths, first), sizes
+        rows = torch.repeat_interleave(torch.tensor(lengths, dtype=torch.long), torch.tensor(lengths, dtype=torch.long))
+        assert p.full_rows.tolist() == (rows == k).nonzero().flatten().tolist()
+        assert p.short_rows.tolist() == (rows != k).nonzero().flatten().tolist()
+        assert p.short_lengths.tolist() == [n for n in lengths if n != k]
+        assert p.max_length == max(lengths, default=0)
+        short = [n for n in lengths if n != k]
+        assert p.short_patch.tolist() == [i for i, n in enumerate(short) for _ in range(n)]
+        assert p.short_col.tolist() == [c for n in short for c in range(n)]
+
+
+def test_decreasing_offsets_are_a_clear_error():
+    with pytest.raises(ValueError, match="non-decreasing"):
+        make_patches(torch.tensor([5, 3]), 4)

@@ -311,3 +311,39 @@ def test_ball_query_with_cells_enlarged_for_a_wide_sparse_event():
         got = ball_query(coord, offset, coord, offset, radius, 4)
         assert torch.equal(got, _ball_query_torch(coord, offset, coord, offset, radius, 4))
     assert (ball_query(coord, offset, coord, offset, 1.8, 4)[:, 1] >= 0).sum() >= 150
+
+
+def test_device_range_checks_run_once_per_tensor_and_again_after_an_in_place_change(monkeypatch):
+    from raysvc.ops import ranges
+
+    calls = []
+    real = torch._assert_async
+    monkeypatch.setattr(torch, "_assert_async", lambda *a: calls.append(1) or real(*a))
+    t = torch.tensor([0, 5, 9])
+    ranges.assert_range_async(t, 0, 10, "out of range")
+    ranges.assert_range_async(t, 0, 10, "out of range")
+    ranges.assert_range_async(t, -1, 20, "out of range")  # implied by the range checked
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="out of range"):
+        ranges.assert_range_async(t, 0, 8, "out of range")  # narrower: checked, and 9 fails
+    t[0] = 30  # modified in place: checked again
+    with pytest.raises(RuntimeError, match="out of range"):
+        ranges.assert_range_async(t, 0, 10, "out of range")
+    assert len(calls) == 3
+
+
+def test_permute_rows_gives_indexing_values_and_gradients():
+    from raysvc.ops.packed import permute_rows
+
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(50, generator=g)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(50)
+    x = torch.randn(50, 4, generator=g, requires_grad=True)
+    w = torch.randn(50, 4, generator=g)
+    got = permute_rows(x, perm, inverse)
+    (got * w).sum().backward()
+    got_grad, x.grad = x.grad, None
+    want = x[perm]
+    (want * w).sum().backward()
+    assert torch.equal(got, want) and torch.equal(got_grad, x.grad)

@@ -230,3 +230,76 @@ def test_centred_model_inputs_shift_each_event_to_its_mean(synthetic_dataset):
         assert centred["coord"][s:e].double().mean(0).abs().max() < 1e-6
     assert torch.equal(centred["feat"][:, :3], centred["coord"])
     assert torch.equal(centred["feat"][:, 3], plain["feat"][:, 3])
+
+
+def test_view_swap_equals_the_view_by_view_concatenation():
+    from types import SimpleNamespace
+
+    from raysvc.models.panda import _swap_views
+
+    sizes = [3, 0, 5, 2, 4, 4, 1, 6]  # 4 events x 2 global views, one view empty
+    offset = torch.cumsum(torch.tensor(sizes), 0)
+    rows, offs = _swap_views(SimpleNamespace(offset=offset, feat=torch.zeros(sum(sizes), 1)), 2)
+    starts = [0, *offset.tolist()[:-1]]
+    swapped = [v ^ 1 for v in range(len(sizes))]  # view 0 <-> view 1 of each event
+    assert rows.tolist() == [r for v in swapped for r in range(starts[v], starts[v] + sizes[v])]
+    assert offs.tolist() == np.cumsum([sizes[v] for v in swapped]).tolist()
+
+
+def test_view_averaged_cross_entropy_skips_views_without_points():
+    from raysvc.models.panda import _ce
+
+    g = torch.Generator().manual_seed(0)
+    sims, target = torch.randn(7, 5, generator=g), torch.softmax(torch.randn(7, 5, generator=g), 1)
+    batch = torch.tensor([0, 0, 2, 2, 2, 3, 3])  # view 1 has no points
+    per_point = -(target * torch.log_softmax(sims / 0.1, 1)).sum(1)
+    want = torch.stack([per_point[batch == v].mean() for v in (0, 2, 3)]).mean()
+    torch.testing.assert_close(_ce(target, sims, 0.1, batch, 4), want)
+    empty = _ce(target[:0], sims[:0].requires_grad_(), 0.1, batch[:0], 4)
+    assert empty.item() == 0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_teacher_and_masked_student_sharing_the_grid_give_what_separate_passes_give(view_batch, device_path):
+    """Kernel maps, orders, patches and pooling cells built by the teacher's pass and reused by the student's give
+    the same features as each pass building its own (on the CPU path and on the device path), and are built once."""
+    import contextlib
+    import random
+
+    from raysvc.models import ptv3
+    from raysvc.ops.paths import device_path as replay
+
+    torch.manual_seed(0)
+    student = PandaStudent(preset("tiny", drop_path=0.0), PandaConfig(**TINY_HEAD)).eval()
+    g = view_batch["global"]
+    mask = torch.zeros(len(g["feat"]), dtype=torch.bool)
+    mask[::3] = True
+    jittered = dict(g, coord=g["coord"] + 0.01)  # a pass may move the points within their cells
+
+    def passes(shared: dict | None) -> list[torch.Tensor]:
+        random.seed(0)
+        views = (dict(g, geometry=shared), dict(jittered, geometry=shared)) if shared is not None else (g, jittered)
+        return [student.encode(views[0]).feat, student.encode(views[1], mask).feat, student.encode(views[1]).origin]
+
+    pools = []
+    real = ptv3.unique_cells
+
+    def counting(*args):
+        pools.append(1)
+        return real(*args)
+
+    with replay() if device_path else contextlib.nullcontext(), torch.no_grad():
+        separate = passes(None)
+        pools.clear()
+        ptv3.unique_cells = counting
+        try:
+            shared = passes({})
+        finally:
+            ptv3.unique_cells = real
+    for a, b in zip(separate, shared, strict=True):
+        assert torch.equal(a, b)
+    assert len(pools) == len(student.backbone.enc) - 1  # pooled once per level, not once per pass
+    with pytest.raises(ValueError, match="another grid_coord"):
+        geometry = {}
+        student.encode(dict(g, geometry=geometry))
+        student.encode(dict(g, grid_coord=g["grid_coord"].clone(), geometry=geometry))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,9 +91,13 @@ def test_spconv_cpu_baseline_matches_dense_conv3d_on_one_thread():
     torch.testing.assert_close(conv.weight.grad, w.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_map_matches_a_dictionary_reference():
+@pytest.mark.parametrize("replay", [False, True], ids=["cpu-path", "device-path"])
+def test_kernel_map_matches_a_dictionary_reference(replay):
+    from raysvc.ops.paths import device_path
+
     b, grid, _, _ = _sparse_problem(9, batch=3, side=12, density=0.3)
-    nbr = kernel_map(grid, b)
+    with device_path() if replay else contextlib.nullcontext():
+        nbr = kernel_map(grid, b)
     where = {(int(bb), *map(int, g)): i for i, (bb, g) in enumerate(zip(b, grid, strict=True))}
     for i, (bb, g) in enumerate(zip(b.tolist(), grid.tolist(), strict=True)):
         want = [

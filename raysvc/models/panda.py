@@ -118,15 +118,15 @@ def grid_mask(
 ) -> torch.Tensor:
     """(N,) bool: cubes of side `size` (from each view's minimum corner) chosen at random, int(ratio * cubes) of
     them over the batch, have all their points masked."""
-    batch = offset_to_batch(offset)
+    batch = offset_to_batch(offset, len(coord))
     lo = coord.new_zeros(len(offset), 3).scatter_reduce(
         0, batch[:, None].expand(-1, 3), coord, "amin", include_self=False
     )
     cell = torch.floor((coord - lo[batch]) / size).long()
     span = int(cell.max()) + 1 if len(cell) else 1
     key = ((batch * span + cell[:, 0]) * span + cell[:, 1]) * span + cell[:, 2]
-    _, inverse = torch.unique(key, return_inverse=True)
-    cells = int(inverse.max()) + 1 if len(inverse) else 0
+    unique, inverse = torch.unique(key, return_inverse=True)
+    cells = len(unique)  # known on the host once unique returns
     chosen = torch.randperm(cells, generator=gen, device="cpu")[: int(cells * ratio)].to(coord.device)
     masked = torch.zeros(cells, dtype=torch.bool, device=coord.device)
     masked[chosen] = True
@@ -191,7 +191,9 @@ class PandaStudent(nn.Module):
         if mask is not None:
             feat = feat.masked_fill(mask[:, None], 0.0)  # the stem must not see masked energies either
             token = self.mask_token
-        levels = self.backbone(feat, view["coord"], view["grid_coord"], view["offset"], mask, token)
+        levels = self.backbone(
+            feat, view["coord"], view["grid_coord"], view["offset"], mask, token, view.get("geometry")
+        )
         return Encoded(levels, self.cfg.up_cast_level, view["origin"])
 
     def forward(self, masked_global: dict, mask: torch.Tensor, local: dict | None):
@@ -228,17 +230,22 @@ def _ce(target: torch.Tensor, sims: torch.Tensor, temp: float, batch: torch.Tens
     per_point = -(target * F.log_softmax(sims.float() / temp, dim=-1)).sum(-1)
     total = torch.zeros(views, device=sims.device).index_add(0, batch, per_point)
     count = torch.zeros(views, device=sims.device).index_add_(0, batch, torch.ones_like(per_point))
-    present = count > 0
-    return (total[present] / count[present]).mean() if present.any() else per_point.sum() * 0
+    present = count > 0  # masked, not indexed: nothing is read back from the device
+    per_view = torch.where(present, total / count.clamp_min(1), 0.0)
+    return per_view.sum() / present.sum().clamp_min(1)
 
 
 def _swap_views(enc: Encoded, n_views: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row order and offsets that swap global views 0 and 1 of every event (views are event-major)."""
+    dev = enc.offset.device
     starts = torch.cat([enc.offset.new_zeros(1), enc.offset[:-1]])
-    order = torch.arange(len(enc.offset), device=enc.offset.device).view(-1, n_views).flip(1).reshape(-1)
-    rows = torch.cat([torch.arange(int(starts[v]), int(enc.offset[v]), device=enc.offset.device) for v in order])
+    order = torch.arange(len(enc.offset), device=dev).view(-1, n_views).flip(1).reshape(-1)
     counts = (enc.offset - starts)[order]
-    return rows, torch.cumsum(counts, 0)
+    new_offset = torch.cumsum(counts, 0)
+    n = len(enc.feat)  # the row count is known on the host: no view's bounds are read back
+    view = torch.repeat_interleave(torch.arange(len(order), device=dev), counts, output_size=n)
+    rows = starts[order][view] + torch.arange(n, device=dev) - (new_offset - counts)[view]
+    return rows, new_offset
 
 
 def panda_losses(

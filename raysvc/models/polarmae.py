@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from raysvc.models.layers import MLP, DropPath
 from raysvc.models.presets import build_preset
 from raysvc.ops.grouping import cnms
 from raysvc.ops.neighbors import ball_query, fps, knn
@@ -291,20 +292,6 @@ def pad_events(x: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, tor
     return out, valid, (batch, col)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per event."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -317,16 +304,6 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * ratio))
-        self.fc2 = nn.Linear(int(dim * ratio), dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):

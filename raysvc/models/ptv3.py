@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from raysvc.models.layers import MLP, DropPath
 from raysvc.models.presets import build_preset
 from raysvc.ops import spconv_backend
 from raysvc.ops.attention import Patches, make_patches, patch_attention
-from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean, unique_cells
+from raysvc.ops.packed import batch_to_offset, offset_to_batch, permute_rows, segment_mean, unique_cells
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import known_in, mark_range
 from raysvc.ops.serialization import ORDERS, batch_depths, event_depths, point_depths, serialize_by_event
 from raysvc.ops.sparse_conv import KernelPairs, NeighbourMap, SubMConv3d, kernel_map, subm_conv3d
 
@@ -230,20 +232,6 @@ class SparseConv(SubMConv3d):
         return subm_conv3d(feat, level.conv_map(pairs), self.weight, self.bias)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per point (as PTv3 applies it to (N, C) features)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
@@ -277,19 +265,9 @@ class SerializedAttention(nn.Module):
     def forward(self, x: torch.Tensor, level: Level, order: str) -> torch.Tensor:
         perm, inverse = level.order(order, self.batch_depth)
         n, c = x.shape
-        qkv = self.qkv(x[perm]).view(n, 3, self.heads, c // self.heads)  # [q | k | v], heads contiguous
+        qkv = self.qkv(permute_rows(x, perm, inverse)).view(n, 3, self.heads, c // self.heads)  # [q | k | v]
         out = patch_attention(qkv, level.patches(self.patch_size), self.scale).reshape(n, c)
-        return self.proj(out[inverse])
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * ratio))
-        self.fc2 = nn.Linear(int(dim * ratio), dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.proj(permute_rows(out, inverse, perm))
 
 
 class Block(nn.Module):
@@ -321,15 +299,20 @@ class GridPool(nn.Module):
         self.norm = nn.LayerNorm(cout)
 
     def forward(self, level: Level) -> Level:
-        cell_batch, cell_grid, inverse = unique_cells(level.batch, level.grid_coord // self.stride)
-        m = len(cell_batch)
+        key = f"pool:{self.stride}"
+        if key not in level._cache:  # the cells depend on the grid alone: shared by every pass over the same grid
+            cells = level.grid_coord // self.stride
+            if known_in(level.grid_coord, 0, 1 << 16):  # so are the cells: no second range check on the device
+                mark_range(cells, 0, 1 << 16)
+            cell_batch, cell_grid, inverse = unique_cells(level.batch, cells)
+            level._cache[key] = (cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse, {})
+        cell_grid, offset, inverse, cache = level._cache[key]
+        m = len(cell_grid)
         f = self.proj(level.feat)
         idx = inverse[:, None].expand(-1, f.shape[1])
         pooled = f.new_full((m, f.shape[1]), float("-inf")).scatter_reduce(0, idx, f, "amax", include_self=True)
-        coord = segment_mean(level.coord, inverse, m)
-        return Level(
-            F.gelu(self.norm(pooled)), coord, cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse
-        )
+        coord = segment_mean(level.coord, inverse, m)  # per pass: a pass may jitter the coordinates
+        return Level(F.gelu(self.norm(pooled)), coord, cell_grid, offset, inverse, cache)
 
 
 class Stage(nn.Module):
@@ -416,11 +399,19 @@ class PTv3(nn.Module):
         offset: torch.Tensor,
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        geometry: dict | None = None,
     ) -> list[Level]:
         """`mask` (N,) bool with `mask_token` (C0,): masked points' embeddings are replaced by the token (Panda's
         masked global views); the stem still sees their coordinates, as every point keeps its place in the grid.
-        Without `mask_token`, the embedding's own token (config `mask_token`) is used."""
-        level = self.embedding(Level(feat, coord, grid_coord.long(), offset))
+        Without `mask_token`, the embedding's own token (config `mask_token`) is used.
+        `geometry`: a dict shared by the forwards over one `grid_coord` tensor and its offsets (Panda's teacher and
+        masked student): the kernel maps, orders, patches and pooling cells of every level are built by the first
+        and reused by the others (they depend on the grid alone)."""
+        if geometry is None:
+            geometry = {}
+        elif geometry.setdefault("grid_coord", grid_coord) is not grid_coord:
+            raise ValueError("geometry was built on another grid_coord tensor; pass one dict per coordinate set")
+        level = self.embedding(Level(feat, coord, grid_coord.long(), offset, None, geometry.setdefault("levels", {})))
         if mask is not None:
             if mask_token is None:
                 mask_token = getattr(self.embedding, "mask_token", None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,42 +32,42 @@ class Patches:
     full_rows: torch.Tensor  # rows of `index` that belong to patches of exactly K
     short_rows: torch.Tensor  # the other rows (events of fewer than K points), patch after patch
     short_lengths: torch.Tensor  # (n_short,) lengths of those patches
+    max_length: int | None = None  # the longest patch, known on the host (flash-attn's max_seqlen)
+    short_patch: torch.Tensor | None = None  # (n_short_rows,) each short row's patch among the short ones
+    short_col: torch.Tensor | None = None  # (n_short_rows,) its place in that patch
 
 
 def make_patches(offset: torch.Tensor, size: int) -> Patches:
-    """Patch layout for a packed batch whose points are already in serialized order."""
-    index, lengths = [], []
-    start = 0
-    for end in offset.tolist():
-        n = end - start
-        if n <= size:
-            index.append(torch.arange(start, end))
-            if n:
-                lengths.append(n)
-        else:
-            n_pad = -(-n // size) * size
-            # the padding repeats the points K positions earlier (j - K < n for every padded slot j)
-            index.append(torch.cat([torch.arange(start, end), torch.arange(end - size, start + n_pad - size)]))
-            lengths.extend([size] * (n_pad // size))
-        start = end
-    index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-    n_total = int(offset[-1]) if len(offset) else 0
-    # first occurrence of each point (amin is deterministic where a plain indexed write with repeats is not)
-    first = torch.full((n_total,), len(index_t), dtype=torch.long).scatter_reduce(
-        0, index_t, torch.arange(len(index_t)), "amin"
-    )
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
-    full_row = (lengths_t == size).repeat_interleave(lengths_t)
-    dev = offset.device
-    return Patches(
-        index_t.to(dev),
-        lengths_t.to(dev),
-        first.to(dev),
-        size,
-        full_row.nonzero().flatten().to(dev),
-        (~full_row).nonzero().flatten().to(dev),
-        lengths_t[lengths_t != size].to(dev),
-    )
+    """Patch layout for a packed batch whose points are already in serialized order. The layout's size depends on
+    the event sizes, so the offsets are read to the host once; the layout is computed there and sent back in one
+    copy (a loop over events here cost ~20 device ops and 3 syncs per level and pass)."""
+    ends = offset.tolist()
+    n = np.diff(np.asarray(ends, dtype=np.int64), prepend=0)
+    if (n < 0).any():
+        raise ValueError(f"offset must be non-decreasing cumulative point counts, got {ends}")
+    starts = np.cumsum(n) - n
+    # an event of more than K points is padded to a multiple of K; one of at most K points is one patch of its size
+    slots = np.where(n > size, -(-n // size) * size, n)
+    slot_starts = np.cumsum(slots) - slots
+    event = np.repeat(np.arange(len(n)), slots)
+    j = np.arange(slots.sum()) - slot_starts[event]  # slot within its event
+    # slot j < n is the event's point j; a padded slot repeats the point K positions earlier (j - K < n)
+    index = starts[event] + j - size * (j >= n[event])
+    point_event = np.repeat(np.arange(len(n)), n)
+    first = np.arange(n.sum()) - starts[point_event] + slot_starts[point_event]
+    patch_len = np.minimum(n, size)
+    lengths = np.repeat(patch_len, np.where(n > 0, slots // np.maximum(patch_len, 1), 0))
+    full_row = patch_len[event] == size
+    short_lengths = patch_len[(n > 0) & (n < size)]
+    short_patch = np.repeat(np.arange(len(short_lengths)), short_lengths)
+    short_col = np.arange(len(short_patch)) - (np.cumsum(short_lengths) - short_lengths)[short_patch]
+    parts = [index, lengths, first, np.flatnonzero(full_row), np.flatnonzero(~full_row), short_lengths]
+    parts += [short_patch, short_col]
+    packed = torch.from_numpy(np.concatenate(parts)).to(offset.device)
+    bounds = np.cumsum([0, *(len(a) for a in parts)]).tolist()
+    views = [packed[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    max_length = int(lengths.max()) if len(lengths) else 0
+    return Patches(*views[:3], size, *views[3:6], max_length, *views[6:])
 
 
 def patch_attention(
@@ -81,34 +82,50 @@ def patch_attention(
             raise RuntimeError("use_flash=True but flash_attn is not installed (pip install 'raysvc[gpu]')")
         cu = F.pad(torch.cumsum(patches.lengths, 0), (1, 0)).int()
         packed = padded.half() if padded.dtype == torch.float32 else padded  # flash-attn takes fp16/bf16
-        out = flash_attn_varlen_qkvpacked_func(packed, cu, int(patches.lengths.max()), softmax_scale=scale)
+        longest = patches.max_length if patches.max_length is not None else int(patches.lengths.max())
+        out = flash_attn_varlen_qkvpacked_func(packed, cu, longest, softmax_scale=scale)
         out = out.to(qkv.dtype)
         return out[patches.first]
     k = patches.size
     parts = []  # (rows of `padded`, their outputs)
+    one_kind = not len(patches.full_rows) or not len(patches.short_rows)  # then its rows are all rows, in order
     if len(patches.full_rows):  # (num_full, H, K, D) straight from the padded rows; no mask
-        q, kk, v = padded[patches.full_rows].view(-1, k, 3, h, d).permute(2, 0, 3, 1, 4)
+        rows = padded if one_kind else padded[patches.full_rows]
+        q, kk, v = rows.view(-1, k, 3, h, d).permute(2, 0, 3, 1, 4)
         full = F.scaled_dot_product_attention(q, kk, v, scale=scale)
         parts.append((patches.full_rows, full.transpose(1, 2).reshape(-1, h, d)))
     if len(patches.short_rows):
-        short = _masked_attention(padded[patches.short_rows], patches.short_lengths, k, scale)
-        parts.append((patches.short_rows, short))
+        rows = padded if one_kind else padded[patches.short_rows]
+        where = (patches.short_patch, patches.short_col) if patches.short_patch is not None else None
+        parts.append((patches.short_rows, _masked_attention(rows, patches.short_lengths, k, scale, where)))
     if not parts:
         return qkv.new_zeros(n, h, d)
+    if one_kind:
+        return parts[0][1][patches.first]
     out = parts[0][1].new_empty(len(padded), h, d)  # the dtype SDPA gave (bf16 under autocast)
     for rows, values in parts:
         out[rows] = values.to(out.dtype)
     return out[patches.first]
 
 
-def _masked_attention(rows: torch.Tensor, lengths: torch.Tensor, k: int, scale: float | None) -> torch.Tensor:
+def _masked_attention(
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    scale: float | None,
+    where: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Attention within patches shorter than K (rows (R, 3, H, D), patch after patch): each patch's rows go into a
-    (num, K) grid and a length mask hides the empty slots (K, not the longest length, to avoid a device sync)."""
+    (num, K) grid and a length mask hides the empty slots (K, not the longest length, to avoid a device sync).
+    `where`: each row's (patch, column) in that grid, as `make_patches` computed them on the host."""
     _, _, h, d = rows.shape
     num = len(lengths)
-    row = torch.repeat_interleave(torch.arange(num, device=rows.device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    col = torch.arange(len(row), device=rows.device) - starts[row]
+    if where is None:
+        row = torch.repeat_interleave(torch.arange(num, device=rows.device), lengths, output_size=len(rows))
+        starts = torch.cumsum(lengths, 0) - lengths
+        col = torch.arange(len(row), device=rows.device) - starts[row]
+    else:
+        row, col = where
     grid = rows.new_zeros(num, k, 3, h, d)
     grid[row, col] = rows
     valid = torch.zeros(num, k, dtype=torch.bool, device=rows.device)

@@ -14,6 +14,7 @@ import torch
 
 from raysvc.ops import cpu_kernels
 from raysvc.ops.packed import event_slices
+from raysvc.ops.paths import cpu_path
 
 CHUNK = 4096
 
@@ -69,7 +70,7 @@ def knn(
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx (M, k) global ref indices, dist (M, k)) of the k nearest ref points of the same event."""
-    if query.device.type == "cpu":
+    if cpu_path(query):  # in the step (Panda's matching): `raysvc bench launches` must count the device path
         return _knn_cpu(query, q_offset, ref, r_offset, k)
     return _knn_torch(query, q_offset, ref, r_offset, k)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import assert_range_async, mark_range
 
 
 def offset_to_batch(offset: torch.Tensor, num_points: int | None = None) -> torch.Tensor:
@@ -40,12 +41,31 @@ def unique_cells(batch: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor,
     One int64 key per point (16 bits per axis, the rest for the event) instead of torch.unique(dim=0), which
     sorts rows lexicographically and was measured ~10x slower."""
     g = grid.long()
-    if g.numel() and not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
-        torch._assert_async((g.min() >= 0) & (g.max() < 1 << 16), "cell coordinates must lie in [0, 65536)")
+    if not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
+        assert_range_async(g, 0, 1 << 16, "cell coordinates must lie in [0, 65536)")
     elif g.numel() and (g.min() < 0 or g.max() >= 1 << 16):
         raise ValueError(f"cell coordinates must lie in [0, 65536), got [{int(g.min())}, {int(g.max())}]")
     key = (batch.long() << 48) | (g[:, 0] << 32) | (g[:, 1] << 16) | g[:, 2]
     cells, inverse = torch.unique(key, return_inverse=True)
     mask = (1 << 16) - 1
     grid_out = torch.stack([(cells >> 32) & mask, (cells >> 16) & mask, cells & mask], 1)
+    mark_range(grid_out, 0, 1 << 16)  # 16-bit fields: the next level's checks need no launch
     return cells >> 48, grid_out, inverse
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm] for a permutation `perm` with its `inverse`: the gradient is gathered back through the inverse (one
+    launch) instead of scattered into zeros (two, and a sort-based kernel on CUDA)."""
+    return _PermuteRows.apply(x, perm, inverse)

@@ -8,9 +8,9 @@ Bit conventions match the public PTv3 implementation, so that a model trained el
 - With a batch index, code = batch << (3 * depth) | code, so events never interleave. `serialize_by_event` gives
   each event its own depth, so that its order does not depend on the other events in the batch.
 On CPU, encoding runs the numba kernels of `cpu_kernels` (one pass per point). Elsewhere (`_encode_levels`) it is a
-state machine over bit levels, a fixed number of ops per level for every point at its own depth, with Skilling's
-transform and the Gray decoding folded into two 48-state tables; `_encode_torch`, the transform written out as
-vectorised bit operations, is the reference both are tested against.
+state machine over bit levels, with Skilling's transform and the Gray decoding folded into 48-state tables that
+consume four levels per step: a fixed number of ops for every point at its own depth; `_encode_torch`, the
+transform written out as vectorised bit operations, is the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from raysvc.ops import cpu_kernels
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import assert_range_async
 
 ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 
@@ -116,37 +117,65 @@ def _hilbert_tables() -> tuple[torch.Tensor, torch.Tensor]:
     return next8, torch.tensor([digit[i // 8, i % 8] for i in range(n * 8)])
 
 
+_CHUNK = 4  # bit levels the device path's Hilbert encoder consumes per step (tables of 48 x 8^4 entries)
+
+
+def _chunk_tables(chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_hilbert_tables` composed over `chunk` levels: (next state * 8^chunk, 3*chunk-bit code digits), indexed by
+    state * 8^chunk + the chunk's octants (the Morton digits of those levels, the top level's most significant)."""
+    next8, digit_of = _hilbert_tables()
+    width = 8**chunk
+    group = torch.arange(width)
+    state = torch.arange(len(next8) // 8)[:, None].expand(-1, width)
+    digits = torch.zeros_like(state)
+    for level in range(chunk - 1, -1, -1):
+        idx = state * 8 + ((group >> 3 * level) & 7)
+        digits = (digits << 3) | digit_of[idx]
+        state = next8[idx] // 8
+    return (state * width).reshape(-1), digits.reshape(-1)
+
+
 _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_MORTON: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _octants(c: torch.Tensor, levels: int) -> torch.Tensor:
-    """(N, levels) octant of each bit level, least significant first: bit b of x, y, z -> 4, 2, 1."""
-    shifts = torch.arange(levels, device=c.device)
-    bits = (c[:, :, None] >> shifts) & 1  # (N, 3, levels)
-    return (bits * torch.tensor([[4], [2], [1]], device=c.device)).sum(1)
+def _morton(c: torch.Tensor, levels: int) -> torch.Tensor:
+    """z-order code of (N, 3) coordinates below 2^levels: bit b of x, y, z -> code bit 3b+2, 3b+1, 3b."""
+    key = (c.device, levels)
+    if key not in _MORTON:  # (3, levels) how far each coordinate bit moves up to its code bit
+        shifts = 3 * torch.arange(levels)[None, :] + torch.tensor([[2], [1], [0]])
+        _MORTON[key] = (shifts - torch.arange(levels)[None, :]).to(c.device)
+    bits = c[:, :, None] & (1 << torch.arange(levels, device=c.device))  # (N, 3, levels), each bit in place
+    return (bits << _MORTON[key]).sum((1, 2))
 
 
 def _encode_levels(c: torch.Tensor, depth: torch.Tensor | int, levels: int, order: str) -> torch.Tensor:
-    """The device path's encoder: a fixed number of ops per bit level, each point at its own `depth` (an int, or
-    (N,) per point), for any mix of depths up to `levels`. Equal to `_encode_torch` at each point's depth."""
+    """The device path's encoder: a fixed number of ops for every point at its own `depth` (an int, or (N,) per
+    point), for any mix of depths up to `levels`. Equal to `_encode_torch` at each point's depth.
+
+    Hilbert: Skilling's transform and the Gray decoding are a state machine over bit levels from a point's top level
+    down (`_hilbert_tables`), run `_CHUNK` levels per step. A point of depth d is shifted up to the top of the
+    chunked range and its code shifted back down: the levels below it are zeros that only append digits."""
     if order.endswith("-trans"):
         c = c[:, [1, 0, 2]]
-    octs = _octants(c, levels)
-    shifts = 3 * torch.arange(levels, device=c.device)
     if order.startswith("z"):  # bits above a point's depth are zero: its depth changes nothing
-        return (octs << shifts).sum(1)
+        return _morton(c, levels)
+    top = -(-levels // _CHUNK) * _CHUNK
+    pad = top - torch.as_tensor(depth, device=c.device)
+    code = _morton(c << (pad[:, None] if pad.ndim else pad), top)
     if c.device not in _TABLES:
-        _TABLES[c.device] = tuple(t.to(c.device) for t in _hilbert_tables())
-    next8, digit_of = _TABLES[c.device]
-    depth = torch.as_tensor(depth, device=c.device)
-    active = (depth[..., None] > torch.arange(levels - 1, -1, -1, device=c.device)).expand(len(c), levels)
-    state = torch.zeros(len(c), dtype=torch.long, device=c.device)
-    digits = []
-    for i, b in enumerate(range(levels - 1, -1, -1)):  # from the top; a point starts at its own top level
-        idx = state + octs[:, b]
-        digits.append(digit_of[idx])
-        state = torch.where(active[:, i], next8[idx], state)
-    return ((torch.stack(digits, 1) * active) << shifts.flip(0)).sum(1)
+        _TABLES[c.device] = tuple(t.to(c.device) for t in _chunk_tables())
+    next_state, digit_of = _TABLES[c.device]
+    out = state = None
+    for shift in range(3 * (top - _CHUNK), -1, -3 * _CHUNK):  # chunks from the top
+        idx = (code >> shift) & (8**_CHUNK - 1)
+        if state is not None:
+            idx = idx + state
+        digits = digit_of[idx]
+        out = digits if out is None else (out << 3 * _CHUNK) | digits
+        if shift:
+            state = next_state[idx]
+    return out >> 3 * pad
 
 
 def _check(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
@@ -158,7 +187,7 @@ def _check(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
     if not c.numel():
         return c
     if not cpu_path(c):  # checked on the device: reading the bounds back would stall the host
-        torch._assert_async((c.min() >= 0) & (c.max() < (1 << depth)), "grid coordinates out of [0, 2^depth)")
+        assert_range_async(c, 0, 1 << depth, "grid coordinates out of [0, 2^depth)")
     elif c.min() < 0 or c.max() >= (1 << depth):
         raise ValueError(f"grid coordinates must lie in [0, 2^{depth}); got [{int(c.min())}, {int(c.max())}]")
     return c

@@ -25,6 +25,7 @@ from torch import nn
 
 from raysvc.ops import cpu_kernels
 from raysvc.ops.paths import cpu_path
+from raysvc.ops.ranges import assert_range_async
 
 OFFSETS = torch.tensor([(a - 1, b - 1, c - 1) for a in range(3) for b in range(3) for c in range(3)])
 _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets of -1 stay non-negative
@@ -32,10 +33,10 @@ _BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets
 
 def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """(N, 27) index of the active neighbour at each kernel offset, -1 where the site is empty."""
+    if not cpu_path(grid_coord):  # checked on the device: reading the bounds back would stall the host
+        assert_range_async(grid_coord.long(), 0, (1 << _BITS) - 2, "grid coordinates out of range")
     g = grid_coord.long() + 1
-    if g.numel() and not cpu_path(g):  # checked on the device: reading the bounds back would stall the host
-        torch._assert_async((g.min() >= 1) & (g.max() < (1 << _BITS) - 1), "grid coordinates out of range")
-    elif g.numel() and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
+    if g.numel() and cpu_path(g) and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
         raise ValueError(f"grid coordinates must lie in [0, {(1 << _BITS) - 2})")
 
     def key(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,10 +46,22 @@ def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     if cpu_path(keys):
         return torch.from_numpy(cpu_kernels.kernel_map(keys.contiguous().numpy(), _BITS))
     sorted_keys, perm = torch.sort(keys)
-    query = key(g[:, None, :] + OFFSETS.to(g.device)[None], batch[:, None].expand(-1, 27))
+    # every field stays in [0, 2^20) under an offset of +-1, so a neighbour's key is the site's plus a constant
+    query = keys[:, None] + _offset_keys(g.device)[None]
     pos = torch.searchsorted(sorted_keys, query).clamp(max=len(keys) - 1)
     found = sorted_keys[pos] == query
     return torch.where(found, perm[pos], torch.full_like(pos, -1))
+
+
+_OFFSET_KEYS: dict[torch.device, torch.Tensor] = {}
+
+
+def _offset_keys(device: torch.device) -> torch.Tensor:
+    """(27,) what each kernel offset adds to a site's key."""
+    if device not in _OFFSET_KEYS:
+        _OFFSET_KEYS[device] = ((OFFSETS[:, 0] << _BITS) + OFFSETS[:, 1] << _BITS) + OFFSETS[:, 2]
+        _OFFSET_KEYS[device] = _OFFSET_KEYS[device].to(device)
+    return _OFFSET_KEYS[device]
 
 
 @dataclass

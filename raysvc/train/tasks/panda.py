@@ -153,6 +153,7 @@ def panda_forward(ddp: torch.nn.Module, teacher: PandaStudent, batch: dict, cfg:
     locals -> the three losses. Returns (losses, student outputs, teacher encoding, teacher sims, mask)."""
     p = cfg.panda
     g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
+    g_view["geometry"] = {}  # the teacher and the masked student share the global views' grids
     mask = grid_mask(g_view["coord"], g_view["offset"], values["mask_size"], values["mask_ratio"]).to(device)
     masked = dict(g_view)
     if p.mask_jitter:
