@@ -1,7 +1,7 @@
 """A model from elsewhere through the real command line: a pimm export directory shaped like Panda-Base (PT-v3m2:
-linear stem, layer scale, mask token, the four orders; tiny widths so that it trains on 2 cores) fine-tunes with
-`raysvc finetune --init`, the result goes back to pimm's layout, and that directory predicts and serves directly,
-its licence carried all the way and printed by `serve`."""
+linear stem, layer scale, mask token, the four orders) fine-tunes with `raysvc finetune --init`, the result goes back
+to pimm's layout, and that directory predicts and serves directly, its licence carried all the way and printed by
+`serve`. Once at tiny widths (CI) and once at Panda-Base's own size, 90.8 M parameters (`long`: minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 TOKEN = "weights-token-0123456789abcdef"
 # Panda-Base's PT-v3m2 choices at tiny widths
-PANDA_SHAPED = dict(
+PANDA_TINY_WIDTHS = dict(
     depths=(1, 1, 1, 1, 1),
     channels=(16, 32, 64, 128, 192),
     heads=(1, 2, 4, 8, 12),
@@ -47,9 +47,9 @@ def _raysvc(*args) -> subprocess.CompletedProcess:
     return p
 
 
-def pimm_backbone(folder: Path) -> None:
+def pimm_backbone(folder: Path, shape: dict) -> None:
     """A pimm export directory as pimm writes one (no raysvc record): the encoder and an MIT model card."""
-    cfg = preset("base", **PANDA_SHAPED)
+    cfg = preset("base", **shape)
     torch.manual_seed(0)
     state = PTv3(cfg).state_dict()
     folder.mkdir()
@@ -59,10 +59,20 @@ def pimm_backbone(folder: Path) -> None:
 
 @pytest.mark.slow
 def test_a_panda_shaped_pimm_encoder_fine_tunes_predicts_and_serves(tmp_path):
+    fine_tune_predict_serve(tmp_path, PANDA_TINY_WIDTHS)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(3600)
+def test_a_panda_base_size_pimm_encoder_fine_tunes_predicts_and_serves(tmp_path):
+    fine_tune_predict_serve(tmp_path, dict(mask_token=True))
+
+
+def fine_tune_predict_serve(tmp_path: Path, shape: dict) -> None:
     train, val = tmp_path / "train", tmp_path / "val"
     generate_dataset(resolve(str(train)), 12, 71, 12, show_progress=False)
     generate_dataset(resolve(str(val)), 4, 72, 4, show_progress=False)
-    pimm_backbone(tmp_path / "panda")
+    pimm_backbone(tmp_path / "panda", shape)
 
     # a foreign encoder cannot predict: it has no head, and the command says what to do
     p = subprocess.run(
@@ -84,7 +94,7 @@ def test_a_panda_shaped_pimm_encoder_fine_tunes_predicts_and_serves(tmp_path):
     record = json.loads((run / "config.json").read_text())
     assert record["licence"] == "mit" and record["model"]["size"] == "base"
     cfg = ModelSpec(**record["model"]).backbone_config()  # the imported encoder's, not the job file's tiny PTv3
-    assert cfg == preset("base", **PANDA_SHAPED, serialization_depth="batch", in_channels=4)
+    assert cfg == preset("base", **shape, serialization_depth="batch", in_channels=4)
 
     # back to pimm's layout (a DefaultSegmentorV2), which predicts and serves directly
     _raysvc("weights", "export", str(run), "--format", "pimm", "--out", str(tmp_path / "ft-pimm"))
