@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         with contextlib.ExitStack() as stack:
-            if _command(args) in ROUTED:
+            if _command(args) in ROUTED and not getattr(args, "dry_run", False):  # a dry run starts nothing
                 from raysvc.console import routed
 
                 log = stack.enter_context(routed(_console_log(args), args.verbose))
