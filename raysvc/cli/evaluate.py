@@ -46,13 +46,14 @@ def cmd_probe(a: argparse.Namespace) -> None:
     from raysvc.storage import absolute_uri
     from raysvc.train.backbone_probe import probe_backbone
     from raysvc.train.probe import ProbeConfig
+    from raysvc.train.run_record import load_avg
     from raysvc.train.token_probe import TokenProbeConfig
 
     if (a.init is None) == (a.random is None):
         sys.exit("raysvc probe: give an export directory or --random ARCH (the baseline), not both or neither")
     batch_ray(1)  # the probe's events are read by Ray tasks or Ray Data either way
     events = {"train_events": a.train_events, "val_events": a.val_events}
-    t0, split_ids, load = time.time(), {}, os.getloadavg()
+    t0, split_ids, load = time.time(), {}, load_avg()
     result = probe_backbone(
         absolute_uri(a.init) if a.init else None,
         DataConfig(uri=absolute_uri(a.data)),
@@ -67,7 +68,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
     if a.run_record:
         from raysvc.train.experiment import probe_record
 
-        probe_record(vars(a), result, split_ids, a.run_record, time.time() - t0, [round(x, 2) for x in load])
+        probe_record(vars(a), result, split_ids, a.run_record, time.time() - t0, load)
     print_json(result, a.out)
 
 
