@@ -123,12 +123,15 @@ def test_bench_ops_json(tmp_path):
 @pytest.mark.long
 def test_bench_train_json(tmp_path):
     out = tmp_path / "train.json"
-    r = json.loads(run("bench", "train", "--json", "--events", "24", "--steps", "5", "--out", str(out)).stdout)
+    p = run("bench", "train", "--json", "--profile", "--events", "24", "--steps", "5", "--out", str(out))
+    r = json.loads(p.stdout)
     assert json.loads(out.read_text()) == r
     assert 0 < r["tiny_params"] < r["small_params"]
     assert 0 < r["tiny_fwd_bwd_s_per_event"] < r["small_fwd_bwd_s_per_event"]
     assert r["steps_compared"] == 2 and r["plain_step_s"] > 0 and r["ray_train_step_s"] > 0
     assert r["ray_train_overhead"] > -1
+    for task in ("seg", "panda"):
+        assert r[f"{task}_tiny_s_per_step"] > 0 and 0 < r[f"{task}_tiny_profile"]["gemm_share"] < 1
 
 
 @pytest.mark.slow

@@ -48,3 +48,20 @@ def test_private_mb_counts_what_this_process_alone_touched():
     rec = heap.with_private_mb({"step": 3})
     assert rec["step"] == 3 and rec["private_mb"] > 200 and len(ballast)
     assert heap.memory_note(rec).startswith(", private memory ") and heap.memory_note({"step": 3}) == ""
+
+
+def test_the_heap_bench_runs_each_task_s_steps_in_process(tmp_path):
+    """`raysvc bench heap --task panda|segmentation` steps the job's own training step on generated events (the
+    Panda stepper once unpacked the shared stepper's answer wrongly and failed before its first step)."""
+    import math
+
+    from raysvc.bench.heap import _measure
+    from raysvc.data.sources.synthetic import generate_dataset
+    from raysvc.storage import resolve
+
+    generate_dataset(resolve(str(tmp_path / "train")), 8, seed=5, shard_events=4, show_progress=False)
+    generate_dataset(resolve(str(tmp_path / "val")), 2, seed=6, shard_events=2, show_progress=False)
+    for task in ("panda", "segmentation"):
+        r = _measure(task, str(tmp_path), 2, 2, 0, 1, 0)
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in r["losses"]), task
+        assert r["private_mb_max"] > 100 and [c[0] for c in r["curve"]] == [1, 2]

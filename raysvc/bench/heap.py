@@ -57,7 +57,7 @@ def variants() -> dict[str, tuple[dict, int]]:
     return out
 
 
-def _segmentation_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
+def segmentation_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
     from raysvc.train.tasks.segmentation import train_step
 
     cfg = _job(data, data / "runs", "tiny", steps, batch, threads)
@@ -69,7 +69,7 @@ def _segmentation_stepper(data: Path, steps: int, batch: int, threads: int) -> t
     ), len(batches)
 
 
-def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
+def panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Callable[[int], float], int]:
     from raysvc.bench.gpu import _panda_stepper as stepper
     from raysvc.config import load_config
     from raysvc.data.streaming.reader import read_preprocessed
@@ -89,7 +89,7 @@ def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Ca
     ]
     events = [ev for t in tables for ev in table_views(t, cfg.views, seed=0, epoch=0)]
     batches = [collate_views(events[i : i + batch]) for i in range(0, len(events) - batch + 1, batch)]
-    step, losses = stepper(cfg, batches, torch.device("cpu"))
+    step, losses, _ = stepper(cfg, batches, torch.device("cpu"))
 
     def run(i: int) -> float:
         step(i)
@@ -101,7 +101,7 @@ def _panda_stepper(data: Path, steps: int, batch: int, threads: int) -> tuple[Ca
 def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, threads: int, warmup: int) -> dict:
     """One variant, in its own process: `steps` training steps cycling over the run's batches."""
     torch.set_num_threads(threads)
-    make = _panda_stepper if task == "panda" else _segmentation_stepper
+    make = panda_stepper if task == "panda" else segmentation_stepper
     step, n_batches = make(Path(data), steps, batch, threads)
     times, private, losses, curve = [], [], [], []
     for i in range(steps):

@@ -6,6 +6,9 @@
    process, on batches prepared beforehand, and as a one-worker `TorchTrainer` run of `seg_train_loop` (data read
    by Ray tasks, Train's worker machinery, reporting). Overhead = total Ray step time / total plain step time - 1
    after the warm-up steps. Aim: within 10 %.
+3. With `profile`: one tiny segmentation step and one tiny Panda pretraining step (the jobs' batches, one thread)
+   timed and profiled: the share of the step spent in matrix multiplies and their speed against the same shapes
+   multiplied alone (`bench/gemm_share.py`), which says whether the CPU step is bound by arithmetic.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def run_train_bench(
     threads: int,
     warmup: int = 3,
     sizes: tuple[str, ...] = ("tiny", "small"),
+    profile: bool = False,
     log=print,
 ) -> dict:
     import ray
@@ -120,6 +124,7 @@ def run_train_bench(
             "batch_events": batch,
             "threads": threads,
             "warmup_steps": warmup,
+            "profile": profile,
         }
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,4 +155,30 @@ def run_train_bench(
         out["ray_train_step_s"] = statistics.median(ray_steps[warmup:])
         out["ray_train_overhead"] = sum(ray_steps[warmup:]) / sum(plain[warmup:]) - 1.0
         out["steps_compared"] = len(plain) - warmup
+        if profile:
+            out |= profile_steps(data, steps, warmup, log)
+    return out
+
+
+def profile_steps(data: Path, steps: int, warmup: int, log=print) -> dict:
+    """`seg_tiny_*` and `panda_tiny_*`: median seconds per step (one thread, the jobs' batches: 2 events for
+    segmentation, 4 for Panda) and the matrix multiplies' share and speed in two profiled steps."""
+    from raysvc.bench.gemm_share import gemm_share
+    from raysvc.bench.heap import panda_stepper, segmentation_stepper
+
+    out: dict = {}
+    for task, make, batch in (("seg", segmentation_stepper, 2), ("panda", panda_stepper, 4)):
+        log(f"{task} tiny: {steps} steps timed, 2 profiled")
+        step, _ = make(data, steps + 2, batch, 1)
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+        out[f"{task}_tiny_s_per_step"] = statistics.median(times[warmup:])
+        prof = gemm_share(step, steps)
+        # the multiplies' profiled time over the step timed without the profiler: a step with nothing else left
+        # would be at most 1 / share times faster
+        prof["gemm_share_of_timed_step"] = prof["gemm_s_per_step"] / out[f"{task}_tiny_s_per_step"]
+        out[f"{task}_tiny_profile"] = prof
     return out

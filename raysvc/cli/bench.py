@@ -85,6 +85,15 @@ def _train_summary(result: dict) -> None:
         f"step: plain torch {result['plain_step_s'] * 1e3:.0f} ms, Ray Train {result['ray_train_step_s'] * 1e3:.0f}"
         f" ms, overhead {100 * result['ray_train_overhead']:+.1f} %"
     )
+    for task in ("seg", "panda"):
+        if f"{task}_tiny_profile" in result:
+            p = result[f"{task}_tiny_profile"]
+            print(
+                f"{task} tiny: {result[f'{task}_tiny_s_per_step'] * 1e3:.0f} ms/step, "
+                f"{100 * p['gemm_share_of_timed_step']:.0f} % in "
+                f"matrix multiplies at {p['gemm_gflops']:.0f} GFLOP/s (the costliest shapes "
+                f"{p['top_gemm_gflops_in_step']:.0f} in the step, {p['top_gemm_gflops_alone']:.0f} alone)"
+            )
 
 
 def _gpu_summary(result: dict) -> None:
@@ -170,8 +179,14 @@ BENCHES: dict[str, Bench] = {
         options=(
             *_json_opts("also write the JSON here"),
             *_ints(events=40, steps=12, batch_events=2, threads=1),
+            _opt(
+                "--profile",
+                action="store_true",
+                help="also time and profile a tiny segmentation and a tiny Panda step: the share of matrix "
+                "multiplies and their speed against the same shapes alone",
+            ),
         ),
-        kwargs=("events", "steps", "batch=batch_events", "threads"),
+        kwargs=("events", "steps", "batch=batch_events", "threads", "profile"),
         summary=_train_summary,
     ),
     "gpu": Bench(
