@@ -303,3 +303,45 @@ def test_teacher_and_masked_student_sharing_the_grid_give_what_separate_passes_g
         geometry = {}
         student.encode(dict(g, geometry=geometry))
         student.encode(dict(g, grid_coord=g["grid_coord"].clone(), geometry=geometry))
+
+
+def test_the_teachers_unmask_head_on_the_principal_rows_gives_the_losses_of_the_whole_view(view_batch):
+    """`teacher_forward(..., n_global)` runs the unmask head on the principal views' rows only: those rows' sims and
+    every loss equal the whole-view head's, bit for bit, and the monitors' mask sims stay whole."""
+    import random
+
+    torch.manual_seed(0)
+    bcfg = preset("tiny", drop_path=0.0)
+    cfg = PandaConfig(**TINY_HEAD)
+    student = PandaStudent(bcfg, cfg)
+    teacher = make_teacher(student, bcfg)
+    g, loc = view_batch["global"], view_batch["local"]
+    mask = grid_mask(g["coord"], g["offset"], 0.03, 0.5, torch.Generator().manual_seed(0))
+    random.seed(0)  # each pass draws its order shuffle: the same draw for both
+    t_enc, whole = teacher_forward(teacher, g)
+    random.seed(0)
+    _, part = teacher_forward(teacher, g, 2)
+    rows = part["principal_rows"]
+    assert 0 < len(rows) < len(t_enc.feat) and bool((t_enc.batch[rows] % 2 == 0).all())
+    assert torch.equal(part["unmask"], whole["unmask"][rows]) and torch.equal(part["mask"], whole["mask"])
+    random.seed(1)
+    out = student(g, mask, loc)
+    a, b = (panda_losses(out, t_enc, sims, cfg, 0.04, 2, 2) for sims in (whole, part))
+    for key in ("loss", "mask_loss", "roll_mask_loss", "unmask_loss", "unmask_matched"):
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+def test_sinkhorn_in_place_equals_the_longhand_iteration():
+    """The in-place iteration is the textbook one on fresh arrays, number for number."""
+    torch.manual_seed(1)
+    scores = (
+        torch.nn.functional.normalize(torch.randn(300, 16), dim=1)
+        @ torch.nn.functional.normalize(torch.randn(24, 16), dim=1).t()
+    )
+    q = torch.exp((scores - 1.0) / 0.05).t()
+    k, n = q.shape[0], torch.tensor(float(q.shape[1]))
+    q = q / q.sum()
+    for _ in range(3):
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / k
+        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / n
+    assert torch.equal(sinkhorn_knopp(scores, 0.05, 3), (q * n).t())

@@ -128,7 +128,8 @@ def test_pretrain_writes_probe_summary_and_a_backbone_that_finetuning_loads(ray_
     probe_train, probe_val = probe_batches(DirectStream(DataConfig(uri=str(pt_data / "val"))).tables(), 4, 4, "val")
     backbone = PTv3(preset("tiny"))
     backbone.load_state_dict(state)
-    cfg.probe_data.resolve_preprocess()  # the dataset's frame, as the run's prepare set it
+    cfg.data.resolve_preprocess()  # the datasets' frames, as the run's prepare set them (the grid is in data's)
+    cfg.probe_data.resolve_preprocess()
     pre, cpu = cfg.probe_data.preprocess, torch.device("cpu")
     again = run_probe(
         backbone,

@@ -91,21 +91,23 @@ def _world() -> int:
 def sinkhorn_knopp(scores: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
     """Soft assignments (n, K) whose rows sum to 1 and whose prototype columns share the mass equally, computed
     jointly over every worker's points (sums all-reduced): the teacher targets that prevent collapse."""
-    q = torch.exp((scores.float() - 1.0) / temp).t()  # sims <= 1: shifting by the max keeps exp finite
+    # in place on the one (K, n) buffer that exp makes: the same operations in the same order as fresh tensors, so
+    # the same numbers, without allocating (and page-faulting) a new (K, n) array for each of ~10 divisions
+    q = (scores.float() - 1.0).div_(temp).exp_().t()  # sims <= 1: shifting by the max keeps exp finite
     k = q.shape[0]
     n = torch.tensor(float(q.shape[1]), device=q.device)
     total = q.sum()
     if _world() > 1:
         dist.all_reduce(n)
         dist.all_reduce(total)
-    q = q / total
+    q.div_(total)
     for _ in range(iters):
         rows = q.sum(dim=1, keepdim=True)
         if _world() > 1:
             dist.all_reduce(rows)
-        q = q / rows.clamp_min(1e-30) / k
-        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / n
-    return (q * n).t()
+        q.div_(rows.clamp_min(1e-30)).div_(k)
+        q.div_(q.sum(dim=0, keepdim=True).clamp_min(1e-30)).div_(n)
+    return q.mul_(n).t()
 
 
 @torch.no_grad()
@@ -227,7 +229,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 def _ce(target: torch.Tensor, sims: torch.Tensor, temp: float, batch: torch.Tensor, views: int) -> torch.Tensor:
     """Cross-entropy of student sims against soft targets, averaged per view, then over the views present."""
-    per_point = -(target * F.log_softmax(sims.float() / temp, dim=-1)).sum(-1)
+    per_point = (target * F.log_softmax(sims.float() / temp, dim=-1)).sum(-1).neg()  # negated per point, not per entry
     total = torch.zeros(views, device=sims.device).index_add(0, batch, per_point)
     count = torch.zeros(views, device=sims.device).index_add_(0, batch, torch.ones_like(per_point))
     present = count > 0  # masked, not indexed: nothing is read back from the device
@@ -273,18 +275,22 @@ def panda_losses(
         if cfg.roll_mask_weight > 0 and n_global > 1:
             rows, offs = _swap_views(tg, n_global)
             q, r = match(enc.origin, enc.offset, tg.origin[rows], offs, cfg.match_radius)
-            target = sinkhorn_knopp(teacher_sims["mask"][rows][r], temp, cfg.sinkhorn_iters)
+            target = sinkhorn_knopp(teacher_sims["mask"][rows[r]], temp, cfg.sinkhorn_iters)  # one gather of the rows
             out["roll_mask_loss"] = _ce(target, sims[q], cfg.student_temp, enc.batch[q], views)
             out["loss"] = out["loss"] + cfg.roll_mask_weight * out["roll_mask_loss"]
             out["roll_matched"] = len(q) / max(len(enc.origin), 1)
     if "local" in student_out:
         enc, sims = student_out["local"]
-        principal = tg.batch % n_global == 0
-        p_rows = torch.nonzero(principal).squeeze(1)
+        p_rows = teacher_sims.get("principal_rows")
+        if p_rows is None:
+            p_rows = principal_rows(tg, n_global)
+            principal_sims = teacher_sims["unmask"][p_rows]
+        else:  # `teacher_forward` ran the unmask head on these rows only
+            principal_sims = teacher_sims["unmask"]
         p_offset = batch_to_offset(tg.batch[p_rows] // n_global, len(tg.offset) // n_global)
         q_offset = enc.offset[n_local - 1 :: n_local]  # an event's local views together query its principal view
         q, r = match(enc.origin, q_offset, tg.origin[p_rows], p_offset, cfg.match_radius)
-        target = sinkhorn_knopp(teacher_sims["unmask"][p_rows][r], temp, cfg.sinkhorn_iters)
+        target = sinkhorn_knopp(principal_sims[r], temp, cfg.sinkhorn_iters)
         out["unmask_loss"] = _ce(target, sims[q], cfg.student_temp, enc.batch[q], len(enc.offset))
         out["loss"] = out["loss"] + cfg.unmask_weight * out["unmask_loss"]
         out["unmask_matched"] = len(q) / max(len(enc.origin), 1)
@@ -309,13 +315,25 @@ def collapse_monitors(teacher_sims: torch.Tensor, feat: torch.Tensor) -> dict:
     }
 
 
-def teacher_forward(teacher: PandaStudent, global_view: dict) -> tuple[Encoded, dict]:
-    """The teacher on the unmasked global views: (encoded, {"mask": sims, "unmask": sims})."""
+def principal_rows(enc: Encoded, n_global: int) -> torch.Tensor:
+    """Rows of each event's principal (first) global view in an event-major batch of `n_global` views per event."""
+    return torch.nonzero(enc.batch % n_global == 0).squeeze(1)
+
+
+def teacher_forward(teacher: PandaStudent, global_view: dict, n_global: int | None = None) -> tuple[Encoded, dict]:
+    """The teacher on the unmasked global views: (encoded, {"mask": sims, "unmask": sims}). Given `n_global`
+    (views per event) and a mask head beside the unmask head, the unmask head runs on the principal views' rows
+    only, the only ones its targets use (`principal_rows` says which; the collapse monitors read the mask head's):
+    a quarter less teacher head arithmetic, the same numbers on those rows."""
     with torch.no_grad():
         enc = teacher.encode(global_view)
         sims = {}
         if teacher.mask_head is not None:
             sims["mask"] = teacher.mask_head(enc.feat)
         if teacher.unmask_head is not None:
-            sims["unmask"] = teacher.unmask_head(enc.feat)
+            if n_global is not None and teacher.mask_head is not None:
+                sims["principal_rows"] = principal_rows(enc, n_global)
+                sims["unmask"] = teacher.unmask_head(enc.feat[sims["principal_rows"]])
+            else:
+                sims["unmask"] = teacher.unmask_head(enc.feat)
     return enc, sims

@@ -160,7 +160,7 @@ def panda_forward(ddp: torch.nn.Module, teacher: PandaStudent, batch: dict, cfg:
         noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
         masked["coord"] = g_view["coord"] + noise * mask[:, None]
     with autocast(cfg.train.amp, device):
-        t_enc, t_sims = teacher_forward(teacher, g_view)
+        t_enc, t_sims = teacher_forward(teacher, g_view, cfg.views.global_views)
         s_out = ddp(masked, mask, l_view)
         losses = panda_losses(
             s_out, t_enc, t_sims, p, values["teacher_temp"], cfg.views.global_views, cfg.views.local_views
