@@ -63,6 +63,21 @@ def test_generate_to_s3_and_inspect(s3_env, tmp_path):
     assert json.loads(run("data", "inspect", uri, "--json").stdout)["events"] == 6
 
 
+def test_a_command_run_in_process_leaves_s3_usable(tmp_path):
+    """`main([...])` in a process that goes on (a notebook, a test) must not finalize pyarrow's S3 as the `raysvc`
+    script does at its end: an S3 filesystem made afterwards in that process would fail to start."""
+    run("data", "generate", "--events", "2", "--out", str(tmp_path / "d"), "--shard-events", "2", "--workers", "1")
+    code = (
+        "import pyarrow.fs as pafs\n"
+        "from raysvc.cli import main\n"
+        f"main(['data', 'inspect', {str(tmp_path / 'd')!r}, '--json'])\n"
+        "pafs.S3FileSystem(region='us-east-1')\n"  # no request is made: only the AWS SDK's start
+        "print('s3 usable')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("s3 usable"), p.stderr
+
+
 def test_errors_are_clear(tmp_path, seaweed):
     p = run("data", "inspect", str(tmp_path / "nothing"), check=False)
     assert p.returncode == 2 and "nothing/manifest.json" in p.stderr and "Traceback" not in p.stderr

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from raysvc.cli import bench, data, demo, display, evaluate, inference, results, train, weights
-from raysvc.cli.common import release_s3
+from raysvc.cli.common import ends_with_command, release_s3
 from raysvc.config import ConfigError
 
 # In `raysvc --help` order.
@@ -89,6 +89,8 @@ def _console_log(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `raysvc` command line; with `argv`, one command run in this process (which then goes on)."""
+    ends_with_command(argv is None)
     args = build_parser().parse_args(argv)
     from raysvc.data.contract.schema import EventDataError
     from raysvc.ray_init import RayStartError
