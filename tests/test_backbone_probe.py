@@ -86,6 +86,9 @@ def test_cli_probe_of_a_random_ptv3_matches_the_online_probe(val_data, tmp_path)
 
     local = probe(tmp_path / "local.json", "--actors", "0")  # Ray tasks read, features in process: the same numbers
     assert local["point"] == got["point"] and local["token"] == got["token"]
+    # fitted on another set's first events (here the same set: its first 5, which the scored events then are too)
+    fitted = probe(tmp_path / "fit.json", "--actors", "0", "--fit-data", str(val_data))
+    assert fitted["fit_data"] == str(val_data) and fitted["point"] != local["point"]
 
     p = subprocess.run([RAYSVC, "probe", "--data", str(val_data)], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--random" in p.stderr  # neither an export nor --random

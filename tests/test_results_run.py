@@ -79,7 +79,7 @@ SPEC = {
     "factors": {"labels": {"values": [8], "set": ["data.subset_events={labels}", "data.subset_seed={seed}"]}},
     "seeds": {"finetune": [0, 1], "pretrain": [0]},
     "test": {"data": "test", "batch_events": 2},
-    "probes": {"data": "test", "train_events": 2, "val_events": 2, "points_per_class": 100},
+    "probes": {"fit_data": "val", "data": "test", "train_events": 2, "val_events": 2, "points_per_class": 100},
     "tables": [
         {
             "name": "mini",
@@ -134,6 +134,7 @@ def test_results_run_runs_a_miniature_experiment_end_to_end(ray_local, tmp_path,
         "panda-labels8-p0-s1",
         "probe-panda-p0",
     ]
+    assert "--fit-data runs/data/val --train-events 2" in dry.stdout.splitlines()[-1]
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
     run_experiment(exp, log=lambda _: None)
@@ -145,7 +146,7 @@ def test_results_run_runs_a_miniature_experiment_end_to_end(ray_local, tmp_path,
     assert probe["seeds"] == {
         "probe": 0,
         "pretrain": 0,
-        "data": {"train": ["generated lartpc seed 42"]} | {"test": ["generated lartpc seed 42"]},
+        "data": {"train": ["generated lartpc seed 41"]} | {"test": ["generated lartpc seed 42"]},  # fit on val
     }
     for name, rec in recs.items():
         assert list(rec) == KEYS

@@ -150,6 +150,55 @@ def test_a_probe_record_names_the_events_it_fitted_and_scored(sets, tmp_path, mo
     assert rec["metrics"]["test"]["point"]["miou"] == result["point"]["miou"]
 
 
+def test_a_probe_fitted_on_one_split_scores_another(sets, tmp_path, monkeypatch):
+    """`raysvc probe --fit-data V --data T`: the probes fit on V's first events and score T's first events; the same
+    fitting events from another dataset give the same figures, other ones do not; the record's split says so."""
+    from raysvc.data.streaming.pipeline import DirectStream
+    from raysvc.train.backbone_probe import probe_backbone
+    from raysvc.train.probe import ProbeConfig
+    from raysvc.train.token_probe import TokenProbeConfig
+
+    monkeypatch.chdir(tmp_path)
+    n = {"train_events": 3, "val_events": 3}
+
+    def probe(fit: str, ids: dict) -> dict:
+        return probe_backbone(
+            None,
+            DataConfig(uri=str(sets / "test")),
+            point=ProbeConfig(**n, points_per_class=100),
+            token=TokenProbeConfig(**n),
+            log=lambda _: None,
+            split_ids=ids,
+            fit_data=DataConfig(uri=str(sets / fit)),
+        )
+
+    ids: dict = {}
+    result = probe("train", ids)
+
+    def first(name: str, k: int) -> list[int]:
+        tables = DirectStream(DataConfig(uri=str(sets / name))).tables()
+        return [i for t in tables for i in t.column("event_id").to_pylist()][:k]
+
+    assert ids == {"train": first("train", 3), "test": first("test", 3)} and result["fit_data"] == str(sets / "train")
+    # test-leaky's first events are train's first events: the same fit, the same figures; val's are other events
+    assert probe("test-leaky", {})["point"] == result["point"]
+    assert probe("val", {})["point"] != result["point"]
+    args = {"data": str(sets / "test"), "fit_data": str(sets / "train"), "init": None, "seed": 0, **n}
+    experiment.probe_record(args, result, ids, tmp_path / "p.json", 1.0, [0.0, 0.0, 0.0])
+    rec = json.loads((tmp_path / "p.json").read_text())
+    assert rec["split"]["train"]["origins"][0]["origin"] == "generated lartpc seed 0"
+    assert rec["split"]["test"]["origins"][0]["origin"] == "generated lartpc seed 2"
+    with pytest.raises(ValueError, match="must share detector and preprocessing"):
+        probe_backbone(
+            None,
+            DataConfig(uri=str(sets / "test")),
+            point=ProbeConfig(**n, points_per_class=100),
+            token=TokenProbeConfig(**n),
+            log=lambda _: None,
+            fit_data=DataConfig(uri=str(sets / "val"), preprocess={"remove_led": True}),
+        )
+
+
 def test_the_command_line_refuses_overlapping_splits_before_running(sets, tmp_path):
     """`raysvc finetune --run-record` with validation drawn from training, and `raysvc evaluate --run-record` on a test
     set of the training seed: exit 2 with the overlap named, no record written."""

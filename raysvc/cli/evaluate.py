@@ -64,6 +64,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
         **keywords(a, ("radius_voxels", "seed", "center_events", "actors", "cpus_per_actor")),
         log=log,
         split_ids=split_ids,
+        fit_data=DataConfig(uri=absolute_uri(a.fit_data)) if a.fit_data else None,
     )
     if a.run_record:
         from raysvc.train.experiment import probe_record
@@ -114,6 +115,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--size", default="tiny", help="preset of --random")
     pb.add_argument("--center-events", action="store_true", help="--random: centre each event (as Panda's views)")
     pb.add_argument("--data", required=True, help="labelled dataset URI (the first train + val events are used)")
+    pb.add_argument(
+        "--fit-data",
+        help="fit the probes on the first --train-events events of this labelled dataset (a validation split) and "
+        "score them on the first --val-events of --data (the test split)",
+    )
     pb.add_argument("--train-events", type=int, default=100)
     pb.add_argument("--val-events", type=int, default=100)
     pb.add_argument("--radius-voxels", type=float, default=5.0, help="C-NMS radius of a PTv3 backbone's tokens")

@@ -157,12 +157,15 @@ def probe_backbone(
     cpus_per_actor: float | None = None,
     log=print,
     split_ids: dict | None = None,
+    fit_data: DataConfig | None = None,
 ) -> dict:
     """Both probes of one backbone on the first `train_events` + next `val_events` events of `data` (the online
-    probes' split). The token probe uses the backbone's own tokenizer when it is a PoLAr-MAE one, else these
-    settings; `arch`, `size` and `center_events` describe the random initialisation when `init` is None. `actors` >= 1
-    (Ray started by the caller): the events are read with Ray Data and the features computed by that many backbone
-    replicas; 0: read with Ray tasks, features in this process.
+    probes' split); with `fit_data`, fitted on the first `train_events` events of `fit_data` (a validation set) and
+    scored on the first `val_events` of `data` (the test set), which must share its detector and preprocessing.
+    The token probe uses the backbone's own tokenizer when it is a PoLAr-MAE one, else these settings; `arch`,
+    `size` and `center_events` describe the random initialisation when `init` is None. `actors` >= 1 (Ray started
+    by the caller): the events are read with Ray Data and the features computed by that many backbone replicas; 0:
+    read with Ray tasks, features in this process.
     `split_ids`, when given, gets the event ids of the fitting ("train") and scored ("test") events.
     Returns {"backbone", "point" (metrics.compute's dict), "token" {f1, mean_f1, tokens}, ...}."""
     point, token = point or ProbeConfig(), token or TokenProbeConfig()
@@ -184,14 +187,28 @@ def probe_backbone(
         tok_cfg = preset("tiny", radius=radius, overlap=overlap, max_points=max_points, max_tokens=max_tokens)
     if actors:
         data = data.model_copy(update={"loader": "ray_data"})
-    train, val = probe_tables(
-        stream_tables(data, prep, prep.manifest.shards), point.train_events, point.val_events, data.uri
-    )
+    if fit_data is None:
+        train, val = probe_tables(
+            stream_tables(data, prep, prep.manifest.shards), point.train_events, point.val_events, data.uri
+        )
+    else:
+        fit_prep = prepare(fit_data)
+        if fit_prep.detector.name != prep.detector.name or fit_data.preprocess != data.preprocess:
+            raise ValueError(
+                f"probe: --fit-data {fit_data.uri} ({fit_prep.detector.name}, {fit_data.preprocess}) and --data "
+                f"{data.uri} ({prep.detector.name}, {data.preprocess}) must share detector and preprocessing"
+            )
+        if actors:
+            fit_data = fit_data.model_copy(update={"loader": "ray_data"})
+        fit_stream = stream_tables(fit_data, fit_prep, fit_prep.manifest.shards)
+        train = probe_tables(fit_stream, point.train_events, 0, fit_data.uri)[0]
+        val = probe_tables(stream_tables(data, prep, prep.manifest.shards), 0, point.val_events, data.uri)[1]
     if split_ids is not None:  # the events each half holds, for a run record's split
         for role, chunks in (("train", train), ("test", val)):
             split_ids[role] = [i for c in chunks for i in c.column("event_id").to_pylist()]
+    fitted_on = "" if fit_data is None else f" fitted on {fit_data.uri},"
     log(
-        f"[raysvc] probing {init or f'a random {arch} {size}'} on {data.uri}: "
+        f"[raysvc] probing {init or f'a random {arch} {size}'}{fitted_on} on {data.uri}: "
         f"{point.train_events} + {point.val_events} events"
         + (f", features by {actors} Ray Data actor(s)" if actors else "")
     )
@@ -207,6 +224,7 @@ def probe_backbone(
     return {
         "backbone": about,
         "data": data.uri,
+        "fit_data": None if fit_data is None else fit_data.uri,
         "events": {"train": point.train_events, "val": point.val_events},
         "point": {k: pm[k] for k in ("miou", "iou", "mf1", "f1", "accuracy")},
         "token": {**tm, "classes": scored},

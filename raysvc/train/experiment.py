@@ -86,10 +86,12 @@ class TestSpec(_Strict):
 
 
 class ProbeSpec(_Strict):
-    """Both probes (per-point linear, token SVM) of each backbone x pretraining seed, on one dataset: its first
-    `train_events` events fit them, the next `val_events` are scored (nothing is chosen on them)."""
+    """Both probes (per-point linear, token SVM) of each backbone x pretraining seed: the first `train_events`
+    events of `fit_data` fit them and the first `val_events` of `data` are scored; without `fit_data`, the first and
+    next events of `data` (nothing is chosen on the scored events either way)."""
 
-    data: str = Field(description="a key of `data`")
+    data: str = Field(description="a key of `data`: the scored events (the test split)")
+    fit_data: str | None = Field(None, description="a key of `data`: the fitting events (the validation split)")
     backbones: list[str] | None = Field(None, description="keys of `pretrain` (default: all)")
     train_events: int = Field(100, gt=0)
     val_events: int = Field(100, gt=0)
@@ -124,8 +126,10 @@ class ExperimentSpec(_Strict):
             if arm.backbone is not None and arm.backbone not in self.pretrain:
                 raise ValueError(f"arms.{name}.backbone: {arm.backbone!r} is not a key of pretrain")
         if self.probes is not None:
-            if self.probes.data not in self.data:
-                raise ValueError(f"probes.data: {self.probes.data!r} is not a key of data ({sorted(self.data)})")
+            for key in ("data", "fit_data"):
+                value = getattr(self.probes, key)
+                if value is not None and value not in self.data:
+                    raise ValueError(f"probes.{key}: {value!r} is not a key of data ({sorted(self.data)})")
             unknown = [b for b in self.probes.backbones or [] if b not in self.pretrain]
             if unknown:
                 raise ValueError(f"probes.backbones: {unknown} are not keys of pretrain")
@@ -199,8 +203,9 @@ def _probe_runs(spec: ExperimentSpec, backbones: dict[tuple[str, int], str]) -> 
     for bb in p.backbones or list(spec.pretrain):
         for ps in spec.seeds.pretrain:
             init = backbones[(bb, ps)]
+            fit = f" --fit-data {spec.data[p.fit_data].uri}" if p.fit_data else ""
             command = (
-                f"raysvc probe {init} --data {spec.data[p.data].uri} --train-events {p.train_events} "
+                f"raysvc probe {init} --data {spec.data[p.data].uri}{fit} --train-events {p.train_events} "
                 f"--val-events {p.val_events} --seed {ps}"
             )
             about = {"arm": f"probe-{bb}", "factors": {}, "seed": ps, "pretrain_seed": ps}
@@ -303,10 +308,12 @@ def evaluate_with_record(model: str, test: DataConfig, path: str | Path, evaluat
 def probe_record(
     args: dict, result: dict, split_ids: dict, path: str | Path, wall_s: float, load_start: list[float]
 ) -> None:
-    """The run record of a `raysvc probe` (its options `args`, its `result`): the first events of its data fit the
-    probes (train), the next ones score them (test; nothing is chosen on them: C is fixed)."""
+    """The run record of a `raysvc probe` (its options `args`, its `result`): the first events of its data (or of
+    its fit data) fit the probes (train), the next (or first) ones of its data score them (test; nothing is chosen
+    on them: C is fixed)."""
     data = DataConfig(uri=args["data"])
-    split = guarded_split({"train": data, "test": data}, split_ids)
+    fit = DataConfig(uri=args["fit_data"]) if args.get("fit_data") else data
+    split = guarded_split({"train": fit, "test": data}, split_ids)
     config = {k: v for k, v in args.items() if k not in ("fn", "run_record", "out", "verbose")}
     config.pop("command", None)
     seeds = {"probe": args["seed"]} | ({"pretrain": run_seed(args["init"])} if args.get("init") else {})
@@ -324,6 +331,7 @@ def _probe(spec: ExperimentSpec, r: dict, path: Path, log) -> None:
     events = {"train_events": p.train_events, "val_events": p.val_events}
     t0, load_start, ids = time.time(), load_avg(), {}
     data = spec.data[p.data].uri
+    fit = spec.data[p.fit_data].uri if p.fit_data else None
     result = probe_backbone(
         r["job"],
         DataConfig(uri=data),
@@ -332,9 +340,10 @@ def _probe(spec: ExperimentSpec, r: dict, path: Path, log) -> None:
         seed=r["seed"],
         log=log,
         split_ids=ids,
+        fit_data=DataConfig(uri=fit) if fit else None,
     )
     about = {"name": spec.name, "run": r["name"], **{k: r[k] for k in ("arm", "factors", "seed", "pretrain_seed")}}
-    args = {"experiment": about, "init": r["job"], "data": data, "seed": r["seed"], **events}
+    args = {"experiment": about, "init": r["job"], "data": data, "fit_data": fit, "seed": r["seed"], **events}
     probe_record(args, result, ids, path, time.time() - t0, load_start)
 
 
