@@ -161,7 +161,7 @@ def test_a_probe_fitted_on_one_split_scores_another(sets, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     n = {"train_events": 3, "val_events": 3}
 
-    def probe(fit: str, ids: dict) -> dict:
+    def probe(fit: str, ids: dict, **preprocess) -> dict:
         return probe_backbone(
             None,
             DataConfig(uri=str(sets / "test")),
@@ -169,7 +169,7 @@ def test_a_probe_fitted_on_one_split_scores_another(sets, tmp_path, monkeypatch)
             token=TokenProbeConfig(**n),
             log=lambda _: None,
             split_ids=ids,
-            fit_data=DataConfig(uri=str(sets / fit)),
+            fit_data=DataConfig(uri=str(sets / fit), **({"preprocess": preprocess} if preprocess else {})),
         )
 
     ids: dict = {}
@@ -189,14 +189,7 @@ def test_a_probe_fitted_on_one_split_scores_another(sets, tmp_path, monkeypatch)
     assert rec["split"]["train"]["origins"][0]["origin"] == "generated lartpc seed 0"
     assert rec["split"]["test"]["origins"][0]["origin"] == "generated lartpc seed 2"
     with pytest.raises(ValueError, match="must share detector and preprocessing"):
-        probe_backbone(
-            None,
-            DataConfig(uri=str(sets / "test")),
-            point=ProbeConfig(**n, points_per_class=100),
-            token=TokenProbeConfig(**n),
-            log=lambda _: None,
-            fit_data=DataConfig(uri=str(sets / "val"), preprocess={"remove_led": True}),
-        )
+        probe("val", {}, remove_led=True)
 
 
 def test_the_command_line_refuses_overlapping_splits_before_running(sets, tmp_path):

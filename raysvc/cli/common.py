@@ -73,11 +73,12 @@ def batch_kwargs(a: argparse.Namespace) -> dict:
 
 # Whether this process ends with its command: true for the `raysvc` script and `python -m raysvc.cli` (main() with no
 # argv), false for a command run in process (`main([...])` from a test or a notebook), which must keep S3 usable.
-_process_ends_with_command = {"on": False}
+_process_ends_with_command = False
 
 
 def ends_with_command(on: bool) -> None:
-    _process_ends_with_command["on"] = on
+    global _process_ends_with_command
+    _process_ends_with_command = on
 
 
 def release_s3() -> None:
@@ -85,7 +86,7 @@ def release_s3() -> None:
     s3:// dataset once ("terminate called without an active exception", exit -6) after printing its result
     (apache/arrow#41087, #36346: S3 must be finalised after the last S3FileSystem is gone). Only where the process
     ends with the command: once finalised, S3 cannot be started again in that process."""
-    if "pyarrow.fs" not in sys.modules or not _process_ends_with_command["on"]:
+    if "pyarrow.fs" not in sys.modules or not _process_ends_with_command:
         return
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return  # Ray's driver may still hold filesystems (run storage); it shuts down at exit itself
