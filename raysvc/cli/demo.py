@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--events", type=int, default=2000)
     d.add_argument("--storage", choices=["seaweedfs", "file"], default="seaweedfs")
     d.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ingest check")
-    d.add_argument("--pretrain-steps", type=int, default=150, help="tiny Panda pretraining steps (0: skip)")
+    d.add_argument("--pretrain-steps", type=int, default=100, help="tiny Panda pretraining steps (0: skip)")
     d.add_argument(
         "--finetune-steps",
         type=int,

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +28,24 @@ from raysvc.data.contract.detectors import get_detector  # noqa: E402
 from raysvc.ray_init import init_ray
 
 
-def _stage(msg: str) -> None:
-    print(f"\n==> {msg}", flush=True)
+class _Stages:
+    """The demo's stages, each announced on the console and timed: summary.json's "stages_s" says where a run's
+    time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
+
+    def __call__(self, key: str, msg: str) -> None:
+        self.close()
+        print(f"\n==> {msg}", flush=True)
+        self._open = (key, time.perf_counter())
+
+    def close(self) -> None:
+        if self._open is not None:
+            key, t0 = self._open
+            self.seconds[key] = round(self.seconds.get(key, 0.0) + time.perf_counter() - t0, 1)
+            self._open = None
 
 
 def _plot(stats: dict, ingest: dict, out: Path) -> None:
@@ -88,7 +105,7 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
         f"run.name=pretrain-{steps}",
         f"train.steps={steps}",
         f"train.checkpoint_every={steps}",
-        f"probe.every={max(steps // 3, 1)}",
+        f"probe.every={max(steps // 2, 1)}",
         "probe.train_events=60",
         "probe.val_events=60",
         "train.log_every=25",
@@ -129,10 +146,11 @@ def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, lab
     return run_job(load_config(FinetuneConfig, job, sets))
 
 
-def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> dict:
+def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, meanwhile=lambda: None) -> dict:
     """`raysvc serve` on the fine-tuned model (127.0.0.1, a fresh bearer token); the held-out events over HTTP as
     JSON, one at a time; their answers compared with the same model run in process, and scored against the
-    labels."""
+    labels. The in-process answers and `meanwhile()` are worked out while the server starts (it is mostly idle
+    then: Ray and Serve coming up)."""
     import secrets
 
     import requests
@@ -154,16 +172,19 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20) -> 
     xyz, energy, labels = flat_coords(table), flat_values(table, "energy"), flat_values(table, "semantic")
     splits = np.cumsum(lengths)[:-1]
     evs = list(zip(np.split(xyz.astype(np.float32), splits), np.split(energy.astype(np.float32), splits), strict=True))
-    torch.set_num_threads(1)
-    seg = Segmenter(resolve(model_dir))
-    # one event per forward, as the endpoint runs requests that arrive one at a time: a batch of other sizes may
-    # round the last bits of a logit differently (matrix kernels block by size) and flip a near-tied point
-    local = [seg.predict_events([ev])[0] for ev in evs]
     token = secrets.token_hex(16)
     t0 = time.time()
-    with ServeProcess(
-        ["--checkpoint", model_dir, "--torch-threads", "1"], free_port(), token, work / "serve.log"
-    ) as srv:
+    server = ServeProcess(["--checkpoint", model_dir, "--torch-threads", "1"], free_port(), token, work / "serve.log")
+    with contextlib.ExitStack() as running:
+        srv = server.start()
+        running.callback(srv.stop)
+        torch.set_num_threads(1)
+        seg = Segmenter(resolve(model_dir))
+        # one event per forward, as the endpoint runs requests that arrive one at a time: a batch of other sizes may
+        # round the last bits of a logit differently (matrix kernels block by size) and flip a near-tied point
+        local = [seg.predict_events([ev])[0] for ev in evs]
+        meanwhile()
+        srv.wait_ready()
         up_s = time.time() - t0
         print(f"    endpoint {srv.url} up in {up_s:.0f}s; sending {len(evs)} held-out events as JSON")
         answers, latency = [], []
@@ -216,7 +237,7 @@ def run_demo(
     workers: int = 2,
     seed: int = 0,
     shard_events: int = 250,
-    pretrain_steps: int = 150,
+    pretrain_steps: int = 100,
     finetune_steps: int = 100,
     label_events: int = 100,
 ) -> dict:
@@ -236,9 +257,10 @@ def run_demo(
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    stage = _Stages()
     with contextlib.ExitStack() as stack:
         if storage == "seaweedfs":
-            _stage("starting SeaweedFS (S3) on 127.0.0.1")
+            stage("seaweedfs", "starting SeaweedFS (S3) on 127.0.0.1")
             server = stack.enter_context(SeaweedS3(data_dir=str(work / "seaweedfs")))
             os.environ.update(server.env())
             uri = "s3://raysvc-demo/events"
@@ -247,13 +269,13 @@ def run_demo(
             uri = (work / "events").as_uri()
         root = resolve(uri)
 
-        _stage(f"generating {events} synthetic LArTPC events (seed {seed}) into {uri}")
+        stage("generate", f"generating {events} synthetic LArTPC events (seed {seed}) into {uri}")
         t0 = time.time()
         manifest = generate_dataset(root, events, seed, shard_events, workers=os.cpu_count() or 1)
         t_gen = time.time() - t0
         print(f"    {manifest.events} events, {manifest.points:,} points, {len(manifest.shards)} shards, {t_gen:.1f}s")
 
-        _stage("dataset statistics vs PILArNet-M (checksums verified)")
+        stage("statistics", "dataset statistics vs PILArNet-M (checksums verified)")
         stats = inspect_dataset(root)
         for c in manifest.detector_spec.class_names:
             print(
@@ -262,11 +284,20 @@ def run_demo(
             )
         show_event(root, 0, str(work / "event0.png"))
 
-        _stage(f"streaming through Ray Data into {workers} Ray Train workers (DDP, gloo)")
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         if not ray.is_initialized():
+            stage("ray", "starting a private Ray on 127.0.0.1")
             init_ray(include_dashboard=False, logging_level="WARNING")
             stack.callback(ray.shutdown)
+        heldout = uri.rsplit("/", 1)[0] + "/heldout"
+        stage(
+            "ingest",
+            f"streaming through Ray Data into {workers} Ray Train workers (DDP, gloo); meanwhile generating 160"
+            f" held-out labelled events (seed {seed + 1000}) into {heldout}",
+        )
+        # the held-out set is written beside the ingest check, whose Train workers mostly wait on Ray Data
+        pool = stack.enter_context(ThreadPoolExecutor(1))
+        held = pool.submit(generate_dataset, resolve(heldout), 160, seed + 1000, 80, workers=1, show_progress=False)
         cfg = DataConfig(uri=uri, batch_events=8)
         stream = build_dataset(cfg)
         # Fractional CPUs per worker: on a 2-core machine whole CPUs would leave none for the read tasks (hang).
@@ -288,27 +319,34 @@ def run_demo(
         with result.checkpoint.as_directory() as d:
             ingest = json.loads(Path(d, "ingest.json").read_text())
         ledger = stream.report()
-
-        heldout = uri.rsplit("/", 1)[0] + "/heldout"
-        _stage(f"generating 160 held-out labelled events (seed {seed + 1000}) into {heldout}")
-        generate_dataset(resolve(heldout), 160, seed + 1000, 80, workers=1, show_progress=False)
-        _stage(
+        held.result()
+        stage(
+            "pretrain",
             f"Panda pretraining of the tiny PTv3: {pretrain_steps} steps on {uri} (2 Train workers), linear probe "
-            "on frozen features vs the random initialisation"
+            "on frozen features vs the random initialisation",
         )
         pretrain = _pretrain(uri, heldout, work, pretrain_steps) if pretrain_steps else None
         finetune = serving = view = None
         if pretrain is not None and finetune_steps:
-            _stage(
+            stage(
+                "finetune",
                 f"fine-tuning the pretrained backbone (fft) on {label_events} labelled events for {finetune_steps}"
-                f" steps, validated on the held-out events"
+                f" steps, validated on the held-out events",
             )
             finetune = _finetune(uri, heldout, pretrain["uri"], work, finetune_steps, label_events)
-            _stage("serving the fine-tuned model over HTTP (raysvc serve: Ray Serve, bearer token, 127.0.0.1)")
-            serving = _serve_check(finetune["uri"], heldout, work)
-            _stage("an interactive event display of the fine-tuned model's predictions (raysvc display)")
-            view = _display(finetune["uri"], work, seed)
+            stage(
+                "serve",
+                "serving the fine-tuned model over HTTP (raysvc serve: Ray Serve, bearer token, 127.0.0.1); while it"
+                " starts, an interactive event display of its predictions (raysvc display)",
+            )
+            shown = []
+            serving = _serve_check(
+                finetune["uri"], heldout, work, meanwhile=lambda: shown.append(_display(finetune["uri"], work, seed))
+            )
+            view = shown[0]
             print(f"    wrote {view}: open it in a browser (truth, prediction, errors per point; offline)")
+        stage("shutdown", "stopping Ray and SeaweedFS")
+    stage.close()
 
     ok = ingest["events"] == ingest["unique_events"] == ledger["events_out"]
     summary = {
@@ -358,11 +396,12 @@ def run_demo(
         },
         "serve": serving,
         "display": None if view is None else str(view),
+        "stages_s": stage.seconds,
         "total_s": round(time.time() - t_start, 1),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(stats, ingest, work / "summary.png")
-    _stage("summary")
+    print("\n==> summary", flush=True)
     print(
         f"    events generated {manifest.events}; after cuts {ledger['events_out']} "
         f"(min-points cut {ledger['cut_min_points']}, bad skipped {ledger['skipped_bad_total']})"
@@ -402,7 +441,8 @@ def run_demo(
         )
     wrote = [work / "summary.json", work / "summary.png", work / "event0.png", *([view] if view else [])]
     print(f"    wrote {', '.join(map(str, wrote))}")
-    print(f"    total {summary['total_s']}s -> {'OK' if ok else 'MISMATCH'}")
+    took = ", ".join(f"{k} {v:.0f}" for k, v in stage.seconds.items())
+    print(f"    total {summary['total_s']}s ({took} s) -> {'OK' if ok else 'MISMATCH'}")
     if not ok:
         raise RuntimeError(f"demo: delivered {ingest['events']} events, expected {ledger['events_out']}")
     if serving is not None and serving["identical_to_in_process"] != serving["events"]:

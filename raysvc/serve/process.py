@@ -70,6 +70,12 @@ class ServeProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServeProcess:
+        self.start()
+        return self.wait_ready()
+
+    def start(self) -> ServeProcess:
+        """Launch the server and return at once: a caller with other work does it while the server comes up, then
+        calls `wait_ready` (a `with` block does both)."""
         raysvc = str(Path(sys.executable).parent / "raysvc")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -79,6 +85,11 @@ class ServeProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        return self
+
+    def wait_ready(self) -> ServeProcess:
+        """Block until the started server answers /healthz; stop it and raise with its log's tail if it dies or
+        `start_timeout_s` passes first."""
         try:
             if not wait_until_healthy(self.url, self.start_timeout_s, lambda: self.proc.poll() is None):
                 raise RuntimeError(f"raysvc serve did not come up:\n{self.log_path.read_text()[-4000:]}")
