@@ -10,7 +10,9 @@ from raysvc.cli.common import keywords
 def cmd_demo(a: argparse.Namespace) -> None:
     from raysvc.demo import run_demo
 
-    run_demo(**keywords(a, ("workdir", "events", "storage", "workers", "pretrain_steps", "finetune_steps")))
+    run_demo(
+        **keywords(a, ("workdir", "events", "storage", "workers", "pretrain_steps", "finetune_steps", "probe_events"))
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,5 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=100,
         help="fine-tuning steps of the pretrained backbone on 100 labelled events, then serving it (0: skip both)",
+    )
+    d.add_argument(
+        "--probe-events",
+        type=int,
+        default=60,
+        help="held-out events the pretraining's linear probe fits on, and as many again that it scores (of the 160"
+        " generated, about 130 pass the cuts)",
     )
     d.set_defaults(fn=cmd_demo)

@@ -92,7 +92,7 @@ def _job(name: str) -> Path:
     return job
 
 
-def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
+def _pretrain(uri: str, heldout: str, work: Path, steps: int, probe_events: int) -> dict:
     """Tiny Panda on the demo events, probe at step 0 (random init), mid-way and at the end."""
     from raysvc.config import load_config
     from raysvc.train.driver import run_job
@@ -106,8 +106,8 @@ def _pretrain(uri: str, heldout: str, work: Path, steps: int) -> dict:
         f"train.steps={steps}",
         f"train.checkpoint_every={steps}",
         f"probe.every={max(steps // 2, 1)}",
-        "probe.train_events=60",
-        "probe.val_events=60",
+        f"probe.train_events={probe_events}",
+        f"probe.val_events={probe_events}",
         "train.log_every=25",
         "train.monitor_every=25",
         # the job file's lr, views and momentum are set for 880 steps; over 150 these gained more (README)
@@ -240,6 +240,7 @@ def run_demo(
     pretrain_steps: int = 100,
     finetune_steps: int = 100,
     label_events: int = 100,
+    probe_events: int = 60,
 ) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -325,7 +326,7 @@ def run_demo(
             f"Panda pretraining of the tiny PTv3: {pretrain_steps} steps on {uri} (2 Train workers), linear probe "
             "on frozen features vs the random initialisation",
         )
-        pretrain = _pretrain(uri, heldout, work, pretrain_steps) if pretrain_steps else None
+        pretrain = _pretrain(uri, heldout, work, pretrain_steps, probe_events) if pretrain_steps else None
         finetune = serving = view = None
         if pretrain is not None and finetune_steps:
             stage(
