@@ -89,34 +89,39 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
     assert record["outputs"] == ["energy"] and record["method"] == "energy" and record["heads"]["energy"]["hidden"]
     assert (model / "energy_head.safetensors").exists()
 
-    # predict: the plug-in's column, equal to the same export loaded in process
-    _raysvc("predict", "--model", str(model), "--data", str(val), "--out", str(tmp_path / "preds"))
-    info = json.loads((tmp_path / "preds" / "manifest.json").read_text())
-    assert info["deposited_energy_unit"] == "MeV"
-    preds = pa.concat_tables([pq.read_table(tmp_path / "preds" / f) for f in info["files"]])
-    assert preds.schema.field("deposited_energy").type == pa.float32()
-    import tests.plugins.energy_head  # noqa: F401  (registers the head in this process too)
-    from raysvc.inference.segmenter import Segmenter
-
-    seg = Segmenter(resolve(str(model)))
-    table = pa.concat_tables([read_shard(resolve(str(val)), r) for r in load_manifest(resolve(str(val))).shards])
-    want = seg.predict(table)
-    np.testing.assert_allclose(
-        preds.column("deposited_energy").to_numpy(), [10.0 ** e["energy"] - 1 for e in want], rtol=1e-4
-    )
-    assert [list(p) for p in preds.column("pred").to_pylist()] == [e["pred"].tolist() for e in want]
-
-    # evaluate: the plug-in's figure beside the segmentation metrics
-    got = json.loads(_raysvc("evaluate", "--model", str(model), "--data", str(val)).stdout)
-    assert got["deposited_energy_mae_log10"] >= 0 and "miou" in got
-
-    # serve: the field in the answer and in the OpenAPI schema
-    row = table.slice(0, 1).to_pylist()[0]
-    body = {"points": row["coord"], "energies": row["energy"]}
+    # the endpoint comes up (its own Ray and Serve) while predict and evaluate run
     env = {**ENV, "RAYSVC_SERVE_TOKEN": TOKEN}
-    srv = ServeProcess(["--model", f"e={model}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "s.log", env)
-    with srv:
-        r = requests.post(f"{srv.url}/v1/segment", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+    server = ServeProcess(
+        ["--model", f"e={model}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "s.log", env
+    )
+    with server.launched() as srv:
+        # predict: the plug-in's column, equal to the same export loaded in process
+        _raysvc("predict", "--model", str(model), "--data", str(val), "--out", str(tmp_path / "preds"))
+        info = json.loads((tmp_path / "preds" / "manifest.json").read_text())
+        assert info["deposited_energy_unit"] == "MeV"
+        preds = pa.concat_tables([pq.read_table(tmp_path / "preds" / f) for f in info["files"]])
+        assert preds.schema.field("deposited_energy").type == pa.float32()
+        import tests.plugins.energy_head  # noqa: F401  (registers the head in this process too)
+        from raysvc.inference.segmenter import Segmenter
+
+        seg = Segmenter(resolve(str(model)))
+        table = pa.concat_tables([read_shard(resolve(str(val)), r) for r in load_manifest(resolve(str(val))).shards])
+        want = seg.predict(table)
+        np.testing.assert_allclose(
+            preds.column("deposited_energy").to_numpy(), [10.0 ** e["energy"] - 1 for e in want], rtol=1e-4
+        )
+        assert [list(p) for p in preds.column("pred").to_pylist()] == [e["pred"].tolist() for e in want]
+
+        # evaluate: the plug-in's figure beside the segmentation metrics
+        got = json.loads(_raysvc("evaluate", "--model", str(model), "--data", str(val)).stdout)
+        assert got["deposited_energy_mae_log10"] >= 0 and "miou" in got
+
+        # serve: the field in the answer and in the OpenAPI schema
+        row = table.slice(0, 1).to_pylist()[0]
+        body = {"points": row["coord"], "energies": row["energy"]}
+        srv.wait_ready()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = requests.post(f"{srv.url}/v1/segment", json=body, headers=auth, timeout=120)
         assert r.status_code == 200, r.text
         answer = r.json()
         assert answer["deposited_energy"]["log10_mev"] == pytest.approx(want[0]["energy"], rel=1e-4)
@@ -124,7 +129,7 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
         schema = requests.get(f"{srv.url}/openapi.json", timeout=30).json()
         props = schema["components"]["schemas"]["SegmentResponse"]["properties"]
         assert "deposited_energy" in props and "instances" in props and "event" in props
-        models = requests.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        models = requests.get(f"{srv.url}/v1/models", headers=auth, timeout=30)
         assert models.json()["models"][0]["outputs"] == ["energy"]
 
 

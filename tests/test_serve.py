@@ -120,31 +120,30 @@ def _offline(model_dir: Path, events, tmp_path: Path) -> list[np.ndarray]:
 
 def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(server, events, tmp_path):
     url = server["url"]
+    offline = {model: _offline(server[model], events, tmp_path) for model in ("a", "b")}
     for model in ("a", "b"):
-        offline = _offline(server[model], events, tmp_path)
-        for (points, energies), want in zip(events, offline, strict=True):
+        for (points, energies), want in zip(events, offline[model], strict=True):
             r = _post(url, _json(points, energies), model=model)
             assert r.status_code == 200, r.text
             got = r.json()
             assert got["model"] == model and got["num_points"] == len(points)
             assert np.array_equal(np.asarray(got["classes"], np.int8), want)
             assert set(got["timing_ms"]) == {"receive", "parse", "infer", "total"}
-    a_offline = _offline(server["a"], events, tmp_path)
     assert any(
-        not np.array_equal(x, y) for x, y in zip(a_offline, _offline(server["b"], events, tmp_path), strict=True)
+        not np.array_equal(x, y) for x, y in zip(offline["a"], offline["b"], strict=True)
     )  # the two models really differ
 
     points, energies = events[0]
     buf = io.BytesIO()
     np.savez(buf, points=points, energies=energies)
     r = _post(url, buf.getvalue(), "application/x-npz")
-    assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["classes"], np.int8), a_offline[0])
+    assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["classes"], np.int8), offline["a"][0])
     table = pa.table({"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "energy": energies})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     r = _post(url, sink.getvalue().to_pybytes(), "application/vnd.apache.arrow.stream")
-    assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["classes"], np.int8), a_offline[0])
+    assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["classes"], np.int8), offline["a"][0])
     assert r.json()["model"] == "a"  # the default: the first model given
 
     # probabilities: softmax rows that sum to 1 and agree with the classes; none below the energy threshold
@@ -158,7 +157,7 @@ def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(
     # concurrent requests go through the batcher (several events per forward) and still match one by one
     with ThreadPoolExecutor(8) as pool:
         rs = list(pool.map(lambda ev: _post(url, _json(*ev)), events * 3))
-    for r, want in zip(rs, a_offline * 3, strict=True):
+    for r, want in zip(rs, offline["a"] * 3, strict=True):
         assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["classes"], np.int8), want)
 
 

@@ -96,18 +96,20 @@ def fine_tune_predict_serve(tmp_path: Path, shape: dict) -> None:
     cfg = ModelSpec(**record["model"]).backbone_config()  # the imported encoder's, not the job file's tiny PTv3
     assert cfg == preset("base", **shape, serialization_depth="batch", in_channels=4)
 
-    # back to pimm's layout (a DefaultSegmentorV2), which predicts and serves directly
+    # back to pimm's layout (a DefaultSegmentorV2), which predicts and serves directly; the endpoint comes up while
+    # the predictions run
     _raysvc("weights", "export", str(run), "--format", "pimm", "--out", str(tmp_path / "ft-pimm"))
-    _raysvc("predict", "--model", str(tmp_path / "ft-pimm"), "--data", str(val), "--out", str(tmp_path / "preds"))
-    _raysvc("predict", "--model", str(run), "--data", str(val), "--out", str(tmp_path / "preds-run"))
-    for name in ("preds", "preds-run"):
-        assert json.loads((tmp_path / name / "manifest.json").read_text())["events"] == 4
-    table = pa.concat_tables([read_shard(resolve(str(val)), r) for r in load_manifest(resolve(str(val))).shards])
-    row = table.slice(0, 1).to_pylist()[0]
-    srv = ServeProcess(
+    server = ServeProcess(
         ["--model", f"panda={tmp_path / 'ft-pimm'}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "serve.log"
     )
-    with srv:
+    with server.launched() as srv:
+        _raysvc("predict", "--model", str(tmp_path / "ft-pimm"), "--data", str(val), "--out", str(tmp_path / "preds"))
+        _raysvc("predict", "--model", str(run), "--data", str(val), "--out", str(tmp_path / "preds-run"))
+        for name in ("preds", "preds-run"):
+            assert json.loads((tmp_path / name / "manifest.json").read_text())["events"] == 4
+        table = pa.concat_tables([read_shard(resolve(str(val)), r) for r in load_manifest(resolve(str(val))).shards])
+        row = table.slice(0, 1).to_pylist()[0]
+        srv.wait_ready()
         r = requests.post(
             f"{srv.url}/v1/segment",
             json={"points": row["coord"], "energies": row["energy"]},

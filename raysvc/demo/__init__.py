@@ -175,9 +175,7 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, mea
     token = secrets.token_hex(16)
     t0 = time.time()
     server = ServeProcess(["--checkpoint", model_dir, "--torch-threads", "1"], free_port(), token, work / "serve.log")
-    with contextlib.ExitStack() as running:
-        srv = server.start()
-        running.callback(srv.stop)
+    with server.launched() as srv:
         torch.set_num_threads(1)
         seg = Segmenter(resolve(model_dir))
         # one event per forward, as the endpoint runs requests that arrive one at a time: a batch of other sizes may

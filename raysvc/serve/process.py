@@ -8,11 +8,13 @@ an idle server, against 6 s now, idle or after 600 requests at concurrency 16)."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -86,6 +88,16 @@ class ServeProcess:
             start_new_session=True,
         )
         return self
+
+    @contextlib.contextmanager
+    def launched(self) -> Iterator[ServeProcess]:
+        """The server started but not yet waited for: work in the block overlaps its start (Ray and Serve coming up,
+        mostly idle); call `wait_ready` before the first request. Stopped when the block ends, however it ends."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
 
     def wait_ready(self) -> ServeProcess:
         """Block until the started server answers /healthz; stop it and raise with its log's tail if it dies or
