@@ -103,53 +103,57 @@ def test_panoptic_finetune_reports_instance_metrics_resumes_exactly_and_predicts
     want, record = load_export(resolve(str(tmp_path / "straight")))
     assert record.kind == "panoptic" and set(record.instances) == {"particle", "interaction"}
 
-    # no retries: the run fails at step 3; running it again resumes from the step-2 checkpoint, same weights
-    cfg = _cfg(pan_data, tmp_path, "rerun")
-    with pytest.raises(TrainingFailedError):
-        run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})
-    run_job(cfg, log=quiet)
-    got, _ = load_export(resolve(str(tmp_path / "rerun")))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-
+    # the endpoint of the straight run comes up (its own Ray and Serve) while the rerun, predict and evaluate run
     model = tmp_path / "straight"
-    info = predict_dataset(
-        resolve(str(model)), resolve(str(pan_data / "val")), resolve(str(tmp_path / "preds")), batch_events=1
-    )
-    assert info["events"] == 8
-    table = pq.read_table(tmp_path / "preds" / info["files"][0])
-    assert {"pred", "instance", "instance_class", "interaction", "instances"} <= set(table.column_names)
-    # an empty input shard gets an empty file with the same columns (one schema for the whole output)
-    assert table.schema == preds_schema(record, ["instances"])
-    for row in table.to_pylist():
-        inst, cls = np.array(row["instance"]), np.array(row["instance_class"])
-        assert len(inst) == len(cls) == len(row["pred"]) == row["num_points"]
-        for item in row["instances"]:  # the list and the per-point columns agree
-            assert (inst == item["id"]).sum() == item["points"] and set(cls[inst == item["id"]]) == {item["class"]}
-            # the regression outputs, decoded: |p| > 0, a unit direction, a start point in voxel coordinates
-            assert item["momentum"] > 0 and np.linalg.norm(item["direction"]) == pytest.approx(1, abs=1e-4)
-            assert np.all(np.isfinite(item["vertex"]))
-        assert set(inst[inst >= 0]) == {i["id"] for i in row["instances"]}
-        assert np.all(cls[inst < 0] == -1)
+    server = ServeProcess(["--model", f"p={model}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "s.log")
+    with server.launched() as srv:
+        # no retries: the run fails at step 3; running it again resumes from the step-2 checkpoint, same weights
+        cfg = _cfg(pan_data, tmp_path, "rerun")
+        with pytest.raises(TrainingFailedError):
+            run_job(cfg, log=quiet, fault={"step": 3, "marker": str(tmp_path / "fault")})
+        run_job(cfg, log=quiet)
+        got, _ = load_export(resolve(str(tmp_path / "rerun")))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
-    # the event display of true vs predicted instances draws from the dataset and these predictions
-    png = show_instances(
-        resolve(str(pan_data / "val")),
-        resolve(str(tmp_path / "preds")),
-        table["event_id"][0].as_py(),
-        str(tmp_path / "ev.png"),
-    )
-    assert Path(png).stat().st_size > 20_000
+        info = predict_dataset(
+            resolve(str(model)), resolve(str(pan_data / "val")), resolve(str(tmp_path / "preds")), batch_events=1
+        )
+        assert info["events"] == 8
+        table = pq.read_table(tmp_path / "preds" / info["files"][0])
+        assert {"pred", "instance", "instance_class", "interaction", "instances"} <= set(table.column_names)
+        # an empty input shard gets an empty file with the same columns (one schema for the whole output)
+        assert table.schema == preds_schema(record, ["instances"])
+        for row in table.to_pylist():
+            inst, cls = np.array(row["instance"]), np.array(row["instance_class"])
+            assert len(inst) == len(cls) == len(row["pred"]) == row["num_points"]
+            for item in row["instances"]:  # the list and the per-point columns agree
+                assert (inst == item["id"]).sum() == item["points"] and set(cls[inst == item["id"]]) == {item["class"]}
+                # the regression outputs, decoded: |p| > 0, a unit direction, a start point in voxel coordinates
+                assert item["momentum"] > 0 and np.linalg.norm(item["direction"]) == pytest.approx(1, abs=1e-4)
+                assert np.all(np.isfinite(item["vertex"]))
+            assert set(inst[inst >= 0]) == {i["id"] for i in row["instances"]}
+            assert np.all(cls[inst < 0] == -1)
 
-    # evaluate: each validation rank packed one shard's events (after cuts) into one batch, as evaluate's chunks of
-    # 4 events are: the same instance metrics as the run's last validation
-    ev = evaluate_dataset(resolve(str(model)), resolve(str(pan_data / "val")), batch_events=4)
-    for task in ("particle", "interaction"):
-        assert ev[task]["counts"] == val[task]["counts"]
-        assert ev[task]["pq"] == pytest.approx(val[task]["pq"]) and ev[task]["ari"] == pytest.approx(val[task]["ari"])
+        # the event display of true vs predicted instances draws from the dataset and these predictions
+        png = show_instances(
+            resolve(str(pan_data / "val")),
+            resolve(str(tmp_path / "preds")),
+            table["event_id"][0].as_py(),
+            str(tmp_path / "ev.png"),
+        )
+        assert Path(png).stat().st_size > 20_000
 
-    # the endpoint answers the same instances as predict (one event per request, one per predict chunk above)
-    events = pq.read_table(pan_data / "val" / "events-00000.parquet").to_pylist()
-    with ServeProcess(["--model", f"p={model}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "s.log") as srv:
+        # evaluate: each validation rank packed one shard's events (after cuts) into one batch, as evaluate's chunks of
+        # 4 events are: the same instance metrics as the run's last validation
+        ev = evaluate_dataset(resolve(str(model)), resolve(str(pan_data / "val")), batch_events=4)
+        for task in ("particle", "interaction"):
+            assert ev[task]["counts"] == val[task]["counts"]
+            assert ev[task]["pq"] == pytest.approx(val[task]["pq"])
+            assert ev[task]["ari"] == pytest.approx(val[task]["ari"])
+
+        # the endpoint answers the same instances as predict (one event per request, one per predict chunk above)
+        events = pq.read_table(pan_data / "val" / "events-00000.parquet").to_pylist()
+        srv.wait_ready()
         for ev, row in zip(events, table.to_pylist(), strict=True):
             body = {"points": ev["coord"], "energies": ev["energy"]}
             r = requests.post(
