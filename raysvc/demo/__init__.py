@@ -28,6 +28,10 @@ from raysvc.data.contract.detectors import get_detector  # noqa: E402
 from raysvc.ray_init import init_ray
 
 
+def _stage(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
 class _Stages:
     """The demo's stages, each announced on the console and timed: summary.json's "stages_s" says where a run's
     time went."""
@@ -38,13 +42,13 @@ class _Stages:
 
     def __call__(self, key: str, msg: str) -> None:
         self.close()
-        print(f"\n==> {msg}", flush=True)
+        _stage(msg)
         self._open = (key, time.perf_counter())
 
     def close(self) -> None:
         if self._open is not None:
             key, t0 = self._open
-            self.seconds[key] = round(self.seconds.get(key, 0.0) + time.perf_counter() - t0, 1)
+            self.seconds[key] = round(time.perf_counter() - t0, 1)
             self._open = None
 
 
@@ -146,11 +150,11 @@ def _finetune(uri: str, heldout: str, backbone: str, work: Path, steps: int, lab
     return run_job(load_config(FinetuneConfig, job, sets))
 
 
-def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, meanwhile=lambda: None) -> dict:
+def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, meanwhile=lambda: None) -> tuple:
     """`raysvc serve` on the fine-tuned model (127.0.0.1, a fresh bearer token); the held-out events over HTTP as
     JSON, one at a time; their answers compared with the same model run in process, and scored against the
     labels. The in-process answers and `meanwhile()` are worked out while the server starts (it is mostly idle
-    then: Ray and Serve coming up)."""
+    then: Ray and Serve coming up). Returns (the check's figures, what `meanwhile()` returned)."""
     import secrets
 
     import requests
@@ -181,7 +185,7 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, mea
         # one event per forward, as the endpoint runs requests that arrive one at a time: a batch of other sizes may
         # round the last bits of a logit differently (matrix kernels block by size) and flip a near-tied point
         local = [seg.predict_events([ev])[0] for ev in evs]
-        meanwhile()
+        alongside = meanwhile()
         srv.wait_ready()
         up_s = time.time() - t0
         print(f"    endpoint {srv.url} up in {up_s:.0f}s; sending {len(evs)} held-out events as JSON")
@@ -201,7 +205,7 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, mea
         torch.from_numpy(pred[scored]).long(), torch.from_numpy(labels[scored].astype(np.int64))
     )
     metrics = compute(cm.matrix, class_names)
-    return {
+    figures = {
         "events": len(evs),
         "identical_to_in_process": same,
         "startup_s": round(up_s, 1),
@@ -209,6 +213,7 @@ def _serve_check(model_dir: str, heldout: str, work: Path, events: int = 20, mea
         "miou": metrics["miou"],
         "f1": metrics["f1"],
     }
+    return figures, alongside
 
 
 def _display(model_dir: str, work: Path, seed: int, events: int = 6) -> Path:
@@ -338,11 +343,9 @@ def run_demo(
                 "serving the fine-tuned model over HTTP (raysvc serve: Ray Serve, bearer token, 127.0.0.1); while it"
                 " starts, an interactive event display of its predictions (raysvc display)",
             )
-            shown = []
-            serving = _serve_check(
-                finetune["uri"], heldout, work, meanwhile=lambda: shown.append(_display(finetune["uri"], work, seed))
+            serving, view = _serve_check(
+                finetune["uri"], heldout, work, meanwhile=lambda: _display(finetune["uri"], work, seed)
             )
-            view = shown[0]
             print(f"    wrote {view}: open it in a browser (truth, prediction, errors per point; offline)")
         stage("shutdown", "stopping Ray and SeaweedFS")
     stage.close()
@@ -400,7 +403,7 @@ def run_demo(
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(stats, ingest, work / "summary.png")
-    print("\n==> summary", flush=True)
+    _stage("summary")
     print(
         f"    events generated {manifest.events}; after cuts {ledger['events_out']} "
         f"(min-points cut {ledger['cut_min_points']}, bad skipped {ledger['skipped_bad_total']})"
