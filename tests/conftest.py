@@ -123,3 +123,38 @@ def tiny_finetune_sets(train, val, storage, name: str, steps: int) -> list[str]:
         "val_data.read_cpus=0.25",
     ]
     return [arg for s in sets for arg in ("--set", s)]
+
+
+class Commands:
+    """`raysvc` commands started at once, each writing to its own log file (a pipe could fill and block it). Most of
+    a short command is starting Python and its private Ray, so commands that do not need each other's output overlap
+    instead of queueing. Leaving the `with` block stops whatever still runs: a failed assertion leaves none behind."""
+
+    def __init__(self, logdir):
+        self.logdir, self.procs = logdir, {}
+
+    def start(self, name: str, *args: str, env: dict | None = None) -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        with open(self.logdir / f"{name}.log", "w") as log:
+            cmd = [str(Path(sys.executable).parent / "raysvc"), *args]
+            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def finished(self, name: str, ok: bool = True, timeout: float = 600) -> str:
+        """Waits for the command; asserts that it succeeded (or, ok=False, that it failed); returns what it printed."""
+        proc = self.procs[name]
+        proc.wait(timeout=timeout)
+        text = (self.logdir / f"{name}.log").read_text()
+        assert (proc.returncode == 0) == ok, f"raysvc {name} exited {proc.returncode}:\n{text[-4000:]}"
+        return text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)

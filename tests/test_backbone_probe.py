@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raysvc.storage import resolve
+from tests.conftest import Commands
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 
@@ -51,44 +52,55 @@ def test_cli_probe_of_a_random_ptv3_matches_the_online_probe(val_data, tmp_path)
     from raysvc.train.probe import ProbeConfig, run_probe
     from raysvc.train.tasks.panda import probe_batches
 
-    def probe(out, *extra: str) -> dict:
-        cmd = [RAYSVC, "probe", "--random", "ptv3", "--center-events", "--data", str(val_data), "--seed", "3"]
-        cmd += ["--train-events", "5", "--val-events", "5", "--out", str(out), *extra]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
-        return json.loads(out.read_text())
+    def probe(name: str, *extra: str) -> None:
+        args = ["probe", "--random", "ptv3", "--center-events", "--data", str(val_data), "--seed", "3"]
+        commands.start(name, *args, "--train-events", "5", "--val-events", "5", "--out", str(out[name]), *extra)
 
-    got = probe(tmp_path / "probe.json", "--actors", "1")
+    def result(name: str) -> dict:
+        commands.finished(name)
+        return json.loads(out[name].read_text())
 
-    assert got["backbone"] == {"init": None, "method": "random", "arch": "ptv3", "size": "tiny", "center_events": True}
-    assert got["token"]["classes"] == ["shower", "track", "michel", "delta"]
-    assert got["token"]["tokens"]["train"] > 100 and got["token"]["mean_f1"] is not None
+    # the three runs (each its own private Ray) at once, beside the in-process reference: most of a run is starting
+    out = {name: tmp_path / f"{name}.json" for name in ("probe", "local", "fit")}
+    with Commands(tmp_path) as commands:
+        probe("probe", "--actors", "1")
+        probe("local", "--actors", "0")  # Ray tasks read, features in process
+        probe("fit", "--actors", "0", "--fit-data", str(val_data))
+        # the same seeded encoder through the online probe's own code path
+        torch.manual_seed(3)
+        backbone = PTv3(preset("tiny"))
+        cfg = DataConfig(uri=str(val_data))
+        train, val = probe_batches(DirectStream(cfg).tables(), 5, 5, "val")
+        pre = cfg.preprocess  # as the stream resolved it against the dataset's detector
+        cpu = torch.device("cpu")
+        names = list(get_detector("lartpc").class_names)
+        want = run_probe(
+            backbone,
+            train,
+            val,
+            lambda b: model_inputs(b, pre.center, pre.scale, 1.0, cpu, True),
+            cpu,
+            ProbeConfig(train_events=5, val_events=5),
+            names,
+            seed=3,
+        )
+        got = result("probe")
+        assert got["backbone"] == {
+            "init": None,
+            "method": "random",
+            "arch": "ptv3",
+            "size": "tiny",
+            "center_events": True,
+        }
+        assert got["token"]["classes"] == ["shower", "track", "michel", "delta"]
+        assert got["token"]["tokens"]["train"] > 100 and got["token"]["mean_f1"] is not None
+        assert got["point"]["miou"] == pytest.approx(want["miou"], abs=1e-9)
 
-    # the same seeded encoder through the online probe's own code path
-    torch.manual_seed(3)
-    backbone = PTv3(preset("tiny"))
-    cfg = DataConfig(uri=str(val_data))
-    train, val = probe_batches(DirectStream(cfg).tables(), 5, 5, "val")
-    pre = cfg.preprocess  # as the stream resolved it against the dataset's detector
-    cpu = torch.device("cpu")
-    names = list(get_detector("lartpc").class_names)
-    want = run_probe(
-        backbone,
-        train,
-        val,
-        lambda b: model_inputs(b, pre.center, pre.scale, 1.0, cpu, True),
-        cpu,
-        ProbeConfig(train_events=5, val_events=5),
-        names,
-        seed=3,
-    )
-    assert got["point"]["miou"] == pytest.approx(want["miou"], abs=1e-9)
-
-    local = probe(tmp_path / "local.json", "--actors", "0")  # Ray tasks read, features in process: the same numbers
-    assert local["point"] == got["point"] and local["token"] == got["token"]
-    # fitted on another set's first events (here the same set: its first 5, which the scored events then are too)
-    fitted = probe(tmp_path / "fit.json", "--actors", "0", "--fit-data", str(val_data))
-    assert fitted["fit_data"] == str(val_data) and fitted["point"] != local["point"]
+        local = result("local")  # features in process: the same numbers
+        assert local["point"] == got["point"] and local["token"] == got["token"]
+        # fitted on another set's first events (here the same set: its first 5, which the scored events then are too)
+        fitted = result("fit")
+        assert fitted["fit_data"] == str(val_data) and fitted["point"] != local["point"]
 
     p = subprocess.run([RAYSVC, "probe", "--data", str(val_data)], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--random" in p.stderr  # neither an export nor --random

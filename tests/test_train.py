@@ -19,7 +19,7 @@ from raysvc.data.streaming.config import DataConfig
 from raysvc.data.streaming.pipeline import DirectStream
 from raysvc.storage import resolve
 from raysvc.train.tasks.segmentation import FinetuneConfig
-from tests.conftest import generate_train_val
+from tests.conftest import Commands, generate_train_val
 
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
 CLASS_NAMES = LARTPC.class_names
@@ -115,98 +115,73 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # run.keep_checkpoints
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # wandb offline run of rank 0, beside the runs
 
-    # the exported weights, evaluated here on every validation event, give the metrics the two workers reported
-    state, record = load_export(resolve(str(run)))
-    assert record.kind == "segmenter" and record.detector == "lartpc" and record.class_names == list(CLASS_NAMES)
-    model = record.build()
-    model.load_state_dict(state)
-    model.eval()
-    cm = ConfusionMatrix(len(CLASS_NAMES))
-    pre = record.preprocess  # the run's, as its export states it
-    with torch.no_grad():
-        for batch in DirectStream(DataConfig(uri=str(seg_data / "val"))).iter_packed(4):
-            x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
-            cm.update(model(x["feat"], x["coord"], x["grid_coord"], x["offset"]).argmax(1)[x["inverse"]], x["labels"])
-    offline = compute(cm.matrix, CLASS_NAMES)
-    assert offline["confusion"] == summary["val"]["confusion"]
-    assert offline["miou"] == pytest.approx(summary["val"]["miou"])
-
-    # raysvc predict: every input point gets a class (-1 below the energy threshold), in the input's order; over
-    # the events that pass the training cuts it agrees with the metrics above
+    # raysvc predict, evaluate and evaluate on a missing GPU, started at once (each starts its own Ray, most of its
+    # time), while the exported weights are evaluated here
     out = tmp_path / "preds"
-    p = subprocess.run(
-        [
-            RAYSVC,
-            "predict",
-            "--model",
-            str(run),
-            "--data",
-            str(seg_data / "val"),
-            "--out",
-            str(out),
-            "--batch-events",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raysvc.data.contract.schema import flat_values
-    from raysvc.data.streaming.shards import load_manifest, read_shard
-
-    val = resolve(str(seg_data / "val"))
-    inputs = pa.concat_tables([read_shard(val, r) for r in load_manifest(val).shards])
-    preds = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("preds-*.parquet"))])
-    assert preds.column("event_id").to_pylist() == inputs.column("event_id").to_pylist()
-    assert preds.column("num_points").to_pylist() == inputs.column("num_points").to_pylist()
-    pred = preds.column("pred").combine_chunks().flatten().to_numpy()
-    energy, sem = flat_values(inputs, "energy"), flat_values(inputs, "semantic")
-    assert ((pred == -1) == (energy <= pre.energy_threshold)).all()
-    counts = np.diff(np.concatenate([[0], np.cumsum(inputs.column("num_points").to_numpy())]))
-    event_of_point = np.repeat(np.arange(inputs.num_rows), counts)
-    kept_per_event = np.bincount(event_of_point, weights=energy > pre.energy_threshold, minlength=inputs.num_rows)
-    mask = (energy > pre.energy_threshold) & (kept_per_event[event_of_point] >= pre.min_points)
-    again = ConfusionMatrix(len(CLASS_NAMES)).update(
-        torch.from_numpy(pred[mask].astype(np.int64)), torch.from_numpy(sem[mask].astype(np.int64))
-    )
-    assert again.matrix.tolist() == summary["val"]["confusion"]
-
-    # raysvc evaluate: the same events, the same confusion as the run's own validation, and the cut counted
-    p = subprocess.run(
-        [
-            RAYSVC,
-            "evaluate",
-            "--model",
-            str(run),
-            "--data",
-            str(seg_data / "val"),
-            "--batch-events",
-            "3",
-            "--out",
-            str(tmp_path / "eval.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr
-    ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["confusion"] == summary["val"]["confusion"] and ev["miou"] == pytest.approx(summary["val"]["miou"])
-    scored = int((kept_per_event >= pre.min_points).sum())
-    assert ev["events"]["events_read"] == inputs.num_rows and ev["events"]["events_out"] == scored
-    assert ev["events"]["cut_min_points"] == inputs.num_rows - scored
+    val_uri = str(seg_data / "val")
+    cmds = {
+        "predict": ["predict", "--model", str(run), "--data", val_uri, "--out", str(out), "--batch-events", "5"],
+        "evaluate": ["evaluate", "--model", str(run), "--data", val_uri, "--batch-events", "3"],
+    }
+    cmds["evaluate"] += ["--out", str(tmp_path / "eval.json")]
     if not torch.cuda.is_available():  # asking for a GPU that is not there is an error naming the device
-        p = subprocess.run(
-            [RAYSVC, "evaluate", "--model", str(run), "--data", str(seg_data / "val"), "--device", "cuda"],
-            capture_output=True,
-            text=True,
-            timeout=300,
+        cmds["cuda"] = ["evaluate", "--model", str(run), "--data", val_uri, "--device", "cuda"]
+    with Commands(tmp_path) as commands:
+        for name, args in cmds.items():
+            commands.start(name, *args)
+        # the exported weights, evaluated here on every validation event, give the metrics the two workers reported
+        state, record = load_export(resolve(str(run)))
+        assert record.kind == "segmenter" and record.detector == "lartpc" and record.class_names == list(CLASS_NAMES)
+        model = record.build()
+        model.load_state_dict(state)
+        model.eval()
+        cm = ConfusionMatrix(len(CLASS_NAMES))
+        pre = record.preprocess  # the run's, as its export states it
+        with torch.no_grad():
+            for batch in DirectStream(DataConfig(uri=val_uri)).iter_packed(4):
+                x = model_inputs(batch, pre.center, pre.scale, cfg.model.grid_voxels, torch.device("cpu"))
+                logits = model(x["feat"], x["coord"], x["grid_coord"], x["offset"])
+                cm.update(logits.argmax(1)[x["inverse"]], x["labels"])
+        offline = compute(cm.matrix, CLASS_NAMES)
+        assert offline["confusion"] == summary["val"]["confusion"]
+        assert offline["miou"] == pytest.approx(summary["val"]["miou"])
+
+        # raysvc predict: every input point gets a class (-1 below the energy threshold), in the input's order; over
+        # the events that pass the training cuts it agrees with the metrics above
+        commands.finished("predict")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from raysvc.data.contract.schema import flat_values
+        from raysvc.data.streaming.shards import load_manifest, read_shard
+
+        val = resolve(val_uri)
+        inputs = pa.concat_tables([read_shard(val, r) for r in load_manifest(val).shards])
+        preds = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("preds-*.parquet"))])
+        assert preds.column("event_id").to_pylist() == inputs.column("event_id").to_pylist()
+        assert preds.column("num_points").to_pylist() == inputs.column("num_points").to_pylist()
+        pred = preds.column("pred").combine_chunks().flatten().to_numpy()
+        energy, sem = flat_values(inputs, "energy"), flat_values(inputs, "semantic")
+        assert ((pred == -1) == (energy <= pre.energy_threshold)).all()
+        counts = np.diff(np.concatenate([[0], np.cumsum(inputs.column("num_points").to_numpy())]))
+        event_of_point = np.repeat(np.arange(inputs.num_rows), counts)
+        kept_per_event = np.bincount(event_of_point, weights=energy > pre.energy_threshold, minlength=inputs.num_rows)
+        mask = (energy > pre.energy_threshold) & (kept_per_event[event_of_point] >= pre.min_points)
+        again = ConfusionMatrix(len(CLASS_NAMES)).update(
+            torch.from_numpy(pred[mask].astype(np.int64)), torch.from_numpy(sem[mask].astype(np.int64))
         )
-        assert p.returncode != 0 and "device 'cuda'" in p.stderr and "sees no CUDA device" in p.stderr, p.stderr
+        assert again.matrix.tolist() == summary["val"]["confusion"]
+
+        # raysvc evaluate: the same events, the same confusion as the run's own validation, and the cut counted
+        commands.finished("evaluate")
+        ev = json.loads((tmp_path / "eval.json").read_text())
+        assert ev["confusion"] == summary["val"]["confusion"] and ev["miou"] == pytest.approx(summary["val"]["miou"])
+        scored = int((kept_per_event >= pre.min_points).sum())
+        assert ev["events"]["events_read"] == inputs.num_rows and ev["events"]["events_out"] == scored
+        assert ev["events"]["cut_min_points"] == inputs.num_rows - scored
+        if "cuda" in cmds:
+            err = commands.finished("cuda", ok=False)
+            assert "device 'cuda'" in err and "sees no CUDA device" in err, err
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from raysvc.models.ptv3 import PTv3, preset
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
 from raysvc.storage import resolve
-from tests.conftest import tiny_finetune_sets
+from tests.conftest import Commands, tiny_finetune_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
@@ -102,10 +102,12 @@ def fine_tune_predict_serve(tmp_path: Path, shape: dict) -> None:
     server = ServeProcess(
         ["--model", f"panda={tmp_path / 'ft-pimm'}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "serve.log"
     )
-    with server.launched() as srv:
-        _raysvc("predict", "--model", str(tmp_path / "ft-pimm"), "--data", str(val), "--out", str(tmp_path / "preds"))
-        _raysvc("predict", "--model", str(run), "--data", str(val), "--out", str(tmp_path / "preds-run"))
-        for name in ("preds", "preds-run"):
+    with server.launched() as srv, Commands(tmp_path) as commands:
+        models = {"preds": tmp_path / "ft-pimm", "preds-run": run}  # the pimm layout and the run it came from
+        for name, model in models.items():
+            commands.start(name, "predict", "--model", str(model), "--data", str(val), "--out", str(tmp_path / name))
+        for name in models:
+            commands.finished(name)
             assert json.loads((tmp_path / name / "manifest.json").read_text())["events"] == 4
         table = pa.concat_tables([read_shard(resolve(str(val)), r) for r in load_manifest(resolve(str(val))).shards])
         row = table.slice(0, 1).to_pylist()[0]
