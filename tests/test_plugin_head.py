@@ -21,7 +21,7 @@ from raysvc.data.streaming.shards import load_manifest, read_shard
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess
 from raysvc.storage import resolve
-from tests.conftest import tiny_finetune_sets
+from tests.conftest import Commands, tiny_finetune_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYSVC = str(Path(sys.executable).parent / "raysvc")
@@ -94,9 +94,12 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
     server = ServeProcess(
         ["--model", f"e={model}", "--torch-threads", "1"], free_port(), TOKEN, tmp_path / "s.log", env
     )
-    with server.launched() as srv:
-        # predict: the plug-in's column, equal to the same export loaded in process
-        _raysvc("predict", "--model", str(model), "--data", str(val), "--out", str(tmp_path / "preds"))
+    with server.launched() as srv, Commands(tmp_path) as commands:
+        # predict and evaluate at once; predict: the plug-in's column, equal to the same export loaded in process
+        run = ["--model", str(model), "--data", str(val), "--out"]
+        commands.start("predict", "predict", *run, str(tmp_path / "preds"), env={**os.environ, **ENV})
+        commands.start("evaluate", "evaluate", *run, str(tmp_path / "eval.json"), env={**os.environ, **ENV})
+        commands.finished("predict")
         info = json.loads((tmp_path / "preds" / "manifest.json").read_text())
         assert info["deposited_energy_unit"] == "MeV"
         preds = pa.concat_tables([pq.read_table(tmp_path / "preds" / f) for f in info["files"]])
@@ -113,7 +116,8 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
         assert [list(p) for p in preds.column("pred").to_pylist()] == [e["pred"].tolist() for e in want]
 
         # evaluate: the plug-in's figure beside the segmentation metrics
-        got = json.loads(_raysvc("evaluate", "--model", str(model), "--data", str(val)).stdout)
+        commands.finished("evaluate")
+        got = json.loads((tmp_path / "eval.json").read_text())
         assert got["deposited_energy_mae_log10"] >= 0 and "miou" in got
 
         # serve: the field in the answer and in the OpenAPI schema

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from raysvc.inference.record import export_seeded_segmenter
 from raysvc.seaweed import free_port
 from raysvc.serve.process import ServeProcess, session_processes, wait_until_healthy
 from raysvc.storage import resolve
-from tests.conftest import with_heads
+from tests.conftest import Commands, with_heads
 
 BIN = Path(sys.executable).parent
 TOKEN = "test-token-0123456789abcdef"
@@ -94,8 +95,9 @@ def _json(points: np.ndarray, energies: np.ndarray, **kw) -> dict:
     return {"points": points.tolist(), "energies": energies.tolist(), **kw}
 
 
-def _offline(model_dir: Path, events, tmp_path: Path) -> list[np.ndarray]:
-    """`raysvc predict` on the events written as a dataset shard."""
+def _offline(commands: Commands, model_dir: Path, events, tmp_path: Path) -> Callable[[], list[np.ndarray]]:
+    """`raysvc predict` on the events written as a dataset shard, started; the function returned waits for its
+    predictions."""
     from raysvc.data.contract.schema import LABEL_FIELDS, table_from_events
     from raysvc.data.streaming.shards import shard_name, write_manifest, write_shard
 
@@ -109,18 +111,20 @@ def _offline(model_dir: Path, events, tmp_path: Path) -> list[np.ndarray]:
     )
     write_manifest(data, [write_shard(data, shard_name(0), table)], {"test": True})
     out = tmp_path / f"preds-{model_dir.name}"
-    subprocess.run(
-        [str(BIN / "raysvc"), "predict", "--model", str(model_dir), "--data", data.path, "--out", str(out)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return [np.asarray(p, np.int8) for p in pq.read_table(out / "preds-00000.parquet").column("pred").to_pylist()]
+    commands.start(out.name, "predict", "--model", str(model_dir), "--data", data.path, "--out", str(out))
+
+    def predictions() -> list[np.ndarray]:
+        commands.finished(out.name)
+        return [np.asarray(p, np.int8) for p in pq.read_table(out / "preds-00000.parquet").column("pred").to_pylist()]
+
+    return predictions
 
 
 def test_endpoint_predictions_equal_raysvc_predict_for_every_encoding_and_model(server, events, tmp_path):
     url = server["url"]
-    offline = {model: _offline(server[model], events, tmp_path) for model in ("a", "b")}
+    with Commands(tmp_path) as commands:  # both predictions at once
+        pending = {model: _offline(commands, server[model], events, tmp_path) for model in ("a", "b")}
+        offline = {model: predictions() for model, predictions in pending.items()}
     for model in ("a", "b"):
         for (points, energies), want in zip(events, offline[model], strict=True):
             r = _post(url, _json(points, energies), model=model)
@@ -400,7 +404,8 @@ def test_serve_run_deploys_the_cluster_serve_config(tmp_path, events):
     app["args"]["models"] = {"semseg-tiny": str(model)}
     (tmp_path / "segment.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYSVC_SERVE_TOKEN": TOKEN}
-    with open(tmp_path / "serve-run.log", "w") as log:
+    with Commands(tmp_path) as commands, open(tmp_path / "serve-run.log", "w") as log:
+        offline = _offline(commands, model, events[:3], tmp_path)  # raysvc predict runs while serve run starts
         proc = subprocess.Popen(
             [str(BIN / "serve"), "run", "--address", "local", str(tmp_path / "segment.yaml")],
             env=env,
@@ -421,7 +426,7 @@ def test_serve_run_deploys_the_cluster_serve_config(tmp_path, events):
             finally:
                 for pid in session_processes(proc.pid):
                     os.kill(pid, signal.SIGKILL)
-    want = _offline(model, events[:3], tmp_path)
+        want = offline()
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
     assert proc.returncode is not None and not session_processes(proc.pid)
 
