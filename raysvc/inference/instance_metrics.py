@@ -23,7 +23,6 @@ distance (in the units of the coordinates).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import adjusted_rand_score
 
 
 def _instances(ids: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -139,6 +138,8 @@ class InstanceScores:
 
         assigned = pred_ids >= 0
         if assigned.sum() >= 2:
+            from sklearn.metrics import adjusted_rand_score  # here: ~1 s at import, see train/probe.py
+
             self.ari.append(float(adjusted_rand_score(true_ids[assigned], pred_ids[assigned])))
 
     def _regression(self, truth: dict, pred: dict) -> None:

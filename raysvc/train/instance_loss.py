@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import linear_sum_assignment
 
 
 class InstanceLossConfig(BaseModel):
@@ -62,6 +61,8 @@ def hungarian_match(
     """(query indices, target indices) of the assignment with the lowest total cost (masks on the same points)."""
     if len(classes) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize is ~0.4 s at import, rarely needed
+
     prob = class_logits.float().softmax(-1)[:, classes]
     m = mask_logits.float()
     cost = -cfg.cost_class * prob + cfg.cost_mask * _pair_bce(m, masks) + cfg.cost_dice * _pair_dice(m, masks)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """pyplot on the Agg backend, imported on first use: matplotlib costs ~0.4 s at import, paid otherwise by every
+    command and Train worker that imports a task module, while only the driver draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def curves_png(history: dict, title: str) -> bytes:
+    plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     tr = history.get("train", [])
     if tr:
@@ -38,6 +45,7 @@ def curves_png(history: dict, title: str) -> bytes:
 def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
     """Probe mIoU / mF1 over steps (step 0 = random init); unless `probe_only`, also the losses and the collapse
     monitors (prototype usage, feature std)."""
+    plt = _pyplot()
     probes = history.get("probe", [])
     if probe_only:
         fig, axes = plt.subplots(1, 1, figsize=(6, 4))
@@ -84,6 +92,7 @@ def pretrain_png(history: dict, title: str, probe_only: bool = False) -> bytes:
 
 def mae_png(history: dict, title: str) -> bytes:
     """PoLAr-MAE: token-probe F1 per class and its mean over steps (step 0 = random init), and the losses."""
+    plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     probes = history.get("probe", [])
     if probes:
@@ -117,5 +126,5 @@ def fig_png(fig, title: str | None = None) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()

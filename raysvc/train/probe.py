@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from raysvc.inference.metrics import ConfusionMatrix, compute
 from raysvc.models.ptv3 import PTv3, upcast
@@ -54,6 +52,11 @@ def fit_and_score(
     seed: int = 0,
 ) -> dict:
     """Fit on a class-capped sample of `train`, score on all of `val`: the metrics dict of `metrics.compute`."""
+    # imported here, not at the top: sklearn costs ~1 s at import, paid by every command and Train worker that
+    # imports the training modules, while few of them probe
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     x, y = train
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: cfg.points_per_class] for c in np.unique(y)])

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import Field
-from sklearn.decomposition import PCA
-from sklearn.metrics import f1_score
-from sklearn.svm import LinearSVC
 
 from raysvc.train.config import HeldOutProbeSection
 
@@ -49,6 +46,10 @@ def fit_and_score(
     """`train` / `val`: (token features (T, D), multi-label targets (T, C) bool over `class_names`). Returns
     {"f1": {class: F1 or None when the class has no positive probe-train token}, "mean_f1": over scored classes
     that have an F1, "tokens": {"train", "val"}}."""
+    from sklearn.decomposition import PCA  # here: ~1 s at import, see train/probe.py
+    from sklearn.metrics import f1_score
+    from sklearn.svm import LinearSVC
+
     (x, y), (xv, yv) = train, val
     dims = min(cfg.pca_dims, x.shape[1], len(x))
     pca = PCA(n_components=dims, random_state=seed).fit(x)
