@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,15 @@ def test_bad_pretrain_configs_fail_before_any_worker_starts(tmp_path, pt_data):
         return p.stderr
 
     good = [f"data.uri={pt_data / 'train'}", f"probe_data.uri={pt_data / 'val'}", f"run.storage={tmp_path}"]
-    assert "panda.prototypez" in fails(*good, "panda.prototypez=3")
-    assert "views.global_scale" in fails(*good, "views.global_scale=[0.5,0.2]")
-    assert "panda.roll_mask_weight" in fails(*good, "views.global_views=1")
-    missing = fails(f"data.uri={tmp_path / 'nowhere'}", f"probe_data.uri={pt_data / 'val'}")
+    cases = [
+        (*good, "panda.prototypez=3"),
+        (*good, "views.global_scale=[0.5,0.2]"),
+        (*good, "views.global_views=1"),
+        (f"data.uri={tmp_path / 'nowhere'}", f"probe_data.uri={pt_data / 'val'}"),
+    ]
+    with ThreadPoolExecutor(4) as pool:  # a command that fails early is mostly Python starting: several at once
+        unknown, scale, roll, missing = pool.map(lambda c: fails(*c), cases)
+    assert "panda.prototypez" in unknown and "views.global_scale" in scale and "panda.roll_mask_weight" in roll
     assert "nowhere" in missing and "not found" in missing
     assert not (tmp_path / "ray").exists()
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -75,26 +76,29 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, seg_data):
         return p.stderr
 
     good = [f"data.uri={seg_data / 'train'}", f"val_data.uri={seg_data / 'val'}", f"run.storage={tmp_path}"]
-    assert "train.stepz" in fails(*good, "train.stepz=3")  # unknown key, by its dotted name
-    assert "train.steps" in fails(*good, "train.steps=many")  # wrong type
-    assert "scaling.workers" in fails(*good, "scaling.workers=3")  # batch not divisible by workers
-    mixed = fails(*good, "data.preprocess.remove_led=true")  # 4 classes to train, 5 to validate on
+    no_store = {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RAYSVC_STORAGE_RETRY_S": "1",  # the retry budget (default 120 s) spent quickly: the same named error
+    }
+    cases = [
+        (*good, "train.stepz=3"),  # unknown key, by its dotted name
+        (*good, "train.steps=many"),  # wrong type
+        (*good, "scaling.workers=3"),  # batch not divisible by workers
+        (*good, "data.preprocess.remove_led=true"),  # 4 classes to train, 5 to validate on
+        (*good, "train.focal_gamma=-1"),
+        (f"data.uri={tmp_path / 'nowhere'}", f"val_data.uri={seg_data / 'val'}"),
+    ]
+    with ThreadPoolExecutor(4) as pool:  # a command that fails early is mostly Python starting: several at once
+        unreachable = pool.submit(fails, "data.uri=s3://raysvc-none/train", good[1], extra_env=no_store)
+        stepz, steps, workers, mixed, focal, missing = pool.map(lambda c: fails(*c), cases)
+    assert "train.stepz" in stepz and "train.steps" in steps and "scaling.workers" in workers
     assert "val_data.preprocess.remove_led" in mixed and "one label space" in mixed
-    assert "focal_gamma" in fails(*good, "train.focal_gamma=-1")
-    missing = fails(f"data.uri={tmp_path / 'nowhere'}", f"val_data.uri={seg_data / 'val'}")
+    assert "focal_gamma" in focal
     assert "nowhere" in missing and "not found" in missing
-    unreachable = fails(
-        "data.uri=s3://raysvc-none/train",
-        f"val_data.uri={seg_data / 'val'}",
-        extra_env={
-            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-            "AWS_ACCESS_KEY_ID": "x",
-            "AWS_SECRET_ACCESS_KEY": "y",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "RAYSVC_STORAGE_RETRY_S": "1",  # the retry budget (default 120 s) spent quickly: the same named error
-        },
-    )
-    assert "s3://raysvc-none/train" in unreachable
+    assert "s3://raysvc-none/train" in unreachable.result()
     assert not (tmp_path / "ray").exists()
 
 
