@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,10 +137,6 @@ class Commands:
         self.logdir, self.procs = logdir, {}
 
     def start(self, name: str, *args: str, env: dict | None = None) -> None:
-        import subprocess
-        import sys
-        from pathlib import Path
-
         with open(self.logdir / f"{name}.log", "w") as log:
             cmd = [str(Path(sys.executable).parent / "raysvc"), *args]
             self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -96,9 +96,9 @@ def test_a_plugin_head_fine_tunes_predicts_evaluates_and_serves(tmp_path):
     )
     with server.launched() as srv, Commands(tmp_path) as commands:
         # predict and evaluate at once; predict: the plug-in's column, equal to the same export loaded in process
-        run = ["--model", str(model), "--data", str(val), "--out"]
-        commands.start("predict", "predict", *run, str(tmp_path / "preds"), env={**os.environ, **ENV})
-        commands.start("evaluate", "evaluate", *run, str(tmp_path / "eval.json"), env={**os.environ, **ENV})
+        run, plugin_env = ["--model", str(model), "--data", str(val), "--out"], {**os.environ, **ENV}
+        commands.start("predict", "predict", *run, str(tmp_path / "preds"), env=plugin_env)
+        commands.start("evaluate", "evaluate", *run, str(tmp_path / "eval.json"), env=plugin_env)
         commands.finished("predict")
         info = json.loads((tmp_path / "preds" / "manifest.json").read_text())
         assert info["deposited_energy_unit"] == "MeV"

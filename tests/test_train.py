@@ -123,13 +123,13 @@ def test_finetune_exports_a_model_whose_metrics_reproduce_offline(ray_local, seg
     # time), while the exported weights are evaluated here
     out = tmp_path / "preds"
     val_uri = str(seg_data / "val")
+    model_data = ["--model", str(run), "--data", val_uri]
     cmds = {
-        "predict": ["predict", "--model", str(run), "--data", val_uri, "--out", str(out), "--batch-events", "5"],
-        "evaluate": ["evaluate", "--model", str(run), "--data", val_uri, "--batch-events", "3"],
+        "predict": ["predict", *model_data, "--out", str(out), "--batch-events", "5"],
+        "evaluate": ["evaluate", *model_data, "--batch-events", "3", "--out", str(tmp_path / "eval.json")],
     }
-    cmds["evaluate"] += ["--out", str(tmp_path / "eval.json")]
     if not torch.cuda.is_available():  # asking for a GPU that is not there is an error naming the device
-        cmds["cuda"] = ["evaluate", "--model", str(run), "--data", val_uri, "--device", "cuda"]
+        cmds["cuda"] = ["evaluate", *model_data, "--device", "cuda"]
     with Commands(tmp_path) as commands:
         for name, args in cmds.items():
             commands.start(name, *args)
