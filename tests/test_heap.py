@@ -67,6 +67,8 @@ def test_the_heap_bench_runs_each_task_s_steps_in_process(tmp_path):
     generate_dataset(resolve(str(tmp_path / "train")), 8, seed=5, shard_events=4, show_progress=False)
     generate_dataset(resolve(str(tmp_path / "val")), 2, seed=6, shard_events=2, show_progress=False)
     for task in ("panda", "segmentation"):
-        r = _measure(task, str(tmp_path), 2, 2, 0, 1, 0)
+        r = _measure(task, str(tmp_path), 2, 2, 1, 1, 0)  # trimmed after every step
         assert len(r["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in r["losses"]), task
         assert r["private_mb_max"] > 100 and [c[0] for c in r["curve"]] == [1, 2]
+        # each step faults in again the activation pages the trim gave back: tens of MB at least, counted per step
+        assert r["faulted_mb_per_step"] > 10, (task, r["faulted_mb_per_step"])

@@ -11,9 +11,13 @@ variant's environment:
   the threshold to the largest block freed so far, after which activations of a few MB come from the heap and
   fragment it; fixed, each block above it is mmapped and returned to the OS when freed;
 - `jemalloc`: jemalloc preloaded (the libjemalloc.so that ships inside Ray's wheel, so it is wherever Ray is);
-  `jemalloc-bg` the same with a background purging thread and freed pages kept for 5 s.
+  `jemalloc-bg` the same with a background purging thread and freed pages kept for 5 s; `jemalloc-bg-30s` kept for
+  30 s; `jemalloc-keep` never purged (the allocator's own speed, without the cost of giving pages back);
+- `glibc-thp`, `trim-1-thp`: glibc asking for transparent huge pages (`glibc.malloc.hugetlb=1`), untrimmed and
+  trimmed every step: whether refaulting 2 MiB pages is cheaper than 4 KiB ones.
 
-Reported per variant: median seconds per step, private memory between steps (largest, last), peak RSS, ratios
+Reported per variant: median seconds per step, private memory between steps (largest, last), peak RSS, the median
+MB of fresh pages faulted in per step (minor faults x page size: memory handed back and touched again), ratios
 against `glibc`, and whether the losses are bit-identical to it (an allocator must not change the arithmetic).
 """
 
@@ -33,6 +37,7 @@ import torch
 from raysvc.bench.train import _job, first_batches, generate_bench_data, plain_training
 from raysvc.ray_init import environ
 from raysvc.train import heap
+from raysvc.train.run_record import load_avg, portable  # a result file names no machine's paths
 from raysvc.train.worker import seed_everything
 
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
@@ -48,12 +53,17 @@ def variants() -> dict[str, tuple[dict, int]]:
         "mmap-256k": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144"}, 0),
         # only the largest blocks (activations of several MB) mmapped: they cannot fragment the heap
         "mmap-4m": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"}, 0),
+        "glibc-thp": ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, 0),
+        "trim-1-thp": ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, 1),
     }
     lib = heap.jemalloc_path()
     if lib:
         out["jemalloc"] = ({"LD_PRELOAD": lib}, 0)
         # purging from a background thread instead of on the allocating thread, freed pages kept for 5 s first
         out["jemalloc-bg"] = ({"LD_PRELOAD": lib, "MALLOC_CONF": heap.JEMALLOC_CONF}, 0)
+        # decay counts pages, not their reuse: with steady churn even 30 s purges what every step touches again
+        out["jemalloc-bg-30s"] = ({"LD_PRELOAD": lib, "MALLOC_CONF": "background_thread:true,dirty_decay_ms:30000"}, 0)
+        out["jemalloc-keep"] = ({"LD_PRELOAD": lib, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}, 0)
     return out
 
 
@@ -103,13 +113,16 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
     torch.set_num_threads(threads)
     make = panda_stepper if task == "panda" else segmentation_stepper
     step, n_batches = make(Path(data), steps, batch, threads)
-    times, private, losses, curve = [], [], [], []
+    times, private, losses, curve, faulted = [], [], [], [], []
+    page_mb = resource.getpagesize() / 2**20
     for i in range(steps):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         losses.append(step(i))
         if trim_every and (i + 1) % trim_every == 0:
             heap.trim()
         times.append(time.perf_counter() - t0)  # the trim is part of the step's cost
+        faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * page_mb)
         private.append(heap.private_mb())
         glibc = heap.malloc_mb() if "LD_PRELOAD" not in os.environ else None
         curve.append([i + 1, private[-1], *((glibc["live_mb"], glibc["free_mb"]) if glibc else (None, None))])
@@ -118,6 +131,7 @@ def _measure(task: str, data: str, steps: int, batch: int, trim_every: int, thre
         "total_s": sum(times[warmup:]),
         "private_mb_max": max(private),
         "private_mb_end": private[-1],
+        "faulted_mb_per_step": statistics.median(faulted[warmup:]),  # a huge page counts as one fault
         "distinct_batches": n_batches,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "losses": losses,
@@ -152,7 +166,8 @@ def run_heap_bench(
             "batch_events": batch,
             "threads": threads,
             "warmup_steps": warmup,
-            "variants": {n: {"env": table[n][0], "trim_every": table[n][1]} for n in names},
+            "variants": {n: {"env": portable(table[n][0]), "trim_every": table[n][1]} for n in names},
+            "load_avg_start": load_avg(),
         },
         "variants": {},
     }
@@ -167,6 +182,7 @@ def run_heap_bench(
             with environ(env), spawn.Pool(1) as pool:
                 args = (task, str(data), steps, batch, every, threads, warmup)
                 out["variants"][name] = pool.apply(_measure, args)
+    out["settings"]["load_avg_end"] = load_avg()
     base = out["variants"]["glibc"]
     for v in out["variants"].values():
         v["step_time_vs_glibc"] = v["total_s"] / base["total_s"]

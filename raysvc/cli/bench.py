@@ -118,7 +118,8 @@ def _heap_summary(result: dict) -> None:
         print(
             f"{k:>10}: {v['step_s'] * 1e3:5.0f} ms/step (x{v['step_time_vs_glibc']:.2f}), private memory max "
             f"{v['private_mb_max']:5.0f} MB (x{v['private_mb_max_vs_glibc']:.2f}), peak RSS {v['peak_rss_mb']:5.0f} "
-            f"MB (x{v['peak_rss_vs_glibc']:.2f}), same losses: {v['same_losses_as_glibc']}"
+            f"MB (x{v['peak_rss_vs_glibc']:.2f}), faulted {v['faulted_mb_per_step']:4.0f} MB/step, same losses: "
+            f"{v['same_losses_as_glibc']}"
         )
 
 
@@ -226,7 +227,7 @@ BENCHES: dict[str, Bench] = {
     ),
     "heap": Bench(
         help="a training step under each allocator setting (glibc, trimmed, arenas, fixed "
-        "mmap threshold, jemalloc; fresh process each): time, private memory, peak RSS",
+        "mmap threshold, huge pages, jemalloc; fresh process each): time, private memory, pages faulted in, peak RSS",
         run="raysvc.bench.heap:run_heap_bench",
         options=(
             _opt("--task", choices=["panda", "segmentation"], default="panda"),
@@ -234,8 +235,9 @@ BENCHES: dict[str, Bench] = {
             _opt(
                 "--variants",
                 nargs="+",
-                help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 arena-2 mmap-256k jemalloc "
-                "jemalloc-bg; trim-K for any K trims every K steps",
+                help="a subset (glibc, the baseline, always runs): glibc trim-1 trim-10 arena-2 mmap-256k mmap-4m "
+                "glibc-thp trim-1-thp jemalloc jemalloc-bg jemalloc-bg-30s jemalloc-keep; trim-K for any K trims "
+                "every K steps",
             ),
             *_json_opts("also write the JSON here (with --json)"),
         ),
