@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,48 @@ def test_results_run_runs_a_miniature_experiment_end_to_end(ray_local, tmp_path,
     before = {p: p.stat().st_mtime_ns for p in (exp / "runs").glob("*.json")}
     run_experiment(exp, log=lambda _: None)  # resumes: the data checked against the spec, every run skipped
     assert {p: p.stat().st_mtime_ns for p in (exp / "runs").glob("*.json")} == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_results_run_and_says_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the process group) during a pretraining: Ray Train aborts the run in its own SIGINT handler
+    and exits from it; the command must still end with 130 and say, on the console and in its log file, that it was
+    interrupted and that re-running resumes, with Ray's last lines kept off the console. Before that, the console
+    showed a progress line for each data set generated."""
+    pretrain = SPEC["pretrain"]["panda"]
+    steps = [s for s in pretrain["set"] if not s.startswith("train.steps")] + ["train.steps=40"]
+    spec = {**SPEC, "pretrain": {"panda": {**pretrain, "set": steps}}}
+    exp = tmp_path / "results" / "mini"
+    exp.mkdir(parents=True)
+    (exp / "experiment.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (exp / "README.md").write_text(README)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysvc.cli", "results", "run", "results/mini"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[raysvc] step 3/40"):  # checkpointed at step 2
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+            break
+    lines += proc.stdout.readlines()
+    out = "".join(lines)
+    assert proc.wait(timeout=120) == 130, out
+    said = [line for line in lines if "interrupted" in line]
+    assert said == [
+        "raysvc: results run interrupted; run the same command again to resume: finished runs are skipped and an "
+        "interrupted run restarts from its last checkpoint\n"
+    ], out
+    assert "Traceback" not in out and "\x1b" not in out and "pid=" not in out
+    assert "[raysvc] generating 8 events: 2/2 shards (100%)" in out  # the test set's progress line
+    (log,) = (tmp_path / "runs" / "logs").glob("results-run-*.log")
+    assert said[0] in log.read_text()
+    run = tmp_path / "runs" / "mini-pretrain-panda-p0"
+    assert list(run.glob("checkpoint_*")) and not (run / "summary.json").exists()
+    assert not (exp / "runs").exists()  # nothing ran after the pretraining

@@ -61,6 +61,15 @@ ROUTED = {
 }
 
 
+# What re-running an interrupted command does, said when Ctrl-C stops it.
+RESUMES = {
+    ("results", "run"): "finished runs are skipped and an interrupted run restarts from its last checkpoint",
+    ("pretrain",): "it restarts from its last checkpoint (same run.name)",
+    ("finetune",): "it restarts from its last checkpoint (same run.name)",
+    ("sweep",): "finished trials are kept and the sweep goes on",
+}
+
+
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
     sub = getattr(args, "bench_command", None) or getattr(args, "results_command", None)
     return tuple(x for x in (args.command, sub) if x)
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     from raysvc.ray_init import RayStartError
     from raysvc.storage import StorageError
 
+    interrupted = False
     try:
         with contextlib.ExitStack() as stack:
             if _command(args) in ROUTED and not getattr(args, "dry_run", False):  # a dry run starts nothing
@@ -106,7 +116,19 @@ def main(argv: list[str] | None = None) -> None:
                     f"[raysvc] Ray's own output: {log}" + ("" if args.verbose else " (--verbose shows it here)"),
                     file=sys.stderr,
                 )
-            args.fn(args)
+            try:
+                args.fn(args)
+            except KeyboardInterrupt:  # said inside the routed block, so that the run's log file says it too
+                how = RESUMES.get(_command(args))
+                print(
+                    f"\nraysvc: {' '.join(_command(args))} interrupted"
+                    + (f"; run the same command again to resume: {how}" if how else ""),
+                    file=sys.stderr,
+                )
+                interrupted = True
+                ray = sys.modules.get("ray")
+                if ray is not None and ray.is_initialized():  # now, so that Ray's last lines go to the log file
+                    ray.shutdown()
     except (ConfigError, EventDataError, StorageError, FileNotFoundError, ValueError, RayStartError) as e:
         print(f"raysvc: error: {e}", file=sys.stderr)
         release_s3()
@@ -119,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         release_s3()
         sys.exit(1)
     release_s3()
+    if interrupted:
+        sys.exit(130)  # the shell's code for a command stopped by SIGINT
 
 
 def _training_failure(e: BaseException) -> str | None:

@@ -91,11 +91,31 @@ def fit(
             worker_runtime_env=worker_env,
         ),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"run {run.name}: finished without a checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+
+
+def _fit(trainer):
+    """`trainer.fit()`, with a Ctrl-C raised as KeyboardInterrupt. Ray Train answers SIGINT in the driver by aborting
+    the run (its workers stop; what was checkpointed stays) and then calls sys.exit(0) inside its signal handler: the
+    command would end with no word of why, or run its next stage. Its handler also outlives fit(); ours comes back."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # Ray registers its handler only there
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        return trainer.fit()
+    except SystemExit:
+        if not main_thread:
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def data_report(state: dict, prep: Prepared | dict[str, Prepared]) -> dict:

@@ -231,7 +231,7 @@ def _generate(spec: ExperimentSpec, log) -> None:
             continue
         log(f"[raysvc] generating data.{key}: {d.events} {d.detector} events, seed {d.seed} -> {d.uri}")
         cfg = load_config(generator_for(d.detector)[0], None, d.set)
-        generate_dataset(loc, d.events, d.seed, d.shard_events, cfg, show_progress=False, detector=d.detector)
+        generate_dataset(loc, d.events, d.seed, d.shard_events, cfg, detector=d.detector)
 
 
 def _materialise_subset(job, storage: str, log) -> dict:
