@@ -28,6 +28,7 @@ from raysvc.models.panda import (
     warm,
 )
 from raysvc.models.ptv3 import preset
+from raysvc.ops import packed
 from raysvc.seaweed import free_port
 
 TINY_HEAD = dict(head_hidden=64, head_embed=32, prototypes=48, match_radius=0.02)
@@ -244,6 +245,19 @@ def test_view_swap_equals_the_view_by_view_concatenation():
     swapped = [v ^ 1 for v in range(len(sizes))]  # view 0 <-> view 1 of each event
     assert rows.tolist() == [r for v in swapped for r in range(starts[v], starts[v] + sizes[v])]
     assert offs.tolist() == np.cumsum([sizes[v] for v in swapped]).tolist()
+    assert packed._on_host[offs][1] == offs.tolist()  # what the view matching reads instead of the device
+
+
+def test_principal_rows_are_the_first_global_view_of_each_event():
+    from types import SimpleNamespace
+
+    from raysvc.models.panda import principal_rows
+
+    sizes = [3, 0, 5, 2, 0, 4, 1, 6, 2]  # 3 events x 3 global views, one principal view empty
+    offset = torch.cumsum(torch.tensor(sizes), 0)
+    starts = [0, *offset.tolist()[:-1]]
+    got = principal_rows(SimpleNamespace(offset=offset, feat=torch.zeros(sum(sizes), 1)), 3)
+    assert got.tolist() == [r for v in (0, 3, 6) for r in range(starts[v], starts[v] + sizes[v])]
 
 
 def test_view_averaged_cross_entropy_skips_views_without_points():

@@ -25,7 +25,7 @@ from torch import nn
 from raysvc.models.ptv3 import Level, PTv3, PTv3Config, upcast
 from raysvc.models.stems import DetectorStems
 from raysvc.ops.neighbors import knn
-from raysvc.ops.packed import batch_to_offset, offset_to_batch, segment_mean
+from raysvc.ops.packed import batch_to_offset, host_list, known_on_host, offset_to_batch, segment_mean
 
 
 class PandaConfig(BaseModel):
@@ -237,6 +237,20 @@ def _ce(target: torch.Tensor, sims: torch.Tensor, temp: float, batch: torch.Tens
     return per_view.sum() / present.sum().clamp_min(1)
 
 
+def _view_counts(enc: Encoded) -> list[int]:
+    """Rows per view, on the host: the level's offsets were read back once already (by its attention patches)."""
+    ends = host_list(enc.offset)
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
 def _swap_views(enc: Encoded, n_views: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row order and offsets that swap global views 0 and 1 of every event (views are event-major)."""
     dev = enc.offset.device
@@ -247,7 +261,9 @@ def _swap_views(enc: Encoded, n_views: int) -> tuple[torch.Tensor, torch.Tensor]
     n = len(enc.feat)  # the row count is known on the host: no view's bounds are read back
     view = torch.repeat_interleave(torch.arange(len(order), device=dev), counts, output_size=n)
     rows = starts[order][view] + torch.arange(n, device=dev) - (new_offset - counts)[view]
-    return rows, new_offset
+    host = _view_counts(enc)
+    swapped = [host[e + n_views - 1 - v] for e in range(0, len(host), n_views) for v in range(n_views)]
+    return rows, known_on_host(new_offset, _cumsum(swapped))
 
 
 def panda_losses(
@@ -288,7 +304,9 @@ def panda_losses(
         else:  # `teacher_forward` ran the unmask head on these rows only
             principal_sims = teacher_sims["unmask"]
         p_offset = batch_to_offset(tg.batch[p_rows] // n_global, len(tg.offset) // n_global)
+        known_on_host(p_offset, _cumsum(_view_counts(tg)[::n_global]))
         q_offset = enc.offset[n_local - 1 :: n_local]  # an event's local views together query its principal view
+        known_on_host(q_offset, host_list(enc.offset)[n_local - 1 :: n_local])
         q, r = match(enc.origin, q_offset, tg.origin[p_rows], p_offset, cfg.match_radius)
         target = sinkhorn_knopp(principal_sims[r], temp, cfg.sinkhorn_iters)
         out["unmask_loss"] = _ce(target, sims[q], cfg.student_temp, enc.batch[q], len(enc.offset))
@@ -316,8 +334,14 @@ def collapse_monitors(teacher_sims: torch.Tensor, feat: torch.Tensor) -> dict:
 
 
 def principal_rows(enc: Encoded, n_global: int) -> torch.Tensor:
-    """Rows of each event's principal (first) global view in an event-major batch of `n_global` views per event."""
-    return torch.nonzero(enc.batch % n_global == 0).squeeze(1)
+    """Rows of each event's principal (first) global view in an event-major batch of `n_global` views per event;
+    their count is known on the host, so no mask is read back."""
+    dev = enc.offset.device
+    starts = torch.cat([enc.offset.new_zeros(1), enc.offset[:-1]])[::n_global]
+    counts = (enc.offset[::n_global] - starts).contiguous()
+    n = sum(_view_counts(enc)[::n_global])
+    view = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts, output_size=n)
+    return starts[view] + torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[view]
 
 
 def teacher_forward(teacher: PandaStudent, global_view: dict, n_global: int | None = None) -> tuple[Encoded, dict]:

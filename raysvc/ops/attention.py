@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raysvc.ops.packed import host_list
+
 try:  # the GPU extra
     from flash_attn import flash_attn_varlen_qkvpacked_func
 except ImportError:  # pragma: no cover - CPU machines
@@ -41,7 +43,7 @@ def make_patches(offset: torch.Tensor, size: int) -> Patches:
     """Patch layout for a packed batch whose points are already in serialized order. The layout's size depends on
     the event sizes, so the offsets are read to the host once; the layout is computed there and sent back in one
     copy (a loop over events here cost ~20 device ops and 3 syncs per level and pass)."""
-    ends = offset.tolist()
+    ends = host_list(offset)
     n = np.diff(np.asarray(ends, dtype=np.int64), prepend=0)
     if (n < 0).any():
         raise ValueError(f"offset must be non-decreasing cumulative point counts, got {ends}")

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from raysvc.ops.paths import cpu_path
 from raysvc.ops.ranges import assert_range_async, mark_range
+
+_on_host = WeakTensorKeyDictionary()  # tensor -> (its version when read, its values as a list)
+
+
+def host_list(t: torch.Tensor) -> list:
+    """`t.tolist()`, read back from the device once per tensor (and version): a level's offsets are read by its
+    attention patches, then again by every neighbour search over the level; each read makes the host wait."""
+    got = _on_host.get(t)
+    if got is not None and got[0] == t._version:
+        return got[1]
+    values = t.tolist()
+    _on_host[t] = (t._version, values)
+    return values
+
+
+def known_on_host(t: torch.Tensor, values: list) -> torch.Tensor:
+    """Record that `t` (made on the device from values the host knows) holds `values`; returns `t`."""
+    _on_host[t] = (t._version, list(values))
+    return t
 
 
 def offset_to_batch(offset: torch.Tensor, num_points: int | None = None) -> torch.Tensor:
@@ -32,7 +52,7 @@ def segment_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Ten
 
 
 def event_slices(offset: torch.Tensor) -> list[slice]:
-    bounds = [0, *offset.tolist()]
+    bounds = [0, *host_list(offset)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 

@@ -152,9 +152,11 @@ def panda_forward(ddp: torch.nn.Module, teacher: PandaStudent, batch: dict, cfg:
     on the unmasked globals, student (`ddp`: DDP-wrapped or the student itself) on the masked globals and the
     locals -> the three losses. Returns (losses, student outputs, teacher encoding, teacher sims, mask)."""
     p = cfg.panda
-    g_view, l_view = _to(batch["global"], device), _to(batch["local"], device)
+    g_host = batch["global"]
+    # drawn where the loader left the views (the host): on a device, its unique cells would be read back
+    mask = grid_mask(g_host["coord"], g_host["offset"], values["mask_size"], values["mask_ratio"]).to(device)
+    g_view, l_view = _to(g_host, device), _to(batch["local"], device)
     g_view["geometry"] = {}  # the teacher and the masked student share the global views' grids
-    mask = grid_mask(g_view["coord"], g_view["offset"], values["mask_size"], values["mask_ratio"]).to(device)
     masked = dict(g_view)
     if p.mask_jitter:
         noise = (torch.randn_like(g_view["coord"]) * p.mask_jitter).clamp(-2 * p.mask_jitter, 2 * p.mask_jitter)
