@@ -69,6 +69,30 @@ def test_levels_shrink_and_upcast_concatenates_every_stage():
     torch.testing.assert_close(up[:, -preset("tiny").channels[-1] :], levels[-1].feat[cell])
 
 
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_every_levels_orders_equal_its_cells_serialized_afresh(path):
+    """Pooled levels take their orders from the level below's codes (`coarsen_codes`) instead of encoding their cells
+    again: after a forward of a model with two orders per stage, each order of each level is the one
+    `serialize_by_event` gives that level's own cells."""
+    from raysvc.ops.paths import device_path
+    from raysvc.ops.serialization import serialize_by_event
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", depths=(2, 2, 2, 2, 2))
+    model = PTv3(cfg).eval()
+    feat, coord, grid, offset = _batch(sizes=(700, 40, 300))
+    with torch.no_grad(), device_path() if path == "device" else contextlib.nullcontext():
+        levels = model(feat, coord, grid, offset)
+        checked = 0
+        for level in levels:
+            for key, (perm, inverse) in [(k, v) for k, v in level._cache.items() if k.startswith("order:")]:
+                want = serialize_by_event(level.grid_coord, level.batch, key.split(":")[1])[1]
+                assert torch.equal(perm, want), key
+                checked += level is not levels[0]
+    assert checked >= 2 * (len(levels) - 1)  # every pooled level, both of its orders
+    assert "pooled_from" in levels[1]._cache
+
+
 @pytest.mark.parametrize("head", ["lin", "dec"])
 def test_outputs_follow_a_permutation_of_the_input_points(head):
     """Serialization sorts points, so the input order must not matter (checks every inverse map)."""

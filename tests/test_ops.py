@@ -280,6 +280,29 @@ def test_serialize_by_event_on_the_device_path_equals_the_cpu_path(order):
                 assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("levels", [1, 2])
+def test_pooled_cells_codes_from_their_points_equal_the_cells_encoded_afresh(order, levels):
+    """A pooling's cell order, made from its points' codes (`coarsen_codes`), is the order `serialize_by_event`
+    gives the cells themselves, event by event at each one's own depth: for events of any extent, one all at the
+    origin, and on the device path too."""
+    from raysvc.ops.packed import unique_cells
+    from raysvc.ops.paths import device_path
+    from raysvc.ops.serialization import coarsen_codes
+
+    g = torch.Generator().manual_seed(3)
+    sizes, tops = [300, 5, 400, 50, 7], [40, 1, 1500, 9000, 4]
+    grid = torch.cat([torch.randint(0, t, (n, 3), generator=g) for n, t in zip(sizes, tops, strict=True)])
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    cell_batch, cells, inverse = unique_cells(batch, grid >> levels)
+    for ctx in (torch.no_grad, device_path):
+        with ctx():
+            code = serialize_by_event(grid, batch, order)[0]
+            got = coarsen_codes(code, inverse, len(cells), levels)
+            want = serialize_by_event(cells, cell_batch, order)[0]
+            assert torch.equal(got, want)
+
+
 def test_cpu_neighbour_kernels_match_torch_path_on_generated_events():
     from raysvc.ops.neighbors import _ball_query_torch, _fps_torch, _knn_torch
 

@@ -44,7 +44,15 @@ from raysvc.ops.attention import Patches, make_patches, patch_attention
 from raysvc.ops.packed import batch_to_offset, offset_to_batch, permute_rows, segment_mean, unique_cells
 from raysvc.ops.paths import cpu_path
 from raysvc.ops.ranges import known_in, mark_range
-from raysvc.ops.serialization import ORDERS, batch_depths, event_depths, point_depths, serialize_by_event
+from raysvc.ops.serialization import (
+    ORDERS,
+    batch_depths,
+    coarsen_codes,
+    event_depths,
+    point_depths,
+    serialize_by_event,
+    sort_codes,
+)
 from raysvc.ops.sparse_conv import KernelPairs, NeighbourMap, SubMConv3d, kernel_map, subm_conv3d
 
 
@@ -190,14 +198,23 @@ class Level:
         level (the reference's rule) instead of each event's own."""
         key = f"order:{name}:{batch_depth}"
         if key not in self._cache:
-            dkey = f"depths:{batch_depth}"
-            if dkey not in self._cache:  # shared by the level's orders
-                if batch_depth:
-                    depths = batch_depths
-                else:  # on a device per point: no read-back
-                    depths = event_depths if cpu_path(self.grid_coord) else point_depths
-                self._cache[dkey] = depths(self.grid_coord, self.batch)
-            _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache[dkey])
+            pooled_from = None if batch_depth else self._cache.get("pooled_from")
+            if pooled_from is not None and f"code:{name}" in pooled_from[0]:
+                codes, inverse, levels = pooled_from
+                code, perm, inv = sort_codes(
+                    coarsen_codes(codes[f"code:{name}"], inverse, len(self.grid_coord), levels)
+                )
+            else:
+                dkey = f"depths:{batch_depth}"
+                if dkey not in self._cache:  # shared by the level's orders
+                    if batch_depth:
+                        depths = batch_depths
+                    else:  # on a device per point: no read-back
+                        depths = event_depths if cpu_path(self.grid_coord) else point_depths
+                    self._cache[dkey] = depths(self.grid_coord, self.batch)
+                code, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache[dkey])
+            if not batch_depth:  # what the next pooled level's order of the same name is made from
+                self._cache[f"code:{name}"] = code
             self._cache[key] = (perm, inv)
         return self._cache[key]
 
@@ -305,7 +322,11 @@ class GridPool(nn.Module):
             if known_in(level.grid_coord, 0, 1 << 16):  # so are the cells: no second range check on the device
                 mark_range(cells, 0, 1 << 16)
             cell_batch, cell_grid, inverse = unique_cells(level.batch, cells)
-            level._cache[key] = (cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse, {})
+            cache = {}
+            if self.stride & (self.stride - 1) == 0:  # the cells' orders come from the points' codes (coarsen_codes)
+                codes = {k: v for k, v in level._cache.items() if k.startswith("code:")}
+                cache["pooled_from"] = (codes, inverse, self.stride.bit_length() - 1)
+            level._cache[key] = (cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse, cache)
         cell_grid, offset, inverse, cache = level._cache[key]
         m = len(cell_grid)
         f = self.proj(level.feat)

@@ -316,6 +316,23 @@ def serialize_by_event(
     return _sorted((batch.long() << (3 * 16)) | code)
 
 
+def coarsen_codes(code: torch.Tensor, inverse: torch.Tensor, cells: int, levels: int) -> torch.Tensor:
+    """`serialize_by_event`'s codes of the cells of a pooling by 2**levels (cell = grid >> levels; `inverse`: each
+    point's cell, of `cells`) from its points' codes, with no curve encoded again. Both curves are hierarchical: a
+    point's code without its lowest `levels` bit levels is its cell's code at `levels` less depth, and an event's
+    per-event depth (bit length of its largest coordinate + 1) drops by exactly that much (an event whose cells are
+    all at 0 has code 0 either way: its top level is the spare zero one). Not for the batch-depth rule, whose depth
+    can stay the same."""
+    low = code & ((1 << (3 * 16)) - 1)
+    parent = (code - low) | (low >> (3 * levels))  # the batch index above 3*16 bits stays
+    return torch.empty(cells, dtype=code.dtype, device=code.device).scatter_(0, inverse, parent)
+
+
+def sort_codes(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(code, perm, inverse) as `serialize` returns them, for codes made elsewhere (`coarsen_codes`)."""
+    return _sorted(code)
+
+
 def _sorted(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     perm = torch.argsort(code)
     inverse = torch.empty_like(perm)
