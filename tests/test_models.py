@@ -86,8 +86,8 @@ def test_every_levels_orders_equal_its_cells_serialized_afresh(path):
         checked = 0
         for level in levels:
             for key, (perm, inverse) in [(k, v) for k, v in level._cache.items() if k.startswith("order:")]:
-                want = serialize_by_event(level.grid_coord, level.batch, key.split(":")[1])[1]
-                assert torch.equal(perm, want), key
+                _, want, want_inverse = serialize_by_event(level.grid_coord, level.batch, key.split(":")[1])
+                assert torch.equal(perm, want) and torch.equal(inverse, want_inverse), key
                 checked += level is not levels[0]
     assert checked >= 2 * (len(levels) - 1)  # every pooled level, both of its orders
     assert "pooled_from" in levels[1]._cache

@@ -92,6 +92,29 @@ def test_spconv_cpu_baseline_matches_dense_conv3d_on_one_thread():
 
 
 @pytest.mark.parametrize("replay", [False, True], ids=["cpu-path", "device-path"])
+def test_kernel_map_keeps_events_apart_at_any_batch_index(replay):
+    """The same two sites in events 0, 8, 16, ..., 4,088 (the event index sits above the coordinates in one int64
+    key: with too few bits for it, event 16's keys were event 0's and the two saw each other); and more events than
+    the key holds are refused, not folded."""
+    from raysvc.ops.paths import device_path
+    from raysvc.ops.sparse_conv import MAX_EVENTS
+
+    events = torch.arange(0, MAX_EVENTS, 8)
+    grid = torch.tensor([[5, 5, 5], [5, 5, 6]]).repeat(len(events), 1)
+    batch = events.repeat_interleave(2)
+    with device_path() if replay else contextlib.nullcontext():
+        nbr = kernel_map(grid, batch, MAX_EVENTS)
+        with pytest.raises(ValueError, match="at most 4096 events"):
+            kernel_map(grid, batch, MAX_EVENTS + 1)
+    rows = torch.arange(len(grid))
+    assert torch.equal(nbr[:, 13], rows)  # itself
+    assert torch.equal(nbr[0::2, 14], rows[1::2]) and torch.equal(nbr[1::2, 12], rows[0::2])  # its event's other site
+    assert int((nbr >= 0).sum()) == 2 * len(grid)  # and nothing else
+    with pytest.raises(ValueError, match="at most 4096 events"):
+        kernel_map(grid[:1], torch.tensor([MAX_EVENTS]))
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["cpu-path", "device-path"])
 def test_kernel_map_matches_a_dictionary_reference(replay):
     from raysvc.ops.paths import device_path
 

@@ -188,7 +188,7 @@ class Level:
         key = "pairs" if pairs else "neighbours"
         if key not in self._cache:
             if "nbr" not in self._cache:
-                self._cache["nbr"] = kernel_map(self.grid_coord, self.batch)
+                self._cache["nbr"] = kernel_map(self.grid_coord, self.batch, len(self.offset))
             nbr = self._cache["nbr"]
             self._cache[key] = KernelPairs.from_map(nbr) if pairs else NeighbourMap.from_map(nbr)
         return self._cache[key]
@@ -322,7 +322,7 @@ class GridPool(nn.Module):
             if known_in(level.grid_coord, 0, 1 << 16):  # so are the cells: no second range check on the device
                 mark_range(cells, 0, 1 << 16)
             cell_batch, cell_grid, inverse = unique_cells(level.batch, cells)
-            cache = {}
+            cache = {"batch": cell_batch}  # known here: the level need not expand its offsets again
             if self.stride & (self.stride - 1) == 0:  # the cells' orders come from the points' codes (coarsen_codes)
                 codes = {k: v for k, v in level._cache.items() if k.startswith("code:")}
                 cache["pooled_from"] = (codes, inverse, self.stride.bit_length() - 1)

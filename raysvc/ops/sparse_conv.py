@@ -28,16 +28,28 @@ from raysvc.ops.paths import cpu_path
 from raysvc.ops.ranges import assert_range_async
 
 OFFSETS = torch.tensor([(a - 1, b - 1, c - 1) for a in range(3) for b in range(3) for c in range(3)])
-_BITS = 20  # per axis in the key; coordinates are shifted by +1 so that offsets of -1 stay non-negative
+# Bits per axis in the key; coordinates are shifted by +1 so that offsets of -1 stay non-negative. The event index
+# takes the 63 - 3 * 17 = 12 bits above them (up to 4,096 events or views a batch). With 20 bits per axis it had 3:
+# event 16's key wrapped onto event 0's, and events 16 apart in a batch saw each other's sites as neighbours.
+_BITS = 17
+MAX_EVENTS = 1 << (63 - 3 * _BITS)
 
 
-def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """(N, 27) index of the active neighbour at each kernel offset, -1 where the site is empty."""
+def kernel_map(grid_coord: torch.Tensor, batch: torch.Tensor, num_events: int | None = None) -> torch.Tensor:
+    """(N, 27) index of the active neighbour at each kernel offset, -1 where the site is empty. `num_events`
+    (known on the host: the length of the offsets) bounds the event index without a check on the device."""
+    if num_events is not None and num_events > MAX_EVENTS:
+        raise ValueError(f"a batch holds at most {MAX_EVENTS} events (or views) for the kernel map, got {num_events}")
     if not cpu_path(grid_coord):  # checked on the device: reading the bounds back would stall the host
         assert_range_async(grid_coord.long(), 0, (1 << _BITS) - 2, "grid coordinates out of range")
+        if num_events is None:
+            assert_range_async(batch.long(), 0, MAX_EVENTS, f"at most {MAX_EVENTS} events a batch")
     g = grid_coord.long() + 1
-    if g.numel() and cpu_path(g) and (g.min() < 1 or g.max() >= (1 << _BITS) - 1):
-        raise ValueError(f"grid coordinates must lie in [0, {(1 << _BITS) - 2})")
+    if g.numel() and cpu_path(g):
+        if g.min() < 1 or g.max() >= (1 << _BITS) - 1:
+            raise ValueError(f"grid coordinates must lie in [0, {(1 << _BITS) - 2})")
+        if num_events is None and (batch.min() < 0 or batch.max() >= MAX_EVENTS):
+            raise ValueError(f"a batch holds at most {MAX_EVENTS} events (or views) for the kernel map")
 
     def key(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (((b.long() << _BITS | c[..., 0]) << _BITS | c[..., 1]) << _BITS) | c[..., 2]
