@@ -75,7 +75,7 @@ def test_every_levels_orders_equal_its_cells_serialized_afresh(path):
     again: after a forward of a model with two orders per stage, each order of each level is the one
     `serialize_by_event` gives that level's own cells."""
     from raysvc.ops.paths import device_path
-    from raysvc.ops.serialization import serialize_by_event
+    from raysvc.ops.serialization import ORDERS, serialize_by_event
 
     torch.manual_seed(0)
     cfg = preset("tiny", depths=(2, 2, 2, 2, 2))
@@ -89,8 +89,13 @@ def test_every_levels_orders_equal_its_cells_serialized_afresh(path):
                 _, want, want_inverse = serialize_by_event(level.grid_coord, level.batch, key.split(":")[1])
                 assert torch.equal(perm, want) and torch.equal(inverse, want_inverse), key
                 checked += level is not levels[0]
-    assert checked >= 2 * (len(levels) - 1)  # every pooled level, both of its orders
-    assert "pooled_from" in levels[1]._cache
+        assert checked >= 2 * (len(levels) - 1)  # every pooled level, both of its orders
+        for level in reversed(levels):  # coarsest first, as the decoder asks: orders no finer level has made yet
+            for name in ORDERS:
+                perm, inverse = level.order(name)
+                _, want, want_inverse = serialize_by_event(level.grid_coord, level.batch, name)
+                assert torch.equal(perm, want) and torch.equal(inverse, want_inverse), name
+    assert levels[1]._cache["curves"]["from"] is not None  # pooled levels coarsen, not encode
 
 
 @pytest.mark.parametrize("head", ["lin", "dec"])

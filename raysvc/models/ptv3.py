@@ -48,6 +48,7 @@ from raysvc.ops.serialization import (
     ORDERS,
     batch_depths,
     coarsen_codes,
+    codes_by_event,
     event_depths,
     point_depths,
     serialize_by_event,
@@ -165,6 +166,25 @@ def preset(name: str, **overrides) -> PTv3Config:
 # ---- the point set at one resolution ------------------------------------------------------------------------
 
 
+def _codes(node: dict, name: str) -> torch.Tensor:
+    """A level's `serialize_by_event` codes of the order `name`. A pooled level's node points down to its points'
+    node ("from": node, inverse, levels pooled), whose codes it coarsens (`coarsen_codes`), asking for them in turn
+    if that level had no use for the order: one curve encoded per order and forward, at the finest level. The nodes
+    point down only (a level's cache holds its node; a node never holds a cache), so no reference cycle keeps a
+    step's geometry alive after the step."""
+    key = f"code:{name}"
+    if key not in node:
+        if node["from"] is not None:
+            below, inverse, levels = node["from"]
+            node[key] = coarsen_codes(_codes(below, name), inverse, len(node["grid"]), levels)
+        else:
+            if "depths" not in node:  # shared by the level's orders; on a device per point: no read-back
+                depths = event_depths if cpu_path(node["grid"]) else point_depths
+                node["depths"] = depths(node["grid"], node["batch"])
+            node[key] = codes_by_event(node["grid"], node["batch"], name, node["depths"])
+    return node[key]
+
+
 @dataclass
 class Level:
     """Points of one resolution level with everything the layers of a stage share."""
@@ -198,25 +218,20 @@ class Level:
         level (the reference's rule) instead of each event's own."""
         key = f"order:{name}:{batch_depth}"
         if key not in self._cache:
-            pooled_from = None if batch_depth else self._cache.get("pooled_from")
-            if pooled_from is not None and f"code:{name}" in pooled_from[0]:
-                codes, inverse, levels = pooled_from
-                code, perm, inv = sort_codes(
-                    coarsen_codes(codes[f"code:{name}"], inverse, len(self.grid_coord), levels)
-                )
+            if batch_depth:
+                if "depths:batch" not in self._cache:  # shared by the level's orders
+                    self._cache["depths:batch"] = batch_depths(self.grid_coord, self.batch)
+                _, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache["depths:batch"])
             else:
-                dkey = f"depths:{batch_depth}"
-                if dkey not in self._cache:  # shared by the level's orders
-                    if batch_depth:
-                        depths = batch_depths
-                    else:  # on a device per point: no read-back
-                        depths = event_depths if cpu_path(self.grid_coord) else point_depths
-                    self._cache[dkey] = depths(self.grid_coord, self.batch)
-                code, perm, inv = serialize_by_event(self.grid_coord, self.batch, name, self._cache[dkey])
-            if not batch_depth:  # what the next pooled level's order of the same name is made from
-                self._cache[f"code:{name}"] = code
+                _, perm, inv = sort_codes(_codes(self.curves(), name))
             self._cache[key] = (perm, inv)
         return self._cache[key]
+
+    def curves(self) -> dict:
+        """The level's node of serialization codes (see `_codes`)."""
+        if "curves" not in self._cache:
+            self._cache["curves"] = {"grid": self.grid_coord, "batch": self.batch, "from": None}
+        return self._cache["curves"]
 
     def patches(self, size: int) -> Patches:
         key = f"patches:{size}"
@@ -323,9 +338,9 @@ class GridPool(nn.Module):
                 mark_range(cells, 0, 1 << 16)
             cell_batch, cell_grid, inverse = unique_cells(level.batch, cells)
             cache = {"batch": cell_batch}  # known here: the level need not expand its offsets again
-            if self.stride & (self.stride - 1) == 0:  # the cells' orders come from the points' codes (coarsen_codes)
-                codes = {k: v for k, v in level._cache.items() if k.startswith("code:")}
-                cache["pooled_from"] = (codes, inverse, self.stride.bit_length() - 1)
+            if self.stride & (self.stride - 1) == 0:  # the cells' orders come from the points' codes (`_codes`)
+                source = (level.curves(), inverse, self.stride.bit_length() - 1)
+                cache["curves"] = {"grid": cell_grid, "batch": cell_batch, "from": source}
             level._cache[key] = (cell_grid, batch_to_offset(cell_batch, len(level.offset)), inverse, cache)
         cell_grid, offset, inverse, cache = level._cache[key]
         m = len(cell_grid)

@@ -296,13 +296,23 @@ def serialize_by_event(
     given), batch index above 3*16 bits. PTv3 takes one depth from the whole batch; a Hilbert curve of another depth
     orders the same points differently, so an event's order, and the model's answer, would depend on the events
     batched with it. The device path encodes every depth at once in a fixed number of ops per bit level."""
+    return _sorted(codes_by_event(grid_coord, batch, order, depths))
+
+
+def codes_by_event(
+    grid_coord: torch.Tensor,
+    batch: torch.Tensor,
+    order: str,
+    depths: list[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The codes `serialize_by_event` sorts by."""
     if not cpu_path(grid_coord):
         if depths is None:
             depths = point_depths(grid_coord, batch)
         elif isinstance(depths, list):
             depths = torch.tensor(depths, device=grid_coord.device)[batch.long()]
         code = _encode_levels(_check(grid_coord, 16), depths, 16, order)
-        return _sorted((batch.long() << (3 * 16)) | code)
+        return (batch.long() << (3 * 16)) | code
     if depths is None:
         depths = event_depths(grid_coord, batch)
     if len(set(depths)) <= 1:
@@ -313,7 +323,7 @@ def serialize_by_event(
         for d in set(depths):
             sel = per_point == d
             code[sel] = encode(grid_coord[sel], None, d, order)
-    return _sorted((batch.long() << (3 * 16)) | code)
+    return (batch.long() << (3 * 16)) | code
 
 
 def coarsen_codes(code: torch.Tensor, inverse: torch.Tensor, cells: int, levels: int) -> torch.Tensor:
