@@ -152,6 +152,21 @@ def test_cli_runs_every_check_and_timing_on_cpu_and_refuses_a_missing_gpu(tmp_pa
     for key in ("seg_tiny", "seg_small", "panda_tiny", "polarmae_tiny"):
         assert r[key]["cpu_step_s"] > 0 and r[key]["events_per_step"] == 2
     assert r["checks"]["polarmae_tiny.cpu_losses_finite"] and r["polarmae_tiny"]["fp32_loss_err"] == 0.0
+    assert "panda_base" not in r and r["settings"]["panda_base_events"] == 0  # the base model: on a GPU only
     if not torch.cuda.is_available():
         p = subprocess.run([RAYSVC, "bench", "gpu"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "device 'cuda'" in p.stderr and "sees no CUDA device" in p.stderr, p.stderr
+
+
+def test_panda_base_step_times_the_base_jobs_recipe_beside_the_a100_figure(tmp_path):
+    """The Panda-Base timing runs the base job's recipe at the events asked for; on the CPU shrunk (the tiny model,
+    small heads and views: the base recipe is for GPUs), in fp32, with no launch count (CUDA's alone)."""
+    from raysvc.bench.train import generate_bench_data
+
+    generate_bench_data(tmp_path, 8, lambda *_: None)
+    small = ("model.size=tiny", "panda.head_hidden=64", "panda.prototypes=64", "views.max_points=300")
+    r = gpu.time_panda_base(tmp_path, CPU, steps=2, warmup=0, batch_events=2, overrides=small)
+    assert r["events_per_step"] == 2 and r["size"] == "tiny" and r["bf16"] is False
+    assert r["losses_finite"] and r["step_s"] > 0 and r["ops_launched"] is None
+    assert r["step_vs_a100_reference"] == r["step_s"] / 0.895
+    assert gpu.verdicts({"panda_base": r}) == {"panda_base.losses_finite": True}

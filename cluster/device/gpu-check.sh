@@ -26,7 +26,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 for name, ok in r["checks"].items():
     print("ok  " if ok else "FAIL", name)
-for key in ("seg_tiny", "seg_small", "panda_tiny"):
+for key in ("seg_tiny", "seg_small", "panda_tiny", "panda_base"):
     print(key, {k: round(v, 4) for k, v in r.get(key, {}).items() if isinstance(v, float)})
 print("all passed:", r["all_passed"])
 PY

@@ -41,6 +41,11 @@ from raysvc.ops.sparse_conv import SubMConv3d, kernel_map
 from raysvc.train.tasks.segmentation import train_step
 
 PRETRAIN_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-tiny.yaml"
+BASE_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-base.yaml"
+# Panda-Base's pretraining step on one A100 at 12 events, bf16, as the method's authors report it (docs/methods.md).
+A100_PANDA_BASE_S_PER_ITER = 0.895
+# CUDA runtime / driver calls that launch one kernel each (what `ops_launched` counts)
+_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
 POLARMAE_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-polarmae-tiny.yaml"
 CROSS_JOB = Path(__file__).parents[2] / "jobs" / "pretrain-panda-cross-tiny.yaml"
 
@@ -290,14 +295,14 @@ def time_segmentation(cfg, batches: list[dict], device: torch.device, steps: int
         c, (model, params, opt, loss_fn) = _seg_training(cfg, amp, dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        out[f"{name}_step_s"] = _median_step(
-            lambda i: train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, dev),  # noqa: B023
-            steps,
-            warmup,
-            dev,
-        )
+
+        def step(i: int) -> None:
+            train_step(model, params, opt, loss_fn, batches[i % len(batches)], c, dev)  # noqa: B023
+
+        out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
         if dev.type == "cuda":
             out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            out[f"{name}_ops_launched"] = ops_launched(step, steps + warmup, dev)
     _add_speedups(out)
     out["events_per_step"] = cfg.train.batch_events
     return out
@@ -318,9 +323,52 @@ def time_panda(data: Path, device: torch.device, steps: int, warmup: int, batch_
     for name, dev in [("cpu", torch.device("cpu"))] + ([("device", device)] if device.type != "cpu" else []):
         step, losses, _ = _panda_stepper(cfg, batches, dev)
         out[f"{name}_step_s"] = _median_step(step, steps, warmup, dev)
+        if dev.type == "cuda":
+            out[f"{name}_ops_launched"] = ops_launched(step, steps + warmup, dev)
         out[f"{name}_losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
     if "device_step_s" in out:
         out["device_speedup_vs_cpu"] = out["cpu_step_s"] / out["device_step_s"]
+    return out
+
+
+def ops_launched(step, i: int, device: torch.device) -> int | None:
+    """Kernels `step(i)` really launches on a CUDA `device`: the CUDA launch calls torch.profiler records (the
+    launch-bound cost that `bench launches` counts on the CPU); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(i)
+        _sync(device)
+    return sum(1 for e in prof.events() if e.name in _LAUNCH_CALLS)
+
+
+def time_panda_base(
+    data: Path, device: torch.device, steps: int, warmup: int, batch_events: int = 12, overrides: tuple = ()
+) -> dict:
+    """Panda-Base's pretraining step (its job's model, views and heads; bf16 where the device runs it) at
+    `batch_events` events on `device`: median seconds per step beside the A100 figure, peak memory, the kernels it
+    launches. `overrides` (job `--set`s) are for tests on a CPU, which cannot run the base recipe at speed."""
+    from raysvc.train.tasks.panda import PretrainConfig
+
+    amp = device.type == "cuda"
+    sets = [f"data.uri={data / 'train'}", "probe_data=null", f"train.steps={steps + warmup + 1}", *overrides]
+    cfg = load_config(PretrainConfig, str(BASE_JOB), [*sets, f"train.amp={str(amp).lower()}"])
+    size = cfg.model.size
+    batches = _view_batches(data / "train", cfg.views, cfg.data.preprocess, batch_events, 2)
+    step, losses, _ = _panda_stepper(cfg, batches, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out: dict = {"events_per_step": batch_events, "size": size, "bf16": amp}
+    out["step_s"] = _median_step(step, steps, warmup, device)
+    out["a100_reference_s"] = A100_PANDA_BASE_S_PER_ITER
+    out["step_vs_a100_reference"] = out["step_s"] / A100_PANDA_BASE_S_PER_ITER
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out["ops_launched"] = ops_launched(step, steps + warmup, device)
+    out["losses_finite"] = bool(torch.isfinite(torch.tensor(losses)).all())
     return out
 
 
@@ -491,8 +539,11 @@ def run_gpu_bench(
     profile: bool,
     warmup: int = 2,
     sizes: tuple[str, ...] = ("tiny", "small"),
+    panda_base_events: int | None = None,
     log=print,
 ) -> dict:
+    """Every check and timing of `bench gpu` on `device`. `panda_base_events`: events per Panda-Base step (default
+    12 on a GPU; 0 skips it, as it does on the CPU unless asked)."""
     dev = usable_device(device)
     env = {
         "torch": torch.__version__,
@@ -503,7 +554,10 @@ def run_gpu_bench(
     }
     if dev.type == "cuda":
         env.update(name=torch.cuda.get_device_name(dev), cuda=torch.version.cuda)
-    out: dict = {"env": env, "settings": {"events": events, "steps": steps, "warmup": warmup, "batch_events": batch}}
+    if panda_base_events is None:
+        panda_base_events = 12 if dev.type == "cuda" else 0
+    settings = {"events": events, "steps": steps, "warmup": warmup, "batch_events": batch}
+    out: dict = {"env": env, "settings": settings | {"panda_base_events": panda_base_events}}
     log(f"checks on {device}: sparse conv, neighbours and codes, attention")
     out["sparse_conv"] = check_sparse_conv(dev)
     out["neighbours"] = check_neighbours_and_codes(dev)
@@ -531,6 +585,9 @@ def run_gpu_bench(
         out["panda_tiny"] = time_panda(data, dev, steps, warmup, batch)
         log("tiny: cross-experiment Panda step, by detector and mixed")
         out["panda_cross_tiny"] = time_panda_cross(data, dev, steps, warmup, batch, log)
+        if panda_base_events:
+            log(f"base: Panda pretraining step at {panda_base_events} events (bf16 on a GPU)")
+            out["panda_base"] = time_panda_base(data, dev, steps, warmup, panda_base_events)
     out["checks"] = verdicts(out)
     out["all_passed"] = all(out["checks"].values())
     return out
@@ -556,6 +613,7 @@ MUST_BE_TRUE = [
     ("attention", "sdpa_flash_kernel_runs"),
     ("sparse_conv", "kernel_map_equals_cpu"),
     ("neighbours", "knn_equals_cpu"),
+    ("panda_base", "losses_finite"),
     ("panda_tiny", "cpu_losses_finite"),
     ("panda_tiny", "device_losses_finite"),
     ("panda_cross_tiny", "cpu_by_detector_losses_finite"),

@@ -99,11 +99,15 @@ def _train_summary(result: dict) -> None:
 def _gpu_summary(result: dict) -> None:
     for name, ok in result["checks"].items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    for key in ("seg_tiny", "seg_small", "panda_tiny"):
+    for key in ("seg_tiny", "seg_small", "panda_tiny", "panda_base"):
         r = result.get(key, {})
-        times = ", ".join(f"{k[:-7]} {v * 1e3:.0f} ms" for k, v in r.items() if k.endswith("_step_s"))
+        if not r:
+            continue
+        times = ", ".join(f"{k[:-7] or 'step'} {v * 1e3:.0f} ms" for k, v in r.items() if k.endswith("step_s"))
         ratios = ", ".join(f"{k[:-15]} x{v:.1f}" for k, v in r.items() if k.endswith("_speedup_vs_cpu"))
         print(f"{key} step ({r.get('events_per_step')} events): {times}" + (f"; vs CPU {ratios}" if ratios else ""))
+        if "step_vs_a100_reference" in r:
+            print(f"{key}: x{r['step_vs_a100_reference']:.2f} the A100 figure ({r['a100_reference_s']} s/iter)")
 
 
 def _launches_summary(result: dict) -> None:
@@ -200,9 +204,16 @@ BENCHES: dict[str, Bench] = {
             _opt("--steps", type=int, default=10, help="timed steps per variant on the device (CPU: a quarter)"),
             *_ints(batch_events=4),
             _opt("--profile", action="store_true", help="also profile one bf16 segmentation step per size (CUDA)"),
+            _opt(
+                "--panda-base-events",
+                type=int,
+                default=None,
+                help="events per timed Panda-Base step (bf16 on a GPU, beside the A100 figure of 0.895 s/iter); "
+                "default 12 on a GPU, 0 (skipped) on the CPU",
+            ),
             *_json_opts("also write the JSON here (with --json)"),
         ),
-        kwargs=("device", "events", "steps", "batch=batch_events", "profile"),
+        kwargs=("device", "events", "steps", "batch=batch_events", "profile", "panda_base_events"),
         summary=_gpu_summary,
         passed=lambda result: result["all_passed"],
     ),
