@@ -98,6 +98,23 @@ def test_every_levels_orders_equal_its_cells_serialized_afresh(path):
     assert levels[1]._cache["curves"]["from"] is not None  # pooled levels coarsen, not encode
 
 
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_inference_mode_gives_the_no_grad_outputs(path):
+    """Under torch.inference_mode (a user's predict loop) tensors carry no version counter, which the caches of
+    checked ranges and host-read offsets key on: they must not fail there, and give what no_grad gives."""
+    from raysvc.ops.paths import device_path
+
+    torch.manual_seed(0)
+    model = SegModel(preset("tiny"), 5, head="dec").eval()
+    feat, coord, grid, offset = _batch(sizes=(300, 200))
+    with device_path() if path == "device" else contextlib.nullcontext():
+        with torch.no_grad():
+            want = model(feat, coord, grid, offset)
+        with torch.inference_mode():
+            got = model(feat, coord, grid, offset)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("head", ["lin", "dec"])
 def test_outputs_follow_a_permutation_of_the_input_points(head):
     """Serialization sorts points, so the input order must not matter (checks every inverse map)."""

@@ -14,6 +14,8 @@ _on_host = WeakTensorKeyDictionary()  # tensor -> (its version when read, its va
 def host_list(t: torch.Tensor) -> list:
     """`t.tolist()`, read back from the device once per tensor (and version): a level's offsets are read by its
     attention patches, then again by every neighbour search over the level; each read makes the host wait."""
+    if t.is_inference():  # no version counter to tell an in-place change: read it each time
+        return t.tolist()
     got = _on_host.get(t)
     if got is not None and got[0] == t._version:
         return got[1]
@@ -24,7 +26,8 @@ def host_list(t: torch.Tensor) -> list:
 
 def known_on_host(t: torch.Tensor, values: list) -> torch.Tensor:
     """Record that `t` (made on the device from values the host knows) holds `values`; returns `t`."""
-    _on_host[t] = (t._version, list(values))
+    if not t.is_inference():
+        _on_host[t] = (t._version, list(values))
     return t
 
 

@@ -14,8 +14,10 @@ _known = WeakTensorKeyDictionary()  # tensor -> (its version when checked, lo, h
 
 
 def mark_range(t: torch.Tensor, lo: int, hi: int) -> None:
-    """Record that every value of `t` lies in [lo, hi) (checked, or true by construction)."""
-    _known[t] = (t._version, lo, hi)
+    """Record that every value of `t` lies in [lo, hi) (checked, or true by construction). Not for inference-mode
+    tensors, which have no version counter to tell an in-place change: they are checked each time."""
+    if not t.is_inference():
+        _known[t] = (t._version, lo, hi)
 
 
 def known_in(t: torch.Tensor, lo: int, hi: int) -> bool:
