@@ -14,6 +14,7 @@ No centring and no KoLeo: the Sinkhorn targets keep the prototypes in use.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -243,14 +244,6 @@ def _view_counts(enc: Encoded) -> list[int]:
     return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
-
-
 def _swap_views(enc: Encoded, n_views: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row order and offsets that swap global views 0 and 1 of every event (views are event-major)."""
     dev = enc.offset.device
@@ -263,7 +256,7 @@ def _swap_views(enc: Encoded, n_views: int) -> tuple[torch.Tensor, torch.Tensor]
     rows = starts[order][view] + torch.arange(n, device=dev) - (new_offset - counts)[view]
     host = _view_counts(enc)
     swapped = [host[e + n_views - 1 - v] for e in range(0, len(host), n_views) for v in range(n_views)]
-    return rows, known_on_host(new_offset, _cumsum(swapped))
+    return rows, known_on_host(new_offset, list(itertools.accumulate(swapped)))
 
 
 def panda_losses(
@@ -304,7 +297,7 @@ def panda_losses(
         else:  # `teacher_forward` ran the unmask head on these rows only
             principal_sims = teacher_sims["unmask"]
         p_offset = batch_to_offset(tg.batch[p_rows] // n_global, len(tg.offset) // n_global)
-        known_on_host(p_offset, _cumsum(_view_counts(tg)[::n_global]))
+        known_on_host(p_offset, list(itertools.accumulate(_view_counts(tg)[::n_global])))
         q_offset = enc.offset[n_local - 1 :: n_local]  # an event's local views together query its principal view
         known_on_host(q_offset, host_list(enc.offset)[n_local - 1 :: n_local])
         q, r = match(enc.origin, q_offset, tg.origin[p_rows], p_offset, cfg.match_radius)

@@ -250,7 +250,7 @@ def serialize(
     order: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code, order, inverse): points sorted by code, and the permutation back (order[inverse] == arange)."""
-    return _sorted(encode(grid_coord, batch, depth, order))
+    return sort_codes(encode(grid_coord, batch, depth, order))
 
 
 def point_depths(grid_coord: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -296,7 +296,7 @@ def serialize_by_event(
     given), batch index above 3*16 bits. PTv3 takes one depth from the whole batch; a Hilbert curve of another depth
     orders the same points differently, so an event's order, and the model's answer, would depend on the events
     batched with it. The device path encodes every depth at once in a fixed number of ops per bit level."""
-    return _sorted(codes_by_event(grid_coord, batch, order, depths))
+    return sort_codes(codes_by_event(grid_coord, batch, order, depths))
 
 
 def codes_by_event(
@@ -339,11 +339,8 @@ def coarsen_codes(code: torch.Tensor, inverse: torch.Tensor, cells: int, levels:
 
 
 def sort_codes(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(code, perm, inverse) as `serialize` returns them, for codes made elsewhere (`coarsen_codes`)."""
-    return _sorted(code)
-
-
-def _sorted(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(code, perm, inverse): points sorted by code, and the permutation back; also for codes made elsewhere
+    (`coarsen_codes`)."""
     perm = torch.argsort(code)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(len(perm), device=perm.device)
